@@ -1,0 +1,21 @@
+//! Trellis wire types.
+//!
+//! Everything that crosses the network between agents is defined here: the versioned
+//! [`envelope`], the node [`identity`] carried by membership, the foca [`gossip`] codec and
+//! the size [`limits`]. Decoding never panics: every malformed input is a [`DecodeError`].
+#![forbid(unsafe_code)]
+
+pub mod envelope;
+pub mod gossip;
+pub mod identity;
+pub mod limits;
+
+pub use envelope::{DecodeError, Kind, WIRE_VERSION};
+pub use gossip::{GossipCodec, LeaveNotice};
+pub use identity::{NodeIdentity, NodeMeta};
+
+/// The bincode configuration every Trellis message uses: varint integers and a hard cap on
+/// what one decode may allocate, so a lying length prefix cannot exhaust memory.
+pub(crate) fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ limits::MAX_STREAM_MESSAGE }>()
+}
