@@ -21,7 +21,10 @@ impl GossipCodec {
         mut buf: impl Buf,
     ) -> Result<T, DecodeError> {
         let (item, used) = bincode::serde::decode_from_slice(buf.chunk(), crate::bincode_config())
-            .map_err(|e| DecodeError::Malformed { what, detail: e.to_string() })?;
+            .map_err(|e| DecodeError::Malformed {
+                what,
+                detail: e.to_string(),
+            })?;
         buf.advance(used);
         Ok(item)
     }
@@ -31,11 +34,18 @@ impl GossipCodec {
         item: &impl Serialize,
         mut buf: impl BufMut,
     ) -> Result<(), DecodeError> {
-        let bytes = bincode::serde::encode_to_vec(item, crate::bincode_config())
-            .map_err(|e| DecodeError::Malformed { what, detail: e.to_string() })?;
+        let bytes = bincode::serde::encode_to_vec(item, crate::bincode_config()).map_err(|e| {
+            DecodeError::Malformed {
+                what,
+                detail: e.to_string(),
+            }
+        })?;
         // foca requires a clean buffer when an item does not fit.
         if buf.remaining_mut() < bytes.len() {
-            return Err(DecodeError::TooLarge { len: bytes.len(), max: buf.remaining_mut() });
+            return Err(DecodeError::TooLarge {
+                len: bytes.len(),
+                max: buf.remaining_mut(),
+            });
         }
         buf.put_slice(&bytes);
         Ok(())
@@ -45,7 +55,11 @@ impl GossipCodec {
 impl foca::Codec<NodeIdentity> for GossipCodec {
     type Error = DecodeError;
 
-    fn encode_header(&mut self, header: &Header<NodeIdentity>, buf: impl BufMut) -> Result<(), DecodeError> {
+    fn encode_header(
+        &mut self,
+        header: &Header<NodeIdentity>,
+        buf: impl BufMut,
+    ) -> Result<(), DecodeError> {
         Self::encode_item("gossip header", header, buf)
     }
 
@@ -53,7 +67,11 @@ impl foca::Codec<NodeIdentity> for GossipCodec {
         Self::decode_item("gossip header", buf)
     }
 
-    fn encode_member(&mut self, member: &Member<NodeIdentity>, buf: impl BufMut) -> Result<(), DecodeError> {
+    fn encode_member(
+        &mut self,
+        member: &Member<NodeIdentity>,
+        buf: impl BufMut,
+    ) -> Result<(), DecodeError> {
         Self::encode_item("gossip member", member, buf)
     }
 
@@ -82,7 +100,9 @@ pub struct LeaveNotice {
 impl LeaveNotice {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![ITEM_LEAVE];
-        out.extend(bincode::serde::encode_to_vec(self, crate::bincode_config()).expect("Vec writer"));
+        out.extend(
+            bincode::serde::encode_to_vec(self, crate::bincode_config()).expect("Vec writer"),
+        );
         out
     }
 
@@ -108,7 +128,10 @@ mod tests {
             src: sample("a", 1),
             src_incarnation: 3,
             dst: sample("b", 2),
-            message: Message::PingReq { target: sample("c", 3), probe_number: 9 },
+            message: Message::PingReq {
+                target: sample("c", 3),
+                probe_number: 9,
+            },
         };
         let member = Member::new(sample("c", 3), 7, State::Suspect);
         let mut buf = Vec::new();
@@ -144,9 +167,16 @@ mod tests {
 
     #[test]
     fn leave_notice_round_trips_and_rejects_unknown_items() {
-        let n = LeaveNotice { addr: "127.0.0.2:7946".parse().unwrap(), generation: 5, name: "a".into() };
+        let n = LeaveNotice {
+            addr: "127.0.0.2:7946".parse().unwrap(),
+            generation: 5,
+            name: "a".into(),
+        };
         assert_eq!(LeaveNotice::decode(&n.encode()), Ok(n));
-        assert_eq!(LeaveNotice::decode(&[200, 1]), Err(DecodeError::UnknownKind(200)));
+        assert_eq!(
+            LeaveNotice::decode(&[200, 1]),
+            Err(DecodeError::UnknownKind(200))
+        );
     }
 
     /// A tiny deterministic byte source so this crate needs no rand dependency.
@@ -154,7 +184,10 @@ mod tests {
         pub struct Lcg(pub u64);
         impl Lcg {
             pub fn next(&mut self) -> u8 {
-                self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (self.0 >> 56) as u8
             }
         }

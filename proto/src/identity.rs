@@ -55,20 +55,36 @@ impl NodeIdentity {
     /// A placeholder for a seed known only by address. foca accepts an announce sent to any
     /// identity with the receiver's address, so this is enough to join through it.
     pub fn seed(addr: SocketAddr) -> NodeIdentity {
-        NodeIdentity { addr, generation: 0, name: String::new(), meta: NodeMeta::default() }
+        NodeIdentity {
+            addr,
+            generation: 0,
+            name: String::new(),
+            meta: NodeMeta::default(),
+        }
     }
 
     /// Checks the limits every peer enforces; the error names the offending field.
     pub fn validate(&self) -> Result<(), DecodeError> {
-        let bad = |detail: String| Err(DecodeError::Malformed { what: "identity", detail });
+        let bad = |detail: String| {
+            Err(DecodeError::Malformed {
+                what: "identity",
+                detail,
+            })
+        };
         if self.name.len() > MAX_NAME_LEN {
-            return bad(format!("name is {} bytes, at most {MAX_NAME_LEN}", self.name.len()));
+            return bad(format!(
+                "name is {} bytes, at most {MAX_NAME_LEN}",
+                self.name.len()
+            ));
         }
         if self.meta.version.len() > MAX_VERSION_LEN {
             return bad(format!("version is longer than {MAX_VERSION_LEN} bytes"));
         }
         if self.meta.labels.len() > MAX_LABELS {
-            return bad(format!("{} labels, at most {MAX_LABELS}", self.meta.labels.len()));
+            return bad(format!(
+                "{} labels, at most {MAX_LABELS}",
+                self.meta.labels.len()
+            ));
         }
         for (k, v) in &self.meta.labels {
             if k.is_empty() || k.len() > MAX_LABEL_KEY_LEN || v.len() > MAX_LABEL_VALUE_LEN {
@@ -86,7 +102,12 @@ impl NodeIdentity {
             name: self.name.clone(),
             api_addr: self.meta.api_addr,
             version: self.meta.version.clone(),
-            labels: self.meta.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: self
+                .meta
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         };
         bincode::serde::encode_to_vec(&v1, crate::bincode_config()).expect("Vec writer cannot fail")
     }
@@ -94,11 +115,18 @@ impl NodeIdentity {
     /// Decodes an identity blob, ignoring fields appended by newer versions.
     pub fn from_blob(blob: &[u8]) -> Result<NodeIdentity, DecodeError> {
         if blob.len() > MAX_IDENTITY_BYTES {
-            return Err(DecodeError::TooLarge { len: blob.len(), max: MAX_IDENTITY_BYTES });
+            return Err(DecodeError::TooLarge {
+                len: blob.len(),
+                max: MAX_IDENTITY_BYTES,
+            });
         }
         let (v1, _tail): (IdentityV1, usize) =
-            bincode::serde::decode_from_slice(blob, crate::bincode_config())
-                .map_err(|e| DecodeError::Malformed { what: "identity", detail: e.to_string() })?;
+            bincode::serde::decode_from_slice(blob, crate::bincode_config()).map_err(|e| {
+                DecodeError::Malformed {
+                    what: "identity",
+                    detail: e.to_string(),
+                }
+            })?;
         let id = NodeIdentity {
             addr: v1.addr,
             generation: v1.generation,
@@ -111,6 +139,27 @@ impl NodeIdentity {
         };
         id.validate()?;
         Ok(id)
+    }
+}
+
+impl foca::Identity for NodeIdentity {
+    type Addr = SocketAddr;
+
+    /// Rejoin at once under a bumped generation after being declared down.
+    fn renew(&self) -> Option<Self> {
+        Some(NodeIdentity {
+            generation: self.generation.wrapping_add(1),
+            ..self.clone()
+        })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The newer life of a host (higher generation) replaces the older one.
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.generation > adversary.generation
     }
 }
 
@@ -194,7 +243,9 @@ pub(crate) mod tests {
         let mut id = sample(&"x".repeat(MAX_NAME_LEN + 1), 1);
         assert!(NodeIdentity::from_blob(&id.to_blob()).is_err());
         id.name = "ok".into();
-        id.meta.labels = (0..=MAX_LABELS).map(|i| (format!("k{i}"), "v".into())).collect();
+        id.meta.labels = (0..=MAX_LABELS)
+            .map(|i| (format!("k{i}"), "v".into()))
+            .collect();
         assert!(NodeIdentity::from_blob(&id.to_blob()).is_err());
     }
 }

@@ -1,0 +1,435 @@
+//! Membership: foca's SWIM inside a sans-IO core.
+//!
+//! [`Membership`] takes packets and the current time and hands back packets to send, the
+//! next deadline and member events, like `quinn-proto` does for QUIC. The agent's tokio
+//! shell and the deterministic simulator drive the very same code.
+
+mod broadcasts;
+mod timers;
+pub mod timing;
+
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use foca::{Foca, Member, Notification, OwnedNotification, Runtime, State, Timer};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+use trellis_proto::{envelope, gossip, limits, GossipCodec, Kind, LeaveNotice, NodeIdentity};
+
+use broadcasts::{ClusterBroadcasts, LeftSet};
+pub use timers::TimerQueue;
+pub use timing::{Profile, Timing};
+
+type Swim = Foca<NodeIdentity, GossipCodec, SmallRng, ClusterBroadcasts>;
+
+/// A packet the core wants delivered: a complete Trellis message (envelope included).
+#[derive(Debug, Clone)]
+pub struct Transmit {
+    pub to: SocketAddr,
+    pub data: Vec<u8>,
+}
+
+/// What changed in the member list, for logs and subscribers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberEvent {
+    Up(NodeIdentity),
+    Down(NodeIdentity),
+    Renamed {
+        old: NodeIdentity,
+        new: NodeIdentity,
+    },
+    /// We are known by at least one live member.
+    Joined,
+    /// Every other member is gone; we keep trying our seeds.
+    Isolated,
+    /// We were declared down and rejoined under a new generation.
+    Rejoined(NodeIdentity),
+}
+
+/// A member's state as operators see it: SWIM's three states plus a graceful leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    Alive,
+    Suspect,
+    Down,
+    Left,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Alive => "alive",
+            MemberState::Suspect => "suspect",
+            MemberState::Down => "down",
+            MemberState::Left => "left",
+        }
+    }
+}
+
+/// One row of the member list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberView {
+    pub id: NodeIdentity,
+    pub state: MemberState,
+    /// SWIM incarnation: bumped by a member to refute a suspicion of itself.
+    pub incarnation: u16,
+}
+
+/// Counters the core keeps; the shell exports them as metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub msgs_out: u64,
+    pub bytes_out: u64,
+    pub msgs_in: u64,
+    pub bytes_in: u64,
+    pub probes_sent: u64,
+    pub probes_failed: u64,
+    pub suspicions_raised: u64,
+    pub suspicions_refuted: u64,
+    pub malformed_in: u64,
+    pub identity_mismatches: u64,
+}
+
+/// Why a packet was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PacketError {
+    #[error("malformed gossip: {0}")]
+    Malformed(String),
+    #[error("sender's certificate names {cert:?} but its gossip claims {claimed:?}")]
+    IdentityMismatch { cert: String, claimed: String },
+    #[error("gossip refused: {0}")]
+    Refused(String),
+}
+
+/// Retry pacing for seeds: an agent started before its seeds keeps knocking, ever slower.
+#[derive(Debug)]
+struct SeedRetry {
+    seeds: Vec<SocketAddr>,
+    attempt: u32,
+    next_at: Option<Instant>,
+}
+
+const SEED_RETRY_MIN: Duration = Duration::from_millis(500);
+const SEED_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The membership state machine of one node.
+pub struct Membership {
+    swim: Swim,
+    io: Io,
+    seeds: SeedRetry,
+    rng: SmallRng,
+    left_sent: bool,
+    left: LeftSet,
+}
+
+impl Membership {
+    /// A node that knows nobody yet. `seed` makes every random choice replayable.
+    pub fn new(identity: NodeIdentity, timing: &Timing, expected_size: u32, seed: u64) -> Self {
+        let handler = ClusterBroadcasts::default();
+        let left = handler.left.clone();
+        let swim = Foca::with_custom_broadcast(
+            identity,
+            timing.foca_config(expected_size),
+            SmallRng::seed_from_u64(seed),
+            GossipCodec,
+            handler,
+        );
+        Membership {
+            swim,
+            io: Io::default(),
+            seeds: SeedRetry {
+                seeds: Vec::new(),
+                attempt: 0,
+                next_at: None,
+            },
+            rng: SmallRng::seed_from_u64(seed ^ 0x5eed),
+            left_sent: false,
+            left,
+        }
+    }
+
+    pub fn identity(&self) -> &NodeIdentity {
+        self.swim.identity()
+    }
+
+    /// Whether at least one other member is alive in our view.
+    pub fn is_joined(&self) -> bool {
+        self.swim.num_members() > 0
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.io.stats
+    }
+
+    /// Adds seeds and announces to them now; retried with backoff until we are joined.
+    pub fn join(&mut self, now: Instant, seeds: &[SocketAddr]) {
+        let own = self.identity().addr;
+        for s in seeds.iter().filter(|s| **s != own) {
+            if !self.seeds.seeds.contains(s) {
+                self.seeds.seeds.push(*s);
+            }
+        }
+        self.seeds.attempt = 0;
+        self.seeds.next_at = Some(now);
+        self.retry_seeds(now);
+    }
+
+    /// Feeds one gossip body (the envelope already removed). `cert_name` is the sender's
+    /// name from its certificate; the claimed source must match it.
+    pub fn handle_gossip(
+        &mut self,
+        now: Instant,
+        cert_name: Option<&str>,
+        body: &[u8],
+    ) -> Result<(), PacketError> {
+        self.io.stats.msgs_in += 1;
+        self.io.stats.bytes_in += (body.len() + envelope::HEADER_LEN) as u64;
+        if let Some(cert) = cert_name {
+            let header = gossip::peek_header(body).map_err(|e| {
+                self.io.stats.malformed_in += 1;
+                PacketError::Malformed(e.to_string())
+            })?;
+            if header.src.name != cert {
+                self.io.stats.identity_mismatches += 1;
+                return Err(PacketError::IdentityMismatch {
+                    cert: cert.into(),
+                    claimed: header.src.name,
+                });
+            }
+        }
+        let mut fx = Effects {
+            now,
+            io: &mut self.io,
+        };
+        let res = self.swim.handle_data(body, &mut fx);
+        if let Err(e) = res {
+            self.io.stats.malformed_in += 1;
+            return Err(PacketError::Refused(e.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Decodes a full Trellis message and feeds it if it is gossip.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        cert_name: Option<&str>,
+        data: &[u8],
+    ) -> Result<(), PacketError> {
+        match envelope::decode(data, limits::MAX_STREAM_MESSAGE) {
+            Ok((Kind::Gossip, body)) => self.handle_gossip(now, cert_name, body),
+            Err(e) => {
+                self.io.stats.malformed_in += 1;
+                Err(PacketError::Malformed(e.to_string()))
+            }
+        }
+    }
+
+    /// The next time [`Membership::handle_timeout`] has work to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let seed = if self.is_joined() {
+            None
+        } else {
+            self.seeds.next_at
+        };
+        match (self.io.timers.next_deadline(), seed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Fires every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(timer) = self.io.timers.pop_due(now) {
+            self.note_refutation(&timer);
+            let mut fx = Effects {
+                now,
+                io: &mut self.io,
+            };
+            if let Err(e) = self.swim.handle_timer(timer, &mut fx) {
+                tracing::debug!(error = %e, "foca timer");
+            }
+        }
+        self.retry_seeds(now);
+    }
+
+    /// Leaves the cluster on purpose: tells a few members, who spread it.
+    pub fn leave(&mut self, now: Instant) {
+        if self.left_sent {
+            return;
+        }
+        self.left_sent = true;
+        let me = self.identity().clone();
+        let notice = LeaveNotice {
+            addr: me.addr,
+            generation: me.generation,
+            name: me.name,
+        };
+        if let Err(e) = self.swim.add_broadcast(&notice.encode()) {
+            tracing::warn!(error = %e, "could not queue leave notice");
+        }
+        let mut fx = Effects {
+            now,
+            io: &mut self.io,
+        };
+        if let Err(e) = self.swim.leave_cluster(&mut fx) {
+            tracing::warn!(error = %e, "leave");
+        }
+        self.seeds.next_at = None;
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.io.out.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<MemberEvent> {
+        self.io.events.pop_front()
+    }
+
+    /// Every member we know of, ourselves first.
+    pub fn members(&self) -> Vec<MemberView> {
+        let left = self.left.lock().expect("left set poisoned");
+        let me = self.identity();
+        let mut v = vec![MemberView {
+            id: me.clone(),
+            state: if self.left_sent {
+                MemberState::Left
+            } else {
+                MemberState::Alive
+            },
+            incarnation: self.io.incarnation,
+        }];
+        v.extend(self.swim.iter_membership_state().map(|m| view(m, &left)));
+        v
+    }
+
+    fn retry_seeds(&mut self, now: Instant) {
+        let Some(at) = self.seeds.next_at else { return };
+        if self.left_sent || self.seeds.seeds.is_empty() || now < at {
+            return;
+        }
+        if self.is_joined() {
+            // Joined: rest, but start again promptly if we ever end up alone.
+            self.seeds.attempt = 0;
+            self.seeds.next_at = Some(now + SEED_RETRY_MIN);
+            return;
+        }
+        for seed in self.seeds.seeds.clone() {
+            let mut fx = Effects {
+                now,
+                io: &mut self.io,
+            };
+            if let Err(e) = self.swim.announce(NodeIdentity::seed(seed), &mut fx) {
+                tracing::debug!(error = %e, %seed, "announce");
+            }
+        }
+        let base = SEED_RETRY_MIN
+            .saturating_mul(1 << self.seeds.attempt.min(6))
+            .min(SEED_RETRY_MAX);
+        let jitter = self.rng.random_range(0.8..1.2);
+        self.seeds.attempt += 1;
+        self.seeds.next_at = Some(now + base.mul_f64(jitter));
+    }
+
+    /// A suspicion timer whose member has since refuted (new incarnation or alive) counts
+    /// as refuted; foca itself would silently drop it.
+    fn note_refutation(&mut self, timer: &Timer<NodeIdentity>) {
+        if let Timer::ChangeSuspectToDown {
+            member_id,
+            incarnation,
+            ..
+        } = timer
+        {
+            let still_suspect = self.swim.iter_membership_state().any(|m| {
+                m.id() == member_id
+                    && m.incarnation() == *incarnation
+                    && m.state() == State::Suspect
+            });
+            if !still_suspect {
+                self.io.stats.suspicions_refuted += 1;
+            }
+        }
+    }
+}
+
+fn view(m: &Member<NodeIdentity>, left: &HashSet<(SocketAddr, u64)>) -> MemberView {
+    let state = match m.state() {
+        State::Alive => MemberState::Alive,
+        State::Suspect => MemberState::Suspect,
+        State::Down if left.contains(&(m.id().addr, m.id().generation)) => MemberState::Left,
+        State::Down => MemberState::Down,
+    };
+    MemberView {
+        id: m.id().clone(),
+        state,
+        incarnation: m.incarnation(),
+    }
+}
+
+/// Everything foca's calls produce, kept between calls.
+#[derive(Default)]
+struct Io {
+    timers: TimerQueue,
+    out: VecDeque<Transmit>,
+    events: VecDeque<MemberEvent>,
+    stats: Stats,
+    /// Our own SWIM incarnation, as last seen in a packet we sent (foca keeps it private).
+    incarnation: u16,
+}
+
+/// foca's runtime for one call.
+struct Effects<'a> {
+    now: Instant,
+    io: &'a mut Io,
+}
+
+impl Runtime<NodeIdentity> for Effects<'_> {
+    fn notify(&mut self, n: Notification<'_, NodeIdentity>) {
+        let ev = match n.to_owned() {
+            OwnedNotification::MemberUp(id) => MemberEvent::Up(id),
+            OwnedNotification::MemberDown(id) => MemberEvent::Down(id),
+            OwnedNotification::Rename(old, new) => MemberEvent::Renamed { old, new },
+            OwnedNotification::Active => MemberEvent::Joined,
+            OwnedNotification::Idle => MemberEvent::Isolated,
+            OwnedNotification::Rejoin(id) => MemberEvent::Rejoined(id),
+            OwnedNotification::Defunct => return,
+            OwnedNotification::ProbeFailed(_, _) => {
+                self.io.stats.probes_failed += 1;
+                return;
+            }
+            OwnedNotification::DataSent(h) => {
+                self.io.incarnation = h.src_incarnation;
+                if matches!(h.message, foca::Message::Ping(_)) {
+                    self.io.stats.probes_sent += 1;
+                }
+                return;
+            }
+            OwnedNotification::DataReceived(_) => return,
+        };
+        self.io.events.push_back(ev);
+    }
+
+    fn send_to(&mut self, to: NodeIdentity, data: &[u8]) {
+        let mut msg = Vec::with_capacity(envelope::HEADER_LEN + data.len());
+        envelope::encode(Kind::Gossip, data, &mut msg);
+        self.io.stats.msgs_out += 1;
+        self.io.stats.bytes_out += msg.len() as u64;
+        self.io.out.push_back(Transmit {
+            to: to.addr,
+            data: msg,
+        });
+    }
+
+    fn submit_after(&mut self, event: Timer<NodeIdentity>, after: Duration) {
+        if matches!(event, Timer::ChangeSuspectToDown { .. }) {
+            self.io.stats.suspicions_raised += 1;
+        }
+        self.io.timers.schedule(self.now + after, event);
+    }
+}
+
+#[cfg(test)]
+mod tests;
