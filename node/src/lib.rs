@@ -1,4 +1,14 @@
 //! The Trellis agent: membership, transport, local API and CLI.
 #![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod dev;
 pub mod membership;
+pub mod metrics;
+pub mod pki;
+pub mod run;
+pub mod transport;

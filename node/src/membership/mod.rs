@@ -49,7 +49,7 @@ pub enum MemberEvent {
 }
 
 /// A member's state as operators see it: SWIM's three states plus a graceful leave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MemberState {
     Alive,

@@ -1,0 +1,358 @@
+//! The local HTTP API. Handlers parse, ask the agent, and map errors to JSON bodies that
+//! name the field and the fix. Nothing here needs a socket to be tested but the server.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{AgentHandle, VERSION};
+use crate::membership::{MemberState, MemberView};
+use crate::metrics::Exposition;
+use crate::pki::RefusalReason;
+
+/// An API error: `{"error": ..., "field": ..., "hint": ...}` with a 4xx status.
+#[derive(Debug, Serialize)]
+pub struct ApiError {
+    #[serde(skip)]
+    pub status: StatusCode,
+    pub error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub hint: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self)).into_response()
+    }
+}
+
+/// Parses a JSON body strictly, reporting the path of the offending field.
+pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let field = match (path.as_str(), inner.classify()) {
+            (".", _) => unknown_field(&inner.to_string()),
+            _ => Some(path),
+        };
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            error: inner.to_string(),
+            field,
+            hint: "send a JSON object with only the documented fields; see README.md, section HTTP API".into(),
+        }
+    })
+}
+
+/// serde reports an unknown field at the parent path; pull its name out of the message.
+fn unknown_field(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    Some(rest.split('`').next()?.to_string())
+}
+
+/// One member as the API shows it.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct MemberJson {
+    pub name: String,
+    pub id: String,
+    pub peer_addr: SocketAddr,
+    pub api_addr: Option<SocketAddr>,
+    pub state: MemberState,
+    /// Generation of the member's identity: changes every time the agent restarts.
+    pub incarnation: u64,
+    /// SWIM incarnation within that generation (bumped to refute suspicion).
+    pub swim_incarnation: u16,
+    pub labels: BTreeMap<String, String>,
+    pub version: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinRequest {
+    addrs: Vec<SocketAddr>,
+}
+
+pub fn router(agent: AgentHandle) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/agent/self", get(agent_self))
+        .route("/v1/members", get(members))
+        .route("/v1/agent/join", post(join))
+        .route("/v1/agent/leave", post(leave))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(agent)
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        error: "no such endpoint".into(),
+        field: None,
+        hint: "see README.md, section HTTP API, for the endpoints".into(),
+    }
+}
+
+async fn health(State(a): State<AgentHandle>) -> Json<serde_json::Value> {
+    let members = a.members().await;
+    let alive = members
+        .iter()
+        .filter(|m| m.state == MemberState::Alive)
+        .count();
+    Json(serde_json::json!({"status": "ok", "name": a.identity.name, "alive_members": alive}))
+}
+
+async fn agent_self(State(a): State<AgentHandle>) -> Json<serde_json::Value> {
+    let id = &a.identity;
+    Json(serde_json::json!({
+        "name": id.name,
+        "id": a.spiffe_id,
+        "peer_addr": id.addr,
+        "api_addr": id.meta.api_addr,
+        "cluster_id": a.cluster_id,
+        "version": VERSION,
+        "labels": id.meta.labels,
+        "generation": id.generation,
+        "uptime_seconds": a.started.elapsed().as_secs(),
+    }))
+}
+
+pub fn member_json(a: &AgentHandle, m: &MemberView) -> MemberJson {
+    MemberJson {
+        name: m.id.name.clone(),
+        id: a.spiffe_of(&m.id.name),
+        peer_addr: m.id.addr,
+        api_addr: m.id.meta.api_addr,
+        state: m.state,
+        incarnation: m.id.generation,
+        swim_incarnation: m.incarnation,
+        labels: m.id.meta.labels.clone(),
+        version: m.id.meta.version.clone(),
+    }
+}
+
+async fn members(State(a): State<AgentHandle>) -> Json<Vec<MemberJson>> {
+    let mut v: Vec<MemberJson> = a
+        .members()
+        .await
+        .iter()
+        .map(|m| member_json(&a, m))
+        .collect();
+    v.sort_by(|x, y| x.name.cmp(&y.name).then(y.incarnation.cmp(&x.incarnation)));
+    Json(v)
+}
+
+async fn join(
+    State(a): State<AgentHandle>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let req: JoinRequest = parse_body(&body)?;
+    if req.addrs.is_empty() {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            error: "addrs is empty".into(),
+            field: Some("addrs".into()),
+            hint: "give at least one peer address, e.g. {\"addrs\": [\"10.0.0.5:7946\"]}".into(),
+        });
+    }
+    let n = req.addrs.len();
+    let _ = a
+        .commands
+        .send(crate::agent::Command::Join(req.addrs))
+        .await;
+    Ok(Json(serde_json::json!({"joining": n})))
+}
+
+async fn leave(State(a): State<AgentHandle>) -> Json<serde_json::Value> {
+    tokio::spawn(async move { a.leave().await });
+    Json(serde_json::json!({"leaving": true}))
+}
+
+async fn metrics(State(a): State<AgentHandle>) -> Response {
+    let members = a.members().await;
+    let stats = a.stats().await;
+    let t = &a.transport.stats;
+    let mut e = Exposition::default();
+    let count = |s: MemberState| members.iter().skip(1).filter(|m| m.state == s).count() as u64;
+    let states = [
+        MemberState::Alive,
+        MemberState::Suspect,
+        MemberState::Down,
+        MemberState::Left,
+    ];
+    let by_state: Vec<(&str, u64)> = states.iter().map(|s| (s.as_str(), count(*s))).collect();
+    e.labelled(
+        "gauge",
+        "trellis_members",
+        "Other members by state in this node's view.",
+        "state",
+        &by_state,
+    );
+    e.counter(
+        "trellis_gossip_messages_out_total",
+        "Gossip messages sent.",
+        stats.msgs_out,
+    );
+    e.counter(
+        "trellis_gossip_bytes_out_total",
+        "Gossip bytes sent (envelope included).",
+        stats.bytes_out,
+    );
+    e.counter(
+        "trellis_gossip_messages_in_total",
+        "Gossip messages received.",
+        stats.msgs_in,
+    );
+    e.counter(
+        "trellis_gossip_bytes_in_total",
+        "Gossip bytes received.",
+        stats.bytes_in,
+    );
+    e.counter(
+        "trellis_probes_total",
+        "Direct probes sent.",
+        stats.probes_sent,
+    );
+    e.counter(
+        "trellis_probes_failed_total",
+        "Probes with no ack, direct or indirect.",
+        stats.probes_failed,
+    );
+    e.counter(
+        "trellis_suspicions_raised_total",
+        "Members that became suspect in this view.",
+        stats.suspicions_raised,
+    );
+    e.counter(
+        "trellis_suspicions_refuted_total",
+        "Suspicions refuted before the deadline.",
+        stats.suspicions_refuted,
+    );
+    e.counter(
+        "trellis_gossip_malformed_total",
+        "Gossip messages refused as malformed.",
+        stats.malformed_in,
+    );
+    e.counter(
+        "trellis_gossip_identity_mismatch_total",
+        "Gossip whose claimed sender differs from its certificate.",
+        stats.identity_mismatches,
+    );
+    e.gauge(
+        "trellis_quic_connections",
+        "Open peer connections.",
+        a.transport.connections() as f64,
+    );
+    e.counter(
+        "trellis_quic_dials_total",
+        "Outgoing peer connection attempts.",
+        t.dials.load(Relaxed),
+    );
+    e.counter(
+        "trellis_quic_dial_failures_total",
+        "Outgoing peer connections that failed.",
+        t.dial_failures.load(Relaxed),
+    );
+    e.counter(
+        "trellis_quic_accepted_total",
+        "Incoming peer connections accepted.",
+        t.accepted.load(Relaxed),
+    );
+    e.counter(
+        "trellis_quic_incoming_failed_total",
+        "Incoming peer handshakes that failed.",
+        t.incoming_failed.load(Relaxed),
+    );
+    e.counter(
+        "trellis_quic_closed_malformed_total",
+        "Connections closed for malformed input.",
+        t.closed_malformed.load(Relaxed),
+    );
+    e.counter(
+        "trellis_quic_datagrams_out_total",
+        "QUIC datagrams sent.",
+        t.datagrams_out.load(Relaxed),
+    );
+    e.counter(
+        "trellis_quic_datagrams_in_total",
+        "QUIC datagrams received.",
+        t.datagrams_in.load(Relaxed),
+    );
+    e.counter(
+        "trellis_quic_bytes_out_total",
+        "Payload bytes sent to peers.",
+        t.bytes_out.load(Relaxed),
+    );
+    e.counter(
+        "trellis_quic_bytes_in_total",
+        "Payload bytes received from peers.",
+        t.bytes_in.load(Relaxed),
+    );
+    e.counter(
+        "trellis_quic_dropped_out_total",
+        "Messages dropped before sending.",
+        t.dropped_out.load(Relaxed),
+    );
+    let refused = t.refused.lock().expect("stats lock").clone();
+    let reasons = [
+        RefusalReason::NoCertificate,
+        RefusalReason::Expired,
+        RefusalReason::NotYetValid,
+        RefusalReason::UnknownCa,
+        RefusalReason::WrongCluster,
+        RefusalReason::BadIdentity,
+        RefusalReason::Other,
+    ];
+    let by_reason: Vec<(&str, u64)> = reasons
+        .iter()
+        .map(|r| (r.as_str(), refused.get(r).copied().unwrap_or(0)))
+        .collect();
+    e.labelled(
+        "counter",
+        "trellis_handshakes_refused_total",
+        "Peer certificates refused, by reason.",
+        "reason",
+        &by_reason,
+    );
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        e.finish(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_json_is_a_400_naming_the_problem() {
+        let e = parse_body::<JoinRequest>(b"{\"addrs\": [").unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.error.contains("EOF"), "{}", e.error);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = parse_body::<JoinRequest>(br#"{"addrs": [], "force": true}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("force"));
+    }
+
+    #[test]
+    fn wrong_type_names_the_path() {
+        let e = parse_body::<JoinRequest>(br#"{"addrs": ["not-an-addr"]}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("addrs[0]"));
+        assert!(e.error.contains("socket address"), "{}", e.error);
+    }
+}

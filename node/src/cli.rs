@@ -1,0 +1,276 @@
+//! The `trellis` command line: the agent itself, PKI chores, and thin clients of the API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{parse_label, validate_name, AgentConfig, FileConfig};
+use crate::membership::Profile;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "trellis",
+    version,
+    about = "Trellis: a decentralized service mesh agent"
+)]
+pub struct Cli {
+    /// Address of the local agent's HTTP API, for client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "TRELLIS_HTTP_ADDR",
+        default_value = "127.0.0.1:8500"
+    )]
+    pub http_addr: SocketAddr,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent.
+    Agent(AgentArgs),
+    /// Manage the cluster certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Issue and inspect node certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// List the cluster's members as the local agent sees them.
+    Members {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Ask the local agent to join through these peer addresses.
+    Join {
+        #[arg(required = true)]
+        addrs: Vec<SocketAddr>,
+    },
+    /// Ask the local agent to leave the cluster gracefully and stop.
+    Leave,
+    /// Check a config file exactly as the agent would at start.
+    Validate { file: PathBuf },
+    /// Start a throwaway local cluster of real agents (new CA, mTLS, 127.0.0.x).
+    Dev(crate::dev::DevArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Create a cluster CA (10-year lifetime) and a cluster id.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Cluster id (default: random).
+        #[arg(long)]
+        cluster_id: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertCommand {
+    /// Issue a node certificate and key signed by the cluster CA.
+    Issue {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime in days.
+        #[arg(long, default_value_t = 90)]
+        days: u64,
+    },
+    /// Print a certificate's subject, identity, issuer and expiry (never a key).
+    Show {
+        file: PathBuf,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug, Default, Clone)]
+pub struct AgentArgs {
+    /// Node name; must match the name in the node certificate.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Peer (QUIC/UDP) address to bind.
+    #[arg(long)]
+    pub bind: Option<SocketAddr>,
+    /// Peer address other nodes should use (default: --bind).
+    #[arg(long)]
+    pub advertise: Option<SocketAddr>,
+    /// HTTP API address (default 127.0.0.1:8500; loopback unless you say otherwise).
+    #[arg(long)]
+    pub api: Option<SocketAddr>,
+    /// Seed peer address to join through (repeatable).
+    #[arg(long = "join")]
+    pub join: Vec<SocketAddr>,
+    /// Where the agent keeps its state.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Directory holding ca.pem, node.pem and node.key (as written by `trellis cert issue`).
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
+    /// Node label key=value (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Timing profile for membership.
+    #[arg(long, value_enum)]
+    pub profile: Option<Profile>,
+    /// TOML config file with the same fields; flags win over it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Log level (error, warn, info, debug, trace) or a tracing filter.
+    #[arg(long)]
+    pub log_level: Option<String>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Test only: drop this share (0..1) of outgoing peer messages.
+    #[arg(long, hide = true)]
+    pub fault_drop_rate: Option<f64>,
+}
+
+impl AgentArgs {
+    /// Merges defaults < file < flags and checks the result.
+    pub fn resolve(&self) -> Result<(AgentConfig, Option<String>), crate::config::ConfigError> {
+        use crate::config::ConfigError;
+        let file = match &self.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        let name = self.name.clone().or(file.name.clone()).ok_or_else(|| {
+            ConfigError(
+                "name: missing; give --name NODE (or name = \"...\" in the config file)".into(),
+            )
+        })?;
+        validate_name(&name)?;
+        let bind = self
+            .bind
+            .or(file.bind)
+            .unwrap_or_else(|| "0.0.0.0:7946".parse().expect("literal"));
+        let advertise = self.advertise.or(file.advertise).unwrap_or(bind);
+        if advertise.ip().is_unspecified() {
+            return Err(ConfigError(format!(
+                "advertise: {advertise} is not an address peers can reach; give --advertise HOST:PORT (or bind to a specific address)"
+            )));
+        }
+        let profile = self.profile.or(file.profile).unwrap_or_default();
+        let timing = file.timing.apply(profile.timing());
+        timing.validate().map_err(ConfigError)?;
+        let mut labels = file.labels.clone();
+        labels.extend(self.labels.iter().cloned());
+        let mut join = file.join.clone();
+        join.extend(self.join.iter().copied());
+        let cfg = AgentConfig {
+            data_dir: self
+                .data_dir
+                .clone()
+                .or(file.data_dir.clone())
+                .unwrap_or_else(|| PathBuf::from("/var/lib/trellis")),
+            tls_dir: self
+                .tls_dir
+                .clone()
+                .or(file.tls_dir.clone())
+                .unwrap_or_else(|| PathBuf::from("/etc/trellis/tls")),
+            api: self
+                .api
+                .or(file.api)
+                .unwrap_or_else(|| "127.0.0.1:8500".parse().expect("literal")),
+            name,
+            bind,
+            advertise,
+            join,
+            labels,
+            profile,
+            timing,
+            expected_size: file.expected_size.unwrap_or(64),
+            faults: crate::transport::Faults {
+                drop_rate: self.fault_drop_rate.unwrap_or(0.0).clamp(0.0, 1.0),
+            },
+        };
+        Ok((cfg, self.log_level.clone().or(file.log_level)))
+    }
+}
+
+/// Entry point of the binary; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Agent(args) => crate::run::run_agent(args),
+        Command::Ca(CaCommand::Init { dir, cluster_id }) => {
+            crate::pki::init_ca(&dir, cluster_id.as_deref())
+                .map(|ca| {
+                    println!("cluster id: {}", ca.cluster_id);
+                    println!("CA certificate: {}", ca.cert_path.display());
+                    println!(
+                        "CA key: {} (keep it secret; mode 0600)",
+                        ca.key_path.display()
+                    );
+                })
+                .map_err(Into::into)
+        }
+        Command::Cert(CertCommand::Issue {
+            ca_dir,
+            name,
+            out,
+            days,
+        }) => crate::pki::issue_cert(&ca_dir, &name, &out, Duration::from_secs(days * 86_400))
+            .map(|c| {
+                println!("identity: {}", c.identity);
+                println!("certificate: {}", c.cert_path.display());
+                println!("key: {} (mode 0600)", c.key_path.display());
+                println!("expires: {}", c.not_after);
+            })
+            .map_err(Into::into),
+        Command::Cert(CertCommand::Show { file, output }) => crate::pki::show_cert(&file)
+            .map(|s| {
+                if output == Output::Json {
+                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                } else {
+                    print!("{s}");
+                }
+            })
+            .map_err(Into::into),
+        Command::Members { output } => crate::client::members(cli.http_addr, output),
+        Command::Join { addrs } => crate::client::join(cli.http_addr, &addrs),
+        Command::Leave => crate::client::leave(cli.http_addr),
+        Command::Validate { file } => {
+            let args = AgentArgs {
+                config: Some(file.clone()),
+                name: Some("validate".into()),
+                ..Default::default()
+            };
+            match FileConfig::load(&file).and_then(|_| args.resolve()) {
+                Ok(_) => {
+                    println!("{}: ok", file.display());
+                    Ok(())
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        Command::Dev(args) => crate::dev::run(args),
+    };
+    match res {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Agent configuration: defaults < TOML file < command-line flags.
+//!
+//! Every error names the field (and for files, the file, line and column) and the fix.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::membership::{Profile, Timing};
+
+/// The settings of a running agent, fully resolved.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub advertise: SocketAddr,
+    pub api: SocketAddr,
+    pub join: Vec<SocketAddr>,
+    pub data_dir: PathBuf,
+    pub tls_dir: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    pub profile: Profile,
+    pub timing: Timing,
+    /// Cluster size the SWIM fan-outs are tuned for.
+    pub expected_size: u32,
+    /// Test-only fault injection (off by default).
+    pub faults: crate::transport::Faults,
+}
+
+/// The config file: every field optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub name: Option<String>,
+    pub bind: Option<SocketAddr>,
+    pub advertise: Option<SocketAddr>,
+    pub api: Option<SocketAddr>,
+    #[serde(default)]
+    pub join: Vec<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub tls_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub profile: Option<Profile>,
+    pub expected_size: Option<u32>,
+    pub log_level: Option<String>,
+    #[serde(default)]
+    pub timing: TimingOverrides,
+}
+
+/// Timing settings that override the profile's.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TimingOverrides {
+    #[serde(default, with = "humantime_serde")]
+    pub probe_period: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub probe_rtt: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub suspect_to_down_after: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub remove_down_after: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub gossip_interval: Option<Duration>,
+    pub gossip_fanout: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub announce_interval: Option<Duration>,
+}
+
+/// A configuration error, printed as-is to the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl FileConfig {
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!("{}: cannot read config file: {e}", path.display()))
+        })?;
+        FileConfig::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let at = e.span().map(|s| locate(text, s.start)).unwrap_or_default();
+            ConfigError(format!(
+                "{}:{at} {}\nhint: each `trellis agent` flag has a config key of the same name (dashes become underscores); timing keys go under [timing]",
+                path.display(),
+                e.message().trim_end()
+            ))
+        })
+    }
+}
+
+/// " line N, field `a.b`:" for the byte offset of an error, so the operator sees where.
+fn locate(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_no = text[..offset].matches('\n').count() + 1;
+    let mut section = String::new();
+    for l in text.lines().take(line_no - 1) {
+        let l = l.trim();
+        if l.starts_with('[') && l.ends_with(']') {
+            section = l.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        }
+    }
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    match line.split_once('=') {
+        Some((key, _)) if !line.trim_start().starts_with('[') => {
+            let key = key.trim();
+            let field = if section.is_empty() {
+                key.to_string()
+            } else {
+                format!("{section}.{key}")
+            };
+            format!(" line {line_no}, field `{field}`:")
+        }
+        _ => format!(" line {line_no}:"),
+    }
+}
+
+impl TimingOverrides {
+    pub fn apply(&self, mut t: Timing) -> Timing {
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { t.$f = v; } )* };
+        }
+        set!(
+            probe_period,
+            probe_rtt,
+            suspect_to_down_after,
+            remove_down_after,
+            gossip_interval,
+            gossip_fanout,
+            announce_interval
+        );
+        t
+    }
+}
+
+/// Parses `key=value` labels from flags.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("label {s:?} must look like key=value, e.g. zone=eu-1a"))?;
+    if k.is_empty() {
+        return Err(format!("label {s:?} has an empty key"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Checks a node name against what certificates and gossip accept.
+pub fn validate_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= trellis_proto::limits::MAX_NAME_LEN
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError(format!(
+            "name: {name:?} is not a valid node name; use 1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrong_type_names_file_line_and_field() {
+        let err = FileConfig::parse(
+            "name = \"n1\"\nbind = 7946\n",
+            Path::new("/etc/trellis.toml"),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/etc/trellis.toml: line 2, field `bind`"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("socket address") || msg.contains("invalid type"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn errors_in_a_section_name_the_dotted_path() {
+        let err = FileConfig::parse(
+            "name = \"a\"\n[timing]\ngossip_fanout = -1\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("line 3, field `timing.gossip_fanout`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let err = FileConfig::parse("nmae = \"n1\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `nmae`"), "{err}");
+    }
+
+    #[test]
+    fn timing_overrides_apply_over_the_profile() {
+        let f =
+            FileConfig::parse("[timing]\nprobe_period = \"2s\"\n", Path::new("c.toml")).unwrap();
+        let t = f.timing.apply(Profile::Lan.timing());
+        assert_eq!(t.probe_period, Duration::from_secs(2));
+        assert_eq!(t.probe_rtt, Profile::Lan.timing().probe_rtt);
+    }
+
+    #[test]
+    fn names_and_labels_are_checked() {
+        assert!(validate_name("node-1.eu").is_ok());
+        assert!(validate_name("Node 1")
+            .unwrap_err()
+            .to_string()
+            .contains("name:"));
+        assert_eq!(parse_label("zone=a"), Ok(("zone".into(), "a".into())));
+        assert!(parse_label("zone").is_err());
+    }
+}

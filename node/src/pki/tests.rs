@@ -1,0 +1,253 @@
+//! Real rustls handshakes in memory: no sockets, exact outcomes.
+
+use super::*;
+use std::sync::Mutex;
+
+fn tmp(tag: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "trellis-pki-{}-{}-{tag}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = fs::remove_dir_all(&d);
+    d
+}
+
+/// A CA and one node cert in a fresh dir; returns (ca_dir, tls_dir).
+fn node(ca: &Path, name: &str) -> PathBuf {
+    let out = ca.parent().unwrap().join(format!("{name}-tls"));
+    issue_cert(ca, name, &out, Duration::from_secs(3600)).unwrap();
+    out
+}
+
+fn ca(tag: &str, cluster: &str) -> PathBuf {
+    let dir = tmp(tag).join("ca");
+    init_ca(&dir, Some(cluster)).unwrap();
+    dir
+}
+
+type Seen = Arc<Mutex<Vec<RefusalReason>>>;
+
+fn sink() -> (RefusalSink, Seen) {
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    (Arc::new(move |r| s.lock().unwrap().push(r)), seen)
+}
+
+/// Drives a handshake to completion or error; returns the server's view of the client.
+fn handshake(
+    client: rustls::ClientConfig,
+    server: rustls::ServerConfig,
+) -> Result<Option<PeerIdentity>, rustls::Error> {
+    let mut c =
+        rustls::ClientConnection::new(Arc::new(client), ServerName::try_from("trellis").unwrap())?;
+    let mut s = rustls::ServerConnection::new(Arc::new(server))?;
+    for _ in 0..20 {
+        let mut buf = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut buf).unwrap();
+        }
+        if !buf.is_empty() {
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets()?;
+        }
+        let mut buf = Vec::new();
+        while s.wants_write() {
+            s.write_tls(&mut buf).unwrap();
+        }
+        if !buf.is_empty() {
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets()?;
+        }
+        if !c.is_handshaking() && !s.is_handshaking() {
+            return Ok(s
+                .peer_certificates()
+                .map(|certs| peer_identity(&certs[0]).unwrap()));
+        }
+    }
+    panic!("handshake did not finish");
+}
+
+fn configs(
+    client_dir: &Path,
+    server_dir: &Path,
+) -> (rustls::ClientConfig, rustls::ServerConfig, Seen, Seen) {
+    let (cs, cseen) = sink();
+    let (ss, sseen) = sink();
+    let client = client_config(&load_tls_dir_unchecked(client_dir).unwrap(), cs).unwrap();
+    let server = server_config(&load_tls_dir_unchecked(server_dir).unwrap(), ss).unwrap();
+    (client, server, cseen, sseen)
+}
+
+#[test]
+fn mutual_tls_between_two_nodes_of_one_cluster_succeeds() {
+    let ca = ca("ok", "prod");
+    let (a, b) = (node(&ca, "a"), node(&ca, "b"));
+    let (client, server, cseen, sseen) = configs(&a, &b);
+    let peer = handshake(client, server).unwrap();
+    assert_eq!(
+        peer,
+        Some(PeerIdentity {
+            cluster_id: "prod".into(),
+            name: "a".into()
+        })
+    );
+    assert!(cseen.lock().unwrap().is_empty() && sseen.lock().unwrap().is_empty());
+    assert_eq!(load_tls_dir(&a).unwrap().identity, "spiffe://prod/node/a");
+}
+
+#[test]
+fn client_from_another_ca_is_refused_as_unknown_ca() {
+    let (good, evil) = (ca("g", "prod"), ca("e", "prod"));
+    let (mallory, server_dir) = (node(&evil, "mallory"), node(&good, "b"));
+    // The rogue trusts our CA (it copied ca.pem) so the refusal is the server's.
+    fs::copy(server_dir.join("ca.pem"), mallory.join("ca.pem")).unwrap();
+    let (client, server, _, sseen) = configs(&mallory, &server_dir);
+    assert!(handshake(client, server).is_err());
+    assert_eq!(*sseen.lock().unwrap(), vec![RefusalReason::UnknownCa]);
+}
+
+#[test]
+fn server_from_another_ca_is_refused_by_the_client() {
+    let (good, evil) = (ca("g2", "prod"), ca("e2", "prod"));
+    let (client_dir, evil_server) = (node(&good, "a"), node(&evil, "b"));
+    let (client, server, cseen, _) = configs(&client_dir, &evil_server);
+    assert!(handshake(client, server).is_err());
+    assert_eq!(*cseen.lock().unwrap(), vec![RefusalReason::UnknownCa]);
+}
+
+#[test]
+fn expired_client_certificate_is_refused_as_expired() {
+    let ca = ca("x", "prod");
+    let old = ca.parent().unwrap().join("old-tls");
+    let now = OffsetDateTime::now_utc();
+    issue_cert_with_validity(
+        &ca,
+        "old",
+        &old,
+        now - Duration::from_secs(7200),
+        now - Duration::from_secs(3600),
+    )
+    .unwrap();
+    let (client, server, _, sseen) = configs(&old, &node(&ca, "b"));
+    assert!(handshake(client, server).is_err());
+    assert_eq!(*sseen.lock().unwrap(), vec![RefusalReason::Expired]);
+    let err = load_tls_dir(&old).unwrap_err().to_string();
+    assert!(
+        err.contains("node.pem: expired") && err.contains("trellis cert issue"),
+        "{err}"
+    );
+}
+
+#[test]
+fn same_ca_key_but_other_cluster_id_is_refused_by_both_sides() {
+    let ca = ca("w", "prod");
+    let server_dir = node(&ca, "b");
+    // Same CA key, but the cluster-id file says "staging": the cert it issues names staging.
+    fs::write(ca.join("cluster-id"), "staging\n").unwrap();
+    let stray = node(&ca, "c");
+    // An honest staging client refuses the prod server (TLS 1.3: the client checks first).
+    let (client, server, cseen, _) = configs(&stray, &server_dir);
+    assert!(handshake(client, server).is_err());
+    assert_eq!(*cseen.lock().unwrap(), vec![RefusalReason::WrongCluster]);
+    // A client that accepts anything from the CA still cannot get its staging cert past the server.
+    let mut lying = load_tls_dir_unchecked(&stray).unwrap();
+    lying.cluster_id = "prod".into();
+    let (cs, _) = sink();
+    let (ss, sseen) = sink();
+    let server = server_config(&load_tls_dir(&server_dir).unwrap(), ss).unwrap();
+    assert!(handshake(client_config(&lying, cs).unwrap(), server).is_err());
+    assert_eq!(*sseen.lock().unwrap(), vec![RefusalReason::WrongCluster]);
+}
+
+#[test]
+fn client_without_certificate_is_refused() {
+    let ca = ca("n", "prod");
+    let server_dir = node(&ca, "b");
+    let m = load_tls_dir(&server_dir).unwrap();
+    let (cs, _) = sink();
+    let verifier = Arc::new(ClusterServerVerifier {
+        roots: roots(&m.ca).unwrap(),
+        cluster_id: "prod".into(),
+        sink: cs,
+        provider: crypto(),
+    });
+    let mut client = rustls::ClientConfig::builder_with_provider(crypto())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![ALPN.to_vec()];
+    let (ss, _) = sink();
+    let err = handshake(client, server_config(&m, ss).unwrap()).unwrap_err();
+    assert_eq!(
+        RefusalReason::from_tls(&err),
+        RefusalReason::NoCertificate,
+        "{err}"
+    );
+}
+
+#[test]
+fn key_files_are_written_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let ca = ca("p", "prod");
+    let tls = node(&ca, "a");
+    for f in [ca.join("ca.key"), tls.join("node.key")] {
+        assert_eq!(
+            fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{}",
+            f.display()
+        );
+    }
+}
+
+#[test]
+fn init_ca_refuses_to_overwrite() {
+    let ca = ca("o", "prod");
+    let err = init_ca(&ca, None).unwrap_err().to_string();
+    assert!(err.contains("a CA already exists"), "{err}");
+}
+
+#[test]
+fn show_cert_prints_identity_and_expiry_and_refuses_keys() {
+    let ca = ca("s", "prod");
+    let tls = node(&ca, "web-1");
+    let s = show_cert(&tls.join("node.pem")).unwrap();
+    assert_eq!(s.identity.as_deref(), Some("spiffe://prod/node/web-1"));
+    assert!(
+        s.subject.contains("CN=web-1") && s.issuer.contains("Trellis CA prod"),
+        "{s}"
+    );
+    assert!((0..=1).contains(&s.expires_in_days));
+    let err = show_cert(&tls.join("node.key")).unwrap_err().to_string();
+    assert!(
+        err.contains("private key") && !err.contains("BEGIN"),
+        "{err}"
+    );
+}
+
+#[test]
+fn load_tls_dir_names_missing_file_and_fix() {
+    let err = load_tls_dir(&tmp("missing")).unwrap_err().to_string();
+    assert!(
+        err.contains("ca.pem") && err.contains("trellis cert issue"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_names_and_cluster_ids_are_rejected() {
+    assert!(init_ca(&tmp("bad"), Some("Prod_1"))
+        .unwrap_err()
+        .to_string()
+        .contains("cluster_id"));
+    let ca = ca("bn", "prod");
+    let err = issue_cert(&ca, "Bad Name", &tmp("bn-out"), Duration::from_secs(60))
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("name:"), "{err}");
+}

@@ -1,0 +1,441 @@
+//! Peer transport: one QUIC endpoint per agent, mutual TLS against the cluster CA.
+//!
+//! Connections are pooled per peer address and reused in both directions. Gossip travels
+//! as QUIC datagrams; a message too large for a datagram goes on a unidirectional stream.
+//! A peer's name comes from its certificate (checked by the verifiers in [`crate::pki`])
+//! and is attached to everything it sends; nothing a peer writes in a message can change it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::sync::mpsc;
+use trellis_proto::limits;
+
+use crate::pki::{self, RefusalReason, TlsMaterial};
+
+/// Socket buffer size asked of the kernel. The 208 KiB default drops packets under bursts
+/// on loopback; the kernel caps the request at `net.core.rmem_max`.
+const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+/// Messages queued for a peer while its connection is being set up.
+const MAX_PENDING_PER_PEER: usize = 64;
+/// Why we close a connection, as QUIC application error codes.
+pub const CLOSE_MALFORMED: u32 = 1;
+pub const CLOSE_SHUTDOWN: u32 = 2;
+
+/// Test-only fault injection: drop a share of outgoing gossip. Off unless the agent is
+/// started with `--fault-drop-rate`, a hidden flag meant for the chaos harness.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Faults {
+    pub drop_rate: f64,
+}
+
+/// Everything a peer sent us, tagged with who it provably is.
+#[derive(Debug)]
+pub struct Inbound {
+    pub from: SocketAddr,
+    pub peer_name: String,
+    pub data: Bytes,
+    pub conn: quinn::Connection,
+}
+
+/// Transport counters, exported as metrics.
+#[derive(Debug, Default)]
+pub struct TransportStats {
+    pub dials: AtomicU64,
+    pub dial_failures: AtomicU64,
+    pub accepted: AtomicU64,
+    pub incoming_failed: AtomicU64,
+    pub datagrams_out: AtomicU64,
+    pub datagrams_in: AtomicU64,
+    pub streams_out: AtomicU64,
+    pub streams_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub dropped_out: AtomicU64,
+    pub closed_malformed: AtomicU64,
+    pub refused: Mutex<HashMap<RefusalReason, u64>>,
+}
+
+impl TransportStats {
+    fn refuse(&self, reason: RefusalReason) {
+        *self
+            .refused
+            .lock()
+            .expect("stats lock")
+            .entry(reason)
+            .or_default() += 1;
+    }
+}
+
+#[derive(Default)]
+struct Pool {
+    conns: HashMap<SocketAddr, quinn::Connection>,
+    dialing: HashMap<SocketAddr, Vec<Bytes>>,
+}
+
+/// The agent's QUIC endpoint and its connection pool.
+pub struct Transport {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    pool: Mutex<Pool>,
+    inbound: mpsc::Sender<Inbound>,
+    pub stats: Arc<TransportStats>,
+    log: Arc<RefusalLog>,
+    faults: Faults,
+}
+
+impl Transport {
+    /// Binds the UDP socket and starts accepting peers. Inbound messages arrive on the
+    /// returned channel.
+    pub fn bind(
+        bind: SocketAddr,
+        tls: &TlsMaterial,
+        faults: Faults,
+    ) -> anyhow::Result<(Arc<Transport>, mpsc::Receiver<Inbound>)> {
+        let stats = Arc::new(TransportStats::default());
+        let log = Arc::new(RefusalLog::default());
+        let sink: pki::RefusalSink = {
+            let (stats, log) = (stats.clone(), log.clone());
+            Arc::new(move |reason| {
+                stats.refuse(reason);
+                log.note(reason);
+            })
+        };
+        let transport_cfg = Arc::new(transport_config());
+        let server_tls = QuicServerConfig::try_from(pki::server_config(tls, sink.clone())?)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
+        server.transport_config(transport_cfg.clone());
+        let client_tls = QuicClientConfig::try_from(pki::client_config(tls, sink)?)?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
+        client.transport_config(transport_cfg);
+
+        let socket = udp_socket(bind)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let (tx, rx) = mpsc::channel(4096);
+        let pool = Mutex::new(Pool::default());
+        let t = Arc::new(Transport {
+            endpoint,
+            client,
+            pool,
+            inbound: tx,
+            stats,
+            log,
+            faults,
+        });
+        tokio::spawn(t.clone().accept_loop());
+        Ok((t, rx))
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Open peer connections right now.
+    pub fn connections(&self) -> usize {
+        self.pool.lock().expect("pool lock").conns.len()
+    }
+
+    /// Sends one message to a peer; never blocks. Dials the peer first if needed, queueing
+    /// a bounded number of messages meanwhile. Delivery is best effort, as for UDP.
+    pub fn send(self: &Arc<Self>, to: SocketAddr, data: Bytes) {
+        if self.faults.drop_rate > 0.0 && rand::random::<f64>() < self.faults.drop_rate {
+            self.stats.dropped_out.fetch_add(1, Relaxed);
+            return;
+        }
+        let mut pool = self.pool.lock().expect("pool lock");
+        if let Some(conn) = pool.conns.get(&to).cloned() {
+            drop(pool);
+            self.send_on(conn, data);
+            return;
+        }
+        if let Some(queue) = pool.dialing.get_mut(&to) {
+            if queue.len() < MAX_PENDING_PER_PEER {
+                queue.push(data);
+            } else {
+                self.stats.dropped_out.fetch_add(1, Relaxed);
+            }
+            return;
+        }
+        pool.dialing.insert(to, vec![data]);
+        drop(pool);
+        tokio::spawn(self.clone().dial(to));
+    }
+
+    fn send_on(self: &Arc<Self>, conn: quinn::Connection, data: Bytes) {
+        let len = data.len() as u64;
+        let fits = conn
+            .max_datagram_size()
+            .is_some_and(|max| data.len() <= max.min(limits::MAX_DATAGRAM));
+        if fits {
+            match conn.send_datagram(data) {
+                Ok(()) => {
+                    self.stats.datagrams_out.fetch_add(1, Relaxed);
+                    self.stats.bytes_out.fetch_add(len, Relaxed);
+                }
+                Err(_) => {
+                    self.stats.dropped_out.fetch_add(1, Relaxed);
+                }
+            }
+            return;
+        }
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            let sent = async {
+                let mut s = conn.open_uni().await?;
+                s.write_all(&data).await?;
+                s.finish()?;
+                anyhow::Ok(())
+            };
+            match sent.await {
+                Ok(()) => {
+                    stats.streams_out.fetch_add(1, Relaxed);
+                    stats.bytes_out.fetch_add(len, Relaxed);
+                }
+                Err(_) => {
+                    stats.dropped_out.fetch_add(1, Relaxed);
+                }
+            }
+        });
+    }
+
+    async fn dial(self: Arc<Self>, to: SocketAddr) {
+        self.stats.dials.fetch_add(1, Relaxed);
+        let res = match self
+            .endpoint
+            .connect_with(self.client.clone(), to, "trellis")
+        {
+            Ok(connecting) => connecting.await.map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        };
+        let queued = self
+            .pool
+            .lock()
+            .expect("pool lock")
+            .dialing
+            .remove(&to)
+            .unwrap_or_default();
+        match res.and_then(|conn| Ok((peer_name(&conn)?, conn))) {
+            Ok((name, conn)) => {
+                tracing::debug!(peer = %name, addr = %to, "connected");
+                self.adopt(conn.clone(), name);
+                for data in queued {
+                    self.send_on(conn.clone(), data);
+                }
+            }
+            Err(e) => {
+                self.stats.dial_failures.fetch_add(1, Relaxed);
+                self.stats
+                    .dropped_out
+                    .fetch_add(queued.len() as u64, Relaxed);
+                self.log.dial_failed(to, &e);
+            }
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let t = self.clone();
+            tokio::spawn(async move {
+                let from = incoming.remote_address();
+                match incoming
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|c| Ok((peer_name(&c)?, c)))
+                {
+                    Ok((name, conn)) => {
+                        t.stats.accepted.fetch_add(1, Relaxed);
+                        tracing::debug!(peer = %name, addr = %from, "accepted");
+                        t.adopt(conn, name);
+                    }
+                    Err(e) => {
+                        t.stats.incoming_failed.fetch_add(1, Relaxed);
+                        t.log.incoming_failed(from, &e);
+                    }
+                }
+            });
+        }
+    }
+
+    /// Pools a connection (the newest one to an address wins) and reads from it.
+    fn adopt(self: &Arc<Self>, conn: quinn::Connection, name: String) {
+        let addr = conn.remote_address();
+        self.pool
+            .lock()
+            .expect("pool lock")
+            .conns
+            .insert(addr, conn.clone());
+        tokio::spawn(self.clone().read_loop(conn, name));
+    }
+
+    async fn read_loop(self: Arc<Self>, conn: quinn::Connection, name: String) {
+        let from = conn.remote_address();
+        loop {
+            let data = tokio::select! {
+                d = conn.read_datagram() => match d {
+                    Ok(d) => {
+                        self.stats.datagrams_in.fetch_add(1, Relaxed);
+                        d
+                    }
+                    Err(_) => break,
+                },
+                s = conn.accept_uni() => match s {
+                    Ok(mut s) => match s.read_to_end(limits::MAX_STREAM_MESSAGE).await {
+                        Ok(d) => {
+                            self.stats.streams_in.fetch_add(1, Relaxed);
+                            Bytes::from(d)
+                        }
+                        Err(_) => {
+                            self.close_malformed(&conn, "stream message too large or reset");
+                            break;
+                        }
+                    },
+                    Err(_) => break,
+                },
+            };
+            self.stats.bytes_in.fetch_add(data.len() as u64, Relaxed);
+            let msg = Inbound {
+                from,
+                peer_name: name.clone(),
+                data,
+                conn: conn.clone(),
+            };
+            if self.inbound.send(msg).await.is_err() {
+                break;
+            }
+        }
+        let mut pool = self.pool.lock().expect("pool lock");
+        if pool
+            .conns
+            .get(&from)
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            pool.conns.remove(&from);
+        }
+    }
+
+    /// Closes a connection whose peer sent bytes we cannot read.
+    pub fn close_malformed(&self, conn: &quinn::Connection, why: &str) {
+        self.stats.closed_malformed.fetch_add(1, Relaxed);
+        self.log.malformed(conn.remote_address(), why);
+        conn.close(
+            quinn::VarInt::from_u32(CLOSE_MALFORMED),
+            b"malformed message",
+        );
+    }
+
+    /// Closes every connection, letting peers see a clean close rather than a timeout.
+    pub async fn shutdown(&self) {
+        self.endpoint.close(
+            quinn::VarInt::from_u32(CLOSE_SHUTDOWN),
+            b"agent shutting down",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+fn peer_name(conn: &quinn::Connection) -> anyhow::Result<String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| {
+            any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .ok_or_else(|| anyhow::anyhow!("peer presented no certificate"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("peer presented an empty chain"))?;
+    Ok(pki::peer_identity(leaf)?.name)
+}
+
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s fits")));
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_concurrent_uni_streams(64u32.into());
+    t.max_concurrent_bidi_streams(256u32.into());
+    t.datagram_receive_buffer_size(Some(1 << 20));
+    t
+}
+
+fn udp_socket(bind: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket
+        .bind(&bind.into())
+        .map_err(|e| anyhow::anyhow!("cannot bind peer UDP socket {bind}: {e} (is another agent using it? pick another --bind)"))?;
+    tracing::debug!(
+        rcvbuf = socket.recv_buffer_size().unwrap_or(0),
+        "peer socket bound"
+    );
+    Ok(socket.into())
+}
+
+/// Logs refusals and failures at most once per second per kind, with a count of what was
+/// suppressed, so a flood of bad handshakes cannot fill the disk.
+#[derive(Default)]
+pub struct RefusalLog {
+    last: Mutex<HashMap<&'static str, (std::time::Instant, u64)>>,
+}
+
+impl RefusalLog {
+    /// Returns how many were suppressed since the last log line, or None to stay quiet.
+    fn admit(&self, kind: &'static str) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut last = self.last.lock().expect("log lock");
+        match last.get_mut(kind) {
+            Some((at, suppressed)) if now.duration_since(*at) < Duration::from_secs(1) => {
+                *suppressed += 1;
+                None
+            }
+            Some((at, suppressed)) => {
+                *at = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                last.insert(kind, (now, 0));
+                Some(0)
+            }
+        }
+    }
+
+    fn note(&self, reason: RefusalReason) {
+        if let Some(suppressed) = self.admit(reason.as_str()) {
+            tracing::warn!(
+                reason = reason.as_str(),
+                suppressed,
+                hint = reason.hint(),
+                "refused peer certificate"
+            );
+        }
+    }
+
+    fn dial_failed(&self, to: SocketAddr, e: &anyhow::Error) {
+        if let Some(suppressed) = self.admit("dial") {
+            tracing::info!(peer = %to, suppressed, error = %e, "could not connect to peer");
+        }
+    }
+
+    fn incoming_failed(&self, from: SocketAddr, e: &anyhow::Error) {
+        if let Some(suppressed) = self.admit("incoming") {
+            tracing::warn!(peer = %from, suppressed, error = %e, "incoming peer handshake failed");
+        }
+    }
+
+    fn malformed(&self, from: SocketAddr, why: &str) {
+        if let Some(suppressed) = self.admit("malformed") {
+            tracing::warn!(peer = %from, suppressed, why, "closed connection: malformed message");
+        }
+    }
+}
