@@ -93,9 +93,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
             labels: cfg.labels.clone(),
         },
     };
-    identity
-        .validate()
-        .map_err(|e| anyhow::anyhow!("labels: {e}"))?;
+    identity.validate().map_err(|e| anyhow::anyhow!("labels: {e}"))?;
     let mut core = Membership::new(identity.clone(), &cfg.timing, cfg.expected_size, generation);
     core.join(Instant::now(), &cfg.join);
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
@@ -142,9 +140,7 @@ fn on_inbound(core: &mut Membership, transport: &Transport, msg: Inbound) {
     match core.handle_datagram(Instant::now(), Some(&msg.peer_name), &msg.data) {
         Ok(()) => {}
         Err(PacketError::Malformed(why)) => transport.close_malformed(&msg.conn, &why),
-        Err(e @ PacketError::IdentityMismatch { .. }) => {
-            transport.close_malformed(&msg.conn, &e.to_string())
-        }
+        Err(e @ PacketError::IdentityMismatch { .. }) => transport.close_malformed(&msg.conn, &e.to_string()),
         Err(PacketError::Refused(why)) => {
             tracing::debug!(peer = %msg.peer_name, %why, "gossip refused")
         }
@@ -177,15 +173,13 @@ fn flush(core: &mut Membership, transport: &Arc<Transport>) {
             MemberEvent::Down(id) => {
                 tracing::warn!(member = %id.name, addr = %id.addr, "member down")
             }
+            MemberEvent::Left(id) => tracing::info!(member = %id.name, addr = %id.addr, "member left"),
             MemberEvent::Renamed { old, new } => {
                 tracing::info!(member = %new.name, old_generation = old.generation, new_generation = new.generation, "member restarted")
             }
             MemberEvent::Joined => tracing::info!("joined the cluster"),
             MemberEvent::Isolated => tracing::warn!("no live members left; retrying seeds"),
-            MemberEvent::Rejoined(id) => tracing::warn!(
-                generation = id.generation,
-                "we were declared down; rejoined"
-            ),
+            MemberEvent::Rejoined(id) => tracing::warn!(generation = id.generation, "we were declared down; rejoined"),
         }
     }
 }

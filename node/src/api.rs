@@ -106,10 +106,7 @@ async fn not_found() -> ApiError {
 
 async fn health(State(a): State<AgentHandle>) -> Json<serde_json::Value> {
     let members = a.members().await;
-    let alive = members
-        .iter()
-        .filter(|m| m.state == MemberState::Alive)
-        .count();
+    let alive = members.iter().filter(|m| m.state == MemberState::Alive).count();
     Json(serde_json::json!({"status": "ok", "name": a.identity.name, "alive_members": alive}))
 }
 
@@ -143,20 +140,12 @@ pub fn member_json(a: &AgentHandle, m: &MemberView) -> MemberJson {
 }
 
 async fn members(State(a): State<AgentHandle>) -> Json<Vec<MemberJson>> {
-    let mut v: Vec<MemberJson> = a
-        .members()
-        .await
-        .iter()
-        .map(|m| member_json(&a, m))
-        .collect();
+    let mut v: Vec<MemberJson> = a.members().await.iter().map(|m| member_json(&a, m)).collect();
     v.sort_by(|x, y| x.name.cmp(&y.name).then(y.incarnation.cmp(&x.incarnation)));
     Json(v)
 }
 
-async fn join(
-    State(a): State<AgentHandle>,
-    body: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
+async fn join(State(a): State<AgentHandle>, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
     let req: JoinRequest = parse_body(&body)?;
     if req.addrs.is_empty() {
         return Err(ApiError {
@@ -167,10 +156,7 @@ async fn join(
         });
     }
     let n = req.addrs.len();
-    let _ = a
-        .commands
-        .send(crate::agent::Command::Join(req.addrs))
-        .await;
+    let _ = a.commands.send(crate::agent::Command::Join(req.addrs)).await;
     Ok(Json(serde_json::json!({"joining": n})))
 }
 
@@ -219,11 +205,7 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         "Gossip bytes received.",
         stats.bytes_in,
     );
-    e.counter(
-        "trellis_probes_total",
-        "Direct probes sent.",
-        stats.probes_sent,
-    );
+    e.counter("trellis_probes_total", "Direct probes sent.", stats.probes_sent);
     e.counter(
         "trellis_probes_failed_total",
         "Probes with no ack, direct or indirect.",
@@ -325,11 +307,7 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         "reason",
         &by_reason,
     );
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        e.finish(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], e.finish()).into_response()
 }
 
 #[cfg(test)]

@@ -10,19 +10,10 @@ use crate::config::{parse_label, validate_name, AgentConfig, FileConfig};
 use crate::membership::Profile;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "trellis",
-    version,
-    about = "Trellis: a decentralized service mesh agent"
-)]
+#[command(name = "trellis", version, about = "Trellis: a decentralized service mesh agent")]
 pub struct Cli {
     /// Address of the local agent's HTTP API, for client commands.
-    #[arg(
-        long,
-        global = true,
-        env = "TRELLIS_HTTP_ADDR",
-        default_value = "127.0.0.1:8500"
-    )]
+    #[arg(long, global = true, env = "TRELLIS_HTTP_ADDR", default_value = "127.0.0.1:8500")]
     pub http_addr: SocketAddr,
     #[command(subcommand)]
     pub command: Command,
@@ -155,9 +146,7 @@ impl AgentArgs {
             None => FileConfig::default(),
         };
         let name = self.name.clone().or(file.name.clone()).ok_or_else(|| {
-            ConfigError(
-                "name: missing; give --name NODE (or name = \"...\" in the config file)".into(),
-            )
+            ConfigError("name: missing; give --name NODE (or name = \"...\" in the config file)".into())
         })?;
         validate_name(&name)?;
         let bind = self
@@ -165,14 +154,21 @@ impl AgentArgs {
             .or(file.bind)
             .unwrap_or_else(|| "0.0.0.0:7946".parse().expect("literal"));
         let advertise = self.advertise.or(file.advertise).unwrap_or(bind);
-        if advertise.ip().is_unspecified() {
-            return Err(ConfigError(format!(
-                "advertise: {advertise} is not an address peers can reach; give --advertise HOST:PORT (or bind to a specific address)"
-            )));
-        }
         let profile = self.profile.or(file.profile).unwrap_or_default();
         let timing = file.timing.apply(profile.timing());
-        timing.validate().map_err(ConfigError)?;
+        // Report every problem at once, so a fix-and-retry loop takes one round.
+        let mut problems = Vec::new();
+        if advertise.ip().is_unspecified() {
+            problems.push(format!(
+                "advertise: {advertise} is not an address peers can reach; give --advertise HOST:PORT (or bind to a specific address)"
+            ));
+        }
+        if let Err(e) = timing.validate() {
+            problems.push(e);
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError(problems.join("\n")));
+        }
         let mut labels = file.labels.clone();
         labels.extend(self.labels.iter().cloned());
         let mut join = file.join.clone();
@@ -213,18 +209,13 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Agent(args) => crate::run::run_agent(args),
-        Command::Ca(CaCommand::Init { dir, cluster_id }) => {
-            crate::pki::init_ca(&dir, cluster_id.as_deref())
-                .map(|ca| {
-                    println!("cluster id: {}", ca.cluster_id);
-                    println!("CA certificate: {}", ca.cert_path.display());
-                    println!(
-                        "CA key: {} (keep it secret; mode 0600)",
-                        ca.key_path.display()
-                    );
-                })
-                .map_err(Into::into)
-        }
+        Command::Ca(CaCommand::Init { dir, cluster_id }) => crate::pki::init_ca(&dir, cluster_id.as_deref())
+            .map(|ca| {
+                println!("cluster id: {}", ca.cluster_id);
+                println!("CA certificate: {}", ca.cert_path.display());
+                println!("CA key: {} (keep it secret; mode 0600)", ca.key_path.display());
+            })
+            .map_err(Into::into),
         Command::Cert(CertCommand::Issue {
             ca_dir,
             name,

@@ -15,24 +15,18 @@ fn agent() -> ureq::Agent {
 }
 
 /// Calls the API; a non-2xx answer becomes an error carrying the agent's message and hint.
-fn call(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<String>,
-) -> anyhow::Result<String> {
+fn call(addr: SocketAddr, method: &str, path: &str, body: Option<String>) -> anyhow::Result<String> {
     let url = format!("http://{addr}{path}");
     let a = agent();
     let res = match (method, body) {
         ("GET", _) => a.get(&url).call(),
-        (_, Some(b)) => a
-            .post(&url)
-            .header("content-type", "application/json")
-            .send(b),
+        (_, Some(b)) => a.post(&url).header("content-type", "application/json").send(b),
         (_, None) => a.post(&url).send_empty(),
     };
     let mut res = res.map_err(|e| {
-        anyhow::anyhow!("cannot reach the agent API at {addr}: {e}; is the agent running? set --http-addr or TRELLIS_HTTP_ADDR")
+        anyhow::anyhow!(
+            "cannot reach the agent API at {addr}: {e}; is the agent running? set --http-addr or TRELLIS_HTTP_ADDR"
+        )
     })?;
     let status = res.status().as_u16();
     let text = res.body_mut().read_to_string()?;
@@ -43,12 +37,7 @@ fn call(
 }
 
 pub fn fetch_members(addr: SocketAddr) -> anyhow::Result<Vec<MemberJson>> {
-    Ok(serde_json::from_str(&call(
-        addr,
-        "GET",
-        "/v1/members",
-        None,
-    )?)?)
+    Ok(serde_json::from_str(&call(addr, "GET", "/v1/members", None)?)?)
 }
 
 pub fn members(addr: SocketAddr, output: Output) -> anyhow::Result<()> {

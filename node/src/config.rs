@@ -78,9 +78,8 @@ pub struct ConfigError(pub String);
 impl FileConfig {
     /// Reads and parses a TOML file.
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError(format!("{}: cannot read config file: {e}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read config file: {e}", path.display())))?;
         FileConfig::parse(&text, path)
     }
 
@@ -177,32 +176,17 @@ mod tests {
 
     #[test]
     fn wrong_type_names_file_line_and_field() {
-        let err = FileConfig::parse(
-            "name = \"n1\"\nbind = 7946\n",
-            Path::new("/etc/trellis.toml"),
-        )
-        .unwrap_err();
+        let err = FileConfig::parse("name = \"n1\"\nbind = 7946\n", Path::new("/etc/trellis.toml")).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("/etc/trellis.toml: line 2, field `bind`"),
-            "{msg}"
-        );
-        assert!(
-            msg.contains("socket address") || msg.contains("invalid type"),
-            "{msg}"
-        );
+        assert!(msg.contains("/etc/trellis.toml: line 2, field `bind`"), "{msg}");
+        assert!(msg.contains("socket address") || msg.contains("invalid type"), "{msg}");
     }
 
     #[test]
     fn errors_in_a_section_name_the_dotted_path() {
-        let err = FileConfig::parse(
-            "name = \"a\"\n[timing]\ngossip_fanout = -1\n",
-            Path::new("c.toml"),
-        )
-        .unwrap_err();
+        let err = FileConfig::parse("name = \"a\"\n[timing]\ngossip_fanout = -1\n", Path::new("c.toml")).unwrap_err();
         assert!(
-            err.to_string()
-                .contains("line 3, field `timing.gossip_fanout`"),
+            err.to_string().contains("line 3, field `timing.gossip_fanout`"),
             "{err}"
         );
     }
@@ -217,8 +201,7 @@ mod tests {
 
     #[test]
     fn timing_overrides_apply_over_the_profile() {
-        let f =
-            FileConfig::parse("[timing]\nprobe_period = \"2s\"\n", Path::new("c.toml")).unwrap();
+        let f = FileConfig::parse("[timing]\nprobe_period = \"2s\"\n", Path::new("c.toml")).unwrap();
         let t = f.timing.apply(Profile::Lan.timing());
         assert_eq!(t.probe_period, Duration::from_secs(2));
         assert_eq!(t.probe_rtt, Profile::Lan.timing().probe_rtt);
@@ -227,10 +210,7 @@ mod tests {
     #[test]
     fn names_and_labels_are_checked() {
         assert!(validate_name("node-1.eu").is_ok());
-        assert!(validate_name("Node 1")
-            .unwrap_err()
-            .to_string()
-            .contains("name:"));
+        assert!(validate_name("Node 1").unwrap_err().to_string().contains("name:"));
         assert_eq!(parse_label("zone=a"), Ok(("zone".into(), "a".into())));
         assert!(parse_label("zone").is_err());
     }

@@ -45,12 +45,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     for i in 0..args.nodes {
         let name = format!("node{}", i + 1);
         let node_dir = dir.join(&name);
-        crate::pki::issue_cert(
-            &ca,
-            &name,
-            &node_dir.join("tls"),
-            Duration::from_secs(7 * 86_400),
-        )?;
+        crate::pki::issue_cert(&ca, &name, &node_dir.join("tls"), Duration::from_secs(7 * 86_400))?;
         let log = std::fs::File::create(node_dir.join("agent.log"))?;
         let mut cmd = Command::new(&exe);
         cmd.args(["agent", "--name", &name, "--profile", "fast"])
@@ -79,12 +74,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         dir.display()
     );
     for i in 0..args.nodes {
-        println!(
-            "  node{}  peer {}  api http://{}",
-            i + 1,
-            addr(i, 7946),
-            addr(i, 8500)
-        );
+        println!("  node{}  peer {}  api http://{}", i + 1, addr(i, 7946), addr(i, 8500));
     }
     match crate::client::fetch_members(api) {
         Ok(m) => print!("\n{}", crate::client::member_table(&m)),
@@ -103,9 +93,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("Ctrl-C stops the cluster (each agent leaves gracefully).");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async { tokio::signal::ctrl_c().await })?;
     stop_all(&mut children);
     Ok(())
@@ -131,9 +119,7 @@ fn wait_formed(api: SocketAddr, n: usize, within: Duration) -> bool {
 /// SIGTERM each agent (graceful leave), then wait for them.
 fn stop_all(children: &mut [Child]) {
     for c in children.iter() {
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
     }
     for c in children.iter_mut() {
         let _ = c.wait();

@@ -27,14 +27,7 @@ impl Exposition {
     }
 
     /// One metric with a single label over several values.
-    pub fn labelled(
-        &mut self,
-        kind: &str,
-        name: &str,
-        help: &str,
-        label: &str,
-        values: &[(&str, u64)],
-    ) {
+    pub fn labelled(&mut self, kind: &str, name: &str, help: &str, label: &str, values: &[(&str, u64)]) {
         self.header(name, kind, help);
         for (v, n) in values {
             let _ = writeln!(self.out, "{name}{{{label}=\"{}\"}} {n}", escape(v));
@@ -47,9 +40,7 @@ impl Exposition {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 #[cfg(test)]

@@ -13,17 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{ring as provider, CryptoProvider};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName as TlsDn, RootCertStore,
-    SignatureScheme,
-};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName as TlsDn, RootCertStore, SignatureScheme};
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -36,11 +33,7 @@ const CLOCK_SKEW: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
     #[error("{path}: {what}; {fix}")]
-    File {
-        path: PathBuf,
-        what: String,
-        fix: String,
-    },
+    File { path: PathBuf, what: String, fix: String },
     #[error("{field}: {what}; {fix}")]
     Invalid {
         field: &'static str,
@@ -89,12 +82,18 @@ impl RefusalReason {
     /// What the operator of the refused peer should do.
     pub fn hint(&self) -> &'static str {
         match self {
-            RefusalReason::NoCertificate => "the peer sent no certificate; start it with --tls-dir holding node.pem and node.key",
+            RefusalReason::NoCertificate => {
+                "the peer sent no certificate; start it with --tls-dir holding node.pem and node.key"
+            }
             RefusalReason::Expired => "the certificate has expired; issue a new one with `trellis cert issue`",
             RefusalReason::NotYetValid => "the certificate is not valid yet; check the clocks of both hosts (NTP)",
-            RefusalReason::UnknownCa => "the certificate is from another CA; issue it from this cluster's CA (`trellis cert issue --ca-dir`)",
+            RefusalReason::UnknownCa => {
+                "the certificate is from another CA; issue it from this cluster's CA (`trellis cert issue --ca-dir`)"
+            }
             RefusalReason::WrongCluster => "the certificate names another cluster id; issue it from this cluster's CA",
-            RefusalReason::BadIdentity => "the certificate lacks a spiffe://<cluster>/node/<name> URI; issue it with `trellis cert issue`",
+            RefusalReason::BadIdentity => {
+                "the certificate lacks a spiffe://<cluster>/node/<name> URI; issue it with `trellis cert issue`"
+            }
             RefusalReason::Other => "see the agent log for the TLS error",
         }
     }
@@ -176,11 +175,7 @@ pub struct CertSummary {
 impl fmt::Display for CertSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "subject: {}", self.subject)?;
-        writeln!(
-            f,
-            "identity: {}",
-            self.identity.as_deref().unwrap_or("(none)")
-        )?;
+        writeln!(f, "identity: {}", self.identity.as_deref().unwrap_or("(none)"))?;
         writeln!(f, "issuer: {}", self.issuer)?;
         writeln!(f, "not before: {}", self.not_before)?;
         writeln!(f, "not after: {}", self.not_after)?;
@@ -228,8 +223,7 @@ fn write_secret(path: &Path, data: &str) -> Result<(), PkiError> {
 }
 
 fn write_public(path: &Path, data: &str) -> Result<(), PkiError> {
-    fs::write(path, data)
-        .map_err(|e| file_err(path, e, "check the directory exists and is writable"))
+    fs::write(path, data).map_err(|e| file_err(path, e, "check the directory exists and is writable"))
 }
 
 fn read(path: &Path, fix: &str) -> Result<String, PkiError> {
@@ -289,12 +283,7 @@ fn dn(cn: &str) -> DistinguishedName {
 }
 
 /// Issues a node certificate valid from now for `lifetime`.
-pub fn issue_cert(
-    ca_dir: &Path,
-    name: &str,
-    out: &Path,
-    lifetime: Duration,
-) -> Result<IssuedCert, PkiError> {
+pub fn issue_cert(ca_dir: &Path, name: &str, out: &Path, lifetime: Duration) -> Result<IssuedCert, PkiError> {
     let now = OffsetDateTime::now_utc();
     issue_cert_with_validity(ca_dir, name, out, now - CLOCK_SKEW, now + lifetime)
 }
@@ -323,8 +312,8 @@ pub fn issue_cert_with_validity(
     .trim()
     .to_string();
     validate_cluster_id(&cluster_id)?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem)
-        .map_err(|e| file_err(&ca_dir.join("ca.key"), e, "restore the CA key"))?;
+    let ca_key =
+        KeyPair::from_pem(&ca_key_pem).map_err(|e| file_err(&ca_dir.join("ca.key"), e, "restore the CA key"))?;
     let ca_params = CertificateParams::from_ca_cert_pem(&ca_pem)
         .map_err(|e| file_err(&ca_dir.join("ca.pem"), e, "restore the CA certificate"))?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
@@ -335,10 +324,7 @@ pub fn issue_cert_with_validity(
     params.distinguished_name = dn(name);
     params.subject_alt_names = vec![SanType::URI(identity.as_str().try_into()?)];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.not_before = not_before;
     params.not_after = not_after;
     let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
@@ -423,8 +409,7 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<PeerIdentity, PkiError
         what: what.to_string(),
         fix: "issue node certificates with `trellis cert issue`",
     };
-    let (_, x) =
-        x509_parser::parse_x509_certificate(cert).map_err(|_| bad("unparseable certificate"))?;
+    let (_, x) = x509_parser::parse_x509_certificate(cert).map_err(|_| bad("unparseable certificate"))?;
     let uri = spiffe_uri(&x).ok_or_else(|| bad("no spiffe:// URI in the certificate"))?;
     let rest = uri.strip_prefix("spiffe://").expect("checked prefix");
     let (cluster_id, name) = rest
@@ -453,31 +438,22 @@ pub fn load_tls_dir(dir: &Path) -> Result<TlsMaterial, PkiError> {
     }
     let roots = roots(&m.ca)?;
     let parsed = rustls::server::ParsedCertificate::try_from(&m.chain[0])?;
-    let algs = provider::default_provider()
-        .signature_verification_algorithms
-        .all;
-    rustls::client::verify_server_cert_signed_by_trust_anchor(
-        &parsed,
-        &roots,
-        &m.chain[1..],
-        UnixTime::now(),
-        algs,
-    )
-    .map_err(|e| {
-        file_err(
-            &cert_path,
-            format!("does not verify against ca.pem: {e}"),
-            "issue it from this cluster's CA",
-        )
-    })?;
+    let algs = provider::default_provider().signature_verification_algorithms.all;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(&parsed, &roots, &m.chain[1..], UnixTime::now(), algs)
+        .map_err(|e| {
+            file_err(
+                &cert_path,
+                format!("does not verify against ca.pem: {e}"),
+                "issue it from this cluster's CA",
+            )
+        })?;
     Ok(m)
 }
 
 /// Loads TLS material without the validity checks (test peers present bad certs on purpose).
 pub fn load_tls_dir_unchecked(dir: &Path) -> Result<TlsMaterial, PkiError> {
     use rustls::pki_types::pem::PemObject;
-    let fix =
-        "run `trellis cert issue --ca-dir CA --name NODE --out DIR` and give that DIR as --tls-dir";
+    let fix = "run `trellis cert issue --ca-dir CA --name NODE --out DIR` and give that DIR as --tls-dir";
     let ca_path = dir.join("ca.pem");
     let cert_path = dir.join("node.pem");
     let key_path = dir.join("node.key");
@@ -622,14 +598,8 @@ impl ServerCertVerifier for ClusterServerVerifier {
         };
         let parsed = rustls::server::ParsedCertificate::try_from(end_entity).map_err(refuse)?;
         let algs = self.provider.signature_verification_algorithms.all;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            algs,
-        )
-        .map_err(refuse)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(&parsed, &self.roots, intermediates, now, algs)
+            .map_err(refuse)?;
         check_cluster(end_entity, &self.cluster_id).map_err(|r| {
             (self.sink)(r);
             refusal_error(r)
@@ -643,12 +613,7 @@ impl ServerCertVerifier for ClusterServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -657,29 +622,19 @@ impl ServerCertVerifier for ClusterServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
 /// TLS 1.3 server config requiring client certificates of our cluster.
 pub fn server_config(m: &TlsMaterial, sink: RefusalSink) -> Result<rustls::ServerConfig, PkiError> {
-    let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots(&m.ca)?),
-        crypto(),
-    )
-    .build()
-    .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
+    let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&m.ca)?), crypto())
+        .build()
+        .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
     let verifier = Arc::new(ClusterClientVerifier {
         inner,
         cluster_id: m.cluster_id.clone(),

@@ -24,17 +24,11 @@ pub fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     rt.block_on(serve(cfg, tls))
 }
 
-async fn serve(
-    cfg: crate::config::AgentConfig,
-    tls: crate::pki::TlsMaterial,
-) -> anyhow::Result<()> {
+async fn serve(cfg: crate::config::AgentConfig, tls: crate::pki::TlsMaterial) -> anyhow::Result<()> {
     let agent = crate::agent::start(&cfg, &tls)?;
-    let listener = tokio::net::TcpListener::bind(cfg.api).await.map_err(|e| {
-        anyhow::anyhow!(
-            "api: cannot listen on {}: {e}; pick another --api address",
-            cfg.api
-        )
-    })?;
+    let listener = tokio::net::TcpListener::bind(cfg.api)
+        .await
+        .map_err(|e| anyhow::anyhow!("api: cannot listen on {}: {e}; pick another --api address", cfg.api))?;
     if !cfg.api.ip().is_loopback() {
         tracing::warn!(api = %cfg.api, "HTTP API is bound to a non-loopback address; anyone who can reach it can operate this agent");
     }
@@ -43,11 +37,9 @@ async fn serve(
         profile = ?cfg.profile, seeds = ?cfg.join, "agent started"
     );
     let mut stop = agent.shutdown.subscribe();
-    let server = axum::serve(listener, crate::api::router(agent.clone())).with_graceful_shutdown(
-        async move {
-            let _ = stop.wait_for(|s| *s).await;
-        },
-    );
+    let server = axum::serve(listener, crate::api::router(agent.clone())).with_graceful_shutdown(async move {
+        let _ = stop.wait_for(|s| *s).await;
+    });
     let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut left_via_api = agent.shutdown.subscribe();
@@ -71,7 +63,9 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
         Ok(f) if !f.is_empty() => EnvFilter::try_new(f),
         _ => EnvFilter::try_new(format!("{level},foca=warn,quinn=warn,rustls=warn")),
     }
-    .map_err(|e| anyhow::anyhow!("log_level: {level:?} is not a level or filter ({e}); use error, warn, info, debug or trace"))?;
+    .map_err(|e| {
+        anyhow::anyhow!("log_level: {level:?} is not a level or filter ({e}); use error, warn, info, debug or trace")
+    })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -63,12 +63,7 @@ pub struct TransportStats {
 
 impl TransportStats {
     fn refuse(&self, reason: RefusalReason) {
-        *self
-            .refused
-            .lock()
-            .expect("stats lock")
-            .entry(reason)
-            .or_default() += 1;
+        *self.refused.lock().expect("stats lock").entry(reason).or_default() += 1;
     }
 }
 
@@ -210,10 +205,7 @@ impl Transport {
 
     async fn dial(self: Arc<Self>, to: SocketAddr) {
         self.stats.dials.fetch_add(1, Relaxed);
-        let res = match self
-            .endpoint
-            .connect_with(self.client.clone(), to, "trellis")
-        {
+        let res = match self.endpoint.connect_with(self.client.clone(), to, "trellis") {
             Ok(connecting) => connecting.await.map_err(anyhow::Error::from),
             Err(e) => Err(e.into()),
         };
@@ -234,9 +226,7 @@ impl Transport {
             }
             Err(e) => {
                 self.stats.dial_failures.fetch_add(1, Relaxed);
-                self.stats
-                    .dropped_out
-                    .fetch_add(queued.len() as u64, Relaxed);
+                self.stats.dropped_out.fetch_add(queued.len() as u64, Relaxed);
                 self.log.dial_failed(to, &e);
             }
         }
@@ -269,11 +259,7 @@ impl Transport {
     /// Pools a connection (the newest one to an address wins) and reads from it.
     fn adopt(self: &Arc<Self>, conn: quinn::Connection, name: String) {
         let addr = conn.remote_address();
-        self.pool
-            .lock()
-            .expect("pool lock")
-            .conns
-            .insert(addr, conn.clone());
+        self.pool.lock().expect("pool lock").conns.insert(addr, conn.clone());
         tokio::spawn(self.clone().read_loop(conn, name));
     }
 
@@ -314,11 +300,7 @@ impl Transport {
             }
         }
         let mut pool = self.pool.lock().expect("pool lock");
-        if pool
-            .conns
-            .get(&from)
-            .is_some_and(|c| c.stable_id() == conn.stable_id())
-        {
+        if pool.conns.get(&from).is_some_and(|c| c.stable_id() == conn.stable_id()) {
             pool.conns.remove(&from);
         }
     }
@@ -327,18 +309,13 @@ impl Transport {
     pub fn close_malformed(&self, conn: &quinn::Connection, why: &str) {
         self.stats.closed_malformed.fetch_add(1, Relaxed);
         self.log.malformed(conn.remote_address(), why);
-        conn.close(
-            quinn::VarInt::from_u32(CLOSE_MALFORMED),
-            b"malformed message",
-        );
+        conn.close(quinn::VarInt::from_u32(CLOSE_MALFORMED), b"malformed message");
     }
 
     /// Closes every connection, letting peers see a clean close rather than a timeout.
     pub async fn shutdown(&self) {
-        self.endpoint.close(
-            quinn::VarInt::from_u32(CLOSE_SHUTDOWN),
-            b"agent shutting down",
-        );
+        self.endpoint
+            .close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"agent shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }
@@ -346,10 +323,7 @@ impl Transport {
 fn peer_name(conn: &quinn::Connection) -> anyhow::Result<String> {
     let certs = conn
         .peer_identity()
-        .and_then(|any| {
-            any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                .ok()
-        })
+        .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
         .ok_or_else(|| anyhow::anyhow!("peer presented no certificate"))?;
     let leaf = certs
         .first()
@@ -372,13 +346,10 @@ fn udp_socket(bind: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-    socket
-        .bind(&bind.into())
-        .map_err(|e| anyhow::anyhow!("cannot bind peer UDP socket {bind}: {e} (is another agent using it? pick another --bind)"))?;
-    tracing::debug!(
-        rcvbuf = socket.recv_buffer_size().unwrap_or(0),
-        "peer socket bound"
-    );
+    socket.bind(&bind.into()).map_err(|e| {
+        anyhow::anyhow!("cannot bind peer UDP socket {bind}: {e} (is another agent using it? pick another --bind)")
+    })?;
+    tracing::debug!(rcvbuf = socket.recv_buffer_size().unwrap_or(0), "peer socket bound");
     Ok(socket.into())
 }
 

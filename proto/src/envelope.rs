@@ -67,10 +67,7 @@ pub fn encode(kind: Kind, body: &[u8], out: &mut Vec<u8>) {
 /// Splits a message into its kind and body, refusing anything oversized or unknown.
 pub fn decode(buf: &[u8], max: usize) -> Result<(Kind, &[u8]), DecodeError> {
     if buf.len() > max {
-        return Err(DecodeError::TooLarge {
-            len: buf.len(),
-            max,
-        });
+        return Err(DecodeError::TooLarge { len: buf.len(), max });
     }
     let [magic, version, kind, body @ ..] = buf else {
         return Err(DecodeError::Truncated);
@@ -119,9 +116,6 @@ mod tests {
             decode(&[MAGIC, WIRE_VERSION, 99], 100),
             Err(DecodeError::UnknownKind(99))
         );
-        assert_eq!(
-            decode(&[0; 10], 5),
-            Err(DecodeError::TooLarge { len: 10, max: 5 })
-        );
+        assert_eq!(decode(&[0; 10], 5), Err(DecodeError::TooLarge { len: 10, max: 5 }));
     }
 }

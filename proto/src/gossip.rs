@@ -16,30 +16,23 @@ use crate::{DecodeError, NodeIdentity};
 pub struct GossipCodec;
 
 impl GossipCodec {
-    fn decode_item<T: serde::de::DeserializeOwned>(
-        what: &'static str,
-        mut buf: impl Buf,
-    ) -> Result<T, DecodeError> {
-        let (item, used) = bincode::serde::decode_from_slice(buf.chunk(), crate::bincode_config())
-            .map_err(|e| DecodeError::Malformed {
-                what,
-                detail: e.to_string(),
-            })?;
-        buf.advance(used);
-        Ok(item)
-    }
-
-    fn encode_item(
-        what: &'static str,
-        item: &impl Serialize,
-        mut buf: impl BufMut,
-    ) -> Result<(), DecodeError> {
-        let bytes = bincode::serde::encode_to_vec(item, crate::bincode_config()).map_err(|e| {
+    fn decode_item<T: serde::de::DeserializeOwned>(what: &'static str, mut buf: impl Buf) -> Result<T, DecodeError> {
+        let (item, used) = bincode::serde::decode_from_slice(buf.chunk(), crate::bincode_config()).map_err(|e| {
             DecodeError::Malformed {
                 what,
                 detail: e.to_string(),
             }
         })?;
+        buf.advance(used);
+        Ok(item)
+    }
+
+    fn encode_item(what: &'static str, item: &impl Serialize, mut buf: impl BufMut) -> Result<(), DecodeError> {
+        let bytes =
+            bincode::serde::encode_to_vec(item, crate::bincode_config()).map_err(|e| DecodeError::Malformed {
+                what,
+                detail: e.to_string(),
+            })?;
         // foca requires a clean buffer when an item does not fit.
         if buf.remaining_mut() < bytes.len() {
             return Err(DecodeError::TooLarge {
@@ -55,11 +48,7 @@ impl GossipCodec {
 impl foca::Codec<NodeIdentity> for GossipCodec {
     type Error = DecodeError;
 
-    fn encode_header(
-        &mut self,
-        header: &Header<NodeIdentity>,
-        buf: impl BufMut,
-    ) -> Result<(), DecodeError> {
+    fn encode_header(&mut self, header: &Header<NodeIdentity>, buf: impl BufMut) -> Result<(), DecodeError> {
         Self::encode_item("gossip header", header, buf)
     }
 
@@ -67,11 +56,7 @@ impl foca::Codec<NodeIdentity> for GossipCodec {
         Self::decode_item("gossip header", buf)
     }
 
-    fn encode_member(
-        &mut self,
-        member: &Member<NodeIdentity>,
-        buf: impl BufMut,
-    ) -> Result<(), DecodeError> {
+    fn encode_member(&mut self, member: &Member<NodeIdentity>, buf: impl BufMut) -> Result<(), DecodeError> {
         Self::encode_item("gossip member", member, buf)
     }
 
@@ -100,9 +85,7 @@ pub struct LeaveNotice {
 impl LeaveNotice {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![ITEM_LEAVE];
-        out.extend(
-            bincode::serde::encode_to_vec(self, crate::bincode_config()).expect("Vec writer"),
-        );
+        out.extend(bincode::serde::encode_to_vec(self, crate::bincode_config()).expect("Vec writer"));
         out
     }
 
@@ -173,10 +156,7 @@ mod tests {
             name: "a".into(),
         };
         assert_eq!(LeaveNotice::decode(&n.encode()), Ok(n));
-        assert_eq!(
-            LeaveNotice::decode(&[200, 1]),
-            Err(DecodeError::UnknownKind(200))
-        );
+        assert_eq!(LeaveNotice::decode(&[200, 1]), Err(DecodeError::UnknownKind(200)));
     }
 
     /// A tiny deterministic byte source so this crate needs no rand dependency.

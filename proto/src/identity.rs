@@ -72,23 +72,19 @@ impl NodeIdentity {
             })
         };
         if self.name.len() > MAX_NAME_LEN {
-            return bad(format!(
-                "name is {} bytes, at most {MAX_NAME_LEN}",
-                self.name.len()
-            ));
+            return bad(format!("name is {} bytes, at most {MAX_NAME_LEN}", self.name.len()));
         }
         if self.meta.version.len() > MAX_VERSION_LEN {
             return bad(format!("version is longer than {MAX_VERSION_LEN} bytes"));
         }
         if self.meta.labels.len() > MAX_LABELS {
-            return bad(format!(
-                "{} labels, at most {MAX_LABELS}",
-                self.meta.labels.len()
-            ));
+            return bad(format!("{} labels, at most {MAX_LABELS}", self.meta.labels.len()));
         }
         for (k, v) in &self.meta.labels {
             if k.is_empty() || k.len() > MAX_LABEL_KEY_LEN || v.len() > MAX_LABEL_VALUE_LEN {
-                return bad(format!("label {k:?} exceeds {MAX_LABEL_KEY_LEN}/{MAX_LABEL_VALUE_LEN} bytes or is empty"));
+                return bad(format!(
+                    "label {k:?} exceeds {MAX_LABEL_KEY_LEN}/{MAX_LABEL_VALUE_LEN} bytes or is empty"
+                ));
             }
         }
         Ok(())
@@ -102,12 +98,7 @@ impl NodeIdentity {
             name: self.name.clone(),
             api_addr: self.meta.api_addr,
             version: self.meta.version.clone(),
-            labels: self
-                .meta
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            labels: self.meta.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         };
         bincode::serde::encode_to_vec(&v1, crate::bincode_config()).expect("Vec writer cannot fail")
     }
@@ -120,12 +111,10 @@ impl NodeIdentity {
                 max: MAX_IDENTITY_BYTES,
             });
         }
-        let (v1, _tail): (IdentityV1, usize) =
-            bincode::serde::decode_from_slice(blob, crate::bincode_config()).map_err(|e| {
-                DecodeError::Malformed {
-                    what: "identity",
-                    detail: e.to_string(),
-                }
+        let (v1, _tail): (IdentityV1, usize) = bincode::serde::decode_from_slice(blob, crate::bincode_config())
+            .map_err(|e| DecodeError::Malformed {
+                what: "identity",
+                detail: e.to_string(),
             })?;
         let id = NodeIdentity {
             addr: v1.addr,
@@ -243,9 +232,7 @@ pub(crate) mod tests {
         let mut id = sample(&"x".repeat(MAX_NAME_LEN + 1), 1);
         assert!(NodeIdentity::from_blob(&id.to_blob()).is_err());
         id.name = "ok".into();
-        id.meta.labels = (0..=MAX_LABELS)
-            .map(|i| (format!("k{i}"), "v".into()))
-            .collect();
+        id.meta.labels = (0..=MAX_LABELS).map(|i| (format!("k{i}"), "v".into())).collect();
         assert!(NodeIdentity::from_blob(&id.to_blob()).is_err());
     }
 }

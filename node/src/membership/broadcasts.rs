@@ -34,11 +34,7 @@ impl BroadcastHandler<NodeIdentity> for ClusterBroadcasts {
     type Key = ItemKey;
     type Error = DecodeError;
 
-    fn receive_item(
-        &mut self,
-        data: &[u8],
-        _sender: Option<&NodeIdentity>,
-    ) -> Result<Option<ItemKey>, DecodeError> {
+    fn receive_item(&mut self, data: &[u8], _sender: Option<&NodeIdentity>) -> Result<Option<ItemKey>, DecodeError> {
         let notice = LeaveNotice::decode(data)?;
         let mut left = self.left.lock().expect("left set poisoned");
         if left.len() >= MAX_REMEMBERED_LEAVES {

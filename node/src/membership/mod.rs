@@ -36,6 +36,8 @@ pub struct Transmit {
 pub enum MemberEvent {
     Up(NodeIdentity),
     Down(NodeIdentity),
+    /// Down after announcing a graceful leave.
+    Left(NodeIdentity),
     Renamed {
         old: NodeIdentity,
         new: NodeIdentity,
@@ -139,7 +141,10 @@ impl Membership {
         );
         Membership {
             swim,
-            io: Io::default(),
+            io: Io {
+                left: left.clone(),
+                ..Io::default()
+            },
             seeds: SeedRetry {
                 seeds: Vec::new(),
                 attempt: 0,
@@ -179,12 +184,7 @@ impl Membership {
 
     /// Feeds one gossip body (the envelope already removed). `cert_name` is the sender's
     /// name from its certificate; the claimed source must match it.
-    pub fn handle_gossip(
-        &mut self,
-        now: Instant,
-        cert_name: Option<&str>,
-        body: &[u8],
-    ) -> Result<(), PacketError> {
+    pub fn handle_gossip(&mut self, now: Instant, cert_name: Option<&str>, body: &[u8]) -> Result<(), PacketError> {
         self.io.stats.msgs_in += 1;
         self.io.stats.bytes_in += (body.len() + envelope::HEADER_LEN) as u64;
         if let Some(cert) = cert_name {
@@ -200,10 +200,7 @@ impl Membership {
                 });
             }
         }
-        let mut fx = Effects {
-            now,
-            io: &mut self.io,
-        };
+        let mut fx = Effects { now, io: &mut self.io };
         let res = self.swim.handle_data(body, &mut fx);
         if let Err(e) = res {
             self.io.stats.malformed_in += 1;
@@ -213,12 +210,7 @@ impl Membership {
     }
 
     /// Decodes a full Trellis message and feeds it if it is gossip.
-    pub fn handle_datagram(
-        &mut self,
-        now: Instant,
-        cert_name: Option<&str>,
-        data: &[u8],
-    ) -> Result<(), PacketError> {
+    pub fn handle_datagram(&mut self, now: Instant, cert_name: Option<&str>, data: &[u8]) -> Result<(), PacketError> {
         match envelope::decode(data, limits::MAX_STREAM_MESSAGE) {
             Ok((Kind::Gossip, body)) => self.handle_gossip(now, cert_name, body),
             Err(e) => {
@@ -230,11 +222,7 @@ impl Membership {
 
     /// The next time [`Membership::handle_timeout`] has work to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let seed = if self.is_joined() {
-            None
-        } else {
-            self.seeds.next_at
-        };
+        let seed = if self.is_joined() { None } else { self.seeds.next_at };
         match (self.io.timers.next_deadline(), seed) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -245,10 +233,7 @@ impl Membership {
     pub fn handle_timeout(&mut self, now: Instant) {
         while let Some(timer) = self.io.timers.pop_due(now) {
             self.note_refutation(&timer);
-            let mut fx = Effects {
-                now,
-                io: &mut self.io,
-            };
+            let mut fx = Effects { now, io: &mut self.io };
             if let Err(e) = self.swim.handle_timer(timer, &mut fx) {
                 tracing::debug!(error = %e, "foca timer");
             }
@@ -271,10 +256,7 @@ impl Membership {
         if let Err(e) = self.swim.add_broadcast(&notice.encode()) {
             tracing::warn!(error = %e, "could not queue leave notice");
         }
-        let mut fx = Effects {
-            now,
-            io: &mut self.io,
-        };
+        let mut fx = Effects { now, io: &mut self.io };
         if let Err(e) = self.swim.leave_cluster(&mut fx) {
             tracing::warn!(error = %e, "leave");
         }
@@ -318,10 +300,7 @@ impl Membership {
             return;
         }
         for seed in self.seeds.seeds.clone() {
-            let mut fx = Effects {
-                now,
-                io: &mut self.io,
-            };
+            let mut fx = Effects { now, io: &mut self.io };
             if let Err(e) = self.swim.announce(NodeIdentity::seed(seed), &mut fx) {
                 tracing::debug!(error = %e, %seed, "announce");
             }
@@ -338,16 +317,13 @@ impl Membership {
     /// as refuted; foca itself would silently drop it.
     fn note_refutation(&mut self, timer: &Timer<NodeIdentity>) {
         if let Timer::ChangeSuspectToDown {
-            member_id,
-            incarnation,
-            ..
+            member_id, incarnation, ..
         } = timer
         {
-            let still_suspect = self.swim.iter_membership_state().any(|m| {
-                m.id() == member_id
-                    && m.incarnation() == *incarnation
-                    && m.state() == State::Suspect
-            });
+            let still_suspect = self
+                .swim
+                .iter_membership_state()
+                .any(|m| m.id() == member_id && m.incarnation() == *incarnation && m.state() == State::Suspect);
             if !still_suspect {
                 self.io.stats.suspicions_refuted += 1;
             }
@@ -378,6 +354,7 @@ struct Io {
     stats: Stats,
     /// Our own SWIM incarnation, as last seen in a packet we sent (foca keeps it private).
     incarnation: u16,
+    left: LeftSet,
 }
 
 /// foca's runtime for one call.
@@ -390,7 +367,19 @@ impl Runtime<NodeIdentity> for Effects<'_> {
     fn notify(&mut self, n: Notification<'_, NodeIdentity>) {
         let ev = match n.to_owned() {
             OwnedNotification::MemberUp(id) => MemberEvent::Up(id),
-            OwnedNotification::MemberDown(id) => MemberEvent::Down(id),
+            OwnedNotification::MemberDown(id) => {
+                if self
+                    .io
+                    .left
+                    .lock()
+                    .expect("left set poisoned")
+                    .contains(&(id.addr, id.generation))
+                {
+                    MemberEvent::Left(id)
+                } else {
+                    MemberEvent::Down(id)
+                }
+            }
             OwnedNotification::Rename(old, new) => MemberEvent::Renamed { old, new },
             OwnedNotification::Active => MemberEvent::Joined,
             OwnedNotification::Idle => MemberEvent::Isolated,
@@ -417,10 +406,7 @@ impl Runtime<NodeIdentity> for Effects<'_> {
         envelope::encode(Kind::Gossip, data, &mut msg);
         self.io.stats.msgs_out += 1;
         self.io.stats.bytes_out += msg.len() as u64;
-        self.io.out.push_back(Transmit {
-            to: to.addr,
-            data: msg,
-        });
+        self.io.out.push_back(Transmit { to: to.addr, data: msg });
     }
 
     fn submit_after(&mut self, event: Timer<NodeIdentity>, after: Duration) {

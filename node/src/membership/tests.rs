@@ -24,12 +24,7 @@ impl Net {
     fn new(n: u8) -> Net {
         let timing = Profile::Fast.timing();
         let nodes = (2..2 + n)
-            .map(|i| {
-                (
-                    id(i).addr,
-                    Membership::new(id(i), &timing, n as u32, i as u64),
-                )
-            })
+            .map(|i| (id(i).addr, Membership::new(id(i), &timing, n as u32, i as u64)))
             .collect();
         Net {
             nodes,
@@ -89,11 +84,7 @@ fn nodes_joined_through_one_seed_see_each_other_alive() {
     net.run(40, Duration::from_millis(50));
     for v in 2..6 {
         for s in 2..6 {
-            assert_eq!(
-                net.state_of(v, s),
-                Some(MemberState::Alive),
-                "n{v} about n{s}"
-            );
+            assert_eq!(net.state_of(v, s), Some(MemberState::Alive), "n{v} about n{s}");
         }
     }
 }
@@ -112,16 +103,8 @@ fn crashed_node_is_declared_down_and_graceful_leave_is_left() {
     net.nodes.get_mut(&id(4).addr).unwrap().leave(now);
     net.run(100, Duration::from_millis(50));
     for v in [2, 3] {
-        assert_eq!(
-            net.state_of(v, 5),
-            Some(MemberState::Down),
-            "n{v} about crashed n5"
-        );
-        assert_eq!(
-            net.state_of(v, 4),
-            Some(MemberState::Left),
-            "n{v} about departed n4"
-        );
+        assert_eq!(net.state_of(v, 5), Some(MemberState::Down), "n{v} about crashed n5");
+        assert_eq!(net.state_of(v, 4), Some(MemberState::Left), "n{v} about departed n4");
     }
     let stats = net.nodes[&id(2).addr].stats();
     assert!(
@@ -152,12 +135,7 @@ fn gossip_claiming_another_name_than_the_certificate_is_refused() {
     let now = net.now;
     let a = id(2).addr;
     net.nodes.get_mut(&id(3).addr).unwrap().join(now, &[a]);
-    let t = net
-        .nodes
-        .get_mut(&id(3).addr)
-        .unwrap()
-        .poll_transmit()
-        .unwrap();
+    let t = net.nodes.get_mut(&id(3).addr).unwrap().poll_transmit().unwrap();
     let err = net
         .nodes
         .get_mut(&a)

@@ -95,9 +95,7 @@ impl Timing {
             return Err("timing.suspect_to_down_after must be at least one probe_period".into());
         }
         if self.gossip_fanout == 0 || self.gossip_interval.is_zero() {
-            return Err(
-                "timing.gossip_fanout and timing.gossip_interval must be above zero".into(),
-            );
+            return Err("timing.gossip_fanout and timing.gossip_interval must be above zero".into());
         }
         Ok(())
     }

@@ -41,8 +41,7 @@ fn handshake(
     client: rustls::ClientConfig,
     server: rustls::ServerConfig,
 ) -> Result<Option<PeerIdentity>, rustls::Error> {
-    let mut c =
-        rustls::ClientConnection::new(Arc::new(client), ServerName::try_from("trellis").unwrap())?;
+    let mut c = rustls::ClientConnection::new(Arc::new(client), ServerName::try_from("trellis").unwrap())?;
     let mut s = rustls::ServerConnection::new(Arc::new(server))?;
     for _ in 0..20 {
         let mut buf = Vec::new();
@@ -62,18 +61,13 @@ fn handshake(
             c.process_new_packets()?;
         }
         if !c.is_handshaking() && !s.is_handshaking() {
-            return Ok(s
-                .peer_certificates()
-                .map(|certs| peer_identity(&certs[0]).unwrap()));
+            return Ok(s.peer_certificates().map(|certs| peer_identity(&certs[0]).unwrap()));
         }
     }
     panic!("handshake did not finish");
 }
 
-fn configs(
-    client_dir: &Path,
-    server_dir: &Path,
-) -> (rustls::ClientConfig, rustls::ServerConfig, Seen, Seen) {
+fn configs(client_dir: &Path, server_dir: &Path) -> (rustls::ClientConfig, rustls::ServerConfig, Seen, Seen) {
     let (cs, cseen) = sink();
     let (ss, sseen) = sink();
     let client = client_config(&load_tls_dir_unchecked(client_dir).unwrap(), cs).unwrap();
@@ -183,11 +177,7 @@ fn client_without_certificate_is_refused() {
     client.alpn_protocols = vec![ALPN.to_vec()];
     let (ss, _) = sink();
     let err = handshake(client, server_config(&m, ss).unwrap()).unwrap_err();
-    assert_eq!(
-        RefusalReason::from_tls(&err),
-        RefusalReason::NoCertificate,
-        "{err}"
-    );
+    assert_eq!(RefusalReason::from_tls(&err), RefusalReason::NoCertificate, "{err}");
 }
 
 #[test]
@@ -224,19 +214,13 @@ fn show_cert_prints_identity_and_expiry_and_refuses_keys() {
     );
     assert!((0..=1).contains(&s.expires_in_days));
     let err = show_cert(&tls.join("node.key")).unwrap_err().to_string();
-    assert!(
-        err.contains("private key") && !err.contains("BEGIN"),
-        "{err}"
-    );
+    assert!(err.contains("private key") && !err.contains("BEGIN"), "{err}");
 }
 
 #[test]
 fn load_tls_dir_names_missing_file_and_fix() {
     let err = load_tls_dir(&tmp("missing")).unwrap_err().to_string();
-    assert!(
-        err.contains("ca.pem") && err.contains("trellis cert issue"),
-        "{err}"
-    );
+    assert!(err.contains("ca.pem") && err.contains("trellis cert issue"), "{err}");
 }
 
 #[test]

@@ -1,0 +1,5 @@
+//! Trellis chaos harness: real agent clusters on loopback, and a deterministic simulator.
+#![forbid(unsafe_code)]
+
+pub mod cluster;
+pub mod http;

@@ -1,0 +1,313 @@
+//! Real agents (separate processes) on loopback, real QUIC and mTLS, real foca.
+
+use std::time::{Duration, Instant};
+
+use trellis_chaos::cluster::{Cluster, ClusterSpec};
+use trellis_tests::{metric, raw_peer};
+
+fn spec(nodes: usize) -> ClusterSpec {
+    ClusterSpec {
+        nodes,
+        ..ClusterSpec::default()
+    }
+}
+
+fn names(c: &Cluster, idx: &[usize]) -> Vec<String> {
+    idx.iter().map(|&i| c.node(i).name.clone()).collect()
+}
+
+fn expect_all(c: &Cluster, idx: &[usize], state: &'static str) -> Vec<(String, &'static str)> {
+    names(c, idx).into_iter().map(|n| (n, state)).collect()
+}
+
+#[test]
+fn five_agents_joined_through_one_seed_list_each_other_alive() {
+    let c = Cluster::start(spec(5)).unwrap();
+    let all: Vec<usize> = (0..5).collect();
+    let took = c
+        .wait_all_see(&all, &expect_all(&c, &all, "alive"), Duration::from_secs(15))
+        .unwrap();
+    println!("5 agents converged in {took:?}");
+
+    // The CLI shows the same table.
+    let out = std::process::Command::new(trellis_chaos::cluster::trellis_bin())
+        .args(["members", "--http-addr", &c.node(3).api_addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    for n in names(&c, &all) {
+        assert!(
+            table.lines().any(|l| l.starts_with(&n) && l.contains("alive")),
+            "{n} missing in:\n{table}"
+        );
+    }
+    // Metrics reflect the membership and the mTLS links.
+    let m = c.node(0).api().get_text("/metrics").unwrap();
+    assert_eq!(metric(&m, "trellis_members{state=\"alive\"}"), Some(4.0), "{m}");
+    assert!(metric(&m, "trellis_quic_connections").unwrap() >= 1.0);
+    let probes = c
+        .wait_until(Duration::from_secs(5), "first probes", || {
+            let m = c.node(0).api().get_text("/metrics").ok()?;
+            metric(&m, "trellis_probes_total").filter(|p| *p >= 1.0)
+        })
+        .unwrap();
+    assert!(probes >= 1.0);
+}
+
+#[test]
+fn killed_agent_is_declared_down_by_all_and_alive_again_after_restart() {
+    let mut c = Cluster::start(spec(4)).unwrap();
+    let all: Vec<usize> = (0..4).collect();
+    c.wait_all_see(&all, &expect_all(&c, &all, "alive"), Duration::from_secs(15))
+        .unwrap();
+    let before = generation_seen_by(&c, 0, 3);
+
+    c.kill(3);
+    let victim = vec![(c.node(3).name.clone(), "down")];
+    // fast profile: probe 250 ms, suspicion 750 ms; the bound we promise is 5 s.
+    let took = c.wait_all_see(&[0, 1, 2], &victim, Duration::from_secs(5)).unwrap();
+    println!("kill -9 detected by all in {took:?}");
+
+    c.restart(3).unwrap();
+    let took = c
+        .wait_all_see(&all, &expect_all(&c, &all, "alive"), Duration::from_secs(10))
+        .unwrap();
+    println!("restarted agent alive everywhere in {took:?}");
+    let after = generation_seen_by(&c, 0, 3);
+    assert!(
+        after > before,
+        "restarted agent must come back under a new incarnation ({before} -> {after})"
+    );
+}
+
+fn generation_seen_by(c: &Cluster, viewer: usize, subject: usize) -> u64 {
+    let name = &c.node(subject).name;
+    c.node(viewer)
+        .api()
+        .members()
+        .unwrap()
+        .iter()
+        .filter(|m| m["name"] == name.as_str() && m["state"] == "alive")
+        .map(|m| m["incarnation"].as_u64().unwrap())
+        .max()
+        .unwrap()
+}
+
+#[test]
+fn graceful_leave_is_seen_as_left() {
+    let mut c = Cluster::start(spec(3)).unwrap();
+    let all: Vec<usize> = (0..3).collect();
+    c.wait_all_see(&all, &expect_all(&c, &all, "alive"), Duration::from_secs(15))
+        .unwrap();
+    let (status, _) = c
+        .node(2)
+        .api()
+        .post_json("/v1/agent/leave", &serde_json::json!({}))
+        .unwrap();
+    assert_eq!(status, 200);
+    c.wait_all_see(&[0, 1], &[(c.node(2).name.clone(), "left")], Duration::from_secs(5))
+        .unwrap();
+    c.wait_until(Duration::from_secs(10), "leaving agent exits", || {
+        (!c.node(2).is_running()).then_some(())
+    })
+    .unwrap();
+    c.stop(1);
+    c.wait_all_see(&[0], &[(c.node(1).name.clone(), "left")], Duration::from_secs(5))
+        .unwrap();
+}
+
+#[test]
+fn agent_with_a_certificate_from_another_ca_cannot_join() {
+    let mut c = Cluster::start(spec(2)).unwrap();
+    c.wait_all_see(&[0, 1], &expect_all(&c, &[0, 1], "alive"), Duration::from_secs(15))
+        .unwrap();
+    let rogue_ca = c.new_ca_dir();
+    let rogue_tls = rogue_ca.parent().unwrap().join("rogue-tls");
+    trellis_node::pki::issue_cert(&rogue_ca, "rogue", &rogue_tls, Duration::from_secs(3600)).unwrap();
+    let seed = c.node(0).peer_addr;
+    let rogue = c.add_node_with_tls("rogue", rogue_tls, &[seed]).unwrap();
+
+    // Give it several join attempts.
+    std::thread::sleep(Duration::from_secs(4));
+    for i in [0, 1] {
+        let members = c.node(i).api().members().unwrap();
+        assert!(
+            members.iter().all(|m| m["name"] != "rogue"),
+            "node {i} lists the rogue: {members:?}"
+        );
+    }
+    let rogue_members = c.node(rogue).api().members().unwrap();
+    assert_eq!(rogue_members.len(), 1, "the rogue sees only itself: {rogue_members:?}");
+    // The rogue refuses the cluster's server certificate (TLS 1.3: the client checks first);
+    // the seed sees the aborted handshakes.
+    let rm = c.node(rogue).api().get_text("/metrics").unwrap();
+    assert!(
+        metric(&rm, "trellis_handshakes_refused_total{reason=\"unknown_ca\"}").unwrap() >= 1.0,
+        "{rm}"
+    );
+    let sm = c.node(0).api().get_text("/metrics").unwrap();
+    assert!(
+        metric(&sm, "trellis_quic_incoming_failed_total").unwrap() >= 1.0,
+        "{sm}"
+    );
+}
+
+#[test]
+fn peers_with_expired_or_foreign_client_certificates_are_refused_by_reason() {
+    let c = Cluster::start(spec(1)).unwrap();
+    let seed = c.node(0).peer_addr;
+    let dir = c.new_ca_dir().parent().unwrap().to_path_buf();
+    // Expired, but from the cluster CA: the agent refuses it as expired.
+    let expired = dir.join("expired-tls");
+    let now = std::time::SystemTime::now();
+    trellis_node::pki::issue_cert_with_validity(
+        c.ca_dir(),
+        "old",
+        &expired,
+        (now - Duration::from_secs(90 * 86_400)).into(),
+        (now - Duration::from_secs(86_400)).into(),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let res = rt.block_on(async {
+        let conn = raw_peer(&expired, seed).await?;
+        // TLS 1.3 client auth fails after the client's handshake completes; the refusal
+        // arrives as a close.
+        tokio::time::timeout(Duration::from_secs(3), conn.closed()).await?;
+        anyhow::Ok(())
+    });
+    println!("expired peer: {res:?}");
+    let m = c.node(0).api().get_text("/metrics").unwrap();
+    assert!(
+        metric(&m, "trellis_handshakes_refused_total{reason=\"expired\"}").unwrap() >= 1.0,
+        "{m}"
+    );
+    assert_eq!(c.node(0).api().members().unwrap().len(), 1);
+}
+
+#[test]
+fn random_bytes_from_a_peer_close_its_connection_and_the_agent_keeps_serving() {
+    let c = Cluster::start(spec(2)).unwrap();
+    c.wait_all_see(&[0, 1], &expect_all(&c, &[0, 1], "alive"), Duration::from_secs(15))
+        .unwrap();
+    let target = c.node(0).peer_addr;
+    let tls = c.node(1).tls_dir.clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let closed = rt.block_on(async {
+        let conn = raw_peer(&tls, target).await?;
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for _ in 0..20 {
+            let junk: Vec<u8> = (0..200)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let _ = conn.send_datagram(bytes::Bytes::from(junk));
+        }
+        anyhow::Ok(tokio::time::timeout(Duration::from_secs(5), conn.closed()).await?)
+    });
+    let reason = closed.unwrap();
+    assert!(format!("{reason}").contains("malformed"), "closed with {reason}");
+    let m = c.node(0).api().get_text("/metrics").unwrap();
+    assert!(metric(&m, "trellis_quic_closed_malformed_total").unwrap() >= 1.0);
+    // Still serving, and the honest peer is still a member.
+    assert_eq!(c.node(0).api().get_json("/v1/health").unwrap()["status"], "ok");
+    c.wait_all_see(&[0, 1], &expect_all(&c, &[0, 1], "alive"), Duration::from_secs(5))
+        .unwrap();
+}
+
+#[test]
+fn agent_started_before_its_seed_joins_once_the_seed_comes_up() {
+    let mut c = Cluster::start(spec(1)).unwrap();
+    let seed = c.node(0).peer_addr;
+    c.stop(0);
+    let early = c.add_node("early", &[seed]).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        c.node(early).api().members().unwrap().len(),
+        1,
+        "alone while the seed is down"
+    );
+    let t = Instant::now();
+    c.restart(0).unwrap();
+    c.wait_all_see(
+        &[0, early],
+        &expect_all(&c, &[0, early], "alive"),
+        Duration::from_secs(40),
+    )
+    .unwrap();
+    println!("joined {:?} after the seed came up", t.elapsed());
+}
+
+#[test]
+fn bad_api_input_gets_a_400_naming_the_field() {
+    let c = Cluster::start(spec(1)).unwrap();
+    let api = c.node(0).api();
+    let (s, body) = api
+        .post_json("/v1/agent/join", &serde_json::json!({"addrs": ["x"], "force": true}))
+        .unwrap();
+    assert_eq!(s, 400);
+    assert!(body["field"].is_string() && body["hint"].is_string(), "{body}");
+    let (s, body) = api
+        .post_json("/v1/agent/join", &serde_json::json!({"adrs": []}))
+        .unwrap();
+    assert_eq!((s, body["field"].as_str()), (400, Some("adrs")), "{body}");
+    let (s, body) = api
+        .post_json("/v1/agent/join", &serde_json::json!({"addrs": [7946]}))
+        .unwrap();
+    assert_eq!((s, body["field"].as_str()), (400, Some("addrs[0]")), "{body}");
+    let (s, body) = api.post_raw("/v1/agent/join", "{not json").unwrap();
+    assert_eq!(s, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("key must be a string"),
+        "{body}"
+    );
+    assert_eq!(api.get_json("/v1/health").unwrap()["status"], "ok");
+}
+
+#[test]
+fn bad_cli_flags_and_config_files_are_named() {
+    let bin = trellis_chaos::cluster::trellis_bin();
+    let out = std::process::Command::new(&bin)
+        .args(["agent", "--nmae", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unexpected argument '--nmae'"));
+
+    let dir = std::env::temp_dir().join(format!("trellis-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("agent.toml");
+    std::fs::write(
+        &file,
+        "name = \"n1\"\nbind = \"127.0.0.1:7946\"\nexpected_size = \"big\"\n",
+    )
+    .unwrap();
+    for args in [
+        vec!["validate", file.to_str().unwrap()],
+        vec!["agent", "--config", file.to_str().unwrap()],
+    ] {
+        let out = std::process::Command::new(&bin).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("agent.toml: line 3") && err.contains("expected_size"),
+            "{args:?}: {err}"
+        );
+    }
+    std::fs::write(
+        &file,
+        "name = \"n1\"\n[timing]\nprobe_period = \"1s\"\nprobe_rtt = \"3s\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(&bin)
+        .args(["validate", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timing.probe_rtt"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
