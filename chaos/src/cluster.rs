@@ -29,13 +29,7 @@ pub struct ClusterSpec {
 
 impl Default for ClusterSpec {
     fn default() -> Self {
-        ClusterSpec {
-            nodes: 3,
-            profile: "fast".into(),
-            labels: vec![],
-            seed_index: 0,
-            extra_args: vec![],
-        }
+        ClusterSpec { nodes: 3, profile: "fast".into(), labels: vec![], seed_index: 0, extra_args: vec![] }
     }
 }
 
@@ -87,13 +81,8 @@ pub fn trellis_bin() -> PathBuf {
         if let Ok(p) = std::env::var("TRELLIS_BIN") {
             return PathBuf::from(p);
         }
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace root")
-            .to_path_buf();
-        let target = std::env::var("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| workspace.join("target"));
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+        let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace.join("target"));
         let bin = target.join("debug").join("trellis");
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args(["build", "-q", "-p", "trellis-node", "--bin", "trellis"])
@@ -118,12 +107,7 @@ fn next_subnet() -> (u8, u8) {
 
 fn run_cli(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new(trellis_bin()).args(args).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "trellis {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    anyhow::ensure!(out.status.success(), "trellis {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
 
@@ -162,10 +146,7 @@ impl Cluster {
     }
 
     fn addr(&self, i: usize, port: u16) -> SocketAddr {
-        SocketAddr::new(
-            IpAddr::V4(Ipv4Addr::new(127, self.subnet.0, self.subnet.1, i as u8 + 2)),
-            port,
-        )
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, self.subnet.0, self.subnet.1, i as u8 + 2)), port)
     }
 
     pub fn ca_dir(&self) -> &Path {
@@ -179,10 +160,7 @@ impl Cluster {
     /// A fresh, unrelated CA (for rogue peers).
     pub fn new_ca_dir(&self) -> PathBuf {
         static N: AtomicU32 = AtomicU32::new(0);
-        let dir = self
-            .root
-            .join(format!("other-ca-{}", N.fetch_add(1, Ordering::Relaxed)))
-            .join("ca");
+        let dir = self.root.join(format!("other-ca-{}", N.fetch_add(1, Ordering::Relaxed))).join("ca");
         run_cli(&["ca", "init", "--dir", dir.to_str().unwrap()]).expect("second CA");
         dir
     }
@@ -259,10 +237,7 @@ impl Cluster {
 
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
         let n = &self.nodes[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&n.log_path)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log_path)?;
         let mut cmd = Command::new(trellis_bin());
         cmd.args(["agent", "--name", &n.name, "--profile", &self.profile])
             .args(["--bind", &n.peer_addr.to_string(), "--api", &n.api_addr.to_string()])
@@ -290,11 +265,10 @@ impl Cluster {
 
     fn wait_healthy(&self, i: usize) -> anyhow::Result<()> {
         let api = self.nodes[i].api();
-        let res = self.wait_until(
-            Duration::from_secs(20),
-            &format!("{} to answer /v1/health", self.nodes[i].name),
-            || api.get_json("/v1/health").ok(),
-        );
+        let res =
+            self.wait_until(Duration::from_secs(20), &format!("{} to answer /v1/health", self.nodes[i].name), || {
+                api.get_json("/v1/health").ok()
+            });
         res.map(|_| ())
             .map_err(|e| anyhow::anyhow!("{e}\n--- log of {} ---\n{}", self.nodes[i].name, self.log_tail(i, 30)))
     }

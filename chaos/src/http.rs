@@ -18,10 +18,7 @@ impl Api {
             .http_status_as_error(false)
             .build()
             .into();
-        Api {
-            base: format!("http://{addr}"),
-            agent,
-        }
+        Api { base: format!("http://{addr}"), agent }
     }
 
     fn url(&self, path: &str) -> String {
@@ -53,18 +50,12 @@ impl Api {
     }
 
     pub fn post_raw(&self, path: &str, body: &str) -> anyhow::Result<(u16, Value)> {
-        let req = self
-            .agent
-            .post(&self.url(path))
-            .header("content-type", "application/json");
+        let req = self.agent.post(&self.url(path)).header("content-type", "application/json");
         Self::finish(req.send(body))
     }
 
     pub fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-        let req = self
-            .agent
-            .put(&self.url(path))
-            .header("content-type", "application/json");
+        let req = self.agent.put(&self.url(path)).header("content-type", "application/json");
         Self::finish(req.send(body.to_string()))
     }
 

@@ -79,19 +79,12 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         );
     }
     let (transport, inbound) = Transport::bind(cfg.bind, tls, cfg.faults)?;
-    let generation = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(1);
+    let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1);
     let identity = NodeIdentity {
         addr: cfg.advertise,
         generation,
         name: cfg.name.clone(),
-        meta: NodeMeta {
-            api_addr: Some(cfg.api),
-            version: VERSION.into(),
-            labels: cfg.labels.clone(),
-        },
+        meta: NodeMeta { api_addr: Some(cfg.api), version: VERSION.into(), labels: cfg.labels.clone() },
     };
     identity.validate().map_err(|e| anyhow::anyhow!("labels: {e}"))?;
     let mut core = Membership::new(identity.clone(), &cfg.timing, cfg.expected_size, generation);
@@ -118,9 +111,7 @@ async fn run(
     mut commands: mpsc::Receiver<Command>,
 ) {
     loop {
-        let wake = core
-            .poll_timeout()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        let wake = core.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         tokio::select! {
             msg = inbound.recv() => {
                 let Some(msg) = msg else { break };

@@ -171,86 +171,31 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
     let t = &a.transport.stats;
     let mut e = Exposition::default();
     let count = |s: MemberState| members.iter().skip(1).filter(|m| m.state == s).count() as u64;
-    let states = [
-        MemberState::Alive,
-        MemberState::Suspect,
-        MemberState::Down,
-        MemberState::Left,
-    ];
+    let states = [MemberState::Alive, MemberState::Suspect, MemberState::Down, MemberState::Left];
     let by_state: Vec<(&str, u64)> = states.iter().map(|s| (s.as_str(), count(*s))).collect();
-    e.labelled(
-        "gauge",
-        "trellis_members",
-        "Other members by state in this node's view.",
-        "state",
-        &by_state,
-    );
-    e.counter(
-        "trellis_gossip_messages_out_total",
-        "Gossip messages sent.",
-        stats.msgs_out,
-    );
-    e.counter(
-        "trellis_gossip_bytes_out_total",
-        "Gossip bytes sent (envelope included).",
-        stats.bytes_out,
-    );
-    e.counter(
-        "trellis_gossip_messages_in_total",
-        "Gossip messages received.",
-        stats.msgs_in,
-    );
-    e.counter(
-        "trellis_gossip_bytes_in_total",
-        "Gossip bytes received.",
-        stats.bytes_in,
-    );
+    e.labelled("gauge", "trellis_members", "Other members by state in this node's view.", "state", &by_state);
+    e.counter("trellis_gossip_messages_out_total", "Gossip messages sent.", stats.msgs_out);
+    e.counter("trellis_gossip_bytes_out_total", "Gossip bytes sent (envelope included).", stats.bytes_out);
+    e.counter("trellis_gossip_messages_in_total", "Gossip messages received.", stats.msgs_in);
+    e.counter("trellis_gossip_bytes_in_total", "Gossip bytes received.", stats.bytes_in);
     e.counter("trellis_probes_total", "Direct probes sent.", stats.probes_sent);
-    e.counter(
-        "trellis_probes_failed_total",
-        "Probes with no ack, direct or indirect.",
-        stats.probes_failed,
-    );
-    e.counter(
-        "trellis_suspicions_raised_total",
-        "Members that became suspect in this view.",
-        stats.suspicions_raised,
-    );
-    e.counter(
-        "trellis_suspicions_refuted_total",
-        "Suspicions refuted before the deadline.",
-        stats.suspicions_refuted,
-    );
-    e.counter(
-        "trellis_gossip_malformed_total",
-        "Gossip messages refused as malformed.",
-        stats.malformed_in,
-    );
+    e.counter("trellis_probes_failed_total", "Probes with no ack, direct or indirect.", stats.probes_failed);
+    e.counter("trellis_suspicions_raised_total", "Members that became suspect in this view.", stats.suspicions_raised);
+    e.counter("trellis_suspicions_refuted_total", "Suspicions refuted before the deadline.", stats.suspicions_refuted);
+    e.counter("trellis_gossip_malformed_total", "Gossip messages refused as malformed.", stats.malformed_in);
     e.counter(
         "trellis_gossip_identity_mismatch_total",
         "Gossip whose claimed sender differs from its certificate.",
         stats.identity_mismatches,
     );
-    e.gauge(
-        "trellis_quic_connections",
-        "Open peer connections.",
-        a.transport.connections() as f64,
-    );
-    e.counter(
-        "trellis_quic_dials_total",
-        "Outgoing peer connection attempts.",
-        t.dials.load(Relaxed),
-    );
+    e.gauge("trellis_quic_connections", "Open peer connections.", a.transport.connections() as f64);
+    e.counter("trellis_quic_dials_total", "Outgoing peer connection attempts.", t.dials.load(Relaxed));
     e.counter(
         "trellis_quic_dial_failures_total",
         "Outgoing peer connections that failed.",
         t.dial_failures.load(Relaxed),
     );
-    e.counter(
-        "trellis_quic_accepted_total",
-        "Incoming peer connections accepted.",
-        t.accepted.load(Relaxed),
-    );
+    e.counter("trellis_quic_accepted_total", "Incoming peer connections accepted.", t.accepted.load(Relaxed));
     e.counter(
         "trellis_quic_incoming_failed_total",
         "Incoming peer handshakes that failed.",
@@ -261,31 +206,11 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         "Connections closed for malformed input.",
         t.closed_malformed.load(Relaxed),
     );
-    e.counter(
-        "trellis_quic_datagrams_out_total",
-        "QUIC datagrams sent.",
-        t.datagrams_out.load(Relaxed),
-    );
-    e.counter(
-        "trellis_quic_datagrams_in_total",
-        "QUIC datagrams received.",
-        t.datagrams_in.load(Relaxed),
-    );
-    e.counter(
-        "trellis_quic_bytes_out_total",
-        "Payload bytes sent to peers.",
-        t.bytes_out.load(Relaxed),
-    );
-    e.counter(
-        "trellis_quic_bytes_in_total",
-        "Payload bytes received from peers.",
-        t.bytes_in.load(Relaxed),
-    );
-    e.counter(
-        "trellis_quic_dropped_out_total",
-        "Messages dropped before sending.",
-        t.dropped_out.load(Relaxed),
-    );
+    e.counter("trellis_quic_datagrams_out_total", "QUIC datagrams sent.", t.datagrams_out.load(Relaxed));
+    e.counter("trellis_quic_datagrams_in_total", "QUIC datagrams received.", t.datagrams_in.load(Relaxed));
+    e.counter("trellis_quic_bytes_out_total", "Payload bytes sent to peers.", t.bytes_out.load(Relaxed));
+    e.counter("trellis_quic_bytes_in_total", "Payload bytes received from peers.", t.bytes_in.load(Relaxed));
+    e.counter("trellis_quic_dropped_out_total", "Messages dropped before sending.", t.dropped_out.load(Relaxed));
     let refused = t.refused.lock().expect("stats lock").clone();
     let reasons = [
         RefusalReason::NoCertificate,
@@ -296,10 +221,8 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         RefusalReason::BadIdentity,
         RefusalReason::Other,
     ];
-    let by_reason: Vec<(&str, u64)> = reasons
-        .iter()
-        .map(|r| (r.as_str(), refused.get(r).copied().unwrap_or(0)))
-        .collect();
+    let by_reason: Vec<(&str, u64)> =
+        reasons.iter().map(|r| (r.as_str(), refused.get(r).copied().unwrap_or(0))).collect();
     e.labelled(
         "counter",
         "trellis_handshakes_refused_total",

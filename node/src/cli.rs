@@ -149,10 +149,7 @@ impl AgentArgs {
             ConfigError("name: missing; give --name NODE (or name = \"...\" in the config file)".into())
         })?;
         validate_name(&name)?;
-        let bind = self
-            .bind
-            .or(file.bind)
-            .unwrap_or_else(|| "0.0.0.0:7946".parse().expect("literal"));
+        let bind = self.bind.or(file.bind).unwrap_or_else(|| "0.0.0.0:7946".parse().expect("literal"));
         let advertise = self.advertise.or(file.advertise).unwrap_or(bind);
         let profile = self.profile.or(file.profile).unwrap_or_default();
         let timing = file.timing.apply(profile.timing());
@@ -179,15 +176,8 @@ impl AgentArgs {
                 .clone()
                 .or(file.data_dir.clone())
                 .unwrap_or_else(|| PathBuf::from("/var/lib/trellis")),
-            tls_dir: self
-                .tls_dir
-                .clone()
-                .or(file.tls_dir.clone())
-                .unwrap_or_else(|| PathBuf::from("/etc/trellis/tls")),
-            api: self
-                .api
-                .or(file.api)
-                .unwrap_or_else(|| "127.0.0.1:8500".parse().expect("literal")),
+            tls_dir: self.tls_dir.clone().or(file.tls_dir.clone()).unwrap_or_else(|| PathBuf::from("/etc/trellis/tls")),
+            api: self.api.or(file.api).unwrap_or_else(|| "127.0.0.1:8500".parse().expect("literal")),
             name,
             bind,
             advertise,
@@ -196,9 +186,7 @@ impl AgentArgs {
             profile,
             timing,
             expected_size: file.expected_size.unwrap_or(64),
-            faults: crate::transport::Faults {
-                drop_rate: self.fault_drop_rate.unwrap_or(0.0).clamp(0.0, 1.0),
-            },
+            faults: crate::transport::Faults { drop_rate: self.fault_drop_rate.unwrap_or(0.0).clamp(0.0, 1.0) },
         };
         Ok((cfg, self.log_level.clone().or(file.log_level)))
     }
@@ -216,19 +204,16 @@ pub fn main() -> i32 {
                 println!("CA key: {} (keep it secret; mode 0600)", ca.key_path.display());
             })
             .map_err(Into::into),
-        Command::Cert(CertCommand::Issue {
-            ca_dir,
-            name,
-            out,
-            days,
-        }) => crate::pki::issue_cert(&ca_dir, &name, &out, Duration::from_secs(days * 86_400))
-            .map(|c| {
-                println!("identity: {}", c.identity);
-                println!("certificate: {}", c.cert_path.display());
-                println!("key: {} (mode 0600)", c.key_path.display());
-                println!("expires: {}", c.not_after);
-            })
-            .map_err(Into::into),
+        Command::Cert(CertCommand::Issue { ca_dir, name, out, days }) => {
+            crate::pki::issue_cert(&ca_dir, &name, &out, Duration::from_secs(days * 86_400))
+                .map(|c| {
+                    println!("identity: {}", c.identity);
+                    println!("certificate: {}", c.cert_path.display());
+                    println!("key: {} (mode 0600)", c.key_path.display());
+                    println!("expires: {}", c.not_after);
+                })
+                .map_err(Into::into)
+        }
         Command::Cert(CertCommand::Show { file, output }) => crate::pki::show_cert(&file)
             .map(|s| {
                 if output == Output::Json {
@@ -242,11 +227,7 @@ pub fn main() -> i32 {
         Command::Join { addrs } => crate::client::join(cli.http_addr, &addrs),
         Command::Leave => crate::client::leave(cli.http_addr),
         Command::Validate { file } => {
-            let args = AgentArgs {
-                config: Some(file.clone()),
-                name: Some("validate".into()),
-                ..Default::default()
-            };
+            let args = AgentArgs { config: Some(file.clone()), name: Some("validate".into()), ..Default::default() };
             match FileConfig::load(&file).and_then(|_| args.resolve()) {
                 Ok(_) => {
                     println!("{}: ok", file.display());

@@ -52,10 +52,8 @@ pub fn members(addr: SocketAddr, output: Output) -> anyhow::Result<()> {
 
 /// A fixed-width member table for humans.
 pub fn member_table(members: &[MemberJson]) -> String {
-    let mut out = format!(
-        "{:<16} {:<22} {:<8} {:<14} {:<8} LABELS\n",
-        "NAME", "PEER", "STATE", "INCARNATION", "VERSION"
-    );
+    let mut out =
+        format!("{:<16} {:<22} {:<8} {:<14} {:<8} LABELS\n", "NAME", "PEER", "STATE", "INCARNATION", "VERSION");
     for m in members {
         let labels: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         out += &format!(

@@ -110,11 +110,7 @@ fn locate(text: &str, offset: usize) -> String {
     match line.split_once('=') {
         Some((key, _)) if !line.trim_start().starts_with('[') => {
             let key = key.trim();
-            let field = if section.is_empty() {
-                key.to_string()
-            } else {
-                format!("{section}.{key}")
-            };
+            let field = if section.is_empty() { key.to_string() } else { format!("{section}.{key}") };
             format!(" line {line_no}, field `{field}`:")
         }
         _ => format!(" line {line_no}:"),
@@ -141,9 +137,7 @@ impl TimingOverrides {
 
 /// Parses `key=value` labels from flags.
 pub fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("label {s:?} must look like key=value, e.g. zone=eu-1a"))?;
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?} must look like key=value, e.g. zone=eu-1a"))?;
     if k.is_empty() {
         return Err(format!("label {s:?} has an empty key"));
     }
@@ -154,13 +148,8 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
 pub fn validate_name(name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= trellis_proto::limits::MAX_NAME_LEN
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
+        && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
     if ok {
         Ok(())
     } else {
@@ -185,17 +174,12 @@ mod tests {
     #[test]
     fn errors_in_a_section_name_the_dotted_path() {
         let err = FileConfig::parse("name = \"a\"\n[timing]\ngossip_fanout = -1\n", Path::new("c.toml")).unwrap_err();
-        assert!(
-            err.to_string().contains("line 3, field `timing.gossip_fanout`"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("line 3, field `timing.gossip_fanout`"), "{err}");
     }
 
     #[test]
     fn unknown_key_is_an_error() {
-        let err = FileConfig::parse("nmae = \"n1\"\n", Path::new("c.toml"))
-            .unwrap_err()
-            .to_string();
+        let err = FileConfig::parse("nmae = \"n1\"\n", Path::new("c.toml")).unwrap_err().to_string();
         assert!(err.contains("unknown field `nmae`"), "{err}");
     }
 

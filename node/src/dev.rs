@@ -26,11 +26,7 @@ fn addr(i: u8, port: u16) -> SocketAddr {
 }
 
 pub fn run(args: DevArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        (1..=50).contains(&args.nodes),
-        "--nodes: {} is out of range; use 1 to 50",
-        args.nodes
-    );
+    anyhow::ensure!((1..=50).contains(&args.nodes), "--nodes: {} is out of range; use 1 to 50", args.nodes);
     let dir = match args.dir {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("trellis-dev-{}", std::process::id())),
@@ -49,12 +45,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         let log = std::fs::File::create(node_dir.join("agent.log"))?;
         let mut cmd = Command::new(&exe);
         cmd.args(["agent", "--name", &name, "--profile", "fast"])
-            .args([
-                "--bind",
-                &addr(i, 7946).to_string(),
-                "--api",
-                &addr(i, 8500).to_string(),
-            ])
+            .args(["--bind", &addr(i, 7946).to_string(), "--api", &addr(i, 8500).to_string()])
             .args(["--label", &format!("zone=dev-{}", (b'a' + i % 3) as char)])
             .arg("--data-dir")
             .arg(node_dir.join("data"))
@@ -68,11 +59,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let api = addr(0, 8500);
     let formed = wait_formed(api, args.nodes as usize, Duration::from_secs(30));
-    println!(
-        "Trellis dev cluster: {} agents, mTLS with a throwaway CA in {}",
-        args.nodes,
-        dir.display()
-    );
+    println!("Trellis dev cluster: {} agents, mTLS with a throwaway CA in {}", args.nodes, dir.display());
     for i in 0..args.nodes {
         println!("  node{}  peer {}  api http://{}", i + 1, addr(i, 7946), addr(i, 8500));
     }
@@ -81,10 +68,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         Err(e) => eprintln!("could not list members: {e:#}"),
     }
     if !formed {
-        eprintln!(
-            "warning: the cluster did not form within 30 s; see the agent.log files in {}",
-            dir.display()
-        );
+        eprintln!("warning: the cluster did not form within 30 s; see the agent.log files in {}", dir.display());
     }
     println!("\nTry: TRELLIS_HTTP_ADDR={api} {} members", exe.display());
     if args.exit_when_ready {
@@ -103,11 +87,7 @@ fn wait_formed(api: SocketAddr, n: usize, within: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < within {
         if let Ok(m) = crate::client::fetch_members(api) {
-            if m.iter()
-                .filter(|m| m.state == crate::membership::MemberState::Alive)
-                .count()
-                >= n
-            {
+            if m.iter().filter(|m| m.state == crate::membership::MemberState::Alive).count() >= n {
                 return true;
             }
         }

@@ -35,11 +35,7 @@ pub enum PkiError {
     #[error("{path}: {what}; {fix}")]
     File { path: PathBuf, what: String, fix: String },
     #[error("{field}: {what}; {fix}")]
-    Invalid {
-        field: &'static str,
-        what: String,
-        fix: &'static str,
-    },
+    Invalid { field: &'static str, what: String, fix: &'static str },
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("TLS setup failed: {0}")]
@@ -47,11 +43,7 @@ pub enum PkiError {
 }
 
 fn file_err(path: &Path, what: impl fmt::Display, fix: &str) -> PkiError {
-    PkiError::File {
-        path: path.to_path_buf(),
-        what: what.to_string(),
-        fix: fix.to_string(),
-    }
+    PkiError::File { path: path.to_path_buf(), what: what.to_string(), fix: fix.to_string() }
 }
 
 /// Why a peer was refused at the handshake; a metrics label.
@@ -146,10 +138,7 @@ pub struct TlsMaterial {
 impl fmt::Debug for TlsMaterial {
     // Never prints the key.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsMaterial")
-            .field("identity", &self.identity)
-            .field("not_after", &self.not_after)
-            .finish()
+        f.debug_struct("TlsMaterial").field("identity", &self.identity).field("not_after", &self.not_after).finish()
     }
 }
 
@@ -191,9 +180,7 @@ pub fn spiffe_id(cluster_id: &str, name: &str) -> String {
 fn validate_cluster_id(id: &str) -> Result<(), PkiError> {
     let ok = !id.is_empty()
         && id.len() <= 63
-        && id
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     ok.then_some(()).ok_or(PkiError::Invalid {
         field: "cluster_id",
         what: format!("{id:?} is not a valid cluster id"),
@@ -218,8 +205,7 @@ fn write_secret(path: &Path, data: &str) -> Result<(), PkiError> {
         .mode(0o600)
         .open(path)
         .map_err(|e| file_err(path, e, "check the directory exists and is writable"))?;
-    f.write_all(data.as_bytes())
-        .map_err(|e| file_err(path, e, "check free disk space"))
+    f.write_all(data.as_bytes()).map_err(|e| file_err(path, e, "check free disk space"))
 }
 
 fn write_public(path: &Path, data: &str) -> Result<(), PkiError> {
@@ -255,11 +241,7 @@ pub fn init_ca(dir: &Path, cluster_id: Option<&str>) -> Result<CaInfo, PkiError>
     let mut params = CertificateParams::default();
     params.distinguished_name = dn(&format!("Trellis CA {cluster_id}"));
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let now = OffsetDateTime::now_utc();
     params.not_before = now - CLOCK_SKEW;
     params.not_after = now + CA_LIFETIME;
@@ -267,12 +249,7 @@ pub fn init_ca(dir: &Path, cluster_id: Option<&str>) -> Result<CaInfo, PkiError>
     write_secret(&key_path, &key.serialize_pem())?;
     write_public(&cert_path, &cert.pem())?;
     write_public(&dir.join("cluster-id"), &format!("{cluster_id}\n"))?;
-    Ok(CaInfo {
-        cluster_id,
-        cert_path,
-        key_path,
-        not_after: now + CA_LIFETIME,
-    })
+    Ok(CaInfo { cluster_id, cert_path, key_path, not_after: now + CA_LIFETIME })
 }
 
 fn dn(cn: &str) -> DistinguishedName {
@@ -297,20 +274,12 @@ pub fn issue_cert_with_validity(
     not_after: OffsetDateTime,
 ) -> Result<IssuedCert, PkiError> {
     validate_name(name)?;
-    let ca_pem = read(
-        &ca_dir.join("ca.pem"),
-        "run `trellis ca init --dir DIR` first, or point --ca-dir at it",
-    )?;
-    let ca_key_pem = read(
-        &ca_dir.join("ca.key"),
-        "the CA key is needed to issue; run this on the host that holds it",
-    )?;
-    let cluster_id = read(
-        &ca_dir.join("cluster-id"),
-        "the CA directory is incomplete; re-create it with `trellis ca init`",
-    )?
-    .trim()
-    .to_string();
+    let ca_pem = read(&ca_dir.join("ca.pem"), "run `trellis ca init --dir DIR` first, or point --ca-dir at it")?;
+    let ca_key_pem = read(&ca_dir.join("ca.key"), "the CA key is needed to issue; run this on the host that holds it")?;
+    let cluster_id =
+        read(&ca_dir.join("cluster-id"), "the CA directory is incomplete; re-create it with `trellis ca init`")?
+            .trim()
+            .to_string();
     validate_cluster_id(&cluster_id)?;
     let ca_key =
         KeyPair::from_pem(&ca_key_pem).map_err(|e| file_err(&ca_dir.join("ca.key"), e, "restore the CA key"))?;
@@ -334,31 +303,16 @@ pub fn issue_cert_with_validity(
     write_secret(&key_path, &key.serialize_pem())?;
     write_public(&cert_path, &cert.pem())?;
     write_public(&out.join("ca.pem"), &ca_pem)?;
-    Ok(IssuedCert {
-        identity,
-        cert_path,
-        key_path,
-        not_after,
-    })
+    Ok(IssuedCert { identity, cert_path, key_path, not_after })
 }
 
 fn pem_certs(path: &Path, text: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     use rustls::pki_types::pem::PemObject;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(text.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| {
-            file_err(
-                path,
-                format!("not a PEM certificate ({e:?})"),
-                "give the .pem file written by `trellis cert issue`",
-            )
-        })?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(text.as_bytes()).collect::<Result<_, _>>().map_err(|e| {
+        file_err(path, format!("not a PEM certificate ({e:?})"), "give the .pem file written by `trellis cert issue`")
+    })?;
     if certs.is_empty() {
-        return Err(file_err(
-            path,
-            "holds no certificate",
-            "give the .pem file written by `trellis cert issue`",
-        ));
+        return Err(file_err(path, "holds no certificate", "give the .pem file written by `trellis cert issue`"));
     }
     Ok(certs)
 }
@@ -375,11 +329,7 @@ pub fn show_cert(path: &Path) -> Result<CertSummary, PkiError> {
     }
     let der = pem_certs(path, &text)?.remove(0);
     let (_, x) = x509_parser::parse_x509_certificate(&der).map_err(|e| {
-        file_err(
-            path,
-            format!("cannot parse certificate: {e}"),
-            "give a certificate written by Trellis",
-        )
+        file_err(path, format!("cannot parse certificate: {e}"), "give a certificate written by Trellis")
     })?;
     let not_after = x.validity().not_after.to_datetime();
     Ok(CertSummary {
@@ -412,16 +362,12 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<PeerIdentity, PkiError
     let (_, x) = x509_parser::parse_x509_certificate(cert).map_err(|_| bad("unparseable certificate"))?;
     let uri = spiffe_uri(&x).ok_or_else(|| bad("no spiffe:// URI in the certificate"))?;
     let rest = uri.strip_prefix("spiffe://").expect("checked prefix");
-    let (cluster_id, name) = rest
-        .split_once("/node/")
-        .ok_or_else(|| bad("URI is not spiffe://<cluster>/node/<name>"))?;
+    let (cluster_id, name) =
+        rest.split_once("/node/").ok_or_else(|| bad("URI is not spiffe://<cluster>/node/<name>"))?;
     if validate_cluster_id(cluster_id).is_err() || validate_name(name).is_err() {
         return Err(bad("malformed cluster id or node name in the URI"));
     }
-    Ok(PeerIdentity {
-        cluster_id: cluster_id.into(),
-        name: name.into(),
-    })
+    Ok(PeerIdentity { cluster_id: cluster_id.into(), name: name.into() })
 }
 
 /// Loads `dir`/{ca.pem,node.pem,node.key} and checks them as peers will.
@@ -441,11 +387,7 @@ pub fn load_tls_dir(dir: &Path) -> Result<TlsMaterial, PkiError> {
     let algs = provider::default_provider().signature_verification_algorithms.all;
     rustls::client::verify_server_cert_signed_by_trust_anchor(&parsed, &roots, &m.chain[1..], UnixTime::now(), algs)
         .map_err(|e| {
-            file_err(
-                &cert_path,
-                format!("does not verify against ca.pem: {e}"),
-                "issue it from this cluster's CA",
-            )
+            file_err(&cert_path, format!("does not verify against ca.pem: {e}"), "issue it from this cluster's CA")
         })?;
     Ok(m)
 }
@@ -531,13 +473,10 @@ impl ClientCertVerifier for ClusterClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)
-            .map_err(|e| {
-                (self.sink)(RefusalReason::from_tls(&e));
-                e
-            })?;
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now).map_err(|e| {
+            (self.sink)(RefusalReason::from_tls(&e));
+            e
+        })?;
         check_cluster(end_entity, &self.cluster_id).map_err(|r| {
             (self.sink)(r);
             refusal_error(r)
@@ -635,11 +574,7 @@ pub fn server_config(m: &TlsMaterial, sink: RefusalSink) -> Result<rustls::Serve
     let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&m.ca)?), crypto())
         .build()
         .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
-    let verifier = Arc::new(ClusterClientVerifier {
-        inner,
-        cluster_id: m.cluster_id.clone(),
-        sink,
-    });
+    let verifier = Arc::new(ClusterClientVerifier { inner, cluster_id: m.cluster_id.clone(), sink });
     let mut cfg = rustls::ServerConfig::builder_with_provider(crypto())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

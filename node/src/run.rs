@@ -11,16 +11,10 @@ pub fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let (cfg, log_level) = args.resolve()?;
     init_logging(log_level.as_deref().unwrap_or("info"), args.log_format)?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-        anyhow::anyhow!(
-            "data_dir: cannot create {}: {e}; pick a writable --data-dir",
-            cfg.data_dir.display()
-        )
+        anyhow::anyhow!("data_dir: cannot create {}: {e}; pick a writable --data-dir", cfg.data_dir.display())
     })?;
     let tls = crate::pki::load_tls_dir(&cfg.tls_dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(serve(cfg, tls))
 }
 
@@ -66,9 +60,7 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
     .map_err(|e| {
         anyhow::anyhow!("log_level: {level:?} is not a level or filter ({e}); use error, warn, info, debug or trace")
     })?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -118,15 +118,7 @@ impl Transport {
         )?;
         let (tx, rx) = mpsc::channel(4096);
         let pool = Mutex::new(Pool::default());
-        let t = Arc::new(Transport {
-            endpoint,
-            client,
-            pool,
-            inbound: tx,
-            stats,
-            log,
-            faults,
-        });
+        let t = Arc::new(Transport { endpoint, client, pool, inbound: tx, stats, log, faults });
         tokio::spawn(t.clone().accept_loop());
         Ok((t, rx))
     }
@@ -168,9 +160,7 @@ impl Transport {
 
     fn send_on(self: &Arc<Self>, conn: quinn::Connection, data: Bytes) {
         let len = data.len() as u64;
-        let fits = conn
-            .max_datagram_size()
-            .is_some_and(|max| data.len() <= max.min(limits::MAX_DATAGRAM));
+        let fits = conn.max_datagram_size().is_some_and(|max| data.len() <= max.min(limits::MAX_DATAGRAM));
         if fits {
             match conn.send_datagram(data) {
                 Ok(()) => {
@@ -209,13 +199,7 @@ impl Transport {
             Ok(connecting) => connecting.await.map_err(anyhow::Error::from),
             Err(e) => Err(e.into()),
         };
-        let queued = self
-            .pool
-            .lock()
-            .expect("pool lock")
-            .dialing
-            .remove(&to)
-            .unwrap_or_default();
+        let queued = self.pool.lock().expect("pool lock").dialing.remove(&to).unwrap_or_default();
         match res.and_then(|conn| Ok((peer_name(&conn)?, conn))) {
             Ok((name, conn)) => {
                 tracing::debug!(peer = %name, addr = %to, "connected");
@@ -237,11 +221,7 @@ impl Transport {
             let t = self.clone();
             tokio::spawn(async move {
                 let from = incoming.remote_address();
-                match incoming
-                    .await
-                    .map_err(anyhow::Error::from)
-                    .and_then(|c| Ok((peer_name(&c)?, c)))
-                {
+                match incoming.await.map_err(anyhow::Error::from).and_then(|c| Ok((peer_name(&c)?, c))) {
                     Ok((name, conn)) => {
                         t.stats.accepted.fetch_add(1, Relaxed);
                         tracing::debug!(peer = %name, addr = %from, "accepted");
@@ -289,12 +269,7 @@ impl Transport {
                 },
             };
             self.stats.bytes_in.fetch_add(data.len() as u64, Relaxed);
-            let msg = Inbound {
-                from,
-                peer_name: name.clone(),
-                data,
-                conn: conn.clone(),
-            };
+            let msg = Inbound { from, peer_name: name.clone(), data, conn: conn.clone() };
             if self.inbound.send(msg).await.is_err() {
                 break;
             }
@@ -314,8 +289,7 @@ impl Transport {
 
     /// Closes every connection, letting peers see a clean close rather than a timeout.
     pub async fn shutdown(&self) {
-        self.endpoint
-            .close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"agent shutting down");
+        self.endpoint.close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"agent shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }
@@ -325,9 +299,7 @@ fn peer_name(conn: &quinn::Connection) -> anyhow::Result<String> {
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
         .ok_or_else(|| anyhow::anyhow!("peer presented no certificate"))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| anyhow::anyhow!("peer presented an empty chain"))?;
+    let leaf = certs.first().ok_or_else(|| anyhow::anyhow!("peer presented an empty chain"))?;
     Ok(pki::peer_identity(leaf)?.name)
 }
 
@@ -383,12 +355,7 @@ impl RefusalLog {
 
     fn note(&self, reason: RefusalReason) {
         if let Some(suppressed) = self.admit(reason.as_str()) {
-            tracing::warn!(
-                reason = reason.as_str(),
-                suppressed,
-                hint = reason.hint(),
-                "refused peer certificate"
-            );
+            tracing::warn!(reason = reason.as_str(), suppressed, hint = reason.hint(), "refused peer certificate");
         }
     }
 

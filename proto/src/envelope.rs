@@ -76,10 +76,7 @@ pub fn decode(buf: &[u8], max: usize) -> Result<(Kind, &[u8]), DecodeError> {
         return Err(DecodeError::BadMagic(*magic));
     }
     if *version != WIRE_VERSION {
-        return Err(DecodeError::UnsupportedVersion {
-            got: *version,
-            supported: WIRE_VERSION,
-        });
+        return Err(DecodeError::UnsupportedVersion { got: *version, supported: WIRE_VERSION });
     }
     let kind = Kind::from_byte(*kind).ok_or(DecodeError::UnknownKind(*kind))?;
     Ok((kind, body))
@@ -101,10 +98,7 @@ mod tests {
         let msg = [MAGIC, WIRE_VERSION + 1, 1, 0, 0];
         assert_eq!(
             decode(&msg, 100),
-            Err(DecodeError::UnsupportedVersion {
-                got: WIRE_VERSION + 1,
-                supported: WIRE_VERSION
-            })
+            Err(DecodeError::UnsupportedVersion { got: WIRE_VERSION + 1, supported: WIRE_VERSION })
         );
     }
 
@@ -112,10 +106,7 @@ mod tests {
     fn refuses_short_foreign_unknown_and_oversized_input() {
         assert_eq!(decode(&[MAGIC, 1], 100), Err(DecodeError::Truncated));
         assert_eq!(decode(&[0x16, 3, 1], 100), Err(DecodeError::BadMagic(0x16)));
-        assert_eq!(
-            decode(&[MAGIC, WIRE_VERSION, 99], 100),
-            Err(DecodeError::UnknownKind(99))
-        );
+        assert_eq!(decode(&[MAGIC, WIRE_VERSION, 99], 100), Err(DecodeError::UnknownKind(99)));
         assert_eq!(decode(&[0; 10], 5), Err(DecodeError::TooLarge { len: 10, max: 5 }));
     }
 }

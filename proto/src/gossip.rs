@@ -17,28 +17,18 @@ pub struct GossipCodec;
 
 impl GossipCodec {
     fn decode_item<T: serde::de::DeserializeOwned>(what: &'static str, mut buf: impl Buf) -> Result<T, DecodeError> {
-        let (item, used) = bincode::serde::decode_from_slice(buf.chunk(), crate::bincode_config()).map_err(|e| {
-            DecodeError::Malformed {
-                what,
-                detail: e.to_string(),
-            }
-        })?;
+        let (item, used) = bincode::serde::decode_from_slice(buf.chunk(), crate::bincode_config())
+            .map_err(|e| DecodeError::Malformed { what, detail: e.to_string() })?;
         buf.advance(used);
         Ok(item)
     }
 
     fn encode_item(what: &'static str, item: &impl Serialize, mut buf: impl BufMut) -> Result<(), DecodeError> {
-        let bytes =
-            bincode::serde::encode_to_vec(item, crate::bincode_config()).map_err(|e| DecodeError::Malformed {
-                what,
-                detail: e.to_string(),
-            })?;
+        let bytes = bincode::serde::encode_to_vec(item, crate::bincode_config())
+            .map_err(|e| DecodeError::Malformed { what, detail: e.to_string() })?;
         // foca requires a clean buffer when an item does not fit.
         if buf.remaining_mut() < bytes.len() {
-            return Err(DecodeError::TooLarge {
-                len: bytes.len(),
-                max: buf.remaining_mut(),
-            });
+            return Err(DecodeError::TooLarge { len: bytes.len(), max: buf.remaining_mut() });
         }
         buf.put_slice(&bytes);
         Ok(())
@@ -111,10 +101,7 @@ mod tests {
             src: sample("a", 1),
             src_incarnation: 3,
             dst: sample("b", 2),
-            message: Message::PingReq {
-                target: sample("c", 3),
-                probe_number: 9,
-            },
+            message: Message::PingReq { target: sample("c", 3), probe_number: 9 },
         };
         let member = Member::new(sample("c", 3), 7, State::Suspect);
         let mut buf = Vec::new();
@@ -150,11 +137,7 @@ mod tests {
 
     #[test]
     fn leave_notice_round_trips_and_rejects_unknown_items() {
-        let n = LeaveNotice {
-            addr: "127.0.0.2:7946".parse().unwrap(),
-            generation: 5,
-            name: "a".into(),
-        };
+        let n = LeaveNotice { addr: "127.0.0.2:7946".parse().unwrap(), generation: 5, name: "a".into() };
         assert_eq!(LeaveNotice::decode(&n.encode()), Ok(n));
         assert_eq!(LeaveNotice::decode(&[200, 1]), Err(DecodeError::UnknownKind(200)));
     }
@@ -164,10 +147,7 @@ mod tests {
         pub struct Lcg(pub u64);
         impl Lcg {
             pub fn next(&mut self) -> u8 {
-                self.0 = self
-                    .0
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 (self.0 >> 56) as u8
             }
         }

@@ -55,22 +55,12 @@ impl NodeIdentity {
     /// A placeholder for a seed known only by address. foca accepts an announce sent to any
     /// identity with the receiver's address, so this is enough to join through it.
     pub fn seed(addr: SocketAddr) -> NodeIdentity {
-        NodeIdentity {
-            addr,
-            generation: 0,
-            name: String::new(),
-            meta: NodeMeta::default(),
-        }
+        NodeIdentity { addr, generation: 0, name: String::new(), meta: NodeMeta::default() }
     }
 
     /// Checks the limits every peer enforces; the error names the offending field.
     pub fn validate(&self) -> Result<(), DecodeError> {
-        let bad = |detail: String| {
-            Err(DecodeError::Malformed {
-                what: "identity",
-                detail,
-            })
-        };
+        let bad = |detail: String| Err(DecodeError::Malformed { what: "identity", detail });
         if self.name.len() > MAX_NAME_LEN {
             return bad(format!("name is {} bytes, at most {MAX_NAME_LEN}", self.name.len()));
         }
@@ -82,9 +72,7 @@ impl NodeIdentity {
         }
         for (k, v) in &self.meta.labels {
             if k.is_empty() || k.len() > MAX_LABEL_KEY_LEN || v.len() > MAX_LABEL_VALUE_LEN {
-                return bad(format!(
-                    "label {k:?} exceeds {MAX_LABEL_KEY_LEN}/{MAX_LABEL_VALUE_LEN} bytes or is empty"
-                ));
+                return bad(format!("label {k:?} exceeds {MAX_LABEL_KEY_LEN}/{MAX_LABEL_VALUE_LEN} bytes or is empty"));
             }
         }
         Ok(())
@@ -106,25 +94,15 @@ impl NodeIdentity {
     /// Decodes an identity blob, ignoring fields appended by newer versions.
     pub fn from_blob(blob: &[u8]) -> Result<NodeIdentity, DecodeError> {
         if blob.len() > MAX_IDENTITY_BYTES {
-            return Err(DecodeError::TooLarge {
-                len: blob.len(),
-                max: MAX_IDENTITY_BYTES,
-            });
+            return Err(DecodeError::TooLarge { len: blob.len(), max: MAX_IDENTITY_BYTES });
         }
         let (v1, _tail): (IdentityV1, usize) = bincode::serde::decode_from_slice(blob, crate::bincode_config())
-            .map_err(|e| DecodeError::Malformed {
-                what: "identity",
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| DecodeError::Malformed { what: "identity", detail: e.to_string() })?;
         let id = NodeIdentity {
             addr: v1.addr,
             generation: v1.generation,
             name: v1.name,
-            meta: NodeMeta {
-                api_addr: v1.api_addr,
-                version: v1.version,
-                labels: v1.labels.into_iter().collect(),
-            },
+            meta: NodeMeta { api_addr: v1.api_addr, version: v1.version, labels: v1.labels.into_iter().collect() },
         };
         id.validate()?;
         Ok(id)
@@ -136,10 +114,7 @@ impl foca::Identity for NodeIdentity {
 
     /// Rejoin at once under a bumped generation after being declared down.
     fn renew(&self) -> Option<Self> {
-        Some(NodeIdentity {
-            generation: self.generation.wrapping_add(1),
-            ..self.clone()
-        })
+        Some(NodeIdentity { generation: self.generation.wrapping_add(1), ..self.clone() })
     }
 
     fn addr(&self) -> SocketAddr {

@@ -6,10 +6,7 @@ use trellis_chaos::cluster::{Cluster, ClusterSpec};
 use trellis_tests::{metric, raw_peer};
 
 fn spec(nodes: usize) -> ClusterSpec {
-    ClusterSpec {
-        nodes,
-        ..ClusterSpec::default()
-    }
+    ClusterSpec { nodes, ..ClusterSpec::default() }
 }
 
 fn names(c: &Cluster, idx: &[usize]) -> Vec<String> {
@@ -24,9 +21,7 @@ fn expect_all(c: &Cluster, idx: &[usize], state: &'static str) -> Vec<(String, &
 fn five_agents_joined_through_one_seed_list_each_other_alive() {
     let c = Cluster::start(spec(5)).unwrap();
     let all: Vec<usize> = (0..5).collect();
-    let took = c
-        .wait_all_see(&all, &expect_all(&c, &all, "alive"), Duration::from_secs(15))
-        .unwrap();
+    let took = c.wait_all_see(&all, &expect_all(&c, &all, "alive"), Duration::from_secs(15)).unwrap();
     println!("5 agents converged in {took:?}");
 
     // The CLI shows the same table.
@@ -37,10 +32,7 @@ fn five_agents_joined_through_one_seed_list_each_other_alive() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let table = String::from_utf8_lossy(&out.stdout);
     for n in names(&c, &all) {
-        assert!(
-            table.lines().any(|l| l.starts_with(&n) && l.contains("alive")),
-            "{n} missing in:\n{table}"
-        );
+        assert!(table.lines().any(|l| l.starts_with(&n) && l.contains("alive")), "{n} missing in:\n{table}");
     }
     // Metrics reflect the membership and the mTLS links.
     let m = c.node(0).api().get_text("/metrics").unwrap();
@@ -59,8 +51,7 @@ fn five_agents_joined_through_one_seed_list_each_other_alive() {
 fn killed_agent_is_declared_down_by_all_and_alive_again_after_restart() {
     let mut c = Cluster::start(spec(4)).unwrap();
     let all: Vec<usize> = (0..4).collect();
-    c.wait_all_see(&all, &expect_all(&c, &all, "alive"), Duration::from_secs(15))
-        .unwrap();
+    c.wait_all_see(&all, &expect_all(&c, &all, "alive"), Duration::from_secs(15)).unwrap();
     let before = generation_seen_by(&c, 0, 3);
 
     c.kill(3);
@@ -70,15 +61,10 @@ fn killed_agent_is_declared_down_by_all_and_alive_again_after_restart() {
     println!("kill -9 detected by all in {took:?}");
 
     c.restart(3).unwrap();
-    let took = c
-        .wait_all_see(&all, &expect_all(&c, &all, "alive"), Duration::from_secs(10))
-        .unwrap();
+    let took = c.wait_all_see(&all, &expect_all(&c, &all, "alive"), Duration::from_secs(10)).unwrap();
     println!("restarted agent alive everywhere in {took:?}");
     let after = generation_seen_by(&c, 0, 3);
-    assert!(
-        after > before,
-        "restarted agent must come back under a new incarnation ({before} -> {after})"
-    );
+    assert!(after > before, "restarted agent must come back under a new incarnation ({before} -> {after})");
 }
 
 fn generation_seen_by(c: &Cluster, viewer: usize, subject: usize) -> u64 {
@@ -98,30 +84,19 @@ fn generation_seen_by(c: &Cluster, viewer: usize, subject: usize) -> u64 {
 fn graceful_leave_is_seen_as_left() {
     let mut c = Cluster::start(spec(3)).unwrap();
     let all: Vec<usize> = (0..3).collect();
-    c.wait_all_see(&all, &expect_all(&c, &all, "alive"), Duration::from_secs(15))
-        .unwrap();
-    let (status, _) = c
-        .node(2)
-        .api()
-        .post_json("/v1/agent/leave", &serde_json::json!({}))
-        .unwrap();
+    c.wait_all_see(&all, &expect_all(&c, &all, "alive"), Duration::from_secs(15)).unwrap();
+    let (status, _) = c.node(2).api().post_json("/v1/agent/leave", &serde_json::json!({})).unwrap();
     assert_eq!(status, 200);
-    c.wait_all_see(&[0, 1], &[(c.node(2).name.clone(), "left")], Duration::from_secs(5))
-        .unwrap();
-    c.wait_until(Duration::from_secs(10), "leaving agent exits", || {
-        (!c.node(2).is_running()).then_some(())
-    })
-    .unwrap();
+    c.wait_all_see(&[0, 1], &[(c.node(2).name.clone(), "left")], Duration::from_secs(5)).unwrap();
+    c.wait_until(Duration::from_secs(10), "leaving agent exits", || (!c.node(2).is_running()).then_some(())).unwrap();
     c.stop(1);
-    c.wait_all_see(&[0], &[(c.node(1).name.clone(), "left")], Duration::from_secs(5))
-        .unwrap();
+    c.wait_all_see(&[0], &[(c.node(1).name.clone(), "left")], Duration::from_secs(5)).unwrap();
 }
 
 #[test]
 fn agent_with_a_certificate_from_another_ca_cannot_join() {
     let mut c = Cluster::start(spec(2)).unwrap();
-    c.wait_all_see(&[0, 1], &expect_all(&c, &[0, 1], "alive"), Duration::from_secs(15))
-        .unwrap();
+    c.wait_all_see(&[0, 1], &expect_all(&c, &[0, 1], "alive"), Duration::from_secs(15)).unwrap();
     let rogue_ca = c.new_ca_dir();
     let rogue_tls = rogue_ca.parent().unwrap().join("rogue-tls");
     trellis_node::pki::issue_cert(&rogue_ca, "rogue", &rogue_tls, Duration::from_secs(3600)).unwrap();
@@ -132,25 +107,16 @@ fn agent_with_a_certificate_from_another_ca_cannot_join() {
     std::thread::sleep(Duration::from_secs(4));
     for i in [0, 1] {
         let members = c.node(i).api().members().unwrap();
-        assert!(
-            members.iter().all(|m| m["name"] != "rogue"),
-            "node {i} lists the rogue: {members:?}"
-        );
+        assert!(members.iter().all(|m| m["name"] != "rogue"), "node {i} lists the rogue: {members:?}");
     }
     let rogue_members = c.node(rogue).api().members().unwrap();
     assert_eq!(rogue_members.len(), 1, "the rogue sees only itself: {rogue_members:?}");
     // The rogue refuses the cluster's server certificate (TLS 1.3: the client checks first);
     // the seed sees the aborted handshakes.
     let rm = c.node(rogue).api().get_text("/metrics").unwrap();
-    assert!(
-        metric(&rm, "trellis_handshakes_refused_total{reason=\"unknown_ca\"}").unwrap() >= 1.0,
-        "{rm}"
-    );
+    assert!(metric(&rm, "trellis_handshakes_refused_total{reason=\"unknown_ca\"}").unwrap() >= 1.0, "{rm}");
     let sm = c.node(0).api().get_text("/metrics").unwrap();
-    assert!(
-        metric(&sm, "trellis_quic_incoming_failed_total").unwrap() >= 1.0,
-        "{sm}"
-    );
+    assert!(metric(&sm, "trellis_quic_incoming_failed_total").unwrap() >= 1.0, "{sm}");
 }
 
 #[test]
@@ -179,18 +145,14 @@ fn peers_with_expired_or_foreign_client_certificates_are_refused_by_reason() {
     });
     println!("expired peer: {res:?}");
     let m = c.node(0).api().get_text("/metrics").unwrap();
-    assert!(
-        metric(&m, "trellis_handshakes_refused_total{reason=\"expired\"}").unwrap() >= 1.0,
-        "{m}"
-    );
+    assert!(metric(&m, "trellis_handshakes_refused_total{reason=\"expired\"}").unwrap() >= 1.0, "{m}");
     assert_eq!(c.node(0).api().members().unwrap().len(), 1);
 }
 
 #[test]
 fn random_bytes_from_a_peer_close_its_connection_and_the_agent_keeps_serving() {
     let c = Cluster::start(spec(2)).unwrap();
-    c.wait_all_see(&[0, 1], &expect_all(&c, &[0, 1], "alive"), Duration::from_secs(15))
-        .unwrap();
+    c.wait_all_see(&[0, 1], &expect_all(&c, &[0, 1], "alive"), Duration::from_secs(15)).unwrap();
     let target = c.node(0).peer_addr;
     let tls = c.node(1).tls_dir.clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -216,8 +178,7 @@ fn random_bytes_from_a_peer_close_its_connection_and_the_agent_keeps_serving() {
     assert!(metric(&m, "trellis_quic_closed_malformed_total").unwrap() >= 1.0);
     // Still serving, and the honest peer is still a member.
     assert_eq!(c.node(0).api().get_json("/v1/health").unwrap()["status"], "ok");
-    c.wait_all_see(&[0, 1], &expect_all(&c, &[0, 1], "alive"), Duration::from_secs(5))
-        .unwrap();
+    c.wait_all_see(&[0, 1], &expect_all(&c, &[0, 1], "alive"), Duration::from_secs(5)).unwrap();
 }
 
 #[test]
@@ -227,19 +188,10 @@ fn agent_started_before_its_seed_joins_once_the_seed_comes_up() {
     c.stop(0);
     let early = c.add_node("early", &[seed]).unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        c.node(early).api().members().unwrap().len(),
-        1,
-        "alone while the seed is down"
-    );
+    assert_eq!(c.node(early).api().members().unwrap().len(), 1, "alone while the seed is down");
     let t = Instant::now();
     c.restart(0).unwrap();
-    c.wait_all_see(
-        &[0, early],
-        &expect_all(&c, &[0, early], "alive"),
-        Duration::from_secs(40),
-    )
-    .unwrap();
+    c.wait_all_see(&[0, early], &expect_all(&c, &[0, early], "alive"), Duration::from_secs(40)).unwrap();
     println!("joined {:?} after the seed came up", t.elapsed());
 }
 
@@ -247,67 +199,38 @@ fn agent_started_before_its_seed_joins_once_the_seed_comes_up() {
 fn bad_api_input_gets_a_400_naming_the_field() {
     let c = Cluster::start(spec(1)).unwrap();
     let api = c.node(0).api();
-    let (s, body) = api
-        .post_json("/v1/agent/join", &serde_json::json!({"addrs": ["x"], "force": true}))
-        .unwrap();
+    let (s, body) = api.post_json("/v1/agent/join", &serde_json::json!({"addrs": ["x"], "force": true})).unwrap();
     assert_eq!(s, 400);
     assert!(body["field"].is_string() && body["hint"].is_string(), "{body}");
-    let (s, body) = api
-        .post_json("/v1/agent/join", &serde_json::json!({"adrs": []}))
-        .unwrap();
+    let (s, body) = api.post_json("/v1/agent/join", &serde_json::json!({"adrs": []})).unwrap();
     assert_eq!((s, body["field"].as_str()), (400, Some("adrs")), "{body}");
-    let (s, body) = api
-        .post_json("/v1/agent/join", &serde_json::json!({"addrs": [7946]}))
-        .unwrap();
+    let (s, body) = api.post_json("/v1/agent/join", &serde_json::json!({"addrs": [7946]})).unwrap();
     assert_eq!((s, body["field"].as_str()), (400, Some("addrs[0]")), "{body}");
     let (s, body) = api.post_raw("/v1/agent/join", "{not json").unwrap();
     assert_eq!(s, 400, "{body}");
-    assert!(
-        body["error"].as_str().unwrap().contains("key must be a string"),
-        "{body}"
-    );
+    assert!(body["error"].as_str().unwrap().contains("key must be a string"), "{body}");
     assert_eq!(api.get_json("/v1/health").unwrap()["status"], "ok");
 }
 
 #[test]
 fn bad_cli_flags_and_config_files_are_named() {
     let bin = trellis_chaos::cluster::trellis_bin();
-    let out = std::process::Command::new(&bin)
-        .args(["agent", "--nmae", "x"])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(&bin).args(["agent", "--nmae", "x"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unexpected argument '--nmae'"));
 
     let dir = std::env::temp_dir().join(format!("trellis-cfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("agent.toml");
-    std::fs::write(
-        &file,
-        "name = \"n1\"\nbind = \"127.0.0.1:7946\"\nexpected_size = \"big\"\n",
-    )
-    .unwrap();
-    for args in [
-        vec!["validate", file.to_str().unwrap()],
-        vec!["agent", "--config", file.to_str().unwrap()],
-    ] {
+    std::fs::write(&file, "name = \"n1\"\nbind = \"127.0.0.1:7946\"\nexpected_size = \"big\"\n").unwrap();
+    for args in [vec!["validate", file.to_str().unwrap()], vec!["agent", "--config", file.to_str().unwrap()]] {
         let out = std::process::Command::new(&bin).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{err}");
-        assert!(
-            err.contains("agent.toml: line 3") && err.contains("expected_size"),
-            "{args:?}: {err}"
-        );
+        assert!(err.contains("agent.toml: line 3") && err.contains("expected_size"), "{args:?}: {err}");
     }
-    std::fs::write(
-        &file,
-        "name = \"n1\"\n[timing]\nprobe_period = \"1s\"\nprobe_rtt = \"3s\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(&bin)
-        .args(["validate", file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    std::fs::write(&file, "name = \"n1\"\n[timing]\nprobe_period = \"1s\"\nprobe_rtt = \"3s\"\n").unwrap();
+    let out = std::process::Command::new(&bin).args(["validate", file.to_str().unwrap()]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("timing.probe_rtt"));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -141,15 +141,8 @@ impl Membership {
         );
         Membership {
             swim,
-            io: Io {
-                left: left.clone(),
-                ..Io::default()
-            },
-            seeds: SeedRetry {
-                seeds: Vec::new(),
-                attempt: 0,
-                next_at: None,
-            },
+            io: Io { left: left.clone(), ..Io::default() },
+            seeds: SeedRetry { seeds: Vec::new(), attempt: 0, next_at: None },
             rng: SmallRng::seed_from_u64(seed ^ 0x5eed),
             left_sent: false,
             left,
@@ -194,10 +187,7 @@ impl Membership {
             })?;
             if header.src.name != cert {
                 self.io.stats.identity_mismatches += 1;
-                return Err(PacketError::IdentityMismatch {
-                    cert: cert.into(),
-                    claimed: header.src.name,
-                });
+                return Err(PacketError::IdentityMismatch { cert: cert.into(), claimed: header.src.name });
             }
         }
         let mut fx = Effects { now, io: &mut self.io };
@@ -248,11 +238,7 @@ impl Membership {
         }
         self.left_sent = true;
         let me = self.identity().clone();
-        let notice = LeaveNotice {
-            addr: me.addr,
-            generation: me.generation,
-            name: me.name,
-        };
+        let notice = LeaveNotice { addr: me.addr, generation: me.generation, name: me.name };
         if let Err(e) = self.swim.add_broadcast(&notice.encode()) {
             tracing::warn!(error = %e, "could not queue leave notice");
         }
@@ -277,11 +263,7 @@ impl Membership {
         let me = self.identity();
         let mut v = vec![MemberView {
             id: me.clone(),
-            state: if self.left_sent {
-                MemberState::Left
-            } else {
-                MemberState::Alive
-            },
+            state: if self.left_sent { MemberState::Left } else { MemberState::Alive },
             incarnation: self.io.incarnation,
         }];
         v.extend(self.swim.iter_membership_state().map(|m| view(m, &left)));
@@ -305,9 +287,7 @@ impl Membership {
                 tracing::debug!(error = %e, %seed, "announce");
             }
         }
-        let base = SEED_RETRY_MIN
-            .saturating_mul(1 << self.seeds.attempt.min(6))
-            .min(SEED_RETRY_MAX);
+        let base = SEED_RETRY_MIN.saturating_mul(1 << self.seeds.attempt.min(6)).min(SEED_RETRY_MAX);
         let jitter = self.rng.random_range(0.8..1.2);
         self.seeds.attempt += 1;
         self.seeds.next_at = Some(now + base.mul_f64(jitter));
@@ -316,10 +296,7 @@ impl Membership {
     /// A suspicion timer whose member has since refuted (new incarnation or alive) counts
     /// as refuted; foca itself would silently drop it.
     fn note_refutation(&mut self, timer: &Timer<NodeIdentity>) {
-        if let Timer::ChangeSuspectToDown {
-            member_id, incarnation, ..
-        } = timer
-        {
+        if let Timer::ChangeSuspectToDown { member_id, incarnation, .. } = timer {
             let still_suspect = self
                 .swim
                 .iter_membership_state()
@@ -338,11 +315,7 @@ fn view(m: &Member<NodeIdentity>, left: &HashSet<(SocketAddr, u64)>) -> MemberVi
         State::Down if left.contains(&(m.id().addr, m.id().generation)) => MemberState::Left,
         State::Down => MemberState::Down,
     };
-    MemberView {
-        id: m.id().clone(),
-        state,
-        incarnation: m.incarnation(),
-    }
+    MemberView { id: m.id().clone(), state, incarnation: m.incarnation() }
 }
 
 /// Everything foca's calls produce, kept between calls.
@@ -368,13 +341,7 @@ impl Runtime<NodeIdentity> for Effects<'_> {
         let ev = match n.to_owned() {
             OwnedNotification::MemberUp(id) => MemberEvent::Up(id),
             OwnedNotification::MemberDown(id) => {
-                if self
-                    .io
-                    .left
-                    .lock()
-                    .expect("left set poisoned")
-                    .contains(&(id.addr, id.generation))
-                {
+                if self.io.left.lock().expect("left set poisoned").contains(&(id.addr, id.generation)) {
                     MemberEvent::Left(id)
                 } else {
                     MemberEvent::Down(id)

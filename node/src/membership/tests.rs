@@ -23,14 +23,8 @@ struct Net {
 impl Net {
     fn new(n: u8) -> Net {
         let timing = Profile::Fast.timing();
-        let nodes = (2..2 + n)
-            .map(|i| (id(i).addr, Membership::new(id(i), &timing, n as u32, i as u64)))
-            .collect();
-        Net {
-            nodes,
-            now: Instant::now(),
-            down: vec![],
-        }
+        let nodes = (2..2 + n).map(|i| (id(i).addr, Membership::new(id(i), &timing, n as u32, i as u64))).collect();
+        Net { nodes, now: Instant::now(), down: vec![] }
     }
 
     /// Delivers every queued packet, then advances the clock by `step`, `rounds` times.
@@ -65,11 +59,7 @@ impl Net {
     }
 
     fn state_of(&self, viewer: u8, subject: u8) -> Option<MemberState> {
-        self.nodes[&id(viewer).addr]
-            .members()
-            .into_iter()
-            .find(|m| m.id.name == format!("n{subject}"))
-            .map(|m| m.state)
+        self.nodes[&id(viewer).addr].members().into_iter().find(|m| m.id.name == format!("n{subject}")).map(|m| m.state)
     }
 }
 
@@ -107,10 +97,7 @@ fn crashed_node_is_declared_down_and_graceful_leave_is_left() {
         assert_eq!(net.state_of(v, 4), Some(MemberState::Left), "n{v} about departed n4");
     }
     let stats = net.nodes[&id(2).addr].stats();
-    assert!(
-        stats.suspicions_raised >= 1 && stats.probes_sent > 0 && stats.bytes_out > 0,
-        "{stats:?}"
-    );
+    assert!(stats.suspicions_raised >= 1 && stats.probes_sent > 0 && stats.bytes_out > 0, "{stats:?}");
 }
 
 #[test]
@@ -136,12 +123,7 @@ fn gossip_claiming_another_name_than_the_certificate_is_refused() {
     let a = id(2).addr;
     net.nodes.get_mut(&id(3).addr).unwrap().join(now, &[a]);
     let t = net.nodes.get_mut(&id(3).addr).unwrap().poll_transmit().unwrap();
-    let err = net
-        .nodes
-        .get_mut(&a)
-        .unwrap()
-        .handle_datagram(now, Some("mallory"), &t.data)
-        .unwrap_err();
+    let err = net.nodes.get_mut(&a).unwrap().handle_datagram(now, Some("mallory"), &t.data).unwrap_err();
     assert!(matches!(err, PacketError::IdentityMismatch { .. }), "{err}");
     assert_eq!(net.nodes[&a].stats().identity_mismatches, 1);
     assert!(!net.nodes[&a].is_joined());

@@ -111,18 +111,11 @@ impl Timing {
         c.remove_down_after = Some(self.remove_down_after);
         c.max_packet_size = nz(trellis_proto::limits::MAX_GOSSIP_PACKET);
         c.notify_down_members = true;
-        c.periodic_gossip = Some(foca::PeriodicParams {
-            frequency: self.gossip_interval,
-            num_members: nz(self.gossip_fanout),
-        });
-        c.periodic_announce = Some(foca::PeriodicParams {
-            frequency: self.announce_interval,
-            num_members: nz(1),
-        });
-        c.periodic_announce_to_down_members = Some(foca::PeriodicParams {
-            frequency: self.announce_interval * 2,
-            num_members: nz(2),
-        });
+        c.periodic_gossip =
+            Some(foca::PeriodicParams { frequency: self.gossip_interval, num_members: nz(self.gossip_fanout) });
+        c.periodic_announce = Some(foca::PeriodicParams { frequency: self.announce_interval, num_members: nz(1) });
+        c.periodic_announce_to_down_members =
+            Some(foca::PeriodicParams { frequency: self.announce_interval * 2, num_members: nz(2) });
         c
     }
 }
@@ -140,10 +133,7 @@ mod tests {
 
     #[test]
     fn rtt_longer_than_period_is_refused_by_name() {
-        let t = Timing {
-            probe_rtt: Duration::from_secs(5),
-            ..Profile::Lan.timing()
-        };
+        let t = Timing { probe_rtt: Duration::from_secs(5), ..Profile::Lan.timing() };
         assert!(t.validate().unwrap_err().contains("timing.probe_rtt"));
     }
 }

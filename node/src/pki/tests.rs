@@ -81,13 +81,7 @@ fn mutual_tls_between_two_nodes_of_one_cluster_succeeds() {
     let (a, b) = (node(&ca, "a"), node(&ca, "b"));
     let (client, server, cseen, sseen) = configs(&a, &b);
     let peer = handshake(client, server).unwrap();
-    assert_eq!(
-        peer,
-        Some(PeerIdentity {
-            cluster_id: "prod".into(),
-            name: "a".into()
-        })
-    );
+    assert_eq!(peer, Some(PeerIdentity { cluster_id: "prod".into(), name: "a".into() }));
     assert!(cseen.lock().unwrap().is_empty() && sseen.lock().unwrap().is_empty());
     assert_eq!(load_tls_dir(&a).unwrap().identity, "spiffe://prod/node/a");
 }
@@ -117,22 +111,13 @@ fn expired_client_certificate_is_refused_as_expired() {
     let ca = ca("x", "prod");
     let old = ca.parent().unwrap().join("old-tls");
     let now = OffsetDateTime::now_utc();
-    issue_cert_with_validity(
-        &ca,
-        "old",
-        &old,
-        now - Duration::from_secs(7200),
-        now - Duration::from_secs(3600),
-    )
-    .unwrap();
+    issue_cert_with_validity(&ca, "old", &old, now - Duration::from_secs(7200), now - Duration::from_secs(3600))
+        .unwrap();
     let (client, server, _, sseen) = configs(&old, &node(&ca, "b"));
     assert!(handshake(client, server).is_err());
     assert_eq!(*sseen.lock().unwrap(), vec![RefusalReason::Expired]);
     let err = load_tls_dir(&old).unwrap_err().to_string();
-    assert!(
-        err.contains("node.pem: expired") && err.contains("trellis cert issue"),
-        "{err}"
-    );
+    assert!(err.contains("node.pem: expired") && err.contains("trellis cert issue"), "{err}");
 }
 
 #[test]
@@ -186,12 +171,7 @@ fn key_files_are_written_0600() {
     let ca = ca("p", "prod");
     let tls = node(&ca, "a");
     for f in [ca.join("ca.key"), tls.join("node.key")] {
-        assert_eq!(
-            fs::metadata(&f).unwrap().permissions().mode() & 0o777,
-            0o600,
-            "{}",
-            f.display()
-        );
+        assert_eq!(fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600, "{}", f.display());
     }
 }
 
@@ -208,10 +188,7 @@ fn show_cert_prints_identity_and_expiry_and_refuses_keys() {
     let tls = node(&ca, "web-1");
     let s = show_cert(&tls.join("node.pem")).unwrap();
     assert_eq!(s.identity.as_deref(), Some("spiffe://prod/node/web-1"));
-    assert!(
-        s.subject.contains("CN=web-1") && s.issuer.contains("Trellis CA prod"),
-        "{s}"
-    );
+    assert!(s.subject.contains("CN=web-1") && s.issuer.contains("Trellis CA prod"), "{s}");
     assert!((0..=1).contains(&s.expires_in_days));
     let err = show_cert(&tls.join("node.key")).unwrap_err().to_string();
     assert!(err.contains("private key") && !err.contains("BEGIN"), "{err}");
@@ -225,13 +202,8 @@ fn load_tls_dir_names_missing_file_and_fix() {
 
 #[test]
 fn bad_names_and_cluster_ids_are_rejected() {
-    assert!(init_ca(&tmp("bad"), Some("Prod_1"))
-        .unwrap_err()
-        .to_string()
-        .contains("cluster_id"));
+    assert!(init_ca(&tmp("bad"), Some("Prod_1")).unwrap_err().to_string().contains("cluster_id"));
     let ca = ca("bn", "prod");
-    let err = issue_cert(&ca, "Bad Name", &tmp("bn-out"), Duration::from_secs(60))
-        .unwrap_err()
-        .to_string();
+    let err = issue_cert(&ca, "Bad Name", &tmp("bn-out"), Duration::from_secs(60)).unwrap_err().to_string();
     assert!(err.starts_with("name:"), "{err}");
 }
