@@ -26,7 +26,14 @@ pub struct SimConfig {
 
 impl SimConfig {
     pub fn new(nodes: usize, timing: Timing, seed: u64) -> SimConfig {
-        SimConfig { nodes, timing, seed, loss: 0.0, delay: Duration::from_micros(500), jitter: Duration::from_micros(500) }
+        SimConfig {
+            nodes,
+            timing,
+            seed,
+            loss: 0.0,
+            delay: Duration::from_micros(500),
+            jitter: Duration::from_micros(500),
+        }
     }
 }
 
@@ -167,7 +174,8 @@ impl Sim {
             if !self.passes(i, to) {
                 continue;
             }
-            let jitter = if self.cfg.jitter.is_zero() { 0 } else { self.rng.random_range(0..self.cfg.jitter.as_nanos() as u64) };
+            let jitter =
+                if self.cfg.jitter.is_zero() { 0 } else { self.rng.random_range(0..self.cfg.jitter.as_nanos() as u64) };
             let at = self.now + self.cfg.delay.as_nanos() as u64 + jitter;
             self.push(at, Event::Deliver { from: i, to, data: t.data });
         }
@@ -283,7 +291,12 @@ impl Sim {
         let n = &mut self.nodes[i];
         n.id.generation += 1;
         n.view.clear();
-        n.core = Some(Membership::new(n.id.clone(), &self.cfg.timing, self.cfg.nodes as u32, self.cfg.seed ^ n.id.generation));
+        n.core = Some(Membership::new(
+            n.id.clone(),
+            &self.cfg.timing,
+            self.cfg.nodes as u32,
+            self.cfg.seed ^ n.id.generation,
+        ));
         self.join(i, seed);
     }
 

@@ -30,7 +30,11 @@ fn crashed_node_is_declared_down_by_all() {
     let bound = timing.probe_period * 8 + timing.suspect_to_down_after;
     let t = sim.run_until(bound, |s| s.fraction_knowing(77, MemberState::Down) == 1.0);
     println!("crash of 1 in 200 down everywhere after {t:?} (bound {bound:?})");
-    assert!(t.is_some(), "not everyone saw the crash within {bound:?}: {:.3}", sim.fraction_knowing(77, MemberState::Down));
+    assert!(
+        t.is_some(),
+        "not everyone saw the crash within {bound:?}: {:.3}",
+        sim.fraction_knowing(77, MemberState::Down)
+    );
     assert_eq!(sim.false_downs(), 0);
 }
 
@@ -81,4 +85,3 @@ fn same_seed_replays_identically() {
     };
     assert_eq!(run(9), run(9));
 }
-

@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the agent.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Manage the cluster certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -196,7 +196,7 @@ impl AgentArgs {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let res = match cli.command {
-        Command::Agent(args) => crate::run::run_agent(args),
+        Command::Agent(args) => crate::run::run_agent(*args),
         Command::Ca(CaCommand::Init { dir, cluster_id }) => crate::pki::init_ca(&dir, cluster_id.as_deref())
             .map(|ca| {
                 println!("cluster id: {}", ca.cluster_id);

@@ -473,10 +473,10 @@ impl ClientCertVerifier for ClusterClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now).map_err(|e| {
-            (self.sink)(RefusalReason::from_tls(&e));
-            e
-        })?;
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+            .inspect_err(|e| (self.sink)(RefusalReason::from_tls(e)))?;
         check_cluster(end_entity, &self.cluster_id).map_err(|r| {
             (self.sink)(r);
             refusal_error(r)

@@ -229,6 +229,11 @@ impl Transport {
                     }
                     Err(e) => {
                         t.stats.incoming_failed.fetch_add(1, Relaxed);
+                        // A missing client certificate never reaches our verifier.
+                        if e.to_string().contains("no certificates") {
+                            t.stats.refuse(RefusalReason::NoCertificate);
+                            t.log.note(RefusalReason::NoCertificate);
+                        }
                         t.log.incoming_failed(from, &e);
                     }
                 }

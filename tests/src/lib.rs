@@ -14,7 +14,33 @@ use trellis_node::pki;
 pub async fn raw_peer(tls_dir: &Path, to: SocketAddr) -> anyhow::Result<quinn::Connection> {
     let tls = pki::load_tls_dir_unchecked(tls_dir)?;
     let sink: pki::RefusalSink = Arc::new(|_| {});
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(pki::client_config(&tls, sink)?)?;
+    connect(pki::client_config(&tls, sink)?, to).await
+}
+
+/// Connects presenting no client certificate at all (the server is still verified).
+pub async fn raw_peer_without_certificate(tls_dir: &Path, to: SocketAddr) -> anyhow::Result<quinn::Connection> {
+    let tls = pki::load_tls_dir_unchecked(tls_dir)?;
+    let sink: pki::RefusalSink = Arc::new(|_| {});
+    let mut cfg = pki::client_config(&tls, sink)?;
+    cfg.client_auth_cert_resolver = Arc::new(NoClientCert);
+    connect(cfg, to).await
+}
+
+#[derive(Debug)]
+struct NoClientCert;
+
+impl rustls::client::ResolvesClientCert for NoClientCert {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
+
+async fn connect(cfg: rustls::ClientConfig, to: SocketAddr) -> anyhow::Result<quinn::Connection> {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(Duration::from_secs(5).try_into()?));

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use trellis_chaos::cluster::{Cluster, ClusterSpec};
-use trellis_tests::{metric, raw_peer};
+use trellis_tests::{metric, raw_peer, raw_peer_without_certificate};
 
 fn spec(nodes: usize) -> ClusterSpec {
     ClusterSpec { nodes, ..ClusterSpec::default() }
@@ -144,8 +144,17 @@ fn peers_with_expired_or_foreign_client_certificates_are_refused_by_reason() {
         anyhow::Ok(())
     });
     println!("expired peer: {res:?}");
+    // No certificate at all.
+    let tls = c.node(0).tls_dir.clone();
+    let res = rt.block_on(async {
+        let conn = raw_peer_without_certificate(&tls, seed).await?;
+        tokio::time::timeout(Duration::from_secs(3), conn.closed()).await?;
+        anyhow::Ok(())
+    });
+    println!("peer without certificate: {res:?}");
     let m = c.node(0).api().get_text("/metrics").unwrap();
     assert!(metric(&m, "trellis_handshakes_refused_total{reason=\"expired\"}").unwrap() >= 1.0, "{m}");
+    assert!(metric(&m, "trellis_handshakes_refused_total{reason=\"no_certificate\"}").unwrap() >= 1.0, "{m}");
     assert_eq!(c.node(0).api().members().unwrap().len(), 1);
 }
 

@@ -35,4 +35,8 @@ impl TimerQueue {
     pub fn len(&self) -> usize {
         self.queue.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
 }
