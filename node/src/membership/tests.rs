@@ -58,6 +58,17 @@ impl Net {
         }
     }
 
+    /// `n` nodes that all joined through the first and had two seconds to converge.
+    fn joined(n: u8) -> Net {
+        let mut net = Net::new(n);
+        let (seed, now) = (id(2).addr, net.now);
+        for m in net.nodes.values_mut() {
+            m.join(now, &[seed]);
+        }
+        net.run(40, Duration::from_millis(50));
+        net
+    }
+
     fn state_of(&self, viewer: u8, subject: u8) -> Option<MemberState> {
         self.nodes[&id(viewer).addr].members().into_iter().find(|m| m.id.name == format!("n{subject}")).map(|m| m.state)
     }
@@ -65,13 +76,7 @@ impl Net {
 
 #[test]
 fn nodes_joined_through_one_seed_see_each_other_alive() {
-    let mut net = Net::new(4);
-    let seed = id(2).addr;
-    let now = net.now;
-    for m in net.nodes.values_mut() {
-        m.join(now, &[seed]);
-    }
-    net.run(40, Duration::from_millis(50));
+    let mut net = Net::joined(4);
     for v in 2..6 {
         for s in 2..6 {
             assert_eq!(net.state_of(v, s), Some(MemberState::Alive), "n{v} about n{s}");
@@ -81,13 +86,7 @@ fn nodes_joined_through_one_seed_see_each_other_alive() {
 
 #[test]
 fn crashed_node_is_declared_down_and_graceful_leave_is_left() {
-    let mut net = Net::new(4);
-    let seed = id(2).addr;
-    let now = net.now;
-    for m in net.nodes.values_mut() {
-        m.join(now, &[seed]);
-    }
-    net.run(40, Duration::from_millis(50));
+    let mut net = Net::joined(4);
     net.down.push(id(5).addr);
     let now = net.now;
     net.nodes.get_mut(&id(4).addr).unwrap().leave(now);
