@@ -10,5 +10,6 @@ pub mod dev;
 pub mod membership;
 pub mod metrics;
 pub mod pki;
+pub mod policy;
 pub mod run;
 pub mod transport;

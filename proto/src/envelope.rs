@@ -22,12 +22,15 @@ pub const HEADER_LEN: usize = 3;
 pub enum Kind {
     /// A foca SWIM packet, encoded with [`crate::GossipCodec`].
     Gossip = 1,
+    /// Policy anti-entropy and pushes, a [`crate::PolicySync`].
+    PolicySync = 2,
 }
 
 impl Kind {
     fn from_byte(b: u8) -> Option<Kind> {
         match b {
             1 => Some(Kind::Gossip),
+            2 => Some(Kind::PolicySync),
             _ => None,
         }
     }
@@ -36,6 +39,7 @@ impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Gossip => "gossip",
+            Kind::PolicySync => "policy_sync",
         }
     }
 }

@@ -62,7 +62,7 @@ pub fn peek_header(packet: &[u8]) -> Result<Header<NodeIdentity>, DecodeError> {
 }
 
 /// Custom broadcast item kinds (first byte of an item).
-const ITEM_LEAVE: u8 = 1;
+pub const ITEM_LEAVE: u8 = 1;
 
 /// "This node left on purpose": lets every member tell a graceful leave from a crash.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -82,6 +82,7 @@ impl LeaveNotice {
     pub fn decode(item: &[u8]) -> Result<LeaveNotice, DecodeError> {
         match item.split_first() {
             Some((&ITEM_LEAVE, body)) => GossipCodec::decode_item("leave notice", body),
+            Some((&crate::policy::ITEM_POLICY, _)) => Err(DecodeError::UnknownKind(crate::policy::ITEM_POLICY)),
             Some((&kind, _)) => Err(DecodeError::UnknownKind(kind)),
             None => Err(DecodeError::Truncated),
         }

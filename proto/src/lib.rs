@@ -9,10 +9,12 @@ pub mod envelope;
 pub mod gossip;
 pub mod identity;
 pub mod limits;
+pub mod policy;
 
 pub use envelope::{DecodeError, Kind, WIRE_VERSION};
 pub use gossip::{GossipCodec, LeaveNotice};
 pub use identity::{NodeIdentity, NodeMeta};
+pub use policy::{PolicyEntry, PolicySync};
 
 /// The bincode configuration every Trellis message uses: varint integers and a hard cap on
 /// what one decode may allocate, so a lying length prefix cannot exhaust memory.

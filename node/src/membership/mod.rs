@@ -203,6 +203,7 @@ impl Membership {
     pub fn handle_datagram(&mut self, now: Instant, cert_name: Option<&str>, data: &[u8]) -> Result<(), PacketError> {
         match envelope::decode(data, limits::MAX_STREAM_MESSAGE) {
             Ok((Kind::Gossip, body)) => self.handle_gossip(now, cert_name, body),
+            Ok((kind, _)) => Err(PacketError::Refused(format!("{} is not gossip", kind.as_str()))),
             Err(e) => {
                 self.io.stats.malformed_in += 1;
                 Err(PacketError::Malformed(e.to_string()))

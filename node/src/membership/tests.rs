@@ -76,7 +76,7 @@ impl Net {
 
 #[test]
 fn nodes_joined_through_one_seed_see_each_other_alive() {
-    let mut net = Net::joined(4);
+    let net = Net::joined(4);
     for v in 2..6 {
         for s in 2..6 {
             assert_eq!(net.state_of(v, s), Some(MemberState::Alive), "n{v} about n{s}");

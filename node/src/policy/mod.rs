@@ -1,0 +1,133 @@
+//! Cluster policy: typed objects in last-writer-wins registers, replicated by gossip and
+//! anti-entropy, kept in a write-ahead log. No leader, no central store.
+
+pub mod hlc;
+pub mod model;
+pub mod store;
+pub mod sync;
+pub mod wal;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use trellis_proto::PolicyEntry;
+
+pub use model::{FieldError, Kind};
+pub use store::{Key, PolicyStore, Register, StoreError, Version};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A write that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("could not persist the write: {0}; check the data dir's disk")]
+    Io(#[from] std::io::Error),
+}
+
+/// The node's policy: the store, its log, and a watch for blocking reads. Shared by the
+/// API handlers, the gossip handler and the agent task.
+pub struct Policy {
+    pub store: Mutex<PolicyStore>,
+    wal: Mutex<wal::Wal>,
+    pub index: watch::Sender<u64>,
+}
+
+impl Policy {
+    /// Opens the log in `data_dir` and replays it.
+    pub fn open(data_dir: &Path, node_name: &str) -> std::io::Result<Arc<Policy>> {
+        let (wal, records) = wal::Wal::open(data_dir)?;
+        let mut store = PolicyStore::new(node_name);
+        let now = now_ms();
+        let mut refused = 0;
+        for (k, r) in records {
+            if store.merge(now.max(r.marker.hlc >> 16), k, r).is_err() {
+                refused += 1;
+            }
+        }
+        store.take_dirty();
+        if refused > 0 {
+            tracing::warn!(refused, "policy log held entries that no longer validate; skipped them");
+        }
+        tracing::info!(objects = store.len(), "policy loaded");
+        let index = watch::channel(store.index()).0;
+        Ok(Arc::new(Policy { store: Mutex::new(store), wal: Mutex::new(wal), index }))
+    }
+
+    /// A local write or delete (`body: None`): validated, fsynced, then applied. Returns
+    /// the entry to publish.
+    pub fn write(&self, key: Key, body: Option<&[u8]>, cas: Option<Version>) -> Result<PolicyEntry, WriteError> {
+        let mut store = self.store.lock().expect("policy lock");
+        let reg = store.prepare(now_ms(), &key, body, cas)?;
+        let mut wal = self.wal.lock().expect("wal lock");
+        wal.append(&[(key.clone(), reg.clone())], true)?;
+        store.commit(key.clone(), reg.clone());
+        store.take_dirty();
+        let _ = wal.maybe_compact(store.iter());
+        self.index.send_replace(store.index());
+        Ok(store::to_wire(&key, &reg))
+    }
+
+    /// Merges entries from a peer; returns (new, refused). Invalid entries are refused
+    /// one by one, never stored.
+    pub fn merge_entries(&self, entries: Vec<PolicyEntry>) -> (usize, usize) {
+        let mut store = self.store.lock().expect("policy lock");
+        let (mut new, mut refused) = (0, 0);
+        let now = now_ms();
+        for e in entries {
+            match store::from_wire(e).map_err(StoreError::from).and_then(|(k, r)| store.merge(now, k, r)) {
+                Ok(store::Merged::New) => new += 1,
+                Ok(store::Merged::Stale) => {}
+                Err(err) => {
+                    refused += 1;
+                    store.stats.refused += 1;
+                    tracing::warn!(error = %err, "refused a policy entry from a peer");
+                }
+            }
+        }
+        drop(store);
+        self.persist();
+        (new, refused)
+    }
+
+    /// Writes merged changes to the log and wakes blocking readers.
+    pub fn persist(&self) {
+        let mut store = self.store.lock().expect("policy lock");
+        let dirty = store.take_dirty();
+        if dirty.is_empty() {
+            return;
+        }
+        let mut wal = self.wal.lock().expect("wal lock");
+        if let Err(e) = wal.append(&dirty, true) {
+            tracing::error!(error = %e, "could not persist replicated policy; it stays in memory and will be re-synced");
+        }
+        let _ = wal.maybe_compact(store.iter());
+        self.index.send_replace(store.index());
+    }
+
+    /// The gossip handler's entry point for a piggybacked entry: returns whether it was new
+    /// (so foca spreads it further). Local items (already committed) always spread.
+    pub fn receive_item(&self, body: &[u8], local: bool) -> Result<bool, String> {
+        let entry = PolicyEntry::decode_item(body).map_err(|e| e.to_string())?;
+        if local {
+            return Ok(true);
+        }
+        let mut store = self.store.lock().expect("policy lock");
+        let res = store::from_wire(entry).map_err(StoreError::from).and_then(|(k, r)| store.merge(now_ms(), k, r));
+        match res {
+            Ok(m) => Ok(m == store::Merged::New),
+            Err(e) => {
+                store.stats.refused += 1;
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

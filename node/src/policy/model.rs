@@ -1,0 +1,625 @@
+//! The policy object model: typed, validated, with defaults for everything but the
+//! essentials. The same parse-and-validate runs on the API and on every object a peer sends.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The kinds of policy objects, as they appear in API paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Services,
+    Subsets,
+    Routes,
+    Splits,
+    Ratelimits,
+    Intentions,
+    Settings,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 7] =
+        [Kind::Services, Kind::Subsets, Kind::Routes, Kind::Splits, Kind::Ratelimits, Kind::Intentions, Kind::Settings];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Services => "services",
+            Kind::Subsets => "subsets",
+            Kind::Routes => "routes",
+            Kind::Splits => "splits",
+            Kind::Ratelimits => "ratelimits",
+            Kind::Intentions => "intentions",
+            Kind::Settings => "settings",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Kind, FieldError> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| FieldError {
+            path: "kind".into(),
+            message: format!("unknown policy kind {s:?}"),
+            fix: "use one of services, subsets, routes, splits, ratelimits, intentions, settings".into(),
+        })
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A validation error: the field path, what is wrong, and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+    pub fix: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)?;
+        if !self.fix.is_empty() {
+            write!(f, "; {}", self.fix)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+fn err(path: impl Into<String>, message: impl Into<String>, fix: impl Into<String>) -> FieldError {
+    FieldError { path: path.into(), message: message.into(), fix: fix.into() }
+}
+
+/// Largest encoded policy object accepted from anyone.
+pub const MAX_OBJECT_BYTES: usize = 64 * 1024;
+
+/// Object names: DNS-label-like, so they fit in paths, metrics and hostnames.
+pub fn validate_name(kind: Kind, name: &str) -> Result<(), FieldError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.')
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if !ok {
+        return Err(err(
+            format!("{kind}.{name}"),
+            "invalid object name",
+            "use 1-63 characters of a-z, 0-9, '-', '_', '.', starting with a letter or digit",
+        ));
+    }
+    if kind == Kind::Settings && name != "mesh" {
+        return Err(err(
+            format!("settings.{name}"),
+            "the only settings object is `mesh`",
+            "PUT /v1/policy/settings/mesh",
+        ));
+    }
+    Ok(())
+}
+
+mod dur {
+    pub use humantime_serde::{deserialize, serialize};
+}
+
+fn d(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    Random,
+    Weighted,
+    LeastRequest,
+    PeakEwma,
+    RingHash,
+    Maglev,
+}
+
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoadBalancing {
+    pub policy: LbPolicy,
+    /// Header hashed by ring_hash and maglev.
+    pub hash_header: Option<String>,
+    /// Prefer instances in the caller's zone, then region, then anywhere.
+    pub locality: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryOn {
+    ConnectFailure,
+    Reset,
+    #[serde(rename = "5xx")]
+    ServerError,
+    GatewayError,
+    Timeout,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub on: Vec<RetryOn>,
+    #[serde(with = "humantime_serde")]
+    pub per_try_timeout: Option<Duration>,
+    /// Retries allowed as a share (percent) of requests...
+    pub budget_percent: f64,
+    /// ...plus this many per second regardless.
+    pub min_retries_per_second: u32,
+    #[serde(with = "dur")]
+    pub backoff_base: Duration,
+    #[serde(with = "dur")]
+    pub backoff_max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 2,
+            on: vec![RetryOn::ConnectFailure, RetryOn::Reset, RetryOn::GatewayError],
+            per_try_timeout: None,
+            budget_percent: 20.0,
+            min_retries_per_second: 10,
+            backoff_base: d(25),
+            backoff_max: d(250),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreaker {
+    pub max_connections: u32,
+    pub max_pending: u32,
+    pub max_requests: u32,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        CircuitBreaker { max_connections: 1024, max_pending: 1024, max_requests: 1024 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierDetection {
+    pub consecutive_failures: u32,
+    #[serde(with = "dur")]
+    pub base_ejection_time: Duration,
+    /// Ejection time grows by this factor with each repeat ejection.
+    pub ejection_growth: f64,
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_failures: 5,
+            base_ejection_time: d(30_000),
+            ejection_growth: 2.0,
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckDefaults {
+    #[serde(with = "dur")]
+    pub interval: Duration,
+    #[serde(with = "dur")]
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthCheckDefaults {
+    fn default() -> Self {
+        HealthCheckDefaults { interval: d(5_000), timeout: d(1_000), healthy_threshold: 2, unhealthy_threshold: 3 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Service {
+    pub protocol: Protocol,
+    pub lb: LoadBalancing,
+    #[serde(with = "dur")]
+    pub connect_timeout: Duration,
+    /// Whole-request timeout.
+    #[serde(with = "dur")]
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+    pub circuit_breaker: CircuitBreaker,
+    pub outlier_detection: OutlierDetection,
+    pub health_check: HealthCheckDefaults,
+}
+
+impl Default for Service {
+    fn default() -> Self {
+        Service {
+            protocol: Protocol::Http,
+            lb: LoadBalancing::default(),
+            connect_timeout: d(2_000),
+            timeout: d(15_000),
+            retry: RetryPolicy::default(),
+            circuit_breaker: CircuitBreaker::default(),
+            outlier_detection: OutlierDetection::default(),
+            health_check: HealthCheckDefaults::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subset {
+    pub service: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueMatch {
+    pub name: String,
+    /// Exact value; absent means "present with any value".
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteMatch {
+    pub path: Option<PathMatch>,
+    pub methods: Vec<String>,
+    pub headers: Vec<ValueMatch>,
+    pub query: Vec<ValueMatch>,
+}
+
+/// Where a matched request goes: exactly one of the three.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Destination {
+    pub service: Option<String>,
+    pub subset: Option<String>,
+    pub split: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// The service (host) whose requests this route applies to.
+    pub service: String,
+    /// Routes of a service are evaluated by descending priority, then by name.
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default, rename = "match")]
+    pub matches: RouteMatch,
+    pub destination: Destination,
+    #[serde(default)]
+    pub rewrite_prefix: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    #[serde(default)]
+    pub retry: Option<RetryPolicy>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub subset: Option<String>,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Split {
+    pub service: String,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub service: String,
+    #[serde(default)]
+    pub route: Option<String>,
+    pub requests_per_second: f64,
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// `header:<name>` or `caller`: one bucket per value instead of one for all.
+    #[serde(default)]
+    pub per: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Intention {
+    /// Caller identity (`spiffe://<cluster>/node/<name>`) or `*`.
+    pub source: String,
+    pub destination: String,
+    pub action: Action,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// What happens when no intention matches.
+    pub intention_default: Action,
+}
+
+/// A parsed, validated object of any kind.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Object {
+    Service(Service),
+    Subset(Subset),
+    Route(Route),
+    Split(Split),
+    RateLimit(RateLimit),
+    Intention(Intention),
+    Settings(Settings),
+}
+
+fn parse_as<T: serde::de::DeserializeOwned>(prefix: &str, json: &[u8]) -> Result<T, FieldError> {
+    let de = &mut serde_json::Deserializer::from_slice(json);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let path = if path == "." { prefix.to_string() } else { format!("{prefix}.{path}") };
+        err(path, inner.to_string(), "see README.md, section Policy, for the fields and their types")
+    })
+}
+
+/// Parses and validates an object body (JSON). Used for API input and peer input alike.
+pub fn parse(kind: Kind, name: &str, json: &[u8]) -> Result<Object, FieldError> {
+    validate_name(kind, name)?;
+    let p = format!("{kind}.{name}");
+    if json.len() > MAX_OBJECT_BYTES {
+        return Err(err(p, format!("object is {} bytes, at most {MAX_OBJECT_BYTES}", json.len()), "split it up"));
+    }
+    let obj = match kind {
+        Kind::Services => Object::Service(parse_as(&p, json)?),
+        Kind::Subsets => Object::Subset(parse_as(&p, json)?),
+        Kind::Routes => Object::Route(parse_as(&p, json)?),
+        Kind::Splits => Object::Split(parse_as(&p, json)?),
+        Kind::Ratelimits => Object::RateLimit(parse_as(&p, json)?),
+        Kind::Intentions => Object::Intention(parse_as(&p, json)?),
+        Kind::Settings => Object::Settings(parse_as(&p, json)?),
+    };
+    obj.validate(&p)?;
+    Ok(obj)
+}
+
+fn need(path: String, v: &str, what: &str) -> Result<(), FieldError> {
+    if v.is_empty() {
+        return Err(err(path, format!("{what} is empty"), format!("name the {what}")));
+    }
+    Ok(())
+}
+
+fn check_regex(path: String, re: &str) -> Result<(), FieldError> {
+    regex::Regex::new(re)
+        .map(|_| ())
+        .map_err(|e| err(path, format!("invalid regex: {e}"), "fix the regular expression"))
+}
+
+impl Object {
+    /// Checks the rules that span fields (serde has checked types and names).
+    pub fn validate(&self, p: &str) -> Result<(), FieldError> {
+        match self {
+            Object::Service(s) => {
+                if s.timeout.is_zero() || s.connect_timeout.is_zero() {
+                    return Err(err(format!("{p}.timeout"), "timeouts must be above zero", "e.g. \"2s\""));
+                }
+                if !(0.0..=100.0).contains(&s.retry.budget_percent) {
+                    return Err(err(format!("{p}.retry.budget_percent"), "must be within 0..100", ""));
+                }
+                if s.retry.attempts > 10 {
+                    return Err(err(format!("{p}.retry.attempts"), "at most 10", "retries multiply load"));
+                }
+                if s.outlier_detection.max_ejected_percent > 100 {
+                    return Err(err(format!("{p}.outlier_detection.max_ejected_percent"), "must be within 0..100", ""));
+                }
+                if matches!(s.lb.policy, LbPolicy::RingHash | LbPolicy::Maglev) && s.lb.hash_header.is_none() {
+                    return Err(err(
+                        format!("{p}.lb.hash_header"),
+                        "hash policies need a header to hash",
+                        "set lb.hash_header, e.g. \"x-user\"",
+                    ));
+                }
+                Ok(())
+            }
+            Object::Subset(s) => {
+                need(format!("{p}.service"), &s.service, "service")?;
+                if s.labels.is_empty() {
+                    return Err(err(
+                        format!("{p}.labels"),
+                        "a subset needs at least one label",
+                        "e.g. {\"version\": \"v2\"}",
+                    ));
+                }
+                Ok(())
+            }
+            Object::Route(r) => {
+                need(format!("{p}.service"), &r.service, "service")?;
+                let d = &r.destination;
+                let set = [&d.service, &d.subset, &d.split].iter().filter(|x| x.is_some()).count();
+                if set != 1 {
+                    return Err(err(
+                        format!("{p}.destination"),
+                        format!("{set} destinations given"),
+                        "give exactly one of service, subset, split",
+                    ));
+                }
+                if let Some(PathMatch::Regex(re)) = &r.matches.path {
+                    check_regex(format!("{p}.match.path.regex"), re)?;
+                }
+                for (i, h) in r.matches.headers.iter().chain(&r.matches.query).enumerate() {
+                    if let Some(re) = &h.regex {
+                        check_regex(format!("{p}.match.headers[{i}].regex"), re)?;
+                    }
+                }
+                Ok(())
+            }
+            Object::Split(s) => {
+                need(format!("{p}.service"), &s.service, "service")?;
+                if s.backends.is_empty() {
+                    return Err(err(format!("{p}.backends"), "no backends", "list at least one backend"));
+                }
+                for (i, b) in s.backends.iter().enumerate() {
+                    if b.service.is_some() == b.subset.is_some() {
+                        return Err(err(format!("{p}.backends[{i}]"), "needs exactly one of service or subset", ""));
+                    }
+                }
+                let sum: u64 = s.backends.iter().map(|b| u64::from(b.weight)).sum();
+                if sum != 100 {
+                    let last = s.backends.len() - 1;
+                    return Err(err(
+                        format!("{p}.backends[{last}].weight"),
+                        format!("weights sum to {sum}, must be 100"),
+                        "adjust the weights",
+                    ));
+                }
+                Ok(())
+            }
+            Object::RateLimit(r) => {
+                need(format!("{p}.service"), &r.service, "service")?;
+                if !(r.requests_per_second.is_finite() && r.requests_per_second > 0.0) {
+                    return Err(err(format!("{p}.requests_per_second"), "must be a number above zero", "e.g. 1000"));
+                }
+                match r.per.as_deref() {
+                    None | Some("caller") => Ok(()),
+                    Some(h) if h.strip_prefix("header:").is_some_and(|n| !n.is_empty()) => Ok(()),
+                    Some(other) => Err(err(
+                        format!("{p}.per"),
+                        format!("{other:?} is not a key"),
+                        "use \"caller\" or \"header:<name>\"",
+                    )),
+                }
+            }
+            Object::Intention(i) => {
+                need(format!("{p}.destination"), &i.destination, "destination")?;
+                if i.source != "*" && !i.source.starts_with("spiffe://") {
+                    return Err(err(
+                        format!("{p}.source"),
+                        format!("{:?} is not an identity", i.source),
+                        "use \"*\" or spiffe://<cluster>/node/<name>",
+                    ));
+                }
+                Ok(())
+            }
+            Object::Settings(_) => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smallest_useful_objects_parse_with_defaults() {
+        let s = parse(
+            Kind::Services,
+            "web",
+            br#"{"protocol": "http", "lb": {"policy": "least_request"}, "timeout": "2s"}"#,
+        )
+        .unwrap();
+        let Object::Service(s) = s else { panic!() };
+        assert_eq!(s.timeout, Duration::from_secs(2));
+        assert_eq!(s.lb.policy, LbPolicy::LeastRequest);
+        assert_eq!(s.retry.attempts, 2);
+        parse(
+            Kind::Splits,
+            "web-canary",
+            br#"{"service": "web", "backends": [{"subset": "v1", "weight": 90}, {"subset": "v2", "weight": 10}]}"#,
+        )
+        .unwrap();
+        parse(
+            Kind::Ratelimits,
+            "web",
+            br#"{"service": "web", "requests_per_second": 1000, "burst": 200, "per": "header:x-user"}"#,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn split_weights_error_names_the_field() {
+        let e = parse(
+            Kind::Splits,
+            "canary",
+            br#"{"service": "web", "backends": [{"subset": "v1", "weight": 90}, {"subset": "v2", "weight": 7}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "splits.canary.backends[1].weight: weights sum to 97, must be 100; adjust the weights"
+        );
+    }
+
+    #[test]
+    fn type_errors_and_unknown_fields_name_the_path() {
+        let e = parse(Kind::Services, "web", br#"{"retry": {"attempts": "many"}}"#).unwrap_err();
+        assert_eq!(e.path, "services.web.retry.attempts");
+        let e = parse(Kind::Services, "web", br#"{"timout": "2s"}"#).unwrap_err();
+        assert!(e.message.contains("unknown field `timout`"), "{e}");
+        let e = parse(
+            Kind::Routes,
+            "r",
+            br#"{"service": "web", "match": {"path": {"regex": "("}}, "destination": {"service": "web"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "routes.r.match.path.regex");
+    }
+
+    #[test]
+    fn bad_names_and_oversized_bodies_are_refused() {
+        assert!(parse(Kind::Services, "Web App", b"{}").is_err());
+        assert!(parse(Kind::Settings, "other", b"{}").is_err());
+        let big = format!("{{\"service\": \"{}\", \"labels\": {{\"a\": \"b\"}}}}", "x".repeat(MAX_OBJECT_BYTES));
+        assert!(parse(Kind::Subsets, "s", big.as_bytes()).unwrap_err().message.contains("bytes"));
+    }
+}

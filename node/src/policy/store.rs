@@ -1,0 +1,326 @@
+//! The replicated policy store: one last-writer-wins register per object.
+//!
+//! Each object is a `crdts::LWWReg` whose marker is a [`Version`] (hybrid logical clock,
+//! writer id): merging is commutative, associative and idempotent, never mixes fields of two
+//! versions, and picks the same winner everywhere. Why not `crdts::Map`/`MVReg`: their
+//! vector clocks grow with every writer (about 2 KB per entry after 64 writers), while a
+//! version here is 16 bytes plus two 16-byte ancestors however many nodes wrote: 48 bytes.
+//! The ancestors tell an update (which saw what it replaced) from a concurrent write, whose
+//! loser is kept as a visible conflict instead of vanishing.
+
+use std::collections::BTreeMap;
+
+use crdts::{CvRDT, LWWReg};
+use serde::{Deserialize, Serialize};
+use trellis_proto::PolicyEntry;
+
+use super::hlc::Hlc;
+use super::model::{self, FieldError, Kind};
+
+/// A total order on writes: HLC first, writer id to break ties.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Version {
+    pub hlc: u64,
+    pub node: u64,
+}
+
+impl Version {
+    pub fn is_none(&self) -> bool {
+        *self == Version::default()
+    }
+
+    /// The compact form used in API responses and `?cas=`.
+    pub fn token(&self) -> String {
+        format!("{}.{:x}", self.hlc, self.node)
+    }
+
+    pub fn parse_token(s: &str) -> Option<Version> {
+        if s == "0" {
+            return Some(Version::default());
+        }
+        let (hlc, node) = s.split_once('.')?;
+        Some(Version { hlc: hlc.parse().ok()?, node: u64::from_str_radix(node, 16).ok()? })
+    }
+}
+
+/// What a register holds besides its version.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Value {
+    /// Canonical JSON of the object; `None` is a tombstone.
+    pub body: Option<String>,
+    pub ancestors: [Version; 2],
+}
+
+pub type Register = LWWReg<Value, Version>;
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Key {
+    pub kind: Kind,
+    pub name: String,
+}
+
+/// A concurrent version that lost.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Conflict {
+    pub version: Version,
+    pub body: Option<String>,
+    pub lost_to: Version,
+}
+
+/// How a merge went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merged {
+    /// The incoming version won; state changed.
+    New,
+    /// We already had it or something newer.
+    Stale,
+}
+
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct PolicyStats {
+    pub local_writes: u64,
+    pub merged_new: u64,
+    pub merged_stale: u64,
+    pub conflicts: u64,
+    pub refused: u64,
+}
+
+/// Why a write or a peer's entry was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Invalid(#[from] FieldError),
+    #[error("version mismatch: the object is at {current}, not {expected}")]
+    CasMismatch { expected: String, current: String },
+    #[error("{0}")]
+    Refused(String),
+}
+
+pub const BUCKETS: usize = 256;
+/// Conflicts remembered per object (the newest).
+const MAX_CONFLICTS: usize = 4;
+/// A peer's clock may run this far ahead before its writes are refused.
+const MAX_FUTURE_MS: u64 = 60_000;
+
+/// FNV-1a: a hash every node and every version computes identically (std's is not
+/// guaranteed stable across Rust releases).
+pub fn fnv64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for p in parts {
+        for b in *p {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+fn bucket_of(key: &Key) -> usize {
+    (fnv64(&[key.kind.as_str().as_bytes(), key.name.as_bytes()]) % BUCKETS as u64) as usize
+}
+
+fn entry_hash(key: &Key, reg: &Register) -> u64 {
+    let v = reg.marker;
+    fnv64(&[key.kind.as_str().as_bytes(), key.name.as_bytes(), &v.hlc.to_le_bytes(), &v.node.to_le_bytes()])
+}
+
+pub struct PolicyStore {
+    node: u64,
+    hlc: Hlc,
+    objects: BTreeMap<Key, Register>,
+    conflicts: BTreeMap<Key, Vec<Conflict>>,
+    buckets: Vec<u64>,
+    /// Bumped on every change; blocking reads wait on it.
+    index: u64,
+    /// Keys changed since the shell last persisted and published.
+    dirty: Vec<(Key, Register)>,
+    pub stats: PolicyStats,
+}
+
+impl PolicyStore {
+    pub fn new(node_name: &str) -> PolicyStore {
+        PolicyStore {
+            node: fnv64(&[node_name.as_bytes()]),
+            hlc: Hlc::default(),
+            objects: BTreeMap::new(),
+            conflicts: BTreeMap::new(),
+            buckets: vec![0; BUCKETS],
+            index: 0,
+            dirty: Vec::new(),
+            stats: PolicyStats::default(),
+        }
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.node
+    }
+
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    pub fn get(&self, key: &Key) -> Option<&Register> {
+        self.objects.get(key)
+    }
+
+    pub fn conflicts(&self, key: &Key) -> &[Conflict] {
+        self.conflicts.get(key).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Key, &Register)> {
+        self.objects.iter()
+    }
+
+    /// Prepares a local write (validated, versioned) without applying it, so the shell can
+    /// make it durable first. `cas`: the version the caller read (`0` = must not exist).
+    pub fn prepare(
+        &mut self,
+        now_ms: u64,
+        key: &Key,
+        body: Option<&[u8]>,
+        cas: Option<Version>,
+    ) -> Result<Register, StoreError> {
+        let current = self.objects.get(key);
+        let current_version = current.filter(|r| r.val.body.is_some()).map(|r| r.marker).unwrap_or_default();
+        if let Some(expected) = cas {
+            if expected != current_version {
+                return Err(StoreError::CasMismatch { expected: expected.token(), current: current_version.token() });
+            }
+        }
+        let body = match body {
+            Some(json) => {
+                let obj = model::parse(key.kind, &key.name, json)?;
+                Some(serde_json::to_string(&obj).expect("objects serialize"))
+            }
+            None => None,
+        };
+        let version = Version { hlc: self.hlc.tick(now_ms), node: self.node };
+        let ancestors = match current {
+            Some(r) => [r.marker, r.val.ancestors[0]],
+            None => [Version::default(); 2],
+        };
+        Ok(LWWReg { val: Value { body, ancestors }, marker: version })
+    }
+
+    /// Applies a prepared local write.
+    pub fn commit(&mut self, key: Key, reg: Register) {
+        self.stats.local_writes += 1;
+        self.install(key, reg);
+    }
+
+    fn install(&mut self, key: Key, reg: Register) {
+        let b = bucket_of(&key);
+        if let Some(old) = self.objects.get(&key) {
+            self.buckets[b] ^= entry_hash(&key, old);
+        }
+        self.buckets[b] ^= entry_hash(&key, &reg);
+        self.dirty.push((key.clone(), reg.clone()));
+        self.objects.insert(key, reg);
+        self.index += 1;
+    }
+
+    /// Merges a version from a peer (or from disk). Validates it exactly as the API would.
+    pub fn merge(&mut self, now_ms: u64, key: Key, reg: Register) -> Result<Merged, StoreError> {
+        if let Some(body) = &reg.val.body {
+            model::parse(key.kind, &key.name, body.as_bytes())?;
+        }
+        if reg.marker.hlc >> 16 > now_ms + MAX_FUTURE_MS {
+            return Err(StoreError::Refused(format!(
+                "{}.{}: version is {} s in the future; check the writer's clock",
+                key.kind,
+                key.name,
+                ((reg.marker.hlc >> 16) - now_ms) / 1000
+            )));
+        }
+        self.hlc.observe(reg.marker.hlc);
+        let Some(local) = self.objects.get(&key).cloned() else {
+            self.stats.merged_new += 1;
+            self.install(key, reg);
+            return Ok(Merged::New);
+        };
+        local.validate_merge(&reg).map_err(|e| StoreError::Refused(format!("{}.{}: {e}", key.kind, key.name)))?;
+        if reg.marker <= local.marker {
+            if reg.marker < local.marker && !local.val.ancestors.contains(&reg.marker) {
+                let lost_to = local.marker;
+                self.note_conflict(&key, &reg, lost_to);
+            }
+            self.stats.merged_stale += 1;
+            return Ok(Merged::Stale);
+        }
+        if !reg.val.ancestors.contains(&local.marker) {
+            let (loser, winner) = (local.clone(), reg.marker);
+            self.note_conflict(&key, &loser, winner);
+        }
+        let mut merged = local;
+        merged.merge(reg);
+        self.stats.merged_new += 1;
+        self.install(key, merged);
+        Ok(Merged::New)
+    }
+
+    fn note_conflict(&mut self, key: &Key, loser: &Register, lost_to: Version) {
+        let list = self.conflicts.entry(key.clone()).or_default();
+        if list.iter().any(|c| c.version == loser.marker) {
+            return;
+        }
+        self.stats.conflicts += 1;
+        list.push(Conflict { version: loser.marker, body: loser.val.body.clone(), lost_to });
+        if list.len() > MAX_CONFLICTS {
+            list.remove(0);
+        }
+    }
+
+    /// Changes since the last call, for the shell to persist and publish.
+    pub fn take_dirty(&mut self) -> Vec<(Key, Register)> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Order-independent hash of the whole state.
+    pub fn root(&self) -> u64 {
+        self.buckets.iter().fold(0, |a, b| a ^ b.rotate_left(7)) ^ self.objects.len() as u64
+    }
+
+    pub fn buckets(&self) -> &[u64] {
+        &self.buckets
+    }
+
+    /// Buckets whose hashes differ from a peer's.
+    pub fn diff(&self, theirs: &[u64]) -> Vec<u16> {
+        (0..BUCKETS).filter(|&i| theirs.get(i) != Some(&self.buckets[i])).map(|i| i as u16).collect()
+    }
+
+    pub fn entries_in(&self, buckets: &[u16]) -> Vec<PolicyEntry> {
+        let want: std::collections::HashSet<usize> = buckets.iter().map(|b| *b as usize).collect();
+        self.objects.iter().filter(|(k, _)| want.contains(&bucket_of(k))).map(|(k, r)| to_wire(k, r)).collect()
+    }
+}
+
+pub fn to_wire(key: &Key, reg: &Register) -> PolicyEntry {
+    let v = |x: Version| (x.hlc, x.node);
+    PolicyEntry {
+        kind: key.kind.as_str().into(),
+        name: key.name.clone(),
+        version: v(reg.marker),
+        ancestors: [v(reg.val.ancestors[0]), v(reg.val.ancestors[1])],
+        body: reg.val.body.clone(),
+    }
+}
+
+pub fn from_wire(e: PolicyEntry) -> Result<(Key, Register), FieldError> {
+    let kind = Kind::parse(&e.kind)?;
+    model::validate_name(kind, &e.name)?;
+    let v = |(hlc, node): (u64, u64)| Version { hlc, node };
+    let reg =
+        LWWReg { val: Value { body: e.body, ancestors: [v(e.ancestors[0]), v(e.ancestors[1])] }, marker: v(e.version) };
+    Ok((Key { kind, name: e.name }, reg))
+}
