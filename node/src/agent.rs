@@ -10,9 +10,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use trellis_proto::{NodeIdentity, NodeMeta};
 
 use crate::config::AgentConfig;
-use crate::membership::{MemberEvent, MemberView, Membership, PacketError, Stats};
+use crate::membership::{MemberEvent, MemberView, Membership, PacketError, PolicyItems, Stats};
 use crate::pki::TlsMaterial;
+use crate::policy::{sync, Policy};
 use crate::transport::{Inbound, Transport};
+use trellis_proto::{envelope, limits, Kind, PolicyEntry, PolicySync};
 
 /// Agent version, gossiped so operators can see mixed-version clusters.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -23,6 +25,8 @@ pub enum Command {
     Stats(oneshot::Sender<Stats>),
     Join(Vec<SocketAddr>),
     Leave(oneshot::Sender<()>),
+    /// Spread a local policy write.
+    Publish(PolicyEntry),
 }
 
 /// What the API needs to reach a running agent.
@@ -33,6 +37,7 @@ pub struct AgentHandle {
     pub spiffe_id: String,
     pub commands: mpsc::Sender<Command>,
     pub transport: Arc<Transport>,
+    pub policy: Arc<Policy>,
     pub started: Instant,
     /// Flips to true when the agent should stop (after a leave).
     pub shutdown: watch::Sender<bool>,
@@ -87,90 +92,169 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         meta: NodeMeta { api_addr: Some(cfg.api), version: VERSION.into(), labels: cfg.labels.clone() },
     };
     identity.validate().map_err(|e| anyhow::anyhow!("labels: {e}"))?;
-    let mut core = Membership::new(identity.clone(), &cfg.timing, cfg.expected_size, generation);
+    let policy = Policy::open(&cfg.data_dir, &cfg.name)
+        .map_err(|e| anyhow::anyhow!("data_dir: cannot open the policy log in {}: {e}", cfg.data_dir.display()))?;
+    let items: PolicyItems = {
+        let policy = policy.clone();
+        Arc::new(move |body, local| policy.receive_item(body, local))
+    };
+    let mut core = Membership::with_policy(identity.clone(), &cfg.timing, cfg.expected_size, generation, Some(items));
     core.join(Instant::now(), &cfg.join);
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (shutdown, _) = watch::channel(false);
-    tokio::spawn(run(core, transport.clone(), inbound, cmd_rx));
+    let shell =
+        Shell { core, transport: transport.clone(), policy: policy.clone(), sync_every: cfg.timing.sync_interval };
+    tokio::spawn(shell.run(inbound, cmd_rx));
     Ok(AgentHandle {
         identity,
         cluster_id: tls.cluster_id.clone(),
         spiffe_id: tls.identity.clone(),
         commands: cmd_tx,
         transport,
+        policy,
         started: Instant::now(),
         shutdown,
     })
 }
 
-/// The membership task: the only owner of the core.
-async fn run(
-    mut core: Membership,
+/// The agent task: the only owner of the membership core; it also drives policy sync.
+struct Shell {
+    core: Membership,
     transport: Arc<Transport>,
-    mut inbound: mpsc::Receiver<Inbound>,
-    mut commands: mpsc::Receiver<Command>,
-) {
-    loop {
-        let wake = core.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-        tokio::select! {
-            msg = inbound.recv() => {
-                let Some(msg) = msg else { break };
-                on_inbound(&mut core, &transport, msg);
+    policy: Arc<Policy>,
+    sync_every: Duration,
+}
+
+impl Shell {
+    async fn run(mut self, mut inbound: mpsc::Receiver<Inbound>, mut commands: mpsc::Receiver<Command>) {
+        let mut sync_tick = tokio::time::interval(self.sync_every);
+        sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wake = self.core.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                msg = inbound.recv() => {
+                    let Some(msg) = msg else { break };
+                    self.on_inbound(msg);
+                }
+                cmd = commands.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    self.on_command(cmd);
+                }
+                _ = tokio::time::sleep_until(wake.into()) => self.core.handle_timeout(Instant::now()),
+                _ = sync_tick.tick() => self.sync_with_random_peer(),
             }
-            cmd = commands.recv() => {
-                let Some(cmd) = cmd else { break };
-                on_command(&mut core, cmd);
-            }
-            _ = tokio::time::sleep_until(wake.into()) => core.handle_timeout(Instant::now()),
+            self.flush();
+            self.policy.persist();
         }
-        flush(&mut core, &transport);
+    }
+
+    fn on_inbound(&mut self, msg: Inbound) {
+        let kind = match envelope::decode(&msg.data, limits::MAX_STREAM_MESSAGE) {
+            Ok((kind, _)) => kind,
+            Err(e) => return self.transport.close_malformed(&msg.conn, &e.to_string()),
+        };
+        match kind {
+            Kind::Gossip => self.on_gossip(msg),
+            Kind::PolicySync => self.on_policy_sync(msg),
+        }
+    }
+
+    fn on_gossip(&mut self, msg: Inbound) {
+        match self.core.handle_datagram(Instant::now(), Some(&msg.peer_name), &msg.data) {
+            Ok(()) => {}
+            Err(PacketError::Malformed(why)) => self.transport.close_malformed(&msg.conn, &why),
+            Err(e @ PacketError::IdentityMismatch { .. }) => self.transport.close_malformed(&msg.conn, &e.to_string()),
+            Err(PacketError::Refused(why)) => tracing::debug!(peer = %msg.peer_name, %why, "gossip refused"),
+        }
+    }
+
+    fn on_policy_sync(&mut self, msg: Inbound) {
+        let body = &msg.data[envelope::HEADER_LEN..];
+        let sync_msg = match PolicySync::decode(body) {
+            Ok(m) => m,
+            Err(e) => return self.transport.close_malformed(&msg.conn, &e.to_string()),
+        };
+        if let PolicySync::Entries { entries, .. } = &sync_msg {
+            let (new, refused) = self.policy.merge_entries(entries.clone());
+            if new > 0 || refused > 0 {
+                tracing::debug!(peer = %msg.peer_name, new, refused, "policy entries merged");
+            }
+        }
+        let replies = sync::answer(&self.policy.store.lock().expect("policy lock"), &sync_msg);
+        for reply in replies {
+            self.send_policy(msg.from, &reply);
+        }
+    }
+
+    fn send_policy(&self, to: SocketAddr, m: &PolicySync) {
+        let mut out = Vec::new();
+        envelope::encode(Kind::PolicySync, &m.encode(), &mut out);
+        self.transport.send(to, Bytes::from(out));
+    }
+
+    fn sync_with(&self, peer: SocketAddr) {
+        let open = sync::open(&self.policy.store.lock().expect("policy lock"));
+        self.send_policy(peer, &open);
+    }
+
+    fn sync_with_random_peer(&self) {
+        let peers = self.core.alive_peers();
+        if !peers.is_empty() {
+            self.sync_with(peers[rand::random_range(0..peers.len())]);
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        let core = &mut self.core;
+        match cmd {
+            Command::Members(tx) => {
+                let _ = tx.send(core.members());
+            }
+            Command::Stats(tx) => {
+                let _ = tx.send(core.stats());
+            }
+            Command::Join(addrs) => core.join(Instant::now(), &addrs),
+            Command::Leave(tx) => {
+                core.leave(Instant::now());
+                let _ = tx.send(());
+            }
+            Command::Publish(entry) => {
+                // Small changes ride on gossip; large ones are pushed to every live member.
+                if !core.broadcast(&entry.encode_item()) {
+                    let push = PolicySync::Entries { entries: vec![entry], want: vec![] };
+                    for peer in core.alive_peers() {
+                        self.send_policy(peer, &push);
+                    }
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        while let Some(t) = self.core.poll_transmit() {
+            self.transport.send(t.to, Bytes::from(t.data));
+        }
+        while let Some(ev) = self.core.poll_event() {
+            log_event(&ev);
+            // A member that appears or comes back gets our policy at once.
+            match ev {
+                MemberEvent::Up(id) | MemberEvent::Renamed { new: id, .. } => self.sync_with(id.addr),
+                _ => {}
+            }
+        }
     }
 }
 
-fn on_inbound(core: &mut Membership, transport: &Transport, msg: Inbound) {
-    match core.handle_datagram(Instant::now(), Some(&msg.peer_name), &msg.data) {
-        Ok(()) => {}
-        Err(PacketError::Malformed(why)) => transport.close_malformed(&msg.conn, &why),
-        Err(e @ PacketError::IdentityMismatch { .. }) => transport.close_malformed(&msg.conn, &e.to_string()),
-        Err(PacketError::Refused(why)) => {
-            tracing::debug!(peer = %msg.peer_name, %why, "gossip refused")
+fn log_event(ev: &MemberEvent) {
+    match ev {
+        MemberEvent::Up(id) => tracing::info!(member = %id.name, addr = %id.addr, "member up"),
+        MemberEvent::Down(id) => tracing::warn!(member = %id.name, addr = %id.addr, "member down"),
+        MemberEvent::Left(id) => tracing::info!(member = %id.name, addr = %id.addr, "member left"),
+        MemberEvent::Renamed { old, new } => {
+            tracing::info!(member = %new.name, old_generation = old.generation, new_generation = new.generation, "member restarted")
         }
-    }
-}
-
-fn on_command(core: &mut Membership, cmd: Command) {
-    match cmd {
-        Command::Members(tx) => {
-            let _ = tx.send(core.members());
-        }
-        Command::Stats(tx) => {
-            let _ = tx.send(core.stats());
-        }
-        Command::Join(addrs) => core.join(Instant::now(), &addrs),
-        Command::Leave(tx) => {
-            core.leave(Instant::now());
-            let _ = tx.send(());
-        }
-    }
-}
-
-fn flush(core: &mut Membership, transport: &Arc<Transport>) {
-    while let Some(t) = core.poll_transmit() {
-        transport.send(t.to, Bytes::from(t.data));
-    }
-    while let Some(ev) = core.poll_event() {
-        match ev {
-            MemberEvent::Up(id) => tracing::info!(member = %id.name, addr = %id.addr, "member up"),
-            MemberEvent::Down(id) => {
-                tracing::warn!(member = %id.name, addr = %id.addr, "member down")
-            }
-            MemberEvent::Left(id) => tracing::info!(member = %id.name, addr = %id.addr, "member left"),
-            MemberEvent::Renamed { old, new } => {
-                tracing::info!(member = %new.name, old_generation = old.generation, new_generation = new.generation, "member restarted")
-            }
-            MemberEvent::Joined => tracing::info!("joined the cluster"),
-            MemberEvent::Isolated => tracing::warn!("no live members left; retrying seeds"),
-            MemberEvent::Rejoined(id) => tracing::warn!(generation = id.generation, "we were declared down; rejoined"),
-        }
+        MemberEvent::Joined => tracing::info!("joined the cluster"),
+        MemberEvent::Isolated => tracing::warn!("no live members left; retrying seeds"),
+        MemberEvent::Rejoined(id) => tracing::warn!(generation = id.generation, "we were declared down; rejoined"),
     }
 }

@@ -91,6 +91,7 @@ pub fn router(agent: AgentHandle) -> Router {
         .route("/v1/agent/join", post(join))
         .route("/v1/agent/leave", post(leave))
         .route("/metrics", get(metrics))
+        .merge(crate::api_policy::routes())
         .fallback(not_found)
         .with_state(agent)
 }

@@ -68,6 +68,8 @@ pub struct TimingOverrides {
     pub gossip_fanout: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     pub announce_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub sync_interval: Option<Duration>,
 }
 
 /// A configuration error, printed as-is to the operator.
@@ -129,7 +131,8 @@ impl TimingOverrides {
             remove_down_after,
             gossip_interval,
             gossip_fanout,
-            announce_interval
+            announce_interval,
+            sync_interval
         );
         t
     }

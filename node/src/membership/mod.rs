@@ -18,6 +18,7 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 use trellis_proto::{envelope, gossip, limits, GossipCodec, Kind, LeaveNotice, NodeIdentity};
 
+pub use broadcasts::PolicyItems;
 use broadcasts::{ClusterBroadcasts, LeftSet};
 pub use timers::TimerQueue;
 pub use timing::{Profile, Timing};
@@ -130,7 +131,18 @@ pub struct Membership {
 impl Membership {
     /// A node that knows nobody yet. `seed` makes every random choice replayable.
     pub fn new(identity: NodeIdentity, timing: &Timing, expected_size: u32, seed: u64) -> Self {
-        let handler = ClusterBroadcasts::default();
+        Self::with_policy(identity, timing, expected_size, seed, None)
+    }
+
+    /// Like [`Membership::new`], with a handler for policy items piggybacked on gossip.
+    pub fn with_policy(
+        identity: NodeIdentity,
+        timing: &Timing,
+        expected_size: u32,
+        seed: u64,
+        policy: Option<PolicyItems>,
+    ) -> Self {
+        let handler = ClusterBroadcasts { policy, ..ClusterBroadcasts::default() };
         let left = handler.left.clone();
         let swim = Foca::with_custom_broadcast(
             identity,
@@ -248,6 +260,26 @@ impl Membership {
             tracing::warn!(error = %e, "leave");
         }
         self.seeds.next_at = None;
+    }
+
+    /// Queues an item to piggyback on gossip. Returns false when it is too large for a
+    /// gossip packet; the caller then pushes it over a stream instead.
+    pub fn broadcast(&mut self, item: &[u8]) -> bool {
+        if item.len() > limits::MAX_GOSSIP_PACKET / 2 {
+            return false;
+        }
+        match self.swim.add_broadcast(item) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "broadcast refused");
+                false
+            }
+        }
+    }
+
+    /// Addresses of the members we believe alive (for pushes and anti-entropy).
+    pub fn alive_peers(&self) -> Vec<SocketAddr> {
+        self.swim.iter_members().filter(|m| m.state() != State::Down).map(|m| m.id().addr).collect()
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {

@@ -30,6 +30,9 @@ pub struct Timing {
     /// How often to re-announce to a random member, which heals partitions.
     #[serde(with = "humantime_serde")]
     pub announce_interval: Duration,
+    /// How often each node compares policy with one random member (anti-entropy).
+    #[serde(with = "humantime_serde")]
+    pub sync_interval: Duration,
 }
 
 /// Named timing profiles.
@@ -56,6 +59,7 @@ impl Profile {
                 gossip_interval: ms(200),
                 gossip_fanout: 3,
                 announce_interval: s(30),
+                sync_interval: s(5),
             },
             Profile::Wan => Timing {
                 probe_period: s(5),
@@ -65,6 +69,7 @@ impl Profile {
                 gossip_interval: ms(500),
                 gossip_fanout: 4,
                 announce_interval: s(60),
+                sync_interval: s(15),
             },
             Profile::Fast => Timing {
                 probe_period: ms(250),
@@ -74,6 +79,7 @@ impl Profile {
                 gossip_interval: ms(50),
                 gossip_fanout: 3,
                 announce_interval: s(5),
+                sync_interval: s(1),
             },
         }
     }

@@ -1,0 +1,203 @@
+//! `/v1/policy`: read, write and delete policy objects; check-and-set; blocking reads.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::agent::{AgentHandle, Command};
+use crate::api::ApiError;
+use crate::policy::store::{Conflict, Register};
+use crate::policy::{FieldError, Key, Kind, StoreError, Version, WriteError};
+
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+pub fn routes() -> Router<AgentHandle> {
+    Router::new()
+        .route("/v1/policy", get(get_all))
+        .route("/v1/policy/{kind}", get(get_kind))
+        .route("/v1/policy/{kind}/{name}", get(get_one).put(put_one).delete(delete_one))
+}
+
+fn bad(e: FieldError) -> ApiError {
+    ApiError { status: StatusCode::BAD_REQUEST, error: e.message, field: Some(e.path), hint: e.fix }
+}
+
+fn kind_of(s: &str) -> Result<Kind, ApiError> {
+    Kind::parse(s).map_err(bad)
+}
+
+/// Parses `?index=N&wait=30s`: how long to block for a change past N.
+fn blocking(q: &HashMap<String, String>) -> Result<Option<(u64, Duration)>, ApiError> {
+    let Some(index) = q.get("index") else { return Ok(None) };
+    let field = |f: &str, hint: &str| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        error: format!("invalid {f}"),
+        field: Some(f.into()),
+        hint: hint.into(),
+    };
+    let index = index.parse().map_err(|_| field("index", "give the X-Trellis-Index of a previous read"))?;
+    let wait = match q.get("wait") {
+        Some(w) => humantime::parse_duration(w).map_err(|_| field("wait", "a duration such as 30s"))?,
+        None => Duration::from_secs(30),
+    };
+    Ok(Some((index, wait.min(MAX_WAIT))))
+}
+
+/// Waits (bounded) until the policy index moves past `index`; returns the index now.
+async fn wait_past(a: &AgentHandle, q: &HashMap<String, String>) -> Result<u64, ApiError> {
+    let mut rx = a.policy.index.subscribe();
+    if let Some((index, wait)) = blocking(q)? {
+        let _ = tokio::time::timeout(wait, rx.wait_for(|i| *i > index)).await;
+    }
+    let now = *rx.borrow();
+    Ok(now)
+}
+
+fn with_index(index: u64, body: Value) -> Response {
+    let mut h = HeaderMap::new();
+    h.insert("x-trellis-index", HeaderValue::from(index));
+    (h, Json(body)).into_response()
+}
+
+fn object_json(key: &Key, reg: &Register, conflicts: &[Conflict]) -> Value {
+    let body: Value = reg.val.body.as_deref().and_then(|b| serde_json::from_str(b).ok()).unwrap_or(Value::Null);
+    let mut v = json!({"kind": key.kind, "name": key.name, "version": reg.marker.token(), "body": body});
+    if !conflicts.is_empty() {
+        v["conflicts"] = conflicts
+            .iter()
+            .map(|c| {
+                json!({
+                    "version": c.version.token(),
+                    "lost_to": c.lost_to.token(),
+                    "body": c.body.as_deref().and_then(|b| serde_json::from_str::<Value>(b).ok()),
+                })
+            })
+            .collect();
+    }
+    v
+}
+
+fn list(a: &AgentHandle, kind: Option<Kind>) -> Value {
+    let store = a.policy.store.lock().expect("policy lock");
+    let objects: Vec<Value> = store
+        .iter()
+        .filter(|(k, r)| r.val.body.is_some() && kind.is_none_or(|want| k.kind == want))
+        .map(|(k, r)| object_json(k, r, store.conflicts(k)))
+        .collect();
+    json!({"index": store.index(), "root": format!("{:016x}", store.root()), "objects": objects})
+}
+
+async fn get_all(State(a): State<AgentHandle>, Query(q): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
+    let index = wait_past(&a, &q).await?;
+    Ok(with_index(index, list(&a, None)))
+}
+
+async fn get_kind(
+    State(a): State<AgentHandle>,
+    Path(kind): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let kind = kind_of(&kind)?;
+    let index = wait_past(&a, &q).await?;
+    Ok(with_index(index, list(&a, Some(kind))))
+}
+
+async fn get_one(
+    State(a): State<AgentHandle>,
+    Path((kind, name)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let key = Key { kind: kind_of(&kind)?, name };
+    let index = wait_past(&a, &q).await?;
+    let store = a.policy.store.lock().expect("policy lock");
+    match store.get(&key) {
+        Some(reg) if reg.val.body.is_some() => Ok(with_index(index, object_json(&key, reg, store.conflicts(&key)))),
+        _ => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            error: format!("{}.{} does not exist", key.kind, key.name),
+            field: None,
+            hint: format!("create it with PUT /v1/policy/{}/{}", key.kind, key.name),
+        }),
+    }
+}
+
+fn cas_of(q: &HashMap<String, String>) -> Result<Option<Version>, ApiError> {
+    q.get("cas")
+        .map(|c| {
+            Version::parse_token(c).ok_or_else(|| ApiError {
+                status: StatusCode::BAD_REQUEST,
+                error: format!("cas {c:?} is not a version"),
+                field: Some("cas".into()),
+                hint: "give the `version` of a previous read, or 0 for create-only".into(),
+            })
+        })
+        .transpose()
+}
+
+async fn write(a: AgentHandle, key: Key, body: Option<Bytes>, cas: Option<Version>) -> Result<Response, ApiError> {
+    let policy = a.policy.clone();
+    let k = key.clone();
+    let res =
+        tokio::task::spawn_blocking(move || policy.write(k, body.as_deref(), cas)).await.map_err(|e| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            error: e.to_string(),
+            field: None,
+            hint: "see the agent log".into(),
+        })?;
+    let entry = res.map_err(|e| match e {
+        WriteError::Store(StoreError::Invalid(f)) => bad(f),
+        WriteError::Store(e @ StoreError::CasMismatch { .. }) => ApiError {
+            status: StatusCode::CONFLICT,
+            error: e.to_string(),
+            field: Some("cas".into()),
+            hint: "read the object again and retry with its current version".into(),
+        },
+        other => ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            error: other.to_string(),
+            field: None,
+            hint: "see the agent log".into(),
+        },
+    })?;
+    let version = Version { hlc: entry.version.0, node: entry.version.1 }.token();
+    let _ = a.commands.send(Command::Publish(entry)).await;
+    let index = *a.policy.index.borrow();
+    Ok(with_index(index, json!({"kind": key.kind, "name": key.name, "version": version})))
+}
+
+async fn put_one(
+    State(a): State<AgentHandle>,
+    Path((kind, name)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let key = Key { kind: kind_of(&kind)?, name };
+    let cas = cas_of(&q)?;
+    write(a, key, Some(body), cas).await
+}
+
+async fn delete_one(
+    State(a): State<AgentHandle>,
+    Path((kind, name)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let key = Key { kind: kind_of(&kind)?, name };
+    let exists = a.policy.store.lock().expect("policy lock").get(&key).is_some_and(|r| r.val.body.is_some());
+    if !exists {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            error: format!("{}.{} does not exist", key.kind, key.name),
+            field: None,
+            hint: "list objects with GET /v1/policy".into(),
+        });
+    }
+    let cas = cas_of(&q)?;
+    write(a, key, None, cas).await
+}
