@@ -83,7 +83,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
             cfg.name
         );
     }
-    let (transport, inbound) = Transport::bind(cfg.bind, tls, cfg.faults)?;
+    let (transport, inbound) = Transport::bind(cfg.bind, tls, cfg.faults.clone())?;
     let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1);
     let identity = NodeIdentity {
         addr: cfg.advertise,

@@ -231,6 +231,15 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         "reason",
         &by_reason,
     );
+    let (objects, p) = {
+        let store = a.policy.store.lock().expect("policy lock");
+        (store.iter().filter(|(_, r)| r.val.body.is_some()).count(), store.stats)
+    };
+    e.gauge("trellis_policy_objects", "Live policy objects held.", objects as f64);
+    e.counter("trellis_policy_local_writes_total", "Policy writes accepted on this node.", p.local_writes);
+    e.counter("trellis_policy_merged_total", "Policy versions from peers that changed state.", p.merged_new);
+    e.counter("trellis_policy_conflicts_total", "Concurrent policy writes that lost (kept as conflicts).", p.conflicts);
+    e.counter("trellis_policy_refused_total", "Policy entries from peers refused as invalid.", p.refused);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], e.finish()).into_response()
 }
 
@@ -257,4 +266,26 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("addrs[0]"));
         assert!(e.error.contains("socket address"), "{}", e.error);
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultRequest {
+    #[serde(default)]
+    drop_rate: f64,
+    #[serde(default)]
+    block: Vec<SocketAddr>,
+}
+
+/// `POST /v1/fault`: test-only loss and partitions, served only with `--fault-injection`.
+pub fn fault_routes(agent: AgentHandle) -> Router {
+    Router::new().route("/v1/fault", post(set_faults)).with_state(agent)
+}
+
+async fn set_faults(State(a): State<AgentHandle>, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+    let req: FaultRequest = parse_body(&body)?;
+    let mut f = a.transport.faults.lock().expect("faults lock");
+    f.drop_rate = req.drop_rate.clamp(0.0, 1.0);
+    f.blocked = req.block.into_iter().collect();
+    Ok(Json(serde_json::json!({"drop_rate": f.drop_rate, "blocked": f.blocked.len()})))
 }

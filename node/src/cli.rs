@@ -41,6 +41,9 @@ pub enum Command {
     },
     /// Ask the local agent to leave the cluster gracefully and stop.
     Leave,
+    /// Read and write cluster policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Check a config file exactly as the agent would at start.
     Validate { file: PathBuf },
     /// Start a throwaway local cluster of real agents (new CA, mTLS, 127.0.0.x).
@@ -79,6 +82,27 @@ pub enum CertCommand {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Write every object in a TOML or JSON file (`[kind.name]` tables).
+    Apply {
+        #[arg(short, long)]
+        file: PathBuf,
+        /// Validate only; write nothing.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Show objects: all, one kind, or one object.
+    Get {
+        kind: Option<String>,
+        name: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Delete one object.
+    Delete { kind: String, name: String },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -135,6 +159,9 @@ pub struct AgentArgs {
     /// Test only: drop this share (0..1) of outgoing peer messages.
     #[arg(long, hide = true)]
     pub fault_drop_rate: Option<f64>,
+    /// Test only: serve POST /v1/fault to inject loss and partitions at run time.
+    #[arg(long, hide = true)]
+    pub fault_injection: bool,
 }
 
 impl AgentArgs {
@@ -186,7 +213,11 @@ impl AgentArgs {
             profile,
             timing,
             expected_size: file.expected_size.unwrap_or(64),
-            faults: crate::transport::Faults { drop_rate: self.fault_drop_rate.unwrap_or(0.0).clamp(0.0, 1.0) },
+            faults: crate::transport::Faults {
+                drop_rate: self.fault_drop_rate.unwrap_or(0.0).clamp(0.0, 1.0),
+                blocked: Default::default(),
+            },
+            fault_injection: self.fault_injection,
         };
         Ok((cfg, self.log_level.clone().or(file.log_level)))
     }
@@ -237,6 +268,15 @@ pub fn main() -> i32 {
             }
         }
         Command::Dev(args) => crate::dev::run(args),
+        Command::Policy(PolicyCommand::Apply { file, check }) => {
+            crate::client::policy_apply(cli.http_addr, &file, check)
+        }
+        Command::Policy(PolicyCommand::Get { kind, name, output }) => {
+            crate::client::policy_get(cli.http_addr, kind.as_deref(), name.as_deref(), output)
+        }
+        Command::Policy(PolicyCommand::Delete { kind, name }) => {
+            crate::client::policy_delete(cli.http_addr, &kind, &name)
+        }
     };
     match res {
         Ok(()) => 0,

@@ -20,6 +20,8 @@ fn call(addr: SocketAddr, method: &str, path: &str, body: Option<String>) -> any
     let a = agent();
     let res = match (method, body) {
         ("GET", _) => a.get(&url).call(),
+        ("DELETE", _) => a.delete(&url).call(),
+        ("PUT", Some(b)) => a.put(&url).header("content-type", "application/json").send(b),
         (_, Some(b)) => a.post(&url).header("content-type", "application/json").send(b),
         (_, None) => a.post(&url).send_empty(),
     };
@@ -77,5 +79,86 @@ pub fn join(addr: SocketAddr, addrs: &[SocketAddr]) -> anyhow::Result<()> {
 
 pub fn leave(addr: SocketAddr) -> anyhow::Result<()> {
     println!("{}", call(addr, "POST", "/v1/agent/leave", None)?);
+    Ok(())
+}
+
+/// Reads a policy file: TOML (`[services.web]` ...) or JSON (`{"services": {"web": {...}}}`),
+/// returning (kind, name, JSON body) per object in file order of kinds.
+pub fn read_policy_file(path: &std::path::Path) -> anyhow::Result<Vec<(String, String, serde_json::Value)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let doc: serde_json::Value = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+    } else {
+        let t: toml::Table =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        serde_json::to_value(t)?
+    };
+    let serde_json::Value::Object(kinds) = doc else {
+        anyhow::bail!("{}: expected tables of kinds, e.g. [services.web]", path.display())
+    };
+    let mut out = Vec::new();
+    for (kind, objects) in kinds {
+        let kind_ok = crate::policy::Kind::parse(&kind).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let serde_json::Value::Object(objects) = objects else {
+            anyhow::bail!("{}: `{kind}` must be a table of named objects, e.g. [{kind}.NAME]", path.display())
+        };
+        for (name, body) in objects {
+            out.push((kind_ok.as_str().to_string(), name, body));
+        }
+    }
+    Ok(out)
+}
+
+pub fn policy_apply(addr: SocketAddr, path: &std::path::Path, check: bool) -> anyhow::Result<()> {
+    let objects = read_policy_file(path)?;
+    let mut errors = Vec::new();
+    for (kind, name, body) in &objects {
+        let k = crate::policy::Kind::parse(kind)?;
+        if let Err(e) = crate::policy::model::parse(k, name, body.to_string().as_bytes()) {
+            errors.push(format!("{}: {e}", path.display()));
+        }
+    }
+    if !errors.is_empty() {
+        anyhow::bail!("{} invalid object(s), nothing written:\n{}", errors.len(), errors.join("\n"));
+    }
+    if check {
+        println!("{}: {} object(s) valid", path.display(), objects.len());
+        return Ok(());
+    }
+    for (kind, name, body) in objects {
+        let res = call(addr, "PUT", &format!("/v1/policy/{kind}/{name}"), Some(body.to_string()))?;
+        let v: serde_json::Value = serde_json::from_str(&res)?;
+        println!("{kind}/{name} written, version {}", v["version"].as_str().unwrap_or("?"));
+    }
+    Ok(())
+}
+
+pub fn policy_get(addr: SocketAddr, kind: Option<&str>, name: Option<&str>, output: Output) -> anyhow::Result<()> {
+    let path = match (kind, name) {
+        (Some(k), Some(n)) => format!("/v1/policy/{k}/{n}"),
+        (Some(k), None) => format!("/v1/policy/{k}"),
+        _ => "/v1/policy".to_string(),
+    };
+    let v: serde_json::Value = serde_json::from_str(&call(addr, "GET", &path, None)?)?;
+    if output == Output::Json || name.is_some() {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("{:<12} {:<24} {:<32} CONFLICTS", "KIND", "NAME", "VERSION");
+    for o in v["objects"].as_array().into_iter().flatten() {
+        let conflicts = o["conflicts"].as_array().map(|c| c.len()).unwrap_or(0);
+        println!(
+            "{:<12} {:<24} {:<32} {}",
+            o["kind"].as_str().unwrap_or(""),
+            o["name"].as_str().unwrap_or(""),
+            o["version"].as_str().unwrap_or(""),
+            conflicts
+        );
+    }
+    Ok(())
+}
+
+pub fn policy_delete(addr: SocketAddr, kind: &str, name: &str) -> anyhow::Result<()> {
+    println!("{}", call(addr, "DELETE", &format!("/v1/policy/{kind}/{name}"), None)?);
     Ok(())
 }

@@ -28,6 +28,8 @@ pub struct AgentConfig {
     pub expected_size: u32,
     /// Test-only fault injection (off by default).
     pub faults: crate::transport::Faults,
+    /// Test-only: whether /v1/fault is served.
+    pub fault_injection: bool,
 }
 
 /// The config file: every field optional, unknown keys refused.

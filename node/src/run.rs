@@ -31,7 +31,12 @@ async fn serve(cfg: crate::config::AgentConfig, tls: crate::pki::TlsMaterial) ->
         profile = ?cfg.profile, seeds = ?cfg.join, "agent started"
     );
     let mut stop = agent.shutdown.subscribe();
-    let server = axum::serve(listener, crate::api::router(agent.clone())).with_graceful_shutdown(async move {
+    let mut router = crate::api::router(agent.clone());
+    if cfg.fault_injection {
+        tracing::warn!("fault injection is ON (/v1/fault): for tests only");
+        router = router.merge(crate::api::fault_routes(agent.clone()));
+    }
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
         let _ = stop.wait_for(|s| *s).await;
     });
     let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));

@@ -27,11 +27,13 @@ const MAX_PENDING_PER_PEER: usize = 64;
 pub const CLOSE_MALFORMED: u32 = 1;
 pub const CLOSE_SHUTDOWN: u32 = 2;
 
-/// Test-only fault injection: drop a share of outgoing gossip. Off unless the agent is
-/// started with `--fault-drop-rate`, a hidden flag meant for the chaos harness.
-#[derive(Debug, Default, Clone, Copy)]
+/// Test-only fault injection: drop a share of outgoing messages, or everything to and from
+/// some peers (a partition). Off unless the agent is started with the hidden flags
+/// `--fault-drop-rate` or `--fault-injection` meant for the chaos harness.
+#[derive(Debug, Default, Clone)]
 pub struct Faults {
     pub drop_rate: f64,
+    pub blocked: std::collections::HashSet<SocketAddr>,
 }
 
 /// Everything a peer sent us, tagged with who it provably is.
@@ -81,7 +83,7 @@ pub struct Transport {
     inbound: mpsc::Sender<Inbound>,
     pub stats: Arc<TransportStats>,
     log: Arc<RefusalLog>,
-    faults: Faults,
+    pub faults: Mutex<Faults>,
 }
 
 impl Transport {
@@ -118,6 +120,7 @@ impl Transport {
         )?;
         let (tx, rx) = mpsc::channel(4096);
         let pool = Mutex::new(Pool::default());
+        let faults = Mutex::new(faults);
         let t = Arc::new(Transport { endpoint, client, pool, inbound: tx, stats, log, faults });
         tokio::spawn(t.clone().accept_loop());
         Ok((t, rx))
@@ -135,7 +138,7 @@ impl Transport {
     /// Sends one message to a peer; never blocks. Dials the peer first if needed, queueing
     /// a bounded number of messages meanwhile. Delivery is best effort, as for UDP.
     pub fn send(self: &Arc<Self>, to: SocketAddr, data: Bytes) {
-        if self.faults.drop_rate > 0.0 && rand::random::<f64>() < self.faults.drop_rate {
+        if self.faulted(to) {
             self.stats.dropped_out.fetch_add(1, Relaxed);
             return;
         }
@@ -156,6 +159,12 @@ impl Transport {
         pool.dialing.insert(to, vec![data]);
         drop(pool);
         tokio::spawn(self.clone().dial(to));
+    }
+
+    /// Whether injected faults eat a message to or from `peer`.
+    fn faulted(&self, peer: SocketAddr) -> bool {
+        let f = self.faults.lock().expect("faults lock");
+        f.blocked.contains(&peer) || (f.drop_rate > 0.0 && rand::random::<f64>() < f.drop_rate)
     }
 
     fn send_on(self: &Arc<Self>, conn: quinn::Connection, data: Bytes) {
@@ -274,6 +283,9 @@ impl Transport {
                 },
             };
             self.stats.bytes_in.fetch_add(data.len() as u64, Relaxed);
+            if self.faults.lock().expect("faults lock").blocked.contains(&from) {
+                continue;
+            }
             let msg = Inbound { from, peer_name: name.clone(), data, conn: conn.clone() };
             if self.inbound.send(msg).await.is_err() {
                 break;

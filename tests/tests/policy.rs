@@ -1,0 +1,245 @@
+//! Cluster policy on real agents: concurrent writes, partitions, crashes, late joiners,
+//! hostile peers, and the CLI.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use trellis_chaos::cluster::{Cluster, ClusterSpec};
+use trellis_tests::{metric, raw_peer};
+
+fn cluster(nodes: usize) -> Cluster {
+    let c = Cluster::start(ClusterSpec { nodes, extra_args: vec!["--fault-injection".into()], ..Default::default() })
+        .unwrap();
+    let all: Vec<usize> = (0..nodes).collect();
+    let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&all, &alive, Duration::from_secs(15)).unwrap();
+    c
+}
+
+/// Drops all traffic between node `i` and the nodes in `peers` (both ways when called on both).
+fn block(c: &Cluster, i: usize, peers: &[usize]) {
+    let addrs: Vec<String> = peers.iter().map(|&p| c.node(p).peer_addr.to_string()).collect();
+    let (s, body) = c.node(i).api().post_json("/v1/fault", &json!({ "block": addrs })).unwrap();
+    assert_eq!(s, 200, "{body}");
+}
+
+fn put(c: &Cluster, i: usize, path: &str, body: Value) -> Value {
+    let (s, v) = c.node(i).api().put_json(path, &body).unwrap();
+    assert_eq!(s, 200, "PUT {path} on node {i}: {v}");
+    v
+}
+
+fn snapshot(c: &Cluster, i: usize) -> Value {
+    c.node(i).api().get_json("/v1/policy").unwrap()
+}
+
+/// Waits until every node in `nodes` holds the same policy (same root and versions).
+fn wait_identical(c: &Cluster, nodes: &[usize], timeout: Duration) -> Value {
+    let versions = |v: &Value| -> Vec<(String, String, String)> {
+        v["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| (o["kind"].to_string(), o["name"].to_string(), o["version"].to_string()))
+            .collect()
+    };
+    c.wait_until(timeout, "identical policy on all nodes", || {
+        let first = snapshot(c, nodes[0]);
+        nodes
+            .iter()
+            .all(|&i| {
+                let s = snapshot(c, i);
+                s["root"] == first["root"] && versions(&s) == versions(&first)
+            })
+            .then_some(first)
+    })
+    .unwrap()
+}
+
+#[test]
+fn the_same_object_written_concurrently_on_three_nodes_ends_identical_with_the_loser_reported() {
+    let c = cluster(3);
+    for i in 0..3 {
+        block(&c, i, &[0, 1, 2]);
+    }
+    for i in 0..3 {
+        put(&c, i, "/v1/policy/services/web", json!({ "timeout": format!("{}s", i + 1) }));
+    }
+    for i in 0..3 {
+        block(&c, i, &[]);
+    }
+    let state = wait_identical(&c, &[0, 1, 2], Duration::from_secs(20));
+    let web = &state["objects"][0];
+    println!("winner: {} timeout {}", web["version"], web["body"]["timeout"]);
+    let conflicts: usize = (0..3)
+        .map(|i| {
+            let o = c.node(i).api().get_json("/v1/policy/services/web").unwrap();
+            o["conflicts"].as_array().map(|a| a.len()).unwrap_or(0)
+        })
+        .sum();
+    assert!(conflicts >= 2, "the two losing versions are reported as conflicts ({conflicts})");
+    let m: f64 = (0..3)
+        .map(|i| metric(&c.node(i).api().get_text("/metrics").unwrap(), "trellis_policy_conflicts_total").unwrap())
+        .sum();
+    assert!(m >= 2.0);
+}
+
+#[test]
+fn partitioned_writes_on_both_sides_converge_after_heal() {
+    let c = cluster(5);
+    let (a, b) = ([0, 1], [2, 3, 4]);
+    for i in a {
+        block(&c, i, &b);
+    }
+    for i in b {
+        block(&c, i, &a);
+    }
+    let mut acked = Vec::new();
+    for k in 0..5 {
+        let name = format!("side-a-{k}");
+        put(&c, a[k % 2], &format!("/v1/policy/services/{name}"), json!({"timeout": "1s"}));
+        acked.push(name);
+        let name = format!("side-b-{k}");
+        put(&c, b[k % 3], &format!("/v1/policy/services/{name}"), json!({"timeout": "2s"}));
+        acked.push(name);
+    }
+    put(&c, 0, "/v1/policy/services/shared", json!({"timeout": "3s"}));
+    put(&c, 4, "/v1/policy/services/shared", json!({"timeout": "4s"}));
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 0..5 {
+        block(&c, i, &[]);
+    }
+    let state = wait_identical(&c, &[0, 1, 2, 3, 4], Duration::from_secs(30));
+    let names: Vec<&str> = state["objects"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+    for n in &acked {
+        assert!(names.contains(&n.as_str()), "acknowledged write {n} is missing after the heal");
+    }
+    assert!(names.contains(&"shared"));
+    let shared: Vec<Value> = (0..5).map(|i| c.node(i).api().get_json("/v1/policy/services/shared").unwrap()).collect();
+    assert!(shared.iter().any(|o| o["conflicts"].is_array()), "the losing `shared` write is reported somewhere");
+}
+
+#[test]
+fn a_write_acknowledged_just_before_kill_9_survives_and_spreads_after_restart() {
+    let mut c = cluster(3);
+    block(&c, 2, &[0, 1]);
+    put(
+        &c,
+        2,
+        "/v1/policy/splits/web-canary",
+        json!({"service": "web", "backends": [{"subset": "v1", "weight": 90}, {"subset": "v2", "weight": 10}]}),
+    );
+    c.kill(2);
+    c.restart(2).unwrap();
+    let got = c.node(2).api().get_json("/v1/policy/splits/web-canary").unwrap();
+    assert_eq!(got["body"]["backends"][1]["weight"], 10);
+    wait_identical(&c, &[0, 1, 2], Duration::from_secs(20));
+    assert_eq!(c.node(0).api().get_json("/v1/policy/splits/web-canary").unwrap()["body"]["service"], "web");
+}
+
+#[test]
+fn a_node_that_joins_late_receives_the_full_state() {
+    let mut c = cluster(2);
+    for k in 0..300 {
+        put(&c, k % 2, &format!("/v1/policy/services/svc-{k}"), json!({"timeout": "1s"}));
+    }
+    let seed = c.node(0).peer_addr;
+    let late = c.add_node("late", &[seed]).unwrap();
+    let state = wait_identical(&c, &[0, 1, late], Duration::from_secs(20));
+    assert_eq!(state["objects"].as_array().unwrap().len(), 300);
+}
+
+#[test]
+fn invalid_objects_are_refused_on_the_api_and_from_a_peer() {
+    let c = cluster(2);
+    let (s, body) = c
+        .node(0)
+        .api()
+        .put_json(
+            "/v1/policy/splits/canary",
+            &json!({"service": "web", "backends": [{"subset": "v1", "weight": 90}, {"subset": "v2", "weight": 7}]}),
+        )
+        .unwrap();
+    assert_eq!(s, 400);
+    assert_eq!(body["field"], "splits.canary.backends[1].weight");
+    assert_eq!(body["error"], "weights sum to 97, must be 100");
+
+    // A peer with a valid certificate pushes the same invalid split directly.
+    let entry = trellis_proto::PolicyEntry {
+        kind: "splits".into(),
+        name: "canary".into(),
+        version: (trellis_node::policy::now_ms() << 16, 42),
+        ancestors: [(0, 0); 2],
+        body: Some(r#"{"service": "web", "backends": [{"subset": "v1", "weight": 97}]}"#.into()),
+    };
+    let msg = trellis_proto::PolicySync::Entries { entries: vec![entry], want: vec![] };
+    let mut data = Vec::new();
+    trellis_proto::envelope::encode(trellis_proto::Kind::PolicySync, &msg.encode(), &mut data);
+    let tls = c.node(1).tls_dir.clone();
+    let target = c.node(0).peer_addr;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = raw_peer(&tls, target).await.unwrap();
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&data).await.unwrap();
+        s.finish().unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    });
+    let refused = c
+        .wait_until(Duration::from_secs(5), "refusal counted", || {
+            metric(&c.node(0).api().get_text("/metrics").ok()?, "trellis_policy_refused_total").filter(|v| *v >= 1.0)
+        })
+        .unwrap();
+    assert!(refused >= 1.0);
+    let (s, _) = c.node(0).api().delete("/v1/policy/splits/canary").unwrap();
+    assert_eq!(s, 404, "the invalid split was never stored");
+}
+
+#[test]
+fn cli_applies_checks_lists_and_deletes_policy() {
+    let c = cluster(1);
+    let bin = trellis_chaos::cluster::trellis_bin();
+    let api = c.node(0).api_addr.to_string();
+    let dir = c.root().join("policy-files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "[services.web]\nprotocol = \"http\"\ntimeout = \"2s\"\n\n[splits.web-canary]\nservice = \"web\"\nbackends = [{subset = \"v1\", weight = 90}, {subset = \"v2\", weight = 10}]\n",
+    )
+    .unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[splits.c]\nservice = \"web\"\nbackends = [{subset = \"v1\", weight = 97}]\n").unwrap();
+    let run = |args: &[&str]| std::process::Command::new(&bin).args(args).args(["--http-addr", &api]).output().unwrap();
+
+    let out = run(&["policy", "apply", "-f", bad.to_str().unwrap(), "--check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("splits.c.backends[0].weight: weights sum to 97"));
+    let out = run(&["policy", "apply", "-f", good.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&["policy", "get"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("web-canary") && table.contains("services"), "{table}");
+    let out = run(&["policy", "delete", "splits", "web-canary"]);
+    assert!(out.status.success());
+    let (s, _) = c.node(0).api().delete("/v1/policy/splits/web-canary").unwrap();
+    assert_eq!(s, 404);
+}
+
+#[test]
+fn blocking_read_returns_when_the_state_moves() {
+    let c = cluster(2);
+    let index = c.node(1).api().get_json("/v1/policy").unwrap()["index"].as_u64().unwrap();
+    let api = c.node(1).api();
+    let waiter = std::thread::spawn(move || {
+        let t = std::time::Instant::now();
+        let v = api.get_json(&format!("/v1/policy?index={index}&wait=2s")).unwrap();
+        (t.elapsed(), v)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    put(&c, 0, "/v1/policy/services/web", json!({}));
+    let (took, v) = waiter.join().unwrap();
+    assert!(v["index"].as_u64().unwrap() > index);
+    assert_eq!(v["objects"][0]["name"], "web");
+    println!("blocking read returned after {took:?}");
+}
