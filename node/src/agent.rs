@@ -220,7 +220,7 @@ impl Shell {
             }
             Command::Publish(entry) => {
                 // Small changes ride on gossip; large ones are pushed to every live member.
-                if !core.broadcast(&entry.encode_item()) {
+                if !core.broadcast(Instant::now(), &entry.encode_item()) {
                     let push = PolicySync::Entries { entries: vec![entry], want: vec![] };
                     for peer in core.alive_peers() {
                         self.send_policy(peer, &push);

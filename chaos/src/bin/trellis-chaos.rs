@@ -40,12 +40,26 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         loss_secs: u64,
     },
+    /// Measure policy propagation and catch-up on real agents.
+    BenchPolicy {
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+        #[arg(long, default_value = "lan")]
+        profile: String,
+        /// Writes whose propagation is timed.
+        #[arg(long, default_value_t = 100)]
+        writes: usize,
+        /// Objects a late joiner must catch up on.
+        #[arg(long, default_value_t = 10_000)]
+        catch_up: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Up { nodes, profile } => up(nodes, profile),
         Cmd::BenchMembers { nodes, profile, steady_secs, loss_secs } => bench(nodes, profile, steady_secs, loss_secs),
+        Cmd::BenchPolicy { nodes, profile, writes, catch_up } => bench_policy(nodes, profile, writes, catch_up),
     }
 }
 
@@ -141,5 +155,98 @@ fn bench(n: usize, profile: String, steady: u64, loss: u64) -> anyhow::Result<()
         s1 - s0
     );
     c.stop(0);
+    Ok(())
+}
+
+fn subset(k: usize) -> serde_json::Value {
+    serde_json::json!({"service": "bench", "labels": {"version": format!("v{k}")}})
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Times from a PUT on one node until every node lists the object, via blocking reads.
+fn bench_policy(n: usize, profile: String, writes: usize, catch_up: usize) -> anyhow::Result<()> {
+    let all: Vec<usize> = (0..n).collect();
+    let mut c = Cluster::start(ClusterSpec { nodes: n, profile: profile.clone(), ..Default::default() })?;
+    let everyone: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&all, &everyone, Duration::from_secs(120))?;
+    println!("profile {profile}, {n} agents on loopback (2-core machine), {writes} writes of one small object each");
+    let gossip_before = total(&c, &all, "trellis_gossip_bytes_out_total");
+    let mut all_seen = Vec::new();
+    for k in 0..writes {
+        let name = format!("w{k}");
+        let writer = k % n;
+        let t0 = Instant::now();
+        let (s, body) = c.node(writer).api().put_json(&format!("/v1/policy/subsets/{name}"), &subset(k))?;
+        anyhow::ensure!(s == 200, "PUT: {s} {body}");
+        let apis: Vec<_> = all.iter().map(|&i| c.node(i).api()).collect();
+        let seen: Vec<f64> = std::thread::scope(|scope| {
+            let handles: Vec<_> = apis
+                .iter()
+                .map(|api| {
+                    let name = name.clone();
+                    scope.spawn(move || loop {
+                        let v = api.get_json("/v1/policy/subsets?index=0&wait=0s").unwrap_or_default();
+                        let has = v["objects"].as_array().is_some_and(|o| o.iter().any(|o| o["name"] == name.as_str()));
+                        if has || t0.elapsed() > Duration::from_secs(10) {
+                            return t0.elapsed().as_secs_f64() * 1000.0;
+                        }
+                        let index = v["index"].as_u64().unwrap_or(0);
+                        let _ = api.get_json(&format!("/v1/policy/subsets?index={index}&wait=2s"));
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        all_seen.push(seen.iter().cloned().fold(0.0, f64::max));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gossip_after = total(&c, &all, "trellis_gossip_bytes_out_total");
+    all_seen.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "PUT -> visible on all {n}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (includes the writer's fsync and HTTP polling)",
+        percentile(&all_seen, 0.5),
+        percentile(&all_seen, 0.99),
+        all_seen.last().unwrap()
+    );
+    println!(
+        "gossip bytes sent cluster-wide during the writes: {:.0} per write (membership traffic included)",
+        (gossip_after - gossip_before) / writes as f64
+    );
+
+    if catch_up > 0 {
+        let t = Instant::now();
+        let dir = c.root().join("bench-policy.toml");
+        let mut text = String::new();
+        for k in 0..catch_up {
+            text += &format!("[subsets.c{k}]\nservice = \"bench\"\nlabels = {{ version = \"v{k}\" }}\n");
+        }
+        std::fs::write(&dir, text)?;
+        let out = std::process::Command::new(trellis_chaos::cluster::trellis_bin())
+            .args(["policy", "apply", "-f", dir.to_str().unwrap(), "--http-addr", &c.node(0).api_addr.to_string()])
+            .stdout(std::process::Stdio::null())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let writes_took = t.elapsed();
+        let target =
+            c.node(0).api().get_json("/v1/policy/subsets")?["objects"].as_array().map(|a| a.len()).unwrap_or(0);
+        let seed = c.node(0).peer_addr;
+        let t = Instant::now();
+        let late = c.add_node("late", &[seed])?;
+        let api_up = t.elapsed();
+        let late_api = c.node(late).api();
+        c.wait_until(Duration::from_secs(120), "late joiner catch-up", || {
+            let v = late_api.get_json("/v1/policy/subsets").ok()?;
+            (v["objects"].as_array()?.len() >= target).then_some(())
+        })?;
+        println!(
+            "{catch_up} objects written one PUT each (fsync per write) in {:.1} s; a new node held all {target} {:.2} s after start ({:.2} s after its API answered)",
+            writes_took.as_secs_f64(),
+            t.elapsed().as_secs_f64(),
+            (t.elapsed() - api_up).as_secs_f64()
+        );
+    }
     Ok(())
 }

@@ -17,7 +17,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Join, detection, bandwidth and false positives at several cluster sizes.
+    /// Join, crash detection, bandwidth and false positives at several cluster sizes.
     Bench {
         #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
         sizes: Vec<usize>,
@@ -25,74 +25,204 @@ enum Cmd {
         seed: u64,
         #[arg(long, value_enum, default_value = "lan")]
         profile: Profile,
-        /// Simulated seconds at 5% loss for the false-positive count.
+        /// Simulated seconds at `--loss` for the false-positive count.
         #[arg(long, default_value_t = 600)]
         loss_secs: u64,
+        #[arg(long, default_value_t = 0.05)]
+        loss: f64,
     },
+    /// Policy propagation by gossip at 1% loss.
+    BenchPolicy {
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        sizes: Vec<usize>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 100)]
+        writes: usize,
+    },
+}
+
+/// Published figures we hold ourselves against.
+mod anchor {
+    /// Serf's convergence model: a change known by 99.99% of 1000 nodes in 2.2 s.
+    pub const SERF_CONVERGE_S: f64 = 2.2;
+    /// memberlist: a failed node is declared dead in 8 to 12 s.
+    pub const MEMBERLIST_DETECT_S: (f64, f64) = (8.0, 12.0);
+    /// scalecube-cluster: 0.6 to 1.1 KB/s of gossip per node.
+    pub const SCALECUBE_BYTES: (f64, f64) = (600.0, 1100.0);
+}
+
+/// What Trellis membership aims for.
+mod target {
+    pub const DETECT_S: f64 = 10.0;
+    pub const CONVERGE_S: f64 = 3.0;
+    pub const BYTES_UP_TO_200: f64 = 1000.0;
 }
 
 struct Row {
     n: usize,
-    converge: Option<Duration>,
+    all_see_all: Option<Duration>,
     join: Option<Duration>,
     detect: Option<Duration>,
     bytes: f64,
-    false_pos: usize,
+    false_downs: usize,
+    suspicions: u64,
     wall: Duration,
 }
 
-fn measure(n: usize, seed: u64, profile: Profile, loss_secs: u64) -> Row {
+const SHARE: f64 = 0.9999;
+
+fn measure(n: usize, seed: u64, profile: Profile, loss: f64, loss_secs: u64) -> Row {
     let wall = Instant::now();
-    let newcomer = n;
-    let mut sim = Sim::new(SimConfig::new(n + 1, profile.timing(), seed));
-    sim.crash(newcomer); // dormant until it joins below
+    let mut sim = Sim::new(SimConfig::new(n, profile.timing(), seed));
     sim.join_all(0);
-    let converge = sim.run_until(Duration::from_secs(120), Sim::all_converged_alive);
-    sim.run_for(Duration::from_secs(10));
+    let all_see_all = sim.run_until(Duration::from_secs(300), Sim::all_converged_alive);
+
+    // Steady state: nothing changes, so this is the cost of probing and periodic gossip.
+    // Let the join wave's piggybacked updates drain before measuring steady state.
+    sim.run_for(Duration::from_secs(60));
     sim.reset_counters();
     sim.run_for(Duration::from_secs(30));
     let bytes = sim.bytes_per_node_per_sec();
 
-    sim.restart(newcomer, 0);
-    let join = sim.run_until(Duration::from_secs(60), |s| s.fraction_knowing(newcomer, MemberState::Alive) >= 0.9999);
-    sim.run_for(Duration::from_secs(5));
+    let newcomer = sim.add_node();
+    let join = sim.run_until(Duration::from_secs(120), |s| s.fraction_knowing(newcomer, MemberState::Alive) >= SHARE);
+    sim.run_for(Duration::from_secs(10));
+
     let victim = n / 2;
     sim.crash(victim);
-    let detect = sim.run_until(Duration::from_secs(120), |s| s.fraction_knowing(victim, MemberState::Down) >= 0.9999);
+    let detect = sim.run_until(Duration::from_secs(300), |s| s.fraction_knowing(victim, MemberState::Down) >= SHARE);
 
+    sim.restart(victim);
+    sim.run_until(Duration::from_secs(120), Sim::all_converged_alive);
     sim.reset_counters();
-    sim.set_loss(0.05);
+    let before = sim.total_stats().suspicions_raised;
+    sim.set_loss(loss);
     sim.run_for(Duration::from_secs(loss_secs));
-    Row { n, converge, join, detect, bytes, false_pos: sim.false_downs(), wall: wall.elapsed() }
+    Row {
+        n,
+        all_see_all,
+        join,
+        detect,
+        bytes,
+        false_downs: sim.false_downs(),
+        suspicions: sim.total_stats().suspicions_raised - before,
+        wall: wall.elapsed(),
+    }
 }
 
 fn secs(d: Option<Duration>) -> String {
     d.map(|d| format!("{:.2} s", d.as_secs_f64())).unwrap_or_else(|| "never".into())
 }
 
-fn ratio(d: Option<Duration>, anchor: f64) -> String {
-    d.map(|d| format!("{:.2}x", d.as_secs_f64() / anchor)).unwrap_or_else(|| "-".into())
+/// Our figure over an anchor range, as "a-b x" (a single anchor gives one number).
+fn ratio(ours: Option<f64>, (lo, hi): (f64, f64)) -> String {
+    match ours {
+        None => "-".into(),
+        Some(x) if lo == hi => format!("{:.2}x", x / lo),
+        Some(x) => format!("{:.2}-{:.2}x", x / hi, x / lo),
+    }
+}
+
+fn bench(sizes: Vec<usize>, seed: u64, profile: Profile, loss: f64, loss_secs: u64) {
+    let t = profile.timing();
+    println!(
+        "trellis-sim bench: profile {profile:?} (probe {:?}, rtt {:?}, suspicion {:?}, gossip {:?} x{}), seed {seed}",
+        t.probe_period, t.probe_rtt, t.suspect_to_down_after, t.gossip_interval, t.gossip_fanout
+    );
+    println!("links 0.5-1 ms one way, lossless except the last column; 'at 99.99%' = of the other live nodes");
+    println!();
+    println!(
+        "| N | all see all after joins | join known at 99.99% | vs Serf | crash Down at 99.99% | vs memberlist | gossip B/s per node | vs scalecube | false downs, {loss_secs} s at {:.0}% loss (suspicions) | wall |",
+        loss * 100.0
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| anchor | | {:.1} s (Serf, N=1000) | 1x | {:.0}-{:.0} s (memberlist) | 1x | {:.0}-{:.0} (scalecube) | 1x | 0 | |",
+        anchor::SERF_CONVERGE_S,
+        anchor::MEMBERLIST_DETECT_S.0,
+        anchor::MEMBERLIST_DETECT_S.1,
+        anchor::SCALECUBE_BYTES.0,
+        anchor::SCALECUBE_BYTES.1
+    );
+    let mut rows = Vec::new();
+    for n in sizes {
+        let r = measure(n, seed, profile, loss, loss_secs);
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {:.0} | {} | {} ({}) | {:.1} s |",
+            r.n,
+            secs(r.all_see_all),
+            secs(r.join),
+            ratio(r.join.map(|d| d.as_secs_f64()), (anchor::SERF_CONVERGE_S, anchor::SERF_CONVERGE_S)),
+            secs(r.detect),
+            ratio(r.detect.map(|d| d.as_secs_f64()), anchor::MEMBERLIST_DETECT_S),
+            r.bytes,
+            ratio(Some(r.bytes), anchor::SCALECUBE_BYTES),
+            r.false_downs,
+            r.suspicions,
+            r.wall.as_secs_f64()
+        );
+        rows.push(r);
+    }
+    println!();
+    for r in &rows {
+        let mut missed = Vec::new();
+        let s = |d: Option<Duration>| d.map_or(f64::INFINITY, |d| d.as_secs_f64());
+        if s(r.detect) >= target::DETECT_S {
+            missed.push(format!("detection {:.2} s >= {} s", s(r.detect), target::DETECT_S));
+        }
+        if s(r.join) >= target::CONVERGE_S {
+            missed.push(format!("join convergence {:.2} s >= {} s", s(r.join), target::CONVERGE_S));
+        }
+        if r.n <= 200 && r.bytes > target::BYTES_UP_TO_200 {
+            missed.push(format!("{:.0} B/s per node > {} B/s", r.bytes, target::BYTES_UP_TO_200));
+        }
+        if r.false_downs > 0 {
+            missed.push(format!("{} false downs", r.false_downs));
+        }
+        let verdict = if missed.is_empty() { "all targets met".to_string() } else { missed.join("; ") };
+        println!("N = {}: {verdict}", r.n);
+    }
+}
+
+fn bench_policy(sizes: Vec<usize>, seed: u64, writes: usize) {
+    println!("trellis-sim bench-policy: LAN profile, seed {seed}, 1% loss, {writes} writes on random nodes, gossip only (no anti-entropy)");
+    println!("| N | PUT -> on all, p50 | p99 | max | writes that missed a node | wall time |");
+    println!("|---|---|---|---|---|---|");
+    for n in sizes {
+        let wall = Instant::now();
+        let mut sim = Sim::new(SimConfig { policy: true, ..SimConfig::new(n, Profile::Lan.timing(), seed) });
+        sim.join_all(0);
+        sim.run_until(Duration::from_secs(120), Sim::all_converged_alive);
+        sim.set_loss(0.01);
+        let mut all = Vec::new();
+        let mut missed = 0;
+        for k in 0..writes {
+            let writer = (k * 7919 + 13) % n;
+            let name = format!("w{k}");
+            sim.write_policy(writer, &name);
+            sim.run_for(Duration::from_secs(5));
+            let d = sim.policy_delays(writer, &name);
+            if d.iter().any(Option::is_none) {
+                missed += 1;
+            }
+            all.push(d.into_iter().flatten().max().unwrap_or_default().as_secs_f64() * 1000.0);
+        }
+        all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let p = |q: f64| all[((all.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "| {n} | {:.0} ms | {:.0} ms | {:.0} ms | {missed} | {:.1} s |",
+            p(0.5),
+            p(0.99),
+            all.last().unwrap(),
+            wall.elapsed().as_secs_f64()
+        );
+    }
 }
 
 fn main() {
-    let Cmd::Bench { sizes, seed, profile, loss_secs } = Cli::parse().cmd;
-    println!("trellis-sim bench: profile {profile:?}, seed {seed}, lossless 0.5-1 ms links unless noted");
-    println!("| N | all-see-all after staggered joins | join known by 99.99% | vs Serf 2.2 s | crash down at 99.99% | vs memberlist 8 s | gossip B/s/node | vs scalecube 600 B/s | false downs, {loss_secs} s at 5% loss | wall time |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for n in sizes {
-        let r = measure(n, seed, profile, loss_secs);
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {:.0} | {:.2}x | {} | {:.1} s |",
-            r.n,
-            secs(r.converge),
-            secs(r.join),
-            ratio(r.join, 2.2),
-            secs(r.detect),
-            ratio(r.detect, 8.0),
-            r.bytes,
-            r.bytes / 600.0,
-            r.false_pos,
-            r.wall.as_secs_f64()
-        );
+    match Cli::parse().cmd {
+        Cmd::Bench { sizes, seed, profile, loss_secs, loss } => bench(sizes, seed, profile, loss, loss_secs),
+        Cmd::BenchPolicy { sizes, seed, writes } => bench_policy(sizes, seed, writes),
     }
 }

@@ -202,11 +202,20 @@ impl Membership {
                 return Err(PacketError::IdentityMismatch { cert: cert.into(), claimed: header.src.name });
             }
         }
+        let backlog = self.swim.custom_broadcast_backlog();
         let mut fx = Effects { now, io: &mut self.io };
         let res = self.swim.handle_data(body, &mut fx);
         if let Err(e) = res {
             self.io.stats.malformed_in += 1;
             return Err(PacketError::Refused(e.to_string()));
+        }
+        // A broadcast item we had not seen (a policy change) is passed on at once: the
+        // change then spreads at network speed, log3(N) hops, not a gossip tick per hop.
+        if self.swim.custom_broadcast_backlog() > backlog {
+            let mut fx = Effects { now, io: &mut self.io };
+            if let Err(e) = self.swim.gossip(&mut fx) {
+                tracing::debug!(error = %e, "gossip");
+            }
         }
         Ok(())
     }
@@ -264,12 +273,20 @@ impl Membership {
 
     /// Queues an item to piggyback on gossip. Returns false when it is too large for a
     /// gossip packet; the caller then pushes it over a stream instead.
-    pub fn broadcast(&mut self, item: &[u8]) -> bool {
+    pub fn broadcast(&mut self, now: Instant, item: &[u8]) -> bool {
         if item.len() > limits::MAX_GOSSIP_PACKET / 2 {
             return false;
         }
         match self.swim.add_broadcast(item) {
-            Ok(_) => true,
+            Ok(_) => {
+                // Push it out now rather than at the next gossip tick: a write's latency is
+                // then a few network hops, not a gossip interval.
+                let mut fx = Effects { now, io: &mut self.io };
+                if let Err(e) = self.swim.gossip(&mut fx) {
+                    tracing::debug!(error = %e, "gossip");
+                }
+                true
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "broadcast refused");
                 false
