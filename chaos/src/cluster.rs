@@ -25,11 +25,20 @@ pub struct ClusterSpec {
     pub seed_index: usize,
     /// Extra flags for every agent.
     pub extra_args: Vec<String>,
+    /// Extra flags per node (may be shorter than `nodes`).
+    pub node_args: Vec<Vec<String>>,
 }
 
 impl Default for ClusterSpec {
     fn default() -> Self {
-        ClusterSpec { nodes: 3, profile: "fast".into(), labels: vec![], seed_index: 0, extra_args: vec![] }
+        ClusterSpec {
+            nodes: 3,
+            profile: "fast".into(),
+            labels: vec![],
+            seed_index: 0,
+            extra_args: vec![],
+            node_args: vec![],
+        }
     }
 }
 
@@ -42,6 +51,7 @@ pub struct NodeHandle {
     pub log_path: PathBuf,
     join: Vec<SocketAddr>,
     labels: Vec<(String, String)>,
+    args: Vec<String>,
     child: Option<Child>,
     paused: bool,
 }
@@ -137,7 +147,8 @@ impl Cluster {
         for i in 0..spec.nodes {
             let join = if i == spec.seed_index { vec![] } else { vec![seed] };
             let labels = spec.labels.get(i).cloned().unwrap_or_default();
-            c.spawn_new(&format!("n{i}"), None, join, labels)?;
+            let args = spec.node_args.get(i).cloned().unwrap_or_default();
+            c.spawn_new(&format!("n{i}"), None, join, labels, args)?;
         }
         for i in 0..spec.nodes {
             c.wait_healthy(i)?;
@@ -179,14 +190,14 @@ impl Cluster {
 
     /// Starts one more agent with a certificate from the cluster CA.
     pub fn add_node(&mut self, name: &str, join: &[SocketAddr]) -> anyhow::Result<usize> {
-        let i = self.spawn_new(name, None, join.to_vec(), vec![])?;
+        let i = self.spawn_new(name, None, join.to_vec(), vec![], vec![])?;
         self.wait_healthy(i)?;
         Ok(i)
     }
 
     /// Starts one more agent with the TLS material in `tls_dir` (e.g. from another CA).
     pub fn add_node_with_tls(&mut self, name: &str, tls_dir: PathBuf, join: &[SocketAddr]) -> anyhow::Result<usize> {
-        let i = self.spawn_new(name, Some(tls_dir), join.to_vec(), vec![])?;
+        let i = self.spawn_new(name, Some(tls_dir), join.to_vec(), vec![], vec![])?;
         self.wait_healthy(i)?;
         Ok(i)
     }
@@ -197,6 +208,7 @@ impl Cluster {
         tls: Option<PathBuf>,
         join: Vec<SocketAddr>,
         labels: Vec<(String, String)>,
+        args: Vec<String>,
     ) -> anyhow::Result<usize> {
         let i = self.nodes.len();
         anyhow::ensure!(i < 250, "at most 250 nodes per cluster");
@@ -228,6 +240,7 @@ impl Cluster {
             log_path: dir.join("agent.log"),
             join,
             labels,
+            args,
             child: None,
             paused: false,
         });
@@ -246,6 +259,7 @@ impl Cluster {
             .arg("--tls-dir")
             .arg(&n.tls_dir)
             .args(&self.extra_args)
+            .args(&n.args)
             .env_remove("TRELLIS_HTTP_ADDR")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -64,6 +64,15 @@ impl SimConfig {
     }
 }
 
+/// A live node declared down: who said so, of whom, when (virtual time since the start).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FalseDown {
+    pub at: Duration,
+    pub viewer: usize,
+    pub subject: usize,
+    pub generation: u64,
+}
+
 /// What happened to the packets of a run, since the last [`Sim::reset_counters`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetStats {
@@ -244,7 +253,7 @@ pub struct Sim {
     blocked: HashSet<(usize, usize)>,
     net: NetStats,
     counted_since: u64,
-    false_downs: usize,
+    false_downs: Vec<FalseDown>,
     clock: Arc<AtomicU64>,
     seen: Seen,
 }
@@ -267,7 +276,7 @@ impl Sim {
             blocked: HashSet::new(),
             net: NetStats::default(),
             counted_since: 0,
-            false_downs: 0,
+            false_downs: Vec::new(),
             clock: Arc::new(AtomicU64::new(0)),
             seen: Seen::default(),
             cfg,
@@ -500,7 +509,8 @@ impl Sim {
             return;
         }
         if state == MemberState::Down && self.is_live(s) && id.generation >= self.nodes[s].boot_generation {
-            self.false_downs += 1;
+            let at = self.now();
+            self.false_downs.push(FalseDown { at, viewer, subject: s, generation: id.generation });
         }
         self.believe(viewer, s, Belief { generation: id.generation, state });
     }
@@ -678,7 +688,12 @@ impl Sim {
     /// How many times, since the last [`Sim::reset_counters`], a node declared a live node
     /// down (transient declarations included: each Down event counts once).
     pub fn false_downs(&self) -> usize {
-        self.false_downs
+        self.false_downs.len()
+    }
+
+    /// Each false down counted by [`Sim::false_downs`], in order.
+    pub fn false_down_log(&self) -> &[FalseDown] {
+        &self.false_downs
     }
 
     /// Gossip bytes (envelope included, lost packets included) sent per live node per
@@ -715,7 +730,7 @@ impl Sim {
     pub fn reset_counters(&mut self) {
         self.net = NetStats::default();
         self.counted_since = self.now;
-        self.false_downs = 0;
+        self.false_downs.clear();
     }
 
     /// A node's core, for assertions on its own view.

@@ -172,3 +172,25 @@ fn policy_writes_reach_every_node_by_gossip_at_one_percent_loss() {
     println!("20 writes at 1% loss, N = 100: slowest node got a write after {worst:?}");
     assert!(worst < Duration::from_secs(2));
 }
+
+#[test]
+#[ignore]
+fn diag_loss_sweep() {
+    let n: usize = std::env::var("N").map(|v| v.parse().unwrap()).unwrap_or(50);
+    let loss: f64 = std::env::var("LOSS").map(|v| v.parse().unwrap()).unwrap_or(0.10);
+    let seeds: u64 = std::env::var("SEEDS").map(|v| v.parse().unwrap()).unwrap_or(40);
+    let mut bad = 0;
+    for seed in 1..=seeds {
+        let mut sim = converged(n, seed);
+        sim.reset_counters();
+        sim.set_loss(loss);
+        sim.run_for(Duration::from_secs(600));
+        let st = sim.total_stats();
+        if sim.false_downs() > 0 {
+            bad += 1;
+            let log = sim.false_down_log();
+            println!("seed {seed}: {} false downs, susp {} first {:?} last {:?}", log.len(), st.suspicions_raised, log[0], log[log.len() - 1]);
+        }
+    }
+    println!("{bad} of {seeds} seeds had false downs");
+}

@@ -11,6 +11,7 @@ use trellis_proto::{NodeIdentity, NodeMeta};
 
 use crate::config::AgentConfig;
 use crate::membership::{MemberEvent, MemberView, Membership, PacketError, PolicyItems, Stats};
+use crate::mesh::forward::{ForwardStats, Forwarder};
 use crate::pki::TlsMaterial;
 use crate::policy::{sync, Policy};
 use crate::transport::{Inbound, Transport};
@@ -38,6 +39,7 @@ pub struct AgentHandle {
     pub commands: mpsc::Sender<Command>,
     pub transport: Arc<Transport>,
     pub policy: Arc<Policy>,
+    pub forward: Arc<ForwardStats>,
     pub started: Instant,
     /// Flips to true when the agent should stop (after a leave).
     pub shutdown: watch::Sender<bool>,
@@ -83,7 +85,8 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
             cfg.name
         );
     }
-    let (transport, inbound) = Transport::bind(cfg.bind, tls, cfg.faults.clone())?;
+    let (transport, inbound, streams) = Transport::bind(cfg.bind, tls, cfg.faults.clone())?;
+    let upstreams = bind_upstreams(&cfg.upstreams)?;
     let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1);
     let identity = NodeIdentity {
         addr: cfg.advertise,
@@ -105,16 +108,38 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
     let shell =
         Shell { core, transport: transport.clone(), policy: policy.clone(), sync_every: cfg.timing.sync_interval };
     tokio::spawn(shell.run(inbound, cmd_rx));
-    Ok(AgentHandle {
+    let handle = AgentHandle {
         identity,
         cluster_id: tls.cluster_id.clone(),
         spiffe_id: tls.identity.clone(),
         commands: cmd_tx,
         transport,
         policy,
+        forward: Arc::default(),
         started: Instant::now(),
         shutdown,
-    })
+    };
+    let fwd = Forwarder::new(handle.clone(), handle.forward.clone());
+    tokio::spawn(fwd.clone().serve_streams(streams));
+    for (service, listener) in upstreams {
+        tracing::info!(%service, listen = %listener.local_addr()?, "upstream listener");
+        tokio::spawn(fwd.clone().serve_upstream(service, listener));
+    }
+    Ok(handle)
+}
+
+/// Binds every upstream listener before anything starts, so a taken port fails the start
+/// with the flag named.
+fn bind_upstreams(list: &[(String, SocketAddr)]) -> anyhow::Result<Vec<(String, tokio::net::TcpListener)>> {
+    list.iter()
+        .map(|(service, addr)| {
+            let l = std::net::TcpListener::bind(addr).map_err(|e| {
+                anyhow::anyhow!("upstream: cannot listen on {addr} for {service}: {e}; pick another --upstream port")
+            })?;
+            l.set_nonblocking(true)?;
+            Ok((service.clone(), tokio::net::TcpListener::from_std(l)?))
+        })
+        .collect()
 }
 
 /// The agent task: the only owner of the membership core; it also drives policy sync.
@@ -156,6 +181,7 @@ impl Shell {
         match kind {
             Kind::Gossip => self.on_gossip(msg),
             Kind::PolicySync => self.on_policy_sync(msg),
+            Kind::Forward => self.transport.close_malformed(&msg.conn, "forward header outside a stream"),
         }
     }
 

@@ -92,6 +92,7 @@ pub fn router(agent: AgentHandle) -> Router {
         .route("/v1/agent/leave", post(leave))
         .route("/metrics", get(metrics))
         .merge(crate::api_policy::routes())
+        .merge(crate::api_catalog::routes())
         .fallback(not_found)
         .with_state(agent)
 }
@@ -240,6 +241,20 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
     e.counter("trellis_policy_merged_total", "Policy versions from peers that changed state.", p.merged_new);
     e.counter("trellis_policy_conflicts_total", "Concurrent policy writes that lost (kept as conflicts).", p.conflicts);
     e.counter("trellis_policy_refused_total", "Policy entries from peers refused as invalid.", p.refused);
+    let f = &a.forward;
+    e.counter(
+        "trellis_forward_outbound_total",
+        "Client connections forwarded to an instance.",
+        f.outbound.load(Relaxed),
+    );
+    e.counter("trellis_forward_inbound_total", "Peer streams connected to a local instance.", f.inbound.load(Relaxed));
+    e.counter("trellis_forward_denied_total", "Streams denied by intentions.", f.denied.load(Relaxed));
+    e.counter("trellis_forward_failed_total", "Forwarding attempts that failed.", f.failed.load(Relaxed));
+    e.counter(
+        "trellis_forward_no_instance_total",
+        "Connections with no live instance to go to.",
+        f.no_instance.load(Relaxed),
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], e.finish()).into_response()
 }
 

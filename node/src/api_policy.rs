@@ -142,6 +142,14 @@ fn cas_of(q: &HashMap<String, String>) -> Result<Option<Version>, ApiError> {
 }
 
 async fn write(a: AgentHandle, key: Key, body: Option<Bytes>, cas: Option<Version>) -> Result<Response, ApiError> {
+    if crate::mesh::forward::node_owned(key.kind) {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            error: "instances belong to the node they run on".into(),
+            field: Some("kind".into()),
+            hint: "register instances with PUT /v1/agent/services/{id} on that node".into(),
+        });
+    }
     let policy = a.policy.clone();
     let k = key.clone();
     let res =

@@ -156,6 +156,9 @@ pub struct AgentArgs {
     pub log_level: Option<String>,
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Local listener for a service: NAME=127.0.0.1:PORT (repeatable).
+    #[arg(long = "upstream", value_parser = crate::config::parse_upstream)]
+    pub upstreams: Vec<(String, SocketAddr)>,
     /// Test only: drop this share (0..1) of outgoing peer messages.
     #[arg(long, hide = true)]
     pub fault_drop_rate: Option<f64>,
@@ -218,6 +221,7 @@ impl AgentArgs {
                 blocked: Default::default(),
             },
             fault_injection: self.fault_injection,
+            upstreams: file.upstreams.clone().into_iter().chain(self.upstreams.iter().cloned()).collect(),
         };
         Ok((cfg, self.log_level.clone().or(file.log_level)))
     }

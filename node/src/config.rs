@@ -30,6 +30,8 @@ pub struct AgentConfig {
     pub faults: crate::transport::Faults,
     /// Test-only: whether /v1/fault is served.
     pub fault_injection: bool,
+    /// Local TCP listeners, one per upstream service: (service, listen address).
+    pub upstreams: Vec<(String, SocketAddr)>,
 }
 
 /// The config file: every field optional, unknown keys refused.
@@ -49,6 +51,9 @@ pub struct FileConfig {
     pub profile: Option<Profile>,
     pub expected_size: Option<u32>,
     pub log_level: Option<String>,
+    /// service = "127.0.0.1:PORT": a local listener that forwards to that service.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, SocketAddr>,
     #[serde(default)]
     pub timing: TimingOverrides,
 }
@@ -138,6 +143,14 @@ impl TimingOverrides {
         );
         t
     }
+}
+
+/// Parses `service=HOST:PORT` upstream flags.
+pub fn parse_upstream(s: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) =
+        s.split_once('=').ok_or_else(|| format!("upstream {s:?} must look like service=127.0.0.1:9000"))?;
+    let addr = addr.parse().map_err(|e| format!("upstream {s:?}: {addr:?} is not HOST:PORT ({e})"))?;
+    Ok((name.to_string(), addr))
 }
 
 /// Parses `key=value` labels from flags.

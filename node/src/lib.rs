@@ -3,12 +3,14 @@
 
 pub mod agent;
 pub mod api;
+pub mod api_catalog;
 pub mod api_policy;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dev;
 pub mod membership;
+pub mod mesh;
 pub mod metrics;
 pub mod pki;
 pub mod policy;

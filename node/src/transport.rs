@@ -45,6 +45,14 @@ pub struct Inbound {
     pub conn: quinn::Connection,
 }
 
+/// A bidirectional stream a peer opened (service traffic), with who it provably is.
+pub struct BiStream {
+    pub from: SocketAddr,
+    pub peer_name: String,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
 /// Transport counters, exported as metrics.
 #[derive(Debug, Default)]
 pub struct TransportStats {
@@ -81,6 +89,7 @@ pub struct Transport {
     client: quinn::ClientConfig,
     pool: Mutex<Pool>,
     inbound: mpsc::Sender<Inbound>,
+    streams: mpsc::Sender<BiStream>,
     pub stats: Arc<TransportStats>,
     log: Arc<RefusalLog>,
     pub faults: Mutex<Faults>,
@@ -93,7 +102,7 @@ impl Transport {
         bind: SocketAddr,
         tls: &TlsMaterial,
         faults: Faults,
-    ) -> anyhow::Result<(Arc<Transport>, mpsc::Receiver<Inbound>)> {
+    ) -> anyhow::Result<(Arc<Transport>, mpsc::Receiver<Inbound>, mpsc::Receiver<BiStream>)> {
         let stats = Arc::new(TransportStats::default());
         let log = Arc::new(RefusalLog::default());
         let sink: pki::RefusalSink = {
@@ -119,11 +128,12 @@ impl Transport {
             Arc::new(quinn::TokioRuntime),
         )?;
         let (tx, rx) = mpsc::channel(4096);
+        let (streams, streams_rx) = mpsc::channel(1024);
         let pool = Mutex::new(Pool::default());
         let faults = Mutex::new(faults);
-        let t = Arc::new(Transport { endpoint, client, pool, inbound: tx, stats, log, faults });
+        let t = Arc::new(Transport { endpoint, client, pool, inbound: tx, streams, stats, log, faults });
         tokio::spawn(t.clone().accept_loop());
-        Ok((t, rx))
+        Ok((t, rx, streams_rx))
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -202,6 +212,25 @@ impl Transport {
         });
     }
 
+    /// Opens a bidirectional stream to a peer, dialling it first if there is no connection.
+    pub async fn open_bi(self: &Arc<Self>, to: SocketAddr) -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
+        if self.faults.lock().expect("faults lock").blocked.contains(&to) {
+            anyhow::bail!("fault injection blocks {to}");
+        }
+        let pooled = self.pool.lock().expect("pool lock").conns.get(&to).cloned();
+        let conn = match pooled {
+            Some(c) => c,
+            None => {
+                self.stats.dials.fetch_add(1, Relaxed);
+                let conn = self.endpoint.connect_with(self.client.clone(), to, "trellis")?.await?;
+                let name = peer_name(&conn)?;
+                self.adopt(conn.clone(), name);
+                conn
+            }
+        };
+        Ok(conn.open_bi().await?)
+    }
+
     async fn dial(self: Arc<Self>, to: SocketAddr) {
         self.stats.dials.fetch_add(1, Relaxed);
         let res = match self.endpoint.connect_with(self.client.clone(), to, "trellis") {
@@ -269,16 +298,24 @@ impl Transport {
                     Err(_) => break,
                 },
                 s = conn.accept_uni() => match s {
-                    Ok(mut s) => match s.read_to_end(limits::MAX_STREAM_MESSAGE).await {
-                        Ok(d) => {
-                            self.stats.streams_in.fetch_add(1, Relaxed);
-                            Bytes::from(d)
+                    // Each stream is read on its own task, so a slow one cannot stall gossip.
+                    Ok(s) => {
+                        tokio::spawn(self.clone().read_uni(conn.clone(), name.clone(), s));
+                        continue;
+                    }
+                    Err(_) => break,
+                },
+                b = conn.accept_bi() => match b {
+                    Ok((send, recv)) => {
+                        let stream = BiStream { from, peer_name: name.clone(), send, recv };
+                        if self.faults.lock().expect("faults lock").blocked.contains(&from) {
+                            continue;
                         }
-                        Err(_) => {
-                            self.close_malformed(&conn, "stream message too large or reset");
-                            break;
+                        if self.streams.try_send(stream).is_err() {
+                            self.stats.dropped_out.fetch_add(1, Relaxed);
                         }
-                    },
+                        continue;
+                    }
                     Err(_) => break,
                 },
             };
@@ -295,6 +332,20 @@ impl Transport {
         if pool.conns.get(&from).is_some_and(|c| c.stable_id() == conn.stable_id()) {
             pool.conns.remove(&from);
         }
+    }
+
+    async fn read_uni(self: Arc<Self>, conn: quinn::Connection, name: String, mut s: quinn::RecvStream) {
+        let from = conn.remote_address();
+        let data = match s.read_to_end(limits::MAX_STREAM_MESSAGE).await {
+            Ok(d) => Bytes::from(d),
+            Err(_) => return self.close_malformed(&conn, "stream message too large or reset"),
+        };
+        self.stats.streams_in.fetch_add(1, Relaxed);
+        self.stats.bytes_in.fetch_add(data.len() as u64, Relaxed);
+        if self.faults.lock().expect("faults lock").blocked.contains(&from) {
+            return;
+        }
+        let _ = self.inbound.send(Inbound { from, peer_name: name, data, conn }).await;
     }
 
     /// Closes a connection whose peer sent bytes we cannot read.

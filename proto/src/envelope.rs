@@ -24,6 +24,8 @@ pub enum Kind {
     Gossip = 1,
     /// Policy anti-entropy and pushes, a [`crate::PolicySync`].
     PolicySync = 2,
+    /// The header of a forwarded service stream, a [`crate::forward::ForwardOpen`].
+    Forward = 3,
 }
 
 impl Kind {
@@ -31,6 +33,7 @@ impl Kind {
         match b {
             1 => Some(Kind::Gossip),
             2 => Some(Kind::PolicySync),
+            3 => Some(Kind::Forward),
             _ => None,
         }
     }
@@ -40,6 +43,7 @@ impl Kind {
         match self {
             Kind::Gossip => "gossip",
             Kind::PolicySync => "policy_sync",
+            Kind::Forward => "forward",
         }
     }
 }

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod envelope;
+pub mod forward;
 pub mod gossip;
 pub mod identity;
 pub mod limits;

@@ -18,11 +18,21 @@ pub enum Kind {
     Ratelimits,
     Intentions,
     Settings,
+    /// Service instances registered on nodes: per-node state, written only by its node.
+    Instances,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] =
-        [Kind::Services, Kind::Subsets, Kind::Routes, Kind::Splits, Kind::Ratelimits, Kind::Intentions, Kind::Settings];
+    pub const ALL: [Kind; 8] = [
+        Kind::Services,
+        Kind::Subsets,
+        Kind::Routes,
+        Kind::Splits,
+        Kind::Ratelimits,
+        Kind::Intentions,
+        Kind::Settings,
+        Kind::Instances,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -33,6 +43,7 @@ impl Kind {
             Kind::Ratelimits => "ratelimits",
             Kind::Intentions => "intentions",
             Kind::Settings => "settings",
+            Kind::Instances => "instances",
         }
     }
 
@@ -82,7 +93,9 @@ pub const MAX_OBJECT_BYTES: usize = 64 * 1024;
 pub fn validate_name(kind: Kind, name: &str) -> Result<(), FieldError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.')
+        && name.chars().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c) || (kind == Kind::Instances && c == '@')
+        })
         && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
     if !ok {
         return Err(err(
@@ -383,6 +396,28 @@ pub struct Intention {
     pub methods: Vec<String>,
 }
 
+/// One running instance of a service on a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Instance {
+    pub service: String,
+    /// The node the instance runs on; filled in by that node's agent.
+    #[serde(default)]
+    pub node: String,
+    pub address: std::net::IpAddr,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
@@ -401,6 +436,7 @@ pub enum Object {
     RateLimit(RateLimit),
     Intention(Intention),
     Settings(Settings),
+    Instance(Instance),
 }
 
 fn parse_as<T: serde::de::DeserializeOwned>(prefix: &str, json: &[u8]) -> Result<T, FieldError> {
@@ -428,6 +464,7 @@ pub fn parse(kind: Kind, name: &str, json: &[u8]) -> Result<Object, FieldError> 
         Kind::Ratelimits => Object::RateLimit(parse_as(&p, json)?),
         Kind::Intentions => Object::Intention(parse_as(&p, json)?),
         Kind::Settings => Object::Settings(parse_as(&p, json)?),
+        Kind::Instances => Object::Instance(parse_as(&p, json)?),
     };
     obj.validate(&p)?;
     Ok(obj)
@@ -552,6 +589,20 @@ impl Object {
                 Ok(())
             }
             Object::Settings(_) => Ok(()),
+            Object::Instance(i) => {
+                need(format!("{p}.service"), &i.service, "service")?;
+                if i.port == 0 {
+                    return Err(err(
+                        format!("{p}.port"),
+                        "port 0 is not a port",
+                        "give the port the instance listens on",
+                    ));
+                }
+                if !(1..=1000).contains(&i.weight) {
+                    return Err(err(format!("{p}.weight"), "must be within 1..1000", ""));
+                }
+                Ok(())
+            }
         }
     }
 }

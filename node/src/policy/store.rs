@@ -234,6 +234,9 @@ impl PolicyStore {
         if let Some(body) = &reg.val.body {
             model::parse(key.kind, &key.name, body.as_bytes())?;
         }
+        if key.kind == Kind::Instances {
+            check_owner(&key, &reg)?;
+        }
         if reg.marker.hlc >> 16 > now_ms + MAX_FUTURE_MS {
             return Err(StoreError::Refused(format!(
                 "{}.{}: version is {} s in the future; check the writer's clock",
@@ -303,6 +306,16 @@ impl PolicyStore {
         let want: std::collections::HashSet<usize> = buckets.iter().map(|b| *b as usize).collect();
         self.objects.iter().filter(|(k, _)| want.contains(&bucket_of(k))).map(|(k, r)| to_wire(k, r)).collect()
     }
+}
+
+/// An instance is named `<id>@<node>` and only that node may write it: the version's
+/// writer id must be the node's.
+fn check_owner(key: &Key, reg: &Register) -> Result<(), StoreError> {
+    let node = key.name.rsplit_once('@').map(|(_, n)| n).unwrap_or("");
+    if node.is_empty() || fnv64(&[node.as_bytes()]) != reg.marker.node {
+        return Err(StoreError::Refused(format!("instances.{}: written by a node that does not own it", key.name)));
+    }
+    Ok(())
 }
 
 pub fn to_wire(key: &Key, reg: &Register) -> PolicyEntry {

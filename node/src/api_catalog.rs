@@ -1,0 +1,107 @@
+//! `/v1/agent/services` (instances on this node) and `/v1/catalog` (instances everywhere).
+
+use std::collections::{BTreeMap, HashSet};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::agent::{AgentHandle, Command};
+use crate::api::ApiError;
+use crate::membership::MemberState;
+use crate::mesh::catalog;
+use crate::policy::{Key, Kind, WriteError};
+
+pub fn routes() -> Router<AgentHandle> {
+    Router::new()
+        .route("/v1/agent/services/{id}", put(register).delete(deregister))
+        .route("/v1/catalog/services", get(all_services))
+        .route("/v1/catalog/services/{name}", get(one_service))
+}
+
+fn key(a: &AgentHandle, id: &str) -> Key {
+    Key { kind: Kind::Instances, name: format!("{id}@{}", a.identity.name) }
+}
+
+fn write_err(e: WriteError) -> ApiError {
+    match e {
+        WriteError::Store(crate::policy::StoreError::Invalid(f)) => ApiError {
+            status: StatusCode::BAD_REQUEST,
+            field: Some(f.path.replacen("instances.", "services.", 1)),
+            error: f.message,
+            hint: f.fix,
+        },
+        other => ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            error: other.to_string(),
+            field: None,
+            hint: "see the agent log".into(),
+        },
+    }
+}
+
+/// Registers (or replaces) an instance running on this host.
+async fn register(State(a): State<AgentHandle>, Path(id): Path<String>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let mut obj: Value = crate::api::parse_body(&body)?;
+    let Some(map) = obj.as_object_mut() else {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            error: "the body must be a JSON object".into(),
+            field: None,
+            hint: "e.g. {\"service\": \"web\", \"address\": \"127.0.0.1\", \"port\": 8080}".into(),
+        });
+    };
+    map.insert("node".into(), json!(a.identity.name));
+    let k = key(&a, &id);
+    let policy = a.policy.clone();
+    let bytes = serde_json::to_vec(&obj).expect("json");
+    let kk = k.clone();
+    let entry = tokio::task::spawn_blocking(move || policy.write(kk, Some(&bytes), None))
+        .await
+        .expect("write task")
+        .map_err(write_err)?;
+    let _ = a.commands.send(Command::Publish(entry)).await;
+    Ok(Json(json!({"id": id, "instance": k.name})))
+}
+
+async fn deregister(State(a): State<AgentHandle>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let k = key(&a, &id);
+    let exists = a.policy.store.lock().expect("policy lock").get(&k).is_some_and(|r| r.val.body.is_some());
+    if !exists {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            error: format!("no instance {id} on this node"),
+            field: None,
+            hint: "list them with GET /v1/catalog/services".into(),
+        });
+    }
+    let policy = a.policy.clone();
+    let entry = tokio::task::spawn_blocking(move || policy.write(k, None, None))
+        .await
+        .expect("write task")
+        .map_err(write_err)?;
+    let _ = a.commands.send(Command::Publish(entry)).await;
+    Ok(Json(json!({"id": id, "deleted": true})))
+}
+
+async fn alive(a: &AgentHandle) -> HashSet<String> {
+    a.members().await.into_iter().filter(|m| m.state == MemberState::Alive).map(|m| m.id.name).collect()
+}
+
+async fn all_services(State(a): State<AgentHandle>) -> Json<Value> {
+    let alive = alive(&a).await;
+    let list = catalog::instances(&a.policy.store.lock().expect("policy lock"), None, &alive);
+    let mut by: BTreeMap<String, Vec<catalog::InstanceView>> = BTreeMap::new();
+    for i in list {
+        by.entry(i.instance.service.clone()).or_default().push(i);
+    }
+    Json(json!(by))
+}
+
+async fn one_service(State(a): State<AgentHandle>, Path(name): Path<String>) -> Json<Value> {
+    let alive = alive(&a).await;
+    Json(json!(catalog::instances(&a.policy.store.lock().expect("policy lock"), Some(&name), &alive)))
+}

@@ -1,0 +1,185 @@
+//! The forwarding shell: a local TCP listener per upstream service; each connection goes
+//! to an instance picked by the balancer, directly when the instance is on this node and
+//! otherwise over a QUIC stream to the instance's node, which checks the caller's
+//! certified identity against the intentions before it connects. Bytes are copied as they
+//! come; nothing is buffered whole.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use trellis_proto::forward::{ForwardOpen, ForwardStatus, MAX_FORWARD_HEADER};
+
+use super::{authz, catalog, lb::RoundRobin};
+use crate::agent::AgentHandle;
+use crate::membership::MemberState;
+use crate::policy::model::{Action, Kind};
+use crate::transport::BiStream;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Default)]
+pub struct ForwardStats {
+    pub outbound: AtomicU64,
+    pub inbound: AtomicU64,
+    pub denied: AtomicU64,
+    pub failed: AtomicU64,
+    pub no_instance: AtomicU64,
+}
+
+pub struct Forwarder {
+    agent: AgentHandle,
+    rr: Mutex<RoundRobin>,
+    pub stats: Arc<ForwardStats>,
+}
+
+impl Forwarder {
+    pub fn new(agent: AgentHandle, stats: Arc<ForwardStats>) -> Arc<Forwarder> {
+        Arc::new(Forwarder { agent, rr: Mutex::new(RoundRobin::default()), stats })
+    }
+
+    /// Alive nodes by name, with their peer addresses (ourselves included).
+    async fn alive(&self) -> HashMap<String, SocketAddr> {
+        self.agent
+            .members()
+            .await
+            .into_iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .map(|m| (m.id.name.clone(), m.id.addr))
+            .collect()
+    }
+
+    /// Accepts local clients of one upstream service.
+    pub async fn serve_upstream(self: Arc<Self>, service: String, listener: TcpListener) {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let (fwd, service) = (self.clone(), service.clone());
+            tokio::spawn(async move {
+                if let Err(e) = fwd.client(&service, tcp).await {
+                    tracing::debug!(%service, error = %e, "forwarding failed");
+                }
+            });
+        }
+    }
+
+    async fn client(&self, service: &str, mut tcp: TcpStream) -> anyhow::Result<()> {
+        let alive = self.alive().await;
+        let names = alive.keys().cloned().collect();
+        let instances =
+            catalog::instances(&self.agent.policy.store.lock().expect("policy lock"), Some(service), &names);
+        let cands: Vec<(String, u32)> = instances.iter().map(|i| (i.name.clone(), i.instance.weight)).collect();
+        let Some(pick) = self.rr.lock().expect("rr lock").pick(service, &cands) else {
+            self.stats.no_instance.fetch_add(1, Relaxed);
+            anyhow::bail!("no live instance of {service}");
+        };
+        let inst = &instances[pick];
+        self.stats.outbound.fetch_add(1, Relaxed);
+        if inst.instance.node == self.agent.identity.name {
+            let mut up = connect(inst.instance.address, inst.instance.port).await?;
+            tokio::io::copy_bidirectional(&mut tcp, &mut up).await?;
+            return Ok(());
+        }
+        let peer = alive[&inst.instance.node];
+        let (mut send, mut recv) = self.agent.transport.open_bi(peer).await.inspect_err(|_| {
+            self.stats.failed.fetch_add(1, Relaxed);
+        })?;
+        send.write_all(&ForwardOpen { service: service.into(), instance: inst.name.clone() }.encode()).await?;
+        let status = ForwardStatus::from_byte(recv.read_u8().await?);
+        if status != ForwardStatus::Ok {
+            if status == ForwardStatus::Denied {
+                self.stats.denied.fetch_add(1, Relaxed);
+            } else {
+                self.stats.failed.fetch_add(1, Relaxed);
+            }
+            anyhow::bail!("{} refused the stream: {status:?}", inst.instance.node);
+        }
+        let mut quic = tokio::io::join(recv, send);
+        tokio::io::copy_bidirectional(&mut tcp, &mut quic).await?;
+        Ok(())
+    }
+
+    /// Serves streams that peers open towards our instances.
+    pub async fn serve_streams(self: Arc<Self>, mut streams: mpsc::Receiver<BiStream>) {
+        while let Some(s) = streams.recv().await {
+            let fwd = self.clone();
+            tokio::spawn(async move {
+                let peer = s.peer_name.clone();
+                if let Err(e) = fwd.server(s).await {
+                    tracing::debug!(%peer, error = %e, "inbound stream failed");
+                }
+            });
+        }
+    }
+
+    async fn server(&self, s: BiStream) -> anyhow::Result<()> {
+        let BiStream { peer_name, mut send, mut recv, .. } = s;
+        let len = recv.read_u16().await? as usize;
+        if len > MAX_FORWARD_HEADER {
+            send.write_all(&[ForwardStatus::BadRequest as u8]).await?;
+            anyhow::bail!("forward header of {len} bytes");
+        }
+        let mut buf = vec![0; len];
+        recv.read_exact(&mut buf).await?;
+        let open = match ForwardOpen::decode(&buf) {
+            Ok(o) => o,
+            Err(e) => {
+                send.write_all(&[ForwardStatus::BadRequest as u8]).await?;
+                anyhow::bail!("bad forward header: {e}");
+            }
+        };
+        let caller = self.agent.spiffe_of(&peer_name);
+        let (target, action) = {
+            let store = self.agent.policy.store.lock().expect("policy lock");
+            let me: std::collections::HashSet<String> = [self.agent.identity.name.clone()].into();
+            let target =
+                catalog::instances(&store, Some(&open.service), &me).into_iter().find(|i| i.name == open.instance);
+            let action = authz::decide(
+                catalog::intentions(&store).iter(),
+                catalog::intention_default(&store),
+                &caller,
+                &open.service,
+            );
+            (target, action)
+        };
+        let Some(target) = target else {
+            send.write_all(&[ForwardStatus::UnknownInstance as u8]).await?;
+            anyhow::bail!("no local instance {}", open.instance);
+        };
+        if action == Action::Deny {
+            self.stats.denied.fetch_add(1, Relaxed);
+            send.write_all(&[ForwardStatus::Denied as u8]).await?;
+            let _ = send.finish();
+            tracing::info!(%caller, service = %open.service, "denied by intentions");
+            return Ok(());
+        }
+        let mut up = match connect(target.instance.address, target.instance.port).await {
+            Ok(up) => up,
+            Err(e) => {
+                self.stats.failed.fetch_add(1, Relaxed);
+                send.write_all(&[ForwardStatus::Unreachable as u8]).await?;
+                return Err(e);
+            }
+        };
+        self.stats.inbound.fetch_add(1, Relaxed);
+        send.write_all(&[ForwardStatus::Ok as u8]).await?;
+        let mut quic = tokio::io::join(recv, send);
+        tokio::io::copy_bidirectional(&mut quic, &mut up).await?;
+        Ok(())
+    }
+}
+
+async fn connect(ip: std::net::IpAddr, port: u16) -> anyhow::Result<TcpStream> {
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((ip, port))).await??;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Kinds the operator API may not write (they belong to nodes).
+pub fn node_owned(kind: Kind) -> bool {
+    kind == Kind::Instances
+}

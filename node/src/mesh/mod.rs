@@ -1,0 +1,7 @@
+//! The data plane: catalog views, load balancing and authorization as plain logic, and
+//! the forwarding shell that carries service traffic over QUIC streams.
+
+pub mod authz;
+pub mod catalog;
+pub mod forward;
+pub mod lb;
