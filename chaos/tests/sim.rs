@@ -189,7 +189,13 @@ fn diag_loss_sweep() {
         if sim.false_downs() > 0 {
             bad += 1;
             let log = sim.false_down_log();
-            println!("seed {seed}: {} false downs, susp {} first {:?} last {:?}", log.len(), st.suspicions_raised, log[0], log[log.len() - 1]);
+            println!(
+                "seed {seed}: {} false downs, susp {} first {:?} last {:?}",
+                log.len(),
+                st.suspicions_raised,
+                log[0],
+                log[log.len() - 1]
+            );
         }
     }
     println!("{bad} of {seeds} seeds had false downs");
