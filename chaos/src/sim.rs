@@ -254,6 +254,8 @@ pub struct Sim {
     net: NetStats,
     counted_since: u64,
     false_downs: Vec<FalseDown>,
+    /// Member events about this node, if one is watched: (time, viewer, event).
+    watched: Option<(usize, Vec<(Duration, usize, MemberEvent)>)>,
     clock: Arc<AtomicU64>,
     seen: Seen,
 }
@@ -277,6 +279,7 @@ impl Sim {
             net: NetStats::default(),
             counted_since: 0,
             false_downs: Vec::new(),
+            watched: None,
             clock: Arc::new(AtomicU64::new(0)),
             seen: Seen::default(),
             cfg,
@@ -430,6 +433,17 @@ impl Sim {
     }
 
     fn send(&mut self, from: usize, to: SocketAddr, data: Vec<u8>) {
+        if std::env::var("EXP_DROP_BOGUS_UNDEAD").is_ok() {
+            let (_, body) = trellis_proto::envelope::decode(&data, 1 << 20).unwrap();
+            let h = trellis_proto::gossip::peek_header(body).unwrap();
+            if h.message == foca::Message::TurnUndead {
+                let st = self.nodes[from].core.as_ref().unwrap().members().into_iter().find(|m| m.id == h.dst).map(|m| m.state);
+                if st != Some(MemberState::Down) {
+                    self.net.refused += 1_000_000;
+                    return;
+                }
+            }
+        }
         self.net.sent += 1;
         self.net.bytes_sent += data.len() as u64;
         let Some(to) = index_of(to).filter(|&t| t < self.nodes.len()) else {
@@ -487,6 +501,18 @@ impl Sim {
     }
 
     fn observe(&mut self, viewer: usize, e: MemberEvent) {
+        let now = self.now();
+        if let Some((w, log)) = self.watched.as_mut() {
+            let about = match &e {
+                MemberEvent::Up(id) | MemberEvent::Down(id) | MemberEvent::Left(id) => index_of(id.addr) == Some(*w),
+                MemberEvent::Renamed { new, .. } => index_of(new.addr) == Some(*w),
+                _ => viewer == *w,
+            };
+            if about {
+                log.push((now, viewer, e.clone()));
+            }
+        }
+        let is_down = matches!(e, MemberEvent::Down(_));
         let (id, state) = match e {
             MemberEvent::Up(id) => (id, MemberState::Alive),
             MemberEvent::Down(id) => (id, MemberState::Down),
@@ -508,7 +534,7 @@ impl Sim {
         if id.generation < self.nodes[viewer].beliefs[s].generation {
             return;
         }
-        if state == MemberState::Down && self.is_live(s) && id.generation >= self.nodes[s].boot_generation {
+        if is_down && self.is_live(s) && id.generation >= self.nodes[s].boot_generation {
             let at = self.now();
             self.false_downs.push(FalseDown { at, viewer, subject: s, generation: id.generation });
         }
@@ -529,6 +555,19 @@ impl Sim {
                         continue;
                     };
                     self.net.delivered += 1;
+                    if let Some((w, _)) = &self.watched {
+                        if (*w == to || *w == from) && at > 38_000_000_000 && at < 44_000_000_000 {
+                            use foca::Codec;
+                            let (_, body) = trellis_proto::envelope::decode(&data, 1 << 20).unwrap();
+                            let mut buf = body;
+                            let mut c = trellis_proto::GossipCodec;
+                            let h = c.decode_header(&mut buf).unwrap();
+                            let k = if buf.len() >= 2 { let k = u16::from_be_bytes([buf[0], buf[1]]); buf = &buf[2..]; k } else { 0 };
+                            let mut ms = Vec::new();
+                            for _ in 0..k { if let Ok(m) = c.decode_member(&mut buf) { ms.push(format!("{:?}/{:?}/{}", m.id(), m.state(), m.incarnation())); } }
+                            eprintln!("DBG {:?} n{from}->n{to} {:?} inc {} dst {:?} updates {:?}", Duration::from_nanos(at), h.message, h.src_incarnation, h.dst, ms);
+                        }
+                    }
                     // Like the QUIC transport: the sender's certificate name comes along.
                     if core.handle_datagram(now, Some(&self.names[from]), &data).is_err() {
                         self.net.refused += 1;
@@ -731,6 +770,17 @@ impl Sim {
         self.net = NetStats::default();
         self.counted_since = self.now;
         self.false_downs.clear();
+    }
+
+    /// Starts recording every member event about node `i` (and `i`'s own joins, isolations
+    /// and rejoins), replacing any earlier watch.
+    pub fn watch(&mut self, i: usize) {
+        self.watched = Some((i, Vec::new()));
+    }
+
+    /// The events recorded since [`Sim::watch`]: (virtual time, viewer, event).
+    pub fn watched_events(&self) -> &[(Duration, usize, MemberEvent)] {
+        self.watched.as_ref().map_or(&[], |(_, log)| log)
     }
 
     /// A node's core, for assertions on its own view.

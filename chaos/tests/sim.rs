@@ -180,6 +180,35 @@ fn diag_loss_sweep() {
     let loss: f64 = std::env::var("LOSS").map(|v| v.parse().unwrap()).unwrap_or(0.10);
     let seeds: u64 = std::env::var("SEEDS").map(|v| v.parse().unwrap()).unwrap_or(40);
     let mut bad = 0;
+    if let Ok(spec) = std::env::var("TRACE") {
+        let (seed, subject, from, to): (u64, usize, u64, u64) = {
+            let v: Vec<u64> = spec.split(',').map(|x| x.parse().unwrap()).collect();
+            (v[0], v[1] as usize, v[2], v[3])
+        };
+        let mut sim = Sim::new(SimConfig::new(n, Profile::Lan.timing(), seed));
+        sim.join_all(0);
+        sim.run_until(Duration::from_secs(60), Sim::all_converged_alive).unwrap();
+        println!("gens after converge: false downs {} {:?}", sim.false_downs(), sim.core(subject).unwrap().identity());
+        sim.reset_counters();
+        sim.set_loss(loss);
+        sim.run_for(Duration::from_secs(from));
+        sim.watch(subject);
+        let st0 = sim.core(subject).unwrap().stats();
+        let probe = std::env::var("PROBE").ok().map(|v| v.parse::<usize>().unwrap());
+        if let Some(p) = probe {
+            while sim.now() < Duration::from_millis(38_030) {
+                let m: Vec<_> = sim.core(p).unwrap().members().into_iter().filter(|m| m.id.addr == trellis_chaos::sim::addr_of(subject)).collect();
+                if sim.now() > Duration::from_millis(34_000) { println!("{:?} n{p} sees {:?} view {:?}", sim.now(), m, sim.view(p, subject)); }
+                sim.run_for(Duration::from_millis(250));
+            }
+        }
+        sim.run_for(Duration::from_secs(to) - sim.now());
+        for (t, v, e) in sim.watched_events() {
+            println!("{t:?} n{v} {e:?}");
+        }
+        println!("{:?}\n{:?}", st0, sim.core(subject).unwrap().stats());
+        return;
+    }
     for seed in 1..=seeds {
         let mut sim = converged(n, seed);
         sim.reset_counters();

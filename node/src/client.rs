@@ -82,12 +82,15 @@ pub fn leave(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads a policy file: TOML (`[services.web]` ...) or JSON (`{"services": {"web": {...}}}`),
-/// returning (kind, name, JSON body) per object in file order of kinds.
+/// Reads a policy file: TOML (`[services.web]` ...), YAML (`services: {web: {...}}`) or JSON
+/// (`{"services": {"web": {...}}}`), by extension; returns (kind, name, JSON body) per object.
 pub fn read_policy_file(path: &std::path::Path) -> anyhow::Result<Vec<(String, String, serde_json::Value)>> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let doc: serde_json::Value = if path.extension().is_some_and(|e| e == "json") {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let doc: serde_json::Value = if ext == "json" {
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+    } else if ext == "yaml" || ext == "yml" {
+        serde_yaml_ng::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
     } else {
         let t: toml::Table =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;

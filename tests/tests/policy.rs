@@ -217,9 +217,13 @@ fn cli_applies_checks_lists_and_deletes_policy() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("splits.c.backends[0].weight: weights sum to 97"));
     let out = run(&["policy", "apply", "-f", good.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let yaml = dir.join("more.yaml");
+    std::fs::write(&yaml, "intentions:\n  deny-all:\n    source: \"*\"\n    destination: web\n    action: deny\n").unwrap();
+    let out = run(&["policy", "apply", "-f", yaml.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = run(&["policy", "get"]);
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("web-canary") && table.contains("services"), "{table}");
+    assert!(table.contains("web-canary") && table.contains("services") && table.contains("deny-all"), "{table}");
     let out = run(&["policy", "delete", "splits", "web-canary"]);
     assert!(out.status.success());
     let (s, _) = c.node(0).api().delete("/v1/policy/splits/web-canary").unwrap();
