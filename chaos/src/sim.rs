@@ -437,7 +437,14 @@ impl Sim {
             let (_, body) = trellis_proto::envelope::decode(&data, 1 << 20).unwrap();
             let h = trellis_proto::gossip::peek_header(body).unwrap();
             if h.message == foca::Message::TurnUndead {
-                let st = self.nodes[from].core.as_ref().unwrap().members().into_iter().find(|m| m.id == h.dst).map(|m| m.state);
+                let st = self.nodes[from]
+                    .core
+                    .as_ref()
+                    .unwrap()
+                    .members()
+                    .into_iter()
+                    .find(|m| m.id == h.dst)
+                    .map(|m| m.state);
                 if st != Some(MemberState::Down) {
                     self.net.refused += 1_000_000;
                     return;
@@ -562,10 +569,27 @@ impl Sim {
                             let mut buf = body;
                             let mut c = trellis_proto::GossipCodec;
                             let h = c.decode_header(&mut buf).unwrap();
-                            let k = if buf.len() >= 2 { let k = u16::from_be_bytes([buf[0], buf[1]]); buf = &buf[2..]; k } else { 0 };
+                            let k = if buf.len() >= 2 {
+                                let k = u16::from_be_bytes([buf[0], buf[1]]);
+                                buf = &buf[2..];
+                                k
+                            } else {
+                                0
+                            };
                             let mut ms = Vec::new();
-                            for _ in 0..k { if let Ok(m) = c.decode_member(&mut buf) { ms.push(format!("{:?}/{:?}/{}", m.id(), m.state(), m.incarnation())); } }
-                            eprintln!("DBG {:?} n{from}->n{to} {:?} inc {} dst {:?} updates {:?}", Duration::from_nanos(at), h.message, h.src_incarnation, h.dst, ms);
+                            for _ in 0..k {
+                                if let Ok(m) = c.decode_member(&mut buf) {
+                                    ms.push(format!("{:?}/{:?}/{}", m.id(), m.state(), m.incarnation()));
+                                }
+                            }
+                            eprintln!(
+                                "DBG {:?} n{from}->n{to} {:?} inc {} dst {:?} updates {:?}",
+                                Duration::from_nanos(at),
+                                h.message,
+                                h.src_incarnation,
+                                h.dst,
+                                ms
+                            );
                         }
                     }
                     // Like the QUIC transport: the sender's certificate name comes along.

@@ -197,8 +197,16 @@ fn diag_loss_sweep() {
         let probe = std::env::var("PROBE").ok().map(|v| v.parse::<usize>().unwrap());
         if let Some(p) = probe {
             while sim.now() < Duration::from_millis(38_030) {
-                let m: Vec<_> = sim.core(p).unwrap().members().into_iter().filter(|m| m.id.addr == trellis_chaos::sim::addr_of(subject)).collect();
-                if sim.now() > Duration::from_millis(34_000) { println!("{:?} n{p} sees {:?} view {:?}", sim.now(), m, sim.view(p, subject)); }
+                let m: Vec<_> = sim
+                    .core(p)
+                    .unwrap()
+                    .members()
+                    .into_iter()
+                    .filter(|m| m.id.addr == trellis_chaos::sim::addr_of(subject))
+                    .collect();
+                if sim.now() > Duration::from_millis(34_000) {
+                    println!("{:?} n{p} sees {:?} view {:?}", sim.now(), m, sim.view(p, subject));
+                }
                 sim.run_for(Duration::from_millis(250));
             }
         }

@@ -95,7 +95,8 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         meta: NodeMeta { api_addr: Some(cfg.api), version: VERSION.into(), labels: cfg.labels.clone() },
     };
     identity.validate().map_err(|e| anyhow::anyhow!("labels: {e}"))?;
-    let policy = Policy::open(&cfg.data_dir, &cfg.name)
+    let grace_ms = cfg.timing.tombstone_grace.as_millis() as u64;
+    let policy = Policy::open(&cfg.data_dir, &cfg.name, grace_ms)
         .map_err(|e| anyhow::anyhow!("data_dir: cannot open the policy log in {}: {e}", cfg.data_dir.display()))?;
     let items: PolicyItems = {
         let policy = policy.clone();
@@ -206,7 +207,13 @@ impl Shell {
                 tracing::debug!(peer = %msg.peer_name, new, refused, "policy entries merged");
             }
         }
-        let replies = sync::answer(&self.policy.store.lock().expect("policy lock"), &sync_msg);
+        let replies = {
+            let mut store = self.policy.store.lock().expect("policy lock");
+            if matches!(sync_msg, PolicySync::Root { root, .. } if root == store.root()) {
+                store.confirm_peer(&msg.peer_name);
+            }
+            sync::answer(&store, &sync_msg)
+        };
         for reply in replies {
             self.send_policy(msg.from, &reply);
         }
@@ -224,6 +231,15 @@ impl Shell {
     }
 
     fn sync_with_random_peer(&self) {
+        let me = &self.core.identity().name;
+        let live: Vec<String> = self
+            .core
+            .members()
+            .into_iter()
+            .filter(|m| m.state == crate::membership::MemberState::Alive && &m.id.name != me)
+            .map(|m| m.id.name)
+            .collect();
+        self.policy.collect(&live);
         let peers = self.core.alive_peers();
         if !peers.is_empty() {
             self.sync_with(peers[rand::random_range(0..peers.len())]);

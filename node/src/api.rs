@@ -241,6 +241,11 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
     e.counter("trellis_policy_merged_total", "Policy versions from peers that changed state.", p.merged_new);
     e.counter("trellis_policy_conflicts_total", "Concurrent policy writes that lost (kept as conflicts).", p.conflicts);
     e.counter("trellis_policy_refused_total", "Policy entries from peers refused as invalid.", p.refused);
+    e.counter(
+        "trellis_policy_tombstones_collected_total",
+        "Deletes forgotten after every peer had them.",
+        p.tombstones_collected,
+    );
     let f = &a.forward;
     e.counter(
         "trellis_forward_outbound_total",

@@ -91,7 +91,12 @@ fn list(a: &AgentHandle, kind: Option<Kind>) -> Value {
         .filter(|(k, r)| r.val.body.is_some() && kind.is_none_or(|want| k.kind == want))
         .map(|(k, r)| object_json(k, r, store.conflicts(k)))
         .collect();
-    json!({"index": store.index(), "root": format!("{:016x}", store.root()), "objects": objects})
+    json!({
+        "index": store.index(),
+        "root": format!("{:016x}", store.root()),
+        "tombstones": store.tombstones(),
+        "objects": objects,
+    })
 }
 
 async fn get_all(State(a): State<AgentHandle>, Query(q): Query<HashMap<String, String>>) -> Result<Response, ApiError> {

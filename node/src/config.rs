@@ -77,6 +77,8 @@ pub struct TimingOverrides {
     pub announce_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub sync_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub tombstone_grace: Option<Duration>,
 }
 
 /// A configuration error, printed as-is to the operator.
@@ -139,7 +141,8 @@ impl TimingOverrides {
             gossip_interval,
             gossip_fanout,
             announce_interval,
-            sync_interval
+            sync_interval,
+            tombstone_grace
         );
         t
     }

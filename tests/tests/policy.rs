@@ -218,7 +218,8 @@ fn cli_applies_checks_lists_and_deletes_policy() {
     let out = run(&["policy", "apply", "-f", good.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let yaml = dir.join("more.yaml");
-    std::fs::write(&yaml, "intentions:\n  deny-all:\n    source: \"*\"\n    destination: web\n    action: deny\n").unwrap();
+    std::fs::write(&yaml, "intentions:\n  deny-all:\n    source: \"*\"\n    destination: web\n    action: deny\n")
+        .unwrap();
     let out = run(&["policy", "apply", "-f", yaml.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = run(&["policy", "get"]);
@@ -228,6 +229,30 @@ fn cli_applies_checks_lists_and_deletes_policy() {
     assert!(out.status.success());
     let (s, _) = c.node(0).api().delete("/v1/policy/splits/web-canary").unwrap();
     assert_eq!(s, 404);
+}
+
+#[test]
+fn a_delete_is_collected_everywhere_after_every_node_has_it() {
+    let c = cluster(3);
+    put(&c, 0, "/v1/policy/services/old", json!({}));
+    wait_identical(&c, &[0, 1, 2], Duration::from_secs(10));
+    let (s, _) = c.node(1).api().delete("/v1/policy/services/old").unwrap();
+    assert_eq!(s, 200);
+    // fast profile: grace 5 s; every node must see the delete, then drop the tombstone.
+    let took = c
+        .wait_until(Duration::from_secs(30), "tombstones collected on all nodes", || {
+            (0..3)
+                .all(|i| {
+                    let v = snapshot(&c, i);
+                    v["tombstones"] == 0 && v["objects"].as_array().is_some_and(|o| o.is_empty())
+                })
+                .then_some(())
+        })
+        .map(|_| ());
+    took.unwrap();
+    let m = metric(&c.node(2).api().get_text("/metrics").unwrap(), "trellis_policy_tombstones_collected_total");
+    assert!(m.unwrap() >= 1.0);
+    wait_identical(&c, &[0, 1, 2], Duration::from_secs(10));
 }
 
 #[test]

@@ -33,6 +33,9 @@ pub struct Timing {
     /// How often each node compares policy with one random member (anti-entropy).
     #[serde(with = "humantime_serde")]
     pub sync_interval: Duration,
+    /// How long a policy delete (tombstone) is kept before it may be collected.
+    #[serde(with = "humantime_serde")]
+    pub tombstone_grace: Duration,
 }
 
 /// Named timing profiles.
@@ -60,6 +63,7 @@ impl Profile {
                 gossip_fanout: 3,
                 announce_interval: s(30),
                 sync_interval: s(5),
+                tombstone_grace: s(10 * 60),
             },
             Profile::Wan => Timing {
                 probe_period: s(5),
@@ -70,6 +74,7 @@ impl Profile {
                 gossip_fanout: 4,
                 announce_interval: s(60),
                 sync_interval: s(15),
+                tombstone_grace: s(30 * 60),
             },
             Profile::Fast => Timing {
                 probe_period: ms(250),
@@ -80,6 +85,7 @@ impl Profile {
                 gossip_fanout: 3,
                 announce_interval: s(5),
                 sync_interval: s(1),
+                tombstone_grace: s(5),
             },
         }
     }

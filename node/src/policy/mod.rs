@@ -40,9 +40,10 @@ pub struct Policy {
 
 impl Policy {
     /// Opens the log in `data_dir` and replays it.
-    pub fn open(data_dir: &Path, node_name: &str) -> std::io::Result<Arc<Policy>> {
+    pub fn open(data_dir: &Path, node_name: &str, tombstone_grace_ms: u64) -> std::io::Result<Arc<Policy>> {
         let (wal, records) = wal::Wal::open(data_dir)?;
         let mut store = PolicyStore::new(node_name);
+        store.tombstone_grace_ms = tombstone_grace_ms;
         let now = now_ms();
         let mut refused = 0;
         for (k, r) in records {
@@ -108,6 +109,16 @@ impl Policy {
         }
         let _ = wal.maybe_compact(store.iter());
         self.index.send_replace(store.index());
+    }
+
+    /// Collects tombstones every live peer has confirmed (see `PolicyStore::collect_tombstones`).
+    pub fn collect(&self, live_peers: &[String]) {
+        let mut store = self.store.lock().expect("policy lock");
+        let n = store.collect_tombstones(now_ms(), live_peers);
+        if n > 0 {
+            tracing::debug!(collected = n, "policy tombstones collected");
+            self.index.send_replace(store.index());
+        }
     }
 
     /// The gossip handler's entry point for a piggybacked entry: returns whether it was new

@@ -83,6 +83,7 @@ pub struct PolicyStats {
     pub merged_stale: u64,
     pub conflicts: u64,
     pub refused: u64,
+    pub tombstones_collected: u64,
 }
 
 /// Why a write or a peer's entry was not taken.
@@ -136,6 +137,12 @@ pub struct PolicyStore {
     index: u64,
     /// Keys changed since the shell last persisted and published.
     dirty: Vec<(Key, Register)>,
+    /// Index at which each key was last installed (tombstone collection needs it).
+    installed_at: BTreeMap<Key, u64>,
+    /// Per peer (writer id of its name): our index when its root last equalled ours.
+    confirmed: std::collections::HashMap<u64, u64>,
+    /// A tombstone older than this may be collected, and is no longer taken from peers.
+    pub tombstone_grace_ms: u64,
     pub stats: PolicyStats,
 }
 
@@ -149,6 +156,9 @@ impl PolicyStore {
             buckets: vec![0; BUCKETS],
             index: 0,
             dirty: Vec::new(),
+            installed_at: BTreeMap::new(),
+            confirmed: Default::default(),
+            tombstone_grace_ms: 10 * 60 * 1000,
             stats: PolicyStats::default(),
         }
     }
@@ -225,8 +235,50 @@ impl PolicyStore {
         }
         self.buckets[b] ^= entry_hash(&key, &reg);
         self.dirty.push((key.clone(), reg.clone()));
-        self.objects.insert(key, reg);
         self.index += 1;
+        self.installed_at.insert(key.clone(), self.index);
+        self.objects.insert(key, reg);
+    }
+
+    /// A peer's root equalled ours: it holds everything we hold, tombstones included.
+    pub fn confirm_peer(&mut self, peer_name: &str) {
+        self.confirmed.insert(fnv64(&[peer_name.as_bytes()]), self.index);
+    }
+
+    /// Drops tombstones older than the grace period that every live peer has confirmed
+    /// holding (an equal root since the tombstone arrived here). After three grace periods
+    /// a tombstone goes regardless, so a peer that missed the window cannot pin it forever.
+    /// Returns how many were collected.
+    pub fn collect_tombstones(&mut self, now_ms: u64, live_peers: &[String]) -> usize {
+        let grace = self.tombstone_grace_ms;
+        let peers: Vec<u64> = live_peers.iter().map(|p| fnv64(&[p.as_bytes()])).collect();
+        let due: Vec<Key> = self
+            .objects
+            .iter()
+            .filter(|(_, r)| r.val.body.is_none())
+            .filter(|(k, r)| {
+                let age = now_ms.saturating_sub(r.marker.hlc >> 16);
+                let at = self.installed_at.get(*k).copied().unwrap_or(0);
+                let seen_by_all = peers.iter().all(|p| self.confirmed.get(p).is_some_and(|i| *i >= at));
+                (age >= grace && seen_by_all) || age >= 3 * grace
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &due {
+            if let Some(old) = self.objects.remove(k) {
+                self.buckets[bucket_of(k)] ^= entry_hash(k, &old);
+                self.installed_at.remove(k);
+            }
+        }
+        if !due.is_empty() {
+            self.index += 1;
+            self.stats.tombstones_collected += due.len() as u64;
+        }
+        due.len()
+    }
+
+    pub fn tombstones(&self) -> usize {
+        self.objects.values().filter(|r| r.val.body.is_none()).count()
     }
 
     /// Merges a version from a peer (or from disk). Validates it exactly as the API would.
@@ -246,6 +298,12 @@ impl PolicyStore {
             )));
         }
         self.hlc.observe(reg.marker.hlc);
+        let stale_tombstone = now_ms.saturating_sub(reg.marker.hlc >> 16) >= self.tombstone_grace_ms;
+        if reg.val.body.is_none() && stale_tombstone && !self.objects.contains_key(&key) {
+            // Collected here already (or never needed): taking it back would undo collection.
+            self.stats.merged_stale += 1;
+            return Ok(Merged::Stale);
+        }
         let Some(local) = self.objects.get(&key).cloned() else {
             self.stats.merged_new += 1;
             self.install(key, reg);

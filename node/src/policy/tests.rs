@@ -189,6 +189,34 @@ proptest! {
 }
 
 #[test]
+fn tombstones_are_collected_only_after_every_live_peer_confirmed_them() {
+    let (mut a, mut b) = (PolicyStore::new("a"), PolicyStore::new("b"));
+    a.tombstone_grace_ms = 1000;
+    let w = write(&mut a, 10_000, "web", "1s");
+    apply(&mut b, 10_000, &w);
+    let del = a.prepare(11_000, &key("web"), None, None).unwrap();
+    a.commit(key("web"), del.clone());
+    let peers = vec!["b".to_string(), "c".to_string()];
+    assert_eq!(a.collect_tombstones(11_500, &peers), 0, "too young");
+    a.confirm_peer("b");
+    assert_eq!(a.collect_tombstones(12_500, &peers), 0, "c has not confirmed it");
+    a.confirm_peer("c");
+    assert_eq!(a.collect_tombstones(12_500, &peers), 1);
+    assert_eq!(a.tombstones(), 0);
+    assert!(a.is_empty());
+    // The tombstone coming back from a slower peer does not undo the collection...
+    assert_eq!(apply(&mut a, 12_600, &store::to_wire(&key("web"), &del)), Merged::Stale);
+    assert!(a.is_empty());
+    // ...and an unconfirmed one still goes after three grace periods.
+    let mut lone = PolicyStore::new("lone");
+    lone.tombstone_grace_ms = 1000;
+    let t = lone.prepare(20_000, &key("x"), None, None).unwrap();
+    lone.commit(key("x"), t);
+    assert_eq!(lone.collect_tombstones(21_500, &peers), 0);
+    assert_eq!(lone.collect_tombstones(23_000, &peers), 1);
+}
+
+#[test]
 fn per_object_metadata_stays_48_bytes_however_many_nodes_wrote() {
     let mut stores: Vec<PolicyStore> = (0..100).map(|i| PolicyStore::new(&format!("writer-{i}"))).collect();
     let mut last = None;
