@@ -87,6 +87,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
     }
     let (transport, inbound, streams) = Transport::bind(cfg.bind, tls, cfg.faults.clone())?;
     let upstreams = bind_upstreams(&cfg.upstreams)?;
+    let proxy = cfg.proxy.map(|a| bind_upstreams(&[("http proxy".to_string(), a)])).transpose()?;
     let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1);
     let identity = NodeIdentity {
         addr: cfg.advertise,
@@ -122,6 +123,10 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
     };
     let fwd = Forwarder::new(handle.clone(), handle.forward.clone());
     tokio::spawn(fwd.clone().serve_streams(streams));
+    if let Some((_, listener)) = proxy.and_then(|mut v| v.pop()) {
+        tracing::info!(listen = %listener.local_addr()?, "http proxy listener");
+        tokio::spawn(crate::mesh::http::serve(fwd.clone(), listener));
+    }
     for (service, listener) in upstreams {
         tracing::info!(%service, listen = %listener.local_addr()?, "upstream listener");
         tokio::spawn(fwd.clone().serve_upstream(service, listener));

@@ -156,6 +156,9 @@ pub struct AgentArgs {
     pub log_level: Option<String>,
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Local HTTP proxy listener that routes by Host (<service> or <service>.trellis).
+    #[arg(long)]
+    pub proxy: Option<SocketAddr>,
     /// Local listener for a service: NAME=127.0.0.1:PORT (repeatable).
     #[arg(long = "upstream", value_parser = crate::config::parse_upstream)]
     pub upstreams: Vec<(String, SocketAddr)>,
@@ -222,6 +225,7 @@ impl AgentArgs {
             },
             fault_injection: self.fault_injection,
             upstreams: file.upstreams.clone().into_iter().chain(self.upstreams.iter().cloned()).collect(),
+            proxy: self.proxy.or(file.proxy),
         };
         Ok((cfg, self.log_level.clone().or(file.log_level)))
     }

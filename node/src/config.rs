@@ -32,6 +32,8 @@ pub struct AgentConfig {
     pub fault_injection: bool,
     /// Local TCP listeners, one per upstream service: (service, listen address).
     pub upstreams: Vec<(String, SocketAddr)>,
+    /// The local HTTP proxy listener, if any.
+    pub proxy: Option<SocketAddr>,
 }
 
 /// The config file: every field optional, unknown keys refused.
@@ -54,6 +56,7 @@ pub struct FileConfig {
     /// service = "127.0.0.1:PORT": a local listener that forwards to that service.
     #[serde(default)]
     pub upstreams: BTreeMap<String, SocketAddr>,
+    pub proxy: Option<SocketAddr>,
     #[serde(default)]
     pub timing: TimingOverrides,
 }

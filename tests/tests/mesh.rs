@@ -159,3 +159,113 @@ fn instances_of_a_killed_node_leave_the_catalog() {
     let (s, body) = c.node(0).api().put_json("/v1/policy/instances/x@n1", &json!({})).unwrap();
     assert_eq!((s, body["field"].as_str()), (400, Some("kind")), "operators cannot write node-owned instances");
 }
+
+/// A tiny HTTP/1.1 server answering every request with `body` (one request per connection).
+fn http_server(body: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = [0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let path = String::from_utf8_lossy(&got).split_whitespace().nth(1).unwrap_or("").to_string();
+                let text = format!("{body} {path}");
+                let resp =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len());
+                let _ = s.write_all(resp.as_bytes());
+            });
+        }
+    });
+    addr
+}
+
+/// One request through the proxy; returns (status line, body).
+fn http_get(proxy: SocketAddr, host: &str, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.lines().next().unwrap_or("").to_string();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+#[test]
+fn http_requests_are_routed_by_host_and_split_ninety_ten_across_nodes() {
+    let port = free_port();
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let c = Cluster::start(ClusterSpec {
+        nodes: 3,
+        node_args: vec![vec!["--proxy".into(), proxy.to_string()]],
+        ..Default::default()
+    })
+    .unwrap();
+    let all = [0, 1, 2];
+    let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&all, &alive, Duration::from_secs(15)).unwrap();
+    for (node, version) in [(1, "v1"), (2, "v2")] {
+        let srv = http_server(if version == "v1" { "v1" } else { "v2" });
+        let body =
+            json!({"service": "web", "address": "127.0.0.1", "port": srv.port(), "labels": {"version": version}});
+        let (s, v) = c.node(node).api().put_json(&format!("/v1/agent/services/web-{version}"), &body).unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    let api = c.node(0).api();
+    for (kind, name, body) in [
+        ("subsets", "v1", json!({"service": "web", "labels": {"version": "v1"}})),
+        ("subsets", "v2", json!({"service": "web", "labels": {"version": "v2"}})),
+        (
+            "splits",
+            "web-canary",
+            json!({"service": "web", "backends": [{"subset": "v1", "weight": 90}, {"subset": "v2", "weight": 10}]}),
+        ),
+        (
+            "routes",
+            "api",
+            json!({"service": "web", "match": {"path": {"prefix": "/api"}}, "destination": {"subset": "v2"}, "rewrite_prefix": "/v2api"}),
+        ),
+    ] {
+        let (s, v) = api.put_json(&format!("/v1/policy/{kind}/{name}"), &body).unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    c.wait_until(Duration::from_secs(10), "both instances routable", || {
+        let v = c.node(0).api().get_json("/v1/catalog/services/web").ok()?;
+        (v.as_array()?.len() == 2).then_some(())
+    })
+    .unwrap();
+    let mut v2 = 0;
+    let n = 1000;
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        let (status, body) = http_get(proxy, "web.trellis", "/");
+        assert!(status.contains("200"), "{status} {body}");
+        if body.starts_with("v2") {
+            v2 += 1;
+        }
+    }
+    println!("{n} requests through the mesh in {:?}: {v2} to v2", start.elapsed());
+    assert!((70..=130).contains(&v2), "a 90/10 split sent {v2} of {n} to v2");
+    // A route with a prefix rewrite goes to v2 with the new path.
+    let (status, body) = http_get(proxy, "web", "/api/items");
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body, "v2 /v2api/items");
+    // No instance: 503; malformed HTTP: 400, and the proxy keeps serving.
+    let (status, _) = http_get(proxy, "nothing-here", "/");
+    assert!(status.contains("503"), "{status}");
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"NOT HTTP AT ALL\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 400"), "{out:?}");
+    assert!(http_get(proxy, "web", "/").0.contains("200"));
+}

@@ -4,7 +4,7 @@
 //! certified identity against the intentions before it connects. Bytes are copied as they
 //! come; nothing is buffered whole.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -22,6 +22,22 @@ use crate::policy::model::{Action, Kind};
 use crate::transport::BiStream;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A byte stream to an instance, local or through a peer.
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+pub type Io = Box<dyn Stream>;
+
+/// Why no stream to an instance could be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no live instance of {0}")]
+    NoInstance(String),
+    #[error("denied by intentions on {0}")]
+    Denied(String),
+    #[error("instance unreachable: {0}")]
+    Unreachable(anyhow::Error),
+}
 
 #[derive(Debug, Default)]
 pub struct ForwardStats {
@@ -41,6 +57,10 @@ pub struct Forwarder {
 impl Forwarder {
     pub fn new(agent: AgentHandle, stats: Arc<ForwardStats>) -> Arc<Forwarder> {
         Arc::new(Forwarder { agent, rr: Mutex::new(RoundRobin::default()), stats })
+    }
+
+    pub fn agent(&self) -> &AgentHandle {
+        &self.agent
     }
 
     /// Alive nodes by name, with their peer addresses (ourselves included).
@@ -68,39 +88,58 @@ impl Forwarder {
     }
 
     async fn client(&self, service: &str, mut tcp: TcpStream) -> anyhow::Result<()> {
+        let mut up = self.open(service, &BTreeMap::new()).await?;
+        tokio::io::copy_bidirectional(&mut tcp, &mut up).await?;
+        Ok(())
+    }
+
+    /// Picks a live instance of `service` carrying `labels` and opens a byte stream to it:
+    /// a local TCP connection, or a QUIC stream through the instance's agent.
+    pub async fn open(&self, service: &str, labels: &BTreeMap<String, String>) -> Result<Io, OpenError> {
         let alive = self.alive().await;
         let names = alive.keys().cloned().collect();
-        let instances =
-            catalog::instances(&self.agent.policy.store.lock().expect("policy lock"), Some(service), &names);
+        let instances: Vec<_> =
+            catalog::instances(&self.agent.policy.store.lock().expect("policy lock"), Some(service), &names)
+                .into_iter()
+                .filter(|i| labels.iter().all(|(k, v)| i.instance.labels.get(k) == Some(v)))
+                .collect();
         let cands: Vec<(String, u32)> = instances.iter().map(|i| (i.name.clone(), i.instance.weight)).collect();
-        let Some(pick) = self.rr.lock().expect("rr lock").pick(service, &cands) else {
+        let key = format!("{service}{labels:?}");
+        let Some(pick) = self.rr.lock().expect("rr lock").pick(&key, &cands) else {
             self.stats.no_instance.fetch_add(1, Relaxed);
-            anyhow::bail!("no live instance of {service}");
+            return Err(OpenError::NoInstance(service.into()));
         };
         let inst = &instances[pick];
         self.stats.outbound.fetch_add(1, Relaxed);
         if inst.instance.node == self.agent.identity.name {
-            let mut up = connect(inst.instance.address, inst.instance.port).await?;
-            tokio::io::copy_bidirectional(&mut tcp, &mut up).await?;
-            return Ok(());
+            let up = connect(inst.instance.address, inst.instance.port).await.map_err(OpenError::Unreachable)?;
+            return Ok(Box::new(up));
         }
-        let peer = alive[&inst.instance.node];
-        let (mut send, mut recv) = self.agent.transport.open_bi(peer).await.inspect_err(|_| {
+        self.remote(service, inst, alive[&inst.instance.node]).await
+    }
+
+    async fn remote(&self, service: &str, inst: &catalog::InstanceView, peer: SocketAddr) -> Result<Io, OpenError> {
+        let open = async {
+            let (mut send, mut recv) = self.agent.transport.open_bi(peer).await?;
+            send.write_all(&ForwardOpen { service: service.into(), instance: inst.name.clone() }.encode()).await?;
+            let status = ForwardStatus::from_byte(recv.read_u8().await?);
+            anyhow::Ok((status, send, recv))
+        };
+        let (status, send, recv) = open.await.map_err(|e| {
             self.stats.failed.fetch_add(1, Relaxed);
+            OpenError::Unreachable(e)
         })?;
-        send.write_all(&ForwardOpen { service: service.into(), instance: inst.name.clone() }.encode()).await?;
-        let status = ForwardStatus::from_byte(recv.read_u8().await?);
-        if status != ForwardStatus::Ok {
-            if status == ForwardStatus::Denied {
+        match status {
+            ForwardStatus::Ok => Ok(Box::new(tokio::io::join(recv, send))),
+            ForwardStatus::Denied => {
                 self.stats.denied.fetch_add(1, Relaxed);
-            } else {
-                self.stats.failed.fetch_add(1, Relaxed);
+                Err(OpenError::Denied(inst.instance.node.clone()))
             }
-            anyhow::bail!("{} refused the stream: {status:?}", inst.instance.node);
+            other => {
+                self.stats.failed.fetch_add(1, Relaxed);
+                Err(OpenError::Unreachable(anyhow::anyhow!("{} answered {other:?}", inst.instance.node)))
+            }
         }
-        let mut quic = tokio::io::join(recv, send);
-        tokio::io::copy_bidirectional(&mut tcp, &mut quic).await?;
-        Ok(())
     }
 
     /// Serves streams that peers open towards our instances.

@@ -4,4 +4,6 @@
 pub mod authz;
 pub mod catalog;
 pub mod forward;
+pub mod http;
 pub mod lb;
+pub mod router;
