@@ -73,9 +73,17 @@ pub struct FalseDown {
     pub generation: u64,
 }
 
-/// What happened to the packets of a run, since the last [`Sim::reset_counters`].
+/// A member event as one node saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    pub at: Duration,
+    pub viewer: usize,
+    pub event: MemberEvent,
+}
+
+/// What happened to packets (and rejoins) since the last [`Sim::reset_counters`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NetStats {
+pub struct RunStats {
     pub sent: u64,
     pub bytes_sent: u64,
     pub delivered: u64,
@@ -251,11 +259,11 @@ pub struct Sim {
     /// Partition group of each node, if partitioned.
     groups: Option<Vec<usize>>,
     blocked: HashSet<(usize, usize)>,
-    net: NetStats,
+    run: RunStats,
     counted_since: u64,
     false_downs: Vec<FalseDown>,
-    /// Member events about this node, if one is watched: (time, viewer, event).
-    watched: Option<(usize, Vec<(Duration, usize, MemberEvent)>)>,
+    /// The watched node and the member events about it.
+    watched: Option<(usize, Vec<Observed>)>,
     clock: Arc<AtomicU64>,
     seen: Seen,
 }
@@ -276,7 +284,7 @@ impl Sim {
             seed_node: 0,
             groups: None,
             blocked: HashSet::new(),
-            net: NetStats::default(),
+            run: RunStats::default(),
             counted_since: 0,
             false_downs: Vec::new(),
             watched: None,
@@ -433,36 +441,18 @@ impl Sim {
     }
 
     fn send(&mut self, from: usize, to: SocketAddr, data: Vec<u8>) {
-        if std::env::var("EXP_DROP_BOGUS_UNDEAD").is_ok() {
-            let (_, body) = trellis_proto::envelope::decode(&data, 1 << 20).unwrap();
-            let h = trellis_proto::gossip::peek_header(body).unwrap();
-            if h.message == foca::Message::TurnUndead {
-                let st = self.nodes[from]
-                    .core
-                    .as_ref()
-                    .unwrap()
-                    .members()
-                    .into_iter()
-                    .find(|m| m.id == h.dst)
-                    .map(|m| m.state);
-                if st != Some(MemberState::Down) {
-                    self.net.refused += 1_000_000;
-                    return;
-                }
-            }
-        }
-        self.net.sent += 1;
-        self.net.bytes_sent += data.len() as u64;
+        self.run.sent += 1;
+        self.run.bytes_sent += data.len() as u64;
         let Some(to) = index_of(to).filter(|&t| t < self.nodes.len()) else {
-            self.net.unroutable += 1;
+            self.run.unroutable += 1;
             return;
         };
         if self.blocked.contains(&(from, to)) || self.groups.as_ref().is_some_and(|g| g[from] != g[to]) {
-            self.net.cut += 1;
+            self.run.cut += 1;
             return;
         }
         if self.cfg.loss > 0.0 && self.rng.random_bool(self.cfg.loss) {
-            self.net.lost += 1;
+            self.run.lost += 1;
             return;
         }
         let jitter = match self.cfg.jitter.as_nanos() as u64 {
@@ -516,7 +506,7 @@ impl Sim {
                 _ => viewer == *w,
             };
             if about {
-                log.push((now, viewer, e.clone()));
+                log.push(Observed { at: now, viewer, event: e.clone() });
             }
         }
         let is_down = matches!(e, MemberEvent::Down(_));
@@ -532,7 +522,7 @@ impl Sim {
                 (new, state)
             }
             MemberEvent::Rejoined(_) => {
-                self.net.rejoins += 1;
+                self.run.rejoins += 1;
                 return;
             }
             MemberEvent::Joined | MemberEvent::Isolated => return,
@@ -558,43 +548,13 @@ impl Sim {
             match event {
                 Event::Deliver { from, to, data } => {
                     let Some(core) = self.nodes[to].core.as_mut() else {
-                        self.net.to_dead += 1;
+                        self.run.to_dead += 1;
                         continue;
                     };
-                    self.net.delivered += 1;
-                    if let Some((w, _)) = &self.watched {
-                        if (*w == to || *w == from) && at > 38_000_000_000 && at < 44_000_000_000 {
-                            use foca::Codec;
-                            let (_, body) = trellis_proto::envelope::decode(&data, 1 << 20).unwrap();
-                            let mut buf = body;
-                            let mut c = trellis_proto::GossipCodec;
-                            let h = c.decode_header(&mut buf).unwrap();
-                            let k = if buf.len() >= 2 {
-                                let k = u16::from_be_bytes([buf[0], buf[1]]);
-                                buf = &buf[2..];
-                                k
-                            } else {
-                                0
-                            };
-                            let mut ms = Vec::new();
-                            for _ in 0..k {
-                                if let Ok(m) = c.decode_member(&mut buf) {
-                                    ms.push(format!("{:?}/{:?}/{}", m.id(), m.state(), m.incarnation()));
-                                }
-                            }
-                            eprintln!(
-                                "DBG {:?} n{from}->n{to} {:?} inc {} dst {:?} updates {:?}",
-                                Duration::from_nanos(at),
-                                h.message,
-                                h.src_incarnation,
-                                h.dst,
-                                ms
-                            );
-                        }
-                    }
+                    self.run.delivered += 1;
                     // Like the QUIC transport: the sender's certificate name comes along.
                     if core.handle_datagram(now, Some(&self.names[from]), &data).is_err() {
-                        self.net.refused += 1;
+                        self.run.refused += 1;
                     }
                     self.after_io(to);
                 }
@@ -763,12 +723,12 @@ impl Sim {
     /// virtual second since the last [`Sim::reset_counters`].
     pub fn bytes_per_node_per_sec(&self) -> f64 {
         let secs = (self.now - self.counted_since) as f64 / 1e9;
-        self.net.bytes_sent as f64 / self.live.max(1) as f64 / secs.max(1e-9)
+        self.run.bytes_sent as f64 / self.live.max(1) as f64 / secs.max(1e-9)
     }
 
-    /// Packet counts since the last [`Sim::reset_counters`].
-    pub fn net_stats(&self) -> NetStats {
-        self.net
+    /// Packet and rejoin counts since the last [`Sim::reset_counters`].
+    pub fn run_stats(&self) -> RunStats {
+        self.run
     }
 
     /// The live cores' own counters, summed (crashed lives' counters are gone).
@@ -791,7 +751,7 @@ impl Sim {
 
     /// Starts the byte, packet and false-down counts afresh.
     pub fn reset_counters(&mut self) {
-        self.net = NetStats::default();
+        self.run = RunStats::default();
         self.counted_since = self.now;
         self.false_downs.clear();
     }
@@ -802,8 +762,8 @@ impl Sim {
         self.watched = Some((i, Vec::new()));
     }
 
-    /// The events recorded since [`Sim::watch`]: (virtual time, viewer, event).
-    pub fn watched_events(&self) -> &[(Duration, usize, MemberEvent)] {
+    /// The events recorded since [`Sim::watch`].
+    pub fn watched_events(&self) -> &[Observed] {
         self.watched.as_ref().map_or(&[], |(_, log)| log)
     }
 

@@ -40,7 +40,7 @@ fn two_hundred_nodes_converge() {
     println!("200 nodes: all see all alive {t:?} after the last join (wall {:?})", wall.elapsed());
     assert!(t.is_some(), "not converged 30 s after the last join");
     assert_eq!(sim.false_downs(), 0);
-    assert_eq!(sim.net_stats().refused, 0, "a core refused a packet");
+    assert_eq!(sim.run_stats().refused, 0, "a core refused a packet");
 }
 
 #[test]
@@ -60,11 +60,13 @@ fn crashed_node_is_declared_down_by_all() {
 #[test]
 fn ten_percent_loss_for_ten_minutes_declares_no_live_node_down() {
     let wall = Instant::now();
-    let mut sim = converged(50, 3);
+    // Seed 10 met foca 2.0.0's TurnUndead-after-refutation bug (see Membership::handle_timeout):
+    // node 0 rejoined under a new generation, went unheard, and all 49 others declared it down.
+    let mut sim = converged(50, 10);
     sim.reset_counters();
     sim.set_loss(0.10);
     sim.run_for(Duration::from_secs(600));
-    let (stats, net) = (sim.total_stats(), sim.net_stats());
+    let (stats, net) = (sim.total_stats(), sim.run_stats());
     println!(
         "50 nodes, 10 min at 10% loss: {} packets lost, {} suspicions raised, {} refuted, {} false downs (wall {:?})",
         net.lost,
@@ -110,7 +112,7 @@ fn one_way_block_is_bridged_by_indirect_probes() {
     sim.run_for(Duration::from_secs(120));
     assert_eq!(sim.false_downs(), 0);
     assert_eq!(sim.view(6, 5), Some(MemberState::Alive));
-    assert!(sim.net_stats().cut > 0);
+    assert!(sim.run_stats().cut > 0);
 }
 
 #[test]
@@ -141,7 +143,7 @@ fn same_seed_replays_identically() {
         sim.run_for(Duration::from_secs(20));
         let views: Vec<Option<MemberState>> =
             (0..40).flat_map(|v| (0..40).map(move |s| (v, s))).map(|(v, s)| sim.view(v, s)).collect();
-        (converged, sim.total_stats(), sim.net_stats(), sim.false_downs(), views)
+        (converged, sim.total_stats(), sim.run_stats(), sim.false_downs(), views)
     };
     let first = run(9);
     assert!(first.0.is_some());
@@ -171,69 +173,4 @@ fn policy_writes_reach_every_node_by_gossip_at_one_percent_loss() {
     }
     println!("20 writes at 1% loss, N = 100: slowest node got a write after {worst:?}");
     assert!(worst < Duration::from_secs(2));
-}
-
-#[test]
-#[ignore]
-fn diag_loss_sweep() {
-    let n: usize = std::env::var("N").map(|v| v.parse().unwrap()).unwrap_or(50);
-    let loss: f64 = std::env::var("LOSS").map(|v| v.parse().unwrap()).unwrap_or(0.10);
-    let seeds: u64 = std::env::var("SEEDS").map(|v| v.parse().unwrap()).unwrap_or(40);
-    let mut bad = 0;
-    if let Ok(spec) = std::env::var("TRACE") {
-        let (seed, subject, from, to): (u64, usize, u64, u64) = {
-            let v: Vec<u64> = spec.split(',').map(|x| x.parse().unwrap()).collect();
-            (v[0], v[1] as usize, v[2], v[3])
-        };
-        let mut sim = Sim::new(SimConfig::new(n, Profile::Lan.timing(), seed));
-        sim.join_all(0);
-        sim.run_until(Duration::from_secs(60), Sim::all_converged_alive).unwrap();
-        println!("gens after converge: false downs {} {:?}", sim.false_downs(), sim.core(subject).unwrap().identity());
-        sim.reset_counters();
-        sim.set_loss(loss);
-        sim.run_for(Duration::from_secs(from));
-        sim.watch(subject);
-        let st0 = sim.core(subject).unwrap().stats();
-        let probe = std::env::var("PROBE").ok().map(|v| v.parse::<usize>().unwrap());
-        if let Some(p) = probe {
-            while sim.now() < Duration::from_millis(38_030) {
-                let m: Vec<_> = sim
-                    .core(p)
-                    .unwrap()
-                    .members()
-                    .into_iter()
-                    .filter(|m| m.id.addr == trellis_chaos::sim::addr_of(subject))
-                    .collect();
-                if sim.now() > Duration::from_millis(34_000) {
-                    println!("{:?} n{p} sees {:?} view {:?}", sim.now(), m, sim.view(p, subject));
-                }
-                sim.run_for(Duration::from_millis(250));
-            }
-        }
-        sim.run_for(Duration::from_secs(to) - sim.now());
-        for (t, v, e) in sim.watched_events() {
-            println!("{t:?} n{v} {e:?}");
-        }
-        println!("{:?}\n{:?}", st0, sim.core(subject).unwrap().stats());
-        return;
-    }
-    for seed in 1..=seeds {
-        let mut sim = converged(n, seed);
-        sim.reset_counters();
-        sim.set_loss(loss);
-        sim.run_for(Duration::from_secs(600));
-        let st = sim.total_stats();
-        if sim.false_downs() > 0 {
-            bad += 1;
-            let log = sim.false_down_log();
-            println!(
-                "seed {seed}: {} false downs, susp {} first {:?} last {:?}",
-                log.len(),
-                st.suspicions_raised,
-                log[0],
-                log[log.len() - 1]
-            );
-        }
-    }
-    println!("{bad} of {seeds} seeds had false downs");
 }

@@ -31,6 +31,20 @@ enum Cmd {
         #[arg(long, default_value_t = 0.05)]
         loss: f64,
     },
+    /// False downs over many seeds: one line per seed that had any.
+    Sweep {
+        #[arg(long, default_value_t = 50)]
+        nodes: usize,
+        #[arg(long, default_value_t = 0.10)]
+        loss: f64,
+        /// Seeds 1..=SEEDS.
+        #[arg(long, default_value_t = 40)]
+        seeds: u64,
+        #[arg(long, default_value_t = 600)]
+        secs: u64,
+        #[arg(long, value_enum, default_value = "lan")]
+        profile: Profile,
+    },
     /// Policy propagation by gossip at 1% loss.
     BenchPolicy {
         #[arg(long, value_delimiter = ',', default_value = "100,1000")]
@@ -185,6 +199,43 @@ fn bench(sizes: Vec<usize>, seed: u64, profile: Profile, loss: f64, loss_secs: u
     }
 }
 
+fn sweep(n: usize, loss: f64, seeds: u64, secs: u64, profile: Profile) {
+    println!(
+        "trellis-sim sweep: {n} nodes, profile {profile:?}, {secs} s at {:.0}% loss, seeds 1..={seeds}",
+        loss * 100.0
+    );
+    let mut bad = 0;
+    let (mut suspicions, mut refuted) = (0, 0);
+    for seed in 1..=seeds {
+        let mut sim = Sim::new(SimConfig::new(n, profile.timing(), seed));
+        sim.join_all(0);
+        if sim.run_until(Duration::from_secs(300), Sim::all_converged_alive).is_none() {
+            println!("seed {seed}: never converged");
+            continue;
+        }
+        sim.reset_counters();
+        let before = sim.total_stats();
+        sim.set_loss(loss);
+        sim.run_for(Duration::from_secs(secs));
+        let after = sim.total_stats();
+        suspicions += after.suspicions_raised - before.suspicions_raised;
+        refuted += after.suspicions_refuted - before.suspicions_refuted;
+        if let (Some(first), Some(last)) = (sim.false_down_log().first(), sim.false_down_log().last()) {
+            bad += 1;
+            println!(
+                "seed {seed}: {} false downs, first n{} declared n{}#{} down at {:.1} s, last at {:.1} s",
+                sim.false_downs(),
+                first.viewer,
+                first.subject,
+                first.generation,
+                first.at.as_secs_f64(),
+                last.at.as_secs_f64()
+            );
+        }
+    }
+    println!("{bad} of {seeds} seeds had false downs; {suspicions} suspicions raised, {refuted} refuted");
+}
+
 fn bench_policy(sizes: Vec<usize>, seed: u64, writes: usize) {
     println!("trellis-sim bench-policy: LAN profile, seed {seed}, 1% loss, {writes} writes on random nodes, gossip only (no anti-entropy)");
     println!("| N | PUT -> on all, p50 | p99 | max | writes that missed a node | wall time |");
@@ -223,6 +274,7 @@ fn bench_policy(sizes: Vec<usize>, seed: u64, writes: usize) {
 fn main() {
     match Cli::parse().cmd {
         Cmd::Bench { sizes, seed, profile, loss_secs, loss } => bench(sizes, seed, profile, loss, loss_secs),
+        Cmd::Sweep { nodes, loss, seeds, secs, profile } => sweep(nodes, loss, seeds, secs, profile),
         Cmd::BenchPolicy { sizes, seed, writes } => bench_policy(sizes, seed, writes),
     }
 }
