@@ -46,6 +46,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         let mut cmd = Command::new(&exe);
         cmd.args(["agent", "--name", &name, "--profile", "fast"])
             .args(["--bind", &addr(i, 7946).to_string(), "--api", &addr(i, 8500).to_string()])
+            .args(["--proxy", &addr(i, 15001).to_string()])
             .args(["--label", &format!("zone=dev-{}", (b'a' + i % 3) as char)])
             .arg("--data-dir")
             .arg(node_dir.join("data"))
@@ -61,7 +62,13 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let formed = wait_formed(api, args.nodes as usize, Duration::from_secs(30));
     println!("Trellis dev cluster: {} agents, mTLS with a throwaway CA in {}", args.nodes, dir.display());
     for i in 0..args.nodes {
-        println!("  node{}  peer {}  api http://{}", i + 1, addr(i, 7946), addr(i, 8500));
+        println!(
+            "  node{}  peer {}  api http://{}  http proxy {}",
+            i + 1,
+            addr(i, 7946),
+            addr(i, 8500),
+            addr(i, 15001)
+        );
     }
     match crate::client::fetch_members(api) {
         Ok(m) => print!("\n{}", crate::client::member_table(&m)),
