@@ -256,6 +256,11 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
     e.counter("trellis_forward_denied_total", "Streams denied by intentions.", f.denied.load(Relaxed));
     e.counter("trellis_forward_failed_total", "Forwarding attempts that failed.", f.failed.load(Relaxed));
     e.counter(
+        "trellis_forward_retries_total",
+        "Proxied requests retried on another instance.",
+        f.retries.load(Relaxed),
+    );
+    e.counter(
         "trellis_forward_no_instance_total",
         "Connections with no live instance to go to.",
         f.no_instance.load(Relaxed),

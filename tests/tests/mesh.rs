@@ -269,3 +269,67 @@ fn http_requests_are_routed_by_host_and_split_ninety_ten_across_nodes() {
     assert!(out.starts_with("HTTP/1.1 400"), "{out:?}");
     assert!(http_get(proxy, "web", "/").0.contains("200"));
 }
+
+/// Like [`http_server`], but stops accepting (connections refused) once `stop` is set.
+fn stoppable_http_server(body: &'static str) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        while !flag.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf);
+                    let resp =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                    let _ = s.write_all(resp.as_bytes());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    });
+    (addr, stop)
+}
+
+#[test]
+fn idempotent_gets_see_no_errors_when_an_instance_dies() {
+    let port = free_port();
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let c = Cluster::start(ClusterSpec {
+        nodes: 3,
+        node_args: vec![vec!["--proxy".into(), proxy.to_string()]],
+        ..Default::default()
+    })
+    .unwrap();
+    let all = [0, 1, 2];
+    let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&all, &alive, Duration::from_secs(15)).unwrap();
+    let (a, stop_a) = stoppable_http_server("a");
+    let (b, _stop_b) = stoppable_http_server("b");
+    for (node, id, srv) in [(1, "api-a", a), (2, "api-b", b)] {
+        let body = json!({"service": "api", "address": "127.0.0.1", "port": srv.port()});
+        let (s, v) = c.node(node).api().put_json(&format!("/v1/agent/services/{id}"), &body).unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    c.wait_until(Duration::from_secs(10), "both instances", || {
+        (c.node(0).api().get_json("/v1/catalog/services/api").ok()?.as_array()?.len() == 2).then_some(())
+    })
+    .unwrap();
+    let mut served = std::collections::HashMap::new();
+    for i in 0..200 {
+        if i == 50 {
+            stop_a.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let (status, body) = http_get(proxy, "api", "/");
+        assert!(status.contains("200"), "request {i}: {status} {body}");
+        *served.entry(body).or_insert(0) += 1;
+    }
+    println!("served: {served:?}");
+    let m = c.node(0).api().get_text("/metrics").unwrap();
+    assert!(metric(&m, "trellis_forward_retries_total").unwrap() >= 1.0, "the dead instance was retried around");
+}

@@ -46,10 +46,11 @@ pub struct ForwardStats {
     pub denied: AtomicU64,
     pub failed: AtomicU64,
     pub no_instance: AtomicU64,
+    pub retries: AtomicU64,
 }
 
 pub struct Forwarder {
-    agent: AgentHandle,
+    pub(crate) agent: AgentHandle,
     rr: Mutex<RoundRobin>,
     pub stats: Arc<ForwardStats>,
 }

@@ -6,14 +6,14 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use super::forward::{Forwarder, OpenError};
-use super::router::{RequestInfo, RouteTable};
+use super::router::{RequestInfo, Resolved, RouteTable};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -82,24 +82,75 @@ async fn proxy(fwd: Arc<Forwarder>, mut req: Request<Incoming>) -> Result<Respon
             *req.uri_mut() = uri;
         }
     }
+    // Idempotent requests without a body are retried on another instance when the one
+    // picked cannot be reached or fails before answering.
+    let attempts = if retryable(&req) { 1 + retry_attempts(&fwd, &resolved.service) } else { 1 };
+    let (parts, body) = req.into_parts();
+    let mut body = Some(body.boxed());
+    let mut last = None;
+    for attempt in 0..attempts {
+        if attempt > 0 {
+            fwd.stats.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let body = body.take().unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed());
+        match once(&fwd, &resolved, Request::from_parts(parts.clone(), body)).await {
+            Ok(resp) => return Ok(resp),
+            Err(Failure::Final(resp)) => return Ok(resp),
+            Err(Failure::Retry(resp)) => last = Some(resp),
+        }
+    }
+    Ok(last.expect("at least one attempt"))
+}
+
+enum Failure {
+    /// Another instance would not help.
+    Final(Response<Body>),
+    /// The instance failed before answering: another one may serve the request.
+    Retry(Response<Body>),
+}
+
+fn retryable<B: hyper::body::Body>(req: &Request<B>) -> bool {
+    let idempotent = matches!(req.method().as_str(), "GET" | "HEAD" | "OPTIONS");
+    idempotent && req.body().size_hint().exact() == Some(0)
+}
+
+/// Retries allowed by the service's policy (2 when it has none).
+fn retry_attempts(fwd: &Forwarder, service: &str) -> u32 {
+    let store = fwd.agent().policy.store.lock().expect("policy lock");
+    let key = crate::policy::Key { kind: crate::policy::Kind::Services, name: service.to_string() };
+    store
+        .get(&key)
+        .and_then(|r| r.val.body.clone())
+        .and_then(|b| crate::policy::model::parse(key.kind, service, b.as_bytes()).ok())
+        .and_then(|o| match o {
+            crate::policy::model::Object::Service(s) => Some(s.retry.attempts),
+            _ => None,
+        })
+        .unwrap_or(2)
+}
+
+async fn once(fwd: &Forwarder, resolved: &Resolved, req: Request<Body>) -> Result<Response<Body>, Failure> {
     let io = match fwd.open(&resolved.service, &resolved.labels).await {
         Ok(io) => io,
         Err(e @ OpenError::NoInstance(_)) => {
-            return Ok(error(StatusCode::SERVICE_UNAVAILABLE, "no_instance", e.to_string()))
+            return Err(Failure::Final(error(StatusCode::SERVICE_UNAVAILABLE, "no_instance", e.to_string())))
         }
-        Err(e @ OpenError::Denied(_)) => return Ok(error(StatusCode::FORBIDDEN, "denied", e.to_string())),
-        Err(e @ OpenError::Unreachable(_)) => return Ok(error(StatusCode::BAD_GATEWAY, "unreachable", e.to_string())),
+        Err(e @ OpenError::Denied(_)) => {
+            return Err(Failure::Final(error(StatusCode::FORBIDDEN, "denied", e.to_string())))
+        }
+        Err(e @ OpenError::Unreachable(_)) => {
+            return Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "unreachable", e.to_string())))
+        }
     };
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
-        Ok(x) => x,
-        Err(e) => return Ok(error(StatusCode::BAD_GATEWAY, "handshake", e.to_string())),
-    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| Failure::Retry(error(StatusCode::BAD_GATEWAY, "handshake", e.to_string())))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
     match sender.send_request(req).await {
         Ok(resp) => Ok(resp.map(|b| b.boxed())),
-        Err(e) => Ok(error(StatusCode::BAD_GATEWAY, "upstream", e.to_string())),
+        Err(e) => Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "upstream", e.to_string()))),
     }
 }
 
