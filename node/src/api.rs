@@ -260,6 +260,7 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         "Proxied requests retried on another instance.",
         f.retries.load(Relaxed),
     );
+    e.counter("trellis_forward_ejections_total", "Instances ejected by outlier detection.", f.ejections.load(Relaxed));
     e.counter(
         "trellis_forward_no_instance_total",
         "Connections with no live instance to go to.",

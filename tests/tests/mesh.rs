@@ -331,5 +331,9 @@ fn idempotent_gets_see_no_errors_when_an_instance_dies() {
     }
     println!("served: {served:?}");
     let m = c.node(0).api().get_text("/metrics").unwrap();
-    assert!(metric(&m, "trellis_forward_retries_total").unwrap() >= 1.0, "the dead instance was retried around");
+    let retries = metric(&m, "trellis_forward_retries_total").unwrap();
+    assert!(retries >= 1.0, "the dead instance was retried around");
+    // Five failures in a row eject it (default policy), so it stops costing retries.
+    assert!(retries <= 10.0, "{retries} retries: the dead instance was not ejected");
+    assert!(metric(&m, "trellis_forward_ejections_total").unwrap() >= 1.0);
 }

@@ -47,17 +47,19 @@ pub struct ForwardStats {
     pub failed: AtomicU64,
     pub no_instance: AtomicU64,
     pub retries: AtomicU64,
+    pub ejections: AtomicU64,
 }
 
 pub struct Forwarder {
     pub(crate) agent: AgentHandle,
     rr: Mutex<RoundRobin>,
+    outliers: Mutex<super::outlier::OutlierDetector>,
     pub stats: Arc<ForwardStats>,
 }
 
 impl Forwarder {
     pub fn new(agent: AgentHandle, stats: Arc<ForwardStats>) -> Arc<Forwarder> {
-        Arc::new(Forwarder { agent, rr: Mutex::new(RoundRobin::default()), stats })
+        Arc::new(Forwarder { agent, rr: Mutex::new(RoundRobin::default()), outliers: Mutex::default(), stats })
     }
 
     pub fn agent(&self) -> &AgentHandle {
@@ -104,19 +106,48 @@ impl Forwarder {
                 .into_iter()
                 .filter(|i| labels.iter().all(|(k, v)| i.instance.labels.get(k) == Some(v)))
                 .collect();
-        let cands: Vec<(String, u32)> = instances.iter().map(|i| (i.name.clone(), i.instance.weight)).collect();
+        let od = self.outlier_config(service);
+        let now = std::time::Instant::now();
+        let names: Vec<String> = instances.iter().map(|i| i.name.clone()).collect();
+        let admitted = self.outliers.lock().expect("outlier lock").admit(now, &names, od.max_ejected_percent);
+        let cands: Vec<(String, u32)> =
+            admitted.iter().map(|&i| (instances[i].name.clone(), instances[i].instance.weight)).collect();
         let key = format!("{service}{labels:?}");
         let Some(pick) = self.rr.lock().expect("rr lock").pick(&key, &cands) else {
             self.stats.no_instance.fetch_add(1, Relaxed);
             return Err(OpenError::NoInstance(service.into()));
         };
-        let inst = &instances[pick];
+        let inst = &instances[admitted[pick]];
         self.stats.outbound.fetch_add(1, Relaxed);
-        if inst.instance.node == self.agent.identity.name {
-            let up = connect(inst.instance.address, inst.instance.port).await.map_err(OpenError::Unreachable)?;
-            return Ok(Box::new(up));
+        let res = if inst.instance.node == self.agent.identity.name {
+            match connect(inst.instance.address, inst.instance.port).await {
+                Ok(up) => Ok(Box::new(up) as Io),
+                Err(e) => Err(OpenError::Unreachable(e)),
+            }
+        } else {
+            self.remote(service, inst, alive[&inst.instance.node]).await
+        };
+        let ok = !matches!(res, Err(OpenError::Unreachable(_)));
+        if self.outliers.lock().expect("outlier lock").record(now, &inst.name, ok, &od) {
+            self.stats.ejections.fetch_add(1, Relaxed);
+            tracing::warn!(instance = %inst.name, %service, "instance ejected after consecutive failures");
         }
-        self.remote(service, inst, alive[&inst.instance.node]).await
+        res
+    }
+
+    /// The service's outlier settings (defaults when it has no policy object).
+    fn outlier_config(&self, service: &str) -> crate::policy::model::OutlierDetection {
+        let store = self.agent.policy.store.lock().expect("policy lock");
+        let key = crate::policy::Key { kind: Kind::Services, name: service.to_string() };
+        store
+            .get(&key)
+            .and_then(|r| r.val.body.clone())
+            .and_then(|b| crate::policy::model::parse(Kind::Services, service, b.as_bytes()).ok())
+            .and_then(|o| match o {
+                crate::policy::model::Object::Service(s) => Some(s.outlier_detection),
+                _ => None,
+            })
+            .unwrap_or_default()
     }
 
     async fn remote(&self, service: &str, inst: &catalog::InstanceView, peer: SocketAddr) -> Result<Io, OpenError> {

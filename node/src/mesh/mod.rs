@@ -6,4 +6,5 @@ pub mod catalog;
 pub mod forward;
 pub mod http;
 pub mod lb;
+pub mod outlier;
 pub mod router;
