@@ -50,3 +50,55 @@ pub fn intention_default(store: &PolicyStore) -> Action {
         })
         .unwrap_or(Action::Allow)
 }
+
+/// The data plane's view of policy, parsed once per store change rather than per request.
+#[derive(Default)]
+pub struct Snapshot {
+    /// The store index this was built from.
+    pub index: u64,
+    pub routes: super::router::RouteTable,
+    /// Every registered instance, on live nodes or not (filter with the member list).
+    pub instances: Vec<InstanceView>,
+    pub services: std::collections::HashMap<String, model::Service>,
+    pub intentions: Vec<Intention>,
+    pub intention_default: Action,
+}
+
+impl Snapshot {
+    pub fn build(store: &PolicyStore) -> Snapshot {
+        let instances = objects(store, Kind::Instances)
+            .filter_map(|(name, o)| match o {
+                Object::Instance(i) => Some(InstanceView { name, instance: i }),
+                _ => None,
+            })
+            .collect();
+        let services = objects(store, Kind::Services)
+            .filter_map(|(name, o)| match o {
+                Object::Service(s) => Some((name, s)),
+                _ => None,
+            })
+            .collect();
+        Snapshot {
+            index: store.index(),
+            routes: super::router::RouteTable::from_store(store),
+            instances,
+            services,
+            intentions: intentions(store),
+            intention_default: intention_default(store),
+        }
+    }
+
+    /// Instances of `service` on live nodes carrying all `labels`.
+    pub fn instances_of<'a>(
+        &'a self,
+        service: &'a str,
+        alive: &'a HashSet<String>,
+        labels: &'a std::collections::BTreeMap<String, String>,
+    ) -> impl Iterator<Item = &'a InstanceView> + 'a {
+        self.instances.iter().filter(move |i| {
+            i.instance.service == service
+                && alive.contains(&i.instance.node)
+                && labels.iter().all(|(k, v)| i.instance.labels.get(k) == Some(v))
+        })
+    }
+}

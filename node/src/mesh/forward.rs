@@ -54,12 +54,14 @@ pub struct Forwarder {
     pub(crate) agent: AgentHandle,
     rr: Mutex<RoundRobin>,
     outliers: Mutex<super::outlier::OutlierDetector>,
+    snap: Mutex<Arc<catalog::Snapshot>>,
     pub stats: Arc<ForwardStats>,
 }
 
 impl Forwarder {
     pub fn new(agent: AgentHandle, stats: Arc<ForwardStats>) -> Arc<Forwarder> {
-        Arc::new(Forwarder { agent, rr: Mutex::new(RoundRobin::default()), outliers: Mutex::default(), stats })
+        let (rr, outliers, snap) = (Mutex::default(), Mutex::default(), Mutex::default());
+        Arc::new(Forwarder { agent, rr, outliers, snap, stats })
     }
 
     pub fn agent(&self) -> &AgentHandle {
@@ -100,13 +102,10 @@ impl Forwarder {
     /// a local TCP connection, or a QUIC stream through the instance's agent.
     pub async fn open(&self, service: &str, labels: &BTreeMap<String, String>) -> Result<Io, OpenError> {
         let alive = self.alive().await;
-        let names = alive.keys().cloned().collect();
-        let instances: Vec<_> =
-            catalog::instances(&self.agent.policy.store.lock().expect("policy lock"), Some(service), &names)
-                .into_iter()
-                .filter(|i| labels.iter().all(|(k, v)| i.instance.labels.get(k) == Some(v)))
-                .collect();
-        let od = self.outlier_config(service);
+        let names: std::collections::HashSet<String> = alive.keys().cloned().collect();
+        let snap = self.snapshot();
+        let instances: Vec<&catalog::InstanceView> = snap.instances_of(service, &names, labels).collect();
+        let od = snap.services.get(service).map(|s| s.outlier_detection.clone()).unwrap_or_default();
         let now = std::time::Instant::now();
         let names: Vec<String> = instances.iter().map(|i| i.name.clone()).collect();
         let admitted = self.outliers.lock().expect("outlier lock").admit(now, &names, od.max_ejected_percent);
@@ -135,19 +134,14 @@ impl Forwarder {
         res
     }
 
-    /// The service's outlier settings (defaults when it has no policy object).
-    fn outlier_config(&self, service: &str) -> crate::policy::model::OutlierDetection {
+    /// The policy view for this request: rebuilt only when the store has changed.
+    pub fn snapshot(&self) -> Arc<catalog::Snapshot> {
         let store = self.agent.policy.store.lock().expect("policy lock");
-        let key = crate::policy::Key { kind: Kind::Services, name: service.to_string() };
-        store
-            .get(&key)
-            .and_then(|r| r.val.body.clone())
-            .and_then(|b| crate::policy::model::parse(Kind::Services, service, b.as_bytes()).ok())
-            .and_then(|o| match o {
-                crate::policy::model::Object::Service(s) => Some(s.outlier_detection),
-                _ => None,
-            })
-            .unwrap_or_default()
+        let mut cur = self.snap.lock().expect("snapshot lock");
+        if cur.index != store.index() || cur.index == 0 {
+            *cur = Arc::new(catalog::Snapshot::build(&store));
+        }
+        cur.clone()
     }
 
     async fn remote(&self, service: &str, inst: &catalog::InstanceView, peer: SocketAddr) -> Result<Io, OpenError> {
@@ -204,19 +198,14 @@ impl Forwarder {
             }
         };
         let caller = self.agent.spiffe_of(&peer_name);
-        let (target, action) = {
-            let store = self.agent.policy.store.lock().expect("policy lock");
-            let me: std::collections::HashSet<String> = [self.agent.identity.name.clone()].into();
-            let target =
-                catalog::instances(&store, Some(&open.service), &me).into_iter().find(|i| i.name == open.instance);
-            let action = authz::decide(
-                catalog::intentions(&store).iter(),
-                catalog::intention_default(&store),
-                &caller,
-                &open.service,
-            );
-            (target, action)
-        };
+        let snap = self.snapshot();
+        let me = &self.agent.identity.name;
+        let target = snap
+            .instances
+            .iter()
+            .find(|i| i.name == open.instance && &i.instance.node == me && i.instance.service == open.service)
+            .cloned();
+        let action = authz::decide(snap.intentions.iter(), snap.intention_default, &caller, &open.service);
         let Some(target) = target else {
             send.write_all(&[ForwardStatus::UnknownInstance as u8]).await?;
             anyhow::bail!("no local instance {}", open.instance);

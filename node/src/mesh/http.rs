@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use super::forward::{Forwarder, OpenError};
-use super::router::{RequestInfo, Resolved, RouteTable};
+use super::router::{RequestInfo, Resolved};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -61,7 +61,8 @@ async fn proxy(fwd: Arc<Forwarder>, mut req: Request<Incoming>) -> Result<Respon
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let resolved = {
-        let table = RouteTable::from_store(&fwd.agent().policy.store.lock().expect("policy lock"));
+        let snap = fwd.snapshot();
+        let table = &snap.routes;
         let info = RequestInfo {
             service: &service,
             method: req.method().as_str(),
@@ -116,17 +117,7 @@ fn retryable<B: hyper::body::Body>(req: &Request<B>) -> bool {
 
 /// Retries allowed by the service's policy (2 when it has none).
 fn retry_attempts(fwd: &Forwarder, service: &str) -> u32 {
-    let store = fwd.agent().policy.store.lock().expect("policy lock");
-    let key = crate::policy::Key { kind: crate::policy::Kind::Services, name: service.to_string() };
-    store
-        .get(&key)
-        .and_then(|r| r.val.body.clone())
-        .and_then(|b| crate::policy::model::parse(key.kind, service, b.as_bytes()).ok())
-        .and_then(|o| match o {
-            crate::policy::model::Object::Service(s) => Some(s.retry.attempts),
-            _ => None,
-        })
-        .unwrap_or(2)
+    fwd.snapshot().services.get(service).map(|s| s.retry.attempts).unwrap_or(2)
 }
 
 async fn once(fwd: &Forwarder, resolved: &Resolved, req: Request<Body>) -> Result<Response<Body>, Failure> {
