@@ -90,9 +90,7 @@ impl RefusalReason {
         }
     }
 
-    /// Classifies a handshake error. A missing client certificate never reaches a verifier
-    /// (rustls refuses it first), so callers classify that one from the connection error.
-    pub fn from_tls(e: &rustls::Error) -> RefusalReason {
+    fn from_tls(e: &rustls::Error) -> RefusalReason {
         use CertificateError::*;
         match e {
             rustls::Error::NoCertificatesPresented => RefusalReason::NoCertificate,
@@ -100,10 +98,6 @@ impl RefusalReason {
                 Expired | ExpiredContext { .. } => RefusalReason::Expired,
                 NotValidYet | NotValidYetContext { .. } => RefusalReason::NotYetValid,
                 UnknownIssuer | BadSignature => RefusalReason::UnknownCa,
-                // Our CA only issues certs for both purposes; one without is not a Trellis node cert.
-                InvalidPurpose | InvalidPurposeContext { .. } | ApplicationVerificationFailure => {
-                    RefusalReason::BadIdentity
-                }
                 _ => RefusalReason::Other,
             },
             _ => RefusalReason::Other,
@@ -139,20 +133,6 @@ pub struct TlsMaterial {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
     pub not_after: OffsetDateTime,
-}
-
-impl Clone for TlsMaterial {
-    fn clone(&self) -> Self {
-        TlsMaterial {
-            cluster_id: self.cluster_id.clone(),
-            name: self.name.clone(),
-            identity: self.identity.clone(),
-            ca: self.ca.clone(),
-            chain: self.chain.clone(),
-            key: self.key.clone_key(),
-            not_after: self.not_after,
-        }
-    }
 }
 
 impl fmt::Debug for TlsMaterial {
@@ -197,14 +177,10 @@ pub fn spiffe_id(cluster_id: &str, name: &str) -> String {
     format!("spiffe://{cluster_id}/node/{name}")
 }
 
-/// Longest cluster id and node name; the same as the wire limit `trellis_proto::limits::MAX_NAME_LEN`.
-const MAX_ID_LEN: usize = 63;
-
-/// A cluster id is `[a-z0-9-]{1,63}`.
-pub fn validate_cluster_id(id: &str) -> Result<(), PkiError> {
+fn validate_cluster_id(id: &str) -> Result<(), PkiError> {
     let ok = !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && id.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
+        && id.len() <= 63
+        && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     ok.then_some(()).ok_or(PkiError::Invalid {
         field: "cluster_id",
         what: format!("{id:?} is not a valid cluster id"),
@@ -212,47 +188,17 @@ pub fn validate_cluster_id(id: &str) -> Result<(), PkiError> {
     })
 }
 
-/// A node name is `[a-z0-9][a-z0-9._-]{0,62}`.
-pub fn validate_name(name: &str) -> Result<(), PkiError> {
-    let first_ok = name.bytes().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    let ok = first_ok
-        && name.len() <= MAX_ID_LEN
-        && name.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(&c));
-    ok.then_some(()).ok_or(PkiError::Invalid {
+fn validate_name(name: &str) -> Result<(), PkiError> {
+    crate::config::validate_name(name).map_err(|e| PkiError::Invalid {
         field: "name",
-        what: format!("{name:?} is not a valid node name"),
-        fix: "use 1-63 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit",
+        what: e.to_string(),
+        fix: "pick another --name",
     })
 }
 
-/// "2026-01-01 12:00:00 UTC": what operators read in errors and `cert show`.
-fn utc(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
-}
-
-/// Creates an owner-only file; the mode is set at creation, so the key is never readable by
-/// others, not even briefly. An old file is removed first rather than truncated, since it may
-/// have wider permissions.
+/// Creates a write-only-by-owner file; the mode is set at creation, never widened.
 fn write_secret(path: &Path, data: &str) -> Result<(), PkiError> {
-    match fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(file_err(path, e, "remove the old file by hand")),
-    }
-    create_secret(path, data)
-}
-
-/// Like `write_secret`, but fails if the file exists (the check and the creation are one step).
-fn create_secret(path: &Path, data: &str) -> Result<(), PkiError> {
+    let _ = fs::remove_file(path);
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -270,27 +216,20 @@ fn read(path: &Path, fix: &str) -> Result<String, PkiError> {
     fs::read_to_string(path).map_err(|e| file_err(path, e, fix))
 }
 
-/// Creates `dir` (owner-only: it holds a key) and any missing parents.
 fn mkdir(dir: &Path) -> Result<(), PkiError> {
-    use std::os::unix::fs::DirBuilderExt;
-    let err = |e| file_err(dir, e, "pick a writable directory");
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent).map_err(err)?;
-    }
-    match fs::DirBuilder::new().mode(0o700).create(dir) {
-        Err(e) if !(e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir()) => Err(err(e)),
-        _ => Ok(()),
-    }
+    fs::create_dir_all(dir).map_err(|e| file_err(dir, e, "pick a writable directory"))
 }
 
 /// Creates the cluster CA in `dir`: ca.pem, ca.key (0600) and cluster-id.
 pub fn init_ca(dir: &Path, cluster_id: Option<&str>) -> Result<CaInfo, PkiError> {
     let cert_path = dir.join("ca.pem");
     let key_path = dir.join("ca.key");
-    let exists =
-        |path: &Path| file_err(path, "a CA already exists here", "use it, or pick another --dir to make a new cluster");
-    if let Some(path) = [&cert_path, &key_path].into_iter().find(|p| p.exists()) {
-        return Err(exists(path));
+    if cert_path.exists() || key_path.exists() {
+        return Err(file_err(
+            &cert_path,
+            "a CA already exists here",
+            "use it, or pick another --dir to make a new cluster",
+        ));
     }
     let cluster_id = match cluster_id {
         Some(id) => id.to_string(),
@@ -307,11 +246,7 @@ pub fn init_ca(dir: &Path, cluster_id: Option<&str>) -> Result<CaInfo, PkiError>
     params.not_before = now - CLOCK_SKEW;
     params.not_after = now + CA_LIFETIME;
     let cert = params.self_signed(&key)?;
-    // Claiming ca.key with create_new makes a concurrent `ca init` fail instead of clobbering.
-    create_secret(&key_path, &key.serialize_pem()).map_err(|e| match &e {
-        PkiError::File { .. } if key_path.exists() => exists(&key_path),
-        _ => e,
-    })?;
+    write_secret(&key_path, &key.serialize_pem())?;
     write_public(&cert_path, &cert.pem())?;
     write_public(&dir.join("cluster-id"), &format!("{cluster_id}\n"))?;
     Ok(CaInfo { cluster_id, cert_path, key_path, not_after: now + CA_LIFETIME })
@@ -339,13 +274,6 @@ pub fn issue_cert_with_validity(
     not_after: OffsetDateTime,
 ) -> Result<IssuedCert, PkiError> {
     validate_name(name)?;
-    if not_after <= not_before {
-        return Err(PkiError::Invalid {
-            field: "lifetime",
-            what: format!("the validity window {} .. {} is empty", utc(not_before), utc(not_after)),
-            fix: "give a positive lifetime",
-        });
-    }
     let ca_pem = read(&ca_dir.join("ca.pem"), "run `trellis ca init --dir DIR` first, or point --ca-dir at it")?;
     let ca_key_pem = read(&ca_dir.join("ca.key"), "the CA key is needed to issue; run this on the host that holds it")?;
     let cluster_id =
@@ -357,9 +285,6 @@ pub fn issue_cert_with_validity(
         KeyPair::from_pem(&ca_key_pem).map_err(|e| file_err(&ca_dir.join("ca.key"), e, "restore the CA key"))?;
     let ca_params = CertificateParams::from_ca_cert_pem(&ca_pem)
         .map_err(|e| file_err(&ca_dir.join("ca.pem"), e, "restore the CA certificate"))?;
-    check_ca_pair(ca_dir, &ca_pem, &ca_key, not_after)?;
-    // rcgen signs with an issuer certificate; rebuilding it from ca.pem's parameters keeps the
-    // subject and key identifier, which is all the issued certificate refers to.
     let ca_cert = ca_params.self_signed(&ca_key)?;
 
     let identity = spiffe_id(&cluster_id, name);
@@ -379,34 +304,6 @@ pub fn issue_cert_with_validity(
     write_public(&cert_path, &cert.pem())?;
     write_public(&out.join("ca.pem"), &ca_pem)?;
     Ok(IssuedCert { identity, cert_path, key_path, not_after })
-}
-
-/// Refuses a CA directory whose key does not belong to its certificate (certs issued with it
-/// would verify nowhere), and node certs that would outlive the CA.
-fn check_ca_pair(ca_dir: &Path, ca_pem: &str, ca_key: &KeyPair, not_after: OffsetDateTime) -> Result<(), PkiError> {
-    let cert_path = ca_dir.join("ca.pem");
-    let der = pem_certs(&cert_path, ca_pem)?.remove(0);
-    let (_, x) = x509_parser::parse_x509_certificate(&der)
-        .map_err(|e| file_err(&cert_path, format!("cannot parse: {e}"), "restore the CA certificate"))?;
-    if !x.is_ca() {
-        return Err(file_err(&cert_path, "is not a CA certificate", "point --ca-dir at a `trellis ca init` directory"));
-    }
-    if x.public_key().raw != ca_key.public_key_der().as_slice() {
-        return Err(file_err(
-            &ca_dir.join("ca.key"),
-            "does not belong to ca.pem",
-            "restore the ca.key written together with this ca.pem",
-        ));
-    }
-    let ca_not_after = x.validity().not_after.to_datetime();
-    if not_after > ca_not_after {
-        return Err(PkiError::Invalid {
-            field: "lifetime",
-            what: format!("the certificate would outlive the CA, which expires on {}", utc(ca_not_after)),
-            fix: "pick a shorter lifetime, or make a new CA with `trellis ca init`",
-        });
-    }
-    Ok(())
 }
 
 fn pem_certs(path: &Path, text: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
@@ -439,26 +336,20 @@ pub fn show_cert(path: &Path) -> Result<CertSummary, PkiError> {
         subject: x.subject().to_string(),
         identity: spiffe_uri(&x),
         issuer: x.issuer().to_string(),
-        not_before: utc(x.validity().not_before.to_datetime()),
-        not_after: utc(not_after),
+        not_before: x.validity().not_before.to_datetime().to_string(),
+        not_after: not_after.to_string(),
         expires_in_days: (not_after - OffsetDateTime::now_utc()).whole_days(),
         is_ca: x.is_ca(),
     })
 }
 
-/// The certificate's SPIFFE URI. As in SPIFFE's X.509 profile, a certificate with several
-/// URI SANs has no identity: which one would be meant is ambiguous.
 fn spiffe_uri(x: &x509_parser::certificate::X509Certificate<'_>) -> Option<String> {
     use x509_parser::extensions::GeneralName;
     let san = x.subject_alternative_name().ok()??;
-    let mut uris = san.value.general_names.iter().filter_map(|g| match g {
-        GeneralName::URI(u) => Some(*u),
+    san.value.general_names.iter().find_map(|g| match g {
+        GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
         _ => None,
-    });
-    match (uris.next(), uris.next()) {
-        (Some(u), None) if u.starts_with("spiffe://") => Some(u.to_string()),
-        _ => None,
-    }
+    })
 }
 
 /// Extracts the certified (cluster id, name) from a peer's end-entity certificate.
@@ -469,7 +360,7 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<PeerIdentity, PkiError
         fix: "issue node certificates with `trellis cert issue`",
     };
     let (_, x) = x509_parser::parse_x509_certificate(cert).map_err(|_| bad("unparseable certificate"))?;
-    let uri = spiffe_uri(&x).ok_or_else(|| bad("the certificate does not carry exactly one spiffe:// URI"))?;
+    let uri = spiffe_uri(&x).ok_or_else(|| bad("no spiffe:// URI in the certificate"))?;
     let rest = uri.strip_prefix("spiffe://").expect("checked prefix");
     let (cluster_id, name) =
         rest.split_once("/node/").ok_or_else(|| bad("URI is not spiffe://<cluster>/node/<name>"))?;
@@ -484,47 +375,20 @@ pub fn load_tls_dir(dir: &Path) -> Result<TlsMaterial, PkiError> {
     let m = load_tls_dir_unchecked(dir)?;
     let cert_path = dir.join("node.pem");
     let now = OffsetDateTime::now_utc();
-    let not_before = x509_parser::parse_x509_certificate(&m.chain[0])
-        .map_err(|e| file_err(&cert_path, e, "issue a new one with `trellis cert issue`"))?
-        .1
-        .validity()
-        .not_before
-        .to_datetime();
     if m.not_after < now {
         return Err(file_err(
             &cert_path,
-            format!("expired on {}", utc(m.not_after)),
+            format!("expired on {}", m.not_after),
             "issue a new one with `trellis cert issue`",
         ));
     }
-    if not_before > now {
-        return Err(file_err(
-            &cert_path,
-            format!("is not valid until {}", utc(not_before)),
-            "check this host's clock (NTP), or issue a new one with `trellis cert issue`",
-        ));
-    }
-    let roots = roots(&m.ca)
-        .map_err(|e| file_err(&dir.join("ca.pem"), e, "copy the CA's ca.pem here (`trellis cert issue` does)"))?;
+    let roots = roots(&m.ca)?;
     let parsed = rustls::server::ParsedCertificate::try_from(&m.chain[0])?;
     let algs = provider::default_provider().signature_verification_algorithms.all;
     rustls::client::verify_server_cert_signed_by_trust_anchor(&parsed, &roots, &m.chain[1..], UnixTime::now(), algs)
         .map_err(|e| {
-            file_err(
-                &cert_path,
-                format!("does not verify against ca.pem: {e}"),
-                "issue it from this cluster's CA with `trellis cert issue`",
-            )
+            file_err(&cert_path, format!("does not verify against ca.pem: {e}"), "issue it from this cluster's CA")
         })?;
-    rustls::sign::CertifiedKey::from_der(m.chain.clone(), m.key.clone_key(), &provider::default_provider()).map_err(
-        |e| {
-            file_err(
-                &dir.join("node.key"),
-                format!("does not match node.pem ({e})"),
-                "keep node.pem and node.key from the same `trellis cert issue` run",
-            )
-        },
-    )?;
     Ok(m)
 }
 
