@@ -183,7 +183,9 @@ impl Membership {
             }
         }
         self.seeds.attempt = 0;
-        self.seeds.next_at = Some(now);
+        // No seed (the first node of a cluster, or only ourselves): nothing to retry, and a
+        // deadline would be in the past for ever, spinning the shell.
+        self.seeds.next_at = (!self.seeds.seeds.is_empty()).then_some(now);
         self.retry_seeds(now);
     }
 
@@ -327,7 +329,11 @@ impl Membership {
 
     fn retry_seeds(&mut self, now: Instant) {
         let Some(at) = self.seeds.next_at else { return };
-        if self.left_sent || self.seeds.seeds.is_empty() || now < at {
+        if self.left_sent || self.seeds.seeds.is_empty() {
+            self.seeds.next_at = None;
+            return;
+        }
+        if now < at {
             return;
         }
         if self.is_joined() {

@@ -116,6 +116,21 @@ fn node_started_before_its_seed_joins_when_the_seed_comes_up() {
 }
 
 #[test]
+fn a_node_with_no_seed_but_itself_does_not_ask_to_be_woken_in_the_past() {
+    let mut net = Net::new(1);
+    let now = net.now;
+    let m = net.nodes.values_mut().next().unwrap();
+    let own = m.identity().addr;
+    m.join(now, &[own]);
+    m.join(now, &[]);
+    for step in 1..100u64 {
+        let t = now + Duration::from_millis(step * 10);
+        m.handle_timeout(t);
+        assert!(m.poll_timeout().is_none_or(|d| d > t), "deadline in the past at step {step}: a busy loop");
+    }
+}
+
+#[test]
 fn gossip_claiming_another_name_than_the_certificate_is_refused() {
     let mut net = Net::new(2);
     let now = net.now;
