@@ -1,19 +1,31 @@
 //! Runs a cluster of real `trellis agent` processes on loopback and drives them: start,
 //! stop (graceful), kill -9, pause (SIGSTOP), resume, restart. Used by the integration
 //! tests and by `trellis-chaos`.
+//!
+//! Linux only: every node gets its own 127.A.B.x address (all of 127/8 routes to `lo`), and
+//! liveness is read from `/proc`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ffi::OsString;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::http::Api;
 
 /// Peer and API ports; every node has its own loopback address, so these never clash.
 pub const PEER_PORT: u16 = 7946;
 pub const API_PORT: u16 = 8500;
+
+/// How long a freshly started agent has to answer `/v1/health`.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long `stop` waits for a graceful leave before SIGKILL.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Host numbers .2 ..= .254 of a subnet: at most this many nodes per cluster.
+pub const MAX_NODES: usize = 253;
 
 pub struct ClusterSpec {
     pub nodes: usize,
@@ -52,8 +64,10 @@ pub struct NodeHandle {
     join: Vec<SocketAddr>,
     labels: Vec<(String, String)>,
     args: Vec<String>,
+    /// Not reaped until `kill`/`stop`, so the pid cannot be recycled under our signals.
     child: Option<Child>,
     paused: bool,
+    starts: u32,
 }
 
 impl NodeHandle {
@@ -61,18 +75,30 @@ impl NodeHandle {
         Api::new(self.api_addr)
     }
 
+    /// The pid of the current process, also after it exited on its own (until it is reaped
+    /// by `kill`, `stop`, `restart` or drop).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
 
-    /// Whether the process is still running (reaps it if it exited).
+    /// Whether the process exists and has not exited (a paused one counts as running).
     pub fn is_running(&self) -> bool {
-        // try_wait needs &mut; a signal 0 probe does not.
+        // `Child::try_wait` needs `&mut`; an exited, unreaped child is a zombie in /proc.
         self.pid().is_some_and(|pid| {
-            Path::new(&format!("/proc/{pid}")).exists()
-                && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| proc_state(&stat).is_some_and(|s| s != 'Z' && s != 'X'))
         })
     }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+}
+
+/// The state letter of a `/proc/PID/stat` line; the command name before it may hold spaces
+/// and parentheses, so look after the last `)`.
+fn proc_state(stat: &str) -> Option<char> {
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 pub struct Cluster {
@@ -84,71 +110,209 @@ pub struct Cluster {
     extra_args: Vec<String>,
 }
 
-/// The `trellis` binary: `TRELLIS_BIN`, else the workspace's debug build (built on demand).
+/// The `trellis` binary; panics with the reason if there is none (see [`try_trellis_bin`]).
 pub fn trellis_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("TRELLIS_BIN") {
-            return PathBuf::from(p);
-        }
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
-        let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace.join("target"));
-        let bin = target.join("debug").join("trellis");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "-q", "-p", "trellis-node", "--bin", "trellis"])
-            .current_dir(&workspace)
-            .status();
-        match status {
-            Ok(s) if s.success() => bin,
-            _ if bin.exists() => bin,
-            other => panic!("cannot build the trellis binary ({other:?}); run `cargo build -p trellis-node`"),
-        }
-    })
-    .clone()
+    try_trellis_bin().unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A loopback /16-ish slice unique to this process and cluster: 127.A.B.x.
+/// The `trellis` binary: `TRELLIS_BIN` if set, else `<target>/debug/trellis` of this
+/// workspace, built first (once per process) if it is missing or older than the node and
+/// proto sources, so a test never runs an agent that predates the code it tests.
+pub fn try_trellis_bin() -> anyhow::Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    // get_or_init blocks concurrent callers (parallel tests) until the one build is done.
+    BIN.get_or_init(|| locate_or_build().map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("chaos/ lives in the workspace").to_path_buf()
+}
+
+/// Where the binary is expected, from `TRELLIS_BIN` and `CARGO_TARGET_DIR` (a relative
+/// target dir counts from the workspace root, where we run cargo).
+fn bin_path(trellis_bin: Option<OsString>, cargo_target_dir: Option<OsString>, workspace: &Path) -> PathBuf {
+    if let Some(bin) = trellis_bin.filter(|b| !b.is_empty()) {
+        return PathBuf::from(bin);
+    }
+    let target = match cargo_target_dir.filter(|t| !t.is_empty()) {
+        Some(t) => workspace.join(t),
+        None => workspace.join("target"),
+    };
+    target.join("debug").join("trellis")
+}
+
+fn locate_or_build() -> anyhow::Result<PathBuf> {
+    let workspace = workspace_root();
+    let explicit = std::env::var_os("TRELLIS_BIN").filter(|b| !b.is_empty());
+    let bin = bin_path(explicit.clone(), std::env::var_os("CARGO_TARGET_DIR"), &workspace);
+    if explicit.is_some() {
+        anyhow::ensure!(bin.is_file(), "TRELLIS_BIN={} is not a file", bin.display());
+        return Ok(bin);
+    }
+    let built = modified(&bin);
+    let stale = match built {
+        None => true,
+        Some(built) => newest_source(&workspace).is_some_and(|src| src > built),
+    };
+    if !stale {
+        return Ok(bin);
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("trellis-chaos: building {} (missing or older than node/ and proto/)", bin.display());
+    let out = Command::new(cargo)
+        .args(["build", "-p", "trellis-node", "--bin", "trellis"])
+        .current_dir(&workspace)
+        .stdin(Stdio::null())
+        .output();
+    let why = match out {
+        Ok(out) if out.status.success() && bin.is_file() => return Ok(bin),
+        Ok(out) if out.status.success() => format!("cargo succeeded but {} is not there", bin.display()),
+        Ok(out) => tail(&String::from_utf8_lossy(&out.stderr), 30),
+        Err(e) => format!("cannot run cargo: {e}"),
+    };
+    if built.is_some() {
+        // Someone is mid-edit in node/; the last good binary beats no test run at all.
+        eprintln!("trellis-chaos: build failed, using the older {}:\n{why}", bin.display());
+        return Ok(bin);
+    }
+    anyhow::bail!(
+        "no trellis binary at {} and `cargo build -p trellis-node --bin trellis` failed \
+         (set TRELLIS_BIN to use another one):\n{why}",
+        bin.display()
+    )
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// The newest mtime among the sources the `trellis` binary is built from.
+fn newest_source(workspace: &Path) -> Option<SystemTime> {
+    fn walk(dir: &Path, newest: &mut Option<SystemTime>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, newest);
+            } else if path.extension().is_some_and(|e| e == "rs") || path.ends_with("Cargo.toml") {
+                *newest = (*newest).max(modified(&path));
+            }
+        }
+    }
+    let mut newest = modified(&workspace.join("Cargo.lock")).max(modified(&workspace.join("Cargo.toml")));
+    for krate in ["node", "proto"] {
+        newest = newest.max(modified(&workspace.join(krate).join("Cargo.toml")));
+        walk(&workspace.join(krate).join("src"), &mut newest);
+    }
+    newest
+}
+
+/// Loopback subnets 127.A.B.0/24 we hand out: A in 1..=254 (127.0.0.x is localhost's and
+/// `trellis dev`'s), B in 0..=255.
+const SUBNETS: u32 = 254 * 256;
+
+/// The `k`-th subnet of process `pid`. Each process starts in its own A (from the pid) and walks
+/// on, so one process never repeats a subnet within 65 024 clusters, and two processes meet
+/// only if their pids agree mod 254 (and then [`subnet_is_free`] skips the taken ones).
+fn subnet(pid: u32, k: u32) -> (u8, u8) {
+    let idx = ((pid % 254) * 256 + k % SUBNETS) % SUBNETS;
+    ((idx / 256 + 1) as u8, (idx % 256) as u8)
+}
+
+fn node_ip(subnet: (u8, u8), i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, subnet.0, subnet.1, i as u8 + 2)
+}
+
+/// Whether no other process (another test binary, a `trellis-chaos up`, agents orphaned by a
+/// crashed run) holds the first few node addresses of `subnet`.
+fn subnet_is_free(subnet: (u8, u8)) -> bool {
+    (0..5).all(|i| {
+        let ip = IpAddr::V4(node_ip(subnet, i));
+        TcpListener::bind((ip, API_PORT)).is_ok() && UdpSocket::bind((ip, PEER_PORT)).is_ok()
+    })
+}
+
+/// A subnet no cluster of this process has used and no other process seems to be using.
 fn next_subnet() -> (u8, u8) {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let a = 10 + (std::process::id() % 200) as u8;
-    (a, (n % 250) as u8 + 1)
+    let pid = std::process::id();
+    let mut candidate = subnet(pid, COUNTER.fetch_add(1, Ordering::Relaxed));
+    for _ in 0..64 {
+        if subnet_is_free(candidate) {
+            break;
+        }
+        candidate = subnet(pid, COUNTER.fetch_add(1, Ordering::Relaxed));
+    }
+    candidate
 }
 
+fn path_arg(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().ok_or_else(|| anyhow::anyhow!("path is not UTF-8: {}", p.display()))
+}
+
+/// Runs a `trellis` CLI command (ca init, cert issue) to completion.
 fn run_cli(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(trellis_bin()).args(args).output()?;
-    anyhow::ensure!(out.status.success(), "trellis {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    let bin = try_trellis_bin()?;
+    let out = Command::new(&bin)
+        .args(args)
+        .env_remove("TRELLIS_HTTP_ADDR")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", bin.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "`trellis {}` failed ({}):\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 impl Cluster {
-    /// Makes a CA, a cert per node, starts the seed then the others, and waits for every
-    /// API to answer.
+    /// Makes a CA and a cert per node, starts the seed, then the others joining it, and
+    /// returns once every agent's API answers.
     pub fn start(spec: ClusterSpec) -> anyhow::Result<Cluster> {
+        anyhow::ensure!((1..=MAX_NODES).contains(&spec.nodes), "nodes must be 1..={MAX_NODES}, not {}", spec.nodes);
+        anyhow::ensure!(spec.seed_index < spec.nodes, "seed_index {} but {} nodes", spec.seed_index, spec.nodes);
         static ROOTS: AtomicU32 = AtomicU32::new(0);
         let root = std::env::temp_dir().join(format!(
             "trellis-cluster-{}-{}",
             std::process::id(),
             ROOTS.fetch_add(1, Ordering::Relaxed)
         ));
+        // Left over from an earlier process with the same pid.
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root)?;
-        let ca_dir = root.join("ca");
-        run_cli(&["ca", "init", "--dir", ca_dir.to_str().unwrap()])?;
+        // From here on, Drop cleans up whatever was started if a step fails.
         let mut c = Cluster {
+            ca_dir: root.join("ca"),
             root,
-            ca_dir,
             subnet: next_subnet(),
             nodes: vec![],
             profile: spec.profile,
             extra_args: spec.extra_args,
         };
-        let seed = c.addr(spec.seed_index, PEER_PORT);
+        run_cli(&["ca", "init", "--dir", path_arg(&c.ca_dir)?])?;
+        let seed = SocketAddr::new(IpAddr::V4(node_ip(c.subnet, spec.seed_index)), PEER_PORT);
+        // Indices are fixed by the spec, so create every handle before starting anyone.
         for i in 0..spec.nodes {
             let join = if i == spec.seed_index { vec![] } else { vec![seed] };
             let labels = spec.labels.get(i).cloned().unwrap_or_default();
             let args = spec.node_args.get(i).cloned().unwrap_or_default();
-            c.spawn_new(&format!("n{i}"), None, join, labels, args)?;
+            c.push_node(&format!("n{i}"), None, join, labels, args)?;
+        }
+        // The seed first, so the first join attempts find it listening.
+        c.spawn(spec.seed_index)?;
+        c.wait_healthy(spec.seed_index)?;
+        for i in (0..spec.nodes).filter(|&i| i != spec.seed_index) {
+            c.spawn(i)?;
         }
         for i in 0..spec.nodes {
             c.wait_healthy(i)?;
@@ -156,23 +320,24 @@ impl Cluster {
         Ok(c)
     }
 
-    fn addr(&self, i: usize, port: u16) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, self.subnet.0, self.subnet.1, i as u8 + 2)), port)
-    }
-
     pub fn ca_dir(&self) -> &Path {
         &self.ca_dir
     }
 
+    /// The cluster's temp dir: `ca/`, one dir per node, and room for a test's own files.
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    /// A fresh, unrelated CA (for rogue peers).
+    /// A fresh, unrelated CA (for rogue peers): `<root>/other-ca-N/ca`, so its parent is a
+    /// scratch dir for the certificates it issues.
     pub fn new_ca_dir(&self) -> PathBuf {
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = self.root.join(format!("other-ca-{}", N.fetch_add(1, Ordering::Relaxed))).join("ca");
-        run_cli(&["ca", "init", "--dir", dir.to_str().unwrap()]).expect("second CA");
+        let made = path_arg(&dir).and_then(|d| run_cli(&["ca", "init", "--dir", d]));
+        if let Err(e) = made {
+            panic!("cannot make a second CA: {e:#}");
+        }
         dir
     }
 
@@ -188,21 +353,28 @@ impl Cluster {
         &self.nodes[i]
     }
 
-    /// Starts one more agent with a certificate from the cluster CA.
+    pub fn nodes(&self) -> &[NodeHandle] {
+        &self.nodes
+    }
+
+    /// Starts one more agent with a certificate from the cluster CA; waits for its API.
     pub fn add_node(&mut self, name: &str, join: &[SocketAddr]) -> anyhow::Result<usize> {
-        let i = self.spawn_new(name, None, join.to_vec(), vec![], vec![])?;
+        let i = self.push_node(name, None, join.to_vec(), vec![], vec![])?;
+        self.spawn(i)?;
         self.wait_healthy(i)?;
         Ok(i)
     }
 
     /// Starts one more agent with the TLS material in `tls_dir` (e.g. from another CA).
     pub fn add_node_with_tls(&mut self, name: &str, tls_dir: PathBuf, join: &[SocketAddr]) -> anyhow::Result<usize> {
-        let i = self.spawn_new(name, Some(tls_dir), join.to_vec(), vec![], vec![])?;
+        let i = self.push_node(name, Some(tls_dir), join.to_vec(), vec![], vec![])?;
+        self.spawn(i)?;
         self.wait_healthy(i)?;
         Ok(i)
     }
 
-    fn spawn_new(
+    /// Allocates the node's address and dirs and issues its cert; does not start it.
+    fn push_node(
         &mut self,
         name: &str,
         tls: Option<PathBuf>,
@@ -211,30 +383,24 @@ impl Cluster {
         args: Vec<String>,
     ) -> anyhow::Result<usize> {
         let i = self.nodes.len();
-        anyhow::ensure!(i < 250, "at most 250 nodes per cluster");
+        anyhow::ensure!(i < MAX_NODES, "at most {MAX_NODES} nodes per cluster");
+        anyhow::ensure!(self.nodes.iter().all(|n| n.name != name), "node name {name} is taken");
         let dir = self.root.join(name);
         std::fs::create_dir_all(&dir)?;
         let tls_dir = match tls {
             Some(t) => t,
             None => {
                 let t = dir.join("tls");
-                run_cli(&[
-                    "cert",
-                    "issue",
-                    "--ca-dir",
-                    self.ca_dir.to_str().unwrap(),
-                    "--name",
-                    name,
-                    "--out",
-                    t.to_str().unwrap(),
-                ])?;
+                let (ca, out) = (path_arg(&self.ca_dir)?, path_arg(&t)?);
+                run_cli(&["cert", "issue", "--ca-dir", ca, "--name", name, "--out", out])?;
                 t
             }
         };
+        let ip = IpAddr::V4(node_ip(self.subnet, i));
         self.nodes.push(NodeHandle {
             name: name.into(),
-            peer_addr: self.addr(i, PEER_PORT),
-            api_addr: self.addr(i, API_PORT),
+            peer_addr: SocketAddr::new(ip, PEER_PORT),
+            api_addr: SocketAddr::new(ip, API_PORT),
             data_dir: dir.join("data"),
             tls_dir,
             log_path: dir.join("agent.log"),
@@ -243,73 +409,99 @@ impl Cluster {
             args,
             child: None,
             paused: false,
+            starts: 0,
         });
-        self.spawn(i)?;
         Ok(i)
     }
 
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
-        let n = &self.nodes[i];
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log_path)?;
-        let mut cmd = Command::new(trellis_bin());
-        cmd.args(["agent", "--name", &n.name, "--profile", &self.profile])
+        let bin = try_trellis_bin()?;
+        let profile = &self.profile;
+        let n = &mut self.nodes[i];
+        n.starts += 1;
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log_path)?;
+        // Restarts append to the same log; mark where each run begins.
+        writeln!(log, "=== trellis-chaos: start #{} of {} ===", n.starts, n.name)?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(["agent", "--name", &n.name, "--profile", profile])
             .args(["--bind", &n.peer_addr.to_string(), "--api", &n.api_addr.to_string()])
             .arg("--data-dir")
             .arg(&n.data_dir)
             .arg("--tls-dir")
-            .arg(&n.tls_dir)
-            .args(&self.extra_args)
-            .args(&n.args)
-            .env_remove("TRELLIS_HTTP_ADDR")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .arg(&n.tls_dir);
         for j in &n.join {
             cmd.args(["--join", &j.to_string()]);
         }
         for (k, v) in &n.labels {
             cmd.args(["--label", &format!("{k}={v}")]);
         }
-        let child = cmd.spawn()?;
-        let n = &mut self.nodes[i];
+        cmd.args(&self.extra_args)
+            .args(&n.args)
+            .env_remove("TRELLIS_HTTP_ADDR")
+            // Plain text in the log files that error messages quote.
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot start {} for {}: {e}", bin.display(), n.name))?;
         n.child = Some(child);
         n.paused = false;
         Ok(())
     }
 
+    /// Waits for node `i` to answer `/v1/health`; fails at once if it exits meanwhile.
     fn wait_healthy(&self, i: usize) -> anyhow::Result<()> {
-        let api = self.nodes[i].api();
-        let res =
-            self.wait_until(Duration::from_secs(20), &format!("{} to answer /v1/health", self.nodes[i].name), || {
-                api.get_json("/v1/health").ok()
-            });
-        res.map(|_| ())
-            .map_err(|e| anyhow::anyhow!("{e}\n--- log of {} ---\n{}", self.nodes[i].name, self.log_tail(i, 30)))
+        let n = &self.nodes[i];
+        let api = n.api();
+        let start = Instant::now();
+        let failure = loop {
+            if api.get_json("/v1/health").is_ok() {
+                // An agent orphaned by a crashed run could hold this address; make sure it is ours.
+                match api.get_json("/v1/agent/self").ok().and_then(|v| v["name"].as_str().map(str::to_string)) {
+                    Some(other) if other != n.name => {
+                        break format!("another agent ({other}) answers on {}", n.api_addr);
+                    }
+                    _ => return Ok(()),
+                }
+            }
+            if !n.is_running() {
+                break format!("{} exited before its API at {} answered", n.name, n.api_addr);
+            }
+            if start.elapsed() > HEALTH_TIMEOUT {
+                break format!("{} did not answer GET {}/v1/health within {HEALTH_TIMEOUT:?}", n.name, api.base());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        anyhow::bail!("{failure}\n--- last 30 lines of {} ---\n{}", n.log_path.display(), self.log_tail(i, 30))
     }
 
     fn signal(&self, i: usize, sig: &str) {
         if let Some(pid) = self.nodes[i].pid() {
-            let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+            // The child is never reaped before kill/stop, so this pid is still ours.
+            let _ = Command::new("kill").args([sig, &pid.to_string()]).stderr(Stdio::null()).status();
         }
     }
 
-    /// SIGKILL: a crash.
+    /// SIGKILL (a crash), and reap.
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].child.take() {
+        let n = &mut self.nodes[i];
+        if let Some(mut c) = n.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        n.paused = false;
     }
 
-    /// SIGTERM: graceful leave; SIGKILL after 10 s.
+    /// SIGTERM (graceful leave); SIGKILL if still there after [`STOP_TIMEOUT`].
     pub fn stop(&mut self, i: usize) {
         if self.nodes[i].paused {
+            // A stopped process does not act on SIGTERM until continued.
             self.resume(i);
         }
         self.signal(i, "-TERM");
         if let Some(mut c) = self.nodes[i].child.take() {
             let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
+            while start.elapsed() < STOP_TIMEOUT {
                 if let Ok(Some(_)) = c.try_wait() {
                     return;
                 }
@@ -320,21 +512,24 @@ impl Cluster {
         }
     }
 
+    /// SIGSTOP: the process stays but answers nothing (a hung host).
     pub fn pause(&mut self, i: usize) {
-        self.signal(i, "-STOP");
-        self.nodes[i].paused = true;
+        if self.nodes[i].is_running() {
+            self.signal(i, "-STOP");
+            self.nodes[i].paused = true;
+        }
     }
 
+    /// SIGCONT.
     pub fn resume(&mut self, i: usize) {
         self.signal(i, "-CONT");
         self.nodes[i].paused = false;
     }
 
-    /// Same name, dirs and addresses; waits for its API.
+    /// Starts node `i` again with the same name, dirs, addresses and flags (SIGKILLing it
+    /// first if it still runs); waits for its API.
     pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
-        if self.nodes[i].is_running() {
-            self.kill(i);
-        }
+        self.kill(i);
         self.spawn(i)?;
         self.wait_healthy(i)
     }
@@ -354,6 +549,8 @@ impl Cluster {
     }
 
     /// Waits until every node in `live` lists each expected (name, state); returns how long.
+    /// A name listed more than once (a restarted node under a new id) counts by its highest
+    /// incarnation.
     pub fn wait_all_see(
         &self,
         live: &[usize],
@@ -367,12 +564,11 @@ impl Cluster {
                 let members = match self.nodes[i].api().members() {
                     Ok(m) => m,
                     Err(e) => {
-                        last = format!("{}: {e}", self.nodes[i].name);
+                        last = format!("{}: {e:#}", self.nodes[i].name);
                         return None;
                     }
                 };
                 for (name, state) in expect {
-                    // The newest incarnation of a name is what counts.
                     let seen = members
                         .iter()
                         .filter(|m| m["name"] == name.as_str())
@@ -386,13 +582,12 @@ impl Cluster {
             }
             Some(())
         });
-        res.map(|_| start.elapsed()).map_err(|e| anyhow::anyhow!("{e}: {last}"))
+        res.map(|_| start.elapsed()).map_err(|e| anyhow::anyhow!("{e}; last: {last}"))
     }
 
+    /// The last `lines` lines of node `i`'s log (every run of it, stdout and stderr).
     pub fn log_tail(&self, i: usize, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.nodes[i].log_path).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        tail(&std::fs::read_to_string(&self.nodes[i].log_path).unwrap_or_default(), lines)
     }
 }
 
@@ -406,9 +601,105 @@ impl Drop for Cluster {
         }
         if std::env::var_os("TRELLIS_KEEP_TMP").is_none() {
             let _ = std::fs::remove_dir_all(&self.root);
+        } else {
+            eprintln!("trellis-chaos: kept {}", self.root.display());
         }
     }
 }
 
-/// Serialises cluster starts that must not overlap (none today; kept for scenario runs).
-pub static START_LOCK: Mutex<()> = Mutex::new(());
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn subnets_of_one_process_never_repeat_across_a_thousand_clusters() {
+        for pid in [1, 253, 254, 4_194_303, std::process::id()] {
+            let got: HashSet<_> = (0..1000).map(|k| subnet(pid, k)).collect();
+            assert_eq!(got.len(), 1000, "pid {pid}");
+        }
+    }
+
+    #[test]
+    fn subnets_stay_clear_of_localhost_and_broadcast() {
+        for pid in [0, 1, 253, 254, 255, u32::MAX] {
+            for k in (0..2000).chain([SUBNETS - 1, SUBNETS, u32::MAX]) {
+                let (a, _) = subnet(pid, k);
+                assert!((1..=254).contains(&a), "pid {pid} k {k}: 127.{a}.x.x");
+            }
+        }
+        assert_eq!(node_ip((1, 0), 0), Ipv4Addr::new(127, 1, 0, 2));
+        assert_eq!(node_ip((1, 0), MAX_NODES - 1), Ipv4Addr::new(127, 1, 0, 254));
+    }
+
+    #[test]
+    fn neighbouring_processes_get_disjoint_subnets() {
+        let a: HashSet<_> = (0..200).map(|k| subnet(1000, k)).collect();
+        let b: HashSet<_> = (0..200).map(|k| subnet(1001, k)).collect();
+        assert!(a.is_disjoint(&b));
+    }
+
+    #[test]
+    fn concurrent_allocations_in_one_process_never_collide() {
+        let threads: Vec<_> =
+            (0..8).map(|_| std::thread::spawn(|| (0..125).map(|_| next_subnet()).collect::<Vec<_>>())).collect();
+        let mut all = HashSet::new();
+        for t in threads {
+            for s in t.join().unwrap() {
+                assert!(all.insert(s), "{s:?} handed out twice");
+            }
+        }
+        assert_eq!(all.len(), 1000);
+    }
+
+    #[test]
+    fn trellis_bin_env_wins_over_the_workspace_build() {
+        let ws = Path::new("/w");
+        assert_eq!(bin_path(Some("/opt/trellis".into()), Some("/t".into()), ws), Path::new("/opt/trellis"));
+        assert_eq!(bin_path(Some("".into()), None, ws), Path::new("/w/target/debug/trellis"));
+        assert_eq!(bin_path(None, None, ws), Path::new("/w/target/debug/trellis"));
+        assert_eq!(bin_path(None, Some("/t".into()), ws), Path::new("/t/debug/trellis"));
+        assert_eq!(bin_path(None, Some("tgt".into()), ws), Path::new("/w/tgt/debug/trellis"));
+    }
+
+    #[test]
+    fn workspace_root_holds_the_node_crate() {
+        assert!(workspace_root().join("node").join("Cargo.toml").is_file());
+        assert!(newest_source(&workspace_root()).is_some());
+    }
+
+    #[test]
+    fn proc_state_reads_past_odd_command_names() {
+        assert_eq!(proc_state("42 (trellis) S 1 42"), Some('S'));
+        assert_eq!(proc_state("42 (a) Z (b)) Z 1"), Some('Z'));
+        assert_eq!(proc_state("42 (x) T 1"), Some('T'));
+        assert_eq!(proc_state("garbage"), None);
+    }
+
+    #[test]
+    fn a_dead_child_is_not_running() {
+        let child = Command::new("true").spawn().unwrap();
+        let mut n = NodeHandle {
+            name: "t".into(),
+            peer_addr: "127.0.0.1:1".parse().unwrap(),
+            api_addr: "127.0.0.1:2".parse().unwrap(),
+            data_dir: PathBuf::new(),
+            tls_dir: PathBuf::new(),
+            log_path: PathBuf::new(),
+            join: vec![],
+            labels: vec![],
+            args: vec![],
+            child: Some(child),
+            paused: false,
+            starts: 1,
+        };
+        let start = Instant::now();
+        while n.is_running() {
+            assert!(start.elapsed() < Duration::from_secs(5), "`true` still running");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = n.child.take().unwrap().wait();
+        assert!(!n.is_running());
+    }
+}

@@ -27,6 +27,9 @@ use trellis_proto::{NodeIdentity, NodeMeta, PolicyEntry};
 
 /// Everyone joins one seed this far apart, so the seed is not hit by N announces at once.
 const JOIN_STAGGER: Duration = Duration::from_millis(1);
+/// How long a core that asks to be woken again at once is made to wait (see
+/// [`RunStats::stalled_wakes`]).
+pub const STALL_BACKOFF: Duration = Duration::from_millis(1);
 /// The port every simulated node "listens" on; addresses are never used for real I/O.
 const PORT: u16 = 7946;
 
@@ -99,6 +102,9 @@ pub struct RunStats {
     pub refused: u64,
     /// Times a node learnt it had been declared down and rejoined under a new generation.
     pub rejoins: u64,
+    /// Times a core, right after running its timers, asked to be woken at once again (a
+    /// real event loop would spin); the simulator wakes it [`STALL_BACKOFF`] later instead.
+    pub stalled_wakes: u64,
 }
 
 enum Event {
@@ -385,7 +391,7 @@ impl Sim {
         if let Some(core) = self.nodes[i].core.as_mut() {
             core.join(now, &[addr_of(seed)]);
         }
-        self.after_io(i);
+        self.after_io(i, false);
     }
 
     /// A new node joins a running cluster through the join seed; returns its index.
@@ -405,8 +411,8 @@ impl Sim {
     }
 
     /// Moves a core's packets into the network, its events into the beliefs, and (re)arms
-    /// its wake-up.
-    fn after_io(&mut self, i: usize) {
+    /// its wake-up. `woke`: the core has just run its timers.
+    fn after_io(&mut self, i: usize, woke: bool) {
         let Some(core) = self.nodes[i].core.as_mut() else { return };
         let mut sends = Vec::new();
         while let Some(t) = core.poll_transmit() {
@@ -429,7 +435,13 @@ impl Sim {
         for t in sends {
             self.send(i, t.to, t.data);
         }
-        if let Some(at) = next {
+        if let Some(mut at) = next {
+            if woke && at <= self.now {
+                // The core just ran its timers and wants to run them again at once: a real
+                // event loop would spin. Count it, and come back a millisecond later.
+                self.run.stalled_wakes += 1;
+                at = self.now + STALL_BACKOFF.as_nanos() as u64;
+            }
             let at = at.max(self.now);
             let n = &mut self.nodes[i];
             if n.wake_at.is_none_or(|w| at < w) {
@@ -556,7 +568,7 @@ impl Sim {
                     if core.handle_datagram(now, Some(&self.names[from]), &data).is_err() {
                         self.run.refused += 1;
                     }
-                    self.after_io(to);
+                    self.after_io(to, false);
                 }
                 Event::Wake { node, life } => {
                     let n = &mut self.nodes[node];
@@ -566,7 +578,7 @@ impl Sim {
                     n.wake_at = None;
                     if let Some(core) = n.core.as_mut() {
                         core.handle_timeout(now);
-                        self.after_io(node);
+                        self.after_io(node, true);
                     }
                 }
             }
@@ -708,6 +720,19 @@ impl Sim {
         (0..self.nodes.len()).all(|s| !self.is_live(s) || self.tallies[s].alive == others)
     }
 
+    /// Share of ordered (viewer, subject) pairs of distinct live nodes where the viewer sees
+    /// the subject alive. O(N).
+    pub fn alive_pair_fraction(&self) -> f64 {
+        let pairs = self.live * self.live.saturating_sub(1);
+        let alive: usize =
+            (0..self.nodes.len()).filter(|&s| self.is_live(s)).map(|s| self.tallies[s].alive as usize).sum();
+        if pairs == 0 {
+            1.0
+        } else {
+            alive as f64 / pairs as f64
+        }
+    }
+
     /// How many times, since the last [`Sim::reset_counters`], a node declared a live node
     /// down (transient declarations included: each Down event counts once).
     pub fn false_downs(&self) -> usize {
@@ -789,7 +814,7 @@ impl Sim {
         if let Some(core) = self.nodes[i].core.as_mut() {
             core.broadcast(now, &entry.encode_item());
         }
-        self.after_io(i);
+        self.after_io(i, false);
     }
 
     /// Virtual time from the write until each live node held `name` (None: not yet).

@@ -1,7 +1,8 @@
 //! `trellis-chaos`: run a local cluster of real agents by hand, or measure membership on one.
 //!
 //! `trellis-chaos up --nodes 5` starts a cluster and reads commands from stdin
-//! (`kill N`, `stop N`, `restart N`, `pause N`, `resume N`, `members N`, `quit`).
+//! (`kill N`, `stop N`, `restart N`, `pause N`, `resume N`, `members N`, `quit`); it runs
+//! until `quit` or Ctrl-C (which reaches the agents too: they share the terminal's process group).
 //! `trellis-chaos bench-members --nodes 20` prints join, detection, bandwidth and
 //! false-positive figures for real agents on loopback.
 
@@ -64,34 +65,98 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn up(nodes: usize, profile: String) -> anyhow::Result<()> {
+    let bin = trellis_chaos::cluster::try_trellis_bin()?;
     let mut c = Cluster::start(ClusterSpec { nodes, profile, ..Default::default() })?;
-    println!("binary: {}", trellis_chaos::cluster::trellis_bin().display());
-    for i in 0..c.len() {
-        let n = c.node(i);
+    println!("binary: {}", bin.display());
+    println!("dir:    {}", c.root().display());
+    for (i, n) in c.nodes().iter().enumerate() {
         println!("{i}: {} peer {} api http://{} log {}", n.name, n.peer_addr, n.api_addr, n.log_path.display());
     }
-    println!("commands: kill N | stop N | restart N | pause N | resume N | members N | quit");
-    for line in std::io::stdin().lock().lines() {
-        let line = line?;
-        let mut words = line.split_whitespace();
-        let (cmd, arg) = (words.next().unwrap_or(""), words.next().and_then(|w| w.parse::<usize>().ok()));
-        match (cmd, arg) {
-            ("quit", _) => break,
-            (_, Some(i)) if i >= c.len() => println!("no node {i}"),
-            ("kill", Some(i)) => c.kill(i),
-            ("stop", Some(i)) => c.stop(i),
-            ("restart", Some(i)) => c.restart(i)?,
-            ("pause", Some(i)) => c.pause(i),
-            ("resume", Some(i)) => c.resume(i),
-            ("members", Some(i)) => {
-                for m in c.node(i).api().members()? {
-                    println!("{} {} {}", m["name"], m["state"], m["incarnation"]);
-                }
+    println!("commands: kill N | stop N | restart N | pause N | resume N | members N | quit  (Ctrl-C also ends it)");
+    // stdin on its own thread, so the cluster keeps running after stdin closes (`< /dev/null`, `&`).
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
             }
-            _ => println!("?"),
+        }
+    });
+    loop {
+        let line = match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(line) => line,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            // stdin is done; keep the cluster until Ctrl-C.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+        };
+        if !command(&mut c, &line) {
+            break;
         }
     }
+    // Dropping the cluster kills the agents and removes the temp dir.
     Ok(())
+}
+
+/// Runs one stdin command against the cluster; false on `quit`.
+fn command(c: &mut Cluster, line: &str) -> bool {
+    let mut words = line.split_whitespace();
+    let (cmd, arg) = (words.next().unwrap_or(""), words.next().and_then(|w| w.parse::<usize>().ok()));
+    let i = match (cmd, arg) {
+        ("", _) => return true,
+        ("quit" | "exit", _) => return false,
+        (_, Some(i)) if i < c.len() => i,
+        (_, Some(i)) => {
+            println!("no node {i} (0..{})", c.len());
+            return true;
+        }
+        _ => {
+            println!("? kill N | stop N | restart N | pause N | resume N | members N | quit");
+            return true;
+        }
+    };
+    let done = match cmd {
+        "kill" => {
+            c.kill(i);
+            Ok(())
+        }
+        "stop" => {
+            c.stop(i);
+            Ok(())
+        }
+        "restart" => c.restart(i),
+        "pause" => {
+            c.pause(i);
+            Ok(())
+        }
+        "resume" => {
+            c.resume(i);
+            Ok(())
+        }
+        "members" => {
+            match c.node(i).api().members() {
+                Ok(members) => {
+                    for m in members {
+                        let field = |k: &str| m[k].as_str().unwrap_or("?").to_string();
+                        let inc = &m["incarnation"];
+                        println!("{:<12} {:<8} {:<22} inc {inc}", field("name"), field("state"), field("peer_addr"));
+                    }
+                }
+                Err(e) => println!("members {}: {e:#}", c.node(i).name),
+            }
+            return true;
+        }
+        _ => {
+            println!("? kill N | stop N | restart N | pause N | resume N | members N | quit");
+            return true;
+        }
+    };
+    match done {
+        Ok(()) => println!("ok: {cmd} {} (pid {:?})", c.node(i).name, c.node(i).pid()),
+        Err(e) => println!("{cmd} {}: {e:#}", c.node(i).name),
+    }
+    true
 }
 
 /// Sum of one counter over the given nodes.
@@ -224,7 +289,7 @@ fn bench_policy(n: usize, profile: String, writes: usize, catch_up: usize) -> an
             text += &format!("[subsets.c{k}]\nservice = \"bench\"\nlabels = {{ version = \"v{k}\" }}\n");
         }
         std::fs::write(&dir, text)?;
-        let out = std::process::Command::new(trellis_chaos::cluster::trellis_bin())
+        let out = std::process::Command::new(trellis_chaos::cluster::try_trellis_bin()?)
             .args(["policy", "apply", "-f", dir.to_str().unwrap(), "--http-addr", &c.node(0).api_addr.to_string()])
             .stdout(std::process::Stdio::null())
             .output()?;
