@@ -30,6 +30,13 @@ pub struct ApiError {
     pub hint: String,
 }
 
+impl ApiError {
+    /// 404 for something that does not exist, with how to find or create it.
+    pub fn not_found(error: String, hint: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::NOT_FOUND, error, field: None, hint: hint.into() }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(self)).into_response()
@@ -98,12 +105,7 @@ pub fn router(agent: AgentHandle) -> Router {
 }
 
 async fn not_found() -> ApiError {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        error: "no such endpoint".into(),
-        field: None,
-        hint: "see README.md, section HTTP API, for the endpoints".into(),
-    }
+    ApiError::not_found("no such endpoint".into(), "see README.md, section HTTP API, for the endpoints")
 }
 
 async fn health(State(a): State<AgentHandle>) -> Json<serde_json::Value> {

@@ -71,12 +71,10 @@ async fn deregister(State(a): State<AgentHandle>, Path(id): Path<String>) -> Res
     let k = key(&a, &id);
     let exists = a.policy.store.lock().expect("policy lock").get(&k).is_some_and(|r| r.val.body.is_some());
     if !exists {
-        return Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            error: format!("no instance {id} on this node"),
-            field: None,
-            hint: "list them with GET /v1/catalog/services".into(),
-        });
+        return Err(ApiError::not_found(
+            format!("no instance {id} on this node"),
+            "list them with GET /v1/catalog/services",
+        ));
     }
     let policy = a.policy.clone();
     let entry = tokio::task::spawn_blocking(move || policy.write(k, None, None))

@@ -124,12 +124,10 @@ async fn get_one(
     let store = a.policy.store.lock().expect("policy lock");
     match store.get(&key) {
         Some(reg) if reg.val.body.is_some() => Ok(with_index(index, object_json(&key, reg, store.conflicts(&key)))),
-        _ => Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            error: format!("{}.{} does not exist", key.kind, key.name),
-            field: None,
-            hint: format!("create it with PUT /v1/policy/{}/{}", key.kind, key.name),
-        }),
+        _ => Err(ApiError::not_found(
+            format!("{}.{} does not exist", key.kind, key.name),
+            format!("create it with PUT /v1/policy/{}/{}", key.kind, key.name),
+        )),
     }
 }
 
@@ -204,12 +202,10 @@ async fn delete_one(
     let key = Key { kind: kind_of(&kind)?, name };
     let exists = a.policy.store.lock().expect("policy lock").get(&key).is_some_and(|r| r.val.body.is_some());
     if !exists {
-        return Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            error: format!("{}.{} does not exist", key.kind, key.name),
-            field: None,
-            hint: "list objects with GET /v1/policy".into(),
-        });
+        return Err(ApiError::not_found(
+            format!("{}.{} does not exist", key.kind, key.name),
+            "list objects with GET /v1/policy",
+        ));
     }
     let cas = cas_of(&q)?;
     write(a, key, None, cas).await

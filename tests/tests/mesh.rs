@@ -29,17 +29,27 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// Three agents; node 0 has an `echo` upstream listener; returns (cluster, listener address).
-fn mesh(extra: Vec<String>) -> (Cluster, SocketAddr) {
-    let port = free_port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut args0 = vec!["--upstream".to_string(), format!("echo={listen}")];
-    args0.extend(extra);
-    let c = Cluster::start(ClusterSpec { nodes: 3, node_args: vec![args0], ..Default::default() }).unwrap();
+/// Three agents, all alive everywhere; node 0 gets `node0_args`.
+fn three_agents(node0_args: Vec<String>) -> Cluster {
+    let c = Cluster::start(ClusterSpec { nodes: 3, node_args: vec![node0_args], ..Default::default() }).unwrap();
     let all = [0, 1, 2];
     let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
     c.wait_all_see(&all, &alive, Duration::from_secs(15)).unwrap();
-    (c, listen)
+    c
+}
+
+/// Three agents; node 0 has an `echo` upstream listener; returns (cluster, listener address).
+fn mesh(extra: Vec<String>) -> (Cluster, SocketAddr) {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut args0 = vec!["--upstream".to_string(), format!("echo={listen}")];
+    args0.extend(extra);
+    (three_agents(args0), listen)
+}
+
+/// Three agents; node 0 runs the HTTP proxy listener; returns (cluster, proxy address).
+fn proxy_mesh() -> (Cluster, SocketAddr) {
+    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    (three_agents(vec!["--proxy".into(), proxy.to_string()]), proxy)
 }
 
 fn register(c: &Cluster, node: usize, id: &str, server: SocketAddr) {
@@ -201,17 +211,7 @@ fn http_get(proxy: SocketAddr, host: &str, path: &str) -> (String, String) {
 
 #[test]
 fn http_requests_are_routed_by_host_and_split_ninety_ten_across_nodes() {
-    let port = free_port();
-    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let c = Cluster::start(ClusterSpec {
-        nodes: 3,
-        node_args: vec![vec!["--proxy".into(), proxy.to_string()]],
-        ..Default::default()
-    })
-    .unwrap();
-    let all = [0, 1, 2];
-    let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
-    c.wait_all_see(&all, &alive, Duration::from_secs(15)).unwrap();
+    let (c, proxy) = proxy_mesh();
     for (node, version) in [(1, "v1"), (2, "v2")] {
         let srv = http_server(if version == "v1" { "v1" } else { "v2" });
         let body =
@@ -298,17 +298,7 @@ fn stoppable_http_server(body: &'static str) -> (SocketAddr, std::sync::Arc<std:
 
 #[test]
 fn idempotent_gets_see_no_errors_when_an_instance_dies() {
-    let port = free_port();
-    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let c = Cluster::start(ClusterSpec {
-        nodes: 3,
-        node_args: vec![vec!["--proxy".into(), proxy.to_string()]],
-        ..Default::default()
-    })
-    .unwrap();
-    let all = [0, 1, 2];
-    let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
-    c.wait_all_see(&all, &alive, Duration::from_secs(15)).unwrap();
+    let (c, proxy) = proxy_mesh();
     let (a, stop_a) = stoppable_http_server("a");
     let (b, _stop_b) = stoppable_http_server("b");
     for (node, id, srv) in [(1, "api-a", a), (2, "api-b", b)] {
