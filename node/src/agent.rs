@@ -14,6 +14,7 @@ use crate::membership::{MemberEvent, MemberView, Membership, PacketError, Policy
 use crate::mesh::forward::{ForwardStats, Forwarder};
 use crate::pki::TlsMaterial;
 use crate::policy::{sync, Policy};
+use crate::ratelimit::{self, RateLimits};
 use crate::transport::{Inbound, Transport};
 use trellis_proto::{envelope, limits, Kind, PolicyEntry, PolicySync};
 
@@ -40,6 +41,7 @@ pub struct AgentHandle {
     pub transport: Arc<Transport>,
     pub policy: Arc<Policy>,
     pub forward: Arc<ForwardStats>,
+    pub ratelimits: Arc<RateLimits>,
     pub started: Instant,
     /// Flips to true when the agent should stop (after a leave).
     pub shutdown: watch::Sender<bool>,
@@ -106,9 +108,16 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
     let mut core = Membership::with_policy(identity.clone(), &cfg.timing, cfg.expected_size, generation, Some(items));
     core.join(Instant::now(), &cfg.join);
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    let (limit_tx, limit_rx) = mpsc::channel(1024);
+    let ratelimits = RateLimits::new(&cfg.name, ratelimit::Timing::default());
     let (shutdown, _) = watch::channel(false);
-    let shell =
-        Shell { core, transport: transport.clone(), policy: policy.clone(), sync_every: cfg.timing.sync_interval };
+    let shell = Shell {
+        core,
+        transport: transport.clone(),
+        policy: policy.clone(),
+        sync_every: cfg.timing.sync_interval,
+        limits: limit_tx,
+    };
     tokio::spawn(shell.run(inbound, cmd_rx));
     let handle = AgentHandle {
         identity,
@@ -118,9 +127,11 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         transport,
         policy,
         forward: Arc::default(),
+        ratelimits: ratelimits.clone(),
         started: Instant::now(),
         shutdown,
     };
+    tokio::spawn(ratelimit::shell::run(ratelimits, handle.clone(), limit_rx, ratelimit::Timing::default()));
     let fwd = Forwarder::new(handle.clone(), handle.forward.clone());
     tokio::spawn(fwd.clone().serve_streams(streams));
     if let Some((_, listener)) = proxy.and_then(|mut v| v.pop()) {
@@ -154,6 +165,8 @@ struct Shell {
     transport: Arc<Transport>,
     policy: Arc<Policy>,
     sync_every: Duration,
+    /// Rate-limit messages go to the limiter's own task.
+    limits: mpsc::Sender<Inbound>,
 }
 
 impl Shell {
@@ -188,6 +201,7 @@ impl Shell {
             Kind::Gossip => self.on_gossip(msg),
             Kind::PolicySync => self.on_policy_sync(msg),
             Kind::Forward => self.transport.close_malformed(&msg.conn, "forward header outside a stream"),
+            Kind::RateLimit => self.on_rate_limit(msg),
         }
     }
 
@@ -198,6 +212,11 @@ impl Shell {
             Err(e @ PacketError::IdentityMismatch { .. }) => self.transport.close_malformed(&msg.conn, &e.to_string()),
             Err(PacketError::Refused(why)) => tracing::debug!(peer = %msg.peer_name, %why, "gossip refused"),
         }
+    }
+
+    fn on_rate_limit(&mut self, msg: Inbound) {
+        // A full queue drops the message: reports repeat every tick.
+        let _ = self.limits.try_send(msg);
     }
 
     fn on_policy_sync(&mut self, msg: Inbound) {

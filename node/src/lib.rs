@@ -14,5 +14,6 @@ pub mod mesh;
 pub mod metrics;
 pub mod pki;
 pub mod policy;
+pub mod ratelimit;
 pub mod run;
 pub mod transport;

@@ -26,6 +26,8 @@ pub enum Kind {
     PolicySync = 2,
     /// The header of a forwarded service stream, a [`crate::forward::ForwardOpen`].
     Forward = 3,
+    /// Rate-limit demand reports and share grants, a [`crate::ratelimit::RateLimitMsg`].
+    RateLimit = 4,
 }
 
 impl Kind {
@@ -34,6 +36,7 @@ impl Kind {
             1 => Some(Kind::Gossip),
             2 => Some(Kind::PolicySync),
             3 => Some(Kind::Forward),
+            4 => Some(Kind::RateLimit),
             _ => None,
         }
     }
@@ -44,6 +47,7 @@ impl Kind {
             Kind::Gossip => "gossip",
             Kind::PolicySync => "policy_sync",
             Kind::Forward => "forward",
+            Kind::RateLimit => "rate_limit",
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod gossip;
 pub mod identity;
 pub mod limits;
 pub mod policy;
+pub mod ratelimit;
 
 pub use envelope::{DecodeError, Kind, WIRE_VERSION};
 pub use gossip::{GossipCodec, LeaveNotice};

@@ -1,0 +1,148 @@
+//! The limiter's async shell: a tick timer, the member list, policy changes and peer
+//! messages in; messages to peers out. Every decision is the core's.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use trellis_proto::ratelimit::RateLimitMsg;
+use trellis_proto::{envelope, Kind};
+
+use super::limiter::{LimitSpec, LimitView, Limiter, Outgoing, Per, Refusal, Timing};
+use crate::agent::AgentHandle;
+use crate::policy::model::{self, Object};
+use crate::policy::PolicyStore;
+use crate::transport::Inbound;
+
+/// Shared between the request path (decisions), the API (views) and the shell task.
+pub struct RateLimits {
+    limiter: Mutex<Limiter>,
+    policy_index: AtomicU64,
+    /// Peer messages that failed to decode or came from a non-member.
+    pub refused_msgs: AtomicU64,
+    pub msgs_in: AtomicU64,
+}
+
+impl RateLimits {
+    pub fn new(me: &str, timing: Timing) -> Arc<RateLimits> {
+        Arc::new(RateLimits {
+            limiter: Mutex::new(Limiter::new(me, timing)),
+            policy_index: AtomicU64::new(u64::MAX),
+            refused_msgs: AtomicU64::new(0),
+            msgs_in: AtomicU64::new(0),
+        })
+    }
+
+    /// The local decision for one request. Cost: one lock, one hash lookup per limit.
+    pub fn check<'a>(
+        &self,
+        service: &str,
+        route: Option<&str>,
+        header: impl Fn(&str) -> Option<&'a str>,
+        caller: &str,
+    ) -> Result<(), Refusal> {
+        let mut l = self.limiter.lock().expect("limiter lock");
+        if !l.has_limits() {
+            return Ok(());
+        }
+        let keys = l.keys_for(service, route, header, caller);
+        if keys.is_empty() {
+            return Ok(());
+        }
+        l.decide(Instant::now(), &keys)
+    }
+
+    pub fn view(&self) -> Vec<LimitView> {
+        self.limiter.lock().expect("limiter lock").view(Instant::now())
+    }
+
+    /// (limit, admitted, refused) totals, and bytes sent, for metrics.
+    pub fn metrics(&self) -> (Vec<(String, u64, u64)>, u64) {
+        let l = self.limiter.lock().expect("limiter lock");
+        let counts = l.counts().iter().map(|(n, c)| (n.clone(), c.admitted, c.refused)).collect();
+        (counts, l.bytes_out())
+    }
+
+    fn reload(&self, store: &PolicyStore) {
+        let index = store.index();
+        if self.policy_index.swap(index, Relaxed) == index {
+            return;
+        }
+        self.limiter.lock().expect("limiter lock").set_limits(specs(store));
+    }
+}
+
+/// The `ratelimits` policy objects as limiter specs.
+pub fn specs(store: &PolicyStore) -> Vec<LimitSpec> {
+    store
+        .iter()
+        .filter(|(k, _)| k.kind == model::Kind::Ratelimits)
+        .filter_map(|(k, r)| {
+            let body = r.val.body.as_ref()?;
+            let Ok(Object::RateLimit(rl)) = model::parse(k.kind, &k.name, body.as_bytes()) else { return None };
+            let per = match rl.per.as_deref() {
+                None => Per::All,
+                Some("caller") => Per::Caller,
+                Some(h) => Per::Header(h.trim_start_matches("header:").to_ascii_lowercase()),
+            };
+            Some(LimitSpec {
+                name: k.name.clone(),
+                service: rl.service,
+                route: rl.route,
+                rate: rl.requests_per_second,
+                burst: rl.burst.map(f64::from).unwrap_or_else(|| LimitSpec::default_burst(rl.requests_per_second)),
+                per,
+            })
+        })
+        .collect()
+}
+
+/// Runs until the agent stops: ticks, and answers peers.
+pub async fn run(rl: Arc<RateLimits>, agent: AgentHandle, mut inbound: mpsc::Receiver<Inbound>, timing: Timing) {
+    let mut tick = tokio::time::interval(timing.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut addrs: HashMap<String, SocketAddr> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                rl.reload(&agent.policy.store.lock().expect("policy lock"));
+                let members = agent.members().await;
+                addrs = members.iter().map(|m| (m.id.name.clone(), m.id.addr)).collect();
+                let out = {
+                    let mut l = rl.limiter.lock().expect("limiter lock");
+                    let now = Instant::now();
+                    let me = l.me().to_string();
+                    l.set_members(now, members.iter().filter(|m| m.id.name != me).map(|m| (m.id.name.as_str(), m.state)));
+                    if !l.has_limits() { continue }
+                    l.tick(now)
+                };
+                send(&agent, &addrs, out);
+            }
+            msg = inbound.recv() => {
+                let Some(msg) = msg else { break };
+                rl.msgs_in.fetch_add(1, Relaxed);
+                let decoded = RateLimitMsg::decode(&msg.data[envelope::HEADER_LEN..]);
+                let Ok(m) = decoded else {
+                    rl.refused_msgs.fetch_add(1, Relaxed);
+                    agent.transport.close_malformed(&msg.conn, &decoded.unwrap_err().to_string());
+                    continue;
+                };
+                let out = rl.limiter.lock().expect("limiter lock").handle(Instant::now(), &msg.peer_name, m);
+                send(&agent, &addrs, out);
+            }
+        }
+    }
+}
+
+fn send(agent: &AgentHandle, addrs: &HashMap<String, SocketAddr>, out: Vec<Outgoing>) {
+    for o in out {
+        let Some(addr) = addrs.get(&o.to) else { continue };
+        let mut buf = Vec::new();
+        envelope::encode(Kind::RateLimit, &o.msg.encode(), &mut buf);
+        agent.transport.send(*addr, Bytes::from(buf));
+    }
+}
