@@ -100,6 +100,7 @@ pub fn router(agent: AgentHandle) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::api_policy::routes())
         .merge(crate::api_catalog::routes())
+        .merge(crate::api_ratelimit::routes())
         .fallback(not_found)
         .with_state(agent)
 }
@@ -268,6 +269,7 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         "Connections with no live instance to go to.",
         f.no_instance.load(Relaxed),
     );
+    crate::api_ratelimit::metrics(&a, &mut e);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], e.finish()).into_response()
 }
 

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod api_catalog;
 pub mod api_policy;
+pub mod api_ratelimit;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -58,3 +58,73 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         (k == name).then(|| v.parse().ok())?
     })
 }
+
+/// Plain HTTP/1.1 over std sockets, for tests that drive the mesh's proxy listener.
+pub mod http {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::time::Duration;
+
+    /// A server answering every request with 200 and `<body> <path>`, one thread per
+    /// connection.
+    pub fn server(body: &'static str) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind a test server");
+        let addr = l.local_addr().expect("local addr");
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                std::thread::spawn(move || answer(s, body));
+            }
+        });
+        addr
+    }
+
+    fn answer(mut s: TcpStream, body: &str) {
+        let mut buf = [0u8; 4096];
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let path = String::from_utf8_lossy(&got).split_whitespace().nth(1).unwrap_or("").to_string();
+        let text = format!("{body} {path}");
+        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len());
+        let _ = s.write_all(resp.as_bytes());
+    }
+
+    /// A response: status code, header block (lowercased) and body.
+    pub struct Reply {
+        pub status: u16,
+        pub headers: String,
+        pub body: String,
+    }
+
+    impl Reply {
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+        }
+    }
+
+    /// One GET through `proxy` with `Host: host` and extra headers; status 0 when the
+    /// connection failed.
+    pub fn get(proxy: SocketAddr, host: &str, path: &str, extra: &[(&str, &str)]) -> Reply {
+        let fail = Reply { status: 0, headers: String::new(), body: String::new() };
+        let Ok(mut s) = TcpStream::connect(proxy) else { return fail };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+        for (k, v) in extra {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        if s.write_all(req.as_bytes()).is_err() {
+            return fail;
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let headers = head.lines().skip(1).map(|l| l.to_ascii_lowercase()).collect::<Vec<_>>().join("\n");
+        Reply { status, headers, body: body.to_string() }
+    }
+}

@@ -41,6 +41,28 @@ fn error(status: StatusCode, reason: &str, msg: String) -> Response<Body> {
         .expect("static response")
 }
 
+/// 429 with the limit, what is left here and when to come back, in the headers of the
+/// IETF RateLimit draft and the standard `Retry-After`.
+fn too_many_requests(r: &crate::ratelimit::limiter::Refusal) -> Response<Body> {
+    let wait = r.verdict.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let mut resp = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("rate limit {} ({} requests/s across the cluster) exceeded", r.limit, r.rate),
+    );
+    let h = resp.headers_mut();
+    for (name, value) in [
+        ("retry-after", wait.to_string()),
+        ("ratelimit-limit", format!("{}", r.rate.round() as u64)),
+        ("ratelimit-remaining", r.verdict.remaining.to_string()),
+        ("ratelimit-reset", wait.to_string()),
+        ("ratelimit-policy", format!("{};w=1", r.rate.round() as u64)),
+    ] {
+        h.insert(name, value.parse().expect("digits are a header value"));
+    }
+    resp
+}
+
 /// The service a request is for: its Host without port and without `.trellis`.
 pub fn service_of(host: &str) -> &str {
     let host = host.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h);
@@ -72,6 +94,14 @@ async fn proxy(fwd: Arc<Forwarder>, mut req: Request<Incoming>) -> Result<Respon
         };
         table.resolve(&info, rand::random::<f64>())
     };
+    if let Err(refusal) = fwd.agent.ratelimits.check(
+        &service,
+        resolved.route.as_deref(),
+        |name| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()),
+        &fwd.agent.spiffe_id,
+    ) {
+        return Ok(too_many_requests(&refusal));
+    }
     if let Some((prefix, to)) = &resolved.rewrite {
         let rest = path.strip_prefix(prefix.as_str()).unwrap_or(&path);
         let mut new_path = format!("{}{}", to.trim_end_matches('/'), rest);

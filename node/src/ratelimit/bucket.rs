@@ -22,10 +22,11 @@ pub struct Verdict {
 }
 
 impl TokenBucket {
-    /// A bucket holding `initial` tokens: a limit that was idle may take that much at once.
+    /// A bucket holding `initial` tokens, and at least one: a limit that was idle may take
+    /// that much at once, and a new caller's first request always passes.
     pub fn new(now: Instant, rate: f64, capacity: f64, initial: f64) -> TokenBucket {
         let capacity = capacity.max(1.0);
-        TokenBucket { rate: rate.max(0.0), capacity, tokens: initial.clamp(0.0, capacity), last: now }
+        TokenBucket { rate: rate.max(0.0), capacity, tokens: initial.clamp(1.0, capacity), last: now }
     }
 
     fn refill(&mut self, now: Instant) {

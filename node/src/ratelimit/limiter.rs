@@ -71,9 +71,10 @@ pub struct LimitSpec {
 
 impl LimitSpec {
     /// Default burst: a twentieth of a second of the limit, so a step from idle overshoots
-    /// any one-second window by at most 5%.
+    /// any one-second window by at most 5%; and at least 5, so a small per-caller limit lets
+    /// a few requests through at once.
     pub fn default_burst(rate: f64) -> f64 {
-        (rate / 20.0).max(1.0)
+        (rate / 20.0).max(5.0)
     }
 }
 

@@ -1,0 +1,42 @@
+//! `/v1/ratelimits`: each limit as this node sees it: its share, what it admits, and the
+//! cluster-wide rates as of the owner's last answer (with every node's row on the owner).
+
+use axum::extract::{Path, State};
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::agent::AgentHandle;
+use crate::api::ApiError;
+use crate::metrics::Exposition;
+use crate::ratelimit::limiter::LimitView;
+
+pub fn routes() -> Router<AgentHandle> {
+    Router::new().route("/v1/ratelimits", get(all)).route("/v1/ratelimits/{name}", get(one))
+}
+
+async fn all(State(a): State<AgentHandle>) -> Json<Vec<LimitView>> {
+    Json(a.ratelimits.view())
+}
+
+async fn one(State(a): State<AgentHandle>, Path(name): Path<String>) -> Result<Json<LimitView>, ApiError> {
+    a.ratelimits.view().into_iter().find(|v| v.name == name).map(Json).ok_or_else(|| {
+        ApiError::not_found(format!("no rate limit {name:?}"), "create it with PUT /v1/policy/ratelimits/<name>")
+    })
+}
+
+/// Rate-limit lines of `/metrics`: decisions per limit (low cardinality: one series per
+/// limit object, never per key value) and the bytes limiting costs.
+pub fn metrics(a: &AgentHandle, e: &mut Exposition) {
+    let (counts, bytes) = a.ratelimits.metrics();
+    let admitted: Vec<(&str, u64)> = counts.iter().map(|(n, ok, _)| (n.as_str(), *ok)).collect();
+    let refused: Vec<(&str, u64)> = counts.iter().map(|(n, _, no)| (n.as_str(), *no)).collect();
+    e.labelled("counter", "trellis_ratelimit_admitted_total", "Requests admitted by each limit.", "limit", &admitted);
+    e.labelled(
+        "counter",
+        "trellis_ratelimit_refused_total",
+        "Requests refused (429) by each limit.",
+        "limit",
+        &refused,
+    );
+    e.counter("trellis_ratelimit_bytes_out_total", "Rate-limit reports and grants sent to peers.", bytes);
+}
