@@ -3,4 +3,5 @@
 
 pub mod cluster;
 pub mod http;
+pub mod ratelimit_bench;
 pub mod sim;

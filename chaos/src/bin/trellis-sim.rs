@@ -45,6 +45,11 @@ enum Cmd {
         #[command(flatten)]
         timing: TimingArgs,
     },
+    /// Cluster-wide rate limiting: accuracy, reaction, bandwidth and decision cost.
+    BenchRatelimit {
+        #[arg(long, default_value_t = 5)]
+        seeds: u64,
+    },
     /// Policy propagation by gossip at 1% loss.
     BenchPolicy {
         #[arg(long, value_delimiter = ',', default_value = "100,1000")]
@@ -353,5 +358,6 @@ fn main() {
         Cmd::Bench { sizes, seed, timing, loss_secs, loss } => bench(sizes, seed, &timing, loss, loss_secs),
         Cmd::Sweep { nodes, loss, seeds, secs, timing } => sweep(nodes, loss, seeds, secs, &timing),
         Cmd::BenchPolicy { sizes, seed, writes } => bench_policy(sizes, seed, writes),
+        Cmd::BenchRatelimit { seeds } => trellis_chaos::ratelimit_bench::run(seeds),
     }
 }

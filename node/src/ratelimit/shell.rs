@@ -67,6 +67,11 @@ impl RateLimits {
         (counts, l.bytes_out())
     }
 
+    /// Sets limits directly, bypassing policy: for benchmarks of the request path.
+    pub fn set_limits_for_bench(&self, specs: Vec<LimitSpec>) {
+        self.limiter.lock().expect("limiter lock").set_limits(specs);
+    }
+
     fn reload(&self, store: &PolicyStore) {
         let index = store.index();
         if self.policy_index.swap(index, Relaxed) == index {

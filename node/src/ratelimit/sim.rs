@@ -28,6 +28,8 @@ pub struct SimConfig {
     pub jitter: Duration,
     pub seed: u64,
     pub timing: Timing,
+    /// False: every node starts alone, a cluster of one (for per-instance baselines).
+    pub connected: bool,
 }
 
 impl SimConfig {
@@ -41,6 +43,7 @@ impl SimConfig {
             jitter: Duration::from_millis(1),
             seed: 1,
             timing: Timing::default(),
+            connected: true,
         }
     }
 }
@@ -121,7 +124,7 @@ impl Sim {
             admitted: HashMap::new(),
             offered: HashMap::new(),
         };
-        let everyone: Vec<usize> = (0..sim.cfg.nodes).collect();
+        let everyone: Vec<usize> = if sim.cfg.connected { (0..sim.cfg.nodes).collect() } else { Vec::new() };
         for i in 0..sim.cfg.nodes {
             sim.set_view(i, &everyone, &[]);
         }
