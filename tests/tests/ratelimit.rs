@@ -168,3 +168,78 @@ fn a_killed_nodes_share_goes_to_the_survivors_within_detection_plus_grace() {
     assert!((54.0..=66.0).contains(&before), "before: {before:.1}/s for a limit of 60/s");
     assert!((54.0..=66.0).contains(&after), "after: {after:.1}/s for a limit of 60/s");
 }
+
+/// Drops all peer traffic between node `i` and `peers` (empty heals).
+fn block(c: &Cluster, i: usize, peers: &[usize]) {
+    let addrs: Vec<String> = peers.iter().map(|&p| c.node(p).peer_addr.to_string()).collect();
+    let (s, body) = c.node(i).api().post_json("/v1/fault", &json!({ "block": addrs })).unwrap();
+    assert_eq!(s, 200, "{body}");
+}
+
+#[test]
+fn a_two_three_partition_keeps_each_side_within_its_documented_share() {
+    let proxies: Vec<SocketAddr> = (0..5).map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap()).collect();
+    let node_args = proxies.iter().map(|p| vec!["--proxy".to_string(), p.to_string()]).collect();
+    let extra_args = vec!["--fault-injection".to_string()];
+    let c = Cluster::start(ClusterSpec { nodes: 5, node_args, extra_args, ..Default::default() }).unwrap();
+    let all: Vec<usize> = (0..5).collect();
+    let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&all, &alive, Duration::from_secs(15)).unwrap();
+    let (s, v) = c
+        .node(0)
+        .api()
+        .put_json("/v1/policy/ratelimits/web", &json!({"service": "web", "requests_per_second": 100}))
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    c.wait_until(Duration::from_secs(10), "every node enforces the limit", || {
+        all.iter()
+            .all(|&i| {
+                c.node(i).api().get_json("/v1/ratelimits").ok().and_then(|l| l.as_array().map(Vec::len)) == Some(1)
+            })
+            .then_some(())
+    })
+    .unwrap();
+    // No instances: an admitted request gets 503 (no instance) at once, a refused one 429,
+    // so the load never waits on forwarding through the partition.
+    let streams: Vec<Stream> = proxies.iter().map(|&proxy| Stream { proxy, rate: 40.0, header: None }).collect();
+    let (small, big) = ([0, 1], [2, 3, 4]);
+    let results = std::thread::scope(|s| {
+        let load = s.spawn(|| run_load(&streams, Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_secs(4));
+        for i in small {
+            block(&c, i, &big);
+        }
+        for i in big {
+            block(&c, i, &small);
+        }
+        std::thread::sleep(Duration::from_secs(14));
+        for i in all.iter().copied() {
+            block(&c, i, &[]);
+        }
+        load.join().unwrap()
+    });
+    let rate = |nodes: &[usize], from: f64, to: f64| count(&results, nodes, 503, from, to) as f64 / (to - from);
+    let other: usize = results.iter().flatten().filter(|(_, s)| *s != 503 && *s != 429).count();
+    let by_second: Vec<(usize, usize)> = (0..30)
+        .map(|t| {
+            (
+                count(&results, &small, 503, t as f64, t as f64 + 1.0),
+                count(&results, &big, 503, t as f64, t as f64 + 1.0),
+            )
+        })
+        .collect();
+    println!("admitted per second (small side, big side): {by_second:?}");
+    assert_eq!(other, 0, "statuses other than 503 and 429");
+    let whole = rate(&all, 1.0, 4.0);
+    assert!((90.0..=110.0).contains(&whole), "before the partition: {whole:.1}/s");
+    // Until detection plus the 5 s grace, the sides sum to the limit: 2/5 and 3/5.
+    let (a, b) = (rate(&small, 4.5, 9.0), rate(&big, 4.5, 9.0));
+    assert!(a <= 44.0 && b <= 66.0 && a + b <= 110.0, "within the grace: small {a:.1}/s, big {b:.1}/s");
+    // After it, the majority side takes the whole limit; the minority keeps its 2/5.
+    let (a, b) = (rate(&small, 12.0, 18.0), rate(&big, 12.0, 18.0));
+    assert!((36.0..=44.0).contains(&a), "minority side after the grace: {a:.1}/s (documented: 40)");
+    assert!((90.0..=110.0).contains(&b), "majority side after the grace: {b:.1}/s (documented: 100)");
+    // Healed: one limit again.
+    let healed = rate(&all, 25.0, 30.0);
+    assert!((90.0..=110.0).contains(&healed), "after the heal: {healed:.1}/s");
+}
