@@ -27,7 +27,7 @@ async fn one(State(a): State<AgentHandle>, Path(name): Path<String>) -> Result<J
 /// Rate-limit lines of `/metrics`: decisions per limit (low cardinality: one series per
 /// limit object, never per key value) and the bytes limiting costs.
 pub fn metrics(a: &AgentHandle, e: &mut Exposition) {
-    let (counts, bytes) = a.ratelimits.metrics();
+    let (counts, bytes, refused_peer) = a.ratelimits.metrics();
     let admitted: Vec<(&str, u64)> = counts.iter().map(|(n, ok, _)| (n.as_str(), *ok)).collect();
     let refused: Vec<(&str, u64)> = counts.iter().map(|(n, _, no)| (n.as_str(), *no)).collect();
     e.labelled("counter", "trellis_ratelimit_admitted_total", "Requests admitted by each limit.", "limit", &admitted);
@@ -39,4 +39,9 @@ pub fn metrics(a: &AgentHandle, e: &mut Exposition) {
         &refused,
     );
     e.counter("trellis_ratelimit_bytes_out_total", "Rate-limit reports and grants sent to peers.", bytes);
+    e.counter(
+        "trellis_ratelimit_peer_refused_total",
+        "Rate-limit messages or report entries from peers refused (malformed, not a member, unknown limit, no room).",
+        refused_peer,
+    );
 }

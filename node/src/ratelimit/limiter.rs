@@ -122,6 +122,7 @@ pub struct Limiter {
     owned: HashMap<LimitKey, OwnerTable>,
     counts: BTreeMap<String, Counts>,
     bytes_out: u64,
+    refused_reports: u64,
 }
 
 /// Value hashed for the overflow bucket when a node tracks too many keys.
@@ -138,6 +139,7 @@ impl Limiter {
             owned: HashMap::new(),
             counts: BTreeMap::new(),
             bytes_out: 0,
+            refused_reports: 0,
         }
     }
 
@@ -335,9 +337,22 @@ impl Limiter {
         }
     }
 
+    /// Serves a peer's report: only for a limit we know, from a member we see, and without
+    /// growing the owner tables past `max_keys` (a peer cannot make us track keys without
+    /// bound).
     fn serve_checked(&mut self, now: Instant, from: &str, d: &Demand) -> Option<Grant> {
         let known = self.limits.contains_key(&d.key.limit) && self.side.alive().iter().any(|n| n == from);
-        known.then(|| self.serve(now, from, d))
+        let room = self.owned.contains_key(&d.key) || self.owned.len() < self.timing.max_keys;
+        if !(known && room) {
+            self.refused_reports += 1;
+            return None;
+        }
+        Some(self.serve(now, from, d))
+    }
+
+    /// Report entries refused: unknown limit, sender not a member, or no room.
+    pub fn refused_reports(&self) -> u64 {
+        self.refused_reports
     }
 
     /// As owner: record `node`'s demand and compute its share.
@@ -516,4 +531,91 @@ pub struct KeyView {
     pub cluster: ClusterRates,
     /// On the owner only: (node, offered, admitted, share) per reporting node.
     pub nodes: Vec<(String, f64, f64, f64)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::MemberState::Alive;
+
+    fn limiter(me: &str, max_keys: usize) -> Limiter {
+        let mut l = Limiter::new(me, Timing { max_keys, ..Timing::default() });
+        let spec = LimitSpec {
+            name: "web".into(),
+            service: "web".into(),
+            route: None,
+            rate: 100.0,
+            burst: 10.0,
+            per: Per::Header("x-user".into()),
+        };
+        l.set_limits(vec![spec]);
+        l.set_members(Instant::now(), [("b", Alive), ("c", Alive)]);
+        l
+    }
+
+    fn report(value: u64) -> RateLimitMsg {
+        RateLimitMsg::Report(vec![Demand { key: LimitKey { limit: "web".into(), value }, offered: 5.0, admitted: 5.0 }])
+    }
+
+    #[test]
+    fn reports_from_strangers_or_for_unknown_limits_are_refused() {
+        let now = Instant::now();
+        let mut l = limiter("a", 10);
+        assert!(l.handle(now, "mallory", report(1)).is_empty());
+        let unknown = RateLimitMsg::Report(vec![Demand {
+            key: LimitKey { limit: "other".into(), value: 0 },
+            offered: 1.0,
+            admitted: 1.0,
+        }]);
+        assert!(l.handle(now, "b", unknown).is_empty());
+        assert_eq!(l.refused_reports(), 2);
+        assert_eq!(l.handle(now, "b", report(1)).len(), 1);
+    }
+
+    #[test]
+    fn a_peer_cannot_grow_the_owner_tables_past_max_keys() {
+        let now = Instant::now();
+        let mut l = limiter("a", 10);
+        let answered = (1..=50).filter(|v| !l.handle(now, "b", report(*v)).is_empty()).count();
+        assert_eq!(answered, 10);
+        assert_eq!(l.refused_reports(), 40);
+    }
+
+    #[test]
+    fn only_the_owner_may_set_a_share() {
+        let now = Instant::now();
+        let mut l = limiter("a", 10);
+        let keys = l.keys_for("web", None, |_| Some("alice"), "");
+        assert!(l.decide(now, &keys).is_ok());
+        let key = keys[0].0.clone();
+        let owner = l.owner_of(&key).to_string();
+        let not_owner = ["a", "b", "c"].into_iter().find(|n| *n != owner).unwrap();
+        let grant = |rate: f32| {
+            RateLimitMsg::Grant(vec![Grant {
+                key: key.clone(),
+                rate,
+                burst: 1.0,
+                lease_ms: 1000,
+                cluster_offered: 0.0,
+                cluster_admitted: 0.0,
+                nodes: 1,
+            }])
+        };
+        l.handle(now, not_owner, grant(12345.0));
+        assert_ne!(l.view(now)[0].keys[0].share_rate, 12345.0);
+        l.handle(now, &owner, grant(12345.0));
+        assert_eq!(l.view(now)[0].keys[0].share_rate, 12345.0);
+    }
+
+    #[test]
+    fn too_many_values_share_one_overflow_bucket() {
+        let now = Instant::now();
+        let mut l = limiter("a", 3);
+        let users: Vec<String> = (0..10).map(|i| format!("u{i}")).collect();
+        for u in &users {
+            let keys = l.keys_for("web", None, |_| Some(u.as_str()), "");
+            let _ = l.decide(now, &keys);
+        }
+        assert_eq!(l.keys.len(), 4, "three values and the overflow bucket");
+    }
 }

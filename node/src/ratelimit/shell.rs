@@ -60,11 +60,11 @@ impl RateLimits {
         self.limiter.lock().expect("limiter lock").view(Instant::now())
     }
 
-    /// (limit, admitted, refused) totals, and bytes sent, for metrics.
-    pub fn metrics(&self) -> (Vec<(String, u64, u64)>, u64) {
+    /// (limit, admitted, refused) totals, bytes sent, and peer report entries refused.
+    pub fn metrics(&self) -> (Vec<(String, u64, u64)>, u64, u64) {
         let l = self.limiter.lock().expect("limiter lock");
         let counts = l.counts().iter().map(|(n, c)| (n.clone(), c.admitted, c.refused)).collect();
-        (counts, l.bytes_out())
+        (counts, l.bytes_out(), l.refused_reports() + self.refused_msgs.load(Relaxed))
     }
 
     /// Sets limits directly, bypassing policy: for benchmarks of the request path.
