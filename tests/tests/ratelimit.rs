@@ -127,6 +127,15 @@ fn uneven_load_over_three_nodes_is_held_to_the_cluster_wide_limit() {
     let m = c.node(0).api().get_text("/metrics").unwrap();
     assert!(metric(&m, "trellis_ratelimit_refused_total{limit=\"web\"}").unwrap() > 0.0, "{m}");
     assert!(metric(&m, "trellis_ratelimit_bytes_out_total").unwrap() > 0.0);
+    // The CLI shows the same, one line per limit key.
+    let out = std::process::Command::new(trellis_chaos::cluster::trellis_bin())
+        .args(["ratelimits", "--http-addr", &c.node(owner_i).api_addr.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    let row = text.lines().nth(1).unwrap_or_default();
+    assert!(row.starts_with("web") && row.contains(&owner), "{text}");
 }
 
 #[test]
@@ -241,5 +250,16 @@ fn a_two_three_partition_keeps_each_side_within_its_documented_share() {
     assert!((90.0..=110.0).contains(&b), "majority side after the grace: {b:.1}/s (documented: 100)");
     // Healed: one limit again.
     let healed = rate(&all, 25.0, 30.0);
+    if !(90.0..=110.0).contains(&healed) {
+        for i in all.iter().copied() {
+            let api = c.node(i).api();
+            let members = api.get_json("/v1/members").unwrap_or_default();
+            let states: Vec<String> = members
+                .as_array()
+                .map(|a| a.iter().map(|m| format!("{}={}", m["name"], m["state"])).collect())
+                .unwrap_or_default();
+            println!("node {i} sees {states:?}; limit view {}", api.get_json("/v1/ratelimits/web").unwrap_or_default());
+        }
+    }
     assert!((90.0..=110.0).contains(&healed), "after the heal: {healed:.1}/s");
 }

@@ -97,6 +97,8 @@ pub struct Refusal {
 struct KeyState {
     bucket: TokenBucket,
     lease_until: Option<Instant>,
+    /// The owner that granted the lease; a lease from a member no longer the owner ends.
+    granted_by: String,
     offered_tick: u32,
     admitted_tick: u32,
     offered: f64,
@@ -234,6 +236,7 @@ impl Limiter {
             let state = KeyState {
                 bucket: TokenBucket::new(now, rate, self.capacity(rate, burst), burst),
                 lease_until: None,
+                granted_by: String::new(),
                 offered_tick: 0,
                 admitted_tick: 0,
                 offered: 0.0,
@@ -280,7 +283,9 @@ impl Limiter {
             s.offered_tick = 0;
             s.admitted_tick = 0;
             let idle = now.saturating_duration_since(s.last_active) > self.timing.idle_after;
-            if s.lease_until.is_none_or(|t| t <= now) {
+            // A new owner (after a join, a heal, a death) starts from the fallback: the old
+            // owner's grants and the new one's would otherwise overlap for a lease.
+            if s.lease_until.is_none_or(|t| t <= now) || s.granted_by != owner {
                 s.lease_until = None;
                 // An idle key keeps no more than its share of the burst, so a step from
                 // idle overshoots by at most the burst.
@@ -300,7 +305,7 @@ impl Limiter {
         let me = self.me().to_string();
         for d in own {
             let grant = self.serve(now, &me, &d);
-            self.apply(now, &grant);
+            self.apply(now, &grant, &me);
         }
         self.forget(now);
         let mut out = Vec::new();
@@ -329,7 +334,7 @@ impl Limiter {
                 for g in gs {
                     // Only the owner we would ask may set our share.
                     if self.owner_of(&g.key) == from {
-                        self.apply(now, &g);
+                        self.apply(now, &g, from);
                     }
                 }
                 Vec::new()
@@ -341,7 +346,11 @@ impl Limiter {
     /// growing the owner tables past `max_keys` (a peer cannot make us track keys without
     /// bound).
     fn serve_checked(&mut self, now: Instant, from: &str, d: &Demand) -> Option<Grant> {
-        let known = self.limits.contains_key(&d.key.limit) && self.side.alive().iter().any(|n| n == from);
+        // Only the owner in our own view answers: two nodes that both answered for a key
+        // (views differ for a moment after a join or heal) could grant the limit twice.
+        let known = self.limits.contains_key(&d.key.limit)
+            && self.side.alive().iter().any(|n| n == from)
+            && self.owner_of(&d.key) == self.me();
         let room = self.owned.contains_key(&d.key) || self.owned.len() < self.timing.max_keys;
         if !(known && room) {
             self.refused_reports += 1;
@@ -350,7 +359,7 @@ impl Limiter {
         Some(self.serve(now, from, d))
     }
 
-    /// Report entries refused: unknown limit, sender not a member, or no room.
+    /// Report entries refused: unknown limit, sender not a member, not ours, or no room.
     pub fn refused_reports(&self) -> u64 {
         self.refused_reports
     }
@@ -374,9 +383,12 @@ impl Limiter {
         }
     }
 
-    fn apply(&mut self, now: Instant, g: &Grant) {
+    fn apply(&mut self, now: Instant, g: &Grant, from: &str) {
         let size = self.capacity(f64::from(g.rate), f64::from(g.burst));
         let Some(s) = self.keys.get_mut(&g.key) else { return };
+        if s.granted_by != from {
+            s.granted_by = from.to_string();
+        }
         s.bucket.reshape(now, f64::from(g.rate), size);
         s.lease_until = Some(now + Duration::from_millis(u64::from(g.lease_ms)));
         s.cluster = ClusterRates {

@@ -8,6 +8,10 @@ use std::time::{Duration, Instant};
 use super::limiter::Timing;
 use super::side::SideView;
 
+/// How long after a member comes into view it is assumed to be on its fallback share
+/// unless it reports: about the time SWIM takes to spread a join or a heal.
+const SETTLE: Duration = Duration::from_secs(3);
+
 /// Demand below this (requests per second) counts as idle.
 const IDLE_RATE: f64 = 0.5;
 
@@ -73,7 +77,9 @@ impl OwnerTable {
         let mut demands = vec![mine];
         for n in alive.iter().filter(|n| *n != node) {
             let Some(d) = self.nodes.get(n) else {
-                if warm {
+                // Not heard from: idle, or new here and maybe on its fallback share while
+                // membership views settle.
+                if warm || side.appeared_within(n, now, SETTLE) {
                     reserved += fallback;
                 }
                 continue;

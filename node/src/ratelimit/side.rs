@@ -24,6 +24,8 @@ pub struct SideView {
     /// Members seen alive or suspect now (us included), in name order.
     alive: Vec<String>,
     down_since: BTreeMap<String, Instant>,
+    /// When each member last came into view (joined, or back after a partition).
+    appeared: BTreeMap<String, Instant>,
 }
 
 impl SideView {
@@ -34,6 +36,7 @@ impl SideView {
             stable: BTreeSet::from([me.to_string()]),
             alive: vec![me.to_string()],
             down_since: BTreeMap::new(),
+            appeared: BTreeMap::new(),
         }
     }
 
@@ -64,6 +67,12 @@ impl SideView {
             }
         }
         self.down_since.retain(|n, _| self.stable.contains(n));
+        for name in &alive {
+            if self.alive.binary_search(name).is_err() {
+                self.appeared.insert(name.clone(), now);
+            }
+        }
+        self.appeared.retain(|n, _| alive.contains(n));
         self.alive = alive.into_iter().collect();
         self.promote(now);
     }
@@ -98,6 +107,12 @@ impl SideView {
     /// Members this side sees (alive or suspect), us included, in name order.
     pub fn alive(&self) -> &[String] {
         &self.alive
+    }
+
+    /// Did `name` come into view less than `window` ago? Views of a new or returning member
+    /// take a moment to agree across the cluster.
+    pub fn appeared_within(&self, name: &str, now: Instant, window: Duration) -> bool {
+        self.appeared.get(name).is_some_and(|t| now.saturating_duration_since(*t) < window)
     }
 
     pub fn me(&self) -> &str {

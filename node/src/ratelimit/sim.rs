@@ -83,10 +83,13 @@ pub struct Sim {
 
 pub const LIMIT: &str = "limit";
 
+const SETTLED: Duration = Duration::from_secs(3600);
+
 impl Sim {
     /// Every node up, every node seeing every other alive.
     pub fn new(cfg: SimConfig) -> Sim {
-        let t0 = Instant::now();
+        // Virtual time starts an hour ahead, so the initial view can be dated before it.
+        let t0 = Instant::now() + SETTLED;
         let names: Vec<String> = (0..cfg.nodes).map(|i| format!("n{i:03}")).collect();
         let mut rng = SmallRng::seed_from_u64(cfg.seed);
         let spec = LimitSpec {
@@ -125,8 +128,9 @@ impl Sim {
             offered: HashMap::new(),
         };
         let everyone: Vec<usize> = if sim.cfg.connected { (0..sim.cfg.nodes).collect() } else { Vec::new() };
+        // The cluster has been up a while: every member came into view long ago.
         for i in 0..sim.cfg.nodes {
-            sim.set_view(i, &everyone, &[]);
+            sim.view_at(t0 - SETTLED, i, &everyone, &[]);
         }
         sim
     }
@@ -145,7 +149,10 @@ impl Sim {
 
     /// What node `i`'s membership says: `alive` seen, `down` declared down.
     pub fn set_view(&mut self, i: usize, alive: &[usize], down: &[usize]) {
-        let now = self.t0 + self.now;
+        self.view_at(self.t0 + self.now, i, alive, down);
+    }
+
+    fn view_at(&mut self, now: Instant, i: usize, alive: &[usize], down: &[usize]) {
         let names = &self.names;
         let list: Vec<(&str, MemberState)> = alive
             .iter()

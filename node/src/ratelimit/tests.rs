@@ -177,3 +177,38 @@ fn limiting_costs_each_node_little_bandwidth() {
     let bps = sim.bytes_per_node_second();
     assert!(bps > 0.0 && bps < 4000.0, "{bps:.0} B/s per node");
 }
+
+#[test]
+fn a_heal_seen_at_different_times_does_not_grant_the_limit_twice() {
+    let mut sim = Sim::new(SimConfig::new(5, LIMIT));
+    sim.set_load(2.0 * LIMIT, None);
+    let (small, big): (&[usize], &[usize]) = (&[0, 1], &[2, 3, 4]);
+    sim.partition(&[small, big]);
+    sim.run_for(secs(1.0));
+    for &i in small {
+        sim.set_view(i, small, big);
+    }
+    for &i in big {
+        sim.set_view(i, big, small);
+    }
+    sim.run_for(secs(7.0)); // past the grace: the big side holds the whole limit
+    for &i in big {
+        sim.set_view(i, big, small);
+    }
+    sim.run_for(secs(1.0));
+    // Healed, but the big side learns it 2 s before the small side does.
+    sim.heal();
+    let everyone: Vec<usize> = (0..5).collect();
+    for &i in big {
+        sim.set_view(i, &everyone, &[]);
+    }
+    sim.run_for(secs(2.0));
+    for &i in small {
+        sim.set_view(i, &everyone, &[]);
+    }
+    sim.run_for(secs(4.0));
+    let worst = sim.max_window(secs(1.0), secs(9.0), secs(15.0));
+    assert!(worst <= 1.1 * LIMIT, "a one-second window after the heal admitted {worst:.0}");
+    let settled = sim.admitted_rate(&[], None, secs(13.0), secs(15.0));
+    assert!(within(settled, LIMIT, 0.05), "settled at {settled:.0}");
+}
