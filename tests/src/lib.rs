@@ -128,3 +128,79 @@ pub mod http {
         Reply { status, headers, body: body.to_string() }
     }
 }
+
+/// HTTP/2 with prior knowledge (h2c), as gRPC speaks it: a server and a client.
+pub mod h2 {
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::{HeaderMap, Request, Response};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    /// A server that answers every request with its body echoed back, a `x-served-by:
+    /// <name>` header and a `grpc-status: 0` trailer. Runs on its own thread and runtime.
+    pub fn echo_server(name: &'static str) -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        l.set_nonblocking(true).expect("nonblocking");
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(l).expect("listener");
+                loop {
+                    let Ok((tcp, _)) = l.accept().await else { continue };
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| async move {
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let mut trailers = HeaderMap::new();
+                            trailers.insert("grpc-status", "0".parse().expect("value"));
+                            let body = Full::new(body)
+                                .map_err(|never| match never {})
+                                .with_trailers(async move { Some(Ok::<_, hyper::Error>(trailers)) });
+                            let resp = Response::builder()
+                                .header("content-type", "application/grpc")
+                                .header("x-served-by", name)
+                                .body(body)
+                                .expect("response");
+                            Ok::<_, hyper::Error>(resp)
+                        });
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(tcp), svc)
+                            .await;
+                    });
+                }
+            });
+        });
+        addr
+    }
+
+    /// What came back: status, the `x-served-by` header, body, and the `grpc-status`
+    /// trailer.
+    pub struct Reply {
+        pub status: u16,
+        pub served_by: String,
+        pub body: Bytes,
+        pub grpc_status: Option<String>,
+    }
+
+    /// One POST over HTTP/2 with prior knowledge to `proxy`, with `:authority` set.
+    pub async fn post(proxy: SocketAddr, authority: &str, path: &str, body: Bytes) -> anyhow::Result<Reply> {
+        let tcp = tokio::net::TcpStream::connect(proxy).await?;
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::post(format!("http://{authority}{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(body))?;
+        let resp = send.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let served_by = resp.headers().get("x-served-by").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let collected = resp.into_body().collect().await?;
+        let grpc_status =
+            collected.trailers().and_then(|t| t.get("grpc-status")).and_then(|v| v.to_str().ok()).map(String::from);
+        Ok(Reply { status, served_by, body: collected.to_bytes(), grpc_status })
+    }
+}

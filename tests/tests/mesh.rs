@@ -327,3 +327,32 @@ fn idempotent_gets_see_no_errors_when_an_instance_dies() {
     assert!(retries <= 10.0, "{retries} retries: the dead instance was not ejected");
     assert!(metric(&m, "trellis_forward_ejections_total").unwrap() >= 1.0);
 }
+
+#[test]
+fn grpc_over_http2_crosses_the_mesh_with_body_and_trailers_intact() {
+    use trellis_tests::h2;
+    let (c, proxy) = proxy_mesh();
+    let server = h2::echo_server("n2");
+    let body = json!({"service": "greeter", "address": "127.0.0.1", "port": server.port(), "protocol": "grpc"});
+    let (s, v) = c.node(2).api().put_json("/v1/agent/services/greeter-1", &body).unwrap();
+    assert_eq!(s, 200, "{v}");
+    c.wait_until(Duration::from_secs(10), "the instance in node 0's catalog", || {
+        let v = c.node(0).api().get_json("/v1/catalog/services/greeter").ok()?;
+        (v.as_array()?.len() == 1).then_some(())
+    })
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    // A 1 MiB message of known bytes, over HTTP/2 with prior knowledge, as gRPC sends it.
+    let payload: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let reply = rt
+        .block_on(h2::post(proxy, "greeter.trellis", "/helloworld.Greeter/SayHello", payload.clone().into()))
+        .unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.served_by, "n2");
+    assert!(reply.body == payload, "the echoed body differs ({} bytes back)", reply.body.len());
+    assert_eq!(reply.grpc_status.as_deref(), Some("0"), "the grpc-status trailer was lost");
+    // An HTTP/1.1 client reaches the same HTTP/2 instance; the proxy speaks h2 upstream.
+    let (status, body) = http_get(proxy, "greeter", "/");
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body, "");
+}

@@ -1,6 +1,8 @@
-//! The local HTTP/1.1 proxy listener: routes each request by its `Host` (`<service>` or
+//! The local HTTP proxy listener (HTTP/1.1, and HTTP/2 with prior knowledge, so gRPC
+//! clients work): routes each request by its `Host` or `:authority` (`<service>` or
 //! `<service>.trellis`) through the policy router, then sends it over a fresh stream to an
-//! instance picked by the balancer. Request and response bodies stream through.
+//! instance picked by the balancer, in the instance's protocol. Bodies and trailers stream
+//! through.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -9,15 +11,17 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use super::forward::{Forwarder, OpenError};
 use super::router::{RequestInfo, Resolved};
+use super::upstream;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Accepts HTTP/1.1 clients; one task per connection.
+/// Accepts HTTP/1.1 and HTTP/2 clients (told apart by the HTTP/2 preface); one task per
+/// connection.
 pub async fn serve(fwd: Arc<Forwarder>, listener: TcpListener) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else { continue };
@@ -26,7 +30,8 @@ pub async fn serve(fwd: Arc<Forwarder>, listener: TcpListener) {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| proxy(fwd.clone(), req));
             // A malformed request gets hyper's 400 and closes only this connection.
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
         });
     }
 }
@@ -70,7 +75,14 @@ pub fn service_of(host: &str) -> &str {
 }
 
 async fn proxy(fwd: Arc<Forwarder>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let host = req.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
+    // HTTP/2 clients send `:authority` (in the URI) instead of a Host header.
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("")
+        .to_string();
     let service = service_of(&host).to_string();
     if service.is_empty() {
         return Ok(error(StatusCode::BAD_REQUEST, "no_host", "set Host: <service> or <service>.trellis".into()));
@@ -124,7 +136,7 @@ async fn proxy(fwd: Arc<Forwarder>, mut req: Request<Incoming>) -> Result<Respon
             fwd.stats.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let body = body.take().unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed());
-        match once(&fwd, &resolved, Request::from_parts(parts.clone(), body)).await {
+        match once(&fwd, &resolved, &host, Request::from_parts(parts.clone(), body)).await {
             Ok(resp) => return Ok(resp),
             Err(Failure::Final(resp)) => return Ok(resp),
             Err(Failure::Retry(resp)) => last = Some(resp),
@@ -150,7 +162,13 @@ fn retry_attempts(fwd: &Forwarder, service: &str) -> u32 {
     fwd.snapshot().services.get(service).map(|s| s.retry.attempts).unwrap_or(2)
 }
 
-async fn once(fwd: &Forwarder, resolved: &Resolved, req: Request<Body>) -> Result<Response<Body>, Failure> {
+async fn once(fwd: &Forwarder, resolved: &Resolved, host: &str, req: Request<Body>) -> Result<Response<Body>, Failure> {
+    let h2 = fwd
+        .snapshot()
+        .instances
+        .iter()
+        .find(|i| i.instance.service == resolved.service)
+        .is_some_and(|i| upstream::is_h2(i.instance.protocol));
     let io = match fwd.open(&resolved.service, &resolved.labels).await {
         Ok(io) => io,
         Err(e @ OpenError::NoInstance(_)) => {
@@ -163,13 +181,10 @@ async fn once(fwd: &Forwarder, resolved: &Resolved, req: Request<Body>) -> Resul
             return Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "unreachable", e.to_string())))
         }
     };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    let mut sender = upstream::handshake(io, h2)
         .await
         .map_err(|e| Failure::Retry(error(StatusCode::BAD_GATEWAY, "handshake", e.to_string())))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    match sender.send_request(req).await {
+    match sender.send(req, host).await {
         Ok(resp) => Ok(resp.map(|b| b.boxed())),
         Err(e) => Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "upstream", e.to_string()))),
     }

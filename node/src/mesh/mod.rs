@@ -8,3 +8,4 @@ pub mod http;
 pub mod lb;
 pub mod outlier;
 pub mod router;
+pub mod upstream;

@@ -1,0 +1,138 @@
+//! HTTP to an instance over a forwarded byte stream, in the instance's own protocol:
+//! HTTP/1.1, or HTTP/2 with prior knowledge for `http2` and `grpc` instances. A request
+//! that came in as one version leaves as the other when the instance speaks it.
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::header::{HeaderValue, CONNECTION, HOST, TRANSFER_ENCODING, UPGRADE};
+use hyper::{Request, Response, Uri, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use super::forward::Io;
+use crate::policy::model::Protocol;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Does `protocol` speak HTTP/2 to its instances?
+pub fn is_h2(protocol: Protocol) -> bool {
+    matches!(protocol, Protocol::Http2 | Protocol::Grpc)
+}
+
+/// One connection's request sender.
+pub enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+/// Speaks HTTP over `io`; the connection is driven by a task of its own.
+pub async fn handshake(io: Io, h2: bool) -> hyper::Result<Sender> {
+    let io = TokioIo::new(io);
+    if h2 {
+        let (send, conn) = http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Sender::H2(send))
+    } else {
+        let (send, conn) = http1::handshake(io).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Sender::H1(send))
+    }
+}
+
+impl Sender {
+    /// Sends `req`, rewritten for this connection's version; `authority` is the host the
+    /// client asked for.
+    pub async fn send(&mut self, mut req: Request<Body>, authority: &str) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Sender::H1(s) => {
+                for_h1(&mut req, authority);
+                s.send_request(req).await
+            }
+            Sender::H2(s) => {
+                for_h2(&mut req, authority);
+                s.send_request(req).await
+            }
+        }
+    }
+}
+
+/// HTTP/2 carries the authority in the URI and forbids connection-specific headers.
+pub fn for_h2(req: &mut Request<Body>, authority: &str) {
+    *req.version_mut() = Version::HTTP_2;
+    let h = req.headers_mut();
+    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE, HOST] {
+        h.remove(name);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    if let Ok(uri) = format!("http://{authority}{path}").parse::<Uri>() {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// HTTP/1.1 needs a `Host` header and an origin-form path.
+pub fn for_h1(req: &mut Request<Body>, authority: &str) {
+    *req.version_mut() = Version::HTTP_11;
+    if !req.headers().contains_key(HOST) {
+        if let Ok(v) = HeaderValue::from_str(authority) {
+            req.headers_mut().insert(HOST, v);
+        }
+    }
+    if req.uri().authority().is_some() {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        if let Ok(uri) = path.parse::<Uri>() {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+
+    fn req(uri: &str) -> Request<Body> {
+        Request::builder()
+            .uri(uri)
+            .header("host", "web")
+            .header("connection", "keep-alive")
+            .header("x-user", "alice")
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap()
+    }
+
+    #[test]
+    fn h2_requests_carry_the_authority_and_no_connection_headers() {
+        let mut r = req("/items?page=2");
+        for_h2(&mut r, "web.trellis");
+        assert_eq!(r.uri().to_string(), "http://web.trellis/items?page=2");
+        assert_eq!(r.version(), Version::HTTP_2);
+        assert!(r.headers().get("connection").is_none() && r.headers().get("host").is_none());
+        assert_eq!(r.headers()["x-user"], "alice");
+    }
+
+    #[test]
+    fn h1_requests_get_a_host_and_an_origin_form_path() {
+        let mut r = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("http://web/items")
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap();
+        for_h1(&mut r, "web");
+        assert_eq!(r.uri().to_string(), "/items");
+        assert_eq!(r.headers()["host"], "web");
+        assert_eq!(r.version(), Version::HTTP_11);
+    }
+
+    #[test]
+    fn grpc_and_http2_instances_speak_h2() {
+        assert!(is_h2(Protocol::Grpc) && is_h2(Protocol::Http2));
+        assert!(!is_h2(Protocol::Http) && !is_h2(Protocol::Tcp));
+    }
+}
