@@ -356,3 +356,40 @@ fn grpc_over_http2_crosses_the_mesh_with_body_and_trailers_intact() {
     assert!(status.contains("200"), "{status}");
     assert_eq!(body, "");
 }
+
+/// One request with extra headers; returns the body.
+fn http_get_with(proxy: SocketAddr, host: &str, header: (&str, &str)) -> String {
+    let r = trellis_tests::http::get(proxy, host, "/", &[header]);
+    assert_eq!(r.status, 200, "{} {}", r.headers, r.body);
+    r.body
+}
+
+#[test]
+fn maglev_on_a_header_keeps_each_user_on_one_instance_and_spreads_users() {
+    let (c, proxy) = proxy_mesh();
+    for (node, name) in [(1, "one"), (2, "two")] {
+        let srv = trellis_tests::http::server(name);
+        let body = json!({"service": "web", "address": "127.0.0.1", "port": srv.port()});
+        let (s, v) = c.node(node).api().put_json(&format!("/v1/agent/services/web-{name}"), &body).unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    let lb = json!({"lb": {"policy": "maglev", "hash_header": "x-user"}});
+    let (s, v) = c.node(1).api().put_json("/v1/policy/services/web", &lb).unwrap();
+    assert_eq!(s, 200, "{v}");
+    c.wait_until(Duration::from_secs(10), "two instances and the lb policy on node 0", || {
+        let v = c.node(0).api().get_json("/v1/catalog/services/web").ok()?;
+        let p = c.node(0).api().get_json("/v1/policy/services/web").ok()?;
+        (v.as_array()?.len() == 2 && p.to_string().contains("maglev")).then_some(())
+    })
+    .unwrap();
+    let mut homes = std::collections::HashMap::new();
+    for u in 0..20 {
+        let user = format!("user-{u}");
+        let first = http_get_with(proxy, "web", ("x-user", &user));
+        for _ in 0..5 {
+            assert_eq!(http_get_with(proxy, "web", ("x-user", &user)), first, "{user} moved");
+        }
+        *homes.entry(first).or_insert(0) += 1;
+    }
+    assert_eq!(homes.len(), 2, "20 users all landed on one instance: {homes:?}");
+}

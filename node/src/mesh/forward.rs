@@ -15,7 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use trellis_proto::forward::{ForwardOpen, ForwardStatus, MAX_FORWARD_HEADER};
 
-use super::{authz, catalog, lb::RoundRobin};
+use super::balance::{Balancer, Candidate};
+use super::locality::Place;
+use super::{authz, catalog};
 use crate::agent::AgentHandle;
 use crate::membership::MemberState;
 use crate::policy::model::{Action, Kind};
@@ -52,7 +54,7 @@ pub struct ForwardStats {
 
 pub struct Forwarder {
     pub(crate) agent: AgentHandle,
-    rr: Mutex<RoundRobin>,
+    balancer: Arc<Mutex<Balancer>>,
     outliers: Mutex<super::outlier::OutlierDetector>,
     snap: Mutex<Arc<catalog::Snapshot>>,
     pub stats: Arc<ForwardStats>,
@@ -60,22 +62,22 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn new(agent: AgentHandle, stats: Arc<ForwardStats>) -> Arc<Forwarder> {
-        let (rr, outliers, snap) = (Mutex::default(), Mutex::default(), Mutex::default());
-        Arc::new(Forwarder { agent, rr, outliers, snap, stats })
+        let (balancer, outliers, snap) = (Arc::default(), Mutex::default(), Mutex::default());
+        Arc::new(Forwarder { agent, balancer, outliers, snap, stats })
     }
 
     pub fn agent(&self) -> &AgentHandle {
         &self.agent
     }
 
-    /// Alive nodes by name, with their peer addresses (ourselves included).
-    async fn alive(&self) -> HashMap<String, SocketAddr> {
+    /// Alive nodes by name, with their peer addresses and labels (ourselves included).
+    async fn alive(&self) -> HashMap<String, (SocketAddr, BTreeMap<String, String>)> {
         self.agent
             .members()
             .await
             .into_iter()
             .filter(|m| m.state == MemberState::Alive)
-            .map(|m| (m.id.name.clone(), m.id.addr))
+            .map(|m| (m.id.name.clone(), (m.id.addr, m.id.meta.labels)))
             .collect()
     }
 
@@ -93,14 +95,20 @@ impl Forwarder {
     }
 
     async fn client(&self, service: &str, mut tcp: TcpStream) -> anyhow::Result<()> {
-        let mut up = self.open(service, &BTreeMap::new()).await?;
+        let mut up = self.open(service, &BTreeMap::new(), None).await?;
         tokio::io::copy_bidirectional(&mut tcp, &mut up).await?;
         Ok(())
     }
 
-    /// Picks a live instance of `service` carrying `labels` and opens a byte stream to it:
-    /// a local TCP connection, or a QUIC stream through the instance's agent.
-    pub async fn open(&self, service: &str, labels: &BTreeMap<String, String>) -> Result<Io, OpenError> {
+    /// Picks a live instance of `service` carrying `labels` (by the service's balancer;
+    /// `hash` is the request's hash-header value) and opens a byte stream to it: a local TCP
+    /// connection, or a QUIC stream through the instance's agent.
+    pub async fn open(
+        &self,
+        service: &str,
+        labels: &BTreeMap<String, String>,
+        hash: Option<u64>,
+    ) -> Result<Io, OpenError> {
         let alive = self.alive().await;
         let names: std::collections::HashSet<String> = alive.keys().cloned().collect();
         let snap = self.snapshot();
@@ -109,23 +117,50 @@ impl Forwarder {
         let now = std::time::Instant::now();
         let names: Vec<String> = instances.iter().map(|i| i.name.clone()).collect();
         let admitted = self.outliers.lock().expect("outlier lock").admit(now, &names, od.max_ejected_percent);
-        let cands: Vec<(String, u32)> =
-            admitted.iter().map(|&i| (instances[i].name.clone(), instances[i].instance.weight)).collect();
+        let place = |labels: &'_ BTreeMap<String, String>, node: &str| -> (Option<String>, Option<String>) {
+            let of_node = alive.get(node).map(|(_, l)| l);
+            let get = |k: &str| labels.get(k).or_else(|| of_node.and_then(|l| l.get(k))).cloned();
+            (get("zone"), get("region"))
+        };
+        let places: Vec<(Option<String>, Option<String>)> =
+            admitted.iter().map(|&i| place(&instances[i].instance.labels, &instances[i].instance.node)).collect();
+        let cands: Vec<Candidate<'_>> = admitted
+            .iter()
+            .zip(&places)
+            .map(|(&i, (zone, region))| Candidate {
+                name: &instances[i].name,
+                weight: instances[i].instance.weight,
+                place: Place { zone: zone.as_deref(), region: region.as_deref() },
+            })
+            .collect();
+        let mine = &self.agent.identity.meta.labels;
+        let me = Place { zone: mine.get("zone").map(String::as_str), region: mine.get("region").map(String::as_str) };
+        let lb = snap.services.get(service).map(|s| s.lb.clone()).unwrap_or_default();
         let key = format!("{service}{labels:?}");
-        let Some(pick) = self.rr.lock().expect("rr lock").pick(&key, &cands) else {
+        let pick = self.balancer.lock().expect("balancer lock").pick(&key, &lb, me, &cands, hash);
+        let Some(pick) = pick else {
             self.stats.no_instance.fetch_add(1, Relaxed);
             return Err(OpenError::NoInstance(service.into()));
         };
         let inst = &instances[admitted[pick]];
         self.stats.outbound.fetch_add(1, Relaxed);
+        let started = std::time::Instant::now();
         let res = if inst.instance.node == self.agent.identity.name {
             match connect(inst.instance.address, inst.instance.port).await {
                 Ok(up) => Ok(Box::new(up) as Io),
                 Err(e) => Err(OpenError::Unreachable(e)),
             }
         } else {
-            self.remote(service, inst, alive[&inst.instance.node]).await
+            self.remote(service, inst, alive[&inst.instance.node].0).await
         };
+        // Opening the stream (QUIC stream, the far agent's connect, its answer) is the
+        // latency peak EWMA sees; the open stream counts as a request in flight.
+        let res = res.map(|io| {
+            let mut b = self.balancer.lock().expect("balancer lock");
+            b.observe(std::time::Instant::now(), &inst.name, started.elapsed());
+            b.start(&inst.name);
+            Box::new(Tracked { io, name: inst.name.clone(), balancer: self.balancer.clone() }) as Io
+        });
         let ok = !matches!(res, Err(OpenError::Unreachable(_)));
         if self.outliers.lock().expect("outlier lock").record(now, &inst.name, ok, &od) {
             self.stats.ejections.fetch_add(1, Relaxed);
@@ -230,6 +265,55 @@ impl Forwarder {
         let mut quic = tokio::io::join(recv, send);
         tokio::io::copy_bidirectional(&mut quic, &mut up).await?;
         Ok(())
+    }
+}
+
+/// A stream to an instance that counts as in flight until dropped.
+struct Tracked {
+    io: Io,
+    name: String,
+    balancer: Arc<Mutex<Balancer>>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.balancer.lock() {
+            b.end(&self.name);
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Tracked {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

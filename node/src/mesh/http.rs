@@ -169,7 +169,8 @@ async fn once(fwd: &Forwarder, resolved: &Resolved, host: &str, req: Request<Bod
         .iter()
         .find(|i| i.instance.service == resolved.service)
         .is_some_and(|i| upstream::is_h2(i.instance.protocol));
-    let io = match fwd.open(&resolved.service, &resolved.labels).await {
+    let hash = hash_of(fwd, &resolved.service, req.headers());
+    let io = match fwd.open(&resolved.service, &resolved.labels, hash).await {
         Ok(io) => io,
         Err(e @ OpenError::NoInstance(_)) => {
             return Err(Failure::Final(error(StatusCode::SERVICE_UNAVAILABLE, "no_instance", e.to_string())))
@@ -188,6 +189,13 @@ async fn once(fwd: &Forwarder, resolved: &Resolved, host: &str, req: Request<Bod
         Ok(resp) => Ok(resp.map(|b| b.boxed())),
         Err(e) => Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "upstream", e.to_string()))),
     }
+}
+
+/// The hash of the service's `lb.hash_header` in this request, when it has one.
+fn hash_of(fwd: &Forwarder, service: &str, headers: &hyper::HeaderMap) -> Option<u64> {
+    let snap = fwd.snapshot();
+    let name = snap.services.get(service)?.lb.hash_header.clone()?;
+    Some(super::hashing::key_hash(headers.get(name.as_str())?.as_bytes()))
 }
 
 #[cfg(test)]

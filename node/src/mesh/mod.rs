@@ -2,10 +2,14 @@
 //! the forwarding shell that carries service traffic over QUIC streams.
 
 pub mod authz;
+pub mod balance;
 pub mod catalog;
 pub mod forward;
+pub mod hashing;
 pub mod http;
 pub mod lb;
+pub mod locality;
 pub mod outlier;
+pub mod p2c;
 pub mod router;
 pub mod upstream;
