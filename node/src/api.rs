@@ -265,6 +265,21 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
     );
     e.counter("trellis_forward_ejections_total", "Instances ejected by outlier detection.", f.ejections.load(Relaxed));
     e.counter(
+        "trellis_forward_circuit_open_total",
+        "Requests refused by an open circuit.",
+        f.circuit_open.load(Relaxed),
+    );
+    e.counter(
+        "trellis_forward_timeouts_total",
+        "Requests past their route or service timeout.",
+        f.timeouts.load(Relaxed),
+    );
+    e.counter(
+        "trellis_forward_retry_budget_exhausted_total",
+        "Retries not taken because the retry budget was spent.",
+        f.budget_exhausted.load(Relaxed),
+    );
+    e.counter(
         "trellis_forward_no_instance_total",
         "Connections with no live instance to go to.",
         f.no_instance.load(Relaxed),

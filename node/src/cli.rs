@@ -44,6 +44,13 @@ pub enum Command {
     /// Read and write cluster policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Show cluster-wide rate limits: this node's share, what it admits, the cluster total.
+    Ratelimits {
+        /// One limit; all when omitted.
+        name: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Check a config file exactly as the agent would at start.
     Validate { file: PathBuf },
     /// Start a throwaway local cluster of real agents (new CA, mTLS, 127.0.0.x).
@@ -265,6 +272,7 @@ pub fn main() -> i32 {
         Command::Members { output } => crate::client::members(cli.http_addr, output),
         Command::Join { addrs } => crate::client::join(cli.http_addr, &addrs),
         Command::Leave => crate::client::leave(cli.http_addr),
+        Command::Ratelimits { name, output } => crate::client::ratelimits(cli.http_addr, name.as_deref(), output),
         Command::Validate { file } => {
             let args = AgentArgs { config: Some(file.clone()), name: Some("validate".into()), ..Default::default() };
             match FileConfig::load(&file).and_then(|_| args.resolve()) {

@@ -82,6 +82,47 @@ pub fn leave(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `trellis ratelimits`: each limit's share here and the cluster-wide rates.
+pub fn ratelimits(addr: SocketAddr, name: Option<&str>, output: Output) -> anyhow::Result<()> {
+    let path = name.map_or("/v1/ratelimits".to_string(), |n| format!("/v1/ratelimits/{n}"));
+    let body: serde_json::Value = serde_json::from_str(&call(addr, "GET", &path, None)?)?;
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    let limits = if body.is_array() { body.as_array().cloned().unwrap_or_default() } else { vec![body] };
+    print!("{}", ratelimit_table(&limits));
+    Ok(())
+}
+
+/// One line per limit key: this node's share and rates, and the cluster's as last reported.
+pub fn ratelimit_table(limits: &[serde_json::Value]) -> String {
+    let mut out = format!(
+        "{:<20} {:<12} {:>8} {:>6} {:>9} {:>9} {:>11} {:<16} VALUE\n",
+        "LIMIT", "SERVICE", "LIMIT/S", "SIDE", "SHARE/S", "ADMIT/S", "CLUSTER/S", "OWNER"
+    );
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    for l in limits {
+        let keys = l["keys"].as_array().cloned().unwrap_or_default();
+        let rows = if keys.is_empty() { vec![serde_json::Value::Null] } else { keys };
+        for k in rows {
+            out += &format!(
+                "{:<20} {:<12} {:>8.0} {:>6.2} {:>9.1} {:>9.1} {:>11.1} {:<16} {}\n",
+                l["name"].as_str().unwrap_or(""),
+                l["service"].as_str().unwrap_or(""),
+                num(&l["rate"]),
+                num(&l["side_fraction"]),
+                num(&k["share_rate"]),
+                num(&k["admitted"]),
+                num(&k["cluster"]["admitted"]),
+                k["owner"].as_str().unwrap_or("-"),
+                k["value"].as_str().unwrap_or(""),
+            );
+        }
+    }
+    out
+}
+
 /// Reads a policy file: TOML (`[services.web]` ...), YAML (`services: {web: {...}}`) or JSON
 /// (`{"services": {"web": {...}}}`), by extension; returns (kind, name, JSON body) per object.
 pub fn read_policy_file(path: &std::path::Path) -> anyhow::Result<Vec<(String, String, serde_json::Value)>> {

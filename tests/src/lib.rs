@@ -78,6 +78,27 @@ pub mod http {
         addr
     }
 
+    /// A server that waits `delay`, then answers `status` with `body`.
+    pub fn slow_server(delay: Duration, status: u16, body: &'static str) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind a test server");
+        let addr = l.local_addr().expect("local addr");
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf);
+                    std::thread::sleep(delay);
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes());
+                });
+            }
+        });
+        addr
+    }
+
     fn answer(mut s: TcpStream, body: &str) {
         let mut buf = [0u8; 4096];
         let mut got = Vec::new();

@@ -393,3 +393,60 @@ fn maglev_on_a_header_keeps_each_user_on_one_instance_and_spreads_users() {
     }
     assert_eq!(homes.len(), 2, "20 users all landed on one instance: {homes:?}");
 }
+
+#[test]
+fn timeouts_open_circuits_and_retry_budgets_hold_on_real_agents() {
+    use trellis_tests::http::{get, slow_server};
+    let (c, proxy) = proxy_mesh();
+    let services = [
+        ("slow", slow_server(Duration::from_secs(3), 200, "late")),
+        ("busy", slow_server(Duration::from_millis(800), 200, "done")),
+        ("broken", slow_server(Duration::ZERO, 500, "oops")),
+    ];
+    for (name, srv) in services {
+        let body = json!({"service": name, "address": "127.0.0.1", "port": srv.port()});
+        let (s, v) = c.node(1).api().put_json(&format!("/v1/agent/services/{name}-1"), &body).unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    let policies = [
+        ("slow", json!({"timeout": "300ms"})),
+        ("busy", json!({"circuit_breaker": {"max_requests": 2}})),
+        ("broken", json!({"retry": {"attempts": 3, "on": ["5xx"], "budget_percent": 0, "min_retries_per_second": 0}})),
+    ];
+    for (name, body) in &policies {
+        let (s, v) = c.node(0).api().put_json(&format!("/v1/policy/services/{name}"), body).unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    c.wait_until(Duration::from_secs(10), "three instances on node 0", || {
+        let v = c.node(0).api().get_json("/v1/catalog/services").ok()?;
+        (v.to_string().matches("\"node\"").count() >= 3).then_some(())
+    })
+    .unwrap();
+    // Timeout: a 3 s answer is cut at 300 ms with 504.
+    let t = std::time::Instant::now();
+    let r = get(proxy, "slow", "/", &[]);
+    assert_eq!((r.status, r.header("x-trellis-reason")), (504, Some("timeout")), "{}", r.body);
+    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+    // Circuit: six at once to a service allowing two in flight: four fail fast with 503.
+    let replies: Vec<(u16, Option<String>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..6)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = get(proxy, "busy", "/", &[]);
+                    (r.status, r.header("x-trellis-reason").map(String::from))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let open = replies.iter().filter(|(s, why)| *s == 503 && why.as_deref() == Some("circuit_open")).count();
+    let ok = replies.iter().filter(|(s, _)| *s == 200).count();
+    assert!(ok >= 2 && open >= 3 && ok + open == 6, "{replies:?}");
+    // Budget: a zero retry budget means a 500 is not retried, and the refusal is counted.
+    let r = get(proxy, "broken", "/", &[]);
+    assert_eq!(r.status, 500);
+    let m = c.node(0).api().get_text("/metrics").unwrap();
+    assert!(metric(&m, "trellis_forward_retry_budget_exhausted_total").unwrap() >= 1.0, "{m}");
+    assert!(metric(&m, "trellis_forward_circuit_open_total").unwrap() >= 3.0);
+    assert!(metric(&m, "trellis_forward_timeouts_total").unwrap() >= 1.0);
+}

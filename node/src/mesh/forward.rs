@@ -50,6 +50,12 @@ pub struct ForwardStats {
     pub no_instance: AtomicU64,
     pub retries: AtomicU64,
     pub ejections: AtomicU64,
+    /// Requests refused at once because the service's circuit was open.
+    pub circuit_open: AtomicU64,
+    /// Requests that ran out of their (route or service) timeout.
+    pub timeouts: AtomicU64,
+    /// Retries not taken because the retry budget was spent.
+    pub budget_exhausted: AtomicU64,
 }
 
 pub struct Forwarder {
@@ -58,12 +64,15 @@ pub struct Forwarder {
     outliers: Mutex<super::outlier::OutlierDetector>,
     snap: Mutex<Arc<catalog::Snapshot>>,
     pub stats: Arc<ForwardStats>,
+    pub(crate) breakers: Arc<Mutex<super::circuit::Breakers>>,
+    pub(crate) budgets: Mutex<HashMap<String, super::retry::RetryBudget>>,
 }
 
 impl Forwarder {
     pub fn new(agent: AgentHandle, stats: Arc<ForwardStats>) -> Arc<Forwarder> {
         let (balancer, outliers, snap) = (Arc::default(), Mutex::default(), Mutex::default());
-        Arc::new(Forwarder { agent, balancer, outliers, snap, stats })
+        let (breakers, budgets) = (Arc::default(), Mutex::default());
+        Arc::new(Forwarder { agent, balancer, outliers, snap, stats, breakers, budgets })
     }
 
     pub fn agent(&self) -> &AgentHandle {

@@ -14,9 +14,14 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
+use super::circuit::Breakers;
 use super::forward::{Forwarder, OpenError};
+use super::retry::backoff;
 use super::router::{RequestInfo, Resolved};
 use super::upstream;
+use crate::policy::model::{RetryOn, RetryPolicy};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -125,24 +130,87 @@ async fn proxy(fwd: Arc<Forwarder>, mut req: Request<Incoming>) -> Result<Respon
             *req.uri_mut() = uri;
         }
     }
-    // Idempotent requests without a body are retried on another instance when the one
-    // picked cannot be reached or fails before answering.
-    let attempts = if retryable(&req) { 1 + retry_attempts(&fwd, &resolved.service) } else { 1 };
+    Ok(guarded(&fwd, &resolved, &host, req).await)
+}
+
+/// The request's way out, as layers: circuit -> timeout -> retries (budget, backoff,
+/// per-try timeout) -> one attempt.
+async fn guarded(fwd: &Arc<Forwarder>, resolved: &Resolved, host: &str, req: Request<Incoming>) -> Response<Body> {
+    let snap = fwd.snapshot();
+    let svc = snap.services.get(&resolved.service).cloned().unwrap_or_default();
+    let route = resolved.route.as_deref().and_then(|r| snap.routes.route(r));
+    let timeout = route.and_then(|r| r.timeout).unwrap_or(svc.timeout);
+    let retry = route.and_then(|r| r.retry.clone()).unwrap_or(svc.retry.clone());
+    let max = svc.circuit_breaker.max_requests;
+    let Some(_permit) = Breakers::acquire(&fwd.breakers, &resolved.service, max) else {
+        fwd.stats.circuit_open.fetch_add(1, Relaxed);
+        let msg = format!("{max} requests to {} already in flight from this node", resolved.service);
+        return error(StatusCode::SERVICE_UNAVAILABLE, "circuit_open", msg);
+    };
+    match tokio::time::timeout(timeout, attempts(fwd, resolved, host, req, &retry)).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            fwd.stats.timeouts.fetch_add(1, Relaxed);
+            error(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("no answer within {timeout:?}"))
+        }
+    }
+}
+
+/// Idempotent requests without a body are retried on another instance when the one picked
+/// fails as `retry.on` lists, within the service's retry budget, after a jittered backoff.
+async fn attempts(
+    fwd: &Forwarder,
+    resolved: &Resolved,
+    host: &str,
+    req: Request<Incoming>,
+    retry: &RetryPolicy,
+) -> Response<Body> {
+    let tries = if retryable(&req) { 1 + retry.attempts } else { 1 };
     let (parts, body) = req.into_parts();
     let mut body = Some(body.boxed());
+    let service = &resolved.service;
+    fwd.budgets.lock().expect("budget lock").entry(service.clone()).or_default().request(Instant::now());
     let mut last = None;
-    for attempt in 0..attempts {
+    for attempt in 0..tries {
         if attempt > 0 {
-            fwd.stats.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if !take_retry(fwd, service, retry) {
+                fwd.stats.budget_exhausted.fetch_add(1, Relaxed);
+                break;
+            }
+            fwd.stats.retries.fetch_add(1, Relaxed);
+            tokio::time::sleep(backoff(attempt, retry.backoff_base, retry.backoff_max, rand::random())).await;
         }
         let body = body.take().unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed());
-        match once(&fwd, &resolved, &host, Request::from_parts(parts.clone(), body)).await {
-            Ok(resp) => return Ok(resp),
-            Err(Failure::Final(resp)) => return Ok(resp),
+        let one = once(fwd, resolved, host, Request::from_parts(parts.clone(), body));
+        let result = match retry.per_try_timeout {
+            Some(t) => match tokio::time::timeout(t, one).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let resp = error(StatusCode::GATEWAY_TIMEOUT, "per_try_timeout", format!("no answer within {t:?}"));
+                    Err(if retry.on.contains(&RetryOn::Timeout) { Failure::Retry(resp) } else { Failure::Final(resp) })
+                }
+            },
+            None => one.await,
+        };
+        match result {
+            Ok(resp) if attempt + 1 < tries && retry_status(&retry.on, resp.status()) => last = Some(resp),
+            Ok(resp) | Err(Failure::Final(resp)) => return resp,
             Err(Failure::Retry(resp)) => last = Some(resp),
         }
     }
-    Ok(last.expect("at least one attempt"))
+    last.unwrap_or_else(|| error(StatusCode::BAD_GATEWAY, "retry_budget", "retry budget spent".into()))
+}
+
+fn take_retry(fwd: &Forwarder, service: &str, retry: &RetryPolicy) -> bool {
+    let mut budgets = fwd.budgets.lock().expect("budget lock");
+    let budget = budgets.entry(service.to_string()).or_default();
+    budget.try_retry(Instant::now(), retry.budget_percent, retry.min_retries_per_second)
+}
+
+/// Does an answer with `status` ask for another try under `on`?
+fn retry_status(on: &[RetryOn], status: StatusCode) -> bool {
+    let gateway = matches!(status.as_u16(), 502..=504);
+    (status.is_server_error() && on.contains(&RetryOn::ServerError)) || (gateway && on.contains(&RetryOn::GatewayError))
 }
 
 enum Failure {
@@ -155,11 +223,6 @@ enum Failure {
 fn retryable<B: hyper::body::Body>(req: &Request<B>) -> bool {
     let idempotent = matches!(req.method().as_str(), "GET" | "HEAD" | "OPTIONS");
     idempotent && req.body().size_hint().exact() == Some(0)
-}
-
-/// Retries allowed by the service's policy (2 when it has none).
-fn retry_attempts(fwd: &Forwarder, service: &str) -> u32 {
-    fwd.snapshot().services.get(service).map(|s| s.retry.attempts).unwrap_or(2)
 }
 
 async fn once(fwd: &Forwarder, resolved: &Resolved, host: &str, req: Request<Body>) -> Result<Response<Body>, Failure> {

@@ -4,6 +4,7 @@
 pub mod authz;
 pub mod balance;
 pub mod catalog;
+pub mod circuit;
 pub mod forward;
 pub mod hashing;
 pub mod http;
@@ -11,5 +12,6 @@ pub mod lb;
 pub mod locality;
 pub mod outlier;
 pub mod p2c;
+pub mod retry;
 pub mod router;
 pub mod upstream;

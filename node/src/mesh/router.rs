@@ -57,6 +57,11 @@ impl RouteTable {
         t
     }
 
+    /// The route named `name` (for its timeout and retry policy).
+    pub fn route(&self, name: &str) -> Option<&Route> {
+        self.routes.iter().find(|(n, _)| n == name).map(|(_, r)| r)
+    }
+
     /// Resolves a request; `draw` is uniform in [0, 1) and picks a split backend.
     pub fn resolve(&self, req: &RequestInfo, draw: f64) -> Resolved {
         for (name, r) in self.routes.iter().filter(|(_, r)| r.service == req.service) {
