@@ -132,6 +132,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         shutdown,
     };
     tokio::spawn(ratelimit::shell::run(ratelimits, handle.clone(), limit_rx, ratelimit::Timing::default()));
+    tokio::spawn(crate::mesh::health::run(handle.clone()));
     let fwd = Forwarder::new(handle.clone(), handle.forward.clone());
     tokio::spawn(fwd.clone().serve_streams(streams));
     if let Some((_, listener)) = proxy.and_then(|mut v| v.pop()) {

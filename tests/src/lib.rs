@@ -99,6 +99,30 @@ pub mod http {
         addr
     }
 
+    /// Like [`server`], but `/healthz` answers 200 while `healthy` is set and 500 after.
+    pub fn health_server(body: &'static str, healthy: std::sync::Arc<std::sync::atomic::AtomicBool>) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind a test server");
+        let addr = l.local_addr().expect("local addr");
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let healthy = healthy.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let n = s.read(&mut buf).unwrap_or(0);
+                    let head = String::from_utf8_lossy(&buf[..n]);
+                    let probe = head.starts_with("GET /healthz ");
+                    let status = if probe && !healthy.load(std::sync::atomic::Ordering::SeqCst) { 500 } else { 200 };
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes());
+                });
+            }
+        });
+        addr
+    }
+
     fn answer(mut s: TcpStream, body: &str) {
         let mut buf = [0u8; 4096];
         let mut got = Vec::new();

@@ -450,3 +450,49 @@ fn timeouts_open_circuits_and_retry_budgets_hold_on_real_agents() {
     assert!(metric(&m, "trellis_forward_circuit_open_total").unwrap() >= 3.0);
     assert!(metric(&m, "trellis_forward_timeouts_total").unwrap() >= 1.0);
 }
+
+#[test]
+fn an_instance_failing_its_health_check_gets_no_traffic_until_it_passes_again() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use trellis_tests::http::{health_server, server};
+    let (c, proxy) = proxy_mesh();
+    let healthy = std::sync::Arc::new(AtomicBool::new(true));
+    let one = server("one");
+    let two = health_server("two", healthy.clone());
+    let check = json!({"http": "/healthz", "interval": "200ms", "timeout": "150ms", "rise": 1, "fall": 2});
+    for (node, name, srv, check) in [(1, "one", one, None), (2, "two", two, Some(check))] {
+        let mut body = json!({"service": "web", "address": "127.0.0.1", "port": srv.port()});
+        if let Some(check) = check {
+            body["check"] = check;
+        }
+        let (s, v) = c.node(node).api().put_json(&format!("/v1/agent/services/web-{name}"), &body).unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    let health_of_two = |want: &'static str| {
+        c.wait_until(Duration::from_secs(10), want, || {
+            let v = c.node(0).api().get_json("/v1/catalog/services/web").ok()?;
+            let two =
+                v.as_array()?.iter().find(|i| i["name"].as_str().is_some_and(|n| n.starts_with("web-two")))?.clone();
+            (two["health"] == want).then_some(())
+        })
+        .unwrap()
+    };
+    health_of_two("passing");
+    let spread = |n| -> std::collections::HashMap<String, u32> {
+        let mut seen = std::collections::HashMap::new();
+        for _ in 0..n {
+            let (status, body) = http_get(proxy, "web", "/");
+            assert!(status.contains("200"), "{status}");
+            *seen.entry(body.split_whitespace().next().unwrap_or("").to_string()).or_insert(0) += 1;
+        }
+        seen
+    };
+    assert_eq!(spread(20).len(), 2, "both instances serve while both pass");
+    healthy.store(false, Ordering::SeqCst);
+    health_of_two("critical");
+    let seen = spread(30);
+    assert_eq!(seen.get("two"), None, "a critical instance got traffic: {seen:?}");
+    healthy.store(true, Ordering::SeqCst);
+    health_of_two("passing");
+    assert_eq!(spread(20).len(), 2, "back in rotation after it passes again");
+}

@@ -88,7 +88,8 @@ impl Snapshot {
         }
     }
 
-    /// Instances of `service` on live nodes carrying all `labels`.
+    /// Instances of `service` on live nodes, not failing their health check, carrying all
+    /// `labels`.
     pub fn instances_of<'a>(
         &'a self,
         service: &'a str,
@@ -97,6 +98,7 @@ impl Snapshot {
     ) -> impl Iterator<Item = &'a InstanceView> + 'a {
         self.instances.iter().filter(move |i| {
             i.instance.service == service
+                && i.instance.health != model::Health::Critical
                 && alive.contains(&i.instance.node)
                 && labels.iter().all(|(k, v)| i.instance.labels.get(k) == Some(v))
         })

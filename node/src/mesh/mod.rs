@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod circuit;
 pub mod forward;
 pub mod hashing;
+pub mod health;
 pub mod http;
 pub mod lb;
 pub mod locality;

@@ -412,10 +412,84 @@ pub struct Instance {
     pub labels: BTreeMap<String, String>,
     #[serde(default = "one")]
     pub weight: u32,
+    /// An active health check the instance's own agent runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<Check>,
+    /// The check's verdict, written by the instance's agent. Critical instances get no
+    /// traffic; unknown ones (not checked yet, or no check) do.
+    #[serde(default)]
+    pub health: Health,
 }
 
 fn one() -> u32 {
     1
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    #[default]
+    Unknown,
+    Passing,
+    Critical,
+}
+
+/// An HTTP GET of `http` (a path) expecting `expect_status` (any 2xx when unset), or a TCP
+/// connect when `tcp` is true; `rise` passes in a row make it passing, `fall` failures in a
+/// row critical.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    #[serde(default)]
+    pub http: Option<String>,
+    #[serde(default)]
+    pub tcp: bool,
+    #[serde(default)]
+    pub expect_status: Option<u16>,
+    #[serde(default = "check_interval", with = "dur")]
+    pub interval: Duration,
+    #[serde(default = "check_timeout", with = "dur")]
+    pub timeout: Duration,
+    #[serde(default = "two")]
+    pub rise: u32,
+    #[serde(default = "three")]
+    pub fall: u32,
+}
+
+fn check_interval() -> Duration {
+    d(5_000)
+}
+
+fn check_timeout() -> Duration {
+    d(1_000)
+}
+
+fn two() -> u32 {
+    2
+}
+
+fn three() -> u32 {
+    3
+}
+
+fn validate_check(p: &str, c: &Check) -> Result<(), FieldError> {
+    if c.http.is_some() == c.tcp {
+        return Err(err(format!("{p}.check"), "give exactly one of http and tcp", "e.g. {\"http\": \"/healthz\"}"));
+    }
+    if c.http.as_deref().is_some_and(|h| !h.starts_with('/')) {
+        return Err(err(format!("{p}.check.http"), "must be a path", "e.g. \"/healthz\""));
+    }
+    if c.interval < d(100) || c.timeout.is_zero() || c.timeout > c.interval {
+        return Err(err(
+            format!("{p}.check.interval"),
+            "interval must be at least 100ms, timeout above zero and at most the interval",
+            "e.g. interval \"1s\", timeout \"500ms\"",
+        ));
+    }
+    if c.rise == 0 || c.fall == 0 {
+        return Err(err(format!("{p}.check.rise"), "rise and fall must be at least 1", "e.g. rise 2, fall 3"));
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -591,6 +665,9 @@ impl Object {
             Object::Settings(_) => Ok(()),
             Object::Instance(i) => {
                 need(format!("{p}.service"), &i.service, "service")?;
+                if let Some(c) = &i.check {
+                    validate_check(p, c)?;
+                }
                 if i.port == 0 {
                     return Err(err(
                         format!("{p}.port"),

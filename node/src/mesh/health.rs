@@ -1,0 +1,181 @@
+//! Active health checks of the instances on this node. The core ([`Checker`]) turns probe
+//! results into a verdict with rise/fall hysteresis, so one lost probe does not flap an
+//! instance; the shell runs the probes on each check's interval (spread by a random first
+//! delay, so checks of many instances do not fire together) and writes a changed verdict
+//! into the instance object, which spreads to every node like any other write.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::agent::{AgentHandle, Command};
+use crate::policy::model::{self, Check, Health, Instance, Kind, Object};
+use crate::policy::Key;
+
+/// Hysteresis over probe results.
+#[derive(Clone, Debug)]
+pub struct Checker {
+    rise: u32,
+    fall: u32,
+    oks: u32,
+    fails: u32,
+    state: Health,
+}
+
+impl Checker {
+    pub fn new(rise: u32, fall: u32, state: Health) -> Checker {
+        Checker { rise: rise.max(1), fall: fall.max(1), oks: 0, fails: 0, state }
+    }
+
+    /// One probe result; returns the new verdict when it changes.
+    pub fn record(&mut self, ok: bool) -> Option<Health> {
+        if ok {
+            self.oks += 1;
+            self.fails = 0;
+        } else {
+            self.fails += 1;
+            self.oks = 0;
+        }
+        let next = match self.state {
+            Health::Passing if self.fails >= self.fall => Health::Critical,
+            Health::Critical if self.oks >= self.rise => Health::Passing,
+            Health::Unknown if self.oks >= self.rise => Health::Passing,
+            Health::Unknown if self.fails >= self.fall => Health::Critical,
+            s => s,
+        };
+        (next != self.state).then(|| {
+            self.state = next;
+            next
+        })
+    }
+}
+
+/// One probe: an HTTP/1.1 GET (status as expected, any 2xx by default) or a TCP connect,
+/// within the check's timeout.
+pub async fn probe(inst: &Instance, check: &Check) -> bool {
+    let run = async {
+        let mut s = TcpStream::connect((inst.address, inst.port)).await?;
+        let Some(path) = &check.http else { return anyhow::Ok(true) };
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: trellis-health\r\n\r\n",
+            inst.address
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut head = [0u8; 16];
+        let n = s.read(&mut head).await?;
+        let status: u16 = std::str::from_utf8(&head[..n])?.split_whitespace().nth(1).unwrap_or("").parse()?;
+        Ok(match check.expect_status {
+            Some(want) => status == want,
+            None => (200..300).contains(&status),
+        })
+    };
+    matches!(tokio::time::timeout(check.timeout, run).await, Ok(Ok(true)))
+}
+
+struct Tracked {
+    checker: Checker,
+    next: Instant,
+    /// The check it was made for: a re-registration with another check starts over.
+    check: Check,
+}
+
+/// Runs the checks of this node's instances until the agent stops.
+pub async fn run(agent: AgentHandle) {
+    let mut tracked: HashMap<String, Tracked> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let local = local_checked(&agent);
+        tracked.retain(|name, _| local.iter().any(|(n, _)| n == name));
+        // Due probes run together, so a slow one does not hold up the others.
+        let mut probes = tokio::task::JoinSet::new();
+        for (name, inst) in local {
+            let check = inst.check.clone().expect("filtered");
+            let t = tracked.entry(name.clone()).or_insert_with(|| Tracked {
+                checker: Checker::new(check.rise, check.fall, inst.health),
+                next: now + check.interval.mul_f64(rand::random::<f64>()),
+                check: check.clone(),
+            });
+            if t.check != check {
+                *t = Tracked {
+                    checker: Checker::new(check.rise, check.fall, inst.health),
+                    next: now,
+                    check: check.clone(),
+                };
+            }
+            if now < t.next {
+                continue;
+            }
+            t.next = now + check.interval;
+            probes.spawn(async move {
+                let ok = probe(&inst, &check).await;
+                (name, inst, ok)
+            });
+        }
+        while let Some(Ok((name, inst, ok))) = probes.join_next().await {
+            let Some(t) = tracked.get_mut(&name) else { continue };
+            if let Some(verdict) = t.checker.record(ok) {
+                tracing::info!(instance = %name, health = ?verdict, "health changed");
+                publish(&agent, &name, inst, verdict).await;
+            }
+        }
+    }
+}
+
+/// This node's instances that carry a check, by object name.
+fn local_checked(agent: &AgentHandle) -> Vec<(String, Instance)> {
+    let store = agent.policy.store.lock().expect("policy lock");
+    store
+        .iter()
+        .filter(|(k, _)| k.kind == Kind::Instances)
+        .filter_map(|(k, r)| {
+            let Ok(Object::Instance(i)) = model::parse(k.kind, &k.name, r.val.body.as_ref()?.as_bytes()) else {
+                return None;
+            };
+            (i.node == agent.identity.name && i.check.is_some()).then(|| (k.name.clone(), i))
+        })
+        .collect()
+}
+
+async fn publish(agent: &AgentHandle, name: &str, mut inst: Instance, health: Health) {
+    inst.health = health;
+    let bytes = serde_json::to_vec(&inst).expect("json");
+    let key = Key { kind: Kind::Instances, name: name.to_string() };
+    let policy = agent.policy.clone();
+    match tokio::task::spawn_blocking(move || policy.write(key, Some(&bytes), None)).await {
+        Ok(Ok(entry)) => {
+            let _ = agent.commands.send(Command::Publish(entry)).await;
+        }
+        Ok(Err(e)) => tracing::warn!(instance = %name, error = %e, "could not record health"),
+        Err(e) => tracing::warn!(instance = %name, error = %e, "health write task failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fall_failures_in_a_row_make_it_critical_and_rise_passes_bring_it_back() {
+        let mut c = Checker::new(2, 3, Health::Passing);
+        assert_eq!(c.record(false), None);
+        assert_eq!(c.record(true), None, "a pass resets the failure run");
+        assert_eq!(c.record(false), None);
+        assert_eq!(c.record(false), None);
+        assert_eq!(c.record(false), Some(Health::Critical));
+        assert_eq!(c.record(true), None);
+        assert_eq!(c.record(true), Some(Health::Passing));
+    }
+
+    #[test]
+    fn an_unchecked_instance_settles_either_way() {
+        let mut c = Checker::new(1, 2, Health::Unknown);
+        assert_eq!(c.record(true), Some(Health::Passing));
+        let mut c = Checker::new(1, 2, Health::Unknown);
+        assert_eq!(c.record(false), None);
+        assert_eq!(c.record(false), Some(Health::Critical));
+    }
+}
