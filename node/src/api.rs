@@ -284,6 +284,7 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         "Connections with no live instance to go to.",
         f.no_instance.load(Relaxed),
     );
+    traffic_metrics(&a, &mut e);
     crate::api_ratelimit::metrics(&a, &mut e);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], e.finish()).into_response()
 }
@@ -311,6 +312,33 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("addrs[0]"));
         assert!(e.error.contains("socket address"), "{}", e.error);
     }
+}
+
+/// Proxied requests per service: by status class, and the latency histogram.
+fn traffic_metrics(a: &AgentHandle, e: &mut Exposition) {
+    let traffic = a.forward.traffic.lock().expect("traffic lock");
+    let mut counts = Vec::new();
+    let mut hist = Vec::new();
+    for (service, t) in traffic.services() {
+        for (class, n) in t.classes.iter().enumerate().skip(1).filter(|(_, n)| **n > 0) {
+            let labels =
+                vec![("service", service.clone()), ("direction", "outbound".into()), ("class", format!("{class}xx"))];
+            counts.push((labels, *n as f64));
+        }
+        hist.push((vec![("service", service.clone())], t.buckets.to_vec(), t.sum_seconds, t.count));
+    }
+    e.series(
+        "counter",
+        "trellis_requests_total",
+        "Requests through the proxy listener by service and status class.",
+        &counts,
+    );
+    e.histogram(
+        "trellis_request_duration_seconds",
+        "Time from request to response headers through the proxy, by service.",
+        &crate::mesh::traffic::BUCKETS,
+        &hist,
+    );
 }
 
 #[derive(Debug, Deserialize)]

@@ -5,6 +5,9 @@
 
 use std::fmt::Write;
 
+/// Labels, cumulative bucket counts, sum and count of one histogram series.
+pub type HistogramRow<'a> = (Vec<(&'a str, String)>, Vec<u64>, f64, u64);
+
 /// Builds one exposition document.
 #[derive(Default)]
 pub struct Exposition {
@@ -31,6 +34,30 @@ impl Exposition {
         self.header(name, kind, help);
         for (v, n) in values {
             let _ = writeln!(self.out, "{name}{{{label}=\"{}\"}} {n}", escape(v));
+        }
+    }
+
+    /// One metric over rows that each carry several labels.
+    pub fn series(&mut self, kind: &str, name: &str, help: &str, rows: &[(Vec<(&str, String)>, f64)]) {
+        self.header(name, kind, help);
+        for (labels, v) in rows {
+            let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
+            let _ = writeln!(self.out, "{name}{{{}}} {v}", l.join(","));
+        }
+    }
+
+    /// A Prometheus histogram per row of labels: cumulative buckets, sum and count.
+    pub fn histogram(&mut self, name: &str, help: &str, bounds: &[f64], rows: &[HistogramRow<'_>]) {
+        self.header(name, "histogram", help);
+        for (labels, buckets, sum, count) in rows {
+            let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
+            let l = l.join(",");
+            for (bound, n) in bounds.iter().zip(buckets) {
+                let _ = writeln!(self.out, "{name}_bucket{{{l},le=\"{bound}\"}} {n}");
+            }
+            let _ = writeln!(self.out, "{name}_bucket{{{l},le=\"+Inf\"}} {count}");
+            let _ = writeln!(self.out, "{name}_sum{{{l}}} {sum}");
+            let _ = writeln!(self.out, "{name}_count{{{l}}} {count}");
         }
     }
 

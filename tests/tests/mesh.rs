@@ -392,6 +392,11 @@ fn maglev_on_a_header_keeps_each_user_on_one_instance_and_spreads_users() {
         *homes.entry(first).or_insert(0) += 1;
     }
     assert_eq!(homes.len(), 2, "20 users all landed on one instance: {homes:?}");
+    let m = c.node(0).api().get_text("/metrics").unwrap();
+    let ok = metric(&m, "trellis_requests_total{service=\"web\",direction=\"outbound\",class=\"2xx\"}");
+    assert_eq!(ok, Some(120.0), "{m}");
+    assert_eq!(metric(&m, "trellis_request_duration_seconds_count{service=\"web\"}"), Some(120.0));
+    assert_eq!(metric(&m, "trellis_request_duration_seconds_bucket{service=\"web\",le=\"+Inf\"}"), Some(120.0));
 }
 
 #[test]

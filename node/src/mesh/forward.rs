@@ -56,6 +56,8 @@ pub struct ForwardStats {
     pub timeouts: AtomicU64,
     /// Retries not taken because the retry budget was spent.
     pub budget_exhausted: AtomicU64,
+    /// Proxied requests per service: status classes and latency.
+    pub traffic: Mutex<super::traffic::Traffic>,
 }
 
 pub struct Forwarder {

@@ -130,7 +130,19 @@ async fn proxy(fwd: Arc<Forwarder>, mut req: Request<Incoming>) -> Result<Respon
             *req.uri_mut() = uri;
         }
     }
-    Ok(guarded(&fwd, &resolved, &host, req).await)
+    let started = Instant::now();
+    let resp = guarded(&fwd, &resolved, &host, req).await;
+    record(&fwd, &service, resp.status().as_u16(), started.elapsed());
+    Ok(resp)
+}
+
+/// Counts a proxied request under its service, or `_other` for names neither policy nor
+/// the catalog knows (the Host header is the client's to write).
+fn record(fwd: &Forwarder, service: &str, status: u16, took: std::time::Duration) {
+    let snap = fwd.snapshot();
+    let known = snap.services.contains_key(service) || snap.instances.iter().any(|i| i.instance.service == service);
+    let label = if known { service } else { "_other" };
+    fwd.stats.traffic.lock().expect("traffic lock").record(label, status, took);
 }
 
 /// The request's way out, as layers: circuit -> timeout -> retries (budget, backoff,

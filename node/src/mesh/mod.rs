@@ -15,4 +15,5 @@ pub mod outlier;
 pub mod p2c;
 pub mod retry;
 pub mod router;
+pub mod traffic;
 pub mod upstream;
