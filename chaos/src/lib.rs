@@ -3,5 +3,6 @@
 
 pub mod cluster;
 pub mod http;
+pub mod mesh_bench;
 pub mod ratelimit_bench;
 pub mod sim;

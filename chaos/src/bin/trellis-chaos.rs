@@ -41,6 +41,16 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         loss_secs: u64,
     },
+    /// The data plane against a direct connection: latency, throughput, agent CPU and RSS.
+    BenchMesh {
+        /// Sequential requests for the latency figures.
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+    },
     /// Measure policy propagation and catch-up on real agents.
     BenchPolicy {
         #[arg(long, default_value_t = 5)]
@@ -61,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Up { nodes, profile } => up(nodes, profile),
         Cmd::BenchMembers { nodes, profile, steady_secs, loss_secs } => bench(nodes, profile, steady_secs, loss_secs),
         Cmd::BenchPolicy { nodes, profile, writes, catch_up } => bench_policy(nodes, profile, writes, catch_up),
+        Cmd::BenchMesh { requests, workers, secs } => trellis_chaos::mesh_bench::run(requests, workers, secs),
     }
 }
 
