@@ -197,7 +197,13 @@ impl Forwarder {
             let status = ForwardStatus::from_byte(recv.read_u8().await?);
             anyhow::Ok((status, send, recv))
         };
-        let (status, send, recv) = open.await.map_err(|e| {
+        // A peer that died keeps its pooled connection until QUIC gives up on it; the
+        // service's connect timeout bounds the wait, so a retry can go elsewhere.
+        let limit = self.snapshot().services.get(service).map_or(CONNECT_TIMEOUT, |s| s.connect_timeout);
+        let opened = tokio::time::timeout(limit, open)
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer from {} within {limit:?}", inst.instance.node)));
+        let (status, send, recv) = opened.map_err(|e| {
             self.stats.failed.fetch_add(1, Relaxed);
             OpenError::Unreachable(e)
         })?;
