@@ -210,7 +210,10 @@ pub fn run(n: usize, workers: usize, secs: u64) -> anyhow::Result<()> {
         );
     }
     for rate in [1000.0, 5000.0] {
-        println!("\nFixed rate {rate:.0} requests/s for {secs} s ({} senders), latency from the due time:", workers * 4);
+        println!(
+            "\nFixed rate {rate:.0} requests/s for {secs} s ({} senders), latency from the due time:",
+            workers * 4
+        );
         println!(
             "{:<36} {:>9} {:>9} {:>9} {:>8} {:>20}",
             "path", "p50", "p99", "p99.9", "errors", "agent cores/1000 rps"

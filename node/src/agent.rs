@@ -101,13 +101,25 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
     let grace_ms = cfg.timing.tombstone_grace.as_millis() as u64;
     let policy = Policy::open(&cfg.data_dir, &cfg.name, grace_ms)
         .map_err(|e| anyhow::anyhow!("data_dir: cannot open the policy log in {}: {e}", cfg.data_dir.display()))?;
+    let mut registered = Vec::new();
+    for (id, json) in &cfg.services {
+        let key = crate::policy::Key { kind: crate::policy::Kind::Instances, name: format!("{id}@{}", cfg.name) };
+        let bytes = serde_json::to_vec(json).expect("json");
+        let entry = policy
+            .write(key, Some(&bytes), None)
+            .map_err(|e| anyhow::anyhow!("services.{id}: cannot register the instance from the config file: {e}"))?;
+        registered.push(entry);
+    }
     let items: PolicyItems = {
         let policy = policy.clone();
         Arc::new(move |body, local| policy.receive_item(body, local))
     };
     let mut core = Membership::with_policy(identity.clone(), &cfg.timing, cfg.expected_size, generation, Some(items));
     core.join(Instant::now(), &cfg.join);
-    let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    let (cmd_tx, cmd_rx) = mpsc::channel(256 + registered.len());
+    for entry in registered {
+        let _ = cmd_tx.try_send(Command::Publish(entry));
+    }
     let (limit_tx, limit_rx) = mpsc::channel(1024);
     let ratelimits = RateLimits::new(&cfg.name, ratelimit::Timing::default());
     let (shutdown, _) = watch::channel(false);

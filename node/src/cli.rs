@@ -203,6 +203,10 @@ impl AgentArgs {
         if let Err(e) = timing.validate() {
             problems.push(e);
         }
+        let services = crate::config::file_services(&file, &name).unwrap_or_else(|e| {
+            problems.extend(e);
+            Vec::new()
+        });
         if !problems.is_empty() {
             return Err(ConfigError(problems.join("\n")));
         }
@@ -233,6 +237,7 @@ impl AgentArgs {
             fault_injection: self.fault_injection,
             upstreams: file.upstreams.clone().into_iter().chain(self.upstreams.iter().cloned()).collect(),
             proxy: self.proxy.or(file.proxy),
+            services,
         };
         Ok((cfg, self.log_level.clone().or(file.log_level)))
     }

@@ -34,6 +34,8 @@ pub struct AgentConfig {
     pub upstreams: Vec<(String, SocketAddr)>,
     /// The local HTTP proxy listener, if any.
     pub proxy: Option<SocketAddr>,
+    /// Service instances on this host from the config file: (id, checked instance JSON).
+    pub services: Vec<(String, serde_json::Value)>,
 }
 
 /// The config file: every field optional, unknown keys refused.
@@ -59,6 +61,9 @@ pub struct FileConfig {
     pub proxy: Option<SocketAddr>,
     #[serde(default)]
     pub timing: TimingOverrides,
+    /// Instances on this host, by id: the body `PUT /v1/agent/services/{id}` takes.
+    #[serde(default)]
+    pub services: BTreeMap<String, toml::Value>,
 }
 
 /// Timing settings that override the profile's.
@@ -151,6 +156,41 @@ impl TimingOverrides {
     }
 }
 
+/// Checks the config file's instances exactly as the API checks a registration; errors
+/// name `services.<id>.<field>`.
+pub fn file_services(file: &FileConfig, node: &str) -> Result<Vec<(String, serde_json::Value)>, Vec<String>> {
+    use crate::policy::model::{self, Kind};
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for (id, value) in &file.services {
+        let mut json = match serde_json::to_value(value) {
+            Ok(j) => j,
+            Err(e) => {
+                problems.push(format!("services.{id}: {e}"));
+                continue;
+            }
+        };
+        if let Some(map) = json.as_object_mut() {
+            map.insert("node".into(), serde_json::json!(node));
+        }
+        let name = format!("{id}@{node}");
+        let bytes = serde_json::to_vec(&json).expect("json");
+        match model::parse(Kind::Instances, &name, &bytes) {
+            Ok(_) => out.push((id.clone(), json)),
+            Err(e) => {
+                let field = e.path.strip_prefix(&format!("instances.{name}")).unwrap_or(&e.path);
+                let fix = if e.fix.is_empty() { "see README.md, section Service traffic" } else { &e.fix };
+                problems.push(format!("services.{id}{field}: {}; {fix}", e.message));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
 /// Parses `service=HOST:PORT` upstream flags.
 pub fn parse_upstream(s: &str) -> Result<(String, SocketAddr), String> {
     let (name, addr) =
@@ -213,6 +253,22 @@ mod tests {
         let t = f.timing.apply(Profile::Lan.timing());
         assert_eq!(t.probe_period, Duration::from_secs(2));
         assert_eq!(t.probe_rtt, Profile::Lan.timing().probe_rtt);
+    }
+
+    #[test]
+    fn instances_in_the_file_are_checked_like_registrations() {
+        let ok = "[services.web-1]\nservice = \"web\"\naddress = \"127.0.0.1\"\nport = 8080\ncheck = { http = \"/healthz\", interval = \"1s\" }\n";
+        let f = FileConfig::parse(ok, Path::new("c.toml")).unwrap();
+        let list = file_services(&f, "n1").unwrap();
+        assert_eq!(list[0].0, "web-1");
+        assert_eq!(list[0].1["node"], "n1");
+        let bad = "[services.web-1]\nservice = \"web\"\naddress = \"127.0.0.1\"\nport = 0\n";
+        let f = FileConfig::parse(bad, Path::new("c.toml")).unwrap();
+        let err = file_services(&f, "n1").unwrap_err().join("\n");
+        assert!(err.starts_with("services.web-1.port: "), "{err}");
+        let typo = "[services.web-1]\nservice = \"web\"\naddress = \"127.0.0.1\"\nport = 80\nweigth = 2\n";
+        let f = FileConfig::parse(typo, Path::new("c.toml")).unwrap();
+        assert!(file_services(&f, "n1").unwrap_err()[0].contains("weigth"));
     }
 
     #[test]

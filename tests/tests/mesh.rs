@@ -539,3 +539,25 @@ fn a_killed_node_costs_failures_only_within_the_detection_window() {
     assert!(failures.iter().all(|(at, _)| *at >= kill_at && *at < kill_at + Duration::from_secs(4)), "{failures:?}");
     assert!(after > 50, "too few requests after the window to judge: {after}");
 }
+
+#[test]
+fn instances_declared_in_the_config_file_are_registered_and_served() {
+    let srv = trellis_tests::http::server("from-file");
+    let dir = std::env::temp_dir().join(format!("trellis-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("agent.toml");
+    let text = format!("[services.files-1]\nservice = \"files\"\naddress = \"127.0.0.1\"\nport = {}\n", srv.port());
+    std::fs::write(&cfg, text).unwrap();
+    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let node_args = vec![vec!["--proxy".into(), proxy.to_string()], vec!["--config".into(), cfg.display().to_string()]];
+    let c = Cluster::start(ClusterSpec { nodes: 3, node_args, ..Default::default() }).unwrap();
+    c.wait_until(Duration::from_secs(15), "the file's instance in node 0's catalog", || {
+        let v = c.node(0).api().get_json("/v1/catalog/services/files").ok()?;
+        (v.as_array()?.first()?["node"] == c.node(1).name.as_str()).then_some(())
+    })
+    .unwrap();
+    let (status, body) = http_get(proxy, "files", "/x");
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body, "from-file /x");
+    let _ = std::fs::remove_dir_all(&dir);
+}
