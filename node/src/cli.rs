@@ -166,6 +166,10 @@ pub struct AgentArgs {
     /// Local HTTP proxy listener that routes by Host (<service> or <service>.trellis).
     #[arg(long)]
     pub proxy: Option<SocketAddr>,
+    /// API tokens, one `read:<token>` or `write:<token>` per line; required when --api is
+    /// not a loopback address.
+    #[arg(long)]
+    pub api_tokens_file: Option<PathBuf>,
     /// Local listener for a service: NAME=127.0.0.1:PORT (repeatable).
     #[arg(long = "upstream", value_parser = crate::config::parse_upstream)]
     pub upstreams: Vec<(String, SocketAddr)>,
@@ -207,6 +211,20 @@ impl AgentArgs {
             problems.extend(e);
             Vec::new()
         });
+        let api = self.api.or(file.api).unwrap_or_else(|| "127.0.0.1:8500".parse().expect("literal"));
+        let hosts = file.api_allowed_hosts.clone();
+        let access = match self.api_tokens_file.as_ref().or(file.api_tokens_file.as_ref()) {
+            Some(p) => crate::api_access::Access::load(p, hosts).unwrap_or_else(|e| {
+                problems.push(e);
+                crate::api_access::Access::default()
+            }),
+            None => crate::api_access::Access::open(hosts),
+        };
+        if !api.ip().is_loopback() && !access.has_tokens() {
+            problems.push(format!(
+                "api: {api} is not a loopback address, so anyone who reaches it could operate this agent; give --api-tokens-file FILE, or bind the API to 127.0.0.1"
+            ));
+        }
         if !problems.is_empty() {
             return Err(ConfigError(problems.join("\n")));
         }
@@ -221,7 +239,8 @@ impl AgentArgs {
                 .or(file.data_dir.clone())
                 .unwrap_or_else(|| PathBuf::from("/var/lib/trellis")),
             tls_dir: self.tls_dir.clone().or(file.tls_dir.clone()).unwrap_or_else(|| PathBuf::from("/etc/trellis/tls")),
-            api: self.api.or(file.api).unwrap_or_else(|| "127.0.0.1:8500".parse().expect("literal")),
+            api,
+            api_access: access,
             name,
             bind,
             advertise,

@@ -18,12 +18,16 @@ fn agent() -> ureq::Agent {
 fn call(addr: SocketAddr, method: &str, path: &str, body: Option<String>) -> anyhow::Result<String> {
     let url = format!("http://{addr}{path}");
     let a = agent();
+    // With API tokens on, TRELLIS_HTTP_TOKEN carries one.
+    let auth = std::env::var("TRELLIS_HTTP_TOKEN").ok().map(|t| format!("Bearer {t}")).unwrap_or_default();
     let res = match (method, body) {
-        ("GET", _) => a.get(&url).call(),
-        ("DELETE", _) => a.delete(&url).call(),
-        ("PUT", Some(b)) => a.put(&url).header("content-type", "application/json").send(b),
-        (_, Some(b)) => a.post(&url).header("content-type", "application/json").send(b),
-        (_, None) => a.post(&url).send_empty(),
+        ("GET", _) => a.get(&url).header("authorization", &auth).call(),
+        ("DELETE", _) => a.delete(&url).header("authorization", &auth).call(),
+        ("PUT", Some(b)) => {
+            a.put(&url).header("authorization", &auth).header("content-type", "application/json").send(b)
+        }
+        (_, Some(b)) => a.post(&url).header("authorization", &auth).header("content-type", "application/json").send(b),
+        (_, None) => a.post(&url).header("authorization", &auth).send_empty(),
     };
     let mut res = res.map_err(|e| {
         anyhow::anyhow!(

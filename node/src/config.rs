@@ -34,6 +34,8 @@ pub struct AgentConfig {
     pub upstreams: Vec<(String, SocketAddr)>,
     /// The local HTTP proxy listener, if any.
     pub proxy: Option<SocketAddr>,
+    /// Who may use the HTTP API (tokens, accepted Host names).
+    pub api_access: crate::api_access::Access,
     /// Service instances on this host from the config file: (id, checked instance JSON).
     pub services: Vec<(String, serde_json::Value)>,
 }
@@ -61,6 +63,11 @@ pub struct FileConfig {
     pub proxy: Option<SocketAddr>,
     #[serde(default)]
     pub timing: TimingOverrides,
+    /// API tokens file (see `trellis agent --help`).
+    pub api_tokens_file: Option<PathBuf>,
+    /// Host names the API answers to besides IP literals and localhost.
+    #[serde(default)]
+    pub api_allowed_hosts: Vec<String>,
     /// Instances on this host, by id: the body `PUT /v1/agent/services/{id}` takes.
     #[serde(default)]
     pub services: BTreeMap<String, toml::Value>,

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod api_access;
 pub mod api_catalog;
 pub mod api_policy;
 pub mod api_ratelimit;

@@ -23,8 +23,8 @@ async fn serve(cfg: crate::config::AgentConfig, tls: crate::pki::TlsMaterial) ->
     let listener = tokio::net::TcpListener::bind(cfg.api)
         .await
         .map_err(|e| anyhow::anyhow!("api: cannot listen on {}: {e}; pick another --api address", cfg.api))?;
-    if !cfg.api.ip().is_loopback() {
-        tracing::warn!(api = %cfg.api, "HTTP API is bound to a non-loopback address; anyone who can reach it can operate this agent");
+    if cfg.api_access.has_tokens() {
+        tracing::info!("API tokens required");
     }
     tracing::info!(
         name = %cfg.name, peer = %cfg.advertise, api = %cfg.api, cluster = %tls.cluster_id,
@@ -36,6 +36,8 @@ async fn serve(cfg: crate::config::AgentConfig, tls: crate::pki::TlsMaterial) ->
         tracing::warn!("fault injection is ON (/v1/fault): for tests only");
         router = router.merge(crate::api::fault_routes(agent.clone()));
     }
+    let access = std::sync::Arc::new(cfg.api_access.clone());
+    let router = router.layer(axum::middleware::from_fn_with_state(access, crate::api_access::layer));
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {
         let _ = stop.wait_for(|s| *s).await;
     });

@@ -243,3 +243,74 @@ fn bad_cli_flags_and_config_files_are_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("timing.probe_rtt"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A raw request to an agent's API: (status, body).
+fn api_request(
+    to: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(to).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {to}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+#[test]
+fn api_tokens_scope_reads_and_writes_and_rebinding_names_are_refused() {
+    let dir = std::env::temp_dir().join(format!("trellis-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (read, write) = ("r".repeat(32), "w".repeat(32));
+    let tokens = dir.join("tokens");
+    std::fs::write(&tokens, format!("read:{read}\nwrite:{write}\n")).unwrap();
+    let args = vec![vec!["--api-tokens-file".to_string(), tokens.display().to_string()]];
+    let c = Cluster::start(ClusterSpec { nodes: 1, node_args: args, ..spec(1) }).unwrap();
+    let api = c.node(0).api_addr;
+    let (r, w) = (format!("Bearer {read}"), format!("Bearer {write}"));
+    assert_eq!(api_request(api, "GET", "/v1/health", &[], "").0, 200, "health stays open");
+    assert_eq!(api_request(api, "GET", "/v1/members", &[], "").0, 401);
+    assert_eq!(api_request(api, "GET", "/v1/members", &[("Authorization", &r)], "").0, 200);
+    let body = r#"{"timeout": "2s"}"#;
+    assert_eq!(api_request(api, "PUT", "/v1/policy/services/web", &[("Authorization", &r)], body).0, 403);
+    let (s, b) = api_request(api, "PUT", "/v1/policy/services/web", &[("Authorization", &w)], body);
+    assert_eq!(s, 200, "{b}");
+    let evil = [("Authorization", w.as_str()), ("Host", "evil.example:8500")];
+    assert_eq!(api_request(api, "GET", "/v1/members", &evil, "").0, 403, "a rebound name");
+    let cross = [("Authorization", w.as_str()), ("Origin", "http://evil.example")];
+    assert_eq!(api_request(api, "POST", "/v1/agent/leave", &cross, "").0, 403, "a foreign origin");
+    // The CLI passes TRELLIS_HTTP_TOKEN.
+    let bin = trellis_chaos::cluster::trellis_bin();
+    let run = |token: &str| {
+        std::process::Command::new(&bin)
+            .args(["members", "--http-addr", &api.to_string()])
+            .env("TRELLIS_HTTP_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    assert!(run(&read).status.success());
+    assert!(!run("wrong").status.success());
+    // A non-loopback API without tokens does not start.
+    let out = std::process::Command::new(&bin)
+        .args(["agent", "--name", "x", "--bind", "127.0.0.1:0", "--api", "0.0.0.0:0", "--tls-dir", "/nonexistent"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("api: 0.0.0.0:0 is not a loopback address") && err.contains("--api-tokens-file"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
