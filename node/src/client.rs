@@ -132,13 +132,30 @@ pub fn ratelimit_table(limits: &[serde_json::Value]) -> String {
 pub fn read_policy_file(path: &std::path::Path) -> anyhow::Result<Vec<(String, String, serde_json::Value)>> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    parse_policy_text(&text, ext, &path.display())
+}
+
+/// A policy document's objects, `ext` (json, yaml/yml, or anything else for TOML) naming
+/// the format; `origin` names the document in errors.
+pub fn parse_policy_text(
+    text: &str,
+    ext: &str,
+    origin: &dyn std::fmt::Display,
+) -> anyhow::Result<Vec<(String, String, serde_json::Value)>> {
+    struct Shown<'a>(&'a dyn std::fmt::Display);
+    impl Shown<'_> {
+        fn display(&self) -> &dyn std::fmt::Display {
+            self.0
+        }
+    }
+    let path = Shown(origin);
     let doc: serde_json::Value = if ext == "json" {
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
     } else if ext == "yaml" || ext == "yml" {
-        serde_yaml_ng::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        serde_yaml_ng::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
     } else {
         let t: toml::Table =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
         serde_json::to_value(t)?
     };
     let serde_json::Value::Object(kinds) = doc else {

@@ -7,6 +7,7 @@
 
 pub mod envelope;
 pub mod forward;
+pub mod fuzz;
 pub mod gossip;
 pub mod identity;
 pub mod limits;
