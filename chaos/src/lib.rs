@@ -5,4 +5,6 @@ pub mod cluster;
 pub mod http;
 pub mod mesh_bench;
 pub mod ratelimit_bench;
+pub mod runner;
 pub mod sim;
+pub mod timeline;

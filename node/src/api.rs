@@ -348,6 +348,9 @@ struct FaultRequest {
     drop_rate: f64,
     #[serde(default)]
     block: Vec<SocketAddr>,
+    /// Peers we stop sending to but still hear (one-way partition).
+    #[serde(default)]
+    block_out: Vec<SocketAddr>,
 }
 
 /// `POST /v1/fault`: test-only loss and partitions, served only with `--fault-injection`.
@@ -360,5 +363,8 @@ async fn set_faults(State(a): State<AgentHandle>, body: Bytes) -> Result<Json<se
     let mut f = a.transport.faults.lock().expect("faults lock");
     f.drop_rate = req.drop_rate.clamp(0.0, 1.0);
     f.blocked = req.block.into_iter().collect();
-    Ok(Json(serde_json::json!({"drop_rate": f.drop_rate, "blocked": f.blocked.len()})))
+    f.blocked_out = req.block_out.into_iter().collect();
+    Ok(Json(
+        serde_json::json!({"drop_rate": f.drop_rate, "blocked": f.blocked.len(), "blocked_out": f.blocked_out.len()}),
+    ))
 }

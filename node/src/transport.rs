@@ -34,6 +34,9 @@ pub const CLOSE_SHUTDOWN: u32 = 2;
 pub struct Faults {
     pub drop_rate: f64,
     pub blocked: std::collections::HashSet<SocketAddr>,
+    /// Dropped only on the way out: these peers still reach us, we do not reach them
+    /// (an asymmetric partition).
+    pub blocked_out: std::collections::HashSet<SocketAddr>,
 }
 
 /// Everything a peer sent us, tagged with who it provably is.
@@ -174,7 +177,9 @@ impl Transport {
     /// Whether injected faults eat a message to or from `peer`.
     fn faulted(&self, peer: SocketAddr) -> bool {
         let f = self.faults.lock().expect("faults lock");
-        f.blocked.contains(&peer) || (f.drop_rate > 0.0 && rand::random::<f64>() < f.drop_rate)
+        f.blocked.contains(&peer)
+            || f.blocked_out.contains(&peer)
+            || (f.drop_rate > 0.0 && rand::random::<f64>() < f.drop_rate)
     }
 
     fn send_on(self: &Arc<Self>, conn: quinn::Connection, data: Bytes) {
@@ -214,7 +219,11 @@ impl Transport {
 
     /// Opens a bidirectional stream to a peer, dialling it first if there is no connection.
     pub async fn open_bi(self: &Arc<Self>, to: SocketAddr) -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
-        if self.faults.lock().expect("faults lock").blocked.contains(&to) {
+        let blocked = {
+            let f = self.faults.lock().expect("faults lock");
+            f.blocked.contains(&to) || f.blocked_out.contains(&to)
+        };
+        if blocked {
             anyhow::bail!("fault injection blocks {to}");
         }
         let pooled = self.pool.lock().expect("pool lock").conns.get(&to).cloned();

@@ -51,6 +51,18 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         secs: u64,
     },
+    /// Run a scenario: real agents, traffic, a fault timeline, invariants; exits 1 on a broken one.
+    Run {
+        /// Scenario files (see chaos/scenarios/); `all` runs the whole library.
+        #[arg(required = true)]
+        scenarios: Vec<String>,
+        /// Seed for the random faults; a new one (printed) when omitted.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Where reports and timelines go.
+        #[arg(long, default_value = "chaos-reports")]
+        out: std::path::PathBuf,
+    },
     /// Measure policy propagation and catch-up on real agents.
     BenchPolicy {
         #[arg(long, default_value_t = 5)]
@@ -72,7 +84,28 @@ fn main() -> anyhow::Result<()> {
         Cmd::BenchMembers { nodes, profile, steady_secs, loss_secs } => bench(nodes, profile, steady_secs, loss_secs),
         Cmd::BenchPolicy { nodes, profile, writes, catch_up } => bench_policy(nodes, profile, writes, catch_up),
         Cmd::BenchMesh { requests, workers, secs } => trellis_chaos::mesh_bench::run(requests, workers, secs),
+        Cmd::Run { scenarios, seed, out } => run_scenarios(&scenarios, seed, &out),
     }
+}
+
+fn run_scenarios(names: &[String], seed: Option<u64>, out: &std::path::Path) -> anyhow::Result<()> {
+    use trellis_chaos::runner::{library, run, Scenario};
+    let paths: Vec<std::path::PathBuf> =
+        if names == ["all"] { library() } else { names.iter().map(std::path::PathBuf::from).collect() };
+    let seed = seed.unwrap_or_else(rand::random);
+    println!("seed {seed} (replay with --seed {seed})");
+    let mut failed = Vec::new();
+    for p in paths {
+        let scenario = Scenario::load(&p)?;
+        let report = run(&scenario, seed, &out.join(&scenario.name))?;
+        if !report.passed() {
+            failed.push(scenario.name);
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("broken invariants in: {}", failed.join(", "));
+    }
+    Ok(())
 }
 
 fn up(nodes: usize, profile: String) -> anyhow::Result<()> {

@@ -1,0 +1,665 @@
+//! `trellis-chaos run SCENARIO.toml`: a real cluster, real traffic, a timeline of faults, and
+//! invariants checked at the end, reported as a summary, JSON and an SVG timeline.
+//!
+//! Node 0 carries the client traffic (its proxy listener) and is never faulted, so the
+//! success rate measures what the mesh does about the other nodes' faults. Every run has a
+//! seed: random faults and the nodes policy writes go to come from it, so a seed replays the
+//! same fault schedule.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::cluster::{Cluster, ClusterSpec};
+use crate::http::Api;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default = "four")]
+    pub nodes: usize,
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// Quiet time after the last fault, before the invariants are checked.
+    #[serde(default = "ten_secs", with = "humantime_serde")]
+    pub settle: Duration,
+    #[serde(default = "fast")]
+    pub profile: String,
+    #[serde(default)]
+    pub workload: Workload,
+    #[serde(default)]
+    pub faults: Vec<Fault>,
+    #[serde(default)]
+    pub random: Option<RandomFaults>,
+    #[serde(default)]
+    pub invariants: Invariants,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Workload {
+    pub http_rps: f64,
+    pub policy_writes_per_sec: f64,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload { http_rps: 40.0, policy_writes_per_sec: 2.0 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    Kill,
+    Restart,
+    Pause,
+    Resume,
+    Partition,
+    OneWay,
+    Loss,
+    Heal,
+    Wipe,
+    Join,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    #[serde(with = "humantime_serde")]
+    pub at: Duration,
+    pub kind: FaultKind,
+    /// The nodes it hits (for partitions: one side; the rest is the other side).
+    #[serde(default)]
+    pub nodes: Vec<usize>,
+    /// For `loss`: the share of peer packets dropped.
+    #[serde(default)]
+    pub rate: Option<f64>,
+}
+
+/// Faults drawn from the seed: one every `every`, of the given kinds, on random nodes
+/// other than node 0; a kill or pause is undone `every / 2` later.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RandomFaults {
+    #[serde(with = "humantime_serde")]
+    pub every: Duration,
+    pub kinds: Vec<FaultKind>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Invariants {
+    pub min_success: f64,
+    #[serde(with = "humantime_serde")]
+    pub membership_bound: Duration,
+    #[serde(with = "humantime_serde")]
+    pub policy_bound: Duration,
+    pub max_rss_mib: f64,
+}
+
+impl Default for Invariants {
+    fn default() -> Self {
+        Invariants {
+            min_success: 0.999,
+            membership_bound: Duration::from_secs(20),
+            policy_bound: Duration::from_secs(20),
+            max_rss_mib: 200.0,
+        }
+    }
+}
+
+fn four() -> usize {
+    4
+}
+fn ten_secs() -> Duration {
+    Duration::from_secs(10)
+}
+fn fast() -> String {
+    "fast".into()
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> anyhow::Result<Scenario> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let s: Scenario = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        anyhow::ensure!(s.nodes >= 2, "{}: nodes: at least 2 (node 0 carries the traffic)", path.display());
+        for f in &s.faults {
+            if let Some(n) = f.nodes.iter().find(|n| f.kind != FaultKind::Join && (**n == 0 || **n >= s.nodes)) {
+                anyhow::bail!("{}: faults: node {n} cannot be faulted (node 0 carries the traffic)", path.display());
+            }
+        }
+        Ok(s)
+    }
+
+    /// The whole fault schedule: the listed faults and the seeded random ones, by time.
+    pub fn schedule(&self, seed: u64) -> Vec<Fault> {
+        let mut all = self.faults.clone();
+        if let Some(r) = &self.random {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let mut t = r.every;
+            while t + r.every / 2 < self.duration && !r.kinds.is_empty() {
+                let kind = r.kinds[rng.random_range(0..r.kinds.len())];
+                let nodes = vec![rng.random_range(1..self.nodes)];
+                all.push(Fault { at: t, kind, nodes: nodes.clone(), rate: Some(0.1) });
+                let undo = match kind {
+                    FaultKind::Kill | FaultKind::Wipe => Some(FaultKind::Restart),
+                    FaultKind::Pause => Some(FaultKind::Resume),
+                    FaultKind::Partition | FaultKind::OneWay | FaultKind::Loss => Some(FaultKind::Heal),
+                    _ => None,
+                };
+                if let Some(undo) = undo {
+                    all.push(Fault { at: t + r.every / 2, kind: undo, nodes, rate: None });
+                }
+                t += r.every;
+            }
+        }
+        all.sort_by_key(|f| f.at);
+        all
+    }
+}
+
+/// One request's outcome.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Sample {
+    at_ms: u64,
+    ok: bool,
+    wrong: bool,
+    latency_us: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub seed: u64,
+    pub nodes: usize,
+    pub duration_s: f64,
+    pub schedule: Vec<Fault>,
+    pub requests: usize,
+    pub succeeded: usize,
+    pub wrong: usize,
+    pub writes_acked: usize,
+    pub membership_converged_s: Option<f64>,
+    pub policy_converged_s: Option<f64>,
+    pub max_rss_mib: f64,
+    pub checks: Vec<Check>,
+    /// Per second: (second, success rate, p99 latency in ms, members node 0 sees alive).
+    pub timeline: Vec<(u64, f64, f64, usize)>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.ok)
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port")
+}
+
+/// An HTTP server that answers `<name> <path>`, so a wrong answer is seen.
+fn echo_server(name: String) -> SocketAddr {
+    use std::io::{Read, Write};
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let name = name.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                let n = s.read(&mut buf).unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let body = format!("{name} {path}");
+                let _ =
+                    write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            });
+        }
+    });
+    addr
+}
+
+fn get(proxy: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(proxy).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.starts_with("HTTP/1.1 200").then(|| out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))?
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Runs `scenario` with `seed`; writes report.json and timeline.svg into `out`.
+pub fn run(scenario: &Scenario, seed: u64, out: &Path) -> anyhow::Result<Report> {
+    std::fs::create_dir_all(out)?;
+    let schedule = scenario.schedule(seed);
+    println!(
+        "scenario {} seed {seed}: {} nodes, {:?}, {} faults",
+        scenario.name,
+        scenario.nodes,
+        scenario.duration,
+        schedule.len()
+    );
+    let proxy = free_addr();
+    let mut node_args = vec![vec!["--proxy".to_string(), proxy.to_string()]];
+    node_args.resize(scenario.nodes, Vec::new());
+    let spec = ClusterSpec {
+        nodes: scenario.nodes,
+        profile: scenario.profile.clone(),
+        extra_args: vec!["--fault-injection".into()],
+        node_args,
+        ..Default::default()
+    };
+    let mut c = Cluster::start(spec)?;
+    let all: Vec<usize> = (0..scenario.nodes).collect();
+    let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&all, &alive, Duration::from_secs(30))?;
+    let mut instance_names = HashSet::new();
+    for i in 0..scenario.nodes {
+        let name = format!("echo-{i}");
+        let srv = echo_server(format!("{name}@{}", c.node(i).name));
+        instance_names.insert(format!("{name}@{}", c.node(i).name));
+        let body = json!({"service": "echo", "address": "127.0.0.1", "port": srv.port()});
+        let (s, v) = c.node(i).api().put_json(&format!("/v1/agent/services/{name}"), &body)?;
+        anyhow::ensure!(s == 200, "register {name}: {v}");
+    }
+    c.wait_until(Duration::from_secs(15), "every instance in node 0's catalog", || {
+        let v = c.node(0).api().get_json("/v1/catalog/services/echo").ok()?;
+        (v.as_array()?.len() == scenario.nodes).then_some(())
+    })?;
+
+    let t0 = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let faulted: Arc<Mutex<BTreeSet<usize>>> = Arc::default();
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let members_seen: Arc<Mutex<Vec<(u64, usize)>>> = Arc::default();
+    let apis: Vec<SocketAddr> = all.iter().map(|&i| c.node(i).api_addr).collect();
+    let mut max_rss = 0.0f64;
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        // HTTP traffic through node 0, open loop.
+        let rate = scenario.workload.http_rps;
+        for w in 0..4u32 {
+            let (stop, samples, names) = (stop.clone(), samples.clone(), instance_names.clone());
+            s.spawn(move || {
+                let gap = Duration::from_secs_f64(4.0 / rate.max(0.1));
+                let mut due = t0 + gap * w / 4;
+                let mut k = u64::from(w);
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let path = format!("/req-{k}");
+                    let started = Instant::now();
+                    let body = get(proxy, &path);
+                    let wrong = body.as_ref().is_some_and(|b| {
+                        let (inst, p) = b.split_once(' ').unwrap_or(("", ""));
+                        p != path || !names.contains(inst)
+                    });
+                    let at_ms = due.saturating_duration_since(t0).as_millis() as u64;
+                    let latency_us = started.elapsed().as_micros() as u64;
+                    samples.lock().unwrap().push(Sample { at_ms, ok: body.is_some() && !wrong, wrong, latency_us });
+                    due += gap;
+                    k += 4;
+                }
+            });
+        }
+        // Policy writes on random live nodes; each 200 is recorded.
+        {
+            let (stop, faulted, acked, apis) = (stop.clone(), faulted.clone(), acked.clone(), apis.clone());
+            let every = Duration::from_secs_f64(1.0 / scenario.workload.policy_writes_per_sec.max(0.01));
+            s.spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed);
+                let mut k = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(every);
+                    let live: Vec<usize> = (0..apis.len()).filter(|i| !faulted.lock().unwrap().contains(i)).collect();
+                    let node = live[rng.random_range(0..live.len())];
+                    let name = format!("w-{k}");
+                    let body = json!({"service": "echo", "labels": {"write": name}});
+                    if let Ok((200, _)) = Api::new(apis[node]).put_json(&format!("/v1/policy/subsets/{name}"), &body) {
+                        acked.lock().unwrap().push(name);
+                    }
+                    k += 1;
+                }
+            });
+        }
+        // Members node 0 sees alive, every second.
+        {
+            let (stop, seen, api) = (stop.clone(), members_seen.clone(), apis[0]);
+            s.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let alive = Api::new(api)
+                        .members()
+                        .map(|m| m.iter().filter(|x| x["state"] == "alive").count())
+                        .unwrap_or(0);
+                    seen.lock().unwrap().push((t0.elapsed().as_secs(), alive));
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            });
+        }
+        // The fault timeline, on this thread.
+        for f in &schedule {
+            if let Some(wait) = (t0 + f.at).checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            println!("{:>6.1}s {:?} {:?}", t0.elapsed().as_secs_f64(), f.kind, f.nodes);
+            apply(&mut c, f, &faulted)?;
+            max_rss = max_rss.max(all.iter().filter_map(|&i| c.node(i).pid()).map(rss_mib).fold(0.0, f64::max));
+        }
+        if let Some(wait) = (t0 + scenario.duration).checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        // Undo what is left, then let the cluster settle under traffic.
+        for i in 1..scenario.nodes {
+            apply(&mut c, &Fault { at: Duration::ZERO, kind: FaultKind::Heal, nodes: vec![i], rate: None }, &faulted)?;
+            if c.node(i).is_paused() {
+                c.resume(i);
+            }
+            if !c.node(i).is_running() {
+                c.restart(i)?;
+            }
+        }
+        faulted.lock().unwrap().clear();
+        std::thread::sleep(scenario.settle);
+        stop.store(true, Ordering::Relaxed);
+        Ok(())
+    })?;
+    max_rss = max_rss.max(all.iter().filter_map(|&i| c.node(i).pid()).map(rss_mib).fold(0.0, f64::max));
+    let report = judge(
+        scenario,
+        seed,
+        &c,
+        schedule,
+        t0,
+        &samples.lock().unwrap(),
+        &acked.lock().unwrap(),
+        &members_seen.lock().unwrap(),
+        max_rss,
+    );
+    std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(out.join("timeline.svg"), crate::timeline::svg(&report))?;
+    print!("{}", summary(&report));
+    println!("report: {}", out.join("report.json").display());
+    Ok(report)
+}
+
+fn apply(c: &mut Cluster, f: &Fault, faulted: &Mutex<BTreeSet<usize>>) -> anyhow::Result<()> {
+    let n = c.len();
+    let fault = |c: &Cluster, i: usize, body: Value| -> anyhow::Result<()> {
+        if c.node(i).is_running() && !c.node(i).is_paused() {
+            let (s, v) = c.node(i).api().post_json("/v1/fault", &body)?;
+            anyhow::ensure!(s == 200, "fault on node {i}: {v}");
+        }
+        Ok(())
+    };
+    let addrs = |c: &Cluster, nodes: &[usize]| -> Vec<String> {
+        nodes.iter().map(|&i| c.node(i).peer_addr.to_string()).collect()
+    };
+    for &i in f.nodes.iter().filter(|i| **i < n) {
+        match f.kind {
+            FaultKind::Kill => {
+                faulted.lock().unwrap().insert(i);
+                c.kill(i);
+            }
+            FaultKind::Wipe => {
+                faulted.lock().unwrap().insert(i);
+                c.kill(i);
+                let _ = std::fs::remove_dir_all(&c.node(i).data_dir);
+            }
+            FaultKind::Restart => {
+                c.restart(i)?;
+                faulted.lock().unwrap().remove(&i);
+            }
+            FaultKind::Join => {}
+            FaultKind::Pause => {
+                faulted.lock().unwrap().insert(i);
+                c.pause(i);
+            }
+            FaultKind::Resume => {
+                c.resume(i);
+                faulted.lock().unwrap().remove(&i);
+            }
+            FaultKind::Loss => fault(c, i, json!({"drop_rate": f.rate.unwrap_or(0.1)}))?,
+            FaultKind::Heal => {
+                for j in 0..n {
+                    fault(c, j, json!({}))?;
+                }
+            }
+            FaultKind::Partition | FaultKind::OneWay => {}
+        }
+    }
+    if f.kind == FaultKind::Join {
+        // A burst of new nodes at once, `nodes[0]` of them, joining through node 0.
+        let count = f.nodes.first().copied().unwrap_or(1);
+        let seed = [c.node(0).peer_addr];
+        for k in 0..count {
+            let name = format!("j{}-{k}", f.at.as_millis());
+            c.add_node(&name, &seed)?;
+        }
+    }
+    if matches!(f.kind, FaultKind::Partition | FaultKind::OneWay) {
+        let side: Vec<usize> = f.nodes.iter().copied().filter(|i| *i < n).collect();
+        let rest: Vec<usize> = (0..n).filter(|i| !side.contains(i)).collect();
+        // A partition drops both ways; one way drops only what the side sends.
+        if f.kind == FaultKind::Partition {
+            for &i in &side {
+                fault(c, i, json!({"block": addrs(c, &rest)}))?;
+            }
+            for &i in &rest {
+                fault(c, i, json!({"block": addrs(c, &side)}))?;
+            }
+        } else {
+            for &i in &side {
+                fault(c, i, json!({"block_out": addrs(c, &rest)}))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn judge(
+    scenario: &Scenario,
+    seed: u64,
+    c: &Cluster,
+    schedule: Vec<Fault>,
+    t0: Instant,
+    samples: &[Sample],
+    acked: &[String],
+    members_seen: &[(u64, usize)],
+    max_rss: f64,
+) -> Report {
+    let inv = &scenario.invariants;
+    let all: Vec<usize> = (0..c.len()).collect();
+    let mut checks = Vec::new();
+    // Membership: everyone sees everyone alive.
+    let start = Instant::now();
+    let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
+    let members_ok = c.wait_all_see(&all, &alive, inv.membership_bound).is_ok();
+    let membership_s = members_ok.then(|| start.elapsed().as_secs_f64());
+    checks.push(Check {
+        name: "membership converges after the faults".into(),
+        ok: members_ok,
+        detail: format!(
+            "all {} nodes see all alive after {:?} (bound {:?})",
+            all.len(),
+            membership_s,
+            inv.membership_bound
+        ),
+    });
+    // Policy: identical everywhere, every acknowledged write present.
+    let start = Instant::now();
+    let versions = |v: &Value| -> Vec<String> {
+        v["objects"]
+            .as_array()
+            .map(|a| a.iter().map(|o| format!("{}/{}@{}", o["kind"], o["name"], o["version"])).collect())
+            .unwrap_or_default()
+    };
+    let same = c.wait_until(inv.policy_bound, "identical policy", || {
+        let snaps: Vec<Value> =
+            all.iter().map(|&i| c.node(i).api().get_json("/v1/policy").ok()).collect::<Option<_>>()?;
+        snaps
+            .iter()
+            .all(|s| s["root"] == snaps[0]["root"] && versions(s) == versions(&snaps[0]))
+            .then(|| snaps[0].clone())
+    });
+    let policy_s = same.as_ref().ok().map(|_| start.elapsed().as_secs_f64());
+    let missing: Vec<&String> = match &same {
+        Ok(snap) => {
+            let names: HashSet<String> = snap["objects"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o["name"].as_str().map(String::from))
+                .collect();
+            acked.iter().filter(|w| !names.contains(*w)).collect()
+        }
+        Err(_) => acked.iter().collect(),
+    };
+    checks.push(Check {
+        name: "every acknowledged policy write is on every node, and all nodes are identical".into(),
+        ok: same.is_ok() && missing.is_empty(),
+        detail: format!(
+            "{} writes acknowledged, {} missing, identical after {:?}",
+            acked.len(),
+            missing.len(),
+            policy_s
+        ),
+    });
+    // Traffic.
+    let ok = samples.iter().filter(|s| s.ok).count();
+    let wrong = samples.iter().filter(|s| s.wrong).count();
+    let rate = ok as f64 / samples.len().max(1) as f64;
+    checks.push(Check {
+        name: "idempotent requests succeed".into(),
+        ok: rate >= inv.min_success,
+        detail: format!("{ok} of {} ({:.3}%), target {:.3}%", samples.len(), rate * 100.0, inv.min_success * 100.0),
+    });
+    checks.push(Check {
+        name: "no wrong or corrupt response".into(),
+        ok: wrong == 0,
+        detail: format!("{wrong} wrong"),
+    });
+    // Panics and memory.
+    let panics: Vec<usize> = all.iter().copied().filter(|&i| c.log_tail(i, 100_000).contains("panicked at")).collect();
+    checks.push(Check {
+        name: "no agent panics".into(),
+        ok: panics.is_empty(),
+        detail: format!("panics in nodes {panics:?}"),
+    });
+    checks.push(Check {
+        name: "RSS stays bounded".into(),
+        ok: max_rss <= inv.max_rss_mib,
+        detail: format!("largest RSS seen {max_rss:.1} MiB (bound {} MiB)", inv.max_rss_mib),
+    });
+    let secs = t0.elapsed().as_secs();
+    let timeline = (0..secs)
+        .map(|s| {
+            let mut in_s: Vec<&Sample> = samples.iter().filter(|x| x.at_ms / 1000 == s).collect();
+            in_s.sort_by_key(|x| x.latency_us);
+            let okr =
+                if in_s.is_empty() { 1.0 } else { in_s.iter().filter(|x| x.ok).count() as f64 / in_s.len() as f64 };
+            let p99 = in_s.get(in_s.len().saturating_sub(1) * 99 / 100).map_or(0.0, |x| x.latency_us as f64 / 1000.0);
+            let members = members_seen.iter().rev().find(|(t, _)| *t <= s).map_or(0, |(_, m)| *m);
+            (s, okr, p99, members)
+        })
+        .collect();
+    Report {
+        scenario: scenario.name.clone(),
+        seed,
+        nodes: c.len(),
+        duration_s: scenario.duration.as_secs_f64(),
+        schedule,
+        requests: samples.len(),
+        succeeded: ok,
+        wrong,
+        writes_acked: acked.len(),
+        membership_converged_s: membership_s,
+        policy_converged_s: policy_s,
+        max_rss_mib: max_rss,
+        checks,
+        timeline,
+    }
+}
+
+pub fn summary(r: &Report) -> String {
+    let mut out = format!("\n{} (seed {}): {}\n", r.scenario, r.seed, if r.passed() { "PASS" } else { "FAIL" });
+    for c in &r.checks {
+        out += &format!("  [{}] {}: {}\n", if c.ok { "ok" } else { "FAIL" }, c.name, c.detail);
+    }
+    out
+}
+
+/// `chaos/scenarios/*.toml` by name, without the long soak (run that one by its path).
+pub fn library() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml") && !p.ends_with("soak.toml"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_library_scenario_parses_and_the_same_seed_gives_the_same_schedule() {
+        let mut all = library();
+        all.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/soak.toml"));
+        assert!(all.len() >= 9, "{all:?}");
+        for p in &all {
+            let s = Scenario::load(p).unwrap();
+            let (a, b) = (s.schedule(7), s.schedule(7));
+            assert_eq!(format!("{a:?}"), format!("{b:?}"), "{}", p.display());
+        }
+        let soak = Scenario::load(&all[all.len() - 1]).unwrap();
+        assert!(soak.schedule(1).len() > 1000, "a fault every 3 s for 30 minutes, each undone");
+        assert_ne!(format!("{:?}", soak.schedule(1)), format!("{:?}", soak.schedule(2)));
+    }
+
+    #[test]
+    fn bad_scenarios_name_the_problem() {
+        let dir = std::env::temp_dir().join(format!("trellis-scn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("x.toml");
+        std::fs::write(&p, "name = \"x\"\nduration = \"5s\"\nnodse = 3\n").unwrap();
+        assert!(Scenario::load(&p).unwrap_err().to_string().contains("nodse"));
+        let kill0 = "name = \"x\"\nduration = \"5s\"\n[[faults]]\nat = \"1s\"\nkind = \"kill\"\nnodes = [0]\n";
+        std::fs::write(&p, kill0).unwrap();
+        assert!(Scenario::load(&p).unwrap_err().to_string().contains("node 0 cannot be faulted"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
