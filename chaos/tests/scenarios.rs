@@ -2,7 +2,12 @@
 
 use trellis_chaos::runner::{run, summary, Scenario};
 
+/// One scenario at a time: they measure timing-sensitive things (membership convergence,
+/// success rates) on a small machine, and four clusters at once would measure the machine.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn scenario(name: &str) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios").join(format!("{name}.toml"));
     let s = Scenario::load(&path).unwrap();
     let out = std::env::temp_dir().join(format!("trellis-chaos-{}-{name}", std::process::id()));

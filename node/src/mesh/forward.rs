@@ -106,19 +106,21 @@ impl Forwarder {
     }
 
     async fn client(&self, service: &str, mut tcp: TcpStream) -> anyhow::Result<()> {
-        let mut up = self.open(service, &BTreeMap::new(), None).await?;
+        let mut up = self.open(service, &BTreeMap::new(), None, &mut Vec::new()).await?;
         tokio::io::copy_bidirectional(&mut tcp, &mut up).await?;
         Ok(())
     }
 
     /// Picks a live instance of `service` carrying `labels` (by the service's balancer;
-    /// `hash` is the request's hash-header value) and opens a byte stream to it: a local TCP
+    /// `hash` is the request's hash-header value; not one in `tried`, where it can, and
+    /// adds the pick to it) and opens a byte stream to it: a local TCP
     /// connection, or a QUIC stream through the instance's agent.
     pub async fn open(
         &self,
         service: &str,
         labels: &BTreeMap<String, String>,
         hash: Option<u64>,
+        tried: &mut Vec<String>,
     ) -> Result<Io, OpenError> {
         let alive = self.alive().await;
         let names: std::collections::HashSet<String> = alive.keys().cloned().collect();
@@ -127,7 +129,11 @@ impl Forwarder {
         let od = snap.services.get(service).map(|s| s.outlier_detection.clone()).unwrap_or_default();
         let now = std::time::Instant::now();
         let names: Vec<String> = instances.iter().map(|i| i.name.clone()).collect();
-        let admitted = self.outliers.lock().expect("outlier lock").admit(now, &names, od.max_ejected_percent);
+        let mut admitted = self.outliers.lock().expect("outlier lock").admit(now, &names, od.max_ejected_percent);
+        // A retry goes to an instance not tried yet for this request, while there is one.
+        if admitted.iter().any(|&i| !tried.contains(&instances[i].name)) {
+            admitted.retain(|&i| !tried.contains(&instances[i].name));
+        }
         let place = |labels: &'_ BTreeMap<String, String>, node: &str| -> (Option<String>, Option<String>) {
             let of_node = alive.get(node).map(|(_, l)| l);
             let get = |k: &str| labels.get(k).or_else(|| of_node.and_then(|l| l.get(k))).cloned();
@@ -154,6 +160,7 @@ impl Forwarder {
             return Err(OpenError::NoInstance(service.into()));
         };
         let inst = &instances[admitted[pick]];
+        tried.push(inst.name.clone());
         self.stats.outbound.fetch_add(1, Relaxed);
         let started = std::time::Instant::now();
         let res = if inst.instance.node == self.agent.identity.name {

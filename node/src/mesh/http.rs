@@ -183,6 +183,7 @@ async fn attempts(
     let service = &resolved.service;
     fwd.budgets.lock().expect("budget lock").entry(service.clone()).or_default().request(Instant::now());
     let mut last = None;
+    let mut tried = Vec::new();
     for attempt in 0..tries {
         if attempt > 0 {
             if !take_retry(fwd, service, retry) {
@@ -193,7 +194,7 @@ async fn attempts(
             tokio::time::sleep(backoff(attempt, retry.backoff_base, retry.backoff_max, rand::random())).await;
         }
         let body = body.take().unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed());
-        let one = once(fwd, resolved, host, Request::from_parts(parts.clone(), body));
+        let one = once(fwd, resolved, host, Request::from_parts(parts.clone(), body), &mut tried);
         let result = match retry.per_try_timeout {
             Some(t) => match tokio::time::timeout(t, one).await {
                 Ok(r) => r,
@@ -237,7 +238,13 @@ fn retryable<B: hyper::body::Body>(req: &Request<B>) -> bool {
     idempotent && req.body().size_hint().exact() == Some(0)
 }
 
-async fn once(fwd: &Forwarder, resolved: &Resolved, host: &str, req: Request<Body>) -> Result<Response<Body>, Failure> {
+async fn once(
+    fwd: &Forwarder,
+    resolved: &Resolved,
+    host: &str,
+    req: Request<Body>,
+    tried: &mut Vec<String>,
+) -> Result<Response<Body>, Failure> {
     let h2 = fwd
         .snapshot()
         .instances
@@ -245,7 +252,7 @@ async fn once(fwd: &Forwarder, resolved: &Resolved, host: &str, req: Request<Bod
         .find(|i| i.instance.service == resolved.service)
         .is_some_and(|i| upstream::is_h2(i.instance.protocol));
     let hash = hash_of(fwd, &resolved.service, req.headers());
-    let io = match fwd.open(&resolved.service, &resolved.labels, hash).await {
+    let io = match fwd.open(&resolved.service, &resolved.labels, hash, tried).await {
         Ok(io) => io,
         Err(e @ OpenError::NoInstance(_)) => {
             return Err(Failure::Final(error(StatusCode::SERVICE_UNAVAILABLE, "no_instance", e.to_string())))
