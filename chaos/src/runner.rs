@@ -67,6 +67,8 @@ pub enum FaultKind {
     Partition,
     OneWay,
     Loss,
+    /// Adds `delay_ms` to every peer message the nodes send.
+    Delay,
     Heal,
     Wipe,
     Join,
@@ -84,6 +86,9 @@ pub struct Fault {
     /// For `loss`: the share of peer packets dropped.
     #[serde(default)]
     pub rate: Option<f64>,
+    /// For `delay`: milliseconds added to each peer message.
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
 }
 
 /// Faults drawn from the seed: one every `every`, of the given kinds, on random nodes
@@ -150,15 +155,17 @@ impl Scenario {
             while t + r.every / 2 < self.duration && !r.kinds.is_empty() {
                 let kind = r.kinds[rng.random_range(0..r.kinds.len())];
                 let nodes = vec![rng.random_range(1..self.nodes)];
-                all.push(Fault { at: t, kind, nodes: nodes.clone(), rate: Some(0.1) });
+                all.push(Fault { at: t, kind, nodes: nodes.clone(), rate: Some(0.1), delay_ms: Some(100) });
                 let undo = match kind {
                     FaultKind::Kill | FaultKind::Wipe => Some(FaultKind::Restart),
                     FaultKind::Pause => Some(FaultKind::Resume),
-                    FaultKind::Partition | FaultKind::OneWay | FaultKind::Loss => Some(FaultKind::Heal),
+                    FaultKind::Partition | FaultKind::OneWay | FaultKind::Loss | FaultKind::Delay => {
+                        Some(FaultKind::Heal)
+                    }
                     _ => None,
                 };
                 if let Some(undo) = undo {
-                    all.push(Fault { at: t + r.every / 2, kind: undo, nodes, rate: None });
+                    all.push(Fault { at: t + r.every / 2, kind: undo, nodes, rate: None, delay_ms: None });
                 }
                 t += r.every;
             }
@@ -378,7 +385,11 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path) -> anyhow::Result<Report>
         }
         // Undo what is left, then let the cluster settle under traffic.
         for i in 1..scenario.nodes {
-            apply(&mut c, &Fault { at: Duration::ZERO, kind: FaultKind::Heal, nodes: vec![i], rate: None }, &faulted)?;
+            apply(
+                &mut c,
+                &Fault { at: Duration::ZERO, kind: FaultKind::Heal, nodes: vec![i], rate: None, delay_ms: None },
+                &faulted,
+            )?;
             if c.node(i).is_paused() {
                 c.resume(i);
             }
@@ -447,6 +458,7 @@ fn apply(c: &mut Cluster, f: &Fault, faulted: &Mutex<BTreeSet<usize>>) -> anyhow
                 faulted.lock().unwrap().remove(&i);
             }
             FaultKind::Loss => fault(c, i, json!({"drop_rate": f.rate.unwrap_or(0.1)}))?,
+            FaultKind::Delay => fault(c, i, json!({"delay_ms": f.delay_ms.unwrap_or(100)}))?,
             FaultKind::Heal => {
                 for j in 0..n {
                     fault(c, j, json!({}))?;

@@ -351,6 +351,9 @@ struct FaultRequest {
     /// Peers we stop sending to but still hear (one-way partition).
     #[serde(default)]
     block_out: Vec<SocketAddr>,
+    /// Added to every outgoing peer message.
+    #[serde(default)]
+    delay_ms: u64,
 }
 
 /// `POST /v1/fault`: test-only loss and partitions, served only with `--fault-injection`.
@@ -364,6 +367,7 @@ async fn set_faults(State(a): State<AgentHandle>, body: Bytes) -> Result<Json<se
     f.drop_rate = req.drop_rate.clamp(0.0, 1.0);
     f.blocked = req.block.into_iter().collect();
     f.blocked_out = req.block_out.into_iter().collect();
+    f.delay = std::time::Duration::from_millis(req.delay_ms.min(60_000));
     Ok(Json(
         serde_json::json!({"drop_rate": f.drop_rate, "blocked": f.blocked.len(), "blocked_out": f.blocked_out.len()}),
     ))

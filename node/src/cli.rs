@@ -253,6 +253,7 @@ impl AgentArgs {
                 drop_rate: self.fault_drop_rate.unwrap_or(0.0).clamp(0.0, 1.0),
                 blocked: Default::default(),
                 blocked_out: Default::default(),
+                delay: Default::default(),
             },
             fault_injection: self.fault_injection,
             upstreams: file.upstreams.clone().into_iter().chain(self.upstreams.iter().cloned()).collect(),

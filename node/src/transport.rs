@@ -37,6 +37,8 @@ pub struct Faults {
     /// Dropped only on the way out: these peers still reach us, we do not reach them
     /// (an asymmetric partition).
     pub blocked_out: std::collections::HashSet<SocketAddr>,
+    /// Added to every outgoing peer message (this kernel has no `tc netem`).
+    pub delay: std::time::Duration,
 }
 
 /// Everything a peer sent us, tagged with who it provably is.
@@ -155,6 +157,19 @@ impl Transport {
             self.stats.dropped_out.fetch_add(1, Relaxed);
             return;
         }
+        let delay = self.faults.lock().expect("faults lock").delay;
+        if !delay.is_zero() {
+            let me = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                me.send_now(to, data);
+            });
+            return;
+        }
+        self.send_now(to, data);
+    }
+
+    fn send_now(self: &Arc<Self>, to: SocketAddr, data: Bytes) {
         let mut pool = self.pool.lock().expect("pool lock");
         if let Some(conn) = pool.conns.get(&to).cloned() {
             drop(pool);
@@ -317,7 +332,20 @@ impl Transport {
                 b = conn.accept_bi() => match b {
                     Ok((send, recv)) => {
                         let stream = BiStream { from, peer_name: name.clone(), send, recv };
-                        if self.faults.lock().expect("faults lock").blocked.contains(&from) {
+                        let (blocked, delay) = {
+                            let f = self.faults.lock().expect("faults lock");
+                            (f.blocked.contains(&from), f.delay)
+                        };
+                        if blocked {
+                            continue;
+                        }
+                        if !delay.is_zero() {
+                            // A delayed node answers service streams late too.
+                            let me = self.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(delay).await;
+                                let _ = me.streams.send(stream).await;
+                            });
                             continue;
                         }
                         if self.streams.try_send(stream).is_err() {
