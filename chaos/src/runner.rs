@@ -49,11 +49,15 @@ pub struct Scenario {
 pub struct Workload {
     pub http_rps: f64,
     pub policy_writes_per_sec: f64,
+    /// A cluster-wide limit on the `limited` service (0: none), and the load each node's
+    /// proxy offers it.
+    pub limit_rps: f64,
+    pub limited_rps_per_node: f64,
 }
 
 impl Default for Workload {
     fn default() -> Self {
-        Workload { http_rps: 40.0, policy_writes_per_sec: 2.0 }
+        Workload { http_rps: 40.0, policy_writes_per_sec: 2.0, limit_rps: 30.0, limited_rps_per_node: 20.0 }
     }
 }
 
@@ -252,6 +256,42 @@ fn get(proxy: SocketAddr, path: &str) -> Option<String> {
     out.starts_with("HTTP/1.1 200").then(|| out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))?
 }
 
+/// The status of one GET through a proxy, or None when the proxy could not be reached.
+fn status_of(proxy: SocketAddr, host: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(proxy).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut head = [0u8; 16];
+    let n = s.read(&mut head).ok()?;
+    std::str::from_utf8(&head[..n]).ok()?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The documented bound: a side of a partition may admit its share, and a majority side the
+/// whole limit, so the cluster never admits more than 1.5 times the limit in any second,
+/// plus the burst; over the whole run, the limit within 10%.
+fn judge_limit(mut r: Report, limit: f64, admitted: &[u64]) -> Report {
+    if limit <= 0.0 {
+        return r;
+    }
+    let secs = admitted.iter().max().map_or(0, |m| m + 1);
+    let per_sec: Vec<usize> = (0..secs).map(|s| admitted.iter().filter(|t| **t == s).count()).collect();
+    // The first second holds the burst of a cold start.
+    let worst = per_sec.iter().skip(1).copied().max().unwrap_or(0) as f64;
+    let burst = (limit / 20.0).max(5.0);
+    let mean = admitted.len() as f64 / secs.max(1) as f64;
+    r.checks.push(Check {
+        name: "the cluster-wide rate limit holds during and after the faults".into(),
+        ok: worst <= 1.5 * limit + burst && mean <= 1.1 * limit,
+        detail: format!(
+            "limit {limit}/s: busiest second {worst:.0} (bound {:.0}), mean {mean:.1}/s (bound {:.1})",
+            1.5 * limit + burst,
+            1.1 * limit
+        ),
+    });
+    r
+}
+
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -273,9 +313,10 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path) -> anyhow::Result<Report>
         scenario.duration,
         schedule.len()
     );
-    let proxy = free_addr();
-    let mut node_args = vec![vec!["--proxy".to_string(), proxy.to_string()]];
-    node_args.resize(scenario.nodes, Vec::new());
+    // Every node has a proxy: node 0's carries the checked traffic, all carry limited load.
+    let proxies: Vec<SocketAddr> = (0..scenario.nodes).map(|_| free_addr()).collect();
+    let proxy = proxies[0];
+    let node_args: Vec<Vec<String>> = proxies.iter().map(|p| vec!["--proxy".to_string(), p.to_string()]).collect();
     let spec = ClusterSpec {
         nodes: scenario.nodes,
         profile: scenario.profile.clone(),
@@ -295,6 +336,15 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path) -> anyhow::Result<Report>
         let body = json!({"service": "echo", "address": "127.0.0.1", "port": srv.port()});
         let (s, v) = c.node(i).api().put_json(&format!("/v1/agent/services/{name}"), &body)?;
         anyhow::ensure!(s == 200, "register {name}: {v}");
+        let body = json!({"service": "limited", "address": "127.0.0.1", "port": srv.port()});
+        let (s, v) = c.node(i).api().put_json(&format!("/v1/agent/services/limited-{i}"), &body)?;
+        anyhow::ensure!(s == 200, "register limited-{i}: {v}");
+    }
+    let limit = scenario.workload.limit_rps;
+    if limit > 0.0 {
+        let body = json!({"service": "limited", "requests_per_second": limit});
+        let (s, v) = c.node(0).api().put_json("/v1/policy/ratelimits/limited", &body)?;
+        anyhow::ensure!(s == 200, "rate limit: {v}");
     }
     c.wait_until(Duration::from_secs(15), "every instance in node 0's catalog", || {
         let v = c.node(0).api().get_json("/v1/catalog/services/echo").ok()?;
@@ -307,6 +357,7 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path) -> anyhow::Result<Report>
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let members_seen: Arc<Mutex<Vec<(u64, usize)>>> = Arc::default();
+    let limited: Arc<Mutex<Vec<u64>>> = Arc::default();
     let apis: Vec<SocketAddr> = all.iter().map(|&i| c.node(i).api_addr).collect();
     let mut max_rss = 0.0f64;
     std::thread::scope(|s| -> anyhow::Result<()> {
@@ -336,6 +387,27 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path) -> anyhow::Result<Report>
                     k += 4;
                 }
             });
+        }
+        // Load on the limited service through every node's proxy; admissions by second.
+        if limit > 0.0 {
+            for &p in &proxies {
+                let (stop, limited) = (stop.clone(), limited.clone());
+                let gap = Duration::from_secs_f64(1.0 / scenario.workload.limited_rps_per_node.max(0.1));
+                s.spawn(move || {
+                    let mut due = t0;
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        if let Some(status) = status_of(p, "limited") {
+                            if status != 429 {
+                                limited.lock().unwrap().push(t0.elapsed().as_secs());
+                            }
+                        }
+                        due += gap;
+                    }
+                });
+            }
         }
         // Policy writes on random live nodes; each 200 is recorded.
         {
@@ -414,6 +486,7 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path) -> anyhow::Result<Report>
         &members_seen.lock().unwrap(),
         max_rss,
     );
+    let report = judge_limit(report, limit, &limited.lock().unwrap());
     std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
     std::fs::write(out.join("timeline.svg"), crate::timeline::svg(&report))?;
     print!("{}", summary(&report));
