@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod http;
 pub mod mesh_bench;
+pub mod plain;
 pub mod ratelimit_bench;
 pub mod runner;
 pub mod sim;

@@ -5,8 +5,7 @@
 //! paths differ only by the mesh. Reproduce with
 //! `cargo build --release && TRELLIS_BIN=target/release/trellis cargo run --release -p trellis-chaos -- bench-mesh`.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,40 +16,13 @@ use crate::cluster::{Cluster, ClusterSpec};
 
 /// A keep-nothing HTTP/1.1 server: one thread per connection, 200 with a 1 KiB body.
 fn server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for mut s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let body = [b'x'; 1024];
-                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-                let _ = s.write_all(head.as_bytes());
-                let _ = s.write_all(&body);
-            });
-        }
-    });
-    addr
+    crate::plain::serve(|_| (200, vec![b'x'; 1024]))
 }
 
 /// One GET; true when it got a 200 with the whole body.
 fn get(to: SocketAddr, host: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(to) else { return false };
-    let _ = s.set_nodelay(true);
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    if write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").is_err() {
-        return false;
-    }
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    out.starts_with(b"HTTP/1.1 200") && out.ends_with(&[b'x'; 1024])
+    crate::plain::get(to, host, "/", &[], Duration::from_secs(10))
+        .is_some_and(|r| r.status == 200 && r.body == [b'x'; 1024])
 }
 
 struct Run {

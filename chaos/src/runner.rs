@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 
 use crate::cluster::{Cluster, ClusterSpec};
 use crate::http::Api;
+use crate::plain;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -226,45 +227,17 @@ fn free_addr() -> SocketAddr {
 
 /// An HTTP server that answers `<name> <path>`, so a wrong answer is seen.
 fn echo_server(name: String) -> SocketAddr {
-    use std::io::{Read, Write};
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for mut s in l.incoming().flatten() {
-            let name = name.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 2048];
-                let n = s.read(&mut buf).unwrap_or(0);
-                let head = String::from_utf8_lossy(&buf[..n]);
-                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
-                let body = format!("{name} {path}");
-                let _ =
-                    write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-            });
-        }
-    });
-    addr
+    plain::serve(move |head| (200, format!("{name} {}", plain::path_of(head)).into_bytes()))
 }
 
+/// The body of a 200 through the proxy, or None.
 fn get(proxy: SocketAddr, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(proxy).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.starts_with("HTTP/1.1 200").then(|| out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))?
+    plain::get(proxy, "echo", path, &[], Duration::from_secs(10)).filter(|r| r.status == 200).map(|r| r.text())
 }
 
 /// The status of one GET through a proxy, or None when the proxy could not be reached.
 fn status_of(proxy: SocketAddr, host: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(proxy).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").ok()?;
-    let mut head = [0u8; 16];
-    let n = s.read(&mut head).ok()?;
-    std::str::from_utf8(&head[..n]).ok()?.split_whitespace().nth(1)?.parse().ok()
+    plain::get(proxy, host, "/", &[], Duration::from_secs(5)).map(|r| r.status)
 }
 
 /// The documented bound: a side of a partition may admit its share, and a majority side the

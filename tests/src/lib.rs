@@ -59,118 +59,45 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
     })
 }
 
-/// Plain HTTP/1.1 over std sockets, for tests that drive the mesh's proxy listener.
+/// HTTP/1.1 test servers and a client, over the harness's plain sockets.
 pub mod http {
-    use std::io::{Read, Write};
-    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
 
-    /// A server answering every request with 200 and `<body> <path>`, one thread per
-    /// connection.
+    use trellis_chaos::plain;
+    pub use trellis_chaos::plain::Reply;
+
+    /// A server answering every request with 200 and `<body> <path>`.
     pub fn server(body: &'static str) -> SocketAddr {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind a test server");
-        let addr = l.local_addr().expect("local addr");
-        std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                std::thread::spawn(move || answer(s, body));
-            }
-        });
-        addr
+        plain::serve(move |head| (200, format!("{body} {}", plain::path_of(head)).into_bytes()))
     }
 
     /// A server that waits `delay`, then answers `status` with `body`.
     pub fn slow_server(delay: Duration, status: u16, body: &'static str) -> SocketAddr {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind a test server");
-        let addr = l.local_addr().expect("local addr");
-        std::thread::spawn(move || {
-            for mut s in l.incoming().flatten() {
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    let _ = s.read(&mut buf);
-                    std::thread::sleep(delay);
-                    let resp = format!(
-                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = s.write_all(resp.as_bytes());
-                });
-            }
-        });
-        addr
+        plain::serve(move |_| {
+            std::thread::sleep(delay);
+            (status, body.as_bytes().to_vec())
+        })
     }
 
-    /// Like [`server`], but `/healthz` answers 200 while `healthy` is set and 500 after.
-    pub fn health_server(body: &'static str, healthy: std::sync::Arc<std::sync::atomic::AtomicBool>) -> SocketAddr {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind a test server");
-        let addr = l.local_addr().expect("local addr");
-        std::thread::spawn(move || {
-            for mut s in l.incoming().flatten() {
-                let healthy = healthy.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    let n = s.read(&mut buf).unwrap_or(0);
-                    let head = String::from_utf8_lossy(&buf[..n]);
-                    let probe = head.starts_with("GET /healthz ");
-                    let status = if probe && !healthy.load(std::sync::atomic::Ordering::SeqCst) { 500 } else { 200 };
-                    let resp = format!(
-                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = s.write_all(resp.as_bytes());
-                });
-            }
-        });
-        addr
-    }
-
-    fn answer(mut s: TcpStream, body: &str) {
-        let mut buf = [0u8; 4096];
-        let mut got = Vec::new();
-        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-        let path = String::from_utf8_lossy(&got).split_whitespace().nth(1).unwrap_or("").to_string();
-        let text = format!("{body} {path}");
-        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len());
-        let _ = s.write_all(resp.as_bytes());
-    }
-
-    /// A response: status code, header block (lowercased) and body.
-    pub struct Reply {
-        pub status: u16,
-        pub headers: String,
-        pub body: String,
-    }
-
-    impl Reply {
-        pub fn header(&self, name: &str) -> Option<&str> {
-            self.headers.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
-        }
+    /// Answers `body`, but `/healthz` answers 500 once `healthy` is cleared.
+    pub fn health_server(body: &'static str, healthy: Arc<AtomicBool>) -> SocketAddr {
+        plain::serve(move |head| {
+            let failing = plain::path_of(head) == "/healthz" && !healthy.load(Ordering::SeqCst);
+            (if failing { 500 } else { 200 }, body.as_bytes().to_vec())
+        })
     }
 
     /// One GET through `proxy` with `Host: host` and extra headers; status 0 when the
     /// connection failed.
     pub fn get(proxy: SocketAddr, host: &str, path: &str, extra: &[(&str, &str)]) -> Reply {
-        let fail = Reply { status: 0, headers: String::new(), body: String::new() };
-        let Ok(mut s) = TcpStream::connect(proxy) else { return fail };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
-        for (k, v) in extra {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        if s.write_all(req.as_bytes()).is_err() {
-            return fail;
-        }
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-        let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let headers = head.lines().skip(1).map(|l| l.to_ascii_lowercase()).collect::<Vec<_>>().join("\n");
-        Reply { status, headers, body: body.to_string() }
+        plain::get(proxy, host, path, extra, Duration::from_secs(10)).unwrap_or(Reply {
+            status: 0,
+            headers: String::new(),
+            body: Vec::new(),
+        })
     }
 }
 

@@ -170,33 +170,6 @@ fn instances_of_a_killed_node_leave_the_catalog() {
     assert_eq!((s, body["field"].as_str()), (400, Some("kind")), "operators cannot write node-owned instances");
 }
 
-/// A tiny HTTP/1.1 server answering every request with `body` (one request per connection).
-fn http_server(body: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut buf = [0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let path = String::from_utf8_lossy(&got).split_whitespace().nth(1).unwrap_or("").to_string();
-                let text = format!("{body} {path}");
-                let resp =
-                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len());
-                let _ = s.write_all(resp.as_bytes());
-            });
-        }
-    });
-    addr
-}
-
 /// One request through the proxy; returns (status line, body).
 fn http_get(proxy: SocketAddr, host: &str, path: &str) -> (String, String) {
     let mut s = TcpStream::connect(proxy).unwrap();
@@ -213,7 +186,7 @@ fn http_get(proxy: SocketAddr, host: &str, path: &str) -> (String, String) {
 fn http_requests_are_routed_by_host_and_split_ninety_ten_across_nodes() {
     let (c, proxy) = proxy_mesh();
     for (node, version) in [(1, "v1"), (2, "v2")] {
-        let srv = http_server(if version == "v1" { "v1" } else { "v2" });
+        let srv = trellis_tests::http::server(if version == "v1" { "v1" } else { "v2" });
         let body =
             json!({"service": "web", "address": "127.0.0.1", "port": srv.port(), "labels": {"version": version}});
         let (s, v) = c.node(node).api().put_json(&format!("/v1/agent/services/web-{version}"), &body).unwrap();
@@ -271,7 +244,7 @@ fn http_requests_are_routed_by_host_and_split_ninety_ten_across_nodes() {
     assert!(http_get(proxy, "web", "/").0.contains("200"));
 }
 
-/// Like [`http_server`], but stops accepting (connections refused) once `stop` is set.
+/// Like `trellis_tests::http::server`, but stops accepting (connections refused) once `stop` is set.
 fn stoppable_http_server(body: &'static str) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
     use std::sync::atomic::{AtomicBool, Ordering};
     let stop = std::sync::Arc::new(AtomicBool::new(false));
@@ -361,8 +334,8 @@ fn grpc_over_http2_crosses_the_mesh_with_body_and_trailers_intact() {
 /// One request with extra headers; returns the body.
 fn http_get_with(proxy: SocketAddr, host: &str, header: (&str, &str)) -> String {
     let r = trellis_tests::http::get(proxy, host, "/", &[header]);
-    assert_eq!(r.status, 200, "{} {}", r.headers, r.body);
-    r.body
+    assert_eq!(r.status, 200, "{} {}", r.headers, r.text());
+    r.text()
 }
 
 #[test]
@@ -431,7 +404,7 @@ fn timeouts_open_circuits_and_retry_budgets_hold_on_real_agents() {
     // Timeout: a 3 s answer is cut at 300 ms with 504.
     let t = std::time::Instant::now();
     let r = get(proxy, "slow", "/", &[]);
-    assert_eq!((r.status, r.header("x-trellis-reason")), (504, Some("timeout")), "{}", r.body);
+    assert_eq!((r.status, r.header("x-trellis-reason")), (504, Some("timeout")), "{}", r.text());
     assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
     // Circuit: six at once to a service allowing two in flight: four fail fast with 503.
     let replies: Vec<(u16, Option<String>)> = std::thread::scope(|s| {

@@ -1,0 +1,91 @@
+//! Plain HTTP/1.1 over std sockets, one connection per request, for the harness's test
+//! servers and load generators (and the integration tests'): small enough to read, and no
+//! client library between the measurement and the wire.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Reads a request or response head (up to the blank line); None when the peer closed first.
+pub fn read_head(s: &mut TcpStream) -> Option<String> {
+    let mut buf = [0u8; 4096];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&got).into_owned())
+}
+
+/// The path of a request head.
+pub fn path_of(head: &str) -> &str {
+    head.split_whitespace().nth(1).unwrap_or("")
+}
+
+/// Writes a whole response and closes.
+pub fn respond(s: &mut TcpStream, status: u16, body: &[u8]) {
+    let head = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let _ = s.write_all(head.as_bytes());
+    let _ = s.write_all(body);
+}
+
+/// A server on 127.0.0.1 answering each request with `handler(head)`; a thread per
+/// connection.
+pub fn serve(handler: impl Fn(&str) -> (u16, Vec<u8>) + Send + Sync + 'static) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind a test server");
+    let addr = l.local_addr().expect("local addr");
+    let handler = Arc::new(handler);
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let handler = handler.clone();
+            std::thread::spawn(move || {
+                if let Some(head) = read_head(&mut s) {
+                    let (status, body) = handler(&head);
+                    respond(&mut s, status, &body);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An answer: status, header lines (lowercased), body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One GET to `to` with `Host: host` and `extra` headers, on a new connection.
+pub fn get(to: SocketAddr, host: &str, path: &str, extra: &[(&str, &str)], timeout: Duration) -> Option<Reply> {
+    let mut s = TcpStream::connect(to).ok()?;
+    let _ = s.set_nodelay(true);
+    s.set_read_timeout(Some(timeout)).ok()?;
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (k, v) in extra {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&out[..split]).into_owned();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let headers = head.lines().skip(1).map(|l| l.to_ascii_lowercase()).collect::<Vec<_>>().join("\n");
+    Some(Reply { status, headers, body: out[split + 4..].to_vec() })
+}
