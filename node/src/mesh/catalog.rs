@@ -62,23 +62,32 @@ pub struct Snapshot {
     pub services: std::collections::HashMap<String, model::Service>,
     pub intentions: Vec<Intention>,
     pub intention_default: Action,
+    /// Every service named by policy or by an instance, with its instances' protocol: the
+    /// per-request lookups (metrics label, HTTP version upstream) stay O(1).
+    pub protocols: std::collections::HashMap<String, model::Protocol>,
 }
 
 impl Snapshot {
     pub fn build(store: &PolicyStore) -> Snapshot {
-        let instances = objects(store, Kind::Instances)
+        let instances: Vec<InstanceView> = objects(store, Kind::Instances)
             .filter_map(|(name, o)| match o {
                 Object::Instance(i) => Some(InstanceView { name, instance: i }),
                 _ => None,
             })
             .collect();
-        let services = objects(store, Kind::Services)
+        let services: std::collections::HashMap<String, model::Service> = objects(store, Kind::Services)
             .filter_map(|(name, o)| match o {
                 Object::Service(s) => Some((name, s)),
                 _ => None,
             })
             .collect();
+        let mut protocols: std::collections::HashMap<String, model::Protocol> =
+            services.keys().map(|s| (s.clone(), model::Protocol::default())).collect();
+        for i in &instances {
+            protocols.insert(i.instance.service.clone(), i.instance.protocol);
+        }
         Snapshot {
+            protocols,
             index: store.index(),
             routes: super::router::RouteTable::from_store(store),
             instances,

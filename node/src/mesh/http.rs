@@ -139,8 +139,7 @@ async fn proxy(fwd: Arc<Forwarder>, mut req: Request<Incoming>) -> Result<Respon
 /// Counts a proxied request under its service, or `_other` for names neither policy nor
 /// the catalog knows (the Host header is the client's to write).
 fn record(fwd: &Forwarder, service: &str, status: u16, took: std::time::Duration) {
-    let snap = fwd.snapshot();
-    let known = snap.services.contains_key(service) || snap.instances.iter().any(|i| i.instance.service == service);
+    let known = fwd.snapshot().protocols.contains_key(service);
     let label = if known { service } else { "_other" };
     fwd.stats.traffic.lock().expect("traffic lock").record(label, status, took);
 }
@@ -245,12 +244,7 @@ async fn once(
     req: Request<Body>,
     tried: &mut Vec<String>,
 ) -> Result<Response<Body>, Failure> {
-    let h2 = fwd
-        .snapshot()
-        .instances
-        .iter()
-        .find(|i| i.instance.service == resolved.service)
-        .is_some_and(|i| upstream::is_h2(i.instance.protocol));
+    let h2 = fwd.snapshot().protocols.get(&resolved.service).is_some_and(|p| upstream::is_h2(*p));
     let hash = hash_of(fwd, &resolved.service, req.headers());
     let io = match fwd.open(&resolved.service, &resolved.labels, hash, tried).await {
         Ok(io) => io,
