@@ -2,7 +2,9 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod haproxy;
 pub mod http;
+pub mod loadgen;
 pub mod mesh_bench;
 pub mod plain;
 pub mod ratelimit_bench;

@@ -1,110 +1,28 @@
-//! `trellis-chaos bench-mesh`: the data plane against a direct connection, in one run.
-//! Three real agents; one HTTP server; requests go (a) straight to the server, (b) through
-//! node 0's proxy to an instance on node 0, (c) through node 0's proxy over QUIC to an
-//! instance on node 2. Each request opens a new client connection, on every path, so the
-//! paths differ only by the mesh. Reproduce with
-//! `cargo build --release && TRELLIS_BIN=target/release/trellis cargo run --release -p trellis-chaos -- bench-mesh`.
+//! `trellis-chaos bench-mesh`: the data plane against a direct connection and against
+//! HAProxy, side by side in one run. Three real agents; one keep-alive HTTP server
+//! answering 1 KiB to 1 KiB POSTs; four paths to it:
+//! (a) direct; (b) node 0's proxy to an instance on node 0; (c) node 0's proxy over QUIC
+//! mTLS to node 2's agent and its instance (client, agent, QUIC, agent, server); (d) two
+//! HAProxy instances on node 0's and node 2's addresses with mutual TLS between them
+//! (same certificates). Clients keep their connections open, as real callers do.
+//! Reproduce with `chaos/bench-mesh.sh` (installs HAProxy, builds release, runs this).
 
-use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde_json::json;
 
 use crate::cluster::{Cluster, ClusterSpec};
+use crate::loadgen::{self, Conn, RateRun};
 
-/// A keep-nothing HTTP/1.1 server: one thread per connection, 200 with a 1 KiB body.
-fn server() -> SocketAddr {
-    crate::plain::serve(|_| (200, vec![b'x'; 1024]))
-}
+const BODY: usize = 1024;
 
-/// One GET; true when it got a 200 with the whole body.
-fn get(to: SocketAddr, host: &str) -> bool {
-    crate::plain::get(to, host, "/", &[], Duration::from_secs(10))
-        .is_some_and(|r| r.status == 200 && r.body == [b'x'; 1024])
-}
-
-struct Run {
-    p50: Duration,
-    p99: Duration,
-    rps: f64,
-    errors: u64,
-}
-
-/// `n` sequential requests for latency, then `workers` concurrent loops for `secs`.
-fn measure(to: SocketAddr, host: &str, n: usize, workers: usize, secs: u64) -> Run {
-    let mut lat: Vec<Duration> = Vec::with_capacity(n);
-    let mut errors = 0;
-    for _ in 0..n {
-        let t = Instant::now();
-        errors += u64::from(!get(to, host));
-        lat.push(t.elapsed());
-    }
-    lat.sort();
-    let done = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let end = Instant::now() + Duration::from_secs(secs);
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            let (done, failed) = (done.clone(), failed.clone());
-            s.spawn(move || {
-                while Instant::now() < end {
-                    if get(to, host) {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            });
-        }
-    });
-    Run {
-        p50: lat[n / 2],
-        p99: lat[n * 99 / 100],
-        rps: done.load(Ordering::Relaxed) as f64 / secs as f64,
-        errors: errors + failed.load(Ordering::Relaxed),
-    }
-}
-
-/// Latencies at a fixed rate: request k is due at k/rate; its latency counts from when it
-/// was due, not from when a busy worker got to send it, so a stall shows in the tail
-/// instead of hiding (coordinated omission).
-fn fixed_rate(to: SocketAddr, host: &str, rate: f64, secs: u64, workers: usize) -> (Vec<Duration>, u64) {
-    let total = (rate * secs as f64) as u64;
-    let next = AtomicU64::new(0);
-    let failed = AtomicU64::new(0);
-    let t0 = Instant::now() + Duration::from_millis(50);
-    let mut all: Vec<Duration> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..workers)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut lat = Vec::new();
-                    loop {
-                        let k = next.fetch_add(1, Ordering::Relaxed);
-                        if k >= total {
-                            return lat;
-                        }
-                        let due = t0 + Duration::from_secs_f64(k as f64 / rate);
-                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                            std::thread::sleep(wait);
-                        }
-                        if !get(to, host) {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        lat.push(due.elapsed());
-                    }
-                })
-            })
-            .collect();
-        hs.into_iter().flat_map(|h| h.join().expect("worker")).collect()
-    });
-    all.sort();
-    (all, failed.load(Ordering::Relaxed))
-}
-
-fn q(v: &[Duration], p: f64) -> f64 {
-    v[((v.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6
+struct Path {
+    name: &'static str,
+    to: SocketAddr,
+    host: &'static str,
+    /// Processes whose CPU this path costs (beyond client and server).
+    pids: Vec<u32>,
 }
 
 /// CPU seconds (user + system) a process has used, from /proc.
@@ -126,103 +44,146 @@ fn rss_mib(pid: u32) -> f64 {
     kb / 1024.0
 }
 
-pub fn run(n: usize, workers: usize, secs: u64) -> anyhow::Result<()> {
-    let proxy: SocketAddr = {
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?
-    };
-    let node_args = vec![vec!["--proxy".to_string(), proxy.to_string()]];
-    let c = Cluster::start(ClusterSpec { nodes: 3, node_args, profile: "lan".into(), ..Default::default() })?;
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| cpu_seconds(*p)).sum()
+}
+
+fn rss_of(pids: &[u32]) -> String {
+    pids.iter().map(|p| format!("{:.1}", rss_mib(*p))).collect::<Vec<_>>().join(" + ")
+}
+
+/// Options of one run.
+pub struct Options {
+    pub secs: f64,
+    pub rates: Vec<f64>,
+    pub bulk_mib: u64,
+    pub open_conns: usize,
+}
+
+pub fn run(o: Options) -> anyhow::Result<()> {
+    let proxy = free_port("127.0.0.1")?;
+    let bulk_listen = free_port("127.0.0.1")?;
+    let node0 = vec!["--proxy".into(), proxy.to_string(), "--upstream".into(), format!("bulk={bulk_listen}")];
+    let c =
+        Cluster::start(ClusterSpec { nodes: 3, node_args: vec![node0], profile: "lan".into(), ..Default::default() })?;
     let all = [0, 1, 2];
     let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
     c.wait_all_see(&all, &alive, Duration::from_secs(20))?;
-    let srv = server();
-    for (node, service) in [(0, "local"), (2, "remote")] {
-        let body = json!({"service": service, "address": "127.0.0.1", "port": srv.port()});
-        let (s, v) = c.node(node).api().put_json(&format!("/v1/agent/services/{service}-1"), &body)?;
-        anyhow::ensure!(s == 200, "register {service}: {v}");
+    let srv = loadgen::serve_keepalive("127.0.0.1", BODY);
+    let sink = loadgen::serve_sink("127.0.0.1");
+    for (node, id, body) in [
+        (0, "local-1", json!({"service": "local", "address": "127.0.0.1", "port": srv.port()})),
+        (2, "remote-1", json!({"service": "remote", "address": "127.0.0.1", "port": srv.port()})),
+        (2, "bulk-1", json!({"service": "bulk", "address": "127.0.0.1", "port": sink.port(), "protocol": "tcp"})),
+    ] {
+        let (s, v) = c.node(node).api().put_json(&format!("/v1/agent/services/{id}"), &body)?;
+        anyhow::ensure!(s == 200, "register {id}: {v}");
     }
-    c.wait_until(Duration::from_secs(10), "both instances on node 0", || {
+    c.wait_until(Duration::from_secs(10), "instances on node 0", || {
         let v = c.node(0).api().get_json("/v1/catalog/services").ok()?;
-        (v.get("local").is_some() && v.get("remote").is_some()).then_some(())
+        ["local", "remote", "bulk"].iter().all(|s| v.get(s).is_some()).then_some(())
     })?;
-    let pids: Vec<u32> = [0, 2].iter().filter_map(|&i| c.node(i).pid()).collect();
-    for (i, pid) in [0, 2].iter().zip(&pids) {
-        println!("node {i} RSS idle: {:.1} MiB", rss_mib(*pid));
+    let agents: Vec<u32> = [0, 2].iter().filter_map(|&i| c.node(i).pid()).collect();
+    let (a_ip, b_ip) = (c.node(0).peer_addr.ip().to_string(), c.node(2).peer_addr.ip().to_string());
+    let hap = crate::haproxy::start(
+        &c.root().join("haproxy"),
+        (&a_ip, &c.node(0).tls_dir),
+        (&b_ip, &c.node(2).tls_dir),
+        srv,
+        sink,
+    )?;
+    println!("machine: {} cores; {} s per fixed-rate run; {BODY} B request and response bodies", cores(), o.secs);
+    println!(
+        "idle RSS MiB: trellis node 0 + node 2 = {}; haproxy client + server side = {}",
+        rss_of(&agents),
+        rss_of(&hap.pids())
+    );
+    let paths = [
+        Path { name: "direct (baseline)", to: srv, host: "direct", pids: vec![] },
+        Path { name: "trellis, instance on this node", to: proxy, host: "local", pids: agents[..1].to_vec() },
+        Path { name: "trellis, other node over QUIC", to: proxy, host: "remote", pids: agents.clone() },
+        Path { name: "haproxy two-hop mTLS", to: hap.http, host: "remote", pids: hap.pids() },
+    ];
+    let body = vec![b'b'; BODY];
+    for p in &paths {
+        let (_, errors) = loadgen::closed_loop(p.to, p.host, &body, 1.0, 4);
+        anyhow::ensure!(errors == 0, "{}: {errors} errors while warming up", p.name);
     }
-    println!("{n} sequential requests for latency, then {workers} concurrent clients for {secs} s; new connection per request");
-    println!("{:<36} {:>9} {:>9} {:>10} {:>8} {:>16}", "path", "p50", "p99", "req/s", "errors", "agent CPU ms/req");
-    let direct = measure(srv, "direct", n, workers, secs);
-    let row = |name: &str, r: &Run, cpu: Option<f64>| {
-        let cpu = cpu.map_or("-".to_string(), |c| format!("{c:.3}"));
+    for &rate in &o.rates {
+        let conns = ((rate / 100.0) as usize).max(16);
         println!(
-            "{name:<36} {:>7.0}µs {:>7.0}µs {:>10.0} {:>8} {:>16}",
-            r.p50.as_secs_f64() * 1e6,
-            r.p99.as_secs_f64() * 1e6,
-            r.rps,
-            r.errors,
-            cpu
-        );
-    };
-    row("direct to the server (baseline)", &direct, None);
-    for (name, host) in
-        [("proxy, instance on this node", "local"), ("proxy, instance on another node (QUIC)", "remote")]
-    {
-        let cpu0: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
-        let r = measure(proxy, host, n, workers, secs);
-        let cpu = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
-        let total = (n as f64 + r.rps * secs as f64).max(1.0);
-        row(name, &r, Some(cpu * 1000.0 / total));
-        println!(
-            "{:<36} p50 {:.2}x, p99 {:.2}x, throughput {:.2}x of direct",
-            "",
-            r.p50.as_secs_f64() / direct.p50.as_secs_f64(),
-            r.p99.as_secs_f64() / direct.p99.as_secs_f64(),
-            r.rps / direct.rps
-        );
-    }
-    for rate in [1000.0, 5000.0] {
-        println!(
-            "\nFixed rate {rate:.0} requests/s for {secs} s ({} senders), latency from the due time:",
-            workers * 4
+            "\nfixed rate {rate:.0} req/s for {} s over {conns} keep-alive connections; latency from the due time (µs)",
+            o.secs
         );
         println!(
-            "{:<36} {:>9} {:>9} {:>9} {:>8} {:>20}",
-            "path", "p50", "p99", "p99.9", "errors", "agent cores/1000 rps"
+            "{:<32} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>7} {:>12}",
+            "path", "p50", "p90", "p99", "p99.9", "p99.99", "max", "errors", "cores/1krps"
         );
-        let (d, derr) = fixed_rate(srv, "direct", rate, secs, workers * 4);
-        println!(
-            "{:<36} {:>7.0}µs {:>7.0}µs {:>7.0}µs {:>8} {:>20}",
-            "direct (baseline)",
-            q(&d, 0.5),
-            q(&d, 0.99),
-            q(&d, 0.999),
-            derr,
-            "-"
-        );
-        for (name, host) in [("proxy, instance on this node", "local"), ("proxy, instance on another node", "remote")] {
-            let cpu0: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
-            let (m, err) = fixed_rate(proxy, host, rate, secs, workers * 4);
-            let cores = (pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0) / secs as f64 / (rate / 1000.0);
+        let mut base: Option<RateRun> = None;
+        for p in &paths {
+            let cpu0 = cpu_of(&p.pids);
+            let r = loadgen::fixed_rate(p.to, p.host, &body, rate, o.secs, conns);
+            let cores = (cpu_of(&p.pids) - cpu0) / r.took.as_secs_f64() / (rate / 1000.0);
             println!(
-                "{name:<36} {:>7.0}µs {:>7.0}µs {:>7.0}µs {:>8} {:>20.3}",
-                q(&m, 0.5),
-                q(&m, 0.99),
-                q(&m, 0.999),
-                err,
-                cores
+                "{:<32} {:>7.0} {:>7.0} {:>7.0} {:>8.0} {:>8.0} {:>8.0} {:>7} {:>12}",
+                p.name,
+                r.us(0.5),
+                r.us(0.9),
+                r.us(0.99),
+                r.us(0.999),
+                r.us(0.9999),
+                r.hist.max() as f64,
+                r.errors,
+                if p.pids.is_empty() { "-".to_string() } else { format!("{cores:.3}") }
             );
-            println!(
-                "{:<36} added: p50 {:+.0}µs, p99 {:+.0}µs, p99.9 {:+.0}µs",
-                "",
-                q(&m, 0.5) - q(&d, 0.5),
-                q(&m, 0.99) - q(&d, 0.99),
-                q(&m, 0.999) - q(&d, 0.999)
-            );
+            match &base {
+                None => base = Some(r),
+                Some(b) => println!(
+                    "{:<32} added: p50 {:+.0} µs, p99 {:+.0} µs, p99.9 {:+.0} µs",
+                    "",
+                    r.us(0.5) - b.us(0.5),
+                    r.us(0.99) - b.us(0.99),
+                    r.us(0.999) - b.us(0.999)
+                ),
+            }
         }
     }
-    for (i, pid) in [0, 2].iter().zip(&pids) {
-        println!("node {i} RSS after the run: {:.1} MiB", rss_mib(*pid));
+    println!("\nmaximum throughput: 32 connections back to back for {} s", o.secs);
+    let mut direct_rps = 0.0;
+    for p in &paths {
+        let (rps, errors) = loadgen::closed_loop(p.to, p.host, &body, o.secs, 32);
+        if p.pids.is_empty() {
+            direct_rps = rps;
+        }
+        println!("{:<32} {rps:>9.0} req/s  {:.2}x direct  ({errors} errors)", p.name, rps / direct_rps);
     }
+    println!("\n{} open client connections (each made one request, then held)", o.open_conns);
+    for p in &paths[2..] {
+        let mut held = Vec::with_capacity(o.open_conns);
+        for _ in 0..o.open_conns {
+            let mut conn = Conn::new(p.to, p.host, &body);
+            conn.call().map_err(|e| anyhow::anyhow!("{}: opening connection {}: {e}", p.name, held.len()))?;
+            held.push(conn);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        println!("{:<32} RSS MiB {}", p.name, rss_of(&p.pids));
+    }
+    println!("\nbulk TCP: {} MiB one way, counted by the far end", o.bulk_mib);
+    let bytes = o.bulk_mib * 1024 * 1024;
+    let direct = loadgen::bulk(sink, bytes)?;
+    println!("{:<32} {direct:>8.0} MiB/s", "direct (baseline)");
+    for (name, to) in [("trellis, other node over QUIC", bulk_listen), ("haproxy two-hop mTLS", hap.tcp)] {
+        let r = loadgen::bulk(to, bytes)?;
+        println!("{name:<32} {r:>8.0} MiB/s  {:.2}x direct", r / direct);
+    }
+    println!("\nRSS MiB after the run: trellis {}; haproxy {}", rss_of(&agents), rss_of(&hap.pids()));
     Ok(())
+}
+
+fn free_port(ip: &str) -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?)
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }

@@ -10,7 +10,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use trellis_proto::{NodeIdentity, NodeMeta};
 
 use crate::config::AgentConfig;
-use crate::membership::{MemberEvent, MemberView, Membership, PacketError, PolicyItems, Stats};
+use crate::membership::{
+    alive_members, AliveMembers, MemberEvent, MemberView, Membership, PacketError, PolicyItems, Stats,
+};
 use crate::mesh::forward::{ForwardStats, Forwarder};
 use crate::pki::TlsMaterial;
 use crate::policy::{sync, Policy};
@@ -45,6 +47,8 @@ pub struct AgentHandle {
     pub started: Instant,
     /// Flips to true when the agent should stop (after a leave).
     pub shutdown: watch::Sender<bool>,
+    /// Alive members, republished by the agent task when they change.
+    pub alive: watch::Receiver<Arc<AliveMembers>>,
 }
 
 impl AgentHandle {
@@ -123,12 +127,15 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
     let (limit_tx, limit_rx) = mpsc::channel(1024);
     let ratelimits = RateLimits::new(&cfg.name, ratelimit::Timing::default());
     let (shutdown, _) = watch::channel(false);
+    let (alive_tx, alive) = watch::channel(Arc::new(alive_members(&core.members())));
     let shell = Shell {
         core,
         transport: transport.clone(),
         policy: policy.clone(),
         sync_every: cfg.timing.sync_interval,
         limits: limit_tx,
+        alive: alive_tx,
+        alive_checked: Instant::now(),
     };
     tokio::spawn(shell.run(inbound, cmd_rx));
     let handle = AgentHandle {
@@ -142,6 +149,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         ratelimits: ratelimits.clone(),
         started: Instant::now(),
         shutdown,
+        alive,
     };
     tokio::spawn(ratelimit::shell::run(ratelimits, handle.clone(), limit_rx, ratelimit::Timing::default()));
     tokio::spawn(crate::mesh::health::run(handle.clone()));
@@ -180,7 +188,14 @@ struct Shell {
     sync_every: Duration,
     /// Rate-limit messages go to the limiter's own task.
     limits: mpsc::Sender<Inbound>,
+    alive: watch::Sender<Arc<AliveMembers>>,
+    /// When the alive set was last compared: suspicion ends no event, so it is also
+    /// looked at every [`ALIVE_EVERY`].
+    alive_checked: Instant,
 }
+
+/// How stale the data plane's view of alive members may get between member events.
+const ALIVE_EVERY: Duration = Duration::from_millis(100);
 
 impl Shell {
     async fn run(mut self, mut inbound: mpsc::Receiver<Inbound>, mut commands: mpsc::Receiver<Command>) {
@@ -200,7 +215,8 @@ impl Shell {
                 _ = tokio::time::sleep_until(wake.into()) => self.core.handle_timeout(Instant::now()),
                 _ = sync_tick.tick() => self.sync_with_random_peer(),
             }
-            self.flush();
+            let changed = self.flush();
+            self.publish_alive(changed);
             self.policy.persist();
         }
     }
@@ -309,11 +325,31 @@ impl Shell {
         }
     }
 
-    fn flush(&mut self) {
+    /// Publishes the alive members when an event may have changed them, or when the last
+    /// look is older than [`ALIVE_EVERY`]; readers are woken only on a real change.
+    fn publish_alive(&mut self, event: bool) {
+        if !event && self.alive_checked.elapsed() < ALIVE_EVERY {
+            return;
+        }
+        self.alive_checked = Instant::now();
+        let now = alive_members(&self.core.members());
+        self.alive.send_if_modified(|cur| {
+            let changed = **cur != now;
+            if changed {
+                *cur = Arc::new(now);
+            }
+            changed
+        });
+    }
+
+    /// Sends what the core queued and handles its events; true when there were events.
+    fn flush(&mut self) -> bool {
         while let Some(t) = self.core.poll_transmit() {
             self.transport.send(t.to, Bytes::from(t.data));
         }
+        let mut any = false;
         while let Some(ev) = self.core.poll_event() {
+            any = true;
             log_event(&ev);
             // A member that appears or comes back gets our policy at once.
             match ev {
@@ -321,6 +357,7 @@ impl Shell {
                 _ => {}
             }
         }
+        any
     }
 }
 

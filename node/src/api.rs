@@ -284,6 +284,18 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         "Connections with no live instance to go to.",
         f.no_instance.load(Relaxed),
     );
+    e.labelled(
+        "counter",
+        "trellis_forward_bytes_total",
+        "Bytes this node's callers exchanged with instances (HTTP and TCP, headers included).",
+        "direction",
+        &[("to_instance", f.bytes_to_instances.load(Relaxed)), ("from_instance", f.bytes_from_instances.load(Relaxed))],
+    );
+    e.counter(
+        "trellis_forward_pool_reused_total",
+        "HTTP requests sent on a pooled connection to an instance instead of a new one.",
+        f.pool_reused.load(Relaxed),
+    );
     traffic_metrics(&a, &mut e);
     crate::api_ratelimit::metrics(&a, &mut e);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], e.finish()).into_response()

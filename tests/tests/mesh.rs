@@ -534,3 +534,37 @@ fn instances_declared_in_the_config_file_are_registered_and_served() {
     assert_eq!(body, "from-file /x");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn pooled_connections_to_instances_are_reused_and_a_new_deny_cuts_them() {
+    let (c, proxy) = proxy_mesh();
+    let srv = trellis_chaos::loadgen::serve_keepalive("127.0.0.1", 16);
+    let body = json!({"service": "kept", "address": "127.0.0.1", "port": srv.port()});
+    let (s, v) = c.node(2).api().put_json("/v1/agent/services/kept-1", &body).unwrap();
+    assert_eq!(s, 200, "{v}");
+    let get = || trellis_tests::http::get(proxy, "kept", "/", &[]);
+    c.wait_until(Duration::from_secs(10), "kept reachable", || (get().status == 200).then_some(())).unwrap();
+    // Every client says `Connection: close`; the agent's connection to the instance stays.
+    for _ in 0..50 {
+        let r = get();
+        assert_eq!((r.status, r.body.len()), (200, 16));
+        assert!(r.header("connection").is_none_or(|v| v == "close"), "hop-by-hop headers are ours, not the instance's");
+    }
+    let m0 = c.node(0).api().get_text("/metrics").unwrap();
+    let reused = metric(&m0, "trellis_forward_pool_reused_total").unwrap();
+    assert!(reused >= 45.0, "only {reused} of 50 requests reused a pooled connection");
+    let streams = metric(&c.node(2).api().get_text("/metrics").unwrap(), "trellis_forward_inbound_total").unwrap();
+    assert!(streams <= 5.0, "{streams} QUIC streams opened to node 2 for 51 sequential requests");
+    let sent = metric(&m0, "trellis_forward_bytes_total{direction=\"to_instance\"}").unwrap();
+    let received = metric(&m0, "trellis_forward_bytes_total{direction=\"from_instance\"}").unwrap();
+    assert!(received >= 51.0 * 16.0 && sent >= 51.0 * 20.0, "bytes counted: {sent} out, {received} in");
+    // Intentions are checked on every stream, and again on open ones when policy changes.
+    let deny = json!({"source": "*", "destination": "kept", "action": "deny"});
+    let (s, v) = c.node(1).api().put_json("/v1/policy/intentions/deny-kept", &deny).unwrap();
+    assert_eq!(s, 200, "{v}");
+    let r = c.wait_until(Duration::from_secs(10), "deny in force", || Some(get()).filter(|r| r.status == 403)).unwrap();
+    assert_eq!(r.header("x-trellis-reason"), Some("denied"));
+    for _ in 0..10 {
+        assert_eq!(get().status, 403, "a pooled connection must not outlive the deny");
+    }
+}

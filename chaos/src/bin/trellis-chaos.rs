@@ -41,15 +41,21 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         loss_secs: u64,
     },
-    /// The data plane against a direct connection: latency, throughput, agent CPU and RSS.
+    /// The data plane against a direct connection and HAProxy: fixed-rate latency,
+    /// throughput, CPU, RSS, bulk TCP (chaos/bench-mesh.sh runs it).
     BenchMesh {
-        /// Sequential requests for the latency figures.
-        #[arg(long, default_value_t = 2000)]
-        requests: usize,
-        #[arg(long, default_value_t = 8)]
-        workers: usize,
-        #[arg(long, default_value_t = 5)]
-        secs: u64,
+        /// Seconds per fixed-rate and throughput run.
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        /// Fixed rates, requests per second.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+        rates: Vec<f64>,
+        /// MiB per bulk transfer.
+        #[arg(long, default_value_t = 512)]
+        bulk_mib: u64,
+        /// Client connections held open for the RSS figure.
+        #[arg(long, default_value_t = 1000)]
+        open_conns: usize,
     },
     /// Run a scenario: real agents, traffic, a fault timeline, invariants; exits 1 on a broken one.
     Run {
@@ -83,7 +89,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Up { nodes, profile } => up(nodes, profile),
         Cmd::BenchMembers { nodes, profile, steady_secs, loss_secs } => bench(nodes, profile, steady_secs, loss_secs),
         Cmd::BenchPolicy { nodes, profile, writes, catch_up } => bench_policy(nodes, profile, writes, catch_up),
-        Cmd::BenchMesh { requests, workers, secs } => trellis_chaos::mesh_bench::run(requests, workers, secs),
+        Cmd::BenchMesh { secs, rates, bulk_mib, open_conns } => {
+            trellis_chaos::mesh_bench::run(trellis_chaos::mesh_bench::Options { secs, rates, bulk_mib, open_conns })
+        }
         Cmd::Run { scenarios, seed, out } => run_scenarios(&scenarios, seed, &out),
     }
 }

@@ -32,6 +32,20 @@ pub struct Transmit {
     pub data: Vec<u8>,
 }
 
+/// Alive members by name, with their peer address and labels: what the data plane
+/// balances over, published by the agent task whenever it changes.
+pub type AliveMembers =
+    std::collections::HashMap<String, (std::net::SocketAddr, std::collections::BTreeMap<String, String>)>;
+
+/// The alive members among `members`.
+pub fn alive_members(members: &[MemberView]) -> AliveMembers {
+    members
+        .iter()
+        .filter(|m| m.state == MemberState::Alive)
+        .map(|m| (m.id.name.clone(), (m.id.addr, m.id.meta.labels.clone())))
+        .collect()
+}
+
 /// What changed in the member list, for logs and subscribers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemberEvent {

@@ -102,13 +102,13 @@ impl Snapshot {
     pub fn instances_of<'a>(
         &'a self,
         service: &'a str,
-        alive: &'a HashSet<String>,
+        alive: &'a crate::membership::AliveMembers,
         labels: &'a std::collections::BTreeMap<String, String>,
     ) -> impl Iterator<Item = &'a InstanceView> + 'a {
         self.instances.iter().filter(move |i| {
             i.instance.service == service
                 && i.instance.health != model::Health::Critical
-                && alive.contains(&i.instance.node)
+                && alive.contains_key(&i.instance.node)
                 && labels.iter().all(|(k, v)| i.instance.labels.get(k) == Some(v))
         })
     }

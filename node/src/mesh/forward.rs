@@ -8,27 +8,51 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::{Request, Response};
 
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use trellis_proto::forward::{ForwardOpen, ForwardStatus, MAX_FORWARD_HEADER};
 
 use super::balance::{Balancer, Candidate};
 use super::locality::Place;
+use super::pool::IdlePool;
+use super::upstream;
 use super::{authz, catalog};
 use crate::agent::AgentHandle;
-use crate::membership::MemberState;
+use crate::membership::AliveMembers;
 use crate::policy::model::{Action, Kind};
 use crate::transport::BiStream;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The QUIC error code a stream is reset with when intentions stop allowing it.
+const DENIED_CODE: quinn::VarInt = quinn::VarInt::from_u32(0x403);
+/// Idle connections kept per instance: enough for a busy caller's steady concurrency,
+/// few enough that idle QUIC streams never crowd out new ones (256 per peer).
+const POOL_PER_INSTANCE: usize = 32;
+/// Below the usual keep-alive timeouts of HTTP servers (60 s and up), so a pooled
+/// connection is rarely one the instance is about to close.
+const POOL_IDLE: Duration = Duration::from_secs(20);
 
 /// A byte stream to an instance, local or through a peer.
 pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 pub type Io = Box<dyn Stream>;
+
+/// Why an HTTP request got no response from the instance.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Open(OpenError),
+    #[error("HTTP handshake with the instance failed: {0}")]
+    Handshake(hyper::Error),
+    #[error("the instance did not answer: {0}")]
+    Upstream(hyper::Error),
+}
 
 /// Why no stream to an instance could be opened.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +76,12 @@ pub struct ForwardStats {
     pub ejections: AtomicU64,
     /// Requests refused at once because the service's circuit was open.
     pub circuit_open: AtomicU64,
+    /// Bytes written to and read from instances by this node's callers (HTTP and TCP,
+    /// headers included), counted as they move.
+    pub bytes_to_instances: Arc<AtomicU64>,
+    pub bytes_from_instances: Arc<AtomicU64>,
+    /// HTTP requests sent on a pooled connection rather than a new one.
+    pub pool_reused: AtomicU64,
     /// Requests that ran out of their (route or service) timeout.
     pub timeouts: AtomicU64,
     /// Retries not taken because the retry budget was spent.
@@ -62,6 +92,11 @@ pub struct ForwardStats {
 
 pub struct Forwarder {
     pub(crate) agent: AgentHandle,
+    /// Alive members as the agent task last published them: read per request without
+    /// a round trip to that task.
+    alive: watch::Receiver<Arc<AliveMembers>>,
+    /// Idle HTTP connections to instances, reused across requests.
+    pool: Arc<Mutex<IdlePool<upstream::Sender>>>,
     balancer: Arc<Mutex<Balancer>>,
     outliers: Mutex<super::outlier::OutlierDetector>,
     snap: Mutex<Arc<catalog::Snapshot>>,
@@ -74,22 +109,13 @@ impl Forwarder {
     pub fn new(agent: AgentHandle, stats: Arc<ForwardStats>) -> Arc<Forwarder> {
         let (balancer, outliers, snap) = (Arc::default(), Mutex::default(), Mutex::default());
         let (breakers, budgets) = (Arc::default(), Mutex::default());
-        Arc::new(Forwarder { agent, balancer, outliers, snap, stats, breakers, budgets })
+        let alive = agent.alive.clone();
+        let pool = Arc::new(Mutex::new(IdlePool::new(POOL_PER_INSTANCE, POOL_IDLE)));
+        Arc::new(Forwarder { agent, alive, pool, balancer, outliers, snap, stats, breakers, budgets })
     }
 
     pub fn agent(&self) -> &AgentHandle {
         &self.agent
-    }
-
-    /// Alive nodes by name, with their peer addresses and labels (ourselves included).
-    async fn alive(&self) -> HashMap<String, (SocketAddr, BTreeMap<String, String>)> {
-        self.agent
-            .members()
-            .await
-            .into_iter()
-            .filter(|m| m.state == MemberState::Alive)
-            .map(|m| (m.id.name.clone(), (m.id.addr, m.id.meta.labels)))
-            .collect()
     }
 
     /// Accepts local clients of one upstream service.
@@ -111,10 +137,8 @@ impl Forwarder {
         Ok(())
     }
 
-    /// Picks a live instance of `service` carrying `labels` (by the service's balancer;
-    /// `hash` is the request's hash-header value; not one in `tried`, where it can, and
-    /// adds the pick to it) and opens a byte stream to it: a local TCP
-    /// connection, or a QUIC stream through the instance's agent.
+    /// Picks a live instance of `service` carrying `labels` and opens a byte stream to it
+    /// (for `tcp` listeners; HTTP goes through [`Forwarder::pick`] and the pool).
     pub async fn open(
         &self,
         service: &str,
@@ -122,12 +146,30 @@ impl Forwarder {
         hash: Option<u64>,
         tried: &mut Vec<String>,
     ) -> Result<Io, OpenError> {
-        let alive = self.alive().await;
-        let names: std::collections::HashSet<String> = alive.keys().cloned().collect();
+        let (pick, in_flight) = self.pick(service, labels, hash, tried)?;
+        let started = Instant::now();
+        let io = self.connect(service, &pick).await?;
+        // Opening the stream (QUIC stream, the far agent's connect, its answer) is the
+        // latency peak EWMA sees; the open stream counts as a request in flight.
+        self.observe(&pick, started.elapsed());
+        Ok(Box::new(Tracked { io, _in_flight: in_flight }))
+    }
+
+    /// Picks a live instance of `service` carrying `labels` by the service's balancer
+    /// (`hash` is the request's hash-header value), not one in `tried` where it can, and
+    /// adds the pick to it. The pick counts as a request in flight until the guard drops.
+    pub fn pick(
+        &self,
+        service: &str,
+        labels: &BTreeMap<String, String>,
+        hash: Option<u64>,
+        tried: &mut Vec<String>,
+    ) -> Result<(Pick, InFlight), OpenError> {
+        let alive = self.alive.borrow().clone();
         let snap = self.snapshot();
-        let instances: Vec<&catalog::InstanceView> = snap.instances_of(service, &names, labels).collect();
+        let instances: Vec<&catalog::InstanceView> = snap.instances_of(service, &alive, labels).collect();
         let od = snap.services.get(service).map(|s| s.outlier_detection.clone()).unwrap_or_default();
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let names: Vec<String> = instances.iter().map(|i| i.name.clone()).collect();
         let mut admitted = self.outliers.lock().expect("outlier lock").admit(now, &names, od.max_ejected_percent);
         // A retry goes to an instance not tried yet for this request, while there is one.
@@ -154,37 +196,109 @@ impl Forwarder {
         let me = Place { zone: mine.get("zone").map(String::as_str), region: mine.get("region").map(String::as_str) };
         let lb = snap.services.get(service).map(|s| s.lb.clone()).unwrap_or_default();
         let key = format!("{service}{labels:?}");
-        let pick = self.balancer.lock().expect("balancer lock").pick(&key, &lb, me, &cands, hash);
-        let Some(pick) = pick else {
+        let mut balancer = self.balancer.lock().expect("balancer lock");
+        let Some(at) = balancer.pick(&key, &lb, me, &cands, hash) else {
             self.stats.no_instance.fetch_add(1, Relaxed);
             return Err(OpenError::NoInstance(service.into()));
         };
-        let inst = &instances[admitted[pick]];
+        let inst = instances[admitted[at]];
+        balancer.start(&inst.name);
+        drop(balancer);
         tried.push(inst.name.clone());
         self.stats.outbound.fetch_add(1, Relaxed);
-        let started = std::time::Instant::now();
-        let res = if inst.instance.node == self.agent.identity.name {
-            match connect(inst.instance.address, inst.instance.port).await {
-                Ok(up) => Ok(Box::new(up) as Io),
-                Err(e) => Err(OpenError::Unreachable(e)),
-            }
-        } else {
-            self.remote(service, inst, alive[&inst.instance.node].0).await
+        let local = inst.instance.node == self.agent.identity.name;
+        let pick = Pick {
+            name: inst.name.clone(),
+            node: inst.instance.node.clone(),
+            addr: SocketAddr::new(inst.instance.address, inst.instance.port),
+            peer: if local { None } else { Some(alive[&inst.instance.node].0) },
         };
-        // Opening the stream (QUIC stream, the far agent's connect, its answer) is the
-        // latency peak EWMA sees; the open stream counts as a request in flight.
-        let res = res.map(|io| {
-            let mut b = self.balancer.lock().expect("balancer lock");
-            b.observe(std::time::Instant::now(), &inst.name, started.elapsed());
-            b.start(&inst.name);
-            Box::new(Tracked { io, name: inst.name.clone(), balancer: self.balancer.clone() }) as Io
-        });
-        let ok = !matches!(res, Err(OpenError::Unreachable(_)));
-        if self.outliers.lock().expect("outlier lock").record(now, &inst.name, ok, &od) {
-            self.stats.ejections.fetch_add(1, Relaxed);
-            tracing::warn!(instance = %inst.name, %service, "instance ejected after consecutive failures");
+        Ok((pick, InFlight { name: inst.name.clone(), balancer: self.balancer.clone() }))
+    }
+
+    /// Opens a byte stream to a picked instance: a local TCP connection, or a QUIC stream
+    /// through the instance's agent. Failures count towards ejecting the instance.
+    pub async fn connect(&self, service: &str, pick: &Pick) -> Result<Io, OpenError> {
+        let res = match pick.peer {
+            None => connect(pick.addr.ip(), pick.addr.port())
+                .await
+                .map(|up| Box::new(up) as Io)
+                .map_err(OpenError::Unreachable),
+            Some(peer) => self.remote(service, pick, peer).await,
+        };
+        if matches!(res, Err(OpenError::Unreachable(_))) {
+            self.record(service, pick, false);
         }
-        res
+        res.map(|io| {
+            let (sent, received) = (self.stats.bytes_to_instances.clone(), self.stats.bytes_from_instances.clone());
+            Box::new(Metered { io, sent, received }) as Io
+        })
+    }
+
+    /// Sends an HTTP request to a picked instance, on an idle pooled connection when there
+    /// is one, else on a new one. A pooled connection that closed under us hands the
+    /// request back unsent, and it goes out on the next one.
+    pub async fn request(
+        &self,
+        service: &str,
+        pick: &Pick,
+        mut req: Request<upstream::Body>,
+        authority: &str,
+        h2: bool,
+    ) -> Result<Response<Incoming>, SendError> {
+        loop {
+            let idle =
+                self.pool.lock().expect("pool lock").take(&pick.name, Instant::now(), upstream::Sender::is_usable);
+            let reused = idle.is_some();
+            let mut sender = match idle {
+                Some(s) => s,
+                None => {
+                    let io = self.connect(service, pick).await.map_err(SendError::Open)?;
+                    upstream::handshake(io, h2).await.map_err(SendError::Handshake)?
+                }
+            };
+            let shared = sender.shared().map(|again| {
+                self.pool.lock().expect("pool lock").put(&pick.name, again, Instant::now());
+            });
+            match sender.send(req, authority).await {
+                Ok(resp) => {
+                    self.stats.pool_reused.fetch_add(u64::from(reused), Relaxed);
+                    if shared.is_none() {
+                        self.keep_when_idle(pick.name.clone(), sender);
+                    }
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(back) if reused => req = back,
+                    _ => return Err(SendError::Upstream(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Returns an HTTP/1.1 connection to the pool once its response has been read.
+    fn keep_when_idle(&self, name: String, mut sender: upstream::Sender) {
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            if sender.idle().await {
+                pool.lock().expect("pool lock").put(&name, sender, Instant::now());
+            }
+        });
+    }
+
+    /// Feeds the outlier detector: `ok` is false when the instance failed us.
+    pub fn record(&self, service: &str, pick: &Pick, ok: bool) {
+        let od = self.snapshot().services.get(service).map(|s| s.outlier_detection.clone()).unwrap_or_default();
+        let now = Instant::now();
+        if self.outliers.lock().expect("outlier lock").record(now, &pick.name, ok, &od) {
+            self.stats.ejections.fetch_add(1, Relaxed);
+            tracing::warn!(instance = %pick.name, %service, "instance ejected after consecutive failures");
+        }
+    }
+
+    /// The latency peak EWMA sees for `pick`.
+    pub fn observe(&self, pick: &Pick, took: Duration) {
+        self.balancer.lock().expect("balancer lock").observe(Instant::now(), &pick.name, took);
     }
 
     /// The policy view for this request: rebuilt only when the store has changed.
@@ -197,10 +311,10 @@ impl Forwarder {
         cur.clone()
     }
 
-    async fn remote(&self, service: &str, inst: &catalog::InstanceView, peer: SocketAddr) -> Result<Io, OpenError> {
+    async fn remote(&self, service: &str, pick: &Pick, peer: SocketAddr) -> Result<Io, OpenError> {
         let open = async {
             let (mut send, mut recv) = self.agent.transport.open_bi(peer).await?;
-            send.write_all(&ForwardOpen { service: service.into(), instance: inst.name.clone() }.encode()).await?;
+            send.write_all(&ForwardOpen { service: service.into(), instance: pick.name.clone() }.encode()).await?;
             let status = ForwardStatus::from_byte(recv.read_u8().await?);
             anyhow::Ok((status, send, recv))
         };
@@ -209,7 +323,7 @@ impl Forwarder {
         let limit = self.snapshot().services.get(service).map_or(CONNECT_TIMEOUT, |s| s.connect_timeout);
         let opened = tokio::time::timeout(limit, open)
             .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer from {} within {limit:?}", inst.instance.node)));
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer from {} within {limit:?}", pick.node)));
         let (status, send, recv) = opened.map_err(|e| {
             self.stats.failed.fetch_add(1, Relaxed);
             OpenError::Unreachable(e)
@@ -218,11 +332,11 @@ impl Forwarder {
             ForwardStatus::Ok => Ok(Box::new(tokio::io::join(recv, send))),
             ForwardStatus::Denied => {
                 self.stats.denied.fetch_add(1, Relaxed);
-                Err(OpenError::Denied(inst.instance.node.clone()))
+                Err(OpenError::Denied(pick.node.clone()))
             }
             other => {
                 self.stats.failed.fetch_add(1, Relaxed);
-                Err(OpenError::Unreachable(anyhow::anyhow!("{} answered {other:?}", inst.instance.node)))
+                Err(OpenError::Unreachable(anyhow::anyhow!("{} answered {other:?}", pick.node)))
             }
         }
     }
@@ -287,24 +401,147 @@ impl Forwarder {
         self.stats.inbound.fetch_add(1, Relaxed);
         send.write_all(&[ForwardStatus::Ok as u8]).await?;
         let mut quic = tokio::io::join(recv, send);
-        tokio::io::copy_bidirectional(&mut quic, &mut up).await?;
+        // A stream lives as long as its caller keeps it (pooled HTTP connections, long TCP
+        // sessions), so the intentions are checked again whenever policy changes.
+        let mut changes = self.agent.policy.index.subscribe();
+        {
+            let copy = tokio::io::copy_bidirectional(&mut quic, &mut up);
+            tokio::pin!(copy);
+            loop {
+                tokio::select! {
+                    r = &mut copy => {
+                        r?;
+                        return Ok(());
+                    }
+                    Ok(()) = changes.changed() => {
+                        let snap = self.snapshot();
+                        let now = authz::decide(snap.intentions.iter(), snap.intention_default, &caller, &open.service);
+                        if now == Action::Deny {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.stats.denied.fetch_add(1, Relaxed);
+        tracing::info!(%caller, service = %open.service, "open stream closed: intentions now deny");
+        let (mut recv, mut send) = quic.into_inner();
+        let _ = send.reset(DENIED_CODE);
+        let _ = recv.stop(DENIED_CODE);
         Ok(())
+    }
+}
+
+/// An instance chosen for one request or connection.
+#[derive(Debug, Clone)]
+pub struct Pick {
+    /// The instance's catalog name (`<id>@<node>`): the balancer's and the pool's key.
+    pub name: String,
+    pub node: String,
+    pub addr: SocketAddr,
+    /// The instance's agent, when it is not this one.
+    pub peer: Option<SocketAddr>,
+}
+
+/// A request in flight to an instance, for least-request and peak EWMA: it ends when
+/// the guard drops (with the response body, or the TCP connection).
+pub struct InFlight {
+    name: String,
+    balancer: Arc<Mutex<Balancer>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.balancer.lock() {
+            b.end(&self.name);
+        }
+    }
+}
+
+/// A response body that keeps its request in flight until it is dropped.
+pub struct Counted<B> {
+    body: B,
+    _in_flight: InFlight,
+}
+
+impl<B> Counted<B> {
+    pub fn new(body: B, in_flight: InFlight) -> Self {
+        Counted { body, _in_flight: in_flight }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A stream that counts the bytes it moves.
+struct Metered {
+    io: Io,
+    sent: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
+}
+
+impl tokio::io::AsyncRead for Metered {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        self.received.fetch_add((buf.filled().len() - before) as u64, Relaxed);
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Metered {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            self.sent.fetch_add(n as u64, Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
 /// A stream to an instance that counts as in flight until dropped.
 struct Tracked {
     io: Io,
-    name: String,
-    balancer: Arc<Mutex<Balancer>>,
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        if let Ok(mut b) = self.balancer.lock() {
-            b.end(&self.name);
-        }
-    }
+    _in_flight: InFlight,
 }
 
 impl tokio::io::AsyncRead for Tracked {

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use super::circuit::Breakers;
-use super::forward::{Forwarder, OpenError};
+use super::forward::{Counted, Forwarder, OpenError, SendError};
 use super::retry::backoff;
 use super::router::{RequestInfo, Resolved};
 use super::upstream;
@@ -246,24 +246,32 @@ async fn once(
 ) -> Result<Response<Body>, Failure> {
     let h2 = fwd.snapshot().protocols.get(&resolved.service).is_some_and(|p| upstream::is_h2(*p));
     let hash = hash_of(fwd, &resolved.service, req.headers());
-    let io = match fwd.open(&resolved.service, &resolved.labels, hash, tried).await {
-        Ok(io) => io,
-        Err(e @ OpenError::NoInstance(_)) => {
-            return Err(Failure::Final(error(StatusCode::SERVICE_UNAVAILABLE, "no_instance", e.to_string())))
-        }
-        Err(e @ OpenError::Denied(_)) => {
-            return Err(Failure::Final(error(StatusCode::FORBIDDEN, "denied", e.to_string())))
-        }
-        Err(e @ OpenError::Unreachable(_)) => {
-            return Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "unreachable", e.to_string())))
-        }
+    let (pick, in_flight) = match fwd.pick(&resolved.service, &resolved.labels, hash, tried) {
+        Ok(p) => p,
+        Err(e) => return Err(Failure::Final(error(StatusCode::SERVICE_UNAVAILABLE, "no_instance", e.to_string()))),
     };
-    let mut sender = upstream::handshake(io, h2)
-        .await
-        .map_err(|e| Failure::Retry(error(StatusCode::BAD_GATEWAY, "handshake", e.to_string())))?;
-    match sender.send(req, host).await {
-        Ok(resp) => Ok(resp.map(|b| b.boxed())),
-        Err(e) => Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "upstream", e.to_string()))),
+    let started = Instant::now();
+    match fwd.request(&resolved.service, &pick, req, host, h2).await {
+        Ok(resp) => {
+            fwd.observe(&pick, started.elapsed());
+            fwd.record(&resolved.service, &pick, true);
+            let mut resp = resp.map(|body| Counted::new(body, in_flight).boxed());
+            upstream::strip_hop_by_hop(resp.headers_mut());
+            Ok(resp)
+        }
+        Err(e @ SendError::Open(OpenError::Denied(_))) => {
+            Err(Failure::Final(error(StatusCode::FORBIDDEN, "denied", e.to_string())))
+        }
+        Err(e @ SendError::Open(_)) => {
+            Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "unreachable", e.to_string())))
+        }
+        Err(e @ SendError::Handshake(_)) => {
+            Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "handshake", e.to_string())))
+        }
+        Err(e @ SendError::Upstream(_)) => {
+            fwd.record(&resolved.service, &pick, false);
+            Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "upstream", e.to_string())))
+        }
     }
 }
 

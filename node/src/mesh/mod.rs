@@ -13,6 +13,7 @@ pub mod lb;
 pub mod locality;
 pub mod outlier;
 pub mod p2c;
+pub mod pool;
 pub mod retry;
 pub mod router;
 pub mod traffic;

@@ -5,15 +5,15 @@
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper::header::{HeaderValue, CONNECTION, HOST, TRANSFER_ENCODING, UPGRADE};
+use hyper::client::conn::{http1, http2, TrySendError};
+use hyper::header::{HeaderValue, CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use hyper::{Request, Response, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::forward::Io;
 use crate::policy::model::Protocol;
 
-type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Does `protocol` speak HTTP/2 to its instances?
 pub fn is_h2(protocol: Protocol) -> bool {
@@ -46,17 +46,48 @@ pub async fn handshake(io: Io, h2: bool) -> hyper::Result<Sender> {
 
 impl Sender {
     /// Sends `req`, rewritten for this connection's version; `authority` is the host the
-    /// client asked for.
-    pub async fn send(&mut self, mut req: Request<Body>, authority: &str) -> hyper::Result<Response<Incoming>> {
+    /// client asked for. A request the connection could not take (it had closed) comes
+    /// back in the error, to go out on another one.
+    pub async fn send(
+        &mut self,
+        mut req: Request<Body>,
+        authority: &str,
+    ) -> Result<Response<Incoming>, TrySendError<Request<Body>>> {
         match self {
             Sender::H1(s) => {
                 for_h1(&mut req, authority);
-                s.send_request(req).await
+                s.try_send_request(req).await
             }
             Sender::H2(s) => {
                 for_h2(&mut req, authority);
-                s.send_request(req).await
+                s.try_send_request(req).await
             }
+        }
+    }
+
+    /// Can this idle connection take a request now?
+    pub fn is_usable(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_ready(),
+            Sender::H2(s) => s.is_ready(),
+        }
+    }
+
+    /// An HTTP/2 connection carries many requests at once: it stays in the pool while in
+    /// use, as a second handle.
+    pub fn shared(&self) -> Option<Sender> {
+        match self {
+            Sender::H1(_) => None,
+            Sender::H2(s) => Some(Sender::H2(s.clone())),
+        }
+    }
+
+    /// Resolves when an HTTP/1.1 connection is idle again (its response body was read to
+    /// the end), false when it closed instead.
+    pub async fn idle(&mut self) -> bool {
+        match self {
+            Sender::H1(s) => s.ready().await.is_ok(),
+            Sender::H2(s) => s.ready().await.is_ok(),
         }
     }
 }
@@ -64,21 +95,44 @@ impl Sender {
 /// HTTP/2 carries the authority in the URI and forbids connection-specific headers.
 pub fn for_h2(req: &mut Request<Body>, authority: &str) {
     *req.version_mut() = Version::HTTP_2;
-    let h = req.headers_mut();
-    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE, HOST] {
-        h.remove(name);
-    }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
+    strip_hop_by_hop(req.headers_mut());
+    req.headers_mut().remove(HOST);
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     if let Ok(uri) = format!("http://{authority}{path}").parse::<Uri>() {
         *req.uri_mut() = uri;
     }
 }
 
+/// Removes the headers that describe one hop's connection (RFC 9110 7.6.1), and those
+/// `Connection` names: a client's `Connection: close` must not close our pooled
+/// connection to the instance, nor an instance's close the client's. `TE: trailers` is
+/// end to end in gRPC and stays.
+pub fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
+    let named: Vec<String> = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|n| n.trim().to_ascii_lowercase()))
+        .filter(|n| !n.is_empty())
+        .collect();
+    for n in named {
+        h.remove(n.as_str());
+    }
+    for n in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
+        h.remove(n);
+    }
+    for n in ["keep-alive", "proxy-connection"] {
+        h.remove(n);
+    }
+    if h.get(TE).is_some_and(|v| v != "trailers") {
+        h.remove(TE);
+    }
+}
+
 /// HTTP/1.1 needs a `Host` header and an origin-form path.
 pub fn for_h1(req: &mut Request<Body>, authority: &str) {
     *req.version_mut() = Version::HTTP_11;
+    strip_hop_by_hop(req.headers_mut());
     if !req.headers().contains_key(HOST) {
         if let Ok(v) = HeaderValue::from_str(authority) {
             req.headers_mut().insert(HOST, v);
@@ -128,6 +182,29 @@ mod tests {
         assert_eq!(r.uri().to_string(), "/items");
         assert_eq!(r.headers()["host"], "web");
         assert_eq!(r.version(), Version::HTTP_11);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_do_not_travel() {
+        let mut r = Request::builder()
+            .uri("/")
+            .header("connection", "close, x-hop")
+            .header("x-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("te", "gzip")
+            .header("x-user", "alice")
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap();
+        for_h1(&mut r, "web");
+        let h = r.headers();
+        for gone in ["connection", "x-hop", "keep-alive", "te"] {
+            assert!(h.get(gone).is_none(), "{gone} was forwarded");
+        }
+        assert_eq!(h["x-user"], "alice");
+        let mut h = hyper::HeaderMap::new();
+        h.insert("te", "trailers".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h["te"], "trailers", "gRPC needs TE: trailers end to end");
     }
 
     #[test]
