@@ -51,9 +51,9 @@ TEMPLATE_VARS = {
     "region": "eu-west-1",
     "zone": "eu-west-1a",
     "unit_b64": base64.b64encode(UNIT.read_bytes()).decode(),
-    "ca_b64": "",
-    "cert_b64": "",
-    "key_b64": "",
+    "ca_b64": base64.b64encode(b"sample ca.pem").decode(),
+    "cert_b64": base64.b64encode(b"sample node.pem").decode(),
+    "key_b64": base64.b64encode(b"sample node.key").decode(),
     "trellis_url": "https://downloads.example.invalid/trellis",
     "trellis_sha256": "0" * 64,
 }
@@ -168,7 +168,9 @@ def commands(docs):
             for part in re.split(r"\|\||&&|;", line):
                 words = shlex.split(part, comments=True) if part.strip() else []
                 for i, w in enumerate(words):
-                    if w in ("trellis", "/usr/local/bin/trellis"):
+                    # A command word: first, after `do`/`then`, or `exec SERVICE trellis`.
+                    leads = i == 0 or words[i - 1] in ("do", "then") or (i >= 2 and words[i - 2] == "exec")
+                    if w in ("trellis", "/usr/local/bin/trellis") and leads:
                         found.append((label, words[i + 1:]))
                         break
 
