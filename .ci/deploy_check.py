@@ -13,7 +13,7 @@
   on that series once traffic has flowed;
 - `systemd-analyze verify` finds nothing in the unit, where systemd-analyze is installed.
 
-Usage: python3 .ci/deploy_check.py   (TRELLIS_BIN overrides target/debug/trellis)
+Usage: python3 .ci/deploy_check.py   (TRELLIS_BIN overrides $CARGO_TARGET_DIR/debug/trellis)
 """
 
 import base64
@@ -38,7 +38,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-BIN = Path(os.environ.get("TRELLIS_BIN") or ROOT / "target" / "debug" / "trellis")
+BIN = Path(os.environ.get("TRELLIS_BIN") or ROOT / os.environ.get("CARGO_TARGET_DIR", "target") / "debug" / "trellis")
 UNIT = DEPLOY / "systemd" / "trellis.service"
 TEMPLATE = DEPLOY / "terraform" / "templates" / "user-data.yaml.tftpl"
 # Sample values for the Terraform template (TEST-NET addresses).
@@ -134,7 +134,7 @@ def agent_configs(docs):
                     if key.endswith(".toml"):
                         # The DaemonSet gives --advertise per node (the node's IP); validate
                         # the shared file with a sample value in its place.
-                        if "--advertise" in agent_args and "advertise" not in text:
+                        if "--advertise" in agent_args and not re.search(r"^\s*advertise\s*=", text, re.M):
                             text = 'advertise = "192.0.2.1:7946"\n' + text
                         configs.append((f"{label}: data.{key}", text))
             if isinstance(d, dict):
@@ -165,14 +165,27 @@ def commands(docs):
 
     def from_shell(label, script):
         for line in script.splitlines():
-            for part in re.split(r"\|\||&&|;", line):
-                words = shlex.split(part, comments=True) if part.strip() else []
-                for i, w in enumerate(words):
-                    # A command word: first, after `do`/`then`, or `exec SERVICE trellis`.
-                    leads = i == 0 or words[i - 1] in ("do", "then") or (i >= 2 and words[i - 2] == "exec")
-                    if w in ("trellis", "/usr/local/bin/trellis") and leads:
-                        found.append((label, words[i + 1:]))
-                        break
+            lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+            lex.whitespace_split = True
+            lex.commenters = "#"
+            try:
+                tokens = list(lex)
+            except ValueError as e:
+                check(False, f"{label}: cannot split {line!r}: {e}")
+                continue
+            # Simple commands between ; && || | ( and ).
+            segment = []
+            for t in tokens + [";"]:
+                if t and set(t) <= set("();<>|&"):
+                    words = segment[1:] if segment[:1] in (["do"], ["then"], ["{"]) else segment
+                    for i, w in enumerate(words):
+                        # `trellis ...`, or `docker compose ... exec SERVICE trellis ...`.
+                        if w in ("trellis", "/usr/local/bin/trellis") and (i == 0 or (i >= 2 and words[i - 2] == "exec")):
+                            found.append((label, words[i + 1:]))
+                            break
+                    segment = []
+                else:
+                    segment.append(t)
 
     compose = docs.get("deploy/container/compose.yaml", [{}])[0]
     for name, svc in compose.get("services", {}).items():
@@ -329,7 +342,17 @@ def get(url, headers=None, data=None, method=None):
 def real_metrics():
     """/metrics of a real agent after one proxied HTTP request to a local instance."""
     ip = free_ip()
-    backend = http.server.ThreadingHTTPServer((ip, 0), http.server.SimpleHTTPRequestHandler)
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "3")
+            self.end_headers()
+            self.wfile.write(b"ok\n")
+
+        def log_message(self, *_):
+            pass
+
+    backend = http.server.ThreadingHTTPServer((ip, 0), Ok)
     threading.Thread(target=backend.serve_forever, daemon=True).start()
     tmp = tempfile.mkdtemp(prefix="trellis-deploy-check-")
     agent = None
@@ -421,6 +444,7 @@ def check_dashboard():
     metrics = exposed(real_metrics())
     check(len(metrics) >= 30, f"a real agent exports {len(metrics)} metric names")
     used = set()
+    label_checks = 0
     for expr in exprs:
         for name, matchers in re.findall(r"\b(trellis_[a-zA-Z0-9_:]+)(\{[^}]*\})?", expr):
             used.add(name)
@@ -430,17 +454,20 @@ def check_dashboard():
             labels = set(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)', matchers)) - {"instance", "job"}
             seen = metrics[name]
             if seen:
+                label_checks += 1
                 missing = labels - seen
-                check(not missing, f"grafana: {name}{{{','.join(sorted(labels))}}}"
-                      + (f": labels {sorted(missing)} not on the series" if missing else ""))
+                if missing:
+                    check(False, f"grafana: {name}{{{','.join(sorted(labels))}}}: labels {sorted(missing)} not on the series")
         for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
             names = [n for n, _ in re.findall(r"\b(trellis_[a-zA-Z0-9_:]+)(\{[^}]*\})?", expr)]
             for label in [g.strip() for g in group.split(",") if g.strip()]:
                 if label in ("instance", "job"):
                     continue
-                check(any(label in metrics.get(n, set()) for n in names),
-                      f"grafana: `by ({label})` is a label of {names}")
+                label_checks += 1
+                if not any(label in metrics.get(n, set()) for n in names):
+                    check(False, f"grafana: `by ({label})` in `{expr}` is not a label of {sorted(set(names))}")
     check(all(n in metrics for n in used), f"grafana: all {len(used)} metric names exist in /metrics")
+    check(label_checks >= 20, f"grafana: {label_checks} label matchers and groupings checked against the series")
     missing = [m for m in REQUIRED_METRICS if m not in used]
     check(not missing, "grafana: covers members, gossip, handshakes, policy, requests, latency, forwarding, rate limits"
           + (f" (missing {missing})" if missing else ""))
