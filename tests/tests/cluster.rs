@@ -381,8 +381,7 @@ fn agent_notifies_ready_once_serving_and_stopping_on_sigint() {
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
     // SIGINT is a graceful leave: the seed sees `left` (not `down`) and the agent exits 0.
     c.wait_all_see(&[0], &[("notified".to_string(), "left")], Duration::from_secs(5)).unwrap();
-    let status = c
-        .wait_until(Duration::from_secs(10), "the agent to exit", || agent.0.try_wait().ok().flatten())
-        .unwrap();
+    let status =
+        c.wait_until(Duration::from_secs(10), "the agent to exit", || agent.0.try_wait().ok().flatten()).unwrap();
     assert!(status.success(), "exit {status}; log:\n{}", log());
 }
