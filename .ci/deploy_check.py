@@ -380,15 +380,20 @@ def real_metrics():
         get(f"{api}/v1/agent/services/web-1", {"Content-Type": "application/json"}, body.encode(), "PUT")
         body = json.dumps({"service": "web", "requests_per_second": 1000})
         get(f"{api}/v1/policy/ratelimits/web", {"Content-Type": "application/json"}, body.encode(), "PUT")
-        # Bounded: at most 50 tries, 100 ms apart, until the catalog routes the request.
-        for _ in range(50):
+        # Requests through the proxy until the per-service and per-limit series exist (the
+        # catalog and the limit reach the proxy asynchronously); bounded: 100 tries, 100 ms apart.
+        wanted = ["trellis_requests_total{", "trellis_request_duration_seconds_bucket{",
+                  "trellis_ratelimit_admitted_total{"]
+        for _ in range(100):
             try:
-                if get(f"http://{ip}:15001/", {"Host": "web"})[0] == 200:
-                    break
+                get(f"http://{ip}:15001/", {"Host": "web"})
             except OSError:
                 pass
+            text = get(f"{api}/metrics")[1]
+            if all(w in text for w in wanted):
+                break
             time.sleep(0.1)
-        return get(f"{api}/metrics")[1]
+        return text
     finally:
         if agent:
             agent.send_signal(2)
