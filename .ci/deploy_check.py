@@ -285,6 +285,7 @@ def check_consistency(docs):
     root_vars = set(re.findall(r'variable "([a-z_0-9]+)"', (tf / "variables.tf").read_text()))
     root_reads = set(re.findall(r"\bvar\.([a-z_0-9]+)", "".join(p.read_text() for p in tf.glob("*.tf"))))
     check(root_reads <= root_vars, "terraform/: the root declares every var it reads")
+    check_container(docs)
     ds = daemonset(docs)
     pod = ds["spec"]["template"]["spec"] if ds else {}
     agent = (pod.get("containers") or [{}])[0]
@@ -297,6 +298,34 @@ def check_consistency(docs):
                  "NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet=",
                  "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "SystemCallFilter=@system-service"]:
         check(line in unit.splitlines(), f"trellis.service: {line}")
+
+
+def check_container(docs):
+    """The image copies every workspace member (cargo needs them all); compose agents bind the
+    address their network gives them and join only the other agents."""
+    containerfile = (DEPLOY / "container" / "Containerfile").read_text()
+    members = re.search(r"members\s*=\s*\[(.*?)\]", (ROOT / "Cargo.toml").read_text(), re.S).group(1)
+    missing = [m for m in re.findall(r'"([^"]+)"', members) if not re.search(rf"^COPY {m} {m}$", containerfile, re.M)]
+    check(not missing, "Containerfile: copies every workspace member" + (f" (missing {missing})" if missing else ""))
+    services = docs.get("deploy/container/compose.yaml", [{}])[0].get("services", {})
+    agents = {n: s for n, s in services.items() if (s.get("command") or [None])[0] == "agent"}
+    addrs = {n: next(iter(s["networks"].values()))["ipv4_address"] for n, s in agents.items()}
+    for name, svc in agents.items():
+        cmd = svc["command"]
+        flag = lambda f: [cmd[i + 1] for i, a in enumerate(cmd) if a == f]
+        joins = {j.split(":")[0] for j in flag("--join")}
+        check(flag("--bind") == [f"{addrs[name]}:7946"] and joins == set(addrs.values()) - {addrs[name]}
+              and flag("--name") == [name],
+              f"compose {name}: named {name}, binds {addrs[name]}:7946, joins the other agents")
+    check(len(agents) == 3, f"compose: {len(agents)} agents")
+    # Each agent mounts the volume its own certificate was issued into.
+    pki = services.get("pki", {})
+    issued = dict(re.findall(r"cert issue .*?--name (\S+) --out (\S+)", "\n".join(pki.get("command", []))))
+    pki_vols = {v.split(":")[1]: v.split(":")[0] for v in pki.get("volumes", [])}
+    for name, svc in agents.items():
+        tls = [v.split(":")[0] for v in svc.get("volumes", []) if v.split(":")[1] == "/etc/trellis/tls"]
+        check(name in issued and tls == [pki_vols.get(issued[name])],
+              f"compose {name}: mounts the volume pki issued its certificate into ({tls})")
 
 
 def check_unit_with_systemd():
