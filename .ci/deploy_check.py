@@ -164,7 +164,7 @@ def commands(docs):
     found = []
 
     def from_shell(label, script):
-        for line in script.splitlines():
+        for line in re.sub(r"\\\n", " ", script).splitlines():
             lex = shlex.shlex(line, posix=True, punctuation_chars=True)
             lex.whitespace_split = True
             lex.commenters = "#"
