@@ -15,6 +15,7 @@ pub mod fuzz;
 pub mod membership;
 pub mod mesh;
 pub mod metrics;
+pub mod notify;
 pub mod pki;
 pub mod policy;
 pub mod ratelimit;

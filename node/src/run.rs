@@ -44,12 +44,16 @@ async fn serve(cfg: crate::config::AgentConfig, tls: crate::pki::TlsMaterial) ->
     let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut left_via_api = agent.shutdown.subscribe();
+    // Transport and membership run and the API socket listens (connections queue until the
+    // select below polls the server): a Type=notify unit may start its dependents now.
+    crate::notify::ready(&format!("serving; peer {}, api {}", cfg.advertise, cfg.api));
     tokio::select! {
         r = &mut server => { r?; }
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; leaving the cluster"),
         _ = term.recv() => tracing::info!("terminated; leaving the cluster"),
         _ = left_via_api.wait_for(|s| *s) => tracing::info!("left via the API"),
     }
+    crate::notify::stopping();
     agent.leave().await;
     tokio::time::sleep(LEAVE_GRACE).await;
     agent.transport.shutdown().await;

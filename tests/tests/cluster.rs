@@ -314,3 +314,74 @@ fn api_tokens_scope_reads_and_writes_and_rebinding_names_are_refused() {
     assert!(err.contains("api: 0.0.0.0:0 is not a loopback address") && err.contains("--api-tokens-file"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Kills and reaps an agent the test started itself, also when an assertion fails first.
+struct OwnAgent(std::process::Child);
+
+impl Drop for OwnAgent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What a `Type=notify` unit relies on (deploy/systemd/trellis.service): a real agent sends
+/// READY=1 to `$NOTIFY_SOCKET` once it serves, and STOPPING=1 when SIGINT starts its leave.
+#[test]
+fn agent_notifies_ready_once_serving_and_stopping_on_sigint() {
+    use std::os::unix::net::UnixDatagram;
+    let c = Cluster::start(spec(1)).unwrap();
+    let seed = c.node(0).peer_addr;
+    // The next address of the harness's subnet (checked free when the subnet was picked).
+    let std::net::IpAddr::V4(v4) = seed.ip() else { panic!("{seed} is not IPv4") };
+    let [a, b, x, y] = v4.octets();
+    let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::new(a, b, x, y + 1));
+    let (peer, api) = (std::net::SocketAddr::new(ip, seed.port()), std::net::SocketAddr::new(ip, 8500));
+    let dir = c.root().join("notified");
+    let tls = dir.join("tls");
+    trellis_node::pki::issue_cert(c.ca_dir(), "notified", &tls, Duration::from_secs(3600)).unwrap();
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let log_path = dir.join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = std::process::Command::new(trellis_chaos::cluster::trellis_bin())
+        .args(["agent", "--name", "notified", "--profile", "fast"])
+        .args(["--bind", &peer.to_string(), "--api", &api.to_string(), "--join", &seed.to_string()])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--tls-dir")
+        .arg(&tls)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env_remove("TRELLIS_HTTP_ADDR")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut agent = OwnAgent(child);
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let mut buf = [0u8; 512];
+    let mut recv = |what: &str| {
+        let n = sock.recv(&mut buf).unwrap_or_else(|e| panic!("no {what} within 20 s ({e}); log:\n{}", log()));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+
+    let ready = recv("READY=1");
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(ready.lines().any(|l| l.starts_with("STATUS=serving")), "{ready:?}");
+    // Ready means serving: the first API request after it succeeds, no retry loop.
+    let health = trellis_chaos::http::Api::new(api).get_json("/v1/health").unwrap();
+    assert_eq!(health["name"], "notified");
+    c.wait_all_see(&[0], &[("notified".to_string(), "alive")], Duration::from_secs(10)).unwrap();
+
+    let pid = agent.0.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let stopping = recv("STOPPING=1");
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+    // SIGINT is a graceful leave: the seed sees `left` (not `down`) and the agent exits 0.
+    c.wait_all_see(&[0], &[("notified".to_string(), "left")], Duration::from_secs(5)).unwrap();
+    let status =
+        c.wait_until(Duration::from_secs(10), "the agent to exit", || agent.0.try_wait().ok().flatten()).unwrap();
+    assert!(status.success(), "exit {status}; log:\n{}", log());
+}
