@@ -568,3 +568,36 @@ fn pooled_connections_to_instances_are_reused_and_a_new_deny_cuts_them() {
         assert_eq!(get().status, 403, "a pooled connection must not outlive the deny");
     }
 }
+
+#[test]
+fn an_http_upstream_listener_applies_routes_whatever_the_host() {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let c = three_agents(vec!["--upstream".into(), format!("web={listen}")]);
+    for (node, version) in [(1, "v1"), (2, "v2")] {
+        let srv = trellis_tests::http::server(if version == "v1" { "v1" } else { "v2" });
+        let body =
+            json!({"service": "web", "address": "127.0.0.1", "port": srv.port(), "labels": {"version": version}});
+        let (s, v) = c.node(node).api().put_json(&format!("/v1/agent/services/web-{version}"), &body).unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    let route = json!({"service": "web", "match": {"path": {"prefix": "/api"}}, "destination": {"subset": "v2"}, "rewrite_prefix": "/v2api"});
+    for (kind, name, body) in
+        [("subsets", "v2", json!({"service": "web", "labels": {"version": "v2"}})), ("routes", "api", route)]
+    {
+        let (s, v) = c.node(0).api().put_json(&format!("/v1/policy/{kind}/{name}"), &body).unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    // The app talks to 127.0.0.1:<port> and says so in Host; the listener knows the service.
+    let host = listen.to_string();
+    let get = |path: &str| trellis_tests::http::get(listen, &host, path, &[]);
+    c.wait_until(Duration::from_secs(10), "route in force", || {
+        (get("/api/items").text() == "v2 /v2api/items").then_some(())
+    })
+    .unwrap();
+    for _ in 0..20 {
+        assert_eq!(get("/api/items").text(), "v2 /v2api/items", "the route and its rewrite apply");
+    }
+    let m = c.node(0).api().get_text("/metrics").unwrap();
+    let ok = metric(&m, "trellis_requests_total{service=\"web\",direction=\"outbound\",class=\"2xx\"}").unwrap();
+    assert!(ok >= 21.0, "requests through the upstream listener are counted as web's: {ok}");
+}

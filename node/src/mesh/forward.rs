@@ -118,10 +118,18 @@ impl Forwarder {
         &self.agent
     }
 
-    /// Accepts local clients of one upstream service.
+    /// Accepts local clients of one upstream service: HTTP services get the proxy's L7
+    /// path (routes, splits, retries, limits, metrics) whatever `Host` says; `tcp` ones
+    /// (and services policy does not name) are carried as opaque byte streams.
     pub async fn serve_upstream(self: Arc<Self>, service: String, listener: TcpListener) {
+        let name: Arc<str> = service.as_str().into();
         loop {
             let Ok((tcp, _)) = listener.accept().await else { continue };
+            let l7 = self.snapshot().protocols.get(&service).is_some_and(|p| *p != crate::policy::model::Protocol::Tcp);
+            if l7 {
+                tokio::spawn(super::http::serve_connection(self.clone(), tcp, Some(name.clone())));
+                continue;
+            }
             let (fwd, service) = (self.clone(), service.clone());
             tokio::spawn(async move {
                 if let Err(e) = fwd.client(&service, tcp).await {

@@ -30,15 +30,18 @@ type Body = BoxBody<Bytes, hyper::Error>;
 pub async fn serve(fwd: Arc<Forwarder>, listener: TcpListener) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else { continue };
-        let _ = tcp.set_nodelay(true);
-        let fwd = fwd.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| proxy(fwd.clone(), req));
-            // A malformed request gets hyper's 400 and closes only this connection.
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
-        });
+        tokio::spawn(serve_connection(fwd.clone(), tcp, None));
     }
+}
+
+/// Serves one client connection; `fixed` names the service of a per-upstream listener,
+/// which ignores `Host` (for apps that cannot set it).
+pub async fn serve_connection(fwd: Arc<Forwarder>, tcp: tokio::net::TcpStream, fixed: Option<Arc<str>>) {
+    let _ = tcp.set_nodelay(true);
+    let svc = hyper::service::service_fn(move |req| proxy(fwd.clone(), req, fixed.clone()));
+    // A malformed request gets hyper's 400 and closes only this connection.
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
 }
 
 fn error(status: StatusCode, reason: &str, msg: String) -> Response<Body> {
@@ -79,7 +82,11 @@ pub fn service_of(host: &str) -> &str {
     host.strip_suffix(".trellis").unwrap_or(host)
 }
 
-async fn proxy(fwd: Arc<Forwarder>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn proxy(
+    fwd: Arc<Forwarder>,
+    mut req: Request<Incoming>,
+    fixed: Option<Arc<str>>,
+) -> Result<Response<Body>, Infallible> {
     // HTTP/2 clients send `:authority` (in the URI) instead of a Host header.
     let host = req
         .headers()
@@ -88,7 +95,8 @@ async fn proxy(fwd: Arc<Forwarder>, mut req: Request<Incoming>) -> Result<Respon
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .unwrap_or("")
         .to_string();
-    let service = service_of(&host).to_string();
+    let service = fixed.as_deref().unwrap_or_else(|| service_of(&host)).to_string();
+    let host = if host.is_empty() { service.clone() } else { host };
     if service.is_empty() {
         return Ok(error(StatusCode::BAD_REQUEST, "no_host", "set Host: <service> or <service>.trellis".into()));
     }
