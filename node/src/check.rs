@@ -93,6 +93,9 @@ pub struct LinkCounters {
     pub dial_failures: u64,
 }
 
+/// A member's clock minus ours in ms, and the measurement's uncertainty in ms.
+pub type Skew = (i64, u64);
+
 /// Everything the checks look at, gathered once.
 #[derive(Clone, Debug)]
 pub struct Facts {
@@ -103,7 +106,7 @@ pub struct Facts {
     pub links: LinkCounters,
     /// Per member: its clock minus ours in ms, with the measurement's uncertainty (half the
     /// round trip), or why it could not be measured.
-    pub clocks: Vec<(String, Result<(i64, u64), String>)>,
+    pub clocks: Vec<(String, Result<Skew, String>)>,
     pub data_dir: (PathBuf, Result<(), String>),
 }
 
@@ -125,8 +128,7 @@ fn api_check(f: &Facts) -> Check {
 }
 
 fn cert_check(f: &Facts) -> Check {
-    let issue =
-        "issue a new one: `trellis cert issue --ca-dir CA --name NODE --out TLS_DIR`, then restart or SIGHUP the agent";
+    let issue = "issue a new one: `trellis cert issue --ca-dir CA --name NODE --out TLS_DIR`, then restart the agent";
     match &f.cert {
         Err(e) => check(
             Status::Fail,
@@ -477,7 +479,7 @@ pub fn gather(api: SocketAddr, tls_dir: &Path, data_dir: &Path) -> Facts {
 
 /// A member's clock minus ours, read from its API's `unix_ms` between two readings of our
 /// clock; the uncertainty is half the round trip.
-fn clock_skew(api: Option<SocketAddr>) -> Result<(i64, u64), String> {
+fn clock_skew(api: Option<SocketAddr>) -> Result<Skew, String> {
     let api = api.ok_or("the member announces no API address")?;
     let now_ms = || {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)

@@ -211,9 +211,12 @@ pub fn merge_table(into: &mut toml::Table, from: toml::Table) {
     }
 }
 
+/// The environment's table and where each of its keys came from.
+pub type EnvLayer = (toml::Table, Vec<(String, Origin)>);
+
 /// The config keys set by `TRELLIS_*` variables, as a TOML table, with their origins.
 /// Each variable is checked on its own so an error names it.
-pub fn env_table(env: &[(String, String)]) -> Result<(toml::Table, Vec<(String, Origin)>), Vec<String>> {
+pub fn env_table(env: &[(String, String)]) -> Result<EnvLayer, Vec<String>> {
     let mut table = toml::Table::new();
     let mut origins = Vec::new();
     let mut problems = Vec::new();
@@ -390,6 +393,12 @@ fn distance(a: &str, b: &str) -> usize {
 
 /// A valid value for a field, as the fix shows it.
 pub fn example(field: &str) -> &'static str {
+    if field.starts_with("labels.") {
+        return "\"eu-1a\" (a string)";
+    }
+    if field.starts_with("upstreams.") {
+        return "\"127.0.0.1:9000\"";
+    }
     match field.rsplit('.').next().unwrap_or(field) {
         "name" => "\"web-1\"",
         "bind" | "advertise" => "\"10.0.0.11:7946\"",
