@@ -31,6 +31,10 @@ pub enum Command {
     Leave(oneshot::Sender<()>),
     /// Spread a local policy write.
     Publish(PolicyEntry),
+    /// Per member: when we last received gossip from it (for `trellis check`).
+    Peers(oneshot::Sender<Vec<(MemberView, Option<Duration>)>>),
+    /// New labels (SIGHUP): gossiped under a new generation of our identity.
+    SetLabels(std::collections::BTreeMap<String, String>, oneshot::Sender<Result<u64, String>>),
 }
 
 /// What the API needs to reach a running agent.
@@ -136,6 +140,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         limits: limit_tx,
         alive: alive_tx,
         alive_checked: Instant::now(),
+        last_heard: Default::default(),
     };
     tokio::spawn(shell.run(inbound, cmd_rx));
     let handle = AgentHandle {
@@ -192,6 +197,8 @@ struct Shell {
     /// When the alive set was last compared: suspicion ends no event, so it is also
     /// looked at every [`ALIVE_EVERY`].
     alive_checked: Instant,
+    /// When each peer address last sent us gossip we accepted.
+    last_heard: std::collections::HashMap<SocketAddr, Instant>,
 }
 
 /// How stale the data plane's view of alive members may get between member events.
@@ -236,7 +243,9 @@ impl Shell {
 
     fn on_gossip(&mut self, msg: Inbound) {
         match self.core.handle_datagram(Instant::now(), Some(&msg.peer_name), &msg.data) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.last_heard.insert(msg.from, Instant::now());
+            }
             Err(PacketError::Malformed(why)) => self.transport.close_malformed(&msg.conn, &why),
             Err(e @ PacketError::IdentityMismatch { .. }) => self.transport.close_malformed(&msg.conn, &e.to_string()),
             Err(PacketError::Refused(why)) => tracing::debug!(peer = %msg.peer_name, %why, "gossip refused"),
@@ -313,6 +322,20 @@ impl Shell {
                 core.leave(Instant::now());
                 let _ = tx.send(());
             }
+            Command::Peers(tx) => {
+                let now = Instant::now();
+                let heard = |m: &MemberView| self.last_heard.get(&m.id.addr).map(|t| now.duration_since(*t));
+                let _ = tx.send(core.members().into_iter().skip(1).map(|m| (m.clone(), heard(&m))).collect());
+            }
+            Command::SetLabels(labels, tx) => {
+                let mut id = core.identity().clone();
+                id.meta.labels = labels;
+                let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+                // A higher generation is how peers tell the newer identity from the older.
+                id.generation = now_ms.max(id.generation + 1);
+                let generation = id.generation;
+                let _ = tx.send(core.change_identity(Instant::now(), id).map(|()| generation));
+            }
             Command::Publish(entry) => {
                 // Small changes ride on gossip; large ones are pushed to every live member.
                 if !core.broadcast(Instant::now(), &entry.encode_item()) {
@@ -363,11 +386,11 @@ impl Shell {
 
 fn log_event(ev: &MemberEvent) {
     match ev {
-        MemberEvent::Up(id) => tracing::info!(member = %id.name, addr = %id.addr, "member up"),
-        MemberEvent::Down(id) => tracing::warn!(member = %id.name, addr = %id.addr, "member down"),
-        MemberEvent::Left(id) => tracing::info!(member = %id.name, addr = %id.addr, "member left"),
+        MemberEvent::Up(id) => tracing::info!(peer = %id.name, addr = %id.addr, "member up"),
+        MemberEvent::Down(id) => tracing::warn!(peer = %id.name, addr = %id.addr, "member down"),
+        MemberEvent::Left(id) => tracing::info!(peer = %id.name, addr = %id.addr, "member left"),
         MemberEvent::Renamed { old, new } => {
-            tracing::info!(member = %new.name, old_generation = old.generation, new_generation = new.generation, "member restarted")
+            tracing::info!(peer = %new.name, old_generation = old.generation, new_generation = new.generation, "member restarted")
         }
         MemberEvent::Joined => tracing::info!("joined the cluster"),
         MemberEvent::Isolated => tracing::warn!("no live members left; retrying seeds"),

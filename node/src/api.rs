@@ -95,6 +95,7 @@ pub fn router(agent: AgentHandle) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/agent/self", get(agent_self))
         .route("/v1/members", get(members))
+        .route("/v1/agent/peers", get(peers))
         .route("/v1/agent/join", post(join))
         .route("/v1/agent/leave", post(leave))
         .route("/metrics", get(metrics))
@@ -127,7 +128,28 @@ async fn agent_self(State(a): State<AgentHandle>) -> Json<serde_json::Value> {
         "labels": id.meta.labels,
         "generation": id.generation,
         "uptime_seconds": a.started.elapsed().as_secs(),
+        // Wall clock, so `trellis check` can measure skew between members.
+        "unix_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
     }))
+}
+
+/// `GET /v1/agent/peers`: every other member with the time since we last heard from it.
+async fn peers(State(a): State<AgentHandle>) -> Json<Vec<crate::check::PeerJson>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let _ = a.commands.send(crate::agent::Command::Peers(tx)).await;
+    let list = rx.await.unwrap_or_default();
+    Json(
+        list.into_iter()
+            .map(|(m, heard)| crate::check::PeerJson {
+                name: m.id.name.clone(),
+                peer_addr: m.id.addr,
+                api_addr: m.id.meta.api_addr,
+                state: m.state.as_str().to_string(),
+                version: m.id.meta.version.clone(),
+                last_heard_ms: heard.map(|d| d.as_millis() as u64),
+            })
+            .collect(),
+    )
 }
 
 pub fn member_json(a: &AgentHandle, m: &MemberView) -> MemberJson {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{parse_label, validate_name, AgentConfig, FileConfig};
+use crate::config::{parse_label, validate_name, AgentConfig};
 use crate::membership::Profile;
 
 #[derive(Parser, Debug)]
@@ -51,10 +51,29 @@ pub enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// Check a config file exactly as the agent would at start.
+    /// Check a config file or directory (with the TRELLIS_* environment) exactly as the
+    /// agent does at start.
     Validate { file: PathBuf },
+    /// Check this node: API, certificate, CA, peers over UDP, clock skew, data dir, versions.
+    /// One line per check; exits non-zero if any fails.
+    Check(CheckArgs),
     /// Start a throwaway local cluster of real agents (new CA, mTLS, 127.0.0.x).
     Dev(crate::dev::DevArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// The agent's config file or directory (for tls_dir and data_dir; TRELLIS_* apply too).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Directory holding ca.pem, node.pem and node.key (default: from the config, else /etc/trellis/tls).
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
+    /// The agent's data dir (default: from the config, else /var/lib/trellis).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(short, long, value_enum, default_value = "text")]
+    pub output: Output,
 }
 
 #[derive(Subcommand, Debug)]
@@ -155,7 +174,8 @@ pub struct AgentArgs {
     /// Timing profile for membership.
     #[arg(long, value_enum)]
     pub profile: Option<Profile>,
-    /// TOML config file with the same fields; flags win over it.
+    /// TOML config file, or a directory of *.toml files merged in name order, with the same
+    /// fields; TRELLIS_* variables win over it, flags over both.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
@@ -182,17 +202,42 @@ pub struct AgentArgs {
 }
 
 impl AgentArgs {
-    /// Merges defaults < file < flags and checks the result.
+    /// Merges defaults < file or directory < environment < flags and checks the result:
+    /// the one function both the agent and `trellis validate` run.
     pub fn resolve(&self) -> Result<(AgentConfig, Option<String>), crate::config::ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        self.resolve_with(&env, None)
+    }
+
+    /// [`AgentArgs::resolve`] over a given environment; `default_name` stands in when no
+    /// layer names the node (`trellis validate` of a file that leaves the name to a flag).
+    pub fn resolve_with(
+        &self,
+        env: &[(String, String)],
+        default_name: Option<&str>,
+    ) -> Result<(AgentConfig, Option<String>), crate::config::ConfigError> {
+        use crate::config::layers;
         use crate::config::ConfigError;
-        let file = match &self.config {
-            Some(p) => FileConfig::load(p)?,
-            None => FileConfig::default(),
+        let config_path = self
+            .config
+            .clone()
+            .or_else(|| env.iter().find(|(k, _)| k == layers::CONFIG_ENV).map(|(_, v)| PathBuf::from(v)));
+        let sources = match &config_path {
+            Some(p) => layers::read_sources(p)?,
+            None => Vec::new(),
         };
-        let name = self.name.clone().or(file.name.clone()).ok_or_else(|| {
-            ConfigError("name: missing; give --name NODE (or name = \"...\" in the config file)".into())
+        let mut layered = layers::merge(&sources, env)?;
+        for (field, flag) in self.flag_fields() {
+            layered.origins.0.insert(field.into(), layers::Origin::Flag { flag: flag.into() });
+        }
+        let file = layered.file;
+        let origins = layered.origins;
+        let name = self.name.clone().or(file.name.clone()).or(default_name.map(str::to_string)).ok_or_else(|| {
+            ConfigError(
+                "name: missing; give --name NODE (or name = \"...\" in the config file, or TRELLIS_NAME)".into(),
+            )
         })?;
-        validate_name(&name)?;
+        validate_name(&name).map_err(|e| ConfigError(origins.locate(&e.0)))?;
         let bind = self.bind.or(file.bind).unwrap_or_else(|| "0.0.0.0:7946".parse().expect("literal"));
         let advertise = self.advertise.or(file.advertise).unwrap_or(bind);
         let profile = self.profile.or(file.profile).unwrap_or_default();
@@ -225,13 +270,22 @@ impl AgentArgs {
                 "api: {api} is not a loopback address, so anyone who reaches it could operate this agent; give --api-tokens-file FILE, or bind the API to 127.0.0.1"
             ));
         }
+        let log_level = self.log_level.clone().or(file.log_level.clone());
+        if let Some(level) = &log_level {
+            if let Err(e) = crate::run::log_filter(level) {
+                problems.push(e);
+            }
+        }
         if !problems.is_empty() {
-            return Err(ConfigError(problems.join("\n")));
+            let located: Vec<String> = problems.iter().map(|p| origins.locate(p)).collect();
+            return Err(ConfigError(located.join("\n")));
         }
         let mut labels = file.labels.clone();
         labels.extend(self.labels.iter().cloned());
-        let mut join = file.join.clone();
-        join.extend(self.join.iter().copied());
+        // A list given at a higher layer replaces the lower one.
+        let join = if self.join.is_empty() { file.join.clone() } else { self.join.clone() };
+        let mut upstreams = file.upstreams.clone();
+        upstreams.extend(self.upstreams.iter().cloned());
         let cfg = AgentConfig {
             data_dir: self
                 .data_dir
@@ -256,12 +310,68 @@ impl AgentArgs {
                 delay: Default::default(),
             },
             fault_injection: self.fault_injection,
-            upstreams: file.upstreams.clone().into_iter().chain(self.upstreams.iter().cloned()).collect(),
+            upstreams: upstreams.into_iter().collect(),
             proxy: self.proxy.or(file.proxy),
             services,
         };
-        Ok((cfg, self.log_level.clone().or(file.log_level)))
+        Ok((cfg, log_level))
     }
+
+    /// The config fields set by flags, so a refused value names the flag.
+    fn flag_fields(&self) -> Vec<(&'static str, &'static str)> {
+        let mut v = Vec::new();
+        let set = [
+            ("name", "--name", self.name.is_some()),
+            ("bind", "--bind", self.bind.is_some()),
+            ("advertise", "--advertise", self.advertise.is_some()),
+            ("api", "--api", self.api.is_some()),
+            ("join", "--join", !self.join.is_empty()),
+            ("data_dir", "--data-dir", self.data_dir.is_some()),
+            ("tls_dir", "--tls-dir", self.tls_dir.is_some()),
+            ("profile", "--profile", self.profile.is_some()),
+            ("log_level", "--log-level", self.log_level.is_some()),
+            ("proxy", "--proxy", self.proxy.is_some()),
+            ("api_tokens_file", "--api-tokens-file", self.api_tokens_file.is_some()),
+        ];
+        for (field, flag, given) in set {
+            if given {
+                v.push((field, flag));
+            }
+        }
+        v
+    }
+}
+
+/// `trellis validate FILE|DIR`: the agent's own start-up config checks, nothing started.
+fn validate(path: &std::path::Path) -> anyhow::Result<()> {
+    let args = AgentArgs { config: Some(path.to_path_buf()), ..Default::default() };
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    args.resolve_with(&env, Some("validate"))?;
+    let files = crate::config::layers::read_sources(path)?;
+    let names: Vec<String> = files.iter().map(|(p, _)| p.display().to_string()).collect();
+    println!("{}: ok ({})", path.display(), names.join(", "));
+    Ok(())
+}
+
+/// `trellis check`: the node's paths come from flags, else the same layers as the agent's.
+fn check(http: SocketAddr, args: &CheckArgs) -> anyhow::Result<()> {
+    use crate::config::layers;
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let path = args.config.clone().or_else(|| env.iter().find(|(k, _)| k == layers::CONFIG_ENV).map(|(_, v)| v.into()));
+    let sources = path.as_deref().map(layers::read_sources).transpose()?.unwrap_or_default();
+    let file = layers::merge(&sources, &env)?.file;
+    let tls_dir = args.tls_dir.clone().or(file.tls_dir).unwrap_or_else(|| PathBuf::from("/etc/trellis/tls"));
+    let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/trellis"));
+    let checks = crate::check::run_checks(&crate::check::gather(http, &tls_dir, &data_dir));
+    if args.output == Output::Json {
+        let ok = !crate::check::any_failed(&checks);
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"ok": ok, "checks": checks}))?);
+    } else {
+        print!("{}", crate::check::render(&checks));
+    }
+    let failed = checks.iter().filter(|c| c.status == crate::check::Status::Fail).count();
+    anyhow::ensure!(failed == 0, "{failed} of {} checks failed", checks.len());
+    Ok(())
 }
 
 /// Entry point of the binary; returns the process exit code.
@@ -299,16 +409,8 @@ pub fn main() -> i32 {
         Command::Join { addrs } => crate::client::join(cli.http_addr, &addrs),
         Command::Leave => crate::client::leave(cli.http_addr),
         Command::Ratelimits { name, output } => crate::client::ratelimits(cli.http_addr, name.as_deref(), output),
-        Command::Validate { file } => {
-            let args = AgentArgs { config: Some(file.clone()), name: Some("validate".into()), ..Default::default() };
-            match FileConfig::load(&file).and_then(|_| args.resolve()) {
-                Ok(_) => {
-                    println!("{}: ok", file.display());
-                    Ok(())
-                }
-                Err(e) => Err(e.into()),
-            }
-        }
+        Command::Validate { file } => validate(&file),
+        Command::Check(args) => check(cli.http_addr, &args),
         Command::Dev(args) => crate::dev::run(args),
         Command::Policy(PolicyCommand::Apply { file, check }) => {
             crate::client::policy_apply(cli.http_addr, &file, check)

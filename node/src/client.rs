@@ -42,6 +42,11 @@ fn call(addr: SocketAddr, method: &str, path: &str, body: Option<String>) -> any
     Ok(text)
 }
 
+/// `GET path` on the agent's API; the body of a 2xx answer.
+pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    call(addr, "GET", path, None)
+}
+
 pub fn fetch_members(addr: SocketAddr) -> anyhow::Result<Vec<MemberJson>> {
     Ok(serde_json::from_str(&call(addr, "GET", "/v1/members", None)?)?)
 }

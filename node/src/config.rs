@@ -1,4 +1,5 @@
-//! Agent configuration: defaults < TOML file < command-line flags.
+//! Agent configuration: defaults < TOML file or directory < environment < command-line flags
+//! (the layering is in [`layers`]).
 //!
 //! Every error names the field (and for files, the file, line and column) and the fix.
 
@@ -10,6 +11,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::membership::{Profile, Timing};
+
+pub mod layers;
 
 /// The settings of a running agent, fully resolved.
 #[derive(Clone, Debug)]
@@ -109,37 +112,63 @@ impl FileConfig {
         FileConfig::parse(&text, path)
     }
 
+    /// Parses one TOML file; an error names the file, line, field, what was found, what is
+    /// accepted and the fix.
     pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| {
-            let at = e.span().map(|s| locate(text, s.start)).unwrap_or_default();
-            ConfigError(format!(
-                "{}:{at} {}\nhint: each `trellis agent` flag has a config key of the same name (dashes become underscores); timing keys go under [timing]",
-                path.display(),
-                e.message().trim_end()
-            ))
-        })
+        toml::from_str(text).map_err(|e| ConfigError(file_error(text, path, &e)))
     }
 }
 
-/// " line N, field `a.b`:" for the byte offset of an error, so the operator sees where.
-fn locate(text: &str, offset: usize) -> String {
+fn file_error(text: &str, path: &Path, e: &toml::de::Error) -> String {
+    let (line, field) = e.span().map(|s| locate(text, s.start)).unwrap_or((0, None));
+    let msg = e.message().trim_end();
+    let (found, accepted) = layers::explain(msg);
+    let fix = if msg.starts_with("unknown field") {
+        let key = field.as_deref().and_then(|f| f.rsplit('.').next()).unwrap_or("");
+        let options: Vec<&str> = accepted.split('`').skip(1).step_by(2).collect();
+        let mean =
+            layers::closest(key, options.into_iter()).map(|k| format!("did you mean `{k}`? ")).unwrap_or_default();
+        format!("{mean}remove the key or correct its name; each `trellis agent` flag has a key of the same name (dashes become underscores); timing keys go under [timing]")
+    } else if ["invalid type", "invalid value", "unknown variant", "invalid length"].iter().any(|p| msg.starts_with(p))
+    {
+        let f = field.as_deref().unwrap_or("");
+        format!("write it as `{} = {}`", f.rsplit('.').next().unwrap_or(f), layers::example(f))
+    } else {
+        return format!(
+            "{}:{} found invalid TOML ({found}); accepted: TOML (`key = value` lines, quoted strings, [table] headers); fix: correct the syntax on that line",
+            path.display(),
+            at(line, field.as_deref())
+        );
+    };
+    format!("{}:{} found {found}; accepted: {accepted}; fix: {fix}", path.display(), at(line, field.as_deref()))
+}
+
+fn at(line: usize, field: Option<&str>) -> String {
+    match field {
+        Some(f) => format!(" line {line}, field `{f}`:"),
+        None => format!(" line {line}:"),
+    }
+}
+
+/// The line number and the dotted field path at the byte offset of an error.
+fn locate(text: &str, offset: usize) -> (usize, Option<String>) {
     let offset = offset.min(text.len());
     let line_no = text[..offset].matches('\n').count() + 1;
     let mut section = String::new();
     for l in text.lines().take(line_no - 1) {
         let l = l.trim();
         if l.starts_with('[') && l.ends_with(']') {
-            section = l.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            section = l.trim_matches(|c| c == '[' || c == ']').trim().replace('"', "");
         }
     }
     let line = text.lines().nth(line_no - 1).unwrap_or("");
     match line.split_once('=') {
         Some((key, _)) if !line.trim_start().starts_with('[') => {
-            let key = key.trim();
+            let key = key.trim().trim_matches('"');
             let field = if section.is_empty() { key.to_string() } else { format!("{section}.{key}") };
-            format!(" line {line_no}, field `{field}`:")
+            (line_no, Some(field))
         }
-        _ => format!(" line {line_no}:"),
+        _ => (line_no, None),
     }
 }
 
@@ -251,7 +280,104 @@ mod tests {
     #[test]
     fn unknown_key_is_an_error() {
         let err = FileConfig::parse("nmae = \"n1\"\n", Path::new("c.toml")).unwrap_err().to_string();
-        assert!(err.contains("unknown field `nmae`"), "{err}");
+        assert!(err.contains("found unknown key `nmae`"), "{err}");
+    }
+
+    fn parse_err(text: &str) -> String {
+        FileConfig::parse(text, Path::new("/etc/trellis/agent.toml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn syntax_error_full_message() {
+        assert_eq!(
+            parse_err("name = \"n1\"\nbind = 127.0.0.1:7946\n"),
+            "/etc/trellis/agent.toml: line 2, field `bind`: found invalid TOML (expected newline, `#`); accepted: TOML (`key = value` lines, quoted strings, [table] headers); fix: correct the syntax on that line"
+        );
+    }
+
+    #[test]
+    fn type_error_full_message() {
+        assert_eq!(
+            parse_err("name = \"n1\"\nbind = 7946\n"),
+            "/etc/trellis/agent.toml: line 2, field `bind`: found integer `7946`; accepted: socket address; fix: write it as `bind = \"10.0.0.11:7946\"`"
+        );
+    }
+
+    #[test]
+    fn unknown_key_full_message() {
+        assert_eq!(
+            parse_err("name = \"n1\"\n[timing]\nprobe_perod = \"1s\"\n"),
+            "/etc/trellis/agent.toml: line 3, field `timing.probe_perod`: found unknown key `probe_perod`; accepted: one of `probe_period`, `probe_rtt`, `suspect_to_down_after`, `remove_down_after`, `gossip_interval`, `gossip_fanout`, `announce_interval`, `sync_interval`, `tombstone_grace`; fix: did you mean `probe_period`? remove the key or correct its name; each `trellis agent` flag has a key of the same name (dashes become underscores); timing keys go under [timing]"
+        );
+    }
+
+    #[test]
+    fn bad_value_full_message() {
+        assert_eq!(
+            parse_err("profile = \"lna\"\n"),
+            "/etc/trellis/agent.toml: line 1, field `profile`: found `lna`; accepted: one of `lan`, `wan`, `fast`; fix: write it as `profile = \"lan\" (or \"wan\", \"fast\")`"
+        );
+        assert_eq!(
+            parse_err("[timing]\nprobe_period = \"1 fortnight\"\n"),
+            "/etc/trellis/agent.toml: line 2, field `timing.probe_period`: found string \"1 fortnight\"; accepted: a duration; fix: write it as `probe_period = \"1s\" (a duration: 500ms, 2s, 5m)`"
+        );
+    }
+
+    #[test]
+    fn a_value_refused_after_parsing_names_file_line_and_field() {
+        let dir = std::env::temp_dir().join(format!("trellis-cfg-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("agent.toml");
+        std::fs::write(&p, "name = \"n1\"\nbind = \"127.0.0.1:7946\"\n[timing]\nprobe_rtt = \"3s\"\n").unwrap();
+        let args = crate::cli::AgentArgs { config: Some(p.clone()), ..Default::default() };
+        let err = args.resolve_with(&[], None).unwrap_err().to_string();
+        let want = format!(
+            "{}: line 4, field `timing.probe_rtt` (found `probe_rtt = \"3s\"`): timing.probe_rtt (3s) must be shorter than timing.probe_period (1s); fix: change line 4 of {}",
+            p.display(),
+            p.display()
+        );
+        assert_eq!(err, want);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn flags_override_the_environment_which_overrides_the_file() {
+        let dir = std::env::temp_dir().join(format!("trellis-cfg-layers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("agent.toml");
+        std::fs::write(
+            &p,
+            "name = \"file\"\nbind = \"127.0.0.1:1\"\njoin = [\"127.0.0.9:1\"]\n[labels]\nzone = \"f\"\nrack = \"f\"\n",
+        )
+        .unwrap();
+        let env: Vec<(String, String)> = [
+            ("TRELLIS_NAME", "env"),
+            ("TRELLIS_BIND", "127.0.0.1:2"),
+            ("TRELLIS_LABELS", "zone=e,row=e"),
+            ("TRELLIS_LOG_LEVEL", "debug"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let args = crate::cli::AgentArgs {
+            config: Some(p.clone()),
+            name: Some("flag".into()),
+            join: vec!["127.0.0.3:3".parse().unwrap()],
+            labels: vec![("zone".into(), "l".into())],
+            ..Default::default()
+        };
+        let (cfg, level) = args.resolve_with(&env, None).unwrap();
+        assert_eq!(cfg.name, "flag");
+        assert_eq!(cfg.bind, "127.0.0.1:2".parse().unwrap(), "env over file");
+        assert_eq!(cfg.join, vec!["127.0.0.3:3".parse().unwrap()], "flag list replaces");
+        let labels: Vec<(&str, &str)> = cfg.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(labels, [("rack", "f"), ("row", "e"), ("zone", "l")]);
+        assert_eq!(level.as_deref(), Some("debug"));
+        // TRELLIS_CONFIG names the file when --config does not.
+        let env = vec![("TRELLIS_CONFIG".to_string(), p.display().to_string())];
+        let (cfg, _) = crate::cli::AgentArgs::default().resolve_with(&env, None).unwrap();
+        assert_eq!(cfg.name, "file");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

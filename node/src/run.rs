@@ -9,16 +9,105 @@ const LEAVE_GRACE: Duration = Duration::from_millis(500);
 
 pub fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let (cfg, log_level) = args.resolve()?;
-    init_logging(log_level.as_deref().unwrap_or("info"), args.log_format)?;
+    let log = init_logging(log_level.as_deref().unwrap_or("info"), args.log_format)?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
         anyhow::anyhow!("data_dir: cannot create {}: {e}; pick a writable --data-dir", cfg.data_dir.display())
     })?;
     let tls = crate::pki::load_tls_dir(&cfg.tls_dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(serve(cfg, tls))
+    // Every line this process logs carries the node's name: the span is entered on every
+    // runtime thread for its whole life.
+    let span = tracing::info_span!("agent", node = %cfg.name);
+    let _main = span.clone().entered();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(move || std::mem::forget(span.clone().entered()))
+        .build()?;
+    let reload = Reloader {
+        tls: crate::reload::tls_fingerprint(&cfg.tls_dir),
+        running: cfg.clone(),
+        level: log_level,
+        args,
+        log,
+    };
+    rt.block_on(serve(cfg, tls, reload))
 }
 
-async fn serve(cfg: crate::config::AgentConfig, tls: crate::pki::TlsMaterial) -> anyhow::Result<()> {
+/// What SIGHUP needs: how to re-read the config, and what is running now.
+struct Reloader {
+    args: AgentArgs,
+    running: crate::config::AgentConfig,
+    level: Option<String>,
+    tls: u64,
+    log: LogReload,
+}
+
+impl Reloader {
+    /// Re-reads the layers (file or dir, environment, the same flags), applies what can be
+    /// applied and logs one line saying what changed and what needs a restart.
+    async fn reload(&mut self, agent: &crate::agent::AgentHandle) {
+        let (new, level) = match self.args.resolve() {
+            Ok(r) => r,
+            Err(e) => return tracing::error!(error = %e, "reload refused; the running config stays"),
+        };
+        let tls = crate::reload::tls_fingerprint(&new.tls_dir);
+        let plan = crate::reload::diff(&self.running, self.level.as_deref(), self.tls, &new, level.as_deref(), tls);
+        let mut failed = Vec::new();
+        if let Some(l) = &plan.log_level {
+            match log_filter(l).map_err(anyhow::Error::msg).and_then(|f| Ok(self.log.reload(f)?)) {
+                Ok(()) => self.level = level.clone(),
+                Err(e) => failed.push(format!("log_level: {e}")),
+            }
+        }
+        if let Some(labels) = &plan.labels {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let _ = agent.commands.send(crate::agent::Command::SetLabels(labels.clone(), tx)).await;
+            if let Ok(Err(e)) = rx.await {
+                failed.push(e);
+            }
+        }
+        for (id, json) in &plan.services_put {
+            if let Err(e) = put_instance(agent, id, Some(json)).await {
+                failed.push(format!("services.{id}: {e}"));
+            }
+        }
+        for id in &plan.services_removed {
+            if let Err(e) = put_instance(agent, id, None).await {
+                failed.push(format!("services.{id}: {e}"));
+            }
+        }
+        if !plan.new_seeds.is_empty() {
+            let _ = agent.commands.send(crate::agent::Command::Join(plan.new_seeds.clone())).await;
+        }
+        self.running = plan.apply_to(self.running.clone(), &new);
+        if failed.is_empty() {
+            tracing::info!(node = %self.running.name, "{}", plan.summary());
+        } else {
+            tracing::warn!(node = %self.running.name, failed = %failed.join("; "), "{}", plan.summary());
+        }
+    }
+}
+
+/// Registers (Some) or removes (None) a config-file instance, as the API does.
+async fn put_instance(
+    agent: &crate::agent::AgentHandle,
+    id: &str,
+    json: Option<&serde_json::Value>,
+) -> anyhow::Result<()> {
+    let key =
+        crate::policy::Key { kind: crate::policy::Kind::Instances, name: format!("{id}@{}", agent.identity.name) };
+    let bytes = json.map(serde_json::to_vec).transpose()?;
+    let policy = agent.policy.clone();
+    let entry = tokio::task::spawn_blocking(move || policy.write(key, bytes.as_deref(), None)).await??;
+    let _ = agent.commands.send(crate::agent::Command::Publish(entry)).await;
+    Ok(())
+}
+
+async fn serve(
+    cfg: crate::config::AgentConfig,
+    tls: crate::pki::TlsMaterial,
+    mut reload: Reloader,
+) -> anyhow::Result<()> {
     let agent = crate::agent::start(&cfg, &tls)?;
     let listener = tokio::net::TcpListener::bind(cfg.api)
         .await
@@ -43,15 +132,19 @@ async fn serve(cfg: crate::config::AgentConfig, tls: crate::pki::TlsMaterial) ->
     });
     let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut left_via_api = agent.shutdown.subscribe();
     // Transport and membership run and the API socket listens (connections queue until the
     // select below polls the server): a Type=notify unit may start its dependents now.
     crate::notify::ready(&format!("serving; peer {}, api {}", cfg.advertise, cfg.api));
-    tokio::select! {
-        r = &mut server => { r?; }
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; leaving the cluster"),
-        _ = term.recv() => tracing::info!("terminated; leaving the cluster"),
-        _ = left_via_api.wait_for(|s| *s) => tracing::info!("left via the API"),
+    loop {
+        tokio::select! {
+            r = &mut server => { r?; break; }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; leaving the cluster"); break; }
+            _ = term.recv() => { tracing::info!("terminated; leaving the cluster"); break; }
+            _ = left_via_api.wait_for(|s| *s) => { tracing::info!("left via the API"); break; }
+            _ = hup.recv() => reload.reload(&agent).await,
+        }
     }
     crate::notify::stopping();
     agent.leave().await;
@@ -62,19 +155,29 @@ async fn serve(cfg: crate::config::AgentConfig, tls: crate::pki::TlsMaterial) ->
     Ok(())
 }
 
-fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
+/// The log filter for a level (or a full tracing filter), with noisy dependencies quieted.
+pub fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    tracing_subscriber::EnvFilter::try_new(format!("{level},foca=warn,quinn=warn,rustls=warn")).map_err(|e| {
+        format!("log_level: {level:?} is not a level or filter ({e}); use error, warn, info, debug or trace")
+    })
+}
+
+/// Swaps the log filter of the running process (SIGHUP).
+pub type LogReload = tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogReload> {
+    use tracing_subscriber::prelude::*;
     use tracing_subscriber::EnvFilter;
     let filter = match std::env::var("RUST_LOG") {
-        Ok(f) if !f.is_empty() => EnvFilter::try_new(f),
-        _ => EnvFilter::try_new(format!("{level},foca=warn,quinn=warn,rustls=warn")),
-    }
-    .map_err(|e| {
-        anyhow::anyhow!("log_level: {level:?} is not a level or filter ({e}); use error, warn, info, debug or trace")
-    })?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        Ok(f) if !f.is_empty() => EnvFilter::try_new(f).map_err(|e| anyhow::anyhow!("RUST_LOG: {e}"))?,
+        _ => log_filter(level).map_err(anyhow::Error::msg)?,
+    };
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
     }
-    Ok(())
+    Ok(handle)
 }

@@ -466,7 +466,8 @@ impl RefusalLog {
 
     fn dial_failed(&self, to: SocketAddr, e: &anyhow::Error) {
         if let Some(suppressed) = self.admit("dial") {
-            tracing::info!(peer = %to, suppressed, error = %e, "could not connect to peer");
+            let (cause, fix) = crate::check::dial_failure_cause(&format!("{e:#}"));
+            tracing::warn!(peer = %to, suppressed, error = %e, "connection to {to} failed: {cause}; fix: {fix}");
         }
     }
 

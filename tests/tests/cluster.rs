@@ -315,7 +315,7 @@ fn api_tokens_scope_reads_and_writes_and_rebinding_names_are_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Kills and reaps an agent the test started itself, also when an assertion fails first.
+/// An agent process started by a test itself (the harness sets no environment); killed on drop.
 struct OwnAgent(std::process::Child);
 
 impl Drop for OwnAgent {
@@ -323,6 +323,202 @@ impl Drop for OwnAgent {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+fn label_of(c: &Cluster, viewer: usize, member: &str, key: &str) -> Option<String> {
+    let members = c.node(viewer).api().members().ok()?;
+    members
+        .iter()
+        .filter(|m| m["name"] == member && m["state"] == "alive")
+        .find_map(|m| m["labels"][key].as_str().map(str::to_string))
+}
+
+#[test]
+fn an_environment_variable_and_a_config_dir_take_effect() {
+    let c = Cluster::start(spec(1)).unwrap();
+    let seed = c.node(0).peer_addr;
+    let ip = seed.ip();
+    let dir = c.root().join("own");
+    let tls = dir.join("tls");
+    trellis_node::pki::issue_cert(c.ca_dir(), "layered", &tls, Duration::from_secs(3600)).unwrap();
+    let conf = dir.join("conf.d");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(
+        conf.join("10-base.toml"),
+        format!("name = \"layered\"\nprofile = \"fast\"\njoin = [\"{seed}\"]\n[labels]\nzone = \"a\"\nrack = \"1\"\n"),
+    )
+    .unwrap();
+    std::fs::write(conf.join("20-site.toml"), "[labels]\nzone = \"b\"\n").unwrap();
+    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+    let child = std::process::Command::new(trellis_chaos::cluster::trellis_bin())
+        .args(["agent", "--config", conf.to_str().unwrap()])
+        .env("TRELLIS_BIND", format!("{ip}:7999"))
+        .env("TRELLIS_API", format!("{ip}:8999"))
+        .env("TRELLIS_DATA_DIR", dir.join("data"))
+        .env("TRELLIS_TLS_DIR", &tls)
+        .env("TRELLIS_LABELS", "rack=7")
+        .env_remove("TRELLIS_HTTP_ADDR")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _agent = OwnAgent(child);
+    let labels = c.wait_until(Duration::from_secs(15), "layered agent seen by n0", || {
+        Some((label_of(&c, 0, "layered", "zone")?, label_of(&c, 0, "layered", "rack")?))
+    });
+    let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+    assert_eq!(labels.unwrap_or_else(|e| panic!("{e}\n{log}")), ("b".to_string(), "7".to_string()));
+
+    // An unknown TRELLIS_ variable stops the agent with its name, `validate` says the same.
+    for args in [vec!["agent", "--config", conf.to_str().unwrap()], vec!["validate", conf.to_str().unwrap()]] {
+        let out = std::process::Command::new(trellis_chaos::cluster::trellis_bin())
+            .args(&args)
+            .env("TRELLIS_LABLES", "x=1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("environment TRELLIS_LABLES: not a config variable")
+                && err.contains("did you mean TRELLIS_LABELS?"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn sighup_reloads_labels_and_peers_see_them() {
+    let dir = std::env::temp_dir().join(format!("trellis-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("agent.toml");
+    std::fs::write(&file, "[labels]\nzone = \"a\"\n").unwrap();
+    let args = vec![vec![], vec!["--config".to_string(), file.display().to_string()]];
+    let c = Cluster::start(ClusterSpec { node_args: args, ..spec(2) }).unwrap();
+    c.wait_all_see(&[0, 1], &expect_all(&c, &[0, 1], "alive"), Duration::from_secs(15)).unwrap();
+    assert_eq!(label_of(&c, 0, "n1", "zone").as_deref(), Some("a"));
+    std::fs::write(&file, "[labels]\nzone = \"b\"\n[timing]\nprobe_period = \"300ms\"\n").unwrap();
+    let pid = c.node(1).pid().unwrap();
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
+    c.wait_until(Duration::from_secs(10), "n0 sees zone=b on n1", || {
+        (label_of(&c, 0, "n1", "zone")? == "b").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tail(1, 20)));
+    let log = c.log_tail(1, 50);
+    assert!(
+        log.contains("reloaded: labels [zone=b]; not reloaded, restart to apply: timing"),
+        "one line says what changed and what needs a restart:\n{log}"
+    );
+    assert!(c.node(1).is_running());
+    // A broken file is refused and the running config stays.
+    std::fs::write(&file, "[labels]\nzone = 3\n").unwrap();
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
+    c.wait_until(Duration::from_secs(5), "reload refused", || {
+        c.log_tail(1, 5).contains("reload refused").then_some(())
+    })
+    .unwrap();
+    assert!(c.log_tail(1, 5).contains("agent.toml: line 2, field `labels.zone`"), "{}", c.log_tail(1, 5));
+    assert_eq!(label_of(&c, 0, "n1", "zone").as_deref(), Some("b"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn run_check(c: &Cluster, i: usize, json: bool) -> (i32, String) {
+    let n = c.node(i);
+    let mut args = vec!["check".to_string(), "--http-addr".into(), n.api_addr.to_string()];
+    args.extend([
+        "--tls-dir".into(),
+        n.tls_dir.display().to_string(),
+        "--data-dir".into(),
+        n.data_dir.display().to_string(),
+    ]);
+    if json {
+        args.extend(["-o".into(), "json".into()]);
+    }
+    let out = std::process::Command::new(trellis_chaos::cluster::trellis_bin()).args(&args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+#[test]
+fn check_passes_on_a_healthy_node_and_fails_the_ca_line_for_a_foreign_ca() {
+    let mut c = Cluster::start(spec(3)).unwrap();
+    let all = [0, 1, 2];
+    c.wait_all_see(&all, &expect_all(&c, &all, "alive"), Duration::from_secs(15)).unwrap();
+    // Peers are heard within a gossip round or two.
+    std::thread::sleep(Duration::from_secs(1));
+    let (code, out) = run_check(&c, 0, false);
+    println!("{out}");
+    assert_eq!(code, 0, "{out}");
+    let names: Vec<&str> = out.lines().map(|l| l.split_whitespace().nth(1).unwrap_or("")).collect();
+    assert_eq!(names, ["api", "certificate", "ca", "peers", "clock", "data_dir", "versions"], "{out}");
+    assert!(out.lines().all(|l| l.starts_with("pass ")), "{out}");
+    assert!(out.contains("2 members alive over UDP"), "{out}");
+    let (code, json) = run_check(&c, 1, true);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!((code, v["ok"].as_bool()), (0, Some(true)), "{json}");
+    assert_eq!(v["checks"].as_array().unwrap().len(), 7);
+
+    let rogue_ca = c.new_ca_dir();
+    let rogue_tls = rogue_ca.parent().unwrap().join("rogue-tls");
+    trellis_node::pki::issue_cert(&rogue_ca, "rogue", &rogue_tls, Duration::from_secs(3600)).unwrap();
+    let rogue = c.add_node_with_tls("rogue", rogue_tls, &[c.node(0).peer_addr]).unwrap();
+    c.wait_until(Duration::from_secs(10), "the rogue's join attempts", || {
+        let m = c.node(rogue).api().get_text("/metrics").ok()?;
+        metric(&m, "trellis_handshakes_refused_total{reason=\"unknown_ca\"}").filter(|n| *n >= 1.0)
+    })
+    .unwrap();
+    let (code, out) = run_check(&c, rogue, false);
+    println!("{out}");
+    assert_eq!(code, 1, "{out}");
+    let ca = out.lines().find(|l| l.split_whitespace().nth(1) == Some("ca")).unwrap();
+    assert!(ca.starts_with("fail ca") && ca.contains("refused for another CA"), "{ca}");
+    assert!(ca.contains("hint: issue node.pem from the cluster's CA"), "{ca}");
+    // The rogue's log names the cause of its failed join.
+    let log = c.log_tail(rogue, 100);
+    assert!(
+        log.contains(&format!(
+            "connection to {} failed: the peer's certificate is not from our CA",
+            c.node(0).peer_addr
+        )),
+        "{log}"
+    );
+    assert!(log.contains("fix: issue both nodes' certificates from the same cluster CA"), "{log}");
+}
+
+#[test]
+fn api_tokens_never_appear_in_the_agent_log() {
+    let dir = std::env::temp_dir().join(format!("trellis-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (read, write) = ("readsecret".repeat(4), "writesecret".repeat(4));
+    let tokens = dir.join("tokens");
+    std::fs::write(&tokens, format!("read:{read}\nwrite:{write}\n")).unwrap();
+    let args = vec![
+        "--api-tokens-file".to_string(),
+        tokens.display().to_string(),
+        "--log-level".into(),
+        "trace".into(),
+        "--log-format".into(),
+        "json".into(),
+    ];
+    let c = Cluster::start(ClusterSpec { node_args: vec![args], ..spec(1) }).unwrap();
+    let api = c.node(0).api_addr;
+    for token in [read.as_str(), write.as_str(), "wrongtoken-wrongtoken-wrongtoken"] {
+        let auth = format!("Bearer {token}");
+        api_request(api, "GET", "/v1/members", &[("Authorization", &auth)], "");
+        api_request(api, "PUT", "/v1/policy/services/web", &[("Authorization", &auth)], r#"{"timeout": "2s"}"#);
+    }
+    let pid = c.node(0).pid().unwrap();
+    let _ = std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status();
+    std::thread::sleep(Duration::from_millis(500));
+    let log = std::fs::read_to_string(&c.node(0).log_path).unwrap();
+    assert!(log.lines().count() > 5, "trace logging is on:\n{log}");
+    for secret in [&read, &write, "wrongtoken-wrongtoken"] {
+        assert!(!log.contains(secret), "a token is in the log");
+    }
+    assert!(!log.contains("PRIVATE KEY"), "a key is in the log");
+    // Structured fields: every agent line carries the node.
+    let started = log.lines().find(|l| l.contains("agent started")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(started).unwrap();
+    assert_eq!(v["span"]["node"], "n0", "{started}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// What a `Type=notify` unit relies on (deploy/systemd/trellis.service): a real agent sends

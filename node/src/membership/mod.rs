@@ -274,6 +274,14 @@ impl Membership {
         self.retry_seeds(now);
     }
 
+    /// Replaces our identity (new labels) and tells the cluster at once; peers replace the
+    /// old one because the new generation is higher.
+    pub fn change_identity(&mut self, now: Instant, id: NodeIdentity) -> Result<(), String> {
+        id.validate().map_err(|e| format!("labels: {e}"))?;
+        let mut fx = Effects { now, io: &mut self.io };
+        self.swim.change_identity(id, &mut fx).map_err(|e| e.to_string())
+    }
+
     /// Leaves the cluster on purpose: tells a few members, who spread it.
     pub fn leave(&mut self, now: Instant) {
         if self.left_sent {
