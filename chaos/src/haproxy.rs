@@ -57,7 +57,7 @@ pub fn start(
     let (http, tcp) = (free(a_ip)?, free(a_ip)?);
     let (b_http, b_tcp) = (free(b_ip)?, free(b_ip)?);
     let common =
-        "global\n  maxconn 20000\n\ndefaults\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n";
+        "global\n  maxconn 8000\n\ndefaults\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n";
     let client_side = format!(
         "{common}frontend web\n  mode http\n  bind {http}\n  acl remote hdr(host) -i remote\n  use_backend hop_http if remote\n\n\
          backend hop_http\n  mode http\n  http-reuse always\n  server b {b_http} ssl crt {a} ca-file {ca} verify required\n\n\
