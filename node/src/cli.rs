@@ -207,6 +207,9 @@ impl AgentArgs {
         if let Err(e) = timing.validate() {
             problems.push(e);
         }
+        if let Err(e) = file.limits.validate() {
+            problems.extend(e);
+        }
         let services = crate::config::file_services(&file, &name).unwrap_or_else(|e| {
             problems.extend(e);
             Vec::new()
@@ -259,6 +262,7 @@ impl AgentArgs {
             upstreams: file.upstreams.clone().into_iter().chain(self.upstreams.iter().cloned()).collect(),
             proxy: self.proxy.or(file.proxy),
             services,
+            limits: file.limits.clone(),
         };
         Ok((cfg, self.log_level.clone().or(file.log_level)))
     }

@@ -11,8 +11,11 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+
+use crate::limits::Limits;
+use crate::listen::ConnGate;
 
 use super::circuit::Breakers;
 use super::forward::{Forwarder, OpenError};
@@ -26,19 +29,19 @@ use std::time::Instant;
 type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Accepts HTTP/1.1 and HTTP/2 clients (told apart by the HTTP/2 preface); one task per
-/// connection.
-pub async fn serve(fwd: Arc<Forwarder>, listener: TcpListener) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+/// connection, within the gate's connection caps and the header read deadline.
+pub async fn serve(fwd: Arc<Forwarder>, listener: TcpListener, limits: Limits, gate: Arc<ConnGate>) {
+    let builder = Arc::new(crate::listen::http_builder(&limits));
+    crate::listen::accept_loop(listener, gate, move |tcp| {
         let _ = tcp.set_nodelay(true);
-        let fwd = fwd.clone();
-        tokio::spawn(async move {
+        let (fwd, builder) = (fwd.clone(), builder.clone());
+        async move {
             let svc = hyper::service::service_fn(move |req| proxy(fwd.clone(), req));
             // A malformed request gets hyper's 400 and closes only this connection.
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
-        });
-    }
+            builder.serve_connection(TokioIo::new(tcp), svc).await
+        }
+    })
+    .await
 }
 
 fn error(status: StatusCode, reason: &str, msg: String) -> Response<Body> {
