@@ -100,8 +100,12 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()>,
 ) {
     let builder = std::sync::Arc::new(crate::listen::http_builder(limits));
-    let accept = crate::listen::accept_loop(listener, gate, move |tcp| {
-        let svc = hyper_util::service::TowerToHyperService::new(router.clone());
+    let accept = crate::listen::accept_loop(listener, gate, limits.header_read_timeout, move |tcp, first| {
+        let tower = hyper_util::service::TowerToHyperService::new(router.clone());
+        let svc = hyper::service::service_fn(move |req| {
+            first.seen();
+            hyper::service::Service::call(&tower, req)
+        });
         let builder = builder.clone();
         async move { builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc).await }
     });

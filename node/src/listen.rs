@@ -150,12 +150,24 @@ pub fn http_builder(limits: &Limits) -> hyper_util::server::conn::auto::Builder<
     b
 }
 
+/// Told by the service when a connection's first request has arrived. Until then the
+/// connection is on the header read deadline: hyper's own timer only starts once it knows
+/// the HTTP version, and the version sniffing waits for bytes for ever.
+#[derive(Clone, Debug, Default)]
+pub struct FirstRequest(Arc<tokio::sync::Notify>);
+
+impl FirstRequest {
+    pub fn seen(&self) {
+        self.0.notify_one();
+    }
+}
+
 /// Accepts connections through `gate` and runs `serve` on each admitted one in its own task.
-/// A refused connection is closed at once. `serve`'s error, if it is hyper's header
-/// timeout, is counted.
-pub async fn accept_loop<F, Fut>(listener: TcpListener, gate: Arc<ConnGate>, serve: F)
+/// A refused connection is closed at once; one whose first request does not arrive within
+/// `header_timeout` is closed and counted, as is hyper's header timeout on later requests.
+pub async fn accept_loop<F, Fut>(listener: TcpListener, gate: Arc<ConnGate>, header_timeout: Duration, serve: F)
 where
-    F: Fn(TcpStream) -> Fut,
+    F: Fn(TcpStream, FirstRequest) -> Fut,
     Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Send + 'static,
 {
     loop {
@@ -174,9 +186,20 @@ where
             drop(tcp);
             continue;
         };
-        let fut = serve(tcp);
+        let first = FirstRequest::default();
+        let fut = serve(tcp, first.clone());
         tokio::spawn(async move {
-            let res = fut.await;
+            let mut fut = std::pin::pin!(fut);
+            let res = tokio::select! {
+                r = &mut fut => r,
+                seen = tokio::time::timeout(header_timeout, first.0.notified()) => match seen {
+                    Ok(()) => fut.await,
+                    Err(_) => {
+                        ticket.gate.stats.count(ClientRefusal::HeaderTimeout);
+                        return;
+                    }
+                },
+            };
             if let Err(e) = res {
                 if is_header_timeout(e.as_ref()) {
                     ticket.gate.stats.count(ClientRefusal::HeaderTimeout);

@@ -205,7 +205,6 @@ fn streams_beyond_the_cap_wait_and_stalled_ones_are_reset() {
     );
     assert_eq!(uni_open_at_block, 16, "the peer waits at limits.max_concurrent_uni_streams");
     assert_eq!(bidi_open_at_block, 32, "the peer waits at limits.max_concurrent_bidi_streams");
-    assert!(total_uni > 16, "reset streams free their slots ({total_uni})");
     assert!(refused(&c, 0, "stream_timeout") >= 16.0);
     let (rss_after, fds_after) = rss_and_fds(pid).unwrap();
     println!("agent RSS {rss_before} -> {rss_after} KiB, fds {fds_before} -> {fds_after}");

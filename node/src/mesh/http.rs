@@ -32,11 +32,14 @@ type Body = BoxBody<Bytes, hyper::Error>;
 /// connection, within the gate's connection caps and the header read deadline.
 pub async fn serve(fwd: Arc<Forwarder>, listener: TcpListener, limits: Limits, gate: Arc<ConnGate>) {
     let builder = Arc::new(crate::listen::http_builder(&limits));
-    crate::listen::accept_loop(listener, gate, move |tcp| {
+    crate::listen::accept_loop(listener, gate, limits.header_read_timeout, move |tcp, first| {
         let _ = tcp.set_nodelay(true);
         let (fwd, builder) = (fwd.clone(), builder.clone());
         async move {
-            let svc = hyper::service::service_fn(move |req| proxy(fwd.clone(), req));
+            let svc = hyper::service::service_fn(move |req| {
+                first.seen();
+                proxy(fwd.clone(), req)
+            });
             // A malformed request gets hyper's 400 and closes only this connection.
             builder.serve_connection(TokioIo::new(tcp), svc).await
         }
