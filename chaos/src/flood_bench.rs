@@ -65,8 +65,10 @@ fn health_latency(api: &crate::http::Api) -> Option<Duration> {
     api.get_json("/v1/health").ok().map(|_| t.elapsed())
 }
 
-fn row(phase: &str, rss: u64, fds: usize, note: &str) {
-    println!("{phase:<44} {:>8.1} MiB {fds:>7} fds  {note}", rss as f64 / 1024.0);
+/// One line of the table; RSS also as a ratio to the idle figure of the same run.
+fn row(phase: &str, (rss, fds): (u64, usize), idle: u64, note: &str) {
+    let ratio = rss as f64 / idle.max(1) as f64;
+    println!("{phase:<44} {:>8.1} MiB ({ratio:.2}x idle) {fds:>7} fds  {note}", rss as f64 / 1024.0);
 }
 
 /// Opens up to `n` connections to `to` and holds them for `hold`; returns how many opened.
@@ -164,9 +166,9 @@ pub fn run(connections: usize, slow: usize, stream_secs: u64) -> anyhow::Result<
     let pid = c.node(0).pid().ok_or_else(|| anyhow::anyhow!("node 0 is not running"))?;
     let api = c.node(0).api();
     std::thread::sleep(Duration::from_secs(3));
-    println!("{:<44} {:>12} {:>11}", "phase (node 0)", "peak RSS", "peak fds");
+    println!("{:<44} {:>26} {:>11}", "phase (node 0)", "peak RSS", "peak fds");
     let (idle_rss, idle_fds) = rss_and_fds(pid);
-    row("idle", idle_rss, idle_fds, "");
+    row("idle", (idle_rss, idle_fds), idle_rss, "");
 
     let targets = [proxy, c.node(0).api_addr];
     let ((opened, closed), rss, fds) =
@@ -174,16 +176,16 @@ pub fn run(connections: usize, slow: usize, stream_secs: u64) -> anyhow::Result<
     let during = health_latency(&api);
     row(
         "held TCP connections (proxy + API), 12 s",
-        rss,
-        fds,
+        (rss, fds),
+        idle_rss,
         &format!("{opened} opened, {closed} closed by the agent after 12 s; health afterwards {during:?}"),
     );
     std::thread::sleep(Duration::from_secs(1));
     let ((opened, cut), rss, fds) = peak_while(pid, || slowloris(&targets, slow, 15));
     row(
         "slowloris (1 header byte/s), 15 s",
-        rss,
-        fds,
+        (rss, fds),
+        idle_rss,
         &format!("{opened} opened, {cut} cut by the header read timeout; health {:?}", health_latency(&api)),
     );
     std::thread::sleep(Duration::from_secs(1));
@@ -196,13 +198,13 @@ pub fn run(connections: usize, slow: usize, stream_secs: u64) -> anyhow::Result<
         m.lines().find(|l| l.starts_with("trellis_peer_refused_total{reason=\"stream_timeout\"}")).unwrap_or("");
     row(
         &format!("peer stream flood, {stream_secs} s"),
-        rss,
-        fds,
+        (rss, fds),
+        idle_rss,
         &format!("{uni} uni + {bi} bidi streams opened; {timeouts}; health {:?}", health_latency(&api)),
     );
     std::thread::sleep(Duration::from_secs(2));
     let (after_rss, after_fds) = rss_and_fds(pid);
-    row("after (2 s later)", after_rss, after_fds, "");
+    row("after (2 s later)", (after_rss, after_fds), idle_rss, "");
     let members = c.node(1).api().members()?;
     let ok = members.iter().any(|m| m["name"] == c.node(0).name.as_str() && m["state"] == "alive");
     println!("node 0 alive in node 1's view at the end: {ok}");
