@@ -17,7 +17,7 @@ use crate::mesh::forward::{ForwardStats, Forwarder};
 use crate::pki::TlsMaterial;
 use crate::policy::{sync, Policy};
 use crate::ratelimit::{self, RateLimits};
-use crate::transport::{Inbound, Transport};
+use crate::transport::{Inbound, PeerRefusal, Transport};
 use trellis_proto::{envelope, limits, Kind, PolicyEntry, PolicySync};
 
 /// Agent version, gossiped so operators can see mixed-version clusters.
@@ -48,6 +48,8 @@ pub struct AgentHandle {
     pub policy: Arc<Policy>,
     pub forward: Arc<ForwardStats>,
     pub ratelimits: Arc<RateLimits>,
+    /// Connection caps of the proxy and API listeners, with their counters.
+    pub clients: Arc<crate::listen::ClientGates>,
     pub started: Instant,
     /// Flips to true when the agent should stop (after a leave).
     pub shutdown: watch::Sender<bool>,
@@ -95,7 +97,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
             cfg.name
         );
     }
-    let (transport, inbound, streams) = Transport::bind(cfg.bind, tls, cfg.faults.clone())?;
+    let (transport, inbound, streams) = Transport::bind(cfg.bind, tls, cfg.faults.clone(), cfg.limits.clone())?;
     let upstreams = bind_upstreams(&cfg.upstreams)?;
     let proxy = cfg.proxy.map(|a| bind_upstreams(&[("http proxy".to_string(), a)])).transpose()?;
     let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1);
@@ -152,6 +154,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         policy,
         forward: Arc::default(),
         ratelimits: ratelimits.clone(),
+        clients: crate::listen::ClientGates::new(&cfg.limits),
         started: Instant::now(),
         shutdown,
         alive,
@@ -162,7 +165,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
     tokio::spawn(fwd.clone().serve_streams(streams));
     if let Some((_, listener)) = proxy.and_then(|mut v| v.pop()) {
         tracing::info!(listen = %listener.local_addr()?, "http proxy listener");
-        tokio::spawn(crate::mesh::http::serve(fwd.clone(), listener));
+        tokio::spawn(crate::mesh::http::serve(fwd.clone(), listener, cfg.limits.clone(), handle.clients.proxy.clone()));
     }
     for (service, listener) in upstreams {
         tracing::info!(%service, listen = %listener.local_addr()?, "upstream listener");
@@ -231,12 +234,14 @@ impl Shell {
     fn on_inbound(&mut self, msg: Inbound) {
         let kind = match envelope::decode(&msg.data, limits::MAX_STREAM_MESSAGE) {
             Ok((kind, _)) => kind,
-            Err(e) => return self.transport.close_malformed(&msg.conn, &e.to_string()),
+            Err(e) => return self.transport.refuse(&msg.conn, PeerRefusal::of(&e), &e.to_string()),
         };
         match kind {
             Kind::Gossip => self.on_gossip(msg),
             Kind::PolicySync => self.on_policy_sync(msg),
-            Kind::Forward => self.transport.close_malformed(&msg.conn, "forward header outside a stream"),
+            Kind::Forward => {
+                self.transport.refuse(&msg.conn, PeerRefusal::Malformed, "forward header outside a stream")
+            }
             Kind::RateLimit => self.on_rate_limit(msg),
         }
     }
@@ -246,8 +251,10 @@ impl Shell {
             Ok(()) => {
                 self.last_heard.insert(msg.from, Instant::now());
             }
-            Err(PacketError::Malformed(why)) => self.transport.close_malformed(&msg.conn, &why),
-            Err(e @ PacketError::IdentityMismatch { .. }) => self.transport.close_malformed(&msg.conn, &e.to_string()),
+            Err(PacketError::Malformed(why)) => self.transport.refuse(&msg.conn, PeerRefusal::Malformed, &why),
+            Err(e @ PacketError::IdentityMismatch { .. }) => {
+                self.transport.refuse(&msg.conn, PeerRefusal::Identity, &e.to_string())
+            }
             Err(PacketError::Refused(why)) => tracing::debug!(peer = %msg.peer_name, %why, "gossip refused"),
         }
     }
@@ -261,7 +268,7 @@ impl Shell {
         let body = &msg.data[envelope::HEADER_LEN..];
         let sync_msg = match PolicySync::decode(body) {
             Ok(m) => m,
-            Err(e) => return self.transport.close_malformed(&msg.conn, &e.to_string()),
+            Err(e) => return self.transport.refuse(&msg.conn, PeerRefusal::of(&e), &e.to_string()),
         };
         if let PolicySync::Entries { entries, .. } = &sync_msg {
             let (new, refused) = self.policy.merge_entries(entries.clone());

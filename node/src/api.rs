@@ -90,6 +90,31 @@ struct JoinRequest {
     addrs: Vec<SocketAddr>,
 }
 
+/// Serves the API on `listener` within the client connection caps and the header read
+/// deadline, until `stop` resolves (open connections finish on their own tasks).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: &crate::limits::Limits,
+    gate: std::sync::Arc<crate::listen::ConnGate>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let builder = std::sync::Arc::new(crate::listen::http_builder(limits));
+    let accept = crate::listen::accept_loop(listener, gate, limits.header_read_timeout, move |tcp, first| {
+        let tower = hyper_util::service::TowerToHyperService::new(router.clone());
+        let svc = hyper::service::service_fn(move |req| {
+            first.seen();
+            hyper::service::Service::call(&tower, req)
+        });
+        let builder = builder.clone();
+        async move { builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc).await }
+    });
+    tokio::select! {
+        _ = accept => {}
+        _ = stop => {}
+    }
+}
+
 pub fn router(agent: AgentHandle) -> Router {
     Router::new()
         .route("/v1/health", get(health))
@@ -266,6 +291,7 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
     e.counter("trellis_policy_merged_total", "Policy versions from peers that changed state.", p.merged_new);
     e.counter("trellis_policy_conflicts_total", "Concurrent policy writes that lost (kept as conflicts).", p.conflicts);
     e.counter("trellis_policy_refused_total", "Policy entries from peers refused as invalid.", p.refused);
+    crate::metrics::refusals(&mut e, t, stats.leaves_refused, p.refused, &a.clients);
     e.counter(
         "trellis_policy_tombstones_collected_total",
         "Deletes forgotten after every peer had them.",

@@ -252,6 +252,9 @@ impl AgentArgs {
         if let Err(e) = timing.validate() {
             problems.push(e);
         }
+        if let Err(e) = file.limits.validate() {
+            problems.extend(e);
+        }
         let services = crate::config::file_services(&file, &name).unwrap_or_else(|e| {
             problems.extend(e);
             Vec::new()
@@ -313,6 +316,7 @@ impl AgentArgs {
             upstreams: upstreams.into_iter().collect(),
             proxy: self.proxy.or(file.proxy),
             services,
+            limits: file.limits.clone(),
         };
         Ok((cfg, log_level))
     }

@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub api_access: crate::api_access::Access,
     /// Service instances on this host from the config file: (id, checked instance JSON).
     pub services: Vec<(String, serde_json::Value)>,
+    /// Bounds on what peers and clients may use (`[limits]`).
+    pub limits: crate::limits::Limits,
 }
 
 /// The config file: every field optional, unknown keys refused.
@@ -74,6 +76,9 @@ pub struct FileConfig {
     /// Instances on this host, by id: the body `PUT /v1/agent/services/{id}` takes.
     #[serde(default)]
     pub services: BTreeMap<String, toml::Value>,
+    /// Peer and client bounds; see [`crate::limits::Limits`].
+    #[serde(default)]
+    pub limits: crate::limits::Limits,
 }
 
 /// Timing settings that override the profile's.
@@ -402,6 +407,25 @@ mod tests {
         let typo = "[services.web-1]\nservice = \"web\"\naddress = \"127.0.0.1\"\nport = 80\nweigth = 2\n";
         let f = FileConfig::parse(typo, Path::new("c.toml")).unwrap();
         assert!(file_services(&f, "n1").unwrap_err()[0].contains("weigth"));
+    }
+
+    #[test]
+    fn limits_table_overrides_defaults_and_bad_values_name_the_field() {
+        let f = FileConfig::parse(
+            "[limits]\nmax_concurrent_uni_streams = 8\nidle_timeout = \"20s\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(f.limits.max_concurrent_uni_streams, 8);
+        assert_eq!(f.limits.idle_timeout, Duration::from_secs(20));
+        assert_eq!(f.limits.max_pending_per_peer, crate::limits::Limits::default().max_pending_per_peer);
+        let err = FileConfig::parse("[limits]\nmax_datagram = -1\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("field `limits.max_datagram`"), "{err}");
+        let err = FileConfig::parse("[limits]\nmax_streams = 1\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("unknown field `max_streams`"), "{err}");
+        let f = FileConfig::parse("[limits]\npeer_messages_per_second = 1\n", Path::new("c.toml")).unwrap();
+        let errs = f.limits.validate().unwrap_err();
+        assert!(errs[0].starts_with("limits.peer_messages_per_second: 1 is outside 100..="), "{errs:?}");
     }
 
     #[test]

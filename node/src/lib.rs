@@ -13,6 +13,8 @@ pub mod client;
 pub mod config;
 pub mod dev;
 pub mod fuzz;
+pub mod limits;
+pub mod listen;
 pub mod membership;
 pub mod mesh;
 pub mod metrics;

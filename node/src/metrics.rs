@@ -66,6 +66,46 @@ impl Exposition {
     }
 }
 
+/// What peers and clients were refused, by reason: the transport's refusals, forged leave
+/// notices from the membership core, invalid policy from peers, and the client listeners'.
+pub fn refusals(
+    e: &mut Exposition,
+    transport: &crate::transport::TransportStats,
+    leaves_refused: u64,
+    policy_refused: u64,
+    clients: &crate::listen::ClientGates,
+) {
+    use crate::listen::ClientRefusal;
+    use crate::transport::PeerRefusal;
+    let mut peer: Vec<(&str, u64)> =
+        PeerRefusal::ALL.iter().map(|r| (r.as_str(), transport.peer_refused(*r))).collect();
+    peer.push(("leave_not_from_leaver", leaves_refused));
+    peer.push(("invalid_policy", policy_refused));
+    e.labelled(
+        "counter",
+        "trellis_peer_refused_total",
+        "Input from certified peers refused, by reason.",
+        "reason",
+        &peer,
+    );
+    let gates = [("proxy", &clients.proxy), ("api", &clients.api)];
+    let mut rows = Vec::new();
+    for (listener, gate) in gates {
+        for r in ClientRefusal::ALL {
+            let labels = vec![("listener", listener.to_string()), ("reason", r.as_str().to_string())];
+            rows.push((labels, gate.stats.refused(r) as f64));
+        }
+    }
+    e.series(
+        "counter",
+        "trellis_client_refused_total",
+        "Client connections refused or cut, by listener and reason.",
+        &rows,
+    );
+    let open: Vec<_> = gates.iter().map(|(l, g)| (vec![("listener", l.to_string())], g.open() as f64)).collect();
+    e.series("gauge", "trellis_client_connections", "Open client connections by listener.", &open);
+}
+
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }

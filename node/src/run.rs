@@ -127,10 +127,15 @@ async fn serve(
     }
     let access = std::sync::Arc::new(cfg.api_access.clone());
     let router = router.layer(axum::middleware::from_fn_with_state(access, crate::api_access::layer));
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+    let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
-    });
-    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    };
+    let server = crate::api::serve(listener, router, &cfg.limits, agent.clients.api.clone(), stopped);
+    let server = async move {
+        server.await;
+        anyhow::Ok(())
+    };
+    let mut server = std::pin::pin!(server);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut left_via_api = agent.shutdown.subscribe();

@@ -16,16 +16,20 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::mpsc;
 use trellis_proto::limits;
 
+use crate::limits::Limits;
+use crate::listen::{ConnGate, Ticket};
 use crate::pki::{self, RefusalReason, TlsMaterial};
+use crate::ratelimit::bucket::TokenBucket;
 
 /// Socket buffer size asked of the kernel. The 208 KiB default drops packets under bursts
 /// on loopback; the kernel caps the request at `net.core.rmem_max`.
 const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
-/// Messages queued for a peer while its connection is being set up.
-const MAX_PENDING_PER_PEER: usize = 64;
 /// Why we close a connection, as QUIC application error codes.
 pub const CLOSE_MALFORMED: u32 = 1;
 pub const CLOSE_SHUTDOWN: u32 = 2;
+/// Stream stop codes: over the connection's message rate, or not finished in time.
+pub const CLOSE_RATE: u32 = 3;
+pub const CLOSE_TIMEOUT: u32 = 4;
 
 /// Test-only fault injection: drop a share of outgoing messages, or everything to and from
 /// some peers (a partition). Off unless the agent is started with the hidden flags
@@ -58,6 +62,68 @@ pub struct BiStream {
     pub recv: quinn::RecvStream,
 }
 
+/// Why input from a certified peer was refused, as the `reason` label of
+/// `trellis_peer_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRefusal {
+    /// A datagram or stream message beyond `limits.max_datagram` / `max_stream_message`.
+    Oversized,
+    /// Beyond `limits.peer_messages_per_second` on one connection.
+    Rate,
+    /// A unidirectional stream not finished within `limits.stream_read_timeout`.
+    StreamTimeout,
+    /// A bidirectional stream the agent had no room to take (its hand-off queue was full).
+    StreamLimit,
+    /// Gossip whose claimed sender is not the name in the connection's certificate.
+    Identity,
+    /// Bytes that are not a Trellis message, or a message that does not decode.
+    Malformed,
+    /// A wire version this agent does not speak.
+    Version,
+    /// A new connection beyond `limits.max_peer_connections`.
+    ConnectionLimit,
+    /// A new connection beyond `limits.max_peer_connections_per_ip` from one address.
+    PerSourceLimit,
+}
+
+impl PeerRefusal {
+    pub const ALL: [PeerRefusal; 9] = [
+        PeerRefusal::Oversized,
+        PeerRefusal::Rate,
+        PeerRefusal::StreamTimeout,
+        PeerRefusal::StreamLimit,
+        PeerRefusal::Identity,
+        PeerRefusal::Malformed,
+        PeerRefusal::Version,
+        PeerRefusal::ConnectionLimit,
+        PeerRefusal::PerSourceLimit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerRefusal::Oversized => "oversized",
+            PeerRefusal::Rate => "rate",
+            PeerRefusal::StreamTimeout => "stream_timeout",
+            PeerRefusal::StreamLimit => "stream_limit",
+            PeerRefusal::Identity => "identity",
+            PeerRefusal::Malformed => "malformed",
+            PeerRefusal::Version => "version",
+            PeerRefusal::ConnectionLimit => "connection_limit",
+            PeerRefusal::PerSourceLimit => "per_source_limit",
+        }
+    }
+
+    /// The refusal a decode error stands for.
+    pub fn of(e: &trellis_proto::DecodeError) -> PeerRefusal {
+        use trellis_proto::DecodeError as D;
+        match e {
+            D::UnsupportedVersion { .. } => PeerRefusal::Version,
+            D::TooLarge { .. } => PeerRefusal::Oversized,
+            D::Truncated | D::BadMagic(_) | D::UnknownKind(_) | D::Malformed { .. } => PeerRefusal::Malformed,
+        }
+    }
+}
+
 /// Transport counters, exported as metrics.
 #[derive(Debug, Default)]
 pub struct TransportStats {
@@ -74,9 +140,19 @@ pub struct TransportStats {
     pub dropped_out: AtomicU64,
     pub closed_malformed: AtomicU64,
     pub refused: Mutex<HashMap<RefusalReason, u64>>,
+    /// Input refused from certified peers, indexed by [`PeerRefusal`].
+    pub peer_refused: [AtomicU64; PeerRefusal::ALL.len()],
 }
 
 impl TransportStats {
+    pub fn peer_refuse(&self, r: PeerRefusal) {
+        self.peer_refused[r as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn peer_refused(&self, r: PeerRefusal) -> u64 {
+        self.peer_refused[r as usize].load(Relaxed)
+    }
+
     fn refuse(&self, reason: RefusalReason) {
         *self.refused.lock().expect("stats lock").entry(reason).or_default() += 1;
     }
@@ -98,6 +174,9 @@ pub struct Transport {
     pub stats: Arc<TransportStats>,
     log: Arc<RefusalLog>,
     pub faults: Mutex<Faults>,
+    pub limits: Limits,
+    /// Caps on inbound connections, in all and per source address.
+    inbound_gate: Arc<ConnGate>,
 }
 
 impl Transport {
@@ -107,6 +186,7 @@ impl Transport {
         bind: SocketAddr,
         tls: &TlsMaterial,
         faults: Faults,
+        limits: Limits,
     ) -> anyhow::Result<(Arc<Transport>, mpsc::Receiver<Inbound>, mpsc::Receiver<BiStream>)> {
         let stats = Arc::new(TransportStats::default());
         let log = Arc::new(RefusalLog::default());
@@ -117,7 +197,7 @@ impl Transport {
                 log.note(reason);
             })
         };
-        let transport_cfg = Arc::new(transport_config());
+        let transport_cfg = Arc::new(transport_config(&limits));
         let server_tls = QuicServerConfig::try_from(pki::server_config(tls, sink.clone())?)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
         server.transport_config(transport_cfg.clone());
@@ -136,7 +216,19 @@ impl Transport {
         let (streams, streams_rx) = mpsc::channel(1024);
         let pool = Mutex::new(Pool::default());
         let faults = Mutex::new(faults);
-        let t = Arc::new(Transport { endpoint, client, pool, inbound: tx, streams, stats, log, faults });
+        let inbound_gate = ConnGate::new(limits.max_peer_connections, limits.max_peer_connections_per_ip);
+        let t = Arc::new(Transport {
+            endpoint,
+            client,
+            pool,
+            inbound: tx,
+            streams,
+            stats,
+            log,
+            faults,
+            limits,
+            inbound_gate,
+        });
         tokio::spawn(t.clone().accept_loop());
         Ok((t, rx, streams_rx))
     }
@@ -177,7 +269,7 @@ impl Transport {
             return;
         }
         if let Some(queue) = pool.dialing.get_mut(&to) {
-            if queue.len() < MAX_PENDING_PER_PEER {
+            if queue.len() < self.limits.max_pending_per_peer {
                 queue.push(data);
             } else {
                 self.stats.dropped_out.fetch_add(1, Relaxed);
@@ -248,7 +340,7 @@ impl Transport {
                 self.stats.dials.fetch_add(1, Relaxed);
                 let conn = self.endpoint.connect_with(self.client.clone(), to, "trellis")?.await?;
                 let name = peer_name(&conn)?;
-                self.adopt(conn.clone(), name);
+                self.adopt(conn.clone(), name, None);
                 conn
             }
         };
@@ -265,7 +357,7 @@ impl Transport {
         match res.and_then(|conn| Ok((peer_name(&conn)?, conn))) {
             Ok((name, conn)) => {
                 tracing::debug!(peer = %name, addr = %to, "connected");
-                self.adopt(conn.clone(), name);
+                self.adopt(conn.clone(), name, None);
                 for data in queued {
                     self.send_on(conn.clone(), data);
                 }
@@ -281,13 +373,27 @@ impl Transport {
     async fn accept_loop(self: Arc<Self>) {
         while let Some(incoming) = self.endpoint.accept().await {
             let t = self.clone();
+            let from = incoming.remote_address();
+            // Counted before the handshake, so a flood of handshakes is bounded too.
+            let ticket = match self.inbound_gate.admit(from.ip()) {
+                Ok(ticket) => ticket,
+                Err(r) => {
+                    let r = match r {
+                        crate::listen::ClientRefusal::PerSource => PeerRefusal::PerSourceLimit,
+                        _ => PeerRefusal::ConnectionLimit,
+                    };
+                    self.stats.peer_refuse(r);
+                    self.log.peer_refused(from, r);
+                    incoming.refuse();
+                    continue;
+                }
+            };
             tokio::spawn(async move {
-                let from = incoming.remote_address();
                 match incoming.await.map_err(anyhow::Error::from).and_then(|c| Ok((peer_name(&c)?, c))) {
                     Ok((name, conn)) => {
                         t.stats.accepted.fetch_add(1, Relaxed);
                         tracing::debug!(peer = %name, addr = %from, "accepted");
-                        t.adopt(conn, name);
+                        t.adopt(conn, name, Some(ticket));
                     }
                     Err(e) => {
                         t.stats.incoming_failed.fetch_add(1, Relaxed);
@@ -303,27 +409,50 @@ impl Transport {
         }
     }
 
-    /// Pools a connection (the newest one to an address wins) and reads from it.
-    fn adopt(self: &Arc<Self>, conn: quinn::Connection, name: String) {
+    /// Pools a connection (the newest one to an address wins) and reads from it. An inbound
+    /// connection holds its `ticket` (its slot under the connection caps) until it ends.
+    fn adopt(self: &Arc<Self>, conn: quinn::Connection, name: String, ticket: Option<Ticket>) {
         let addr = conn.remote_address();
         self.pool.lock().expect("pool lock").conns.insert(addr, conn.clone());
-        tokio::spawn(self.clone().read_loop(conn, name));
+        tokio::spawn(self.clone().read_loop(conn, name, ticket));
     }
 
-    async fn read_loop(self: Arc<Self>, conn: quinn::Connection, name: String) {
+    /// Takes one message's worth from the connection's rate budget, counting a refusal.
+    fn within_rate(&self, bucket: &mut TokenBucket) -> bool {
+        let ok = bucket.take(std::time::Instant::now()).admitted;
+        if !ok {
+            self.stats.peer_refuse(PeerRefusal::Rate);
+        }
+        ok
+    }
+
+    async fn read_loop(self: Arc<Self>, conn: quinn::Connection, name: String, _ticket: Option<Ticket>) {
         let from = conn.remote_address();
+        let rate = f64::from(self.limits.peer_messages_per_second);
+        let mut bucket = TokenBucket::new(std::time::Instant::now(), rate, 2.0 * rate, 2.0 * rate);
         loop {
             let data = tokio::select! {
                 d = conn.read_datagram() => match d {
                     Ok(d) => {
                         self.stats.datagrams_in.fetch_add(1, Relaxed);
+                        if d.len() > self.limits.max_datagram {
+                            self.stats.peer_refuse(PeerRefusal::Oversized);
+                            continue;
+                        }
+                        if !self.within_rate(&mut bucket) {
+                            continue;
+                        }
                         d
                     }
                     Err(_) => break,
                 },
                 s = conn.accept_uni() => match s {
                     // Each stream is read on its own task, so a slow one cannot stall gossip.
-                    Ok(s) => {
+                    Ok(mut s) => {
+                        if !self.within_rate(&mut bucket) {
+                            let _ = s.stop(quinn::VarInt::from_u32(CLOSE_RATE));
+                            continue;
+                        }
                         tokio::spawn(self.clone().read_uni(conn.clone(), name.clone(), s));
                         continue;
                     }
@@ -349,7 +478,7 @@ impl Transport {
                             continue;
                         }
                         if self.streams.try_send(stream).is_err() {
-                            self.stats.dropped_out.fetch_add(1, Relaxed);
+                            self.stats.peer_refuse(PeerRefusal::StreamLimit);
                         }
                         continue;
                     }
@@ -373,9 +502,19 @@ impl Transport {
 
     async fn read_uni(self: Arc<Self>, conn: quinn::Connection, name: String, mut s: quinn::RecvStream) {
         let from = conn.remote_address();
-        let data = match s.read_to_end(limits::MAX_STREAM_MESSAGE).await {
-            Ok(d) => Bytes::from(d),
-            Err(_) => return self.close_malformed(&conn, "stream message too large or reset"),
+        let read = tokio::time::timeout(self.limits.stream_read_timeout, s.read_to_end(self.limits.max_stream_message));
+        let data = match read.await {
+            Ok(Ok(d)) => Bytes::from(d),
+            Ok(Err(quinn::ReadToEndError::TooLong)) => {
+                return self.refuse(&conn, PeerRefusal::Oversized, "stream message over limits.max_stream_message")
+            }
+            Ok(Err(_)) => return self.close_malformed(&conn, "stream reset before its end"),
+            Err(_) => {
+                // Only this stream goes: its slot is freed, the connection keeps working.
+                self.stats.peer_refuse(PeerRefusal::StreamTimeout);
+                let _ = s.stop(quinn::VarInt::from_u32(CLOSE_TIMEOUT));
+                return;
+            }
         };
         self.stats.streams_in.fetch_add(1, Relaxed);
         self.stats.bytes_in.fetch_add(data.len() as u64, Relaxed);
@@ -383,6 +522,12 @@ impl Transport {
             return;
         }
         let _ = self.inbound.send(Inbound { from, peer_name: name, data, conn }).await;
+    }
+
+    /// Counts a refusal of `reason` and closes the connection that earned it.
+    pub fn refuse(&self, conn: &quinn::Connection, reason: PeerRefusal, why: &str) {
+        self.stats.peer_refuse(reason);
+        self.close_malformed(conn, why);
     }
 
     /// Closes a connection whose peer sent bytes we cannot read.
@@ -408,12 +553,13 @@ fn peer_name(conn: &quinn::Connection) -> anyhow::Result<String> {
     Ok(pki::peer_identity(leaf)?.name)
 }
 
-fn transport_config() -> quinn::TransportConfig {
+fn transport_config(limits: &Limits) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s fits")));
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_concurrent_uni_streams(64u32.into());
-    t.max_concurrent_bidi_streams(256u32.into());
+    // Validated to 10 s..1 h, which fits QUIC's idle timeout.
+    t.max_idle_timeout(limits.idle_timeout.try_into().ok());
+    t.keep_alive_interval(Some(crate::limits::KEEP_ALIVE));
+    t.max_concurrent_uni_streams(limits.max_concurrent_uni_streams.into());
+    t.max_concurrent_bidi_streams(limits.max_concurrent_bidi_streams.into());
     t.datagram_receive_buffer_size(Some(1 << 20));
     t
 }
@@ -474,6 +620,12 @@ impl RefusalLog {
     fn incoming_failed(&self, from: SocketAddr, e: &anyhow::Error) {
         if let Some(suppressed) = self.admit("incoming") {
             tracing::warn!(peer = %from, suppressed, error = %e, "incoming peer handshake failed");
+        }
+    }
+
+    fn peer_refused(&self, from: SocketAddr, r: PeerRefusal) {
+        if let Some(suppressed) = self.admit(r.as_str()) {
+            tracing::warn!(peer = %from, suppressed, reason = r.as_str(), "refused a peer connection");
         }
     }
 

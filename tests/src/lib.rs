@@ -40,6 +40,20 @@ impl rustls::client::ResolvesClientCert for NoClientCert {
 }
 
 async fn connect(cfg: rustls::ClientConfig, to: SocketAddr) -> anyhow::Result<quinn::Connection> {
+    Ok(connect_endpoint(cfg, to).await?.1)
+}
+
+/// Like [`raw_peer`], also returning the client endpoint (its address is the peer's).
+pub async fn raw_peer_endpoint(tls_dir: &Path, to: SocketAddr) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    let tls = pki::load_tls_dir_unchecked(tls_dir)?;
+    let sink: pki::RefusalSink = Arc::new(|_| {});
+    connect_endpoint(pki::client_config(&tls, sink)?, to).await
+}
+
+async fn connect_endpoint(
+    cfg: rustls::ClientConfig,
+    to: SocketAddr,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -47,7 +61,81 @@ async fn connect(cfg: rustls::ClientConfig, to: SocketAddr) -> anyhow::Result<qu
     client.transport_config(Arc::new(transport));
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     endpoint.set_default_client_config(client);
-    Ok(endpoint.connect(to, "trellis")?.await?)
+    let conn = endpoint.connect(to, "trellis")?.await?;
+    Ok((endpoint, conn))
+}
+
+/// A certified peer driven by a real membership core, so it speaks valid gossip: tests use
+/// it to play a member that floods, claims another name, or forges notices.
+pub struct GossipPeer {
+    pub endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+    pub core: trellis_node::membership::Membership,
+    /// The agent's name, from its certificate (what the core is told the sender is).
+    pub agent_name: String,
+}
+
+impl GossipPeer {
+    /// Connects with the certificate in `tls_dir` and gossips as `name` (which may lie);
+    /// the advertised address is the peer's own, so the agent answers on this connection.
+    pub async fn connect(tls_dir: &Path, to: SocketAddr, name: &str) -> anyhow::Result<GossipPeer> {
+        use trellis_node::membership::{Membership, Profile};
+        let (endpoint, conn) = raw_peer_endpoint(tls_dir, to).await?;
+        let agent_name = peer_cert_name(&conn)?;
+        let identity = trellis_proto::NodeIdentity {
+            addr: endpoint.local_addr()?,
+            generation: 1,
+            name: name.to_string(),
+            meta: trellis_proto::NodeMeta::default(),
+        };
+        let mut core = Membership::new(identity, &Profile::Fast.timing(), 8, 7);
+        core.join(std::time::Instant::now(), &[to]);
+        Ok(GossipPeer { endpoint, conn, core, agent_name })
+    }
+
+    /// Runs the core for `d`: sends what it wants sent, feeds it what the agent answers.
+    pub async fn pump(&mut self, d: Duration) {
+        let until = tokio::time::Instant::now() + d;
+        loop {
+            while let Some(t) = self.core.poll_transmit() {
+                let _ = self.conn.send_datagram(bytes::Bytes::from(t.data));
+            }
+            let now = std::time::Instant::now();
+            let wake = self.core.poll_timeout().map(tokio::time::Instant::from_std).unwrap_or(until).min(until);
+            tokio::select! {
+                d = self.conn.read_datagram() => match d {
+                    Ok(d) => { let _ = self.core.handle_datagram(now, Some(&self.agent_name), &d); }
+                    Err(_) => return,
+                },
+                _ = tokio::time::sleep_until(wake) => self.core.handle_timeout(std::time::Instant::now()),
+            }
+            if tokio::time::Instant::now() >= until {
+                return;
+            }
+        }
+    }
+
+    /// The agent's full identity as its gossip told us, once joined.
+    pub fn agent_identity(&self) -> Option<trellis_proto::NodeIdentity> {
+        self.core.members().into_iter().map(|m| m.id).find(|id| id.name == self.agent_name)
+    }
+}
+
+fn peer_cert_name(conn: &quinn::Connection) -> anyhow::Result<String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .ok_or_else(|| anyhow::anyhow!("agent presented no certificate"))?;
+    Ok(pki::peer_identity(certs.first().ok_or_else(|| anyhow::anyhow!("empty chain"))?)?.name)
+}
+
+/// Resident memory and open file descriptors of a process, from /proc.
+pub fn rss_and_fds(pid: u32) -> Option<(u64, usize)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+    Some((kib, fds))
 }
 
 /// Reads one counter (any labels given inline, e.g. `x_total{reason="expired"}`) from a

@@ -57,6 +57,18 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         open_conns: usize,
     },
+    /// An agent's RSS and fds idle, under client connection floods and a peer stream flood.
+    BenchFlood {
+        /// TCP connections held open against the proxy and the API (capped by `ulimit -n`).
+        #[arg(long, default_value_t = 5000)]
+        connections: usize,
+        /// Slowloris connections (one header byte a second).
+        #[arg(long, default_value_t = 1000)]
+        slow: usize,
+        /// Seconds of the peer stream flood.
+        #[arg(long, default_value_t = 10)]
+        stream_secs: u64,
+    },
     /// Run a scenario: real agents, traffic, a fault timeline, invariants; exits 1 on a broken one.
     Run {
         /// Scenario files (see chaos/scenarios/); `all` runs the whole library.
@@ -91,6 +103,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::BenchPolicy { nodes, profile, writes, catch_up } => bench_policy(nodes, profile, writes, catch_up),
         Cmd::BenchMesh { secs, rates, bulk_mib, open_conns } => {
             trellis_chaos::mesh_bench::run(trellis_chaos::mesh_bench::Options { secs, rates, bulk_mib, open_conns })
+        }
+        Cmd::BenchFlood { connections, slow, stream_secs } => {
+            trellis_chaos::flood_bench::run(connections, slow, stream_secs)
         }
         Cmd::Run { scenarios, seed, out } => run_scenarios(&scenarios, seed, &out),
     }

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use foca::{BroadcastHandler, Invalidates};
@@ -26,6 +27,8 @@ pub type PolicyItems = Arc<dyn Fn(&[u8], bool) -> Result<bool, String> + Send + 
 pub struct ClusterBroadcasts {
     pub left: LeftSet,
     pub policy: Option<PolicyItems>,
+    /// Leave notices refused because they did not come from the leaving node itself.
+    pub leaves_refused: Arc<AtomicU64>,
 }
 
 /// Identifies an item so a newer one replaces an older one in foca's queue.
@@ -62,12 +65,26 @@ impl BroadcastHandler<NodeIdentity> for ClusterBroadcasts {
         match data.split_first() {
             Some((&ITEM_LEAVE, _)) => {
                 let notice = LeaveNotice::decode(data)?;
+                // Only the leaver may say it left: its own notice (`sender` is None), or one
+                // whose sender is the leaver, whose name the transport checked against the
+                // connection's certificate. A relayed notice is refused, so a certified peer
+                // cannot relabel a crashed member as departed; the leaver therefore tells
+                // every member itself (see `Membership::leave`) and nobody relays.
+                let from_leaver = match sender {
+                    None => true,
+                    Some(s) => s.name == notice.name && s.addr == notice.addr && s.generation == notice.generation,
+                };
+                if !from_leaver {
+                    self.leaves_refused.fetch_add(1, Relaxed);
+                    return Ok(None);
+                }
                 let mut left = self.left.lock().expect("left set poisoned");
                 if left.len() >= MAX_REMEMBERED_LEAVES {
                     left.clear();
                 }
                 let key = (notice.addr, notice.generation);
-                Ok(left.insert(key).then_some(ItemKey::Leave(key.0, key.1)))
+                let fresh = left.insert(key);
+                Ok((fresh && sender.is_none()).then_some(ItemKey::Leave(key.0, key.1)))
             }
             Some((&ITEM_POLICY, body)) => {
                 let Some(handler) = &self.policy else { return Ok(None) };

@@ -108,6 +108,8 @@ pub struct Stats {
     pub suspicions_refuted: u64,
     pub malformed_in: u64,
     pub identity_mismatches: u64,
+    /// Leave notices that did not come from the leaving node (relayed or forged).
+    pub leaves_refused: u64,
 }
 
 /// Why a packet was refused.
@@ -140,6 +142,7 @@ pub struct Membership {
     rng: SmallRng,
     left_sent: bool,
     left: LeftSet,
+    leaves_refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Membership {
@@ -158,6 +161,7 @@ impl Membership {
     ) -> Self {
         let handler = ClusterBroadcasts { policy, ..ClusterBroadcasts::default() };
         let left = handler.left.clone();
+        let leaves_refused = handler.leaves_refused.clone();
         let swim = Foca::with_custom_broadcast(
             identity,
             timing.foca_config(expected_size),
@@ -172,6 +176,7 @@ impl Membership {
             rng: SmallRng::seed_from_u64(seed ^ 0x5eed),
             left_sent: false,
             left,
+            leaves_refused,
         }
     }
 
@@ -185,7 +190,7 @@ impl Membership {
     }
 
     pub fn stats(&self) -> Stats {
-        self.io.stats
+        Stats { leaves_refused: self.leaves_refused.load(std::sync::atomic::Ordering::Relaxed), ..self.io.stats }
     }
 
     /// Adds seeds and announces to them now; retried with backoff until we are joined.
@@ -289,9 +294,23 @@ impl Membership {
         }
         self.left_sent = true;
         let me = self.identity().clone();
-        let notice = LeaveNotice { addr: me.addr, generation: me.generation, name: me.name };
-        if let Err(e) = self.swim.add_broadcast(&notice.encode()) {
+        let notice = LeaveNotice { addr: me.addr, generation: me.generation, name: me.name.clone() }.encode();
+        if let Err(e) = self.swim.add_broadcast(&notice) {
             tracing::warn!(error = %e, "could not queue leave notice");
+        }
+        // Receivers only believe a notice from the leaver itself, so it goes to every live
+        // member directly, ahead of foca's own leave gossip.
+        let live: Vec<NodeIdentity> =
+            self.swim.iter_members().filter(|m| m.state() != State::Down).map(|m| m.id().clone()).collect();
+        for dst in live {
+            match broadcast_packet(&me, self.io.incarnation, &dst, &notice) {
+                Ok(data) => {
+                    self.io.stats.msgs_out += 1;
+                    self.io.stats.bytes_out += data.len() as u64;
+                    self.io.out.push_back(Transmit { to: dst.addr, data });
+                }
+                Err(e) => tracing::warn!(error = %e, "could not build a leave notice"),
+            }
         }
         let mut fx = Effects { now, io: &mut self.io };
         if let Err(e) = self.swim.leave_cluster(&mut fx) {
@@ -391,6 +410,32 @@ impl Membership {
         }
         false
     }
+}
+
+/// A complete gossip message (envelope included) from `src` to `dst` that carries one
+/// custom broadcast `item` and nothing else: foca's `Broadcast` message.
+pub fn broadcast_packet(
+    src: &NodeIdentity,
+    incarnation: u16,
+    dst: &NodeIdentity,
+    item: &[u8],
+) -> Result<Vec<u8>, trellis_proto::DecodeError> {
+    use foca::Codec;
+    let header = foca::Header {
+        src: src.clone(),
+        src_incarnation: incarnation,
+        dst: dst.clone(),
+        message: foca::Message::Broadcast,
+    };
+    let mut body = Vec::new();
+    GossipCodec.encode_header(&header, &mut body)?;
+    let len = u16::try_from(item.len())
+        .map_err(|_| trellis_proto::DecodeError::TooLarge { len: item.len(), max: u16::MAX.into() })?;
+    body.extend_from_slice(&len.to_be_bytes());
+    body.extend_from_slice(item);
+    let mut msg = Vec::with_capacity(envelope::HEADER_LEN + body.len());
+    envelope::encode(Kind::Gossip, &body, &mut msg);
+    Ok(msg)
 }
 
 fn view(m: &Member<NodeIdentity>, left: &HashSet<(SocketAddr, u64)>) -> MemberView {

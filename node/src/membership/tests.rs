@@ -163,3 +163,30 @@ fn random_bytes_are_refused_without_panic() {
     }
     assert!(m.stats().malformed_in > 250);
 }
+
+#[test]
+fn a_leave_notice_relayed_for_a_crashed_member_is_refused() {
+    let mut net = Net::joined(4);
+    net.down.push(id(5).addr);
+    net.run(100, Duration::from_millis(50));
+    assert_eq!(net.state_of(2, 5), Some(MemberState::Down));
+    // n4 (certified as n4) claims that n5 left: the sender is not the leaver.
+    let notice = LeaveNotice { addr: id(5).addr, generation: 1, name: "n5".into() }.encode();
+    let pkt = broadcast_packet(&id(4), 0, &id(2), &notice).unwrap();
+    let now = net.now;
+    net.nodes.get_mut(&id(2).addr).unwrap().handle_datagram(now, Some("n4"), &pkt).unwrap();
+    assert_eq!(net.state_of(2, 5), Some(MemberState::Down), "a relayed notice must not relabel a crash");
+    assert_eq!(net.nodes[&id(2).addr].stats().leaves_refused, 1);
+}
+
+#[test]
+fn a_graceful_leave_reaches_every_member_without_relays() {
+    let mut net = Net::joined(8);
+    let now = net.now;
+    net.nodes.get_mut(&id(9).addr).unwrap().leave(now);
+    net.run(100, Duration::from_millis(50));
+    for v in 2..9 {
+        assert_eq!(net.state_of(v, 9), Some(MemberState::Left), "n{v} about departed n9");
+        assert_eq!(net.nodes[&id(v).addr].stats().leaves_refused, 0, "n{v}: honest members never relay notices");
+    }
+}

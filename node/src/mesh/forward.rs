@@ -127,7 +127,7 @@ impl Forwarder {
             let Ok((tcp, _)) = listener.accept().await else { continue };
             let l7 = self.snapshot().protocols.get(&service).is_some_and(|p| *p != crate::policy::model::Protocol::Tcp);
             if l7 {
-                tokio::spawn(super::http::serve_connection(self.clone(), tcp, Some(name.clone())));
+                tokio::spawn(super::http::serve_connection(self.clone(), tcp, name.clone()));
                 continue;
             }
             let (fwd, service) = (self.clone(), service.clone());

@@ -11,8 +11,11 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+
+use crate::limits::Limits;
+use crate::listen::ConnGate;
 
 use super::circuit::Breakers;
 use super::forward::{Counted, Forwarder, OpenError, SendError};
@@ -26,21 +29,31 @@ use std::time::Instant;
 type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Accepts HTTP/1.1 and HTTP/2 clients (told apart by the HTTP/2 preface); one task per
-/// connection.
-pub async fn serve(fwd: Arc<Forwarder>, listener: TcpListener) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
-        tokio::spawn(serve_connection(fwd.clone(), tcp, None));
-    }
+/// connection, within the gate's connection caps and the header read deadline.
+pub async fn serve(fwd: Arc<Forwarder>, listener: TcpListener, limits: Limits, gate: Arc<ConnGate>) {
+    let builder = Arc::new(crate::listen::http_builder(&limits));
+    crate::listen::accept_loop(listener, gate, limits.header_read_timeout, move |tcp, first| {
+        let _ = tcp.set_nodelay(true);
+        let (fwd, builder) = (fwd.clone(), builder.clone());
+        async move {
+            let svc = hyper::service::service_fn(move |req| {
+                first.seen();
+                proxy(fwd.clone(), req, None)
+            });
+            // A malformed request gets hyper's 400 and closes only this connection.
+            builder.serve_connection(TokioIo::new(tcp), svc).await
+        }
+    })
+    .await
 }
 
-/// Serves one client connection; `fixed` names the service of a per-upstream listener,
-/// which ignores `Host` (for apps that cannot set it).
-pub async fn serve_connection(fwd: Arc<Forwarder>, tcp: tokio::net::TcpStream, fixed: Option<Arc<str>>) {
+/// Serves one connection of a per-upstream listener: `fixed` names its service, and
+/// `Host` is not looked at (for apps that cannot set it).
+pub async fn serve_connection(fwd: Arc<Forwarder>, tcp: tokio::net::TcpStream, fixed: Arc<str>) {
     let _ = tcp.set_nodelay(true);
+    let fixed = Some(fixed);
     let svc = hyper::service::service_fn(move |req| proxy(fwd.clone(), req, fixed.clone()));
-    // A malformed request gets hyper's 400 and closes only this connection.
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
 }
 

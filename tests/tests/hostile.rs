@@ -1,0 +1,391 @@
+//! Hostile peers against real agents: a peer with a valid certificate from the cluster CA
+//! that sends oversized messages, floods gossip, opens streams without end, pushes invalid
+//! policy, claims another node's name, sends junk, or forges a leave notice. Each test checks
+//! that the agent keeps serving with its honest membership and accepted policy intact, and
+//! that `trellis_peer_refused_total{reason}` counted the refusal.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use trellis_chaos::cluster::{Cluster, ClusterSpec};
+use trellis_proto::{envelope, Kind};
+use trellis_tests::{metric, raw_peer, rss_and_fds, GossipPeer};
+
+/// Two agents that see each other alive, with one policy object written, and optional
+/// `[limits]` lines for node 0.
+fn honest_pair(limits: &str) -> Cluster {
+    let mut spec = ClusterSpec { nodes: 2, ..ClusterSpec::default() };
+    let dir = std::env::temp_dir().join(format!("trellis-hostile-{}-{}", std::process::id(), rand_suffix()));
+    if !limits.is_empty() {
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("limits.toml");
+        std::fs::write(&file, format!("[limits]\n{limits}\n")).unwrap();
+        spec.node_args = vec![vec!["--config".into(), file.display().to_string()]];
+    }
+    let c = Cluster::start(spec).unwrap();
+    wait_pair_alive(&c);
+    let (s, b) = c.node(0).api().put_json("/v1/policy/services/web", &json!({"timeout": "2s"})).unwrap();
+    assert_eq!(s, 200, "{b}");
+    c.wait_until(Duration::from_secs(10), "policy on both", || {
+        (c.node(1).api().get_json("/v1/policy/services/web").ok()?.get("timeout").is_some()).then_some(())
+    })
+    .ok();
+    c
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
+}
+
+fn wait_pair_alive(c: &Cluster) {
+    let want: Vec<(String, &str)> = (0..2).map(|i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&[0, 1], &want, Duration::from_secs(15)).unwrap();
+}
+
+/// A certificate from the cluster CA for a node that is not in the cluster.
+fn mallory(c: &Cluster) -> PathBuf {
+    let dir = c.root().join(format!("mallory-tls-{}", rand_suffix()));
+    trellis_node::pki::issue_cert(c.ca_dir(), "mallory", &dir, Duration::from_secs(3600)).unwrap();
+    dir
+}
+
+fn refused(c: &Cluster, i: usize, reason: &str) -> f64 {
+    let m = c.node(i).api().get_text("/metrics").unwrap();
+    metric(&m, &format!("trellis_peer_refused_total{{reason=\"{reason}\"}}"))
+        .unwrap_or_else(|| panic!("no {reason} in {m}"))
+}
+
+/// (name, generation) of every member node `i` sees in `state`.
+fn members_in(c: &Cluster, i: usize, state: &str) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = c
+        .node(i)
+        .api()
+        .members()
+        .unwrap()
+        .iter()
+        .filter(|m| m["state"] == state)
+        .map(|m| (m["name"].as_str().unwrap().to_string(), m["incarnation"].as_u64().unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+fn policy(c: &Cluster, i: usize) -> Value {
+    c.node(i).api().get_json("/v1/policy").unwrap()
+}
+
+/// The agent answers, the honest pair still sees each other alive under the same
+/// generations (nobody was declared down and rejoined), and the accepted policy is as before.
+fn assert_intact(c: &Cluster, alive_before: &[(String, u64)], policy_before: &Value) {
+    assert_eq!(c.node(0).api().get_json("/v1/health").unwrap()["status"], "ok");
+    wait_pair_alive(c);
+    let alive: Vec<(String, u64)> =
+        members_in(c, 0, "alive").into_iter().filter(|(n, _)| alive_before.iter().any(|(b, _)| b == n)).collect();
+    assert_eq!(alive, alive_before, "honest members, same generations");
+    assert_eq!(&policy(c, 0), policy_before, "accepted policy unchanged");
+}
+
+fn honest_alive(c: &Cluster) -> Vec<(String, u64)> {
+    let mut v = members_in(c, 0, "alive");
+    v.retain(|(n, _)| n == &c.node(0).name || n == &c.node(1).name);
+    v
+}
+
+fn envelope_of(kind: Kind, body: &[u8]) -> bytes::Bytes {
+    let mut out = Vec::new();
+    envelope::encode(kind, body, &mut out);
+    out.into()
+}
+
+#[test]
+fn an_oversized_stream_message_closes_only_that_connection_and_is_counted() {
+    let c = honest_pair("");
+    let (alive, pol) = (honest_alive(&c), policy(&c, 0));
+    let tls = mallory(&c);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reason = rt.block_on(async {
+        let conn = raw_peer(&tls, c.node(0).peer_addr).await.unwrap();
+        let mut s = conn.open_uni().await.unwrap();
+        // 4 MiB + 1: one byte over limits.max_stream_message.
+        let big = vec![0x7e; trellis_proto::limits::MAX_STREAM_MESSAGE + 1];
+        let _ = s.write_all(&big).await;
+        let _ = s.finish();
+        tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.unwrap()
+    });
+    assert!(reason.to_string().contains("malformed"), "{reason}");
+    assert!(refused(&c, 0, "oversized") >= 1.0);
+    assert_intact(&c, &alive, &pol);
+}
+
+#[test]
+fn a_gossip_flood_is_rate_limited_and_honest_members_stay_alive() {
+    let c = honest_pair("");
+    let (alive, pol) = (honest_alive(&c), policy(&c, 0));
+    let tls = mallory(&c);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sent = rt.block_on(async {
+        let mut peer = GossipPeer::connect(&tls, c.node(0).peer_addr, "mallory").await.unwrap();
+        // The first packet the core makes is a valid announce under its certified name.
+        let announce = peer.core.poll_transmit().unwrap().data;
+        peer.pump(Duration::from_secs(1)).await;
+        let pkt = bytes::Bytes::from(announce);
+        let mut sent = 0u32;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        for i in 0..20_000u32 {
+            if tokio::time::Instant::now() > deadline {
+                break;
+            }
+            if i % 10 == 0 {
+                // Some of the flood on streams too: each is a message of its own.
+                if let Ok(mut s) = peer.conn.open_uni().await {
+                    let _ = s.write_all(&pkt).await;
+                    let _ = s.finish();
+                }
+            } else if peer.conn.send_datagram_wait(pkt.clone()).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        peer.pump(Duration::from_secs(1)).await;
+        sent
+    });
+    println!("flood: {sent} messages sent");
+    assert!(sent >= 10_000, "the flood was sent ({sent})");
+    let rate = refused(&c, 0, "rate");
+    println!("refused for rate: {rate}");
+    assert!(rate >= 1.0, "the flood went past limits.peer_messages_per_second");
+    assert_intact(&c, &alive, &pol);
+}
+
+#[test]
+fn streams_beyond_the_cap_wait_and_stalled_ones_are_reset() {
+    let c =
+        honest_pair("max_concurrent_uni_streams = 16\nmax_concurrent_bidi_streams = 32\nstream_read_timeout = \"1s\"");
+    let (alive, pol) = (honest_alive(&c), policy(&c, 0));
+    let pid = c.node(0).pid().unwrap();
+    let (rss_before, fds_before) = rss_and_fds(pid).unwrap();
+    let tls = mallory(&c);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (uni_open_at_block, bidi_open_at_block, total_uni) = rt.block_on(async {
+        let conn = raw_peer(&tls, c.node(0).peer_addr).await.unwrap();
+        // Uni streams that each carry one byte and never finish: stalled messages. All are
+        // held to the end (a dropped stream would finish, and one byte is junk).
+        let mut held = Vec::new();
+        let mut blocked_at = None;
+        let until = tokio::time::Instant::now() + Duration::from_secs(4);
+        while tokio::time::Instant::now() < until && held.len() < 10_000 {
+            match tokio::time::timeout(Duration::from_millis(300), conn.open_uni()).await {
+                Ok(Ok(mut s)) => {
+                    let _ = s.write_all(&[0x7e]).await;
+                    held.push(s);
+                }
+                Ok(Err(e)) => panic!("connection lost: {e}"),
+                Err(_) => {
+                    blocked_at.get_or_insert(held.len());
+                }
+            }
+        }
+        let (uni_open_at_block, total) = (blocked_at.unwrap_or(usize::MAX), held.len());
+        let mut bidi = Vec::new();
+        while let Ok(Ok((mut send, recv))) = tokio::time::timeout(Duration::from_millis(300), conn.open_bi()).await {
+            send.write_all(&[0]).await.unwrap();
+            bidi.push((send, recv));
+            if bidi.len() > 10_000 {
+                break;
+            }
+        }
+        let bidi_open_at_block = bidi.len();
+        conn.close(0u32.into(), b"done");
+        drop((held, bidi));
+        (uni_open_at_block, bidi_open_at_block, total)
+    });
+    println!(
+        "uni streams open when blocked: {uni_open_at_block}, opened in all: {total_uni}; bidi: {bidi_open_at_block}"
+    );
+    assert_eq!(uni_open_at_block, 16, "the peer waits at limits.max_concurrent_uni_streams");
+    assert_eq!(bidi_open_at_block, 32, "the peer waits at limits.max_concurrent_bidi_streams");
+    assert!(refused(&c, 0, "stream_timeout") >= 16.0);
+    let (rss_after, fds_after) = rss_and_fds(pid).unwrap();
+    println!("agent RSS {rss_before} -> {rss_after} KiB, fds {fds_before} -> {fds_after}");
+    assert!(rss_after < rss_before + 64 * 1024, "memory stays bounded");
+    assert!(fds_after <= fds_before + 8, "no descriptor per stream");
+    assert_intact(&c, &alive, &pol);
+}
+
+#[test]
+fn connections_beyond_the_per_address_cap_are_refused() {
+    let c = honest_pair("max_peer_connections_per_ip = 2");
+    let (alive, pol) = (honest_alive(&c), policy(&c, 0));
+    let tls = mallory(&c);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let results = rt.block_on(async {
+        let mut held = Vec::new();
+        let mut results = Vec::new();
+        for _ in 0..3 {
+            let r = raw_peer(&tls, c.node(0).peer_addr).await;
+            results.push(r.is_ok());
+            if let Ok(conn) = r {
+                held.push(conn);
+            }
+        }
+        results
+    });
+    assert_eq!(results, [true, true, false], "the third connection from 127.0.0.1 is refused");
+    assert!(refused(&c, 0, "per_source_limit") >= 1.0);
+    assert_intact(&c, &alive, &pol);
+}
+
+#[test]
+fn invalid_policy_from_a_certified_peer_is_refused_counted_and_changes_nothing() {
+    let c = honest_pair("");
+    let (alive, pol) = (honest_alive(&c), policy(&c, 0));
+    let tls = mallory(&c);
+    let now = trellis_node::policy::now_ms() << 16;
+    let bad = |kind: &str, name: &str, body: &str, n: u64| trellis_proto::PolicyEntry {
+        kind: kind.into(),
+        name: name.into(),
+        version: (now + n, 99),
+        ancestors: [(0, 0); 2],
+        body: Some(body.into()),
+    };
+    let entries = vec![
+        // Overwrites the accepted object with a newer but invalid version.
+        bad("services", "web", r#"{"timeout": "forever"}"#, 1),
+        bad("splits", "canary", r#"{"service": "web", "backends": [{"subset": "v1", "weight": 97}]}"#, 2),
+        bad("no-such-kind", "x", "{}", 3),
+        bad("services", "web2", "not json", 4),
+    ];
+    let msg = trellis_proto::PolicySync::Entries { entries, want: vec![] };
+    let data = envelope_of(Kind::PolicySync, &msg.encode());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = raw_peer(&tls, c.node(0).peer_addr).await.unwrap();
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&data).await.unwrap();
+        s.finish().unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    });
+    let n = c
+        .wait_until(Duration::from_secs(5), "refusals counted", || {
+            Some(refused(&c, 0, "invalid_policy")).filter(|v| *v >= 4.0)
+        })
+        .unwrap();
+    assert_eq!(n, 4.0);
+    assert_intact(&c, &alive, &pol);
+    assert_eq!(policy(&c, 1), pol, "nothing reached the other node either");
+}
+
+#[test]
+fn gossip_under_another_nodes_name_is_refused_by_its_certificate() {
+    let c = honest_pair("");
+    let (alive, pol) = (honest_alive(&c), policy(&c, 0));
+    let tls = mallory(&c);
+    let victim = c.node(1).name.clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let closed = rt.block_on(async {
+        // Certificate says mallory; the gossip says it is node 1.
+        let mut peer = GossipPeer::connect(&tls, c.node(0).peer_addr, &victim).await.unwrap();
+        peer.pump(Duration::from_secs(2)).await;
+        tokio::time::timeout(Duration::from_secs(5), peer.conn.closed()).await.unwrap()
+    });
+    assert!(closed.to_string().contains("malformed"), "{closed}");
+    assert!(refused(&c, 0, "identity") >= 1.0);
+    let m = c.node(0).api().members().unwrap();
+    assert!(m.iter().all(|m| m["name"] != "mallory"), "{m:?}");
+    let entries: Vec<&Value> = m.iter().filter(|m| m["name"] == victim.as_str()).collect();
+    assert_eq!(entries.len(), 1, "one {victim}, at its own address: {m:?}");
+    assert_eq!(entries[0]["peer_addr"], c.node(1).peer_addr.to_string());
+    assert_intact(&c, &alive, &pol);
+}
+
+#[test]
+fn junk_and_wrong_version_envelopes_are_refused_by_kind() {
+    let c = honest_pair("");
+    let (alive, pol) = (honest_alive(&c), policy(&c, 0));
+    let tls = mallory(&c);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let future = envelope::WIRE_VERSION + 1;
+    let inputs: Vec<(&str, Vec<u8>)> = vec![
+        ("malformed", b"\x16\x03\x01 a TLS record, not trellis".to_vec()),
+        ("version", vec![envelope::MAGIC, future, Kind::Gossip as u8, 1, 2, 3]),
+        ("malformed", vec![envelope::MAGIC, envelope::WIRE_VERSION, 200, 0]),
+        ("malformed", vec![envelope::MAGIC, envelope::WIRE_VERSION, Kind::Gossip as u8, 0xff, 0xff, 0xff]),
+    ];
+    for (reason, bytes) in inputs {
+        let before = refused(&c, 0, reason);
+        let closed = rt.block_on(async {
+            let conn = raw_peer(&tls, c.node(0).peer_addr).await.unwrap();
+            conn.send_datagram(bytes.into()).unwrap();
+            tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.unwrap()
+        });
+        assert!(closed.to_string().contains("malformed"), "{reason}: {closed}");
+        assert_eq!(refused(&c, 0, reason), before + 1.0, "{reason} counted once");
+    }
+    assert_intact(&c, &alive, &pol);
+}
+
+#[test]
+fn a_certified_peer_cannot_relabel_a_crashed_member_as_left() {
+    let mut c = Cluster::start(ClusterSpec { nodes: 3, ..ClusterSpec::default() }).unwrap();
+    let all: Vec<(String, &str)> = (0..3).map(|i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&[0, 1, 2], &all, Duration::from_secs(15)).unwrap();
+    let crashed = c.node(2).name.clone();
+    let crashed_id = c.node(0).api().members().unwrap().into_iter().find(|m| m["name"] == crashed.as_str()).unwrap();
+    c.kill(2);
+    c.wait_all_see(&[0, 1], &[(crashed.clone(), "down")], Duration::from_secs(10)).unwrap();
+    let tls = mallory(&c);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut peer = GossipPeer::connect(&tls, c.node(0).peer_addr, "mallory").await.unwrap();
+        peer.pump(Duration::from_secs(2)).await;
+        let agent = peer.agent_identity().expect("joined: the agent's identity is known");
+        let me = peer.core.identity().clone();
+        let notice = trellis_proto::LeaveNotice {
+            addr: crashed_id["peer_addr"].as_str().unwrap().parse().unwrap(),
+            generation: crashed_id["incarnation"].as_u64().unwrap(),
+            name: crashed.clone(),
+        };
+        let pkt = trellis_node::membership::broadcast_packet(&me, 0, &agent, &notice.encode()).unwrap();
+        peer.conn.send_datagram(pkt.into()).unwrap();
+        peer.pump(Duration::from_secs(1)).await;
+    });
+    let refusals = c
+        .wait_until(Duration::from_secs(5), "forged leave counted", || {
+            Some(refused(&c, 0, "leave_not_from_leaver")).filter(|v| *v >= 1.0)
+        })
+        .unwrap();
+    assert!(refusals >= 1.0);
+    let state = c.node(0).api().members().unwrap().into_iter().find(|m| m["name"] == crashed.as_str()).unwrap();
+    assert_eq!(state["state"], "down", "a crash stays a crash: {state}");
+    // A real leave still reads as left everywhere (the leaver tells each member itself).
+    let (s, _) = c.node(1).api().post_json("/v1/agent/leave", &json!({})).unwrap();
+    assert_eq!(s, 200);
+    c.wait_all_see(&[0], &[(c.node(1).name.clone(), "left")], Duration::from_secs(5)).unwrap();
+}
+
+#[test]
+fn client_connections_beyond_the_cap_are_refused_and_slow_headers_cut() {
+    let c = honest_pair("max_client_connections_per_ip = 8\nheader_read_timeout = \"500ms\"");
+    let api = c.node(0).api_addr;
+    let held: Vec<std::net::TcpStream> = (0..12).filter_map(|_| std::net::TcpStream::connect(api).ok()).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let m = || c.node(0).api().get_text("/metrics");
+    // The held connections send nothing; after the header timeout they are closed and the
+    // API answers again.
+    let text = c
+        .wait_until(Duration::from_secs(5), "API answers again", || m().ok().filter(|t| t.contains("trellis_client")))
+        .unwrap();
+    let per_source =
+        metric(&text, "trellis_client_refused_total{listener=\"api\",reason=\"per_source_limit\"}").unwrap();
+    assert!(per_source >= 4.0, "{text}");
+    let timeouts = c
+        .wait_until(Duration::from_secs(5), "header timeouts counted", || {
+            metric(&m().ok()?, "trellis_client_refused_total{listener=\"api\",reason=\"header_timeout\"}")
+                .filter(|v| *v >= 8.0)
+        })
+        .unwrap();
+    assert!(timeouts >= 8.0);
+    drop(held);
+    assert_eq!(c.node(0).api().get_json("/v1/health").unwrap()["status"], "ok");
+}
