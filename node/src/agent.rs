@@ -45,6 +45,8 @@ pub struct AgentHandle {
     pub started: Instant,
     /// Flips to true when the agent should stop (after a leave).
     pub shutdown: watch::Sender<bool>,
+    /// Enrollment, renewal and revocation state (`crate::enroll`).
+    pub lifecycle: Arc<crate::enroll::Lifecycle>,
 }
 
 impl AgentHandle {
@@ -142,6 +144,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         ratelimits: ratelimits.clone(),
         started: Instant::now(),
         shutdown,
+        lifecycle: Arc::default(),
     };
     tokio::spawn(ratelimit::shell::run(ratelimits, handle.clone(), limit_rx, ratelimit::Timing::default()));
     tokio::spawn(crate::mesh::health::run(handle.clone()));

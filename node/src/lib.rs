@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod enroll;
 pub mod fuzz;
 pub mod membership;
 pub mod mesh;
