@@ -687,6 +687,7 @@ pub fn live_server_config(live: &Arc<LiveIdentity>, sink: RefusalSink) -> Result
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(live.clone());
     cfg.alpn_protocols = vec![ALPN.to_vec(), ENROLL_ALPN.to_vec()];
+    no_resumption_server(&mut cfg);
     Ok(cfg)
 }
 
@@ -710,7 +711,15 @@ pub fn live_client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(live.clone());
     cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
+}
+
+/// A resumed TLS session skips certificate verification, so a peer revoked (or expired)
+/// since its last handshake would get back in on a ticket: every handshake is a full one.
+fn no_resumption_server(cfg: &mut rustls::ServerConfig) {
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
 }
 
 mod authority;

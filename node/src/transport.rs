@@ -370,6 +370,7 @@ impl Transport {
         let doomed: Vec<_> = pool.live.values().filter(|(_, name)| revoked(name)).map(|(c, _)| c.clone()).collect();
         drop(pool);
         for c in &doomed {
+            tracing::debug!(peer = %c.remote_address(), id = c.stable_id(), closed = ?c.close_reason(), "closing a revoked peer's connection");
             c.close(CLOSE_REVOKED.into(), b"identity revoked");
         }
         doomed.len()

@@ -320,3 +320,14 @@ fn enrollment_alpn_admits_a_client_without_certificate_and_gets_the_ca_in_the_ch
         .1;
     assert_eq!(chain.len(), 1);
 }
+
+#[test]
+fn agent_configs_never_resume_sessions_so_every_handshake_checks_revocation() {
+    let ca = ca("res", "prod");
+    let a = live(&node(&ca, "a"));
+    let server = live_server_config(&a, sink().0).unwrap();
+    assert_eq!(server.send_tls13_tickets, 0);
+    assert!(!server.session_storage.can_cache());
+    let client = live_client_config(&a, sink().0, ALPN).unwrap();
+    assert!(format!("{:?}", client.resumption).contains("NoClientSessionStorage"), "{:?}", client.resumption);
+}
