@@ -639,8 +639,13 @@ pub fn server_config(m: &TlsMaterial, sink: RefusalSink) -> Result<rustls::Serve
     let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&m.ca)?), crypto())
         .build()
         .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
-    let verifier =
-        Arc::new(ClusterClientVerifier { inner, cluster_id: m.cluster_id.clone(), sink, revoked: None, mandatory: true });
+    let verifier = Arc::new(ClusterClientVerifier {
+        inner,
+        cluster_id: m.cluster_id.clone(),
+        sink,
+        revoked: None,
+        mandatory: true,
+    });
     let mut cfg = rustls::ServerConfig::builder_with_provider(crypto())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -725,8 +730,8 @@ fn no_resumption_server(cfg: &mut rustls::ServerConfig) {
 mod authority;
 mod live;
 pub mod renew;
-pub use authority::CertAuthority;
 pub use authority::make_csr;
+pub use authority::CertAuthority;
 pub use live::{hex, sha256, sha256_hex, LiveIdentity, Revocations};
 
 #[cfg(test)]

@@ -181,12 +181,14 @@ fn a_revoked_node_is_refused_by_every_peer_and_goes_down_everywhere() {
     let victim = c.node(2).name.clone();
     let api = c.node(0).api();
     // Validated like every kind.
-    let (s, body) = api.put_json(&format!("/v1/policy/revocations/{victim}"), &serde_json::json!({"why": "x"})).unwrap();
+    let (s, body) =
+        api.put_json(&format!("/v1/policy/revocations/{victim}"), &serde_json::json!({"why": "x"})).unwrap();
     assert_eq!(s, 400, "{body}");
     assert!(body.to_string().contains("why"), "{body}");
     let t = Instant::now();
-    let (s, body) =
-        api.put_json(&format!("/v1/policy/revocations/{victim}"), &serde_json::json!({"reason": "key leaked"})).unwrap();
+    let (s, body) = api
+        .put_json(&format!("/v1/policy/revocations/{victim}"), &serde_json::json!({"reason": "key leaked"}))
+        .unwrap();
     assert_eq!(s, 200, "{body}");
     let down = vec![(victim.clone(), "down")];
     let took = c.wait_all_see(&[0, 1], &down, Duration::from_secs(10)).unwrap();

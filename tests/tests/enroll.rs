@@ -203,7 +203,9 @@ fn three_hosts_from_nothing_to_an_mtls_cluster_in_three_commands_each() {
         tokens.push(token);
     }
     let converged = h.wait_alive(&[1, 2, 3], Duration::from_secs(15));
-    println!("enrollment (process start to API up, key + CSR + signing included): {took:?}; all alive {converged:?} later");
+    println!(
+        "enrollment (process start to API up, key + CSR + signing included): {took:?}; all alive {converged:?} later"
+    );
 
     for host in [2, 3] {
         let tls = h.dir(host).join("tls");

@@ -62,7 +62,11 @@ impl PinnedCa {
         rustls::client::verify_server_cert_signed_by_trust_anchor(&parsed, &roots, &[], now, algs)
             .map_err(|e| format!("the server's certificate does not verify against the pinned CA: {e}"))?;
         pki::check_cluster(leaf, &self.cluster_id).map_err(|r| {
-            format!("the server's certificate is not of cluster {:?} ({}); check the token", self.cluster_id, r.as_str())
+            format!(
+                "the server's certificate is not of cluster {:?} ({}); check the token",
+                self.cluster_id,
+                r.as_str()
+            )
         })
     }
 }
@@ -106,7 +110,8 @@ impl ServerCertVerifier for PinnedCa {
 }
 
 fn quic_client(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, RequestError> {
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| RequestError::Failed(e.to_string()))?;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| RequestError::Failed(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     let mut t = quinn::TransportConfig::default();
     // A handshake on any real network takes well under this; silence means unreachable.
@@ -269,13 +274,8 @@ pub async fn renew_remote(
 ) -> Result<String, RequestError> {
     let sink: pki::RefusalSink = Arc::new(|_| {});
     let tls = pki::live_client_config(live, sink, pki::ENROLL_ALPN).map_err(|e| RequestError::Failed(e.to_string()))?;
-    let req = Request {
-        version: wire::VERSION,
-        name: live.name.clone(),
-        csr: pki::hex(csr),
-        token: None,
-        time_ms: now_ms(),
-    };
+    let req =
+        Request { version: wire::VERSION, name: live.name.clone(), csr: pki::hex(csr), token: None, time_ms: now_ms() };
     match exchange(endpoint, quic_client(tls)?, signer, &req, None).await? {
         Response::Granted { cert_pem, .. } => Ok(cert_pem),
         Response::Refused { refusal, .. } => Err(RequestError::Refused { at: signer, refusal }),

@@ -31,7 +31,10 @@ pub struct Context<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
     /// Sign for `name`; use the token up first if there is one.
-    Sign { name: String, token: Option<(String, String)> },
+    Sign {
+        name: String,
+        token: Option<(String, String)>,
+    },
     Refuse(Refusal),
 }
 
@@ -74,7 +77,9 @@ pub fn decide(req: &Request, ctx: &Context<'_>) -> Decision {
         if req.token.is_some() || cert_name != req.name {
             return refuse(
                 "name_mismatch",
-                format!("a renewal over the certificate of {cert_name:?} can only be for {cert_name:?}, without a token"),
+                format!(
+                    "a renewal over the certificate of {cert_name:?} can only be for {cert_name:?}, without a token"
+                ),
             );
         }
         return Decision::Sign { name: req.name.clone(), token: None };

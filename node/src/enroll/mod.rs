@@ -155,7 +155,11 @@ pub fn metrics(a: &AgentHandle, e: &mut crate::metrics::Exposition) {
 }
 
 /// `trellis token create`: stores the token's hash in the CA dir, returns the token.
-pub fn create_token(ca_dir: &std::path::Path, ttl: Duration, signer: Option<std::net::SocketAddr>) -> anyhow::Result<(JoinToken, i64)> {
+pub fn create_token(
+    ca_dir: &std::path::Path,
+    ttl: Duration,
+    signer: Option<std::net::SocketAddr>,
+) -> anyhow::Result<(JoinToken, i64)> {
     let ttl_ms = ttl.as_millis() as i64;
     if !(1_000..=token::MAX_TTL_MS).contains(&ttl_ms) {
         anyhow::bail!("ttl: {ttl:?} is out of range; give 1s to 7d, e.g. --ttl 1h");

@@ -117,7 +117,8 @@ impl Renewal {
 fn warn(w: Warning, live: &pki::LiveIdentity) {
     let (_, not_after) = live.validity();
     let days = (not_after - OffsetDateTime::now_utc()).whole_days();
-    let hint = "check that a signer (an agent with --ca-dir) is alive; or issue one with `trellis cert issue` and restart";
+    let hint =
+        "check that a signer (an agent with --ca-dir) is alive; or issue one with `trellis cert issue` and restart";
     match w {
         Warning::ThirtyDays | Warning::SevenDays => {
             tracing::warn!(days_left = days, not_after = %not_after, hint, "certificate expires soon and was not renewed")

@@ -149,7 +149,10 @@ impl EnrollService {
             }
         }
         let Some(csr) = wire::unhex(&req.csr) else {
-            return refused(Refusal { code: "bad_request".into(), message: "csr is not hex".into(), signers: vec![] }, now);
+            return refused(
+                Refusal { code: "bad_request".into(), message: "csr is not hex".into(), signers: vec![] },
+                now,
+            );
         };
         match signer.ca.sign_csr(&csr, name, signer.lifetime) {
             Ok((cert_pem, not_after)) => {

@@ -315,9 +315,10 @@ fn enrollment_alpn_admits_a_client_without_certificate_and_gets_the_ca_in_the_ch
     assert_eq!(sha256_hex(&chain[1]), sha256_hex(&a.ca), "the CA follows the leaf, for the token's pin");
     // Peers get the leaf alone.
     let b = live(&node(&ca, "b"));
-    let chain = handshake_seen(live_client_config(&b, sink().0, ALPN).unwrap(), live_server_config(&a, sink().0).unwrap())
-        .unwrap()
-        .1;
+    let chain =
+        handshake_seen(live_client_config(&b, sink().0, ALPN).unwrap(), live_server_config(&a, sink().0).unwrap())
+            .unwrap()
+            .1;
     assert_eq!(chain.len(), 1);
 }
 
