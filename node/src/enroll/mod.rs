@@ -167,6 +167,11 @@ pub fn create_token(
     let ca = CertAuthority::load(ca_dir).map_err(|e| anyhow::anyhow!("ca_dir: {e}"))?;
     let t = JoinToken::generate(&ca.cluster_id, &ca.ca_der, signer);
     let now = crate::policy::now_ms() as i64;
-    TokenStore::new(ca_dir).update(|b| Ok::<_, ()>(b.add(&t, now, ttl_ms)))?.expect("infallible");
+    TokenStore::new(ca_dir)
+        .update(|b| {
+            b.add(&t, now, ttl_ms);
+            Ok::<_, ()>(())
+        })?
+        .expect("infallible");
     Ok((t, now + ttl_ms))
 }

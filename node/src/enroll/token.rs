@@ -366,7 +366,13 @@ mod tests {
         let store = TokenStore::new(&dir);
         let t = token();
         let (id, secret) = t.credentials();
-        store.update(|b| Ok::<_, ()>(b.add(&t, 0, 1 << 40))).unwrap().unwrap();
+        store
+            .update(|b| {
+                b.add(&t, 0, 1 << 40);
+                Ok::<_, ()>(())
+            })
+            .unwrap()
+            .unwrap();
         store.update(|b| b.redeem(&id, &secret, 5, "n1")).unwrap().unwrap();
         // A new store object is a restarted signer: the token stays used.
         let again = TokenStore::new(&dir).update(|b| b.redeem(&id, &secret, 6, "n2")).unwrap();

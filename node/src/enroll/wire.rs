@@ -69,7 +69,7 @@ pub fn encode<T: Serialize>(m: &T) -> Vec<u8> {
 }
 
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.len() > 2 * MAX_MESSAGE {
+    if !s.len().is_multiple_of(2) || s.len() > 2 * MAX_MESSAGE {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
