@@ -55,6 +55,8 @@ pub struct AgentHandle {
     pub shutdown: watch::Sender<bool>,
     /// Alive members, republished by the agent task when they change.
     pub alive: watch::Receiver<Arc<AliveMembers>>,
+    /// Enrollment, renewal and revocation state (`crate::enroll`).
+    pub lifecycle: Arc<crate::enroll::Lifecycle>,
 }
 
 impl AgentHandle {
@@ -158,6 +160,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         started: Instant::now(),
         shutdown,
         alive,
+        lifecycle: Arc::default(),
     };
     tokio::spawn(ratelimit::shell::run(ratelimits, handle.clone(), limit_rx, ratelimit::Timing::default()));
     tokio::spawn(crate::mesh::health::run(handle.clone()));

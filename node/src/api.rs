@@ -264,15 +264,7 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
     e.counter("trellis_quic_bytes_in_total", "Payload bytes received from peers.", t.bytes_in.load(Relaxed));
     e.counter("trellis_quic_dropped_out_total", "Messages dropped before sending.", t.dropped_out.load(Relaxed));
     let refused = t.refused.lock().expect("stats lock").clone();
-    let reasons = [
-        RefusalReason::NoCertificate,
-        RefusalReason::Expired,
-        RefusalReason::NotYetValid,
-        RefusalReason::UnknownCa,
-        RefusalReason::WrongCluster,
-        RefusalReason::BadIdentity,
-        RefusalReason::Other,
-    ];
+    let reasons = RefusalReason::ALL;
     let by_reason: Vec<(&str, u64)> =
         reasons.iter().map(|r| (r.as_str(), refused.get(r).copied().unwrap_or(0))).collect();
     e.labelled(
@@ -346,6 +338,7 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
     );
     traffic_metrics(&a, &mut e);
     crate::api_ratelimit::metrics(&a, &mut e);
+    crate::enroll::metrics(&a, &mut e);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], e.finish()).into_response()
 }
 

@@ -29,6 +29,9 @@ pub enum Command {
     /// Issue and inspect node certificates.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Single-use join tokens for new hosts (run where the CA key is).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// List the cluster's members as the local agent sees them.
     Members {
         #[arg(short, long, value_enum, default_value = "table")]
@@ -101,12 +104,32 @@ pub enum CertCommand {
         /// Lifetime in days.
         #[arg(long, default_value_t = 90)]
         days: u64,
+        /// Lifetime as a duration (e.g. 2m), overriding --days; for trying renewal.
+        #[arg(long, hide = true, value_parser = humantime::parse_duration)]
+        lifetime: Option<Duration>,
     },
     /// Print a certificate's subject, identity, issuer and expiry (never a key).
     Show {
         file: PathBuf,
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Print a new single-use join token; its hash is kept in CA_DIR/join-tokens.json, where
+    /// the agent started with --ca-dir CA_DIR (the signer) checks it.
+    Create {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// How long the token stays valid (1s to 7d).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Peer address of the signer, written into the token; without it the joiner asks its
+        /// --join seed (which points it to a signer if it is not one).
+        #[arg(long)]
+        signer: Option<SocketAddr>,
     },
 }
 
@@ -199,6 +222,20 @@ pub struct AgentArgs {
     /// Test only: serve POST /v1/fault to inject loss and partitions at run time.
     #[arg(long, hide = true)]
     pub fault_injection: bool,
+    /// Join token from `trellis token create`: with no certificate in --tls-dir yet, the agent
+    /// makes its key, has it certified through --join SEED and starts with it.
+    #[arg(long, env = "TRELLIS_JOIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The cluster CA directory: this agent signs enrollments and renewals (a signer), and
+    /// issues its own certificate if --tls-dir has none.
+    #[arg(long)]
+    pub ca_dir: Option<PathBuf>,
+    /// Lifetime of the certificates this signer issues (default 90d).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub cert_lifetime: Option<Duration>,
+    /// Renew this node's certificate once this share of its lifetime has passed (default 0.67).
+    #[arg(long, hide = true)]
+    pub cert_renew_at: Option<f64>,
 }
 
 impl AgentArgs {
@@ -390,8 +427,8 @@ pub fn main() -> i32 {
                 println!("CA key: {} (keep it secret; mode 0600)", ca.key_path.display());
             })
             .map_err(Into::into),
-        Command::Cert(CertCommand::Issue { ca_dir, name, out, days }) => {
-            crate::pki::issue_cert(&ca_dir, &name, &out, Duration::from_secs(days * 86_400))
+        Command::Cert(CertCommand::Issue { ca_dir, name, out, days, lifetime }) => {
+            crate::pki::issue_cert(&ca_dir, &name, &out, lifetime.unwrap_or(Duration::from_secs(days * 86_400)))
                 .map(|c| {
                     println!("identity: {}", c.identity);
                     println!("certificate: {}", c.cert_path.display());
@@ -409,6 +446,14 @@ pub fn main() -> i32 {
                 }
             })
             .map_err(Into::into),
+        Command::Token(TokenCommand::Create { ca_dir, ttl, signer }) => {
+            crate::enroll::create_token(&ca_dir, ttl, signer).map(|(t, expires_ms)| {
+                // The token alone on stdout, so `T=$(trellis token create ...)` works.
+                println!("{}", t.expose());
+                let expires = time::OffsetDateTime::from_unix_timestamp(expires_ms / 1000).map(|t| t.to_string());
+                eprintln!("token {}: single use, expires {}", t.id, expires.unwrap_or_default());
+            })
+        }
         Command::Members { output } => crate::client::members(cli.http_addr, output),
         Command::Join { addrs } => crate::client::join(cli.http_addr, &addrs),
         Command::Leave => crate::client::leave(cli.http_addr),

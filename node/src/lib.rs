@@ -12,6 +12,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod enroll;
 pub mod fuzz;
 pub mod limits;
 pub mod listen;

@@ -26,9 +26,12 @@ use time::OffsetDateTime;
 
 /// ALPN protocol of Trellis peer links; a peer speaking anything else is refused.
 pub const ALPN: &[u8] = b"trellis/1";
+/// ALPN of enrollment and renewal connections (see [`crate::enroll`]): the only protocol a
+/// client without a certificate may speak, and it carries nothing but signing requests.
+pub const ENROLL_ALPN: &[u8] = b"trellis-enroll/1";
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 86_400);
 /// Backdating of not_before, so a peer whose clock is a little behind accepts a new cert.
-const CLOCK_SKEW: Duration = Duration::from_secs(60);
+pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -42,7 +45,7 @@ pub enum PkiError {
     Tls(#[from] rustls::Error),
 }
 
-fn file_err(path: &Path, what: impl fmt::Display, fix: &str) -> PkiError {
+pub(crate) fn file_err(path: &Path, what: impl fmt::Display, fix: &str) -> PkiError {
     PkiError::File { path: path.to_path_buf(), what: what.to_string(), fix: fix.to_string() }
 }
 
@@ -55,10 +58,24 @@ pub enum RefusalReason {
     UnknownCa,
     WrongCluster,
     BadIdentity,
+    /// The identity is listed in the `revocations` policy kind.
+    Revoked,
     Other,
 }
 
 impl RefusalReason {
+    /// Every reason, in the order metrics list them.
+    pub const ALL: [RefusalReason; 8] = [
+        RefusalReason::NoCertificate,
+        RefusalReason::Expired,
+        RefusalReason::NotYetValid,
+        RefusalReason::UnknownCa,
+        RefusalReason::WrongCluster,
+        RefusalReason::BadIdentity,
+        RefusalReason::Revoked,
+        RefusalReason::Other,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             RefusalReason::NoCertificate => "no_certificate",
@@ -67,6 +84,7 @@ impl RefusalReason {
             RefusalReason::UnknownCa => "unknown_ca",
             RefusalReason::WrongCluster => "wrong_cluster",
             RefusalReason::BadIdentity => "bad_identity",
+            RefusalReason::Revoked => "revoked",
             RefusalReason::Other => "other",
         }
     }
@@ -77,7 +95,9 @@ impl RefusalReason {
             RefusalReason::NoCertificate => {
                 "the peer sent no certificate; start it with --tls-dir holding node.pem and node.key"
             }
-            RefusalReason::Expired => "the certificate has expired; issue a new one with `trellis cert issue`",
+            RefusalReason::Expired => {
+                "the certificate has expired (agents renew at 2/3 of the lifetime through a signer; this one could not): re-enroll with `trellis token create` + `trellis agent --token`, or issue one with `trellis cert issue`"
+            }
             RefusalReason::NotYetValid => "the certificate is not valid yet; check the clocks of both hosts (NTP)",
             RefusalReason::UnknownCa => {
                 "the certificate is from another CA; issue it from this cluster's CA (`trellis cert issue --ca-dir`)"
@@ -85,6 +105,9 @@ impl RefusalReason {
             RefusalReason::WrongCluster => "the certificate names another cluster id; issue it from this cluster's CA",
             RefusalReason::BadIdentity => {
                 "the certificate lacks a spiffe://<cluster>/node/<name> URI; issue it with `trellis cert issue`"
+            }
+            RefusalReason::Revoked => {
+                "the node's identity is revoked (policy object revocations/<name>); delete the revocation to let it back in"
             }
             RefusalReason::Other => "see the agent log for the TLS error",
         }
@@ -177,7 +200,7 @@ pub fn spiffe_id(cluster_id: &str, name: &str) -> String {
     format!("spiffe://{cluster_id}/node/{name}")
 }
 
-fn validate_cluster_id(id: &str) -> Result<(), PkiError> {
+pub(crate) fn validate_cluster_id(id: &str) -> Result<(), PkiError> {
     let ok = !id.is_empty()
         && id.len() <= 63
         && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
@@ -188,7 +211,7 @@ fn validate_cluster_id(id: &str) -> Result<(), PkiError> {
     })
 }
 
-fn validate_name(name: &str) -> Result<(), PkiError> {
+pub(crate) fn validate_name(name: &str) -> Result<(), PkiError> {
     crate::config::validate_name(name).map_err(|e| PkiError::Invalid {
         field: "name",
         what: e.to_string(),
@@ -197,7 +220,7 @@ fn validate_name(name: &str) -> Result<(), PkiError> {
 }
 
 /// Creates a write-only-by-owner file; the mode is set at creation, never widened.
-fn write_secret(path: &Path, data: &str) -> Result<(), PkiError> {
+pub(crate) fn write_secret(path: &Path, data: &str) -> Result<(), PkiError> {
     let _ = fs::remove_file(path);
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -208,15 +231,15 @@ fn write_secret(path: &Path, data: &str) -> Result<(), PkiError> {
     f.write_all(data.as_bytes()).map_err(|e| file_err(path, e, "check free disk space"))
 }
 
-fn write_public(path: &Path, data: &str) -> Result<(), PkiError> {
+pub(crate) fn write_public(path: &Path, data: &str) -> Result<(), PkiError> {
     fs::write(path, data).map_err(|e| file_err(path, e, "check the directory exists and is writable"))
 }
 
-fn read(path: &Path, fix: &str) -> Result<String, PkiError> {
+pub(crate) fn read(path: &Path, fix: &str) -> Result<String, PkiError> {
     fs::read_to_string(path).map_err(|e| file_err(path, e, fix))
 }
 
-fn mkdir(dir: &Path) -> Result<(), PkiError> {
+pub(crate) fn mkdir(dir: &Path) -> Result<(), PkiError> {
     fs::create_dir_all(dir).map_err(|e| file_err(dir, e, "pick a writable directory"))
 }
 
@@ -252,11 +275,29 @@ pub fn init_ca(dir: &Path, cluster_id: Option<&str>) -> Result<CaInfo, PkiError>
     Ok(CaInfo { cluster_id, cert_path, key_path, not_after: now + CA_LIFETIME })
 }
 
-fn dn(cn: &str) -> DistinguishedName {
+pub(crate) fn dn(cn: &str) -> DistinguishedName {
     let mut d = DistinguishedName::new();
     d.push(DnType::CommonName, cn);
     d.push(DnType::OrganizationName, "Trellis");
     d
+}
+
+/// What every node certificate says: the SPIFFE URI, and use for TLS client and server.
+/// Signers set these themselves; nothing a CSR asks for is copied.
+pub(crate) fn node_params(
+    identity: &str,
+    name: &str,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(name);
+    params.subject_alt_names = vec![SanType::URI(identity.try_into()?)];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    Ok(params)
 }
 
 /// Issues a node certificate valid from now for `lifetime`.
@@ -289,13 +330,7 @@ pub fn issue_cert_with_validity(
 
     let identity = spiffe_id(&cluster_id, name);
     let key = KeyPair::generate()?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = dn(name);
-    params.subject_alt_names = vec![SanType::URI(identity.as_str().try_into()?)];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    params.not_before = not_before;
-    params.not_after = not_after;
+    let params = node_params(&identity, name, not_before, not_after)?;
     let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
     mkdir(out)?;
     let key_path = out.join("node.key");
@@ -306,7 +341,7 @@ pub fn issue_cert_with_validity(
     Ok(IssuedCert { identity, cert_path, key_path, not_after })
 }
 
-fn pem_certs(path: &Path, text: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+pub(crate) fn pem_certs(path: &Path, text: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     use rustls::pki_types::pem::PemObject;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(text.as_bytes()).collect::<Result<_, _>>().map_err(|e| {
         file_err(path, format!("not a PEM certificate ({e:?})"), "give the .pem file written by `trellis cert issue`")
@@ -373,13 +408,18 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<PeerIdentity, PkiError
 /// Loads `dir`/{ca.pem,node.pem,node.key} and checks them as peers will.
 pub fn load_tls_dir(dir: &Path) -> Result<TlsMaterial, PkiError> {
     let m = load_tls_dir_unchecked(dir)?;
-    let cert_path = dir.join("node.pem");
+    check_material(&m, &dir.join("node.pem"))?;
+    Ok(m)
+}
+
+/// The checks peers will make: not expired, chains to the CA.
+pub fn check_material(m: &TlsMaterial, cert_path: &Path) -> Result<(), PkiError> {
     let now = OffsetDateTime::now_utc();
     if m.not_after < now {
         return Err(file_err(
-            &cert_path,
+            cert_path,
             format!("expired on {}", m.not_after),
-            "issue a new one with `trellis cert issue`",
+            "issue a new one with `trellis cert issue`, or re-enroll: move the tls dir away and start with --token",
         ));
     }
     let roots = roots(&m.ca)?;
@@ -387,25 +427,32 @@ pub fn load_tls_dir(dir: &Path) -> Result<TlsMaterial, PkiError> {
     let algs = provider::default_provider().signature_verification_algorithms.all;
     rustls::client::verify_server_cert_signed_by_trust_anchor(&parsed, &roots, &m.chain[1..], UnixTime::now(), algs)
         .map_err(|e| {
-            file_err(&cert_path, format!("does not verify against ca.pem: {e}"), "issue it from this cluster's CA")
+            file_err(cert_path, format!("does not verify against ca.pem: {e}"), "issue it from this cluster's CA")
         })?;
-    Ok(m)
+    Ok(())
 }
 
 /// Loads TLS material without the validity checks (test peers present bad certs on purpose).
 pub fn load_tls_dir_unchecked(dir: &Path) -> Result<TlsMaterial, PkiError> {
-    use rustls::pki_types::pem::PemObject;
     let fix = "run `trellis cert issue --ca-dir CA --name NODE --out DIR` and give that DIR as --tls-dir";
-    let ca_path = dir.join("ca.pem");
-    let cert_path = dir.join("node.pem");
-    let key_path = dir.join("node.key");
-    let ca = pem_certs(&ca_path, &read(&ca_path, fix)?)?.remove(0);
-    let chain = pem_certs(&cert_path, &read(&cert_path, fix)?)?;
-    let key = PrivateKeyDer::from_pem_slice(read(&key_path, fix)?.as_bytes())
-        .map_err(|_| file_err(&key_path, "not a PEM private key", fix))?;
-    let id = peer_identity(&chain[0]).map_err(|e| file_err(&cert_path, e, fix))?;
+    let texts = [dir.join("ca.pem"), dir.join("node.pem"), dir.join("node.key")].map(|p| read(&p, fix).map(|t| (p, t)));
+    let [ca, cert, key] = texts;
+    let ((ca_path, ca), (cert_path, cert), (key_path, key)) = (ca?, cert?, key?);
+    material_from_pem([(&ca_path, &ca), (&cert_path, &cert), (&key_path, &key)], fix)
+}
+
+/// Builds TLS material from the PEM texts of (ca.pem, node.pem, node.key), each with the
+/// path errors should name.
+pub fn material_from_pem(files: [(&Path, &str); 3], fix: &str) -> Result<TlsMaterial, PkiError> {
+    use rustls::pki_types::pem::PemObject;
+    let [(ca_path, ca), (cert_path, cert), (key_path, key)] = files;
+    let ca = pem_certs(ca_path, ca)?.remove(0);
+    let chain = pem_certs(cert_path, cert)?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|_| file_err(key_path, "not a PEM private key", fix))?;
+    let id = peer_identity(&chain[0]).map_err(|e| file_err(cert_path, e, fix))?;
     let not_after = x509_parser::parse_x509_certificate(&chain[0])
-        .map_err(|e| file_err(&cert_path, e, fix))?
+        .map_err(|e| file_err(cert_path, e, fix))?
         .1
         .validity()
         .not_after
@@ -421,18 +468,18 @@ pub fn load_tls_dir_unchecked(dir: &Path) -> Result<TlsMaterial, PkiError> {
     })
 }
 
-fn roots(ca: &CertificateDer<'static>) -> Result<RootCertStore, PkiError> {
+pub(crate) fn roots(ca: &CertificateDer<'static>) -> Result<RootCertStore, PkiError> {
     let mut roots = RootCertStore::empty();
     roots.add(ca.clone())?;
     Ok(roots)
 }
 
-fn crypto() -> Arc<CryptoProvider> {
+pub(crate) fn crypto() -> Arc<CryptoProvider> {
     Arc::new(provider::default_provider())
 }
 
 /// Checks that a verified chain's leaf names our cluster.
-fn check_cluster(cert: &CertificateDer<'_>, cluster_id: &str) -> Result<(), RefusalReason> {
+pub(crate) fn check_cluster(cert: &CertificateDer<'_>, cluster_id: &str) -> Result<(), RefusalReason> {
     match peer_identity(cert) {
         Ok(id) if id.cluster_id == cluster_id => Ok(()),
         Ok(_) => Err(RefusalReason::WrongCluster),
@@ -440,9 +487,18 @@ fn check_cluster(cert: &CertificateDer<'_>, cluster_id: &str) -> Result<(), Refu
     }
 }
 
-fn refusal_error(reason: RefusalReason) -> rustls::Error {
+/// The cluster check plus the revocation list: what both sides apply after the chain.
+fn check_peer(cert: &CertificateDer<'_>, cluster_id: &str, revoked: Option<&Revocations>) -> Result<(), RefusalReason> {
+    check_cluster(cert, cluster_id)?;
+    match (revoked, peer_identity(cert)) {
+        (Some(r), Ok(id)) if r.contains(&id.name) => Err(RefusalReason::Revoked),
+        _ => Ok(()),
+    }
+}
+
+pub(crate) fn refusal_error(reason: RefusalReason) -> rustls::Error {
     match reason {
-        RefusalReason::WrongCluster | RefusalReason::BadIdentity => {
+        RefusalReason::WrongCluster | RefusalReason::BadIdentity | RefusalReason::Revoked => {
             rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
         }
         _ => rustls::Error::General(reason.as_str().into()),
@@ -454,6 +510,10 @@ struct ClusterClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     cluster_id: String,
     sink: RefusalSink,
+    revoked: Option<Arc<Revocations>>,
+    /// False on the agent's endpoint: a client without a certificate may finish the
+    /// handshake, and the transport then serves it enrollment only (see `transport.rs`).
+    mandatory: bool,
 }
 
 impl fmt::Debug for ClusterClientVerifier {
@@ -467,6 +527,10 @@ impl ClientCertVerifier for ClusterClientVerifier {
         self.inner.root_hint_subjects()
     }
 
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -477,7 +541,7 @@ impl ClientCertVerifier for ClusterClientVerifier {
             .inner
             .verify_client_cert(end_entity, intermediates, now)
             .inspect_err(|e| (self.sink)(RefusalReason::from_tls(e)))?;
-        check_cluster(end_entity, &self.cluster_id).map_err(|r| {
+        check_peer(end_entity, &self.cluster_id, self.revoked.as_deref()).map_err(|r| {
             (self.sink)(r);
             refusal_error(r)
         })?;
@@ -514,6 +578,7 @@ struct ClusterServerVerifier {
     cluster_id: String,
     sink: RefusalSink,
     provider: Arc<CryptoProvider>,
+    revoked: Option<Arc<Revocations>>,
 }
 
 impl fmt::Debug for ClusterServerVerifier {
@@ -539,7 +604,7 @@ impl ServerCertVerifier for ClusterServerVerifier {
         let algs = self.provider.signature_verification_algorithms.all;
         rustls::client::verify_server_cert_signed_by_trust_anchor(&parsed, &self.roots, intermediates, now, algs)
             .map_err(refuse)?;
-        check_cluster(end_entity, &self.cluster_id).map_err(|r| {
+        check_peer(end_entity, &self.cluster_id, self.revoked.as_deref()).map_err(|r| {
             (self.sink)(r);
             refusal_error(r)
         })?;
@@ -574,7 +639,13 @@ pub fn server_config(m: &TlsMaterial, sink: RefusalSink) -> Result<rustls::Serve
     let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&m.ca)?), crypto())
         .build()
         .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
-    let verifier = Arc::new(ClusterClientVerifier { inner, cluster_id: m.cluster_id.clone(), sink });
+    let verifier = Arc::new(ClusterClientVerifier {
+        inner,
+        cluster_id: m.cluster_id.clone(),
+        sink,
+        revoked: None,
+        mandatory: true,
+    });
     let mut cfg = rustls::ServerConfig::builder_with_provider(crypto())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -590,6 +661,7 @@ pub fn client_config(m: &TlsMaterial, sink: RefusalSink) -> Result<rustls::Clien
         cluster_id: m.cluster_id.clone(),
         sink,
         provider: crypto(),
+        revoked: None,
     });
     let mut cfg = rustls::ClientConfig::builder_with_provider(crypto())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -599,6 +671,68 @@ pub fn client_config(m: &TlsMaterial, sink: RefusalSink) -> Result<rustls::Clien
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     Ok(cfg)
 }
+
+/// The agent endpoint's server config: certificates from the swappable [`LiveIdentity`]
+/// (renewal without a restart), the revocation list consulted on every handshake, peer and
+/// enrollment ALPNs, and client certificates optional so a joiner can reach enrollment.
+pub fn live_server_config(live: &Arc<LiveIdentity>, sink: RefusalSink) -> Result<rustls::ServerConfig, PkiError> {
+    let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&live.ca)?), crypto())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
+    let verifier = Arc::new(ClusterClientVerifier {
+        inner,
+        cluster_id: live.cluster_id.clone(),
+        sink,
+        revoked: Some(live.revoked.clone()),
+        mandatory: false,
+    });
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crypto())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(live.clone());
+    cfg.alpn_protocols = vec![ALPN.to_vec(), ENROLL_ALPN.to_vec()];
+    no_resumption_server(&mut cfg);
+    Ok(cfg)
+}
+
+/// The agent's client config for `alpn`: presents the live certificate, checks the server's
+/// chain, cluster and revocation.
+pub fn live_client_config(
+    live: &Arc<LiveIdentity>,
+    sink: RefusalSink,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, PkiError> {
+    let verifier = Arc::new(ClusterServerVerifier {
+        roots: roots(&live.ca)?,
+        cluster_id: live.cluster_id.clone(),
+        sink,
+        provider: crypto(),
+        revoked: Some(live.revoked.clone()),
+    });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(crypto())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(live.clone());
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(cfg)
+}
+
+/// A resumed TLS session skips certificate verification, so a peer revoked (or expired)
+/// since its last handshake would get back in on a ticket: every handshake is a full one.
+fn no_resumption_server(cfg: &mut rustls::ServerConfig) {
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+}
+
+mod authority;
+mod live;
+pub mod renew;
+pub use authority::make_csr;
+pub use authority::CertAuthority;
+pub use live::{hex, sha256, sha256_hex, LiveIdentity, Revocations};
 
 #[cfg(test)]
 mod tests;

@@ -8,12 +8,13 @@ use crate::cli::{AgentArgs, LogFormat};
 const LEAVE_GRACE: Duration = Duration::from_millis(500);
 
 pub fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
-    let (cfg, log_level) = args.resolve()?;
+    let (mut cfg, log_level) = args.resolve()?;
     let log = init_logging(log_level.as_deref().unwrap_or("info"), args.log_format)?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
         anyhow::anyhow!("data_dir: cannot create {}: {e}; pick a writable --data-dir", cfg.data_dir.display())
     })?;
-    let tls = crate::pki::load_tls_dir(&cfg.tls_dir)?;
+    let enroll = crate::enroll::Options::from_args(&args)?;
+    let tls = crate::enroll::bootstrap(&mut cfg, &enroll)?;
     // Every line this process logs carries the node's name: the span is entered on every
     // runtime thread for its whole life.
     let span = tracing::info_span!("agent", node = %cfg.name);
@@ -30,7 +31,7 @@ pub fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         args,
         log,
     };
-    rt.block_on(serve(cfg, tls, reload))
+    rt.block_on(serve(cfg, tls, reload, enroll))
 }
 
 /// What SIGHUP needs: how to re-read the config, and what is running now.
@@ -107,8 +108,10 @@ async fn serve(
     cfg: crate::config::AgentConfig,
     tls: crate::pki::TlsMaterial,
     mut reload: Reloader,
+    enroll: crate::enroll::Options,
 ) -> anyhow::Result<()> {
     let agent = crate::agent::start(&cfg, &tls)?;
+    crate::enroll::start(&agent, &cfg, &enroll)?;
     let listener = tokio::net::TcpListener::bind(cfg.api)
         .await
         .map_err(|e| anyhow::anyhow!("api: cannot listen on {}: {e}; pick another --api address", cfg.api))?;

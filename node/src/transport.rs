@@ -30,6 +30,13 @@ pub const CLOSE_SHUTDOWN: u32 = 2;
 /// Stream stop codes: over the connection's message rate, or not finished in time.
 pub const CLOSE_RATE: u32 = 3;
 pub const CLOSE_TIMEOUT: u32 = 4;
+/// The peer's identity is revoked (policy `revocations/<name>`).
+pub const CLOSE_REVOKED: u32 = 6;
+/// A peer ALPN connection without a client certificate.
+pub const CLOSE_NO_CERTIFICATE: u32 = 5;
+
+/// Takes accepted `trellis-enroll/1` connections (see [`crate::enroll`]).
+pub type EnrollHandler = Arc<dyn Fn(quinn::Connection) + Send + Sync>;
 
 /// Test-only fault injection: drop a share of outgoing messages, or everything to and from
 /// some peers (a partition). Off unless the agent is started with the hidden flags
@@ -162,6 +169,8 @@ impl TransportStats {
 struct Pool {
     conns: HashMap<SocketAddr, quinn::Connection>,
     dialing: HashMap<SocketAddr, Vec<Bytes>>,
+    /// Every connection being read, pooled or not, with its peer's name (for revocation).
+    live: HashMap<usize, (quinn::Connection, String)>,
 }
 
 /// The agent's QUIC endpoint and its connection pool.
@@ -177,6 +186,10 @@ pub struct Transport {
     pub limits: Limits,
     /// Caps on inbound connections, in all and per source address.
     inbound_gate: Arc<ConnGate>,
+    /// Our certificate (swapped on renewal) and the revocation list the verifiers consult.
+    pub identity: Arc<pki::LiveIdentity>,
+    sink: pki::RefusalSink,
+    enroll: std::sync::OnceLock<EnrollHandler>,
 }
 
 impl Transport {
@@ -198,10 +211,11 @@ impl Transport {
             })
         };
         let transport_cfg = Arc::new(transport_config(&limits));
-        let server_tls = QuicServerConfig::try_from(pki::server_config(tls, sink.clone())?)?;
+        let identity = pki::LiveIdentity::new(tls)?;
+        let server_tls = QuicServerConfig::try_from(pki::live_server_config(&identity, sink.clone())?)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
         server.transport_config(transport_cfg.clone());
-        let client_tls = QuicClientConfig::try_from(pki::client_config(tls, sink)?)?;
+        let client_tls = QuicClientConfig::try_from(pki::live_client_config(&identity, sink.clone(), pki::ALPN)?)?;
         let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
         client.transport_config(transport_cfg);
 
@@ -217,6 +231,7 @@ impl Transport {
         let pool = Mutex::new(Pool::default());
         let faults = Mutex::new(faults);
         let inbound_gate = ConnGate::new(limits.max_peer_connections, limits.max_peer_connections_per_ip);
+        let enroll = std::sync::OnceLock::new();
         let t = Arc::new(Transport {
             endpoint,
             client,
@@ -228,6 +243,9 @@ impl Transport {
             faults,
             limits,
             inbound_gate,
+            identity,
+            sink,
+            enroll,
         });
         tokio::spawn(t.clone().accept_loop());
         Ok((t, rx, streams_rx))
@@ -389,7 +407,17 @@ impl Transport {
                 }
             };
             tokio::spawn(async move {
-                match incoming.await.map_err(anyhow::Error::from).and_then(|c| Ok((peer_name(&c)?, c))) {
+                let conn = match incoming.await {
+                    Ok(c) if alpn(&c).as_deref() == Some(pki::ENROLL_ALPN) => return t.divert_enrollment(c),
+                    Ok(c) if peer_name(&c).is_err() => {
+                        // Client certificates are optional at the TLS layer only so joiners
+                        // can reach enrollment; the peer protocol requires one.
+                        c.close(CLOSE_NO_CERTIFICATE.into(), b"client certificate required");
+                        Err(anyhow::anyhow!("peer presented no certificates"))
+                    }
+                    res => res.map_err(anyhow::Error::from),
+                };
+                match conn.and_then(|c| Ok((peer_name(&c)?, c))) {
                     Ok((name, conn)) => {
                         t.stats.accepted.fetch_add(1, Relaxed);
                         tracing::debug!(peer = %name, addr = %from, "accepted");
@@ -409,11 +437,50 @@ impl Transport {
         }
     }
 
+    /// Hands an enrollment connection to the enrollment service; it is never pooled or read
+    /// here, so nothing on it reaches gossip or forwarding.
+    fn divert_enrollment(&self, conn: quinn::Connection) {
+        match self.enroll.get() {
+            Some(h) => h(conn),
+            None => conn.close(CLOSE_SHUTDOWN.into(), b"enrollment not ready; retry"),
+        }
+    }
+
+    /// Sets who serves `trellis-enroll/1` connections (once, after the agent started).
+    pub fn set_enroll_handler(&self, h: EnrollHandler) {
+        let _ = self.enroll.set(h);
+    }
+
+    /// The QUIC endpoint, for renewal connections from our own socket.
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    /// Where handshake refusals are counted and logged.
+    pub fn refusal_sink(&self) -> pki::RefusalSink {
+        self.sink.clone()
+    }
+
+    /// Closes every connection to a peer whose name `revoked` says; returns how many.
+    pub fn close_revoked(&self, revoked: impl Fn(&str) -> bool) -> usize {
+        let pool = self.pool.lock().expect("pool lock");
+        let doomed: Vec<_> = pool.live.values().filter(|(_, name)| revoked(name)).map(|(c, _)| c.clone()).collect();
+        drop(pool);
+        for c in &doomed {
+            tracing::debug!(peer = %c.remote_address(), id = c.stable_id(), closed = ?c.close_reason(), "closing a revoked peer's connection");
+            c.close(CLOSE_REVOKED.into(), b"identity revoked");
+        }
+        doomed.len()
+    }
+
     /// Pools a connection (the newest one to an address wins) and reads from it. An inbound
     /// connection holds its `ticket` (its slot under the connection caps) until it ends.
     fn adopt(self: &Arc<Self>, conn: quinn::Connection, name: String, ticket: Option<Ticket>) {
         let addr = conn.remote_address();
-        self.pool.lock().expect("pool lock").conns.insert(addr, conn.clone());
+        let mut pool = self.pool.lock().expect("pool lock");
+        pool.live.insert(conn.stable_id(), (conn.clone(), name.clone()));
+        pool.conns.insert(addr, conn.clone());
+        drop(pool);
         tokio::spawn(self.clone().read_loop(conn, name, ticket));
     }
 
@@ -495,6 +562,7 @@ impl Transport {
             }
         }
         let mut pool = self.pool.lock().expect("pool lock");
+        pool.live.remove(&conn.stable_id());
         if pool.conns.get(&from).is_some_and(|c| c.stable_id() == conn.stable_id()) {
             pool.conns.remove(&from);
         }
@@ -542,6 +610,11 @@ impl Transport {
         self.endpoint.close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"agent shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
+}
+
+/// The negotiated ALPN of a connection.
+fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
 }
 
 fn peer_name(conn: &quinn::Connection) -> anyhow::Result<String> {

@@ -156,6 +156,76 @@ fn peers_with_expired_or_foreign_client_certificates_are_refused_by_reason() {
     assert!(metric(&m, "trellis_handshakes_refused_total{reason=\"expired\"}").unwrap() >= 1.0, "{m}");
     assert!(metric(&m, "trellis_handshakes_refused_total{reason=\"no_certificate\"}").unwrap() >= 1.0, "{m}");
     assert_eq!(c.node(0).api().members().unwrap().len(), 1);
+    // The refusing agent's log names the reason and the fix.
+    let log = std::fs::read_to_string(&c.node(0).log_path).unwrap();
+    assert!(log.contains("reason=\"expired\"") || log.contains("reason=expired"), "{log}");
+    assert!(log.contains("re-enroll with `trellis token create`"), "{log}");
+    // An agent given the expired certificate does not start, and says why.
+    let out = std::process::Command::new(trellis_chaos::cluster::trellis_bin())
+        .args(["agent", "--name", "old", "--bind", "127.0.0.1:0", "--tls-dir"])
+        .arg(&expired)
+        .arg("--data-dir")
+        .arg(dir.join("old-data"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("node.pem: expired on") && err.contains("--token"), "{err}");
+}
+
+#[test]
+fn a_revoked_node_is_refused_by_every_peer_and_goes_down_everywhere() {
+    let c = Cluster::start(spec(3)).unwrap();
+    let all: Vec<usize> = (0..3).collect();
+    c.wait_all_see(&all, &expect_all(&c, &all, "alive"), Duration::from_secs(15)).unwrap();
+    let victim = c.node(2).name.clone();
+    let api = c.node(0).api();
+    // Validated like every kind.
+    let (s, body) =
+        api.put_json(&format!("/v1/policy/revocations/{victim}"), &serde_json::json!({"why": "x"})).unwrap();
+    assert_eq!(s, 400, "{body}");
+    assert!(body.to_string().contains("why"), "{body}");
+    let t = Instant::now();
+    let (s, body) = api
+        .put_json(&format!("/v1/policy/revocations/{victim}"), &serde_json::json!({"reason": "key leaked"}))
+        .unwrap();
+    assert_eq!(s, 200, "{body}");
+    let down = vec![(victim.clone(), "down")];
+    let took = c.wait_all_see(&[0, 1], &down, Duration::from_secs(10)).unwrap();
+    println!("revoked {victim}: down in every view {took:?} after the write ({:?} total)", t.elapsed());
+    // Node 1 got the revocation by replication and refuses the victim's handshakes.
+    let refused = |i: usize| {
+        let m = c.node(i).api().get_text("/metrics").unwrap_or_default();
+        metric(&m, "trellis_handshakes_refused_total{reason=\"revoked\"}").unwrap_or(0.0)
+    };
+    c.wait_until(Duration::from_secs(5), "node 1 refusing the revoked node", || (refused(1) >= 1.0).then_some(()))
+        .unwrap();
+    let before = refused(1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tls = c.node(2).tls_dir.clone();
+    let target = c.node(1).peer_addr;
+    let res = rt.block_on(async {
+        let conn = raw_peer(&tls, target).await?;
+        anyhow::Ok(tokio::time::timeout(Duration::from_secs(3), conn.closed()).await?)
+    });
+    println!("the revoked node's next handshake: {res:?}");
+    c.wait_until(Duration::from_secs(3), "the new refusal counted", || (refused(1) > before).then_some(())).unwrap();
+    let m = c.node(1).api().get_text("/metrics").unwrap();
+    assert_eq!(metric(&m, "trellis_revocations"), Some(1.0));
+    // A policy object: deleting it lets the node back in.
+    let (s, _) = api.delete(&format!("/v1/policy/revocations/{victim}")).unwrap();
+    assert_eq!(s, 200);
+    c.wait_until(Duration::from_secs(5), "revocation lifted on node 1", || {
+        let m = c.node(1).api().get_text("/metrics").ok()?;
+        (metric(&m, "trellis_revocations")? == 0.0).then_some(())
+    })
+    .unwrap();
+    // The victim's certificate is accepted again: the connection stays up.
+    let still_open = rt.block_on(async {
+        let conn = raw_peer(&tls, target).await?;
+        anyhow::Ok(tokio::time::timeout(Duration::from_millis(1500), conn.closed()).await.is_err())
+    });
+    assert!(still_open.unwrap(), "after the delete, node 1 accepts the node again");
 }
 
 #[test]

@@ -15,6 +15,8 @@ use super::{ConfigError, FileConfig};
 pub const RESERVED_ENV: &[&str] = &[
     "TRELLIS_HTTP_ADDR",
     "TRELLIS_HTTP_TOKEN",
+    // A join token is a flag's value (`--token`), not a config key: it is never written down.
+    "TRELLIS_JOIN_TOKEN",
     // Test harness: which binary to run, whether to keep temp dirs.
     "TRELLIS_BIN",
     "TRELLIS_KEEP_TMP",

@@ -152,6 +152,7 @@ fn client_without_certificate_is_refused() {
         cluster_id: "prod".into(),
         sink: cs,
         provider: crypto(),
+        revoked: None,
     });
     let mut client = rustls::ClientConfig::builder_with_provider(crypto())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -206,4 +207,128 @@ fn bad_names_and_cluster_ids_are_rejected() {
     let ca = ca("bn", "prod");
     let err = issue_cert(&ca, "Bad Name", &tmp("bn-out"), Duration::from_secs(60)).unwrap_err().to_string();
     assert!(err.starts_with("name:"), "{err}");
+}
+
+/// Like [`handshake`], also returning the chain the client saw.
+fn handshake_seen(
+    client: rustls::ClientConfig,
+    server: rustls::ServerConfig,
+) -> Result<(Option<PeerIdentity>, Vec<CertificateDer<'static>>), rustls::Error> {
+    let mut c = rustls::ClientConnection::new(Arc::new(client), ServerName::try_from("trellis").unwrap())?;
+    let mut s = rustls::ServerConnection::new(Arc::new(server))?;
+    for _ in 0..20 {
+        let mut buf = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut buf).unwrap();
+        }
+        if !buf.is_empty() {
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets()?;
+        }
+        let mut buf = Vec::new();
+        while s.wants_write() {
+            s.write_tls(&mut buf).unwrap();
+        }
+        if !buf.is_empty() {
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets()?;
+        }
+        if !c.is_handshaking() && !s.is_handshaking() {
+            let client_id = s.peer_certificates().map(|certs| peer_identity(&certs[0]).unwrap());
+            return Ok((client_id, c.peer_certificates().unwrap().to_vec()));
+        }
+    }
+    panic!("handshake did not finish");
+}
+
+fn live(dir: &Path) -> Arc<LiveIdentity> {
+    LiveIdentity::new(&load_tls_dir(dir).unwrap()).unwrap()
+}
+
+#[test]
+fn a_revoked_peer_is_refused_by_both_sides_with_reason_revoked() {
+    let ca = ca("rev", "prod");
+    let (a, b) = (live(&node(&ca, "a")), live(&node(&ca, "b")));
+    a.revoked.replace(["b".to_string()].into());
+    // a serves, b dials: a refuses b's client certificate.
+    let (ss, sseen) = sink();
+    let client = live_client_config(&b, sink().0, ALPN).unwrap();
+    assert!(handshake(client, live_server_config(&a, ss).unwrap()).is_err());
+    assert_eq!(*sseen.lock().unwrap(), vec![RefusalReason::Revoked]);
+    // The other way round: b refuses a's server certificate (the client checks first).
+    a.revoked.replace(Default::default());
+    b.revoked.replace(["a".to_string()].into());
+    let (cs, cseen) = sink();
+    assert!(handshake(live_client_config(&b, cs, ALPN).unwrap(), live_server_config(&a, sink().0).unwrap()).is_err());
+    assert_eq!(*cseen.lock().unwrap(), vec![RefusalReason::Revoked]);
+    // Lifting the revocation lets them talk.
+    a.revoked.replace(Default::default());
+    b.revoked.replace(Default::default());
+    let (cs, _) = sink();
+    let (ss, _) = sink();
+    let seen = handshake(live_client_config(&b, cs, ALPN).unwrap(), live_server_config(&a, ss).unwrap()).unwrap();
+    assert_eq!(seen.unwrap().name, "b");
+}
+
+#[test]
+fn a_swapped_certificate_is_presented_from_the_next_handshake_on() {
+    let ca = ca("swap", "prod");
+    let a = live(&node(&ca, "a"));
+    let b = live(&node(&ca, "b"));
+    let (ss, _) = sink();
+    let server = live_server_config(&a, ss).unwrap();
+    let first = handshake_seen(live_client_config(&b, sink().0, ALPN).unwrap(), server.clone()).unwrap().1;
+    // A renewal: a new certificate for the same name under the same CA.
+    let renewed = ca.parent().unwrap().join("a-renewed");
+    issue_cert(&ca, "a", &renewed, Duration::from_secs(7200)).unwrap();
+    a.swap(&load_tls_dir(&renewed).unwrap()).unwrap();
+    let second = handshake_seen(live_client_config(&b, sink().0, ALPN).unwrap(), server).unwrap().1;
+    assert_ne!(first[0], second[0], "the server config built before the swap presents the new certificate");
+    assert_eq!(second[0], a.leaf());
+    // Another name is not a renewal.
+    let other = live(&node(&ca, "c"));
+    let e = other.swap(&load_tls_dir(&ca.parent().unwrap().join("a-renewed")).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("renewal keeps the node's name"), "{e}");
+}
+
+#[test]
+fn enrollment_alpn_admits_a_client_without_certificate_and_gets_the_ca_in_the_chain() {
+    let ca = ca("enr", "prod");
+    let a = live(&node(&ca, "a"));
+    let verifier = Arc::new(ClusterServerVerifier {
+        roots: roots(&a.ca).unwrap(),
+        cluster_id: "prod".into(),
+        sink: sink().0,
+        provider: crypto(),
+        revoked: None,
+    });
+    let mut client = rustls::ClientConfig::builder_with_provider(crypto())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
+    let (client_id, chain) = handshake_seen(client.clone(), live_server_config(&a, sink().0).unwrap()).unwrap();
+    assert_eq!(client_id, None, "no client certificate: the transport serves it enrollment only");
+    assert_eq!(chain.len(), 2);
+    assert_eq!(sha256_hex(&chain[1]), sha256_hex(&a.ca), "the CA follows the leaf, for the token's pin");
+    // Peers get the leaf alone.
+    let b = live(&node(&ca, "b"));
+    let chain =
+        handshake_seen(live_client_config(&b, sink().0, ALPN).unwrap(), live_server_config(&a, sink().0).unwrap())
+            .unwrap()
+            .1;
+    assert_eq!(chain.len(), 1);
+}
+
+#[test]
+fn agent_configs_never_resume_sessions_so_every_handshake_checks_revocation() {
+    let ca = ca("res", "prod");
+    let a = live(&node(&ca, "a"));
+    let server = live_server_config(&a, sink().0).unwrap();
+    assert_eq!(server.send_tls13_tickets, 0);
+    assert!(!server.session_storage.can_cache());
+    let client = live_client_config(&a, sink().0, ALPN).unwrap();
+    assert!(format!("{:?}", client.resumption).contains("NoClientSessionStorage"), "{:?}", client.resumption);
 }

@@ -20,10 +20,12 @@ pub enum Kind {
     Settings,
     /// Service instances registered on nodes: per-node state, written only by its node.
     Instances,
+    /// Revoked node identities, by node name: refused at every handshake.
+    Revocations,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Services,
         Kind::Subsets,
         Kind::Routes,
@@ -32,6 +34,7 @@ impl Kind {
         Kind::Intentions,
         Kind::Settings,
         Kind::Instances,
+        Kind::Revocations,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +47,7 @@ impl Kind {
             Kind::Intentions => "intentions",
             Kind::Settings => "settings",
             Kind::Instances => "instances",
+            Kind::Revocations => "revocations",
         }
     }
 
@@ -51,7 +55,7 @@ impl Kind {
         Kind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| FieldError {
             path: "kind".into(),
             message: format!("unknown policy kind {s:?}"),
-            fix: "use one of services, subsets, routes, splits, ratelimits, intentions, settings".into(),
+            fix: "use one of services, subsets, routes, splits, ratelimits, intentions, settings, revocations".into(),
         })
     }
 }
@@ -499,6 +503,18 @@ pub struct Settings {
     pub intention_default: Action,
 }
 
+/// A revoked node identity: `revocations/<node-name>`. Every peer refuses the node's
+/// certificate at the handshake and drops its connections; delete the object to undo.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Revocation {
+    /// Why, for the operators reading it later.
+    pub reason: Option<String>,
+}
+
+/// Longest revocation reason.
+pub const MAX_REASON_LEN: usize = 256;
+
 /// A parsed, validated object of any kind.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
@@ -511,6 +527,7 @@ pub enum Object {
     Intention(Intention),
     Settings(Settings),
     Instance(Instance),
+    Revocation(Revocation),
 }
 
 fn parse_as<T: serde::de::DeserializeOwned>(prefix: &str, json: &[u8]) -> Result<T, FieldError> {
@@ -539,6 +556,7 @@ pub fn parse(kind: Kind, name: &str, json: &[u8]) -> Result<Object, FieldError> 
         Kind::Intentions => Object::Intention(parse_as(&p, json)?),
         Kind::Settings => Object::Settings(parse_as(&p, json)?),
         Kind::Instances => Object::Instance(parse_as(&p, json)?),
+        Kind::Revocations => Object::Revocation(parse_as(&p, json)?),
     };
     obj.validate(&p)?;
     Ok(obj)
@@ -663,6 +681,16 @@ impl Object {
                 Ok(())
             }
             Object::Settings(_) => Ok(()),
+            Object::Revocation(r) => {
+                if r.reason.as_ref().is_some_and(|s| s.len() > MAX_REASON_LEN || s.chars().any(char::is_control)) {
+                    return Err(err(
+                        format!("{p}.reason"),
+                        format!("at most {MAX_REASON_LEN} bytes of printable text"),
+                        "shorten the reason",
+                    ));
+                }
+                Ok(())
+            }
             Object::Instance(i) => {
                 need(format!("{p}.service"), &i.service, "service")?;
                 if let Some(c) = &i.check {
@@ -741,6 +769,21 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.path, "routes.r.match.path.regex");
+    }
+
+    #[test]
+    fn revocations_take_an_optional_reason_and_refuse_anything_else() {
+        assert_eq!(parse(Kind::Revocations, "web-3", b"{}").unwrap(), Object::Revocation(Revocation::default()));
+        let Object::Revocation(r) = parse(Kind::Revocations, "web-3", br#"{"reason": "key leaked"}"#).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.reason.as_deref(), Some("key leaked"));
+        let e = parse(Kind::Revocations, "web-3", br#"{"reson": "x"}"#).unwrap_err();
+        assert!(e.message.contains("unknown field `reson`"), "{e}");
+        let long = format!(r#"{{"reason": "{}"}}"#, "x".repeat(300));
+        assert_eq!(parse(Kind::Revocations, "web-3", long.as_bytes()).unwrap_err().path, "revocations.web-3.reason");
+        assert!(parse(Kind::Revocations, "Web 3", b"{}").is_err(), "names follow node-name rules");
+        assert_eq!(Kind::parse("revocations").unwrap(), Kind::Revocations);
     }
 
     #[test]
