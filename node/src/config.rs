@@ -422,7 +422,8 @@ mod tests {
         let err = FileConfig::parse("[limits]\nmax_datagram = -1\n", Path::new("c.toml")).unwrap_err();
         assert!(err.to_string().contains("field `limits.max_datagram`"), "{err}");
         let err = FileConfig::parse("[limits]\nmax_streams = 1\n", Path::new("c.toml")).unwrap_err();
-        assert!(err.to_string().contains("unknown field `max_streams`"), "{err}");
+        let err = err.to_string();
+        assert!(err.contains("field `limits.max_streams`") && err.contains("unknown key `max_streams`"), "{err}");
         let f = FileConfig::parse("[limits]\npeer_messages_per_second = 1\n", Path::new("c.toml")).unwrap();
         let errs = f.limits.validate().unwrap_err();
         assert!(errs[0].starts_with("limits.peer_messages_per_second: 1 is outside 100..="), "{errs:?}");

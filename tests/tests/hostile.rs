@@ -389,3 +389,24 @@ fn client_connections_beyond_the_cap_are_refused_and_slow_headers_cut() {
     drop(held);
     assert_eq!(c.node(0).api().get_json("/v1/health").unwrap()["status"], "ok");
 }
+
+#[test]
+fn a_service_stream_whose_forward_header_never_comes_is_reset() {
+    let c = honest_pair("stream_read_timeout = \"1s\"");
+    let (alive, pol) = (honest_alive(&c), policy(&c, 0));
+    let before = refused(&c, 0, "stream_timeout");
+    let tls = mallory(&c);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answer = rt.block_on(async {
+        let conn = raw_peer(&tls, c.node(0).peer_addr).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        // One byte of the two-byte header length, then nothing.
+        send.write_all(&[0]).await.unwrap();
+        let mut buf = [0u8; 8];
+        tokio::time::timeout(Duration::from_secs(10), recv.read(&mut buf)).await
+    });
+    let answer = answer.expect("the agent gave the stream up within the read timeout, not never");
+    assert!(answer.is_err(), "the stream was reset, not answered: {answer:?}");
+    assert!(refused(&c, 0, "stream_timeout") > before, "counted as stream_timeout");
+    assert_intact(&c, &alive, &pol);
+}

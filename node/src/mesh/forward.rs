@@ -31,6 +31,8 @@ use crate::transport::BiStream;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The QUIC error code a stream is reset with when intentions stop allowing it.
 const DENIED_CODE: quinn::VarInt = quinn::VarInt::from_u32(0x403);
+/// ... and when its forward header did not arrive within the stream read timeout.
+const TIMEOUT_CODE: quinn::VarInt = quinn::VarInt::from_u32(0x408);
 /// Idle connections kept per instance: enough for a busy caller's steady concurrency,
 /// few enough that idle QUIC streams never crowd out new ones (256 per peer).
 const POOL_PER_INSTANCE: usize = 32;
@@ -364,13 +366,27 @@ impl Forwarder {
 
     async fn server(&self, s: BiStream) -> anyhow::Result<()> {
         let BiStream { peer_name, mut send, mut recv, .. } = s;
-        let len = recv.read_u16().await? as usize;
+        // A header that never comes would hold one of the peer's stream slots for good.
+        let within = self.agent.transport.limits.stream_read_timeout;
+        let header = async {
+            let len = recv.read_u16().await? as usize;
+            let mut buf = vec![0; len.min(MAX_FORWARD_HEADER)];
+            if len <= MAX_FORWARD_HEADER {
+                recv.read_exact(&mut buf).await?;
+            }
+            anyhow::Ok((len, buf))
+        };
+        let Ok(header) = tokio::time::timeout(within, header).await else {
+            self.agent.transport.stats.peer_refuse(crate::transport::PeerRefusal::StreamTimeout);
+            let _ = send.reset(TIMEOUT_CODE);
+            let _ = recv.stop(TIMEOUT_CODE);
+            anyhow::bail!("no forward header within {within:?}");
+        };
+        let (len, buf) = header?;
         if len > MAX_FORWARD_HEADER {
             send.write_all(&[ForwardStatus::BadRequest as u8]).await?;
             anyhow::bail!("forward header of {len} bytes");
         }
-        let mut buf = vec![0; len];
-        recv.read_exact(&mut buf).await?;
         let open = match ForwardOpen::decode(&buf) {
             Ok(o) => o,
             Err(e) => {
