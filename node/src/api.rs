@@ -299,7 +299,10 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
 /// take rates and latency quantiles from two reads without parsing Prometheus text.
 async fn traffic(State(a): State<AgentHandle>) -> Json<serde_json::Value> {
     let traffic = a.forward.traffic.lock().expect("traffic lock");
-    Json(traffic_json(traffic.services()))
+    let mut v = traffic_json(traffic.services());
+    // The agent's clock, so rates are right whatever the reader's clock does.
+    v["uptime_ms"] = (a.started.elapsed().as_millis() as u64).into();
+    Json(v)
 }
 
 fn traffic_json(services: &BTreeMap<String, crate::mesh::traffic::ServiceTraffic>) -> serde_json::Value {

@@ -159,8 +159,9 @@ fn dashboard_in_headless_chromium_shows_members_services_and_traffic() {
     for z in zones {
         assert!(dom.contains(&format!("<td>{z}</td>")), "zone {z} missing:\n{dom}");
     }
-    for node in ["n1", "n2"] {
-        assert!(dom.contains(&format!("data-instance=\"web-{node}@{node}\"")), "instance on {node} missing:\n{dom}");
+    for node in [1, 2] {
+        let row = format!("data-instance=\"web-{node}@n{node}\"");
+        assert!(dom.contains(&row), "the instance on n{node} is missing:\n{dom}");
     }
     assert!(dom.contains("data-service=\"web\""), "{dom}");
     assert!(dom.contains("data-limit=\"web\""), "rate limit missing:\n{dom}");

@@ -4,7 +4,7 @@
 
 const POLL_MS = 1500;
 const TOKEN_KEY = "trellis-api-token";
-let previous = null; // { at: ms, traffic } from the last poll, for rates
+let previous = null; // { at: agent uptime ms, traffic } from the last poll, for rates
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -180,7 +180,8 @@ async function poll() {
     const [self, members, catalog, policy, traffic, limits] = await Promise.all(
       ["/v1/agent/self", "/v1/members", "/v1/catalog/services", "/v1/policy", "/v1/agent/traffic", "/v1/ratelimits"]
         .map(api));
-    const now = performance.now();
+    // The agent's own clock: right even when this tab is throttled or runs in virtual time.
+    const now = traffic.uptime_ms;
     const r = rates(previous && previous.traffic, traffic, previous ? (now - previous.at) / 1000 : 0);
     previous = { at: now, traffic };
     document.getElementById("token-form").hidden = true;
