@@ -224,7 +224,8 @@ mod tests {
         assert_eq!(a.decide(&Method::GET, "/v1/agent/traffic", &headers(&[host])), Err(Refusal::NoToken));
         // The page's own reads: same origin (Chromium sends Origin on some same-origin fetches) plus the token.
         let read = format!("Bearer {R}");
-        for (host, origin) in [("127.0.0.1:8500", "http://127.0.0.1:8500"), ("localhost:8500", "http://localhost:8500")] {
+        for (host, origin) in [("127.0.0.1:8500", "http://127.0.0.1:8500"), ("localhost:8500", "http://localhost:8500")]
+        {
             let h = headers(&[("host", host), ("origin", origin), ("authorization", &read)]);
             assert_eq!(a.decide(&Method::GET, "/v1/members", &h), Ok(()), "{host}");
         }

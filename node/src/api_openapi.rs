@@ -70,7 +70,11 @@ mod tests {
         // The blocking-read and check-and-set parameters are where the handlers read them.
         let params = |path: &str, m: &str| -> Vec<String> {
             let item = &d["paths"][path];
-            let all = item["parameters"].as_array().into_iter().flatten().chain(item[m]["parameters"].as_array().into_iter().flatten());
+            let all = item["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .chain(item[m]["parameters"].as_array().into_iter().flatten());
             all.map(|p| resolve(&d, p)["name"].as_str().unwrap_or_default().to_string()).collect()
         };
         for path in ["/v1/policy", "/v1/policy/{kind}", "/v1/policy/{kind}/{name}"] {

@@ -242,10 +242,17 @@ fn is_fallback(status: u16, body: &Value) -> bool {
 
 #[test]
 fn every_documented_operation_is_served_by_a_real_agent() {
-    let c = Cluster::start(ClusterSpec { nodes: 1, extra_args: vec!["--fault-injection".into()], ..Default::default() })
-        .unwrap();
-    let served = plain::get(c.node(0).api_addr, &c.node(0).api_addr.to_string(), "/v1/openapi.json", &[], Duration::from_secs(5))
-        .unwrap();
+    let c =
+        Cluster::start(ClusterSpec { nodes: 1, extra_args: vec!["--fault-injection".into()], ..Default::default() })
+            .unwrap();
+    let served = plain::get(
+        c.node(0).api_addr,
+        &c.node(0).api_addr.to_string(),
+        "/v1/openapi.json",
+        &[],
+        Duration::from_secs(5),
+    )
+    .unwrap();
     assert_eq!(served.status, 200);
     assert_eq!(served.text(), trellis_node::api_openapi::DOCUMENT, "the agent serves the document in the repo");
     let doc: Value = serde_json::from_str(trellis_node::api_openapi::DOCUMENT).unwrap();

@@ -1,5 +1,5 @@
 // Trellis dashboard: polls this agent's own API (same origin) and renders it with DOM calls
-// only (no innerHTML), so names from the cluster cannot inject markup.
+// and text nodes only, never parsing strings as markup, so names from the cluster cannot inject any.
 "use strict";
 
 const POLL_MS = 1500;
