@@ -15,6 +15,8 @@ version=4.32.5
 venv=${SCHEMATHESIS_VENV:-$root/target/schemathesis-venv}
 max_time=${SCHEMATHESIS_MAX_TIME:-90}
 max_examples=${SCHEMATHESIS_MAX_EXAMPLES:-100}
+# e.g. not_a_server_error,response_schema_conformance to hold the responses to the document too
+checks=${SCHEMATHESIS_CHECKS:-not_a_server_error}
 bin=${TRELLIS_BIN:-$root/target/debug/trellis}
 
 if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "$version"; then
@@ -50,13 +52,19 @@ start=\$(date +%s)
 set +e
 cd "$work"
 "$venv/bin/schemathesis" --no-color --config-file "$work/schemathesis.toml" run http://127.0.0.1:8500/v1/openapi.json \
-  --checks not_a_server_error --max-examples $max_examples --max-time $max_time --workers 2 \
+  --checks $checks --max-examples $max_examples --max-time $max_time --workers 2 \
   --request-timeout 10 --seed 7 \
   --exclude-path /v1/agent/leave --exclude-path /v1/fault \$SKIP \
-  --report junit,ndjson --report-dir "$report" --suppress-health-check all
-rc=\$?
+  --report junit,ndjson --report-dir "$report" --suppress-health-check all 2>&1 | tee "$work/st.log"
+rc=\${PIPESTATUS[0]}
 set -e
 echo "schemathesis: exit \$rc after \$(( \$(date +%s) - start )) s"
+# schemathesis also exits 1 on its own internal errors (a Hypothesis "Runtime Error" seen once in
+# coverage generation); those are not findings about the agent. A failed check is.
+if [ "\$rc" -ne 0 ] && ! grep -q "^Failures:" "$work/st.log" && grep -q "Runtime Error" "$work/st.log"; then
+  echo "schemathesis: only internal errors of schemathesis itself, no failed check; not failing on them"
+  rc=0
+fi
 if ! kill -0 \$agent 2>/dev/null || ! health; then
   echo "schemathesis: the agent died or stopped answering; last log lines:"; tail -30 "$work/agent.log"; exit 1
 fi
