@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 version=4.32.5
 venv=${SCHEMATHESIS_VENV:-$root/target/schemathesis-venv}
-max_time=${SCHEMATHESIS_MAX_TIME:-90}
+max_time=${SCHEMATHESIS_MAX_TIME:-60}
 max_examples=${SCHEMATHESIS_MAX_EXAMPLES:-100}
 # e.g. not_a_server_error,response_schema_conformance to hold the responses to the document too
 checks=${SCHEMATHESIS_CHECKS:-not_a_server_error}
