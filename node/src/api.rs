@@ -9,12 +9,12 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{AgentHandle, VERSION};
+use crate::api_routes::Routes;
 use crate::membership::{MemberState, MemberView};
 use crate::metrics::Exposition;
 use crate::pki::RefusalReason;
@@ -115,20 +115,26 @@ pub async fn serve(
     }
 }
 
-pub fn router(agent: AgentHandle) -> Router {
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/v1/agent/self", get(agent_self))
-        .route("/v1/members", get(members))
-        .route("/v1/agent/peers", get(peers))
-        .route("/v1/agent/join", post(join))
-        .route("/v1/agent/leave", post(leave))
-        .route("/metrics", get(metrics))
+/// Every route but the test-only `/v1/fault`; the OpenAPI test reads its table.
+pub fn routes() -> Routes<AgentHandle> {
+    Routes::new()
+        .get("/v1/health", health)
+        .get("/v1/agent/self", agent_self)
+        .get("/v1/members", members)
+        .get("/v1/agent/peers", peers)
+        .post("/v1/agent/join", join)
+        .post("/v1/agent/leave", leave)
+        .get("/v1/agent/traffic", traffic)
+        .get("/metrics", metrics)
         .merge(crate::api_policy::routes())
         .merge(crate::api_catalog::routes())
         .merge(crate::api_ratelimit::routes())
-        .fallback(not_found)
-        .with_state(agent)
+        .merge(crate::api_openapi::routes())
+        .merge(crate::dashboard::routes())
+}
+
+pub fn router(agent: AgentHandle) -> Router {
+    routes().into_router().fallback(not_found).with_state(agent)
 }
 
 async fn not_found() -> ApiError {
@@ -342,9 +348,48 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], e.finish()).into_response()
 }
 
+/// `GET /v1/agent/traffic`: the proxy's per-service counters as JSON, so the dashboard can
+/// take rates and latency quantiles from two reads without parsing Prometheus text.
+async fn traffic(State(a): State<AgentHandle>) -> Json<serde_json::Value> {
+    let traffic = a.forward.traffic.lock().expect("traffic lock");
+    let mut v = traffic_json(traffic.services());
+    // The agent's clock, so rates are right whatever the reader's clock does.
+    v["uptime_ms"] = (a.started.elapsed().as_millis() as u64).into();
+    Json(v)
+}
+
+fn traffic_json(services: &BTreeMap<String, crate::mesh::traffic::ServiceTraffic>) -> serde_json::Value {
+    let services: serde_json::Map<String, serde_json::Value> = services
+        .iter()
+        .map(|(name, t)| {
+            let classes: serde_json::Map<String, serde_json::Value> =
+                (1..=5).map(|c| (format!("{c}xx"), t.classes[c].into())).collect();
+            let v = serde_json::json!({
+                "classes": classes, "count": t.count, "sum_seconds": t.sum_seconds, "buckets": t.buckets.to_vec(),
+            });
+            (name.clone(), v)
+        })
+        .collect();
+    serde_json::json!({"bounds": crate::mesh::traffic::BUCKETS, "services": services})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn traffic_json_has_every_class_and_cumulative_buckets() {
+        let mut t = crate::mesh::traffic::Traffic::default();
+        t.record("web", 200, std::time::Duration::from_millis(3));
+        t.record("web", 503, std::time::Duration::from_millis(700));
+        let v = traffic_json(t.services());
+        let web = &v["services"]["web"];
+        assert_eq!(web["count"], 2);
+        assert_eq!((web["classes"]["2xx"].as_u64(), web["classes"]["5xx"].as_u64()), (Some(1), Some(1)));
+        assert_eq!(web["classes"]["4xx"], 0, "absent classes are zeros, not missing");
+        assert_eq!(web["buckets"].as_array().unwrap().len(), v["bounds"].as_array().unwrap().len());
+        assert_eq!(web["buckets"][2], 1, "3 ms is within the 5 ms bound");
+    }
 
     #[test]
     fn malformed_json_is_a_400_naming_the_problem() {
@@ -411,7 +456,11 @@ struct FaultRequest {
 
 /// `POST /v1/fault`: test-only loss and partitions, served only with `--fault-injection`.
 pub fn fault_routes(agent: AgentHandle) -> Router {
-    Router::new().route("/v1/fault", post(set_faults)).with_state(agent)
+    fault_table().into_router().with_state(agent)
+}
+
+pub fn fault_table() -> Routes<AgentHandle> {
+    Routes::new().post("/v1/fault", set_faults)
 }
 
 async fn set_faults(State(a): State<AgentHandle>, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {

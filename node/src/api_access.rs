@@ -1,6 +1,6 @@
 //! Who may use the local HTTP API.
 //!
-//! - Tokens: with a tokens file configured, every request but `/v1/health` needs
+//! - Tokens: with a tokens file configured, every request but the [`PUBLIC`] ones needs
 //!   `Authorization: Bearer <token>`: a read token for GET and HEAD, a write token for
 //!   anything else (a write token also reads). Missing: 401; wrong or too weak: 403.
 //!   Tokens are compared in constant time and never logged.
@@ -18,6 +18,11 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+
+/// Paths served without a token: the health probe, and the static documents (dashboard page
+/// and assets, API description) that hold no cluster data: the page asks for a token and
+/// sends it with its own API reads.
+pub const PUBLIC: [&str; 5] = ["/v1/health", "/ui", "/ui/app.js", "/ui/app.css", "/v1/openapi.json"];
 
 /// Shortest token accepted: 128 bits of hex.
 pub const MIN_TOKEN_LEN: usize = 32;
@@ -102,7 +107,7 @@ impl Access {
                 return Err(Refusal::Origin);
             }
         }
-        if !self.has_tokens() || path == "/v1/health" {
+        if !self.has_tokens() || PUBLIC.contains(&path) {
             return Ok(());
         }
         let token = headers
@@ -206,6 +211,28 @@ mod tests {
             Err(Refusal::BadToken)
         );
         assert_eq!(a.decide(&Method::GET, "/v1/health", &headers(&[host])), Ok(()), "health stays open for probes");
+    }
+
+    #[test]
+    fn dashboard_assets_are_public_but_its_data_needs_a_token() {
+        let a = access();
+        let host = ("host", "127.0.0.1:8500");
+        for path in ["/ui", "/ui/app.js", "/ui/app.css", "/v1/openapi.json"] {
+            assert_eq!(a.decide(&Method::GET, path, &headers(&[host])), Ok(()), "{path}");
+        }
+        assert_eq!(a.decide(&Method::GET, "/ui/other", &headers(&[host])), Err(Refusal::NoToken));
+        assert_eq!(a.decide(&Method::GET, "/v1/agent/traffic", &headers(&[host])), Err(Refusal::NoToken));
+        // The page's own reads: same origin (Chromium sends Origin on some same-origin fetches) plus the token.
+        let read = format!("Bearer {R}");
+        for (host, origin) in [("127.0.0.1:8500", "http://127.0.0.1:8500"), ("localhost:8500", "http://localhost:8500")]
+        {
+            let h = headers(&[("host", host), ("origin", origin), ("authorization", &read)]);
+            assert_eq!(a.decide(&Method::GET, "/v1/members", &h), Ok(()), "{host}");
+        }
+        // A public path still refuses a foreign origin and a rebindable name.
+        let cross = headers(&[host, ("origin", "http://evil.example")]);
+        assert_eq!(a.decide(&Method::GET, "/ui", &cross), Err(Refusal::Origin));
+        assert_eq!(a.decide(&Method::GET, "/ui", &headers(&[("host", "evil.example")])), Err(Refusal::Host));
     }
 
     #[test]

@@ -5,21 +5,22 @@ use std::collections::{BTreeMap, HashSet};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, put};
-use axum::{Json, Router};
+use axum::Json;
 use serde_json::{json, Value};
 
 use crate::agent::{AgentHandle, Command};
 use crate::api::ApiError;
+use crate::api_routes::Routes;
 use crate::membership::MemberState;
 use crate::mesh::catalog;
 use crate::policy::{Key, Kind, WriteError};
 
-pub fn routes() -> Router<AgentHandle> {
-    Router::new()
-        .route("/v1/agent/services/{id}", put(register).delete(deregister))
-        .route("/v1/catalog/services", get(all_services))
-        .route("/v1/catalog/services/{name}", get(one_service))
+pub fn routes() -> Routes<AgentHandle> {
+    Routes::new()
+        .put("/v1/agent/services/{id}", register)
+        .delete("/v1/agent/services/{id}", deregister)
+        .get("/v1/catalog/services", all_services)
+        .get("/v1/catalog/services/{name}", one_service)
 }
 
 fn key(a: &AgentHandle, id: &str) -> Key {

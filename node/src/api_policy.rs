@@ -7,22 +7,24 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde_json::{json, Value};
 
 use crate::agent::{AgentHandle, Command};
 use crate::api::ApiError;
+use crate::api_routes::Routes;
 use crate::policy::store::{Conflict, Register};
 use crate::policy::{FieldError, Key, Kind, StoreError, Version, WriteError};
 
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
-pub fn routes() -> Router<AgentHandle> {
-    Router::new()
-        .route("/v1/policy", get(get_all))
-        .route("/v1/policy/{kind}", get(get_kind))
-        .route("/v1/policy/{kind}/{name}", get(get_one).put(put_one).delete(delete_one))
+pub fn routes() -> Routes<AgentHandle> {
+    Routes::new()
+        .get("/v1/policy", get_all)
+        .get("/v1/policy/{kind}", get_kind)
+        .get("/v1/policy/{kind}/{name}", get_one)
+        .put("/v1/policy/{kind}/{name}", put_one)
+        .delete("/v1/policy/{kind}/{name}", delete_one)
 }
 
 fn bad(e: FieldError) -> ApiError {

@@ -2,16 +2,16 @@
 //! cluster-wide rates as of the owner's last answer (with every node's row on the owner).
 
 use axum::extract::{Path, State};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 
 use crate::agent::AgentHandle;
 use crate::api::ApiError;
+use crate::api_routes::Routes;
 use crate::metrics::Exposition;
 use crate::ratelimit::limiter::LimitView;
 
-pub fn routes() -> Router<AgentHandle> {
-    Router::new().route("/v1/ratelimits", get(all)).route("/v1/ratelimits/{name}", get(one))
+pub fn routes() -> Routes<AgentHandle> {
+    Routes::new().get("/v1/ratelimits", all).get("/v1/ratelimits/{name}", one)
 }
 
 async fn all(State(a): State<AgentHandle>) -> Json<Vec<LimitView>> {

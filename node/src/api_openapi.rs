@@ -1,0 +1,173 @@
+//! `/v1/openapi.json`: the OpenAPI 3.1 description of this API, kept as a file next to the
+//! code. The tests hold it to the real router (every route documented, every documented
+//! route served) and to the real policy types (every documented example parses, and the
+//! documented properties are exactly the fields the types have).
+
+use axum::http::header;
+
+use crate::agent::AgentHandle;
+use crate::api_routes::Routes;
+
+pub const DOCUMENT: &str = include_str!("openapi.json");
+
+pub fn routes() -> Routes<AgentHandle> {
+    Routes::new().get("/v1/openapi.json", || async { ([(header::CONTENT_TYPE, "application/json")], DOCUMENT) })
+}
+
+/// (method, path) of every operation in the document, methods upper-case.
+pub fn documented_operations(doc: &serde_json::Value) -> Vec<(String, String)> {
+    const METHODS: [&str; 8] = ["get", "put", "post", "delete", "patch", "head", "options", "trace"];
+    let mut ops = Vec::new();
+    for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+        for m in METHODS.iter().filter(|m| item.get(**m).is_some()) {
+            ops.push((m.to_uppercase(), path.clone()));
+        }
+    }
+    ops.sort();
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::Value;
+
+    use super::*;
+    use crate::policy::model::{self, Kind};
+
+    fn doc() -> Value {
+        serde_json::from_str(DOCUMENT).expect("openapi.json is JSON")
+    }
+
+    fn served() -> BTreeSet<(String, String)> {
+        let all = crate::api::routes().merge(crate::api::fault_table());
+        all.table().iter().map(|(m, p)| (m.to_string(), p.to_string())).collect()
+    }
+
+    #[test]
+    fn every_route_is_documented_and_every_documented_route_is_served() {
+        let documented: BTreeSet<_> = documented_operations(&doc()).into_iter().collect();
+        let served = served();
+        let undocumented: Vec<_> = served.difference(&documented).collect();
+        let phantom: Vec<_> = documented.difference(&served).collect();
+        assert!(undocumented.is_empty(), "routes missing from node/src/openapi.json: {undocumented:?}");
+        assert!(phantom.is_empty(), "documented in node/src/openapi.json but not served: {phantom:?}");
+        assert!(served.len() >= 20, "the table lost routes: {served:?}");
+    }
+
+    #[test]
+    fn document_is_openapi_3_1_and_every_reference_resolves() {
+        let d = doc();
+        assert_eq!(d["openapi"], "3.1.0");
+        assert_eq!(d["components"]["securitySchemes"]["bearerAuth"]["scheme"], "bearer");
+        let mut refs = Vec::new();
+        collect_refs(&d, &mut refs);
+        assert!(refs.len() > 50, "{}", refs.len());
+        for r in refs {
+            assert!(pointer(&d, &r).is_some(), "dangling $ref {r}");
+        }
+        // The blocking-read and check-and-set parameters are where the handlers read them.
+        let params = |path: &str, m: &str| -> Vec<String> {
+            let item = &d["paths"][path];
+            let all = item["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .chain(item[m]["parameters"].as_array().into_iter().flatten());
+            all.map(|p| resolve(&d, p)["name"].as_str().unwrap_or_default().to_string()).collect()
+        };
+        for path in ["/v1/policy", "/v1/policy/{kind}", "/v1/policy/{kind}/{name}"] {
+            let p = params(path, "get");
+            assert!(p.contains(&"index".into()) && p.contains(&"wait".into()), "{path}: {p:?}");
+        }
+        assert!(params("/v1/policy/{kind}/{name}", "put").contains(&"cas".into()));
+        assert!(params("/v1/policy/{kind}/{name}", "delete").contains(&"cas".into()));
+        let error = &d["components"]["schemas"]["Error"]["properties"];
+        assert!(error["error"].is_object() && error["field"].is_object() && error["hint"].is_object());
+    }
+
+    #[test]
+    fn policy_schemas_match_the_real_types() {
+        let d = doc();
+        let kinds = [
+            (Kind::Services, "Service"),
+            (Kind::Subsets, "Subset"),
+            (Kind::Routes, "Route"),
+            (Kind::Splits, "Split"),
+            (Kind::Ratelimits, "RateLimit"),
+            (Kind::Intentions, "Intention"),
+            (Kind::Settings, "Settings"),
+            (Kind::Instances, "Instance"),
+        ];
+        let body_kinds: Vec<String> = d["components"]["schemas"]["PolicyBody"]["anyOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["$ref"].as_str().unwrap().rsplit('/').next().unwrap().to_string())
+            .collect();
+        for (kind, schema_name) in kinds {
+            let schema = &d["components"]["schemas"][schema_name];
+            let example = &schema["example"];
+            assert!(example.is_object(), "{schema_name} has no example");
+            let name = if kind == Kind::Settings { "mesh" } else { "x" };
+            let parsed = model::parse(kind, name, example.to_string().as_bytes())
+                .unwrap_or_else(|e| panic!("the {schema_name} example does not parse: {e}"));
+            // Serialized back, the real type shows every field it has (deny_unknown_fields
+            // already refused any documented field it does not have).
+            let real = serde_json::to_value(&parsed).unwrap();
+            same_fields(&d, schema, &real, schema_name);
+            if kind != Kind::Instances {
+                assert!(body_kinds.contains(&schema_name.to_string()), "{schema_name} missing from PolicyBody");
+            }
+        }
+        // The examples with everything default still parse to the defaults: `{}` is a service.
+        assert!(model::parse(Kind::Services, "x", b"{}").is_ok());
+    }
+
+    /// Object keys of `real` (recursively, where the schema has `properties`) equal the schema's.
+    fn same_fields(d: &Value, schema: &Value, real: &Value, at: &str) {
+        let schema = resolve(d, schema);
+        match real {
+            Value::Object(m) => {
+                let Some(props) = schema["properties"].as_object() else { return };
+                let documented: BTreeSet<&String> = props.keys().collect();
+                let fields: BTreeSet<&String> = m.keys().collect();
+                assert_eq!(documented, fields, "schema properties vs real fields at {at}");
+                for (k, v) in m {
+                    same_fields(d, &props[k], v, &format!("{at}.{k}"));
+                }
+            }
+            Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    same_fields(d, &schema["items"], v, &format!("{at}[{i}]"));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn resolve<'a>(d: &'a Value, v: &'a Value) -> &'a Value {
+        match v["$ref"].as_str() {
+            Some(r) => pointer(d, r).unwrap_or_else(|| panic!("dangling {r}")),
+            None => v,
+        }
+    }
+
+    fn pointer<'a>(d: &'a Value, r: &str) -> Option<&'a Value> {
+        d.pointer(r.strip_prefix('#')?)
+    }
+
+    fn collect_refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r.clone());
+                }
+                m.values().for_each(|x| collect_refs(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| collect_refs(x, out)),
+            _ => {}
+        }
+    }
+}
