@@ -99,7 +99,9 @@ mod tests {
             (Kind::Intentions, "Intention"),
             (Kind::Settings, "Settings"),
             (Kind::Instances, "Instance"),
+            (Kind::Revocations, "Revocation"),
         ];
+        assert_eq!(kinds.len(), Kind::ALL.len(), "every policy kind is documented");
         let body_kinds: Vec<String> = d["components"]["schemas"]["PolicyBody"]["anyOf"]
             .as_array()
             .unwrap()
