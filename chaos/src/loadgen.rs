@@ -122,6 +122,14 @@ pub struct RateRun {
 }
 
 impl RateRun {
+    /// Adds another run of the same path: its latencies, errors and time.
+    pub fn merge(&mut self, other: &RateRun) {
+        self.hist.add(&other.hist).expect("same bounds");
+        self.errors += other.errors;
+        self.sent += other.sent;
+        self.took += other.took;
+    }
+
     /// A latency quantile in microseconds.
     pub fn us(&self, q: f64) -> f64 {
         self.hist.value_at_quantile(q) as f64

@@ -58,6 +58,8 @@ pub struct Options {
     pub rates: Vec<f64>,
     pub bulk_mib: u64,
     pub open_conns: usize,
+    /// Turns each path takes per fixed rate (the run's seconds are split among them).
+    pub reps: usize,
 }
 
 pub fn run(o: Options) -> anyhow::Result<()> {
@@ -112,18 +114,31 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     for &rate in &o.rates {
         let conns = ((rate / 100.0) as usize).max(16);
         println!(
-            "\nfixed rate {rate:.0} req/s for {} s over {conns} keep-alive connections; latency from the due time (µs)",
-            o.secs
+            "\nfixed rate {rate:.0} req/s, {} s per path in {} interleaved turns, over {conns} keep-alive connections; latency from the due time (µs)",
+            o.secs, o.reps
         );
         println!(
             "{:<32} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>7} {:>12}",
             "path", "p50", "p90", "p99", "p99.9", "p99.99", "max", "errors", "cores/1krps"
         );
-        let mut base: Option<RateRun> = None;
-        for p in &paths {
-            let cpu0 = cpu_of(&p.pids);
-            let r = loadgen::fixed_rate(p.to, p.host, &body, rate, o.secs, conns);
-            let cores = (cpu_of(&p.pids) - cpu0) / r.took.as_secs_f64() / (rate / 1000.0);
+        // The paths take turns, `reps` slices each, so a slow stretch of the shared machine
+        // falls on all of them rather than on one; each path's slices are merged.
+        let mut runs: Vec<(RateRun, f64)> = Vec::new();
+        for rep in 0..o.reps {
+            for (i, p) in paths.iter().enumerate() {
+                let cpu0 = cpu_of(&p.pids);
+                let r = loadgen::fixed_rate(p.to, p.host, &body, rate, o.secs / o.reps as f64, conns);
+                let cpu = cpu_of(&p.pids) - cpu0;
+                if rep == 0 {
+                    runs.push((r, cpu));
+                } else {
+                    runs[i].0.merge(&r);
+                    runs[i].1 += cpu;
+                }
+            }
+        }
+        for (p, (r, cpu)) in paths.iter().zip(&runs) {
+            let cores = cpu / r.took.as_secs_f64() / (rate / 1000.0);
             println!(
                 "{:<32} {:>7.0} {:>7.0} {:>7.0} {:>8.0} {:>8.0} {:>8.0} {:>7} {:>12}",
                 p.name,
@@ -136,15 +151,15 @@ pub fn run(o: Options) -> anyhow::Result<()> {
                 r.errors,
                 if p.pids.is_empty() { "-".to_string() } else { format!("{cores:.3}") }
             );
-            match &base {
-                None => base = Some(r),
-                Some(b) => println!(
+            if !p.pids.is_empty() {
+                let b = &runs[0].0;
+                println!(
                     "{:<32} added: p50 {:+.0} µs, p99 {:+.0} µs, p99.9 {:+.0} µs",
                     "",
                     r.us(0.5) - b.us(0.5),
                     r.us(0.99) - b.us(0.99),
                     r.us(0.999) - b.us(0.999)
-                ),
+                );
             }
         }
     }

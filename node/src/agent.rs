@@ -230,7 +230,10 @@ impl Shell {
             }
             let changed = self.flush();
             self.publish_alive(changed);
-            self.policy.persist();
+            // The fsync must not hold the runtime thread the data plane runs on.
+            if self.policy.store.lock().expect("policy lock").is_dirty() {
+                tokio::task::block_in_place(|| self.policy.persist());
+            }
         }
     }
 

@@ -56,6 +56,9 @@ enum Cmd {
         /// Client connections held open for the RSS figure.
         #[arg(long, default_value_t = 1000)]
         open_conns: usize,
+        /// Interleaved turns per path at each fixed rate.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
     },
     /// An agent's RSS and fds idle, under client connection floods and a peer stream flood.
     BenchFlood {
@@ -101,8 +104,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::Up { nodes, profile } => up(nodes, profile),
         Cmd::BenchMembers { nodes, profile, steady_secs, loss_secs } => bench(nodes, profile, steady_secs, loss_secs),
         Cmd::BenchPolicy { nodes, profile, writes, catch_up } => bench_policy(nodes, profile, writes, catch_up),
-        Cmd::BenchMesh { secs, rates, bulk_mib, open_conns } => {
-            trellis_chaos::mesh_bench::run(trellis_chaos::mesh_bench::Options { secs, rates, bulk_mib, open_conns })
+        Cmd::BenchMesh { secs, rates, bulk_mib, open_conns, reps } => {
+            let reps = reps.max(1);
+            trellis_chaos::mesh_bench::run(trellis_chaos::mesh_bench::Options {
+                secs,
+                rates,
+                bulk_mib,
+                open_conns,
+                reps,
+            })
         }
         Cmd::BenchFlood { connections, slow, stream_secs } => {
             trellis_chaos::flood_bench::run(connections, slow, stream_secs)

@@ -17,6 +17,8 @@ pub const RESERVED_ENV: &[&str] = &[
     "TRELLIS_HTTP_TOKEN",
     // A join token is a flag's value (`--token`), not a config key: it is never written down.
     "TRELLIS_JOIN_TOKEN",
+    // Runtime threads, read before the config (node/src/run.rs).
+    "TRELLIS_WORKER_THREADS",
     // Test harness: which binary to run, whether to keep temp dirs.
     "TRELLIS_BIN",
     "TRELLIS_KEEP_TMP",

@@ -341,6 +341,11 @@ impl PolicyStore {
         }
     }
 
+    /// Are there changes not yet taken?
+    pub fn is_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
     /// Changes since the last call, for the shell to persist and publish.
     pub fn take_dirty(&mut self) -> Vec<(Key, Register)> {
         std::mem::take(&mut self.dirty)
