@@ -1,8 +1,9 @@
 //! SIGHUP: what changed between the running config and the one re-read from the layers,
 //! what can be applied while running, and what needs a restart.
 //!
-//! [`diff`] decides; `run.rs` applies. Certificates are detected but not swapped yet: the
-//! transport builds its rustls configs once (swapping them belongs with certificate renewal).
+//! [`diff`] decides; `run.rs` applies. New files in the same tls dir are swapped into the
+//! transport's live identity (as renewal does): new handshakes present them, open
+//! connections stay.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,6 +23,8 @@ pub struct ReloadPlan {
     pub services_removed: Vec<String>,
     /// Seeds not in the running config: contacted now.
     pub new_seeds: Vec<std::net::SocketAddr>,
+    /// The tls dir's files changed (the dir did not): present them from now on.
+    pub certificates: bool,
     /// Settings that changed but only take effect after a restart.
     pub needs_restart: Vec<&'static str>,
 }
@@ -50,6 +53,9 @@ impl ReloadPlan {
         if !self.new_seeds.is_empty() {
             let list: Vec<String> = self.new_seeds.iter().map(|s| s.to_string()).collect();
             changed.push(format!("join +[{}]", list.join(",")));
+        }
+        if self.certificates {
+            changed.push("certificates".to_string());
         }
         let changed = if changed.is_empty() { "nothing".to_string() } else { changed.join(", ") };
         if self.needs_restart.is_empty() {
@@ -113,9 +119,7 @@ pub fn diff(
         ("api_tokens_file/api_allowed_hosts", format!("{:?}", old.api_access) != format!("{:?}", new.api_access)),
     ];
     plan.needs_restart = restart_only.iter().filter(|(_, changed)| *changed).map(|(name, _)| *name).collect();
-    if old_tls != new_tls {
-        plan.needs_restart.push("certificates (tls dir)");
-    }
+    plan.certificates = old_tls != new_tls && old.tls_dir == new.tls_dir;
     plan
 }
 
@@ -163,10 +167,11 @@ mod tests {
         assert_eq!(p.labels.as_ref().unwrap()["zone"], "b");
         assert_eq!(p.log_level.as_deref(), Some("debug"));
         assert_eq!(p.new_seeds, vec!["127.0.0.3:7946".parse().unwrap()]);
-        assert_eq!(p.needs_restart, vec!["bind", "advertise", "data_dir", "certificates (tls dir)"]);
+        assert_eq!(p.needs_restart, vec!["bind", "advertise", "data_dir"]);
+        assert!(p.certificates, "new files in the same tls dir are swapped in");
         assert_eq!(
             p.summary(),
-            "reloaded: labels [rack=1,zone=b], log_level debug, join +[127.0.0.3:7946]; not reloaded, restart to apply: bind, advertise, data_dir, certificates (tls dir)"
+            "reloaded: labels [rack=1,zone=b], log_level debug, join +[127.0.0.3:7946], certificates; not reloaded, restart to apply: bind, advertise, data_dir"
         );
         let running = p.apply_to(a.clone(), &b);
         assert_eq!(running.labels, b.labels);

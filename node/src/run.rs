@@ -92,6 +92,16 @@ impl Reloader {
         if !plan.new_seeds.is_empty() {
             let _ = agent.commands.send(crate::agent::Command::Join(plan.new_seeds.clone())).await;
         }
+        if plan.certificates {
+            let swapped = crate::pki::load_tls_dir(&self.running.tls_dir)
+                .map_err(anyhow::Error::from)
+                .and_then(|m| Ok(agent.transport.identity.swap(&m)?));
+            match swapped {
+                Ok(()) => self.tls = tls,
+                // The fingerprint stays old, so the next SIGHUP tries again.
+                Err(e) => failed.push(format!("certificates: {e}; the running certificate stays")),
+            }
+        }
         self.running = plan.apply_to(self.running.clone(), &new);
         if failed.is_empty() {
             tracing::info!(node = %self.running.name, "{}", plan.summary());

@@ -488,6 +488,20 @@ fn sighup_reloads_labels_and_peers_see_them() {
     .unwrap();
     assert!(c.log_tail(1, 5).contains("agent.toml: line 2, field `labels.zone`"), "{}", c.log_tail(1, 5));
     assert_eq!(label_of(&c, 0, "n1", "zone").as_deref(), Some("b"));
+    // New certificate files in the tls dir: SIGHUP swaps them in, peers stay connected.
+    std::fs::write(&file, "[labels]\nzone = \"b\"\n[timing]\nprobe_period = \"300ms\"\n").unwrap();
+    let expiry = || metric(&c.node(1).api().get_text("/metrics").unwrap(), "trellis_cert_expiry_seconds").unwrap();
+    assert!(expiry() > 80.0 * 86400.0, "the harness issues 90-day certificates");
+    let fresh = dir.join("fresh-tls");
+    trellis_node::pki::issue_cert(c.ca_dir(), "n1", &fresh, Duration::from_secs(10 * 86400)).unwrap();
+    for f in ["node.pem", "node.key"] {
+        std::fs::copy(fresh.join(f), c.node(1).tls_dir.join(f)).unwrap();
+    }
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
+    c.wait_until(Duration::from_secs(5), "the 10-day certificate in use", || (expiry() < 11.0 * 86400.0).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.log_tail(1, 10)));
+    assert!(c.log_tail(1, 5).contains("certificates"), "{}", c.log_tail(1, 5));
+    c.wait_all_see(&[0, 1], &expect_all(&c, &[0, 1], "alive"), Duration::from_secs(5)).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
