@@ -12,12 +12,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 version=4.32.5
-venv=${SCHEMATHESIS_VENV:-$root/target/schemathesis-venv}
+target=${CARGO_TARGET_DIR:-$root/target}
+venv=${SCHEMATHESIS_VENV:-$target/schemathesis-venv}
 max_time=${SCHEMATHESIS_MAX_TIME:-60}
 max_examples=${SCHEMATHESIS_MAX_EXAMPLES:-100}
 # e.g. not_a_server_error,response_schema_conformance to hold the responses to the document too
 checks=${SCHEMATHESIS_CHECKS:-not_a_server_error}
-bin=${TRELLIS_BIN:-$root/target/debug/trellis}
+bin=${TRELLIS_BIN:-$target/debug/trellis}
 
 if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "$version"; then
   echo "schemathesis: installing $version into $venv"
@@ -27,7 +28,7 @@ fi
 [ -x "$bin" ] || cargo build -q -p trellis-node --bin trellis
 
 work=$(mktemp -d /tmp/trellis-schemathesis.XXXXXX)
-report=$root/target/artifacts/schemathesis
+report=$target/artifacts/schemathesis
 mkdir -p "$report"
 "$bin" ca init --dir "$work/ca" >/dev/null
 "$bin" cert issue --ca-dir "$work/ca" --name fuzz --out "$work/tls" >/dev/null

@@ -162,7 +162,7 @@ impl Forwarder {
         // Opening the stream (QUIC stream, the far agent's connect, its answer) is the
         // latency peak EWMA sees; the open stream counts as a request in flight.
         self.observe(&pick, started.elapsed());
-        Ok(Box::new(Tracked { io, _in_flight: in_flight }))
+        Ok(self.metered(io, Some(in_flight)))
     }
 
     /// Picks a live instance of `service` carrying `labels` by the service's balancer
@@ -239,10 +239,13 @@ impl Forwarder {
         if matches!(res, Err(OpenError::Unreachable(_))) {
             self.record(service, pick, false);
         }
-        res.map(|io| {
-            let (sent, received) = (self.stats.bytes_to_instances.clone(), self.stats.bytes_from_instances.clone());
-            Box::new(Metered { io, sent, received }) as Io
-        })
+        res
+    }
+
+    /// `io` with its bytes counted in the forwarding stats.
+    fn metered(&self, io: Io, in_flight: Option<InFlight>) -> Io {
+        let (sent, received) = (self.stats.bytes_to_instances.clone(), self.stats.bytes_from_instances.clone());
+        Box::new(Metered { io, sent, received, _in_flight: in_flight })
     }
 
     /// Sends an HTTP request to a picked instance, on an idle pooled connection when there
@@ -264,7 +267,7 @@ impl Forwarder {
                 Some(s) => s,
                 None => {
                     let io = self.connect(service, pick).await.map_err(SendError::Open)?;
-                    upstream::handshake(io, h2).await.map_err(SendError::Handshake)?
+                    upstream::handshake(self.metered(io, None), h2).await.map_err(SendError::Handshake)?
                 }
             };
             let shared = sender.shared().map(|again| {
@@ -514,11 +517,13 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Counted<B> {
     }
 }
 
-/// A stream that counts the bytes it moves.
+/// A stream to an instance that counts the bytes it moves; for a TCP listener's
+/// connection it also holds the connection in flight until dropped.
 struct Metered {
     io: Io,
     sent: Arc<AtomicU64>,
     received: Arc<AtomicU64>,
+    _in_flight: Option<InFlight>,
 }
 
 impl tokio::io::AsyncRead for Metered {
@@ -545,46 +550,6 @@ impl tokio::io::AsyncWrite for Metered {
             self.sent.fetch_add(n as u64, Relaxed);
         }
         r
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// A stream to an instance that counts as in flight until dropped.
-struct Tracked {
-    io: Io,
-    _in_flight: InFlight,
-}
-
-impl tokio::io::AsyncRead for Tracked {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Tracked {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_flush(
