@@ -222,6 +222,8 @@ impl Forwarder {
             node: inst.instance.node.clone(),
             addr: SocketAddr::new(inst.instance.address, inst.instance.port),
             peer: if local { None } else { Some(alive[&inst.instance.node].0) },
+            connect_timeout: snap.services.get(service).map_or(CONNECT_TIMEOUT, |s| s.connect_timeout),
+            outlier_detection: od,
         };
         Ok((pick, InFlight { name: inst.name.clone(), balancer: self.balancer.clone() }))
     }
@@ -301,9 +303,8 @@ impl Forwarder {
 
     /// Feeds the outlier detector: `ok` is false when the instance failed us.
     pub fn record(&self, service: &str, pick: &Pick, ok: bool) {
-        let od = self.snapshot().services.get(service).map(|s| s.outlier_detection.clone()).unwrap_or_default();
         let now = Instant::now();
-        if self.outliers.lock().expect("outlier lock").record(now, &pick.name, ok, &od) {
+        if self.outliers.lock().expect("outlier lock").record(now, &pick.name, ok, &pick.outlier_detection) {
             self.stats.ejections.fetch_add(1, Relaxed);
             tracing::warn!(instance = %pick.name, %service, "instance ejected after consecutive failures");
         }
@@ -333,7 +334,7 @@ impl Forwarder {
         };
         // A peer that died keeps its pooled connection until QUIC gives up on it; the
         // service's connect timeout bounds the wait, so a retry can go elsewhere.
-        let limit = self.snapshot().services.get(service).map_or(CONNECT_TIMEOUT, |s| s.connect_timeout);
+        let limit = pick.connect_timeout;
         let opened = tokio::time::timeout(limit, open)
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer from {} within {limit:?}", pick.node)));
@@ -468,6 +469,10 @@ pub struct Pick {
     pub addr: SocketAddr,
     /// The instance's agent, when it is not this one.
     pub peer: Option<SocketAddr>,
+    /// The service's settings as of the pick, so the request's later steps need not look
+    /// at policy again.
+    pub connect_timeout: Duration,
+    pub outlier_detection: crate::policy::model::OutlierDetection,
 }
 
 /// A request in flight to an instance, for least-request and peak EWMA: it ends when
