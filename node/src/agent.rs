@@ -111,7 +111,8 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
     };
     identity.validate().map_err(|e| anyhow::anyhow!("labels: {e}"))?;
     let grace_ms = cfg.timing.tombstone_grace.as_millis() as u64;
-    let policy = Policy::open(&cfg.data_dir, &cfg.name, grace_ms)
+    let auth: Arc<dyn crate::policy::WriterAuth> = transport.identity.clone();
+    let policy = Policy::open(&cfg.data_dir, &cfg.name, grace_ms, Some(auth))
         .map_err(|e| anyhow::anyhow!("data_dir: cannot open the policy log in {}: {e}", cfg.data_dir.display()))?;
     let mut registered = Vec::new();
     for (id, json) in &cfg.services {

@@ -729,6 +729,7 @@ fn no_resumption_server(cfg: &mut rustls::ServerConfig) {
 
 mod authority;
 mod live;
+pub mod proof;
 pub mod renew;
 pub use authority::make_csr;
 pub use authority::CertAuthority;

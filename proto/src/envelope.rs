@@ -11,7 +11,9 @@ use thiserror::Error;
 pub const MAGIC: u8 = 0x7e;
 
 /// The wire version this build speaks.
-pub const WIRE_VERSION: u8 = 1;
+///
+/// 2: policy entries carry a writer proof (`PolicyEntry::proof`).
+pub const WIRE_VERSION: u8 = 2;
 
 /// Bytes of envelope before the body.
 pub const HEADER_LEN: usize = 3;

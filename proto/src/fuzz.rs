@@ -73,6 +73,7 @@ mod tests {
                 version: (1, 2),
                 ancestors: [(0, 0); 2],
                 body: Some("{}".into()),
+                proof: None,
             }],
             want: vec![1, 2],
         }

@@ -17,7 +17,7 @@ pub mod ratelimit;
 pub use envelope::{DecodeError, Kind, WIRE_VERSION};
 pub use gossip::{GossipCodec, LeaveNotice};
 pub use identity::{NodeIdentity, NodeMeta};
-pub use policy::{PolicyEntry, PolicySync};
+pub use policy::{PolicyEntry, PolicySync, WriterProof};
 
 /// The bincode configuration every Trellis message uses: varint integers and a hard cap on
 /// what one decode may allocate, so a lying length prefix cannot exhaust memory.

@@ -98,6 +98,18 @@ fn envelope_of(kind: Kind, body: &[u8]) -> bytes::Bytes {
     out.into()
 }
 
+/// Sends policy entries to node 0 as one sync message, from the peer certified by `tls`.
+fn send_entries(c: &Cluster, tls: &std::path::Path, entries: Vec<trellis_proto::PolicyEntry>) {
+    let data = envelope_of(Kind::PolicySync, &trellis_proto::PolicySync::Entries { entries, want: vec![] }.encode());
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let conn = raw_peer(tls, c.node(0).peer_addr).await.unwrap();
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&data).await.unwrap();
+        s.finish().unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    });
+}
+
 #[test]
 fn an_oversized_stream_message_closes_only_that_connection_and_is_counted() {
     let c = honest_pair("");
@@ -248,6 +260,7 @@ fn invalid_policy_from_a_certified_peer_is_refused_counted_and_changes_nothing()
         version: (now + n, 99),
         ancestors: [(0, 0); 2],
         body: Some(body.into()),
+        proof: None,
     };
     let entries = vec![
         // Overwrites the accepted object with a newer but invalid version.
@@ -256,16 +269,7 @@ fn invalid_policy_from_a_certified_peer_is_refused_counted_and_changes_nothing()
         bad("no-such-kind", "x", "{}", 3),
         bad("services", "web2", "not json", 4),
     ];
-    let msg = trellis_proto::PolicySync::Entries { entries, want: vec![] };
-    let data = envelope_of(Kind::PolicySync, &msg.encode());
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let conn = raw_peer(&tls, c.node(0).peer_addr).await.unwrap();
-        let mut s = conn.open_uni().await.unwrap();
-        s.write_all(&data).await.unwrap();
-        s.finish().unwrap();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    });
+    send_entries(&c, &tls, entries);
     let n = c
         .wait_until(Duration::from_secs(5), "refusals counted", || {
             Some(refused(&c, 0, "invalid_policy")).filter(|v| *v >= 4.0)
@@ -274,6 +278,69 @@ fn invalid_policy_from_a_certified_peer_is_refused_counted_and_changes_nothing()
     assert_eq!(n, 4.0);
     assert_intact(&c, &alive, &pol);
     assert_eq!(policy(&c, 1), pol, "nothing reached the other node either");
+}
+
+/// Entries from a certified peer that sign as itself: an instance under node 1's name (with
+/// node 1's writer id) and a tombstone of its own revocation, dated 50 s ahead so that a
+/// revocation written within that window would lose to it.
+#[test]
+fn a_certified_peer_cannot_write_another_nodes_instance_or_pre_empt_its_own_revocation() {
+    use trellis_node::policy::{store::fnv64, WriterAuth};
+    let c = honest_pair("");
+    let (alive, pol) = (honest_alive(&c), policy(&c, 0));
+    let tls = mallory(&c);
+    let me = trellis_node::pki::LiveIdentity::new(&trellis_node::pki::load_tls_dir(&tls).unwrap()).unwrap();
+    let victim = c.node(1).name.clone();
+    let now = trellis_node::policy::now_ms();
+    let signed = |kind: &str, name: &str, version: (u64, u64), body: Option<String>| {
+        let mut e = trellis_proto::PolicyEntry {
+            kind: kind.into(),
+            name: name.into(),
+            version,
+            ancestors: [(0, 0); 2],
+            body,
+            proof: None,
+        };
+        e.proof = Some(me.sign(&e.signed_message()).unwrap());
+        e
+    };
+    let instance = json!({"service": "web", "address": "127.0.0.1", "port": 9, "node": victim}).to_string();
+    let entries = vec![
+        signed("instances", &format!("web-9@{victim}"), (now << 16, fnv64(&[victim.as_bytes()])), Some(instance)),
+        signed("revocations", "mallory", ((now + 50_000) << 16, fnv64(&[b"mallory"])), None),
+    ];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    send_entries(&c, &tls, entries);
+    c.wait_until(Duration::from_secs(5), "both refused", || {
+        Some(refused(&c, 0, "invalid_policy")).filter(|v| *v >= 2.0)
+    })
+    .unwrap();
+    assert_intact(&c, &alive, &pol);
+    let web = c.node(0).api().get_json("/v1/catalog/services/web");
+    assert!(web.map_or(true, |w| !w.to_string().contains("web-9")), "no forged instance");
+    let tomb = c.node(0).api().get_json("/v1/policy/revocations/mallory");
+    assert!(tomb.is_err() || tomb.as_ref().unwrap()["body"].is_null(), "no tombstone taken: {tomb:?}");
+    // The operator revokes mallory now, well inside the 50 s: the revocation holds everywhere.
+    let (s, b) = c.node(0).api().put_json("/v1/policy/revocations/mallory", &json!({"reason": "test"})).unwrap();
+    assert_eq!(s, 200, "{b}");
+    for i in 0..2 {
+        c.wait_until(Duration::from_secs(10), "revocation everywhere", || {
+            let got = c.node(i).api().get_json("/v1/policy/revocations/mallory").ok()?;
+            (got["body"]["reason"] == "test").then_some(())
+        })
+        .unwrap();
+    }
+    // TLS 1.3: the client finishes first, then the server checks its certificate and closes.
+    let cut = rt.block_on(async {
+        match raw_peer(&tls, c.node(1).peer_addr).await {
+            Ok(conn) => tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.is_ok(),
+            Err(_) => true,
+        }
+    });
+    let m = c.node(1).api().get_text("/metrics").unwrap();
+    let refused_at_handshake =
+        cut && metric(&m, "trellis_handshakes_refused_total{reason=\"revoked\"}").unwrap_or(0.0) >= 1.0;
+    assert!(refused_at_handshake, "node 1 refuses the revoked mallory");
 }
 
 #[test]

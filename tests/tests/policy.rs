@@ -171,6 +171,7 @@ fn invalid_objects_are_refused_on_the_api_and_from_a_peer() {
         version: (trellis_node::policy::now_ms() << 16, 42),
         ancestors: [(0, 0); 2],
         body: Some(r#"{"service": "web", "backends": [{"subset": "v1", "weight": 97}]}"#.into()),
+        proof: None,
     };
     let msg = trellis_proto::PolicySync::Entries { entries: vec![entry], want: vec![] };
     let mut data = Vec::new();

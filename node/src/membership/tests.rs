@@ -156,7 +156,7 @@ fn random_bytes_are_refused_without_panic() {
                 (x >> 33) as u8
             })
             .collect();
-        let mut framed = vec![trellis_proto::envelope::MAGIC, 1, 1];
+        let mut framed = vec![trellis_proto::envelope::MAGIC, trellis_proto::WIRE_VERSION, 1];
         framed.extend_from_slice(&bytes);
         assert!(m.handle_datagram(now, None, &bytes).is_err() || len == 0 || bytes.len() >= 3);
         let _ = m.handle_datagram(now, None, &framed);

@@ -138,6 +138,12 @@ impl LiveIdentity {
         self.current.read().expect("identity lock").peer.cert[0].clone()
     }
 
+    /// The leaf and key presented now: what writer proofs are signed with.
+    pub(super) fn signing_key(&self) -> (CertificateDer<'static>, Arc<dyn rustls::sign::SigningKey>) {
+        let c = self.now();
+        (c.peer.cert[0].clone(), c.peer.key.clone())
+    }
+
     fn now(&self) -> Arc<Current> {
         self.current.read().expect("identity lock").clone()
     }

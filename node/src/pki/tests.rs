@@ -332,3 +332,135 @@ fn agent_configs_never_resume_sessions_so_every_handshake_checks_revocation() {
     let client = live_client_config(&a, sink().0, ALPN).unwrap();
     assert!(format!("{:?}", client.resumption).contains("NoClientSessionStorage"), "{:?}", client.resumption);
 }
+
+/// A live identity for `name` under the CA at `ca`.
+fn live_named(ca: &Path, name: &str) -> Arc<LiveIdentity> {
+    LiveIdentity::new(&load_tls_dir(&node(ca, name)).unwrap()).unwrap()
+}
+
+fn now_ms() -> u64 {
+    crate::policy::now_ms()
+}
+
+#[test]
+fn a_writer_proof_names_its_signer_and_fails_on_any_change() {
+    use crate::policy::WriterAuth;
+    let dir = ca("proof", "prod");
+    let (a, b) = (live_named(&dir, "a"), live_named(&dir, "b"));
+    let proof = a.sign(b"entry").unwrap();
+    assert_eq!(b.verify(b"entry", &proof, now_ms()).unwrap(), "a");
+    assert!(b.verify(b"entrz", &proof, now_ms()).unwrap_err().contains("does not match"));
+    let mut bent = proof.clone();
+    bent.sig[10] ^= 1;
+    assert!(b.verify(b"entry", &bent, now_ms()).is_err());
+    assert!(b.verify(b"entry", &proof, 1_000).unwrap_err().contains("at the write's time"), "before the cert existed");
+    let other = live_named(&ca("proof-other", "prod"), "a");
+    let forged = other.sign(b"entry").unwrap();
+    assert!(b.verify(b"entry", &forged, now_ms()).is_err(), "another CA's certificate");
+    let huge = trellis_proto::WriterProof { cert: vec![0; 5000], ..proof.clone() };
+    assert!(b.verify(b"entry", &huge, now_ms()).unwrap_err().contains("oversized"));
+}
+
+/// Stores for `names`, each signing with and checking by real certificates of one CA, and
+/// their identities.
+fn signed_stores(tag: &str, names: &[&str]) -> (Vec<crate::policy::PolicyStore>, Vec<Arc<LiveIdentity>>) {
+    let dir = ca(tag, "prod");
+    let ids: Vec<Arc<LiveIdentity>> = names.iter().map(|n| live_named(&dir, n)).collect();
+    let stores = names
+        .iter()
+        .zip(&ids)
+        .map(|(n, id)| {
+            let mut s = crate::policy::PolicyStore::new(n);
+            s.set_auth(id.clone());
+            s
+        })
+        .collect();
+    (stores, ids)
+}
+
+fn put(s: &mut crate::policy::PolicyStore, key: &crate::policy::Key, body: Option<&str>) -> trellis_proto::PolicyEntry {
+    let reg = s.prepare(now_ms(), key, body.map(str::as_bytes), None).unwrap();
+    s.commit(key.clone(), reg.clone());
+    crate::policy::store::to_wire(key, &reg)
+}
+
+fn take(s: &mut crate::policy::PolicyStore, e: &trellis_proto::PolicyEntry) -> Result<(), String> {
+    let (k, r) = crate::policy::store::from_wire(e.clone()).map_err(|e| e.to_string())?;
+    s.merge(now_ms(), k, r).map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[test]
+fn only_an_instances_own_node_can_write_it_whoever_relays_it() {
+    use crate::policy::{Key, Kind};
+    let (mut s, ids) = signed_stores("owner", &["a", "b", "m"]);
+    let key = Key { kind: Kind::Instances, name: "web-1@a".into() };
+    let body = r#"{"service": "web", "address": "127.0.0.1", "port": 8080}"#;
+    let honest = put(&mut s[0], &key, Some(body));
+    assert!(honest.proof.is_some());
+    take(&mut s[1], &honest).unwrap();
+    // m relays a's write unchanged: fine, the proof is a's.
+    take(&mut s[2], &honest).unwrap();
+    // m writes an instance under a's name: signed by m, so refused.
+    let mut forged = put(&mut s[2], &Key { kind: Kind::Instances, name: "web-2@a".into() }, Some(body));
+    assert!(take(&mut s[1], &forged).unwrap_err().contains("does not own"));
+    // ... claiming a's writer id does not help: the signer is still m.
+    forged.version.1 = crate::policy::store::fnv64(&[b"a"]);
+    assert!(take(&mut s[1], &forged).unwrap_err().contains("does not match"), "the id is signed");
+    forged.proof = Some(crate::policy::WriterAuth::sign(&*ids[2], &forged.signed_message()).unwrap());
+    assert!(take(&mut s[1], &forged).unwrap_err().contains("signed by m"));
+    // A newer version of a's instance, changed by m, keeps a's proof but not its content.
+    let mut bent = honest.clone();
+    bent.version.0 += 1 << 16;
+    bent.body = Some(r#"{"service": "web", "address": "127.0.0.9", "port": 8080}"#.into());
+    assert!(take(&mut s[1], &bent).unwrap_err().contains("does not match"));
+    let bare = trellis_proto::PolicyEntry { proof: None, ..bent.clone() };
+    assert!(take(&mut s[1], &bare).unwrap_err().contains("no writer proof"));
+    let got = s[1].get(&key).unwrap();
+    assert!(got.val.body.as_deref().unwrap().contains("127.0.0.1"), "a's version stands");
+    assert_eq!(got.val.proof, honest.proof, "and keeps its proof, to relay it");
+}
+
+#[test]
+fn a_revoked_node_cannot_undo_its_own_revocation_but_another_node_can() {
+    use crate::policy::{Key, Kind, WriterAuth};
+    let (mut s, ids) = signed_stores("revoke", &["a", "b", "m"]);
+    let key = Key { kind: Kind::Revocations, name: "m".into() };
+    let revoke = put(&mut s[0], &key, Some(r#"{"reason": "key leaked"}"#));
+    for st in s.iter_mut().skip(1) {
+        take(st, &revoke).unwrap();
+    }
+    // m's own API refuses, and a tombstone m signs anyway is refused by every peer.
+    let err = s[2].prepare(now_ms(), &key, None, None).unwrap_err().to_string();
+    assert!(err.contains("cannot write its own revocation"), "{err}");
+    let mut undo = trellis_proto::PolicyEntry {
+        version: ((now_ms() + 1) << 16, crate::policy::store::fnv64(&[b"m"])),
+        ancestors: [revoke.version, (0, 0)],
+        body: None,
+        proof: None,
+        ..revoke.clone()
+    };
+    assert!(take(&mut s[1], &undo).unwrap_err().contains("no writer proof"));
+    undo.proof = Some(ids[2].sign(&undo.signed_message()).unwrap());
+    assert!(take(&mut s[1], &undo).unwrap_err().contains("its own revocation"));
+    assert!(s[1].get(&key).unwrap().val.body.is_some(), "still revoked");
+    // b may lift it, and a takes that.
+    let lift = put(&mut s[1], &key, None);
+    take(&mut s[0], &lift).unwrap();
+    assert!(s[0].get(&key).unwrap().val.body.is_none());
+}
+
+#[test]
+fn writer_proofs_survive_the_policy_log() {
+    use crate::policy::{Key, Kind, Policy};
+    let dir = ca("wal-proof", "prod");
+    let data = dir.parent().unwrap().join("data");
+    let key = Key { kind: Kind::Instances, name: "web-1@a".into() };
+    let body = br#"{"service": "web", "address": "127.0.0.1", "port": 8080}"#;
+    let a = live_named(&dir, "a");
+    let written =
+        Policy::open(&data, "a", 60_000, Some(a.clone())).unwrap().write(key.clone(), Some(body), None).unwrap();
+    let reopened = Policy::open(&data, "a", 60_000, Some(a)).unwrap();
+    let store = reopened.store.lock().unwrap();
+    assert_eq!(store.get(&key).unwrap().val.proof, written.proof, "replayed, checked and kept");
+    assert!(written.proof.is_some());
+}

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use trellis_proto::PolicyEntry;
 
 pub use model::{FieldError, Kind};
-pub use store::{Key, PolicyStore, Register, StoreError, Version};
+pub use store::{Key, PolicyStore, Register, StoreError, Version, WriterAuth};
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -39,11 +39,20 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Opens the log in `data_dir` and replays it.
-    pub fn open(data_dir: &Path, node_name: &str, tombstone_grace_ms: u64) -> std::io::Result<Arc<Policy>> {
+    /// Opens the log in `data_dir` and replays it; `auth` signs and checks writer proofs
+    /// (the log's own entries included).
+    pub fn open(
+        data_dir: &Path,
+        node_name: &str,
+        tombstone_grace_ms: u64,
+        auth: Option<Arc<dyn store::WriterAuth>>,
+    ) -> std::io::Result<Arc<Policy>> {
         let (wal, records) = wal::Wal::open(data_dir)?;
         let mut store = PolicyStore::new(node_name);
         store.tombstone_grace_ms = tombstone_grace_ms;
+        if let Some(auth) = auth {
+            store.set_auth(auth);
+        }
         let now = now_ms();
         let mut refused = 0;
         for (k, r) in records {

@@ -37,6 +37,12 @@ impl Kind {
         Kind::Revocations,
     ];
 
+    /// Kinds whose writer matters, so their versions carry a signed writer proof: a node's
+    /// own instances, and revocations (which the revoked node must not undo).
+    pub fn is_attributed(self) -> bool {
+        matches!(self, Kind::Instances | Kind::Revocations)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Services => "services",

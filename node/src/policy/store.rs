@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use crdts::{CvRDT, LWWReg};
 use serde::{Deserialize, Serialize};
-use trellis_proto::PolicyEntry;
+use trellis_proto::{PolicyEntry, WriterProof};
 
 use super::hlc::Hlc;
 use super::model::{self, FieldError, Kind};
@@ -49,6 +49,19 @@ pub struct Value {
     /// Canonical JSON of the object; `None` is a tombstone.
     pub body: Option<String>,
     pub ancestors: [Version; 2],
+    /// The writer's signature, on kinds whose writer matters ([`Kind::is_attributed`]). The
+    /// log stores it beside the register (see `wal`), hence not serialized here.
+    #[serde(skip)]
+    pub proof: Option<WriterProof>,
+}
+
+/// Signs local writes and checks the writer of a peer's, with node certificates (see
+/// `pki::LiveIdentity`). A store without one (unit tests) trusts the claimed writer id.
+pub trait WriterAuth: Send + Sync {
+    fn sign(&self, message: &[u8]) -> Result<WriterProof, String>;
+    /// The certified node name of the proof's signer, if the proof holds for `message` and
+    /// its certificate chained to the cluster CA at `at_ms` (the write's own time).
+    fn verify(&self, message: &[u8], proof: &WriterProof, at_ms: u64) -> Result<String, String>;
 }
 
 pub type Register = LWWReg<Value, Version>;
@@ -128,7 +141,9 @@ fn entry_hash(key: &Key, reg: &Register) -> u64 {
 }
 
 pub struct PolicyStore {
+    name: String,
     node: u64,
+    auth: Option<std::sync::Arc<dyn WriterAuth>>,
     hlc: Hlc,
     objects: BTreeMap<Key, Register>,
     conflicts: BTreeMap<Key, Vec<Conflict>>,
@@ -149,7 +164,9 @@ pub struct PolicyStore {
 impl PolicyStore {
     pub fn new(node_name: &str) -> PolicyStore {
         PolicyStore {
+            name: node_name.to_string(),
             node: fnv64(&[node_name.as_bytes()]),
+            auth: None,
             hlc: Hlc::default(),
             objects: BTreeMap::new(),
             conflicts: BTreeMap::new(),
@@ -161,6 +178,11 @@ impl PolicyStore {
             tombstone_grace_ms: 10 * 60 * 1000,
             stats: PolicyStats::default(),
         }
+    }
+
+    /// Signs this node's attributed writes and checks the writers of peers' from now on.
+    pub fn set_auth(&mut self, auth: std::sync::Arc<dyn WriterAuth>) {
+        self.auth = Some(auth);
     }
 
     pub fn node_id(&self) -> u64 {
@@ -200,6 +222,12 @@ impl PolicyStore {
         body: Option<&[u8]>,
         cas: Option<Version>,
     ) -> Result<Register, StoreError> {
+        if key.kind == Kind::Revocations && key.name == self.name {
+            return Err(StoreError::Refused(format!(
+                "revocations.{}: a node cannot write its own revocation; write it on another node",
+                key.name
+            )));
+        }
         let current = self.objects.get(key);
         let current_version = current.filter(|r| r.val.body.is_some()).map(|r| r.marker).unwrap_or_default();
         if let Some(expected) = cas {
@@ -219,7 +247,12 @@ impl PolicyStore {
             Some(r) => [r.marker, r.val.ancestors[0]],
             None => [Version::default(); 2],
         };
-        Ok(LWWReg { val: Value { body, ancestors }, marker: version })
+        let mut reg = LWWReg { val: Value { body, ancestors, proof: None }, marker: version };
+        if let (true, Some(auth)) = (key.kind.is_attributed(), &self.auth) {
+            let message = to_wire(key, &reg).signed_message();
+            reg.val.proof = Some(auth.sign(&message).map_err(StoreError::Refused)?);
+        }
+        Ok(reg)
     }
 
     /// Applies a prepared local write.
@@ -286,9 +319,6 @@ impl PolicyStore {
         if let Some(body) = &reg.val.body {
             model::parse(key.kind, &key.name, body.as_bytes())?;
         }
-        if key.kind == Kind::Instances {
-            check_owner(&key, &reg)?;
-        }
         if reg.marker.hlc >> 16 > now_ms + MAX_FUTURE_MS {
             return Err(StoreError::Refused(format!(
                 "{}.{}: version is {} s in the future; check the writer's clock",
@@ -304,7 +334,11 @@ impl PolicyStore {
             self.stats.merged_stale += 1;
             return Ok(Merged::Stale);
         }
-        let Some(local) = self.objects.get(&key).cloned() else {
+        let local = self.objects.get(&key).cloned();
+        if local.as_ref().is_none_or(|l| reg.marker > l.marker) {
+            self.check_writer(&key, &reg)?;
+        }
+        let Some(local) = local else {
             self.stats.merged_new += 1;
             self.install(key, reg);
             return Ok(Merged::New);
@@ -371,14 +405,47 @@ impl PolicyStore {
     }
 }
 
-/// An instance is named `<id>@<node>` and only that node may write it: the version's
-/// writer id must be the node's.
-fn check_owner(key: &Key, reg: &Register) -> Result<(), StoreError> {
-    let node = key.name.rsplit_once('@').map(|(_, n)| n).unwrap_or("");
-    if node.is_empty() || fnv64(&[node.as_bytes()]) != reg.marker.node {
-        return Err(StoreError::Refused(format!("instances.{}: written by a node that does not own it", key.name)));
+impl PolicyStore {
+    /// Who may write what, for a version that would win here: an instance `<id>@<node>`
+    /// only its node, a revocation anyone but the revoked node. With [`WriterAuth`] the
+    /// writer is the proof's certified signer; without, the claimed writer id. Checked only
+    /// for winners, so a stale copy costs no signature check. The rule reads nothing but the
+    /// entry and the CA, so every node takes the same entries and the states converge.
+    fn check_writer(&self, key: &Key, reg: &Register) -> Result<(), StoreError> {
+        if !key.kind.is_attributed() {
+            return Ok(());
+        }
+        let refuse = |why: String| Err(StoreError::Refused(format!("{}.{}: {why}", key.kind, key.name)));
+        let writer = match &self.auth {
+            Some(auth) => {
+                let Some(proof) = &reg.val.proof else {
+                    return refuse("no writer proof; upgrade the writing agent".into());
+                };
+                let message = to_wire(key, reg).signed_message();
+                let name = match auth.verify(&message, proof, reg.marker.hlc >> 16) {
+                    Ok(name) => name,
+                    Err(e) => return refuse(format!("writer proof refused: {e}")),
+                };
+                if fnv64(&[name.as_bytes()]) != reg.marker.node {
+                    return refuse(format!("signed by {name}, whose writer id is not the version's"));
+                }
+                Some(name)
+            }
+            None => None,
+        };
+        let is = |name: &str| writer.as_deref().map_or(fnv64(&[name.as_bytes()]) == reg.marker.node, |w| w == name);
+        match key.kind {
+            Kind::Instances => {
+                let owner = key.name.rsplit_once('@').map(|(_, n)| n).unwrap_or("");
+                if owner.is_empty() || !is(owner) {
+                    return refuse("written by a node that does not own it".into());
+                }
+            }
+            Kind::Revocations if is(&key.name) => return refuse("a node may not change its own revocation".into()),
+            _ => {}
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 pub fn to_wire(key: &Key, reg: &Register) -> PolicyEntry {
@@ -389,6 +456,7 @@ pub fn to_wire(key: &Key, reg: &Register) -> PolicyEntry {
         version: v(reg.marker),
         ancestors: [v(reg.val.ancestors[0]), v(reg.val.ancestors[1])],
         body: reg.val.body.clone(),
+        proof: reg.val.proof.clone(),
     }
 }
 
@@ -396,7 +464,9 @@ pub fn from_wire(e: PolicyEntry) -> Result<(Key, Register), FieldError> {
     let kind = Kind::parse(&e.kind)?;
     model::validate_name(kind, &e.name)?;
     let v = |(hlc, node): (u64, u64)| Version { hlc, node };
-    let reg =
-        LWWReg { val: Value { body: e.body, ancestors: [v(e.ancestors[0]), v(e.ancestors[1])] }, marker: v(e.version) };
+    let reg = LWWReg {
+        val: Value { body: e.body, ancestors: [v(e.ancestors[0]), v(e.ancestors[1])], proof: e.proof },
+        marker: v(e.version),
+    };
     Ok((Key { kind, name: e.name }, reg))
 }

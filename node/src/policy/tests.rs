@@ -110,6 +110,7 @@ fn invalid_or_future_entries_from_a_peer_are_refused() {
         version: (1 << 16, 7),
         ancestors: [(0, 0); 2],
         body: Some(r#"{"service": "web", "backends": [{"subset": "v1", "weight": 97}]}"#.into()),
+        proof: None,
     };
     let (k, r) = store::from_wire(bad).unwrap();
     assert!(a.merge(1000, k, r).unwrap_err().to_string().contains("weights sum to 97"));
@@ -119,11 +120,18 @@ fn invalid_or_future_entries_from_a_peer_are_refused() {
         version: ((1000 + 3_600_000) << 16, 7),
         ancestors: [(0, 0); 2],
         body: Some("{}".into()),
+        proof: None,
     };
     let (k, r) = store::from_wire(future).unwrap();
     assert!(a.merge(1000, k, r).unwrap_err().to_string().contains("in the future"));
-    let unknown =
-        PolicyEntry { kind: "gateways".into(), name: "x".into(), version: (1, 1), ancestors: [(0, 0); 2], body: None };
+    let unknown = PolicyEntry {
+        kind: "gateways".into(),
+        name: "x".into(),
+        version: (1, 1),
+        ancestors: [(0, 0); 2],
+        body: None,
+        proof: None,
+    };
     assert!(store::from_wire(unknown).is_err());
     assert!(a.is_empty());
 }

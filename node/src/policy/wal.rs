@@ -1,6 +1,7 @@
 //! Durable policy: an append-only log of accepted versions in the data dir.
 //!
-//! Record: `[len: u32 LE][crc32: u32 LE][bincode (Key, Register)]`. An accepted local write
+//! Record: `[len: u32 LE][crc32: u32 LE][bincode (Key, Register, Option<WriterProof>)]`; a
+//! record of the first format, without the proof, is still read. An accepted local write
 //! is appended and fsynced before the API answers. On start the log is replayed; a torn or
 //! corrupt tail (a `kill -9` mid-write) ends the replay and is cut off, so a crash never
 //! corrupts what was acknowledged. When the log grows past twice the live state it is
@@ -9,6 +10,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+
+use trellis_proto::WriterProof;
 
 use super::store::{Key, Register};
 
@@ -22,12 +25,25 @@ pub struct Wal {
 }
 
 fn encode(key: &Key, reg: &Register) -> Vec<u8> {
-    let body = bincode::serde::encode_to_vec((key, reg), bincode::config::standard()).expect("Vec writer");
+    let body =
+        bincode::serde::encode_to_vec((key, reg, &reg.val.proof), bincode::config::standard()).expect("Vec writer");
     let mut rec = Vec::with_capacity(8 + body.len());
     rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
     rec.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
     rec.extend_from_slice(&body);
     rec
+}
+
+/// One record body, of either format (the older one ends before the proof).
+fn decode(body: &[u8]) -> Option<(Key, Register)> {
+    let cfg = bincode::config::standard();
+    if let Ok(((key, mut reg, proof), _)) =
+        bincode::serde::decode_from_slice::<(Key, Register, Option<WriterProof>), _>(body, cfg)
+    {
+        reg.val.proof = proof;
+        return Some((key, reg));
+    }
+    bincode::serde::decode_from_slice::<(Key, Register), _>(body, cfg).ok().map(|(rec, _)| rec)
 }
 
 /// Reads records until the end or the first bad one; returns them and the good length.
@@ -44,9 +60,9 @@ fn replay(bytes: &[u8]) -> (Vec<(Key, Register)>, usize) {
         if crc32fast::hash(body) != crc {
             break;
         }
-        match bincode::serde::decode_from_slice::<(Key, Register), _>(body, bincode::config::standard()) {
-            Ok((rec, _)) => out.push(rec),
-            Err(_) => break,
+        match decode(body) {
+            Some(rec) => out.push(rec),
+            None => break,
         }
         at += 8 + len;
     }
@@ -121,7 +137,15 @@ mod tests {
         (
             key,
             Register {
-                val: Value { body: Some("{}".into()), ancestors: Default::default() },
+                val: Value {
+                    body: Some("{}".into()),
+                    ancestors: Default::default(),
+                    proof: i.is_multiple_of(2).then(|| WriterProof {
+                        cert: vec![i as u8; 3],
+                        scheme: 0x0403,
+                        sig: vec![7; 70],
+                    }),
+                },
                 marker: Version { hlc: i, node: 1 },
             },
         )
@@ -142,6 +166,24 @@ mod tests {
         drop(w);
         let (_, got) = Wal::open(&d).unwrap();
         assert_eq!(got, vec![rec(1), rec(2)]);
+    }
+
+    #[test]
+    fn records_of_the_format_without_proofs_are_still_read() {
+        let d = dir("v1");
+        fs::create_dir_all(&d).unwrap();
+        let (k, r) = rec(1);
+        let body = bincode::serde::encode_to_vec((&k, &r), bincode::config::standard()).unwrap();
+        let mut old = (body.len() as u32).to_le_bytes().to_vec();
+        old.extend(crc32fast::hash(&body).to_le_bytes());
+        old.extend(body);
+        fs::write(d.join("policy.log"), old).unwrap();
+        let (mut w, got) = Wal::open(&d).unwrap();
+        assert_eq!(got, vec![rec(1)]);
+        w.append(&[rec(2)], true).unwrap();
+        drop(w);
+        let (_, got) = Wal::open(&d).unwrap();
+        assert_eq!(got, vec![rec(1), rec(2)], "the proof of record 2 survives");
     }
 
     #[test]
