@@ -1,6 +1,6 @@
 //! Entry points for fuzzing what the agent parses from outside: policy documents (JSON,
-//! YAML, TOML) and objects, the config file, and the proxy's per-request decisions (Host
-//! to service, routes). Used by `fuzz/fuzz_targets/` and by the property tests below;
+//! YAML, TOML) and objects, the config file, the proxy's per-request decisions (Host to
+//! service, routes), and writer proofs (a peer's certificate and signature). Used by `fuzz/fuzz_targets/` and by the property tests below;
 //! none may panic on any input.
 
 use std::path::Path;
@@ -50,6 +50,47 @@ pub fn proxy_request(data: &[u8]) {
     let _ = table.resolve(&info, 0.5);
 }
 
+/// A writer proof as a peer could bend it: the first byte picks what the rest replaces or
+/// flips in a genuine proof (certificate bytes, signature, scheme), so both junk and
+/// near-valid certificates reach x509 parsing, chain building and signature checks.
+pub fn writer_proof(data: &[u8]) {
+    use crate::policy::WriterAuth;
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let (id, good) = proof_fixture();
+    let mut p = good.clone();
+    match mode % 4 {
+        0 => p.cert = rest.to_vec(),
+        1 => p.sig = rest.to_vec(),
+        2 => {
+            let n = p.cert.len();
+            for (i, b) in rest.iter().enumerate() {
+                p.cert[(i * 31 + usize::from(mode)) % n] ^= b;
+            }
+        }
+        _ => p.scheme = u16::from_le_bytes([rest.first().copied().unwrap_or(0), rest.get(1).copied().unwrap_or(0)]),
+    }
+    let _ = id.verify(PROOF_MESSAGE, &p, crate::policy::now_ms());
+}
+
+const PROOF_MESSAGE: &[u8] = b"fuzzed entry";
+
+/// A node identity under a throwaway CA, and a genuine proof it signed.
+fn proof_fixture() -> &'static (std::sync::Arc<crate::pki::LiveIdentity>, trellis_proto::WriterProof) {
+    use crate::policy::WriterAuth;
+    use std::sync::OnceLock;
+    static FIXTURE: OnceLock<(std::sync::Arc<crate::pki::LiveIdentity>, trellis_proto::WriterProof)> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("trellis-fuzz-ca-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        crate::pki::init_ca(&dir.join("ca"), Some("fuzz")).expect("fuzz CA");
+        let tls = dir.join("tls");
+        crate::pki::issue_cert(&dir.join("ca"), "n1", &tls, std::time::Duration::from_secs(3600)).expect("fuzz cert");
+        let id = crate::pki::LiveIdentity::new(&crate::pki::load_tls_dir(&tls).expect("fuzz tls")).expect("identity");
+        let proof = id.sign(PROOF_MESSAGE).expect("sign");
+        (id, proof)
+    })
+}
+
 fn routes() -> RouteTable {
     use std::sync::OnceLock;
     static TABLE: OnceLock<RouteTable> = OnceLock::new();
@@ -94,6 +135,46 @@ mod tests {
         fn no_request_panics_the_router(s in "\\PC{0,400}") {
             proxy_request(s.as_bytes());
         }
+
+        #[test]
+        fn no_bent_writer_proof_panics(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            writer_proof(&data);
+        }
+    }
+
+    #[test]
+    fn the_proof_fixture_verifies_and_a_flipped_byte_does_not() {
+        use crate::policy::WriterAuth;
+        let (id, good) = proof_fixture();
+        assert_eq!(id.verify(PROOF_MESSAGE, good, crate::policy::now_ms()).unwrap(), "n1");
+        let mut bent = good.clone();
+        bent.sig[5] ^= 1;
+        assert!(id.verify(PROOF_MESSAGE, &bent, crate::policy::now_ms()).is_err());
+    }
+
+    /// Every seed and every past finding under `fuzz/seeds/<target>/` runs through its
+    /// target here, so a crash once found stays fixed.
+    #[test]
+    fn fuzz_seeds_and_regressions_never_panic() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
+        let mut ran = 0;
+        for target in std::fs::read_dir(&root).expect("fuzz/seeds") {
+            let target = target.unwrap().path();
+            let name = target.file_name().unwrap().to_string_lossy().to_string();
+            let run: fn(&[u8]) = match name.as_str() {
+                "wire" => trellis_proto::fuzz::decode_everything,
+                "policy" => policy_text,
+                "config" => config_file,
+                "proxy_request" => proxy_request,
+                "writer_proof" => writer_proof,
+                other => panic!("fuzz/seeds/{other}: no such fuzz target"),
+            };
+            for f in std::fs::read_dir(&target).unwrap() {
+                run(&std::fs::read(f.unwrap().path()).unwrap());
+                ran += 1;
+            }
+        }
+        assert!(ran >= 5, "only {ran} seeds");
     }
 
     #[test]
