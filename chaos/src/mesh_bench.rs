@@ -124,11 +124,18 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         // The paths take turns, `reps` slices each, so a slow stretch of the shared machine
         // falls on all of them rather than on one; each path's slices are merged.
         let mut runs: Vec<(RateRun, f64)> = Vec::new();
+        let mut quic = [0.0; 5];
         for rep in 0..o.reps {
             for (i, p) in paths.iter().enumerate() {
-                let cpu0 = cpu_of(&p.pids);
+                let (cpu0, q0) = (cpu_of(&p.pids), quic_counts(&c));
                 let r = loadgen::fixed_rate(p.to, p.host, &body, rate, o.secs / o.reps as f64, conns);
                 let cpu = cpu_of(&p.pids) - cpu0;
+                if p.host == "remote" && !p.pids.is_empty() && p.pids[0] == agents[0] {
+                    let q1 = quic_counts(&c);
+                    for k in 0..5 {
+                        quic[k] += (q1[k] - q0[k]) / r.hist.len().max(1) as f64;
+                    }
+                }
                 if rep == 0 {
                     runs.push((r, cpu));
                 } else {
@@ -137,6 +144,11 @@ pub fn run(o: Options) -> anyhow::Result<()> {
                 }
             }
         }
+        let q = quic.map(|v| v / o.reps as f64);
+        println!(
+            "QUIC on node 0 per request over QUIC: datagrams out {:.2}, in {:.2}; send calls {:.2}, receive calls {:.2}; ACK frames out {:.2}",
+            q[0], q[1], q[2], q[3], q[4]
+        );
         for (p, (r, cpu)) in paths.iter().zip(&runs) {
             let cores = cpu / r.took.as_secs_f64() / (rate / 1000.0);
             println!(
@@ -193,6 +205,22 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     }
     println!("\nRSS MiB after the run: trellis {}; haproxy {}", rss_of(&agents), rss_of(&hap.pids()));
     Ok(())
+}
+
+/// Node 0's QUIC counters: datagrams out and in, send and receive calls, ACK frames out.
+fn quic_counts(c: &Cluster) -> [f64; 5] {
+    let text = c.node(0).api().get_text("/metrics").unwrap_or_default();
+    let get = |name: &str, dir: &str| {
+        let key = format!("{name}{{direction=\"{dir}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&key)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+    };
+    [
+        get("trellis_quic_udp_datagrams_total", "out"),
+        get("trellis_quic_udp_datagrams_total", "in"),
+        get("trellis_quic_udp_ios_total", "out"),
+        get("trellis_quic_udp_ios_total", "in"),
+        get("trellis_quic_ack_frames_total", "out"),
+    ]
 }
 
 fn free_port(ip: &str) -> anyhow::Result<SocketAddr> {

@@ -247,6 +247,7 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         stats.identity_mismatches,
     );
     e.gauge("trellis_quic_connections", "Open peer connections.", a.transport.connections() as f64);
+    quic_metrics(&mut e, &a.transport.quic_totals());
     e.counter("trellis_quic_dials_total", "Outgoing peer connection attempts.", t.dials.load(Relaxed));
     e.counter(
         "trellis_quic_dial_failures_total",
@@ -356,6 +357,20 @@ async fn traffic(State(a): State<AgentHandle>) -> Json<serde_json::Value> {
     // The agent's clock, so rates are right whatever the reader's clock does.
     v["uptime_ms"] = (a.started.elapsed().as_millis() as u64).into();
     Json(v)
+}
+
+/// QUIC's own counters: datagrams, system calls (fewer than datagrams when GSO/GRO batch),
+/// ACK frames and lost packets, over all peer connections.
+fn quic_metrics(e: &mut crate::metrics::Exposition, q: &crate::transport::QuicTotals) {
+    let rows = [
+        ("trellis_quic_udp_datagrams_total", "UDP datagrams of peer connections.", q.datagrams_out, q.datagrams_in),
+        ("trellis_quic_udp_ios_total", "UDP send and receive calls of peer connections.", q.ios_out, q.ios_in),
+        ("trellis_quic_ack_frames_total", "QUIC ACK frames of peer connections.", q.acks_out, q.acks_in),
+    ];
+    for (name, help, out, inn) in rows {
+        e.labelled("counter", name, help, "direction", &[("out", out), ("in", inn)]);
+    }
+    e.counter("trellis_quic_lost_packets_total", "Packets QUIC declared lost on peer connections.", q.lost_packets);
 }
 
 fn traffic_json(services: &BTreeMap<String, crate::mesh::traffic::ServiceTraffic>) -> serde_json::Value {

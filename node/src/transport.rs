@@ -171,6 +171,33 @@ struct Pool {
     dialing: HashMap<SocketAddr, Vec<Bytes>>,
     /// Every connection being read, pooled or not, with its peer's name (for revocation).
     live: HashMap<usize, (quinn::Connection, String)>,
+    /// What connections that ended had counted, so totals never go down.
+    closed: QuicTotals,
+}
+
+/// QUIC's own counters summed over every peer connection since start: how many datagrams
+/// and system calls the mesh costs, how many ACKs it sends, and what it loses.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QuicTotals {
+    pub datagrams_out: u64,
+    pub datagrams_in: u64,
+    pub ios_out: u64,
+    pub ios_in: u64,
+    pub acks_out: u64,
+    pub acks_in: u64,
+    pub lost_packets: u64,
+}
+
+impl QuicTotals {
+    fn add(&mut self, s: &quinn::ConnectionStats) {
+        self.datagrams_out += s.udp_tx.datagrams;
+        self.datagrams_in += s.udp_rx.datagrams;
+        self.ios_out += s.udp_tx.ios;
+        self.ios_in += s.udp_rx.ios;
+        self.acks_out += s.frame_tx.acks;
+        self.acks_in += s.frame_rx.acks;
+        self.lost_packets += s.path.lost_packets;
+    }
 }
 
 /// The agent's QUIC endpoint and its connection pool.
@@ -258,6 +285,16 @@ impl Transport {
     /// Open peer connections right now.
     pub fn connections(&self) -> usize {
         self.pool.lock().expect("pool lock").conns.len()
+    }
+
+    /// QUIC counters over every connection, ended ones included.
+    pub fn quic_totals(&self) -> QuicTotals {
+        let pool = self.pool.lock().expect("pool lock");
+        let mut t = pool.closed;
+        for (conn, _) in pool.live.values() {
+            t.add(&conn.stats());
+        }
+        t
     }
 
     /// Sends one message to a peer; never blocks. Dials the peer first if needed, queueing
@@ -562,7 +599,9 @@ impl Transport {
             }
         }
         let mut pool = self.pool.lock().expect("pool lock");
-        pool.live.remove(&conn.stable_id());
+        if pool.live.remove(&conn.stable_id()).is_some() {
+            pool.closed.add(&conn.stats());
+        }
         if pool.conns.get(&from).is_some_and(|c| c.stable_id() == conn.stable_id()) {
             pool.conns.remove(&from);
         }
