@@ -1,6 +1,7 @@
 //! Hostile peers against real agents: a peer with a valid certificate from the cluster CA
 //! that sends oversized messages, floods gossip, opens streams without end, pushes invalid
-//! policy, claims another node's name, sends junk, or forges a leave notice. Each test checks
+//! policy, claims another node's name, sends junk, forges a leave notice or reports a live
+//! member down. Each test checks
 //! that the agent keeps serving with its honest membership and accepted policy intact, and
 //! that `trellis_peer_refused_total{reason}` counted the refusal.
 
@@ -409,4 +410,58 @@ fn a_service_stream_whose_forward_header_never_comes_is_reset() {
     assert!(answer.is_err(), "the stream was reset, not answered: {answer:?}");
     assert!(refused(&c, 0, "stream_timeout") > before, "counted as stream_timeout");
     assert_intact(&c, &alive, &pol);
+}
+
+#[test]
+fn a_certified_peer_reporting_a_live_member_down_only_raises_a_suspicion_it_refutes() {
+    let c = Cluster::start(ClusterSpec { nodes: 3, ..ClusterSpec::default() }).unwrap();
+    let all: Vec<(String, &str)> = (0..3).map(|i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&[0, 1, 2], &all, Duration::from_secs(15)).unwrap();
+    let honest = |i: usize| {
+        let mut v = members_in(&c, i, "alive");
+        v.retain(|(n, _)| (0..3).any(|j| n == &c.node(j).name));
+        v
+    };
+    let before: Vec<Vec<(String, u64)>> = (0..3).map(honest).collect();
+    assert!(before.iter().all(|v| v.len() == 3), "{before:?}");
+    let victim = c.node(2).name.clone();
+    let swim_incarnation = |i: usize| {
+        let m = c.node(i).api().members().unwrap();
+        m.iter().find(|m| m["name"] == victim.as_str()).unwrap()["swim_incarnation"].as_u64().unwrap() as u16
+    };
+    let tls = mallory(&c);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let rounds = 20;
+    rt.block_on(async {
+        // Mallory joins through nodes 0 and 1 under its own certified name.
+        let mut peers = Vec::new();
+        for i in [0, 1] {
+            let mut peer = GossipPeer::connect(&tls, c.node(i).peer_addr, "mallory").await.unwrap();
+            peer.pump(Duration::from_secs(2)).await;
+            peers.push((i, peer));
+        }
+        for _ in 0..rounds {
+            for (i, peer) in peers.iter_mut() {
+                let agent = peer.agent_identity().expect("joined: the agent's identity is known");
+                let about = peer.core.members().into_iter().map(|m| m.id).find(|id| id.name == victim).unwrap();
+                // "The victim is down", at the very incarnation this agent knows it by.
+                let me = peer.core.identity().clone();
+                let pkt =
+                    trellis_node::membership::down_report_packet(&me, 0, &agent, &about, swim_incarnation(*i)).unwrap();
+                peer.conn.send_datagram(pkt.into()).unwrap();
+                peer.pump(Duration::from_millis(150)).await;
+            }
+        }
+    });
+    // Past a suspicion period (750 ms with the fast profile) after the last forgery.
+    std::thread::sleep(Duration::from_secs(2));
+    for (i, was) in before.iter().enumerate() {
+        assert_eq!(&honest(i), was, "node {i}: every honest member alive under the same generation");
+        let m = c.node(i).api().get_text("/metrics").unwrap();
+        let downgraded = metric(&m, "trellis_gossip_downs_downgraded_total").unwrap();
+        if i < 2 {
+            assert!(downgraded >= f64::from(rounds), "node {i} counted the forged reports: {downgraded}");
+        }
+    }
+    assert!(swim_incarnation(0) > 0, "the victim refuted the suspicions");
 }
