@@ -16,13 +16,18 @@ use trellis_tests::{metric, raw_peer, rss_and_fds, GossipPeer};
 /// Two agents that see each other alive, with one policy object written, and optional
 /// `[limits]` lines for node 0.
 fn honest_pair(limits: &str) -> Cluster {
-    let mut spec = ClusterSpec { nodes: 2, ..ClusterSpec::default() };
+    honest_pair_with(limits, vec![])
+}
+
+/// [`honest_pair`] with more flags for node 0.
+fn honest_pair_with(limits: &str, node0_args: Vec<String>) -> Cluster {
+    let mut spec = ClusterSpec { nodes: 2, node_args: vec![node0_args], ..ClusterSpec::default() };
     let dir = std::env::temp_dir().join(format!("trellis-hostile-{}-{}", std::process::id(), rand_suffix()));
     if !limits.is_empty() {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("limits.toml");
         std::fs::write(&file, format!("[limits]\n{limits}\n")).unwrap();
-        spec.node_args = vec![vec!["--config".into(), file.display().to_string()]];
+        spec.node_args[0].extend(["--config".into(), file.display().to_string()]);
     }
     let c = Cluster::start(spec).unwrap();
     wait_pair_alive(&c);
@@ -367,9 +372,15 @@ fn a_certified_peer_cannot_relabel_a_crashed_member_as_left() {
 
 #[test]
 fn client_connections_beyond_the_cap_are_refused_and_slow_headers_cut() {
-    let c = honest_pair("max_client_connections_per_ip = 8\nheader_read_timeout = \"500ms\"");
+    // Node 0 also has a per-upstream listener for `web` (an HTTP service in honest_pair's
+    // policy): it is under the same caps and header deadline as the API.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let limits = "max_client_connections_per_ip = 8\nheader_read_timeout = \"500ms\"";
+    let c = honest_pair_with(limits, vec!["--upstream".into(), format!("web={upstream}")]);
     let api = c.node(0).api_addr;
-    let held: Vec<std::net::TcpStream> = (0..12).filter_map(|_| std::net::TcpStream::connect(api).ok()).collect();
+    let hold =
+        |to| -> Vec<std::net::TcpStream> { (0..12).filter_map(|_| std::net::TcpStream::connect(to).ok()).collect() };
+    let held = (hold(api), hold(upstream));
     std::thread::sleep(Duration::from_millis(100));
     let m = || c.node(0).api().get_text("/metrics");
     // The held connections send nothing; after the header timeout they are closed and the
@@ -377,18 +388,24 @@ fn client_connections_beyond_the_cap_are_refused_and_slow_headers_cut() {
     let text = c
         .wait_until(Duration::from_secs(5), "API answers again", || m().ok().filter(|t| t.contains("trellis_client")))
         .unwrap();
-    let per_source =
-        metric(&text, "trellis_client_refused_total{listener=\"api\",reason=\"per_source_limit\"}").unwrap();
-    assert!(per_source >= 4.0, "{text}");
-    let timeouts = c
-        .wait_until(Duration::from_secs(5), "header timeouts counted", || {
-            metric(&m().ok()?, "trellis_client_refused_total{listener=\"api\",reason=\"header_timeout\"}")
-                .filter(|v| *v >= 8.0)
-        })
-        .unwrap();
-    assert!(timeouts >= 8.0);
+    let refused = |text: &str, listener: &str, reason: &str| {
+        metric(text, &format!("trellis_client_refused_total{{listener=\"{listener}\",reason=\"{reason}\"}}"))
+    };
+    for listener in ["api", "upstream:web"] {
+        let per_source = refused(&text, listener, "per_source_limit").unwrap();
+        assert!(per_source >= 4.0, "{listener}: {text}");
+        let timeouts = c
+            .wait_until(Duration::from_secs(5), "header timeouts counted", || {
+                refused(&m().ok()?, listener, "header_timeout").filter(|v| *v >= 8.0)
+            })
+            .unwrap();
+        assert!(timeouts >= 8.0, "{listener}");
+    }
     drop(held);
     assert_eq!(c.node(0).api().get_json("/v1/health").unwrap()["status"], "ok");
+    // The upstream listener serves again: web has no instance, so the proxy's own 503.
+    let r = trellis_tests::http::get(upstream, "web", "/", &[]);
+    assert_eq!((r.status, r.header("x-trellis-reason")), (503, Some("no_instance")), "{}", r.text());
 }
 
 #[test]
