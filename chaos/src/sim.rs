@@ -770,6 +770,8 @@ impl Sim {
             t.suspicions_refuted += s.suspicions_refuted;
             t.malformed_in += s.malformed_in;
             t.identity_mismatches += s.identity_mismatches;
+            t.leaves_refused += s.leaves_refused;
+            t.downs_downgraded += s.downs_downgraded;
         }
         t
     }

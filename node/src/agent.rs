@@ -157,7 +157,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         policy,
         forward: Arc::default(),
         ratelimits: ratelimits.clone(),
-        clients: crate::listen::ClientGates::new(&cfg.limits),
+        clients: crate::listen::ClientGates::new(&cfg.limits, cfg.upstreams.iter().map(|(s, _)| s.as_str())),
         started: Instant::now(),
         shutdown,
         alive,
@@ -173,7 +173,8 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
     }
     for (service, listener) in upstreams {
         tracing::info!(%service, listen = %listener.local_addr()?, "upstream listener");
-        tokio::spawn(fwd.clone().serve_upstream(service, listener));
+        let gate = handle.clients.upstreams[&service].clone();
+        tokio::spawn(fwd.clone().serve_upstream(service, listener, cfg.limits.clone(), gate));
     }
     Ok(handle)
 }

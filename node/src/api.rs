@@ -240,6 +240,11 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
     e.counter("trellis_probes_failed_total", "Probes with no ack, direct or indirect.", stats.probes_failed);
     e.counter("trellis_suspicions_raised_total", "Members that became suspect in this view.", stats.suspicions_raised);
     e.counter("trellis_suspicions_refuted_total", "Suspicions refuted before the deadline.", stats.suspicions_refuted);
+    e.counter(
+        "trellis_gossip_downs_downgraded_total",
+        "Down reports about another member (relayed or forged) taken as suspicions.",
+        stats.downs_downgraded,
+    );
     e.counter("trellis_gossip_malformed_total", "Gossip messages refused as malformed.", stats.malformed_in);
     e.counter(
         "trellis_gossip_identity_mismatch_total",

@@ -1,9 +1,10 @@
-//! Accepting client TCP connections (the HTTP proxy and the API) within bounds: a cap on
+//! Accepting client TCP connections (the HTTP proxy, the per-upstream listeners and the
+//! API) within bounds: a cap on
 //! open connections in all and per source address, a deadline for request headers, and an
 //! accept loop that backs off when the process runs out of file descriptors instead of
 //! spinning. The admission decision ([`ConnGate`]) is plain logic with unit tests.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -128,16 +129,25 @@ impl Drop for Ticket {
     }
 }
 
-/// The gates of the agent's two client listeners.
+/// The gates of the agent's client listeners, each under the same `[limits]`.
 #[derive(Debug)]
 pub struct ClientGates {
     pub proxy: Arc<ConnGate>,
     pub api: Arc<ConnGate>,
+    /// One per `--upstream` listener, by service.
+    pub upstreams: BTreeMap<String, Arc<ConnGate>>,
 }
 
 impl ClientGates {
-    pub fn new(limits: &Limits) -> Arc<ClientGates> {
-        Arc::new(ClientGates { proxy: ConnGate::for_clients(limits), api: ConnGate::for_clients(limits) })
+    pub fn new<'a>(limits: &Limits, upstreams: impl IntoIterator<Item = &'a str>) -> Arc<ClientGates> {
+        let upstreams = upstreams.into_iter().map(|s| (s.to_string(), ConnGate::for_clients(limits))).collect();
+        Arc::new(ClientGates { proxy: ConnGate::for_clients(limits), api: ConnGate::for_clients(limits), upstreams })
+    }
+
+    /// Every gate with its metrics label: `proxy`, `api`, `upstream:<service>`.
+    pub fn labelled(&self) -> Vec<(String, &Arc<ConnGate>)> {
+        let fixed = [("proxy".to_string(), &self.proxy), ("api".to_string(), &self.api)];
+        fixed.into_iter().chain(self.upstreams.iter().map(|(s, g)| (format!("upstream:{s}"), g))).collect()
     }
 }
 

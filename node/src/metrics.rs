@@ -88,11 +88,11 @@ pub fn refusals(
         "reason",
         &peer,
     );
-    let gates = [("proxy", &clients.proxy), ("api", &clients.api)];
+    let gates = clients.labelled();
     let mut rows = Vec::new();
-    for (listener, gate) in gates {
+    for (listener, gate) in &gates {
         for r in ClientRefusal::ALL {
-            let labels = vec![("listener", listener.to_string()), ("reason", r.as_str().to_string())];
+            let labels = vec![("listener", listener.clone()), ("reason", r.as_str().to_string())];
             rows.push((labels, gate.stats.refused(r) as f64));
         }
     }
@@ -102,7 +102,7 @@ pub fn refusals(
         "Client connections refused or cut, by listener and reason.",
         &rows,
     );
-    let open: Vec<_> = gates.iter().map(|(l, g)| (vec![("listener", l.to_string())], g.open() as f64)).collect();
+    let open: Vec<_> = gates.iter().map(|(l, g)| (vec![("listener", l.clone())], g.open() as f64)).collect();
     e.series("gauge", "trellis_client_connections", "Open client connections by listener.", &open);
 }
 

@@ -1,6 +1,7 @@
 //! Hostile peers against real agents: a peer with a valid certificate from the cluster CA
 //! that sends oversized messages, floods gossip, opens streams without end, pushes invalid
-//! policy, claims another node's name, sends junk, or forges a leave notice. Each test checks
+//! policy, claims another node's name, sends junk, forges a leave notice or reports a live
+//! member down. Each test checks
 //! that the agent keeps serving with its honest membership and accepted policy intact, and
 //! that `trellis_peer_refused_total{reason}` counted the refusal.
 
@@ -15,13 +16,18 @@ use trellis_tests::{metric, raw_peer, rss_and_fds, GossipPeer};
 /// Two agents that see each other alive, with one policy object written, and optional
 /// `[limits]` lines for node 0.
 fn honest_pair(limits: &str) -> Cluster {
-    let mut spec = ClusterSpec { nodes: 2, ..ClusterSpec::default() };
+    honest_pair_with(limits, vec![])
+}
+
+/// [`honest_pair`] with more flags for node 0.
+fn honest_pair_with(limits: &str, node0_args: Vec<String>) -> Cluster {
+    let mut spec = ClusterSpec { nodes: 2, node_args: vec![node0_args], ..ClusterSpec::default() };
     let dir = std::env::temp_dir().join(format!("trellis-hostile-{}-{}", std::process::id(), rand_suffix()));
     if !limits.is_empty() {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("limits.toml");
         std::fs::write(&file, format!("[limits]\n{limits}\n")).unwrap();
-        spec.node_args = vec![vec!["--config".into(), file.display().to_string()]];
+        spec.node_args[0].extend(["--config".into(), file.display().to_string()]);
     }
     let c = Cluster::start(spec).unwrap();
     wait_pair_alive(&c);
@@ -433,9 +439,15 @@ fn a_certified_peer_cannot_relabel_a_crashed_member_as_left() {
 
 #[test]
 fn client_connections_beyond_the_cap_are_refused_and_slow_headers_cut() {
-    let c = honest_pair("max_client_connections_per_ip = 8\nheader_read_timeout = \"500ms\"");
+    // Node 0 also has a per-upstream listener for `web` (an HTTP service in honest_pair's
+    // policy): it is under the same caps and header deadline as the API.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let limits = "max_client_connections_per_ip = 8\nheader_read_timeout = \"500ms\"";
+    let c = honest_pair_with(limits, vec!["--upstream".into(), format!("web={upstream}")]);
     let api = c.node(0).api_addr;
-    let held: Vec<std::net::TcpStream> = (0..12).filter_map(|_| std::net::TcpStream::connect(api).ok()).collect();
+    let hold =
+        |to| -> Vec<std::net::TcpStream> { (0..12).filter_map(|_| std::net::TcpStream::connect(to).ok()).collect() };
+    let held = (hold(api), hold(upstream));
     std::thread::sleep(Duration::from_millis(100));
     let m = || c.node(0).api().get_text("/metrics");
     // The held connections send nothing; after the header timeout they are closed and the
@@ -443,18 +455,24 @@ fn client_connections_beyond_the_cap_are_refused_and_slow_headers_cut() {
     let text = c
         .wait_until(Duration::from_secs(5), "API answers again", || m().ok().filter(|t| t.contains("trellis_client")))
         .unwrap();
-    let per_source =
-        metric(&text, "trellis_client_refused_total{listener=\"api\",reason=\"per_source_limit\"}").unwrap();
-    assert!(per_source >= 4.0, "{text}");
-    let timeouts = c
-        .wait_until(Duration::from_secs(5), "header timeouts counted", || {
-            metric(&m().ok()?, "trellis_client_refused_total{listener=\"api\",reason=\"header_timeout\"}")
-                .filter(|v| *v >= 8.0)
-        })
-        .unwrap();
-    assert!(timeouts >= 8.0);
+    let refused = |text: &str, listener: &str, reason: &str| {
+        metric(text, &format!("trellis_client_refused_total{{listener=\"{listener}\",reason=\"{reason}\"}}"))
+    };
+    for listener in ["api", "upstream:web"] {
+        let per_source = refused(&text, listener, "per_source_limit").unwrap();
+        assert!(per_source >= 4.0, "{listener}: {text}");
+        let timeouts = c
+            .wait_until(Duration::from_secs(5), "header timeouts counted", || {
+                refused(&m().ok()?, listener, "header_timeout").filter(|v| *v >= 8.0)
+            })
+            .unwrap();
+        assert!(timeouts >= 8.0, "{listener}");
+    }
     drop(held);
     assert_eq!(c.node(0).api().get_json("/v1/health").unwrap()["status"], "ok");
+    // The upstream listener serves again: web has no instance, so the proxy's own 503.
+    let r = trellis_tests::http::get(upstream, "web", "/", &[]);
+    assert_eq!((r.status, r.header("x-trellis-reason")), (503, Some("no_instance")), "{}", r.text());
 }
 
 #[test]
@@ -476,4 +494,58 @@ fn a_service_stream_whose_forward_header_never_comes_is_reset() {
     assert!(answer.is_err(), "the stream was reset, not answered: {answer:?}");
     assert!(refused(&c, 0, "stream_timeout") > before, "counted as stream_timeout");
     assert_intact(&c, &alive, &pol);
+}
+
+#[test]
+fn a_certified_peer_reporting_a_live_member_down_only_raises_a_suspicion_it_refutes() {
+    let c = Cluster::start(ClusterSpec { nodes: 3, ..ClusterSpec::default() }).unwrap();
+    let all: Vec<(String, &str)> = (0..3).map(|i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&[0, 1, 2], &all, Duration::from_secs(15)).unwrap();
+    let honest = |i: usize| {
+        let mut v = members_in(&c, i, "alive");
+        v.retain(|(n, _)| (0..3).any(|j| n == &c.node(j).name));
+        v
+    };
+    let before: Vec<Vec<(String, u64)>> = (0..3).map(honest).collect();
+    assert!(before.iter().all(|v| v.len() == 3), "{before:?}");
+    let victim = c.node(2).name.clone();
+    let swim_incarnation = |i: usize| {
+        let m = c.node(i).api().members().unwrap();
+        m.iter().find(|m| m["name"] == victim.as_str()).unwrap()["swim_incarnation"].as_u64().unwrap() as u16
+    };
+    let tls = mallory(&c);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let rounds = 20;
+    rt.block_on(async {
+        // Mallory joins through nodes 0 and 1 under its own certified name.
+        let mut peers = Vec::new();
+        for i in [0, 1] {
+            let mut peer = GossipPeer::connect(&tls, c.node(i).peer_addr, "mallory").await.unwrap();
+            peer.pump(Duration::from_secs(2)).await;
+            peers.push((i, peer));
+        }
+        for _ in 0..rounds {
+            for (i, peer) in peers.iter_mut() {
+                let agent = peer.agent_identity().expect("joined: the agent's identity is known");
+                let about = peer.core.members().into_iter().map(|m| m.id).find(|id| id.name == victim).unwrap();
+                // "The victim is down", at the very incarnation this agent knows it by.
+                let me = peer.core.identity().clone();
+                let pkt =
+                    trellis_node::membership::down_report_packet(&me, 0, &agent, &about, swim_incarnation(*i)).unwrap();
+                peer.conn.send_datagram(pkt.into()).unwrap();
+                peer.pump(Duration::from_millis(150)).await;
+            }
+        }
+    });
+    // Past a suspicion period (750 ms with the fast profile) after the last forgery.
+    std::thread::sleep(Duration::from_secs(2));
+    for (i, was) in before.iter().enumerate() {
+        assert_eq!(&honest(i), was, "node {i}: every honest member alive under the same generation");
+        let m = c.node(i).api().get_text("/metrics").unwrap();
+        let downgraded = metric(&m, "trellis_gossip_downs_downgraded_total").unwrap();
+        if i < 2 {
+            assert!(downgraded >= f64::from(rounds), "node {i} counted the forged reports: {downgraded}");
+        }
+    }
+    assert!(swim_incarnation(0) > 0, "the victim refuted the suspicions");
 }

@@ -5,14 +5,15 @@
 //! shell and the deterministic simulator drive the very same code.
 
 mod broadcasts;
+mod down_reports;
 mod timers;
 pub mod timing;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use foca::{Foca, Member, Notification, OwnedNotification, Runtime, State, Timer};
+use foca::{Codec, Foca, Member, Notification, OwnedNotification, Runtime, State, Timer};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
@@ -20,10 +21,11 @@ use trellis_proto::{envelope, gossip, limits, GossipCodec, Kind, LeaveNotice, No
 
 pub use broadcasts::PolicyItems;
 use broadcasts::{ClusterBroadcasts, LeftSet};
-pub use timers::TimerQueue;
+use down_reports::{DownReportCodec, Heard, HeardSuspicion};
+pub use timers::{CoreTimer, TimerQueue};
 pub use timing::{Profile, Timing};
 
-type Swim = Foca<NodeIdentity, GossipCodec, SmallRng, ClusterBroadcasts>;
+type Swim = Foca<NodeIdentity, DownReportCodec, SmallRng, ClusterBroadcasts>;
 
 /// A packet the core wants delivered: a complete Trellis message (envelope included).
 #[derive(Debug, Clone)]
@@ -110,6 +112,9 @@ pub struct Stats {
     pub identity_mismatches: u64,
     /// Leave notices that did not come from the leaving node (relayed or forged).
     pub leaves_refused: u64,
+    /// Down reports about another member (relayed or forged) read as suspicions: only this
+    /// node's own timer declares a member down.
+    pub downs_downgraded: u64,
 }
 
 /// Why a packet was refused.
@@ -143,6 +148,29 @@ pub struct Membership {
     left_sent: bool,
     left: LeftSet,
     leaves_refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    heard: Heard,
+    /// The suspicions this node runs itself, by (member, incarnation).
+    suspicions: HashMap<(NodeIdentity, u16), Suspicion>,
+    suspect_to_down_after: Duration,
+}
+
+/// A suspicion this node heard of and times itself. A member is declared down here once
+/// both have happened: its suspicion ran a full period here without a refutation (`ripe`),
+/// and a Down report came in (`reported`), i.e. another node's own timer ran out too.
+#[derive(Debug, Default)]
+struct Suspicion {
+    reported: bool,
+    ripe: bool,
+}
+
+/// What became of a suspicion of (member, incarnation).
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    StillSuspect,
+    /// Alive again, or at a higher incarnation.
+    Refuted,
+    /// Down, or no longer known under that identity.
+    Gone,
 }
 
 impl Membership {
@@ -162,11 +190,13 @@ impl Membership {
         let handler = ClusterBroadcasts { policy, ..ClusterBroadcasts::default() };
         let left = handler.left.clone();
         let leaves_refused = handler.leaves_refused.clone();
+        let codec = DownReportCodec::default();
+        let heard = codec.heard.clone();
         let swim = Foca::with_custom_broadcast(
             identity,
             timing.foca_config(expected_size),
             SmallRng::seed_from_u64(seed),
-            GossipCodec,
+            codec,
             handler,
         );
         Membership {
@@ -177,6 +207,9 @@ impl Membership {
             left_sent: false,
             left,
             leaves_refused,
+            heard,
+            suspicions: HashMap::new(),
+            suspect_to_down_after: timing.suspect_to_down_after,
         }
     }
 
@@ -226,6 +259,7 @@ impl Membership {
         let backlog = self.swim.custom_broadcast_backlog();
         let mut fx = Effects { now, io: &mut self.io };
         let res = self.swim.handle_data(body, &mut fx);
+        self.take_heard(now);
         if let Err(e) = res {
             self.io.stats.malformed_in += 1;
             return Err(PacketError::Refused(e.to_string()));
@@ -265,6 +299,13 @@ impl Membership {
     /// Fires every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         while let Some(timer) = self.io.timers.pop_due(now) {
+            let timer = match timer {
+                CoreTimer::Swim(t) => t,
+                CoreTimer::SuspectToDown { member, incarnation } => {
+                    self.check_suspicion(now, member, incarnation);
+                    continue;
+                }
+            };
             // foca 2.0.0 still sends TurnUndead when a refuted suspicion's timer fires, and
             // the live member then rejoins under a new generation (found by the simulator at
             // 10% loss): such a timer has nothing left to do, so it never reaches foca.
@@ -298,18 +339,22 @@ impl Membership {
         if let Err(e) = self.swim.add_broadcast(&notice) {
             tracing::warn!(error = %e, "could not queue leave notice");
         }
-        // Receivers only believe a notice from the leaver itself, so it goes to every live
-        // member directly, ahead of foca's own leave gossip.
+        // Receivers only believe a notice, and a Down, from the leaver itself, so both go to
+        // every live member directly, ahead of foca's own leave gossip; the notice first, so
+        // the Down already reads as a leave.
         let live: Vec<NodeIdentity> =
             self.swim.iter_members().filter(|m| m.state() != State::Down).map(|m| m.id().clone()).collect();
         for dst in live {
-            match broadcast_packet(&me, self.io.incarnation, &dst, &notice) {
-                Ok(data) => {
-                    self.io.stats.msgs_out += 1;
-                    self.io.stats.bytes_out += data.len() as u64;
-                    self.io.out.push_back(Transmit { to: dst.addr, data });
+            let inc = self.io.incarnation;
+            for packet in [broadcast_packet(&me, inc, &dst, &notice), down_report_packet(&me, inc, &dst, &me, 0)] {
+                match packet {
+                    Ok(data) => {
+                        self.io.stats.msgs_out += 1;
+                        self.io.stats.bytes_out += data.len() as u64;
+                        self.io.out.push_back(Transmit { to: dst.addr, data });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not build a leave packet"),
                 }
-                Err(e) => tracing::warn!(error = %e, "could not build a leave notice"),
             }
         }
         let mut fx = Effects { now, io: &mut self.io };
@@ -395,20 +440,85 @@ impl Membership {
         self.seeds.next_at = Some(now + base.mul_f64(jitter));
     }
 
-    /// A suspicion timer whose member has since refuted (new incarnation or alive) counts
-    /// as refuted; returns whether it was.
+    /// A suspicion timer whose member has since refuted (new incarnation or alive) or gone
+    /// down counts as refuted (or not); returns whether it has nothing left to do.
     fn note_refutation(&mut self, timer: &Timer<NodeIdentity>) -> bool {
         if let Timer::ChangeSuspectToDown { member_id, incarnation, .. } = timer {
-            let still_suspect = self
-                .swim
-                .iter_membership_state()
-                .any(|m| m.id() == member_id && m.incarnation() == *incarnation && m.state() == State::Suspect);
-            if !still_suspect {
-                self.io.stats.suspicions_refuted += 1;
-                return true;
+            match self.outcome(member_id, *incarnation) {
+                Outcome::StillSuspect => return false,
+                Outcome::Refuted => self.io.stats.suspicions_refuted += 1,
+                Outcome::Gone => {}
             }
+            return true;
         }
         false
+    }
+
+    fn outcome(&self, member: &NodeIdentity, incarnation: u16) -> Outcome {
+        match self.swim.iter_membership_state().find(|m| m.id() == member) {
+            Some(m) if m.state() == State::Down => Outcome::Gone,
+            Some(m) if m.state() == State::Suspect && m.incarnation() == incarnation => Outcome::StillSuspect,
+            Some(_) => Outcome::Refuted,
+            None => Outcome::Gone,
+        }
+    }
+
+    /// Takes the suspicions the codec decoded: each new one foca now holds starts our own
+    /// timer (foca times only the members its own probes failed), and a Down report makes a
+    /// ripe one down at once. `suspicions_raised` stays a count of our own probes' verdicts.
+    fn take_heard(&mut self, now: Instant) {
+        let heard = std::mem::take(&mut *self.heard.lock().expect("heard lock"));
+        for HeardSuspicion { member, incarnation, down_report } in heard {
+            self.io.stats.downs_downgraded += u64::from(down_report);
+            if self.outcome(&member, incarnation) != Outcome::StillSuspect {
+                continue;
+            }
+            let key = (member, incarnation);
+            match self.suspicions.get_mut(&key) {
+                Some(s) if s.ripe && down_report => {
+                    self.suspicions.remove(&key);
+                    self.declare_down(now, key.0, key.1);
+                }
+                Some(s) => s.reported |= down_report,
+                None => {
+                    let at = now + self.suspect_to_down_after;
+                    self.io.timers.schedule(at, CoreTimer::SuspectToDown { member: key.0.clone(), incarnation });
+                    self.suspicions.insert(key, Suspicion { reported: down_report, ripe: false });
+                }
+            }
+        }
+    }
+
+    /// Our timer on a suspicion ran out: down if another node reported it down too, else
+    /// ripe (a report makes it down at once), checked again a period later until it ends.
+    fn check_suspicion(&mut self, now: Instant, member: NodeIdentity, incarnation: u16) {
+        let outcome = self.outcome(&member, incarnation);
+        let key = (member, incarnation);
+        let Some(s) = self.suspicions.get_mut(&key) else { return };
+        match outcome {
+            Outcome::StillSuspect if s.reported => {
+                self.suspicions.remove(&key);
+                self.declare_down(now, key.0, incarnation);
+            }
+            Outcome::StillSuspect => {
+                s.ripe = true;
+                let at = now + self.suspect_to_down_after;
+                self.io.timers.schedule(at, CoreTimer::SuspectToDown { member: key.0, incarnation });
+            }
+            Outcome::Refuted | Outcome::Gone => {
+                self.suspicions.remove(&key);
+            }
+        }
+    }
+
+    /// Down in our view, gossiped like foca's own verdict (each receiver again decides for
+    /// itself).
+    fn declare_down(&mut self, now: Instant, member: NodeIdentity, incarnation: u16) {
+        let mut fx = Effects { now, io: &mut self.io };
+        let down = Member::new(member, incarnation, State::Down);
+        if let Err(e) = self.swim.apply_many(std::iter::once(down), true, &mut fx) {
+            tracing::debug!(error = %e, "declaring a suspect down");
+        }
     }
 }
 
@@ -420,19 +530,38 @@ pub fn broadcast_packet(
     dst: &NodeIdentity,
     item: &[u8],
 ) -> Result<Vec<u8>, trellis_proto::DecodeError> {
-    use foca::Codec;
-    let header = foca::Header {
-        src: src.clone(),
-        src_incarnation: incarnation,
-        dst: dst.clone(),
-        message: foca::Message::Broadcast,
-    };
-    let mut body = Vec::new();
-    GossipCodec.encode_header(&header, &mut body)?;
     let len = u16::try_from(item.len())
         .map_err(|_| trellis_proto::DecodeError::TooLarge { len: item.len(), max: u16::MAX.into() })?;
-    body.extend_from_slice(&len.to_be_bytes());
-    body.extend_from_slice(item);
+    let mut payload = len.to_be_bytes().to_vec();
+    payload.extend_from_slice(item);
+    gossip_packet(src, incarnation, dst, foca::Message::Broadcast, &payload)
+}
+
+/// A complete gossip message from `src` to `dst` whose one member update says `about` is
+/// Down at `incarnation`: the leaver's own Down (`about` is `src`), or in tests a forgery.
+pub fn down_report_packet(
+    src: &NodeIdentity,
+    src_incarnation: u16,
+    dst: &NodeIdentity,
+    about: &NodeIdentity,
+    incarnation: u16,
+) -> Result<Vec<u8>, trellis_proto::DecodeError> {
+    let mut payload = 1u16.to_be_bytes().to_vec();
+    GossipCodec.encode_member(&Member::new(about.clone(), incarnation, State::Down), &mut payload)?;
+    gossip_packet(src, src_incarnation, dst, foca::Message::Gossip, &payload)
+}
+
+fn gossip_packet(
+    src: &NodeIdentity,
+    incarnation: u16,
+    dst: &NodeIdentity,
+    message: foca::Message<NodeIdentity>,
+    payload: &[u8],
+) -> Result<Vec<u8>, trellis_proto::DecodeError> {
+    let header = foca::Header { src: src.clone(), src_incarnation: incarnation, dst: dst.clone(), message };
+    let mut body = Vec::new();
+    GossipCodec.encode_header(&header, &mut body)?;
+    body.extend_from_slice(payload);
     let mut msg = Vec::with_capacity(envelope::HEADER_LEN + body.len());
     envelope::encode(Kind::Gossip, &body, &mut msg);
     Ok(msg)
@@ -510,7 +639,7 @@ impl Runtime<NodeIdentity> for Effects<'_> {
         if matches!(event, Timer::ChangeSuspectToDown { .. }) {
             self.io.stats.suspicions_raised += 1;
         }
-        self.io.timers.schedule(self.now + after, event);
+        self.io.timers.schedule(self.now + after, CoreTimer::Swim(event));
     }
 }
 

@@ -7,14 +7,25 @@ use std::time::Instant;
 use foca::Timer;
 use trellis_proto::NodeIdentity;
 
+/// A deadline the core keeps: foca's own timers, and the suspicions the core runs itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoreTimer {
+    Swim(Timer<NodeIdentity>),
+    /// Time to look at a suspicion of `member` this node heard of and times itself.
+    SuspectToDown {
+        member: NodeIdentity,
+        incarnation: u16,
+    },
+}
+
 #[derive(Default, Debug)]
 pub struct TimerQueue {
-    queue: BTreeMap<(Instant, u64), Timer<NodeIdentity>>,
+    queue: BTreeMap<(Instant, u64), CoreTimer>,
     seq: u64,
 }
 
 impl TimerQueue {
-    pub fn schedule(&mut self, at: Instant, timer: Timer<NodeIdentity>) {
+    pub fn schedule(&mut self, at: Instant, timer: CoreTimer) {
         self.seq += 1;
         self.queue.insert((at, self.seq), timer);
     }
@@ -24,7 +35,7 @@ impl TimerQueue {
     }
 
     /// Removes and returns the earliest timer due at or before `now`.
-    pub fn pop_due(&mut self, now: Instant) -> Option<Timer<NodeIdentity>> {
+    pub fn pop_due(&mut self, now: Instant) -> Option<CoreTimer> {
         let (&(at, _), _) = self.queue.first_key_value()?;
         if at > now {
             return None;

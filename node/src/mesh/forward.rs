@@ -120,25 +120,36 @@ impl Forwarder {
         &self.agent
     }
 
-    /// Accepts local clients of one upstream service: HTTP services get the proxy's L7
-    /// path (routes, splits, retries, limits, metrics) whatever `Host` says; `tcp` ones
-    /// (and services policy does not name) are carried as opaque byte streams.
-    pub async fn serve_upstream(self: Arc<Self>, service: String, listener: TcpListener) {
+    /// Accepts local clients of one upstream service, within `gate`'s connection caps:
+    /// HTTP services get the proxy's L7 path (routes, splits, retries, limits, metrics,
+    /// the header read deadline) whatever `Host` says; `tcp` ones (and services policy does
+    /// not name) are carried as opaque byte streams.
+    pub async fn serve_upstream(
+        self: Arc<Self>,
+        service: String,
+        listener: TcpListener,
+        limits: crate::limits::Limits,
+        gate: Arc<crate::listen::ConnGate>,
+    ) {
         let name: Arc<str> = service.as_str().into();
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
-            let l7 = self.snapshot().protocols.get(&service).is_some_and(|p| *p != crate::policy::model::Protocol::Tcp);
-            if l7 {
-                tokio::spawn(super::http::serve_connection(self.clone(), tcp, name.clone()));
-                continue;
-            }
-            let (fwd, service) = (self.clone(), service.clone());
-            tokio::spawn(async move {
-                if let Err(e) = fwd.client(&service, tcp).await {
-                    tracing::debug!(%service, error = %e, "forwarding failed");
+        let builder = Arc::new(crate::listen::http_builder(&limits));
+        crate::listen::accept_loop(listener, gate, limits.header_read_timeout, move |tcp, first| {
+            let (fwd, name, builder) = (self.clone(), name.clone(), builder.clone());
+            async move {
+                let l7 =
+                    fwd.snapshot().protocols.get(&*name).is_some_and(|p| *p != crate::policy::model::Protocol::Tcp);
+                if l7 {
+                    return super::http::serve_connection(fwd, tcp, Some(name), builder, first).await;
                 }
-            });
-        }
+                // No headers to wait for: with some protocols the server speaks first.
+                first.seen();
+                if let Err(e) = fwd.client(&name, tcp).await {
+                    tracing::debug!(service = %name, error = %e, "forwarding failed");
+                }
+                Ok(())
+            }
+        })
+        .await
     }
 
     async fn client(&self, service: &str, mut tcp: TcpStream) -> anyhow::Result<()> {

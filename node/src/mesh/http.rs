@@ -15,7 +15,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::limits::Limits;
-use crate::listen::ConnGate;
+use crate::listen::{ConnGate, FirstRequest};
+
+/// The HTTP/1 + HTTP/2 server side of one client connection.
+pub type Builder = hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>;
 
 use super::circuit::Breakers;
 use super::forward::{Counted, Forwarder, OpenError, SendError};
@@ -33,28 +36,27 @@ type Body = BoxBody<Bytes, hyper::Error>;
 pub async fn serve(fwd: Arc<Forwarder>, listener: TcpListener, limits: Limits, gate: Arc<ConnGate>) {
     let builder = Arc::new(crate::listen::http_builder(&limits));
     crate::listen::accept_loop(listener, gate, limits.header_read_timeout, move |tcp, first| {
-        let _ = tcp.set_nodelay(true);
-        let (fwd, builder) = (fwd.clone(), builder.clone());
-        async move {
-            let svc = hyper::service::service_fn(move |req| {
-                first.seen();
-                proxy(fwd.clone(), req, None)
-            });
-            // A malformed request gets hyper's 400 and closes only this connection.
-            builder.serve_connection(TokioIo::new(tcp), svc).await
-        }
+        serve_connection(fwd.clone(), tcp, None, builder.clone(), first)
     })
     .await
 }
 
-/// Serves one connection of a per-upstream listener: `fixed` names its service, and
-/// `Host` is not looked at (for apps that cannot set it).
-pub async fn serve_connection(fwd: Arc<Forwarder>, tcp: tokio::net::TcpStream, fixed: Arc<str>) {
+/// Serves one proxied connection. `fixed` names the service of a per-upstream listener,
+/// whose requests go there whatever their `Host` says (for apps that cannot set it).
+pub async fn serve_connection(
+    fwd: Arc<Forwarder>,
+    tcp: tokio::net::TcpStream,
+    fixed: Option<Arc<str>>,
+    builder: Arc<Builder>,
+    first: FirstRequest,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let _ = tcp.set_nodelay(true);
-    let fixed = Some(fixed);
-    let svc = hyper::service::service_fn(move |req| proxy(fwd.clone(), req, fixed.clone()));
-    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+    let svc = hyper::service::service_fn(move |req| {
+        first.seen();
+        proxy(fwd.clone(), req, fixed.clone())
+    });
+    // A malformed request gets hyper's 400 and closes only this connection.
+    builder.serve_connection(TokioIo::new(tcp), svc).await
 }
 
 fn error(status: StatusCode, reason: &str, msg: String) -> Response<Body> {
