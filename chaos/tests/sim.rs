@@ -176,8 +176,6 @@ fn policy_writes_reach_every_node_by_gossip_at_one_percent_loss() {
 }
 
 #[test]
-#[ignore = "fails: Membership::retry_seeds leaves a past next_at when it has no seed but itself, \
-            so poll_timeout keeps returning it until someone joins (a spinning agent)"]
 fn node_whose_only_seed_is_itself_does_not_spin() {
     // Agents often share one seed list that names themselves too.
     let mut sim = Sim::new(SimConfig::new(3, Profile::Lan.timing(), 8));

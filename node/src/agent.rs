@@ -260,7 +260,7 @@ impl Shell {
                 self.last_heard.insert(msg.from, Instant::now());
             }
             Err(PacketError::Malformed(why)) => self.transport.refuse(&msg.conn, PeerRefusal::Malformed, &why),
-            Err(e @ PacketError::IdentityMismatch { .. }) => {
+            Err(e @ (PacketError::IdentityMismatch { .. } | PacketError::AddressTaken { .. })) => {
                 self.transport.refuse(&msg.conn, PeerRefusal::Identity, &e.to_string())
             }
             Err(PacketError::Refused(why)) => tracing::debug!(peer = %msg.peer_name, %why, "gossip refused"),

@@ -295,7 +295,7 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
     e.counter("trellis_policy_merged_total", "Policy versions from peers that changed state.", p.merged_new);
     e.counter("trellis_policy_conflicts_total", "Concurrent policy writes that lost (kept as conflicts).", p.conflicts);
     e.counter("trellis_policy_refused_total", "Policy entries from peers refused as invalid.", p.refused);
-    crate::metrics::refusals(&mut e, t, stats.leaves_refused, p.refused, &a.clients);
+    crate::metrics::refusals(&mut e, t, &stats, p.refused, &a.clients);
     e.counter(
         "trellis_policy_tombstones_collected_total",
         "Deletes forgotten after every peer had them.",

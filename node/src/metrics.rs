@@ -71,7 +71,7 @@ impl Exposition {
 pub fn refusals(
     e: &mut Exposition,
     transport: &crate::transport::TransportStats,
-    leaves_refused: u64,
+    membership: &crate::membership::Stats,
     policy_refused: u64,
     clients: &crate::listen::ClientGates,
 ) {
@@ -79,7 +79,8 @@ pub fn refusals(
     use crate::transport::PeerRefusal;
     let mut peer: Vec<(&str, u64)> =
         PeerRefusal::ALL.iter().map(|r| (r.as_str(), transport.peer_refused(*r))).collect();
-    peer.push(("leave_not_from_leaver", leaves_refused));
+    peer.push(("leave_not_from_leaver", membership.leaves_refused));
+    peer.push(("address_taken", membership.address_conflicts));
     peer.push(("invalid_policy", policy_refused));
     e.labelled(
         "counter",

@@ -8,6 +8,9 @@
 //! `Down` about itself (foca's graceful leave) stays `Down`. The codec also tells the core
 //! of every suspicion it decodes, so the core can run its own timer on each.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BufMut};
@@ -26,12 +29,25 @@ pub struct HeardSuspicion {
 /// its codec private; only the core's own thread ever touches it.
 pub type Heard = Arc<Mutex<Vec<HeardSuspicion>>>;
 
+/// The name of each active member (and ours) by address, refreshed by the core before each
+/// packet: an update that puts another name at a held address is a takeover, since foca
+/// lets the higher generation at an address replace whoever holds it.
+pub type Holders = Arc<Mutex<HashMap<SocketAddr, String>>>;
+
 /// [`GossipCodec`] on the wire, plus the rule above on decode.
 #[derive(Default)]
 pub struct DownReportCodec {
     /// The sender of the packet being decoded: foca decodes its header first.
     sender: Option<NodeIdentity>,
     pub heard: Heard,
+    pub holders: Holders,
+    /// Packets refused because an update claimed a held address under another name.
+    pub address_conflicts: Arc<AtomicU64>,
+}
+
+/// The name holding `addr`, when it is not `name`.
+pub fn other_holder(holders: &Holders, addr: SocketAddr, name: &str) -> Option<String> {
+    holders.lock().expect("holders lock").get(&addr).filter(|h| h.as_str() != name).cloned()
 }
 
 impl DownReportCodec {
@@ -78,6 +94,11 @@ impl Codec<NodeIdentity> for DownReportCodec {
 
     fn decode_member(&mut self, buf: impl Buf) -> Result<Member<NodeIdentity>, DecodeError> {
         let update = GossipCodec.decode_member(buf)?;
+        if let Some(holder) = other_holder(&self.holders, update.id().addr, &update.id().name) {
+            self.address_conflicts.fetch_add(1, Relaxed);
+            let detail = format!("{} claims {}, which {holder} holds", update.id().name, update.id().addr);
+            return Err(DecodeError::Malformed { what: "member update", detail });
+        }
         Ok(self.vet(update))
     }
 }

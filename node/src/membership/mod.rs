@@ -21,7 +21,7 @@ use trellis_proto::{envelope, gossip, limits, GossipCodec, Kind, LeaveNotice, No
 
 pub use broadcasts::PolicyItems;
 use broadcasts::{ClusterBroadcasts, LeftSet};
-use down_reports::{DownReportCodec, Heard, HeardSuspicion};
+use down_reports::{other_holder, DownReportCodec, Heard, HeardSuspicion, Holders};
 pub use timers::{CoreTimer, TimerQueue};
 pub use timing::{Profile, Timing};
 
@@ -112,6 +112,8 @@ pub struct Stats {
     pub identity_mismatches: u64,
     /// Leave notices that did not come from the leaving node (relayed or forged).
     pub leaves_refused: u64,
+    /// Packets refused because an update put another name at an active member's address.
+    pub address_conflicts: u64,
     /// Down reports about another member (relayed or forged) read as suspicions: only this
     /// node's own timer declares a member down.
     pub downs_downgraded: u64,
@@ -124,6 +126,8 @@ pub enum PacketError {
     Malformed(String),
     #[error("sender's certificate names {cert:?} but its gossip claims {claimed:?}")]
     IdentityMismatch { cert: String, claimed: String },
+    #[error("{name:?} gossips from {addr}, the address of the live member {holder:?}")]
+    AddressTaken { name: String, addr: SocketAddr, holder: String },
     #[error("gossip refused: {0}")]
     Refused(String),
 }
@@ -149,6 +153,8 @@ pub struct Membership {
     left: LeftSet,
     leaves_refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
     heard: Heard,
+    holders: Holders,
+    address_conflicts: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// The suspicions this node runs itself, by (member, incarnation).
     suspicions: HashMap<(NodeIdentity, u16), Suspicion>,
     suspect_to_down_after: Duration,
@@ -192,6 +198,7 @@ impl Membership {
         let leaves_refused = handler.leaves_refused.clone();
         let codec = DownReportCodec::default();
         let heard = codec.heard.clone();
+        let (holders, address_conflicts) = (codec.holders.clone(), codec.address_conflicts.clone());
         let swim = Foca::with_custom_broadcast(
             identity,
             timing.foca_config(expected_size),
@@ -208,6 +215,8 @@ impl Membership {
             left,
             leaves_refused,
             heard,
+            holders,
+            address_conflicts,
             suspicions: HashMap::new(),
             suspect_to_down_after: timing.suspect_to_down_after,
         }
@@ -223,7 +232,23 @@ impl Membership {
     }
 
     pub fn stats(&self) -> Stats {
-        Stats { leaves_refused: self.leaves_refused.load(std::sync::atomic::Ordering::Relaxed), ..self.io.stats }
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        Stats {
+            leaves_refused: self.leaves_refused.load(relaxed),
+            address_conflicts: self.address_conflicts.load(relaxed),
+            ..self.io.stats
+        }
+    }
+
+    /// Who holds which address now: the active members and ourselves.
+    fn refresh_holders(&self) {
+        let mut h = self.holders.lock().expect("holders lock");
+        h.clear();
+        for m in self.swim.iter_members().filter(|m| m.state() != State::Down) {
+            h.insert(m.id().addr, m.id().name.clone());
+        }
+        let me = self.identity();
+        h.insert(me.addr, me.name.clone());
     }
 
     /// Adds seeds and announces to them now; retried with backoff until we are joined.
@@ -246,6 +271,7 @@ impl Membership {
     pub fn handle_gossip(&mut self, now: Instant, cert_name: Option<&str>, body: &[u8]) -> Result<(), PacketError> {
         self.io.stats.msgs_in += 1;
         self.io.stats.bytes_in += (body.len() + envelope::HEADER_LEN) as u64;
+        self.refresh_holders();
         if let Some(cert) = cert_name {
             let header = gossip::peek_header(body).map_err(|e| {
                 self.io.stats.malformed_in += 1;
@@ -254,6 +280,10 @@ impl Membership {
             if header.src.name != cert {
                 self.io.stats.identity_mismatches += 1;
                 return Err(PacketError::IdentityMismatch { cert: cert.into(), claimed: header.src.name });
+            }
+            if let Some(holder) = other_holder(&self.holders, header.src.addr, &header.src.name) {
+                self.io.stats.identity_mismatches += 1;
+                return Err(PacketError::AddressTaken { name: header.src.name, addr: header.src.addr, holder });
             }
         }
         let backlog = self.swim.custom_broadcast_backlog();

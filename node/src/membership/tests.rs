@@ -310,15 +310,24 @@ fn a_forged_turn_undead_only_makes_the_member_rejoin_under_a_new_generation() {
 }
 
 #[test]
-#[ignore = "fails: the certificate binds the name in a gossip header, not its address: a certified \
-            peer that claims another member's address under a higher generation replaces that member \
-            (run on, the member and its peers then trade TurnUndead and rejoins without end)"]
 fn a_certified_peer_cannot_take_over_another_members_address() {
     let mut net = Net::joined(3);
     // n4 (certified as n4) gossips as itself, but at n3's address and far generations up.
     let squatter = NodeIdentity { addr: id(3).addr, generation: 1 << 40, ..id(4) };
     let pkt = gossip_packet(&squatter, 0, &id(2), foca::Message::Gossip, &[]).unwrap();
     let now = net.now;
-    let _ = net.nodes.get_mut(&id(2).addr).unwrap().handle_datagram(now, Some("n4"), &pkt);
-    assert_eq!(net.state_of(2, 3), Some(MemberState::Alive), "n2 about n3");
+    let n2 = net.nodes.get_mut(&id(2).addr).unwrap();
+    let err = n2.handle_datagram(now, Some("n4"), &pkt).unwrap_err();
+    assert!(matches!(err, PacketError::AddressTaken { .. }), "{err}");
+    // Nor can it say so about someone else: an update putting n4 at n3's address is refused.
+    let mut update = 1u16.to_be_bytes().to_vec();
+    GossipCodec.encode_member(&foca::Member::alive(squatter.clone()), &mut update).unwrap();
+    let pkt = gossip_packet(&id(4), 0, &id(2), foca::Message::Gossip, &update).unwrap();
+    assert!(n2.handle_datagram(now, Some("n4"), &pkt).is_err());
+    assert_eq!(n2.stats().address_conflicts, 1);
+    net.run(200, Duration::from_millis(50));
+    for v in [2, 4] {
+        let n3 = net.nodes[&id(v).addr].members().into_iter().find(|m| m.id.addr == id(3).addr).unwrap();
+        assert_eq!((n3.id.name.as_str(), n3.state, n3.id.generation), ("n3", MemberState::Alive, id(3).generation));
+    }
 }
