@@ -172,6 +172,12 @@ async fn write(a: AgentHandle, key: Key, body: Option<Bytes>, cas: Option<Versio
             field: Some("cas".into()),
             hint: "read the object again and retry with its current version".into(),
         },
+        WriteError::Store(e @ StoreError::Forbidden(_)) => ApiError {
+            status: StatusCode::FORBIDDEN,
+            error: e.to_string(),
+            field: Some("name".into()),
+            hint: "write or lift this node's revocation through another node's API".into(),
+        },
         other => ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             error: other.to_string(),

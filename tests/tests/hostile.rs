@@ -326,6 +326,10 @@ fn a_certified_peer_cannot_write_another_nodes_instance_or_pre_empt_its_own_revo
     assert!(web.map_or(true, |w| !w.to_string().contains("web-9")), "no forged instance");
     let tomb = c.node(0).api().get_json("/v1/policy/revocations/mallory");
     assert!(tomb.is_err() || tomb.as_ref().unwrap()["body"].is_null(), "no tombstone taken: {tomb:?}");
+    // No node's own API writes its revocation.
+    let own = format!("/v1/policy/revocations/{}", c.node(0).name);
+    let (s, b) = c.node(0).api().put_json(&own, &json!({"reason": "self"})).unwrap();
+    assert_eq!((s, b["field"].as_str()), (403, Some("name")), "{b}");
     // The operator revokes mallory now, well inside the 50 s: the revocation holds everywhere.
     let (s, b) = c.node(0).api().put_json("/v1/policy/revocations/mallory", &json!({"reason": "test"})).unwrap();
     assert_eq!(s, 200, "{b}");

@@ -108,6 +108,9 @@ pub enum StoreError {
     CasMismatch { expected: String, current: String },
     #[error("{0}")]
     Refused(String),
+    /// A local write this node may not make whatever its body says.
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 pub const BUCKETS: usize = 256;
@@ -223,7 +226,7 @@ impl PolicyStore {
         cas: Option<Version>,
     ) -> Result<Register, StoreError> {
         if key.kind == Kind::Revocations && key.name == self.name {
-            return Err(StoreError::Refused(format!(
+            return Err(StoreError::Forbidden(format!(
                 "revocations.{}: a node cannot write its own revocation; write it on another node",
                 key.name
             )));
