@@ -673,16 +673,6 @@ fn transport_config(limits: &Limits) -> quinn::TransportConfig {
     t.max_concurrent_uni_streams(limits.max_concurrent_uni_streams.into());
     t.max_concurrent_bidi_streams(limits.max_concurrent_bidi_streams.into());
     t.datagram_receive_buffer_size(Some(1 << 20));
-    if let Some(n) = std::env::var("TRELLIS_EXP_ACK").ok().and_then(|v| v.parse::<u32>().ok()) {
-        let mut a = quinn::AckFrequencyConfig::default();
-        a.ack_eliciting_threshold(n.into());
-        t.ack_frequency_config(Some(a));
-    }
-    if let Some(n) = std::env::var("TRELLIS_EXP_MTU").ok().and_then(|v| v.parse::<u16>().ok()) {
-        let mut m = quinn::MtuDiscoveryConfig::default();
-        m.upper_bound(n);
-        t.mtu_discovery_config(Some(m));
-    }
     t
 }
 
