@@ -101,16 +101,15 @@ fn decode<T: serde::de::DeserializeOwned>(what: &'static str, body: &[u8]) -> Re
 mod tests {
     use super::*;
 
+    fn entry(kind: &str, name: &str, proof: Option<WriterProof>) -> PolicyEntry {
+        let (kind, name) = (kind.into(), name.into());
+        PolicyEntry { kind, name, version: (5, 9), ancestors: [(1, 9), (0, 0)], body: Some("{}".into()), proof }
+    }
+
     #[test]
     fn sync_messages_round_trip_and_junk_is_an_error() {
-        let e = PolicyEntry {
-            kind: "services".into(),
-            name: "web".into(),
-            version: (5, 9),
-            ancestors: [(1, 9), (0, 0)],
-            body: Some("{}".into()),
-            proof: Some(WriterProof { cert: vec![1, 2, 3], scheme: 0x0403, sig: vec![4; 70] }),
-        };
+        let proof = WriterProof { cert: vec![1, 2, 3], scheme: 0x0403, sig: vec![4; 70] };
+        let e = entry("services", "web", Some(proof));
         let m = PolicySync::Entries { entries: vec![e.clone()], want: vec![3, 200] };
         assert_eq!(PolicySync::decode(&m.encode()), Ok(m));
         assert_eq!(PolicyEntry::decode_item(&e.encode_item()[1..]), Ok(e));
@@ -120,14 +119,7 @@ mod tests {
 
     #[test]
     fn the_signed_message_covers_every_field_but_the_proof() {
-        let e = PolicyEntry {
-            kind: "instances".into(),
-            name: "web-1@a".into(),
-            version: (5, 9),
-            ancestors: [(1, 9), (0, 0)],
-            body: Some("{}".into()),
-            proof: None,
-        };
+        let e = entry("instances", "web-1@a", None);
         let base = e.signed_message();
         let with_proof =
             PolicyEntry { proof: Some(WriterProof { cert: vec![1], scheme: 1, sig: vec![2] }), ..e.clone() };

@@ -208,7 +208,7 @@ impl Membership {
         );
         Membership {
             swim,
-            io: Io { left: left.clone(), ..Io::default() },
+            io: Io { left: left.clone(), holders_stale: true, ..Io::default() },
             seeds: SeedRetry { seeds: Vec::new(), attempt: 0, next_at: None },
             rng: SmallRng::seed_from_u64(seed ^ 0x5eed),
             left_sent: false,
@@ -240,8 +240,12 @@ impl Membership {
         }
     }
 
-    /// Who holds which address now: the active members and ourselves.
-    fn refresh_holders(&self) {
+    /// Who holds which address now: the active members and ourselves. Rebuilt only after
+    /// the member set changed, not per packet: the gossip loop stays O(packet).
+    fn refresh_holders(&mut self) {
+        if !std::mem::take(&mut self.io.holders_stale) {
+            return;
+        }
         let mut h = self.holders.lock().expect("holders lock");
         h.clear();
         for m in self.swim.iter_members().filter(|m| m.state() != State::Down) {
@@ -617,6 +621,8 @@ struct Io {
     /// Our own SWIM incarnation, as last seen in a packet we sent (foca keeps it private).
     incarnation: u16,
     left: LeftSet,
+    /// The member set changed since the codec's address holders were last rebuilt.
+    holders_stale: bool,
 }
 
 /// foca's runtime for one call.
@@ -654,6 +660,8 @@ impl Runtime<NodeIdentity> for Effects<'_> {
             }
             OwnedNotification::DataReceived(_) => return,
         };
+        // Every event here changes who is active, hence who holds which address.
+        self.io.holders_stale = true;
         self.io.events.push_back(ev);
     }
 

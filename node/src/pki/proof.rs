@@ -46,7 +46,7 @@ pub fn verify(
     }
     let cert = CertificateDer::from(proof.cert.as_slice());
     let parsed = ParsedCertificate::try_from(&cert).map_err(|e| format!("certificate: {e}"))?;
-    let roots = roots(&ca.clone()).map_err(|e| e.to_string())?;
+    let roots = roots(ca).map_err(|e| e.to_string())?;
     let algs = crypto().signature_verification_algorithms;
     let at = UnixTime::since_unix_epoch(Duration::from_millis(at_ms));
     verify_server_cert_signed_by_trust_anchor(&parsed, &roots, &[], at, algs.all)
