@@ -96,15 +96,15 @@ fn which() -> anyhow::Result<()> {
     }
 }
 
-fn free(ip: &str) -> anyhow::Result<SocketAddr> {
+pub(crate) fn free(ip: &str) -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?)
 }
 
-fn wait_listening(addrs: &[SocketAddr]) -> anyhow::Result<()> {
+pub(crate) fn wait_listening(addrs: &[SocketAddr]) -> anyhow::Result<()> {
     let end = Instant::now() + Duration::from_secs(10);
     for a in addrs {
         while std::net::TcpStream::connect_timeout(a, Duration::from_millis(200)).is_err() {
-            anyhow::ensure!(Instant::now() < end, "haproxy did not listen on {a} within 10 s");
+            anyhow::ensure!(Instant::now() < end, "nothing listened on {a} within 10 s");
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -9,6 +9,7 @@ pub mod loadgen;
 pub mod mesh_bench;
 pub mod plain;
 pub mod ratelimit_bench;
+pub mod relay;
 pub mod runner;
 pub mod sim;
 pub mod timeline;

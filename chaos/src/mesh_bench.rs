@@ -25,13 +25,48 @@ struct Path {
     pids: Vec<u32>,
 }
 
-/// CPU seconds (user + system) a process has used, from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
+impl Path {
+    /// The name `--only` selects this path by.
+    fn key(&self) -> &'static str {
+        if self.pids.is_empty() {
+            "direct"
+        } else if self.name.starts_with("haproxy") {
+            "haproxy"
+        } else {
+            self.host
+        }
+    }
+}
+
+/// CPU seconds processes used, in user space and in the kernel.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    user: f64,
+    system: f64,
+}
+
+impl Cpu {
+    fn total(self) -> f64 {
+        self.user + self.system
+    }
+
+    fn minus(self, o: Cpu) -> Cpu {
+        Cpu { user: self.user - o.user, system: self.system - o.system }
+    }
+
+    fn plus(self, o: Cpu) -> Cpu {
+        Cpu { user: self.user + o.user, system: self.system + o.system }
+    }
+}
+
+/// CPU seconds a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> Cpu {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<f64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();
     // Fields after the command: state is not numeric, so utime and stime sit at 10 and 11.
-    (f.get(10).copied().unwrap_or(0.0) + f.get(11).copied().unwrap_or(0.0)) / 100.0
+    let at = |i: usize| f.get(i).copied().unwrap_or(0.0) / 100.0;
+    Cpu { user: at(10), system: at(11) }
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -44,8 +79,8 @@ fn rss_mib(pid: u32) -> f64 {
     kb / 1024.0
 }
 
-fn cpu_of(pids: &[u32]) -> f64 {
-    pids.iter().map(|p| cpu_seconds(*p)).sum()
+fn cpu_of(pids: &[u32]) -> Cpu {
+    pids.iter().fold(Cpu::default(), |sum, p| sum.plus(cpu_seconds(*p)))
 }
 
 fn rss_of(pids: &[u32]) -> String {
@@ -60,6 +95,9 @@ pub struct Options {
     pub open_conns: usize,
     /// Turns each path takes per fixed rate (the run's seconds are split among them).
     pub reps: usize,
+    /// Only the fixed-rate runs, and only these paths (`direct`, `local`, `remote`,
+    /// `haproxy`): for attaching a profiler to one path. Empty runs everything.
+    pub only: Vec<String>,
 }
 
 pub fn run(o: Options) -> anyhow::Result<()> {
@@ -94,6 +132,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         srv,
         sink,
     )?;
+    let relays = crate::relay::TwoRelays::start(&a_ip, &b_ip, srv)?;
+    let bulk_relays = crate::relay::TwoRelays::start(&a_ip, &b_ip, sink)?;
     println!("machine: {} cores; {} s per fixed-rate run; {BODY} B request and response bodies", cores(), o.secs);
     println!(
         "idle RSS MiB: trellis node 0 + node 2 = {}; haproxy client + server side = {}",
@@ -105,7 +145,13 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         Path { name: "trellis, instance on this node", to: proxy, host: "local", pids: agents[..1].to_vec() },
         Path { name: "trellis, other node over QUIC", to: proxy, host: "remote", pids: agents.clone() },
         Path { name: "haproxy two-hop mTLS", to: hap.http, host: "remote", pids: hap.pids() },
+        Path { name: "floor: two plain TCP relays", to: relays.entry, host: "relay", pids: relays.pids() },
     ];
+    let paths: Vec<Path> =
+        paths.into_iter().filter(|p| o.only.is_empty() || o.only.iter().any(|n| n == p.key())).collect();
+    if !o.only.is_empty() {
+        println!("agent pids: {}", agents.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+    }
     let body = vec![b'b'; BODY];
     for p in &paths {
         let (_, errors) = loadgen::closed_loop(p.to, p.host, &body, 1.0, 4);
@@ -123,13 +169,13 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         );
         // The paths take turns, `reps` slices each, so a slow stretch of the shared machine
         // falls on all of them rather than on one; each path's slices are merged.
-        let mut runs: Vec<(RateRun, f64)> = Vec::new();
+        let mut runs: Vec<(RateRun, Cpu)> = Vec::new();
         let mut quic = [0.0; 5];
         for rep in 0..o.reps {
             for (i, p) in paths.iter().enumerate() {
                 let (cpu0, q0) = (cpu_of(&p.pids), quic_counts(&c));
                 let r = loadgen::fixed_rate(p.to, p.host, &body, rate, o.secs / o.reps as f64, conns);
-                let cpu = cpu_of(&p.pids) - cpu0;
+                let cpu = cpu_of(&p.pids).minus(cpu0);
                 if p.host == "remote" && !p.pids.is_empty() && p.pids[0] == agents[0] {
                     let q1 = quic_counts(&c);
                     for k in 0..5 {
@@ -140,7 +186,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
                     runs.push((r, cpu));
                 } else {
                     runs[i].0.merge(&r);
-                    runs[i].1 += cpu;
+                    runs[i].1 = runs[i].1.plus(cpu);
                 }
             }
         }
@@ -150,7 +196,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             q[0], q[1], q[2], q[3], q[4]
         );
         for (p, (r, cpu)) in paths.iter().zip(&runs) {
-            let cores = cpu / r.took.as_secs_f64() / (rate / 1000.0);
+            let cores = cpu.total() / r.took.as_secs_f64() / (rate / 1000.0);
+            let user = cpu.user / cpu.total().max(1e-9);
             println!(
                 "{:<32} {:>7.0} {:>7.0} {:>7.0} {:>8.0} {:>8.0} {:>8.0} {:>7} {:>12}",
                 p.name,
@@ -161,7 +208,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
                 r.us(0.9999),
                 r.hist.max() as f64,
                 r.errors,
-                if p.pids.is_empty() { "-".to_string() } else { format!("{cores:.3}") }
+                if p.pids.is_empty() { "-".to_string() } else { format!("{cores:.3} ({:.0}% user)", user * 100.0) }
             );
             if !p.pids.is_empty() {
                 let b = &runs[0].0;
@@ -174,6 +221,9 @@ pub fn run(o: Options) -> anyhow::Result<()> {
                 );
             }
         }
+    }
+    if !o.only.is_empty() {
+        return Ok(());
     }
     println!("\nmaximum throughput: 32 connections back to back for {} s", o.secs);
     let mut direct_rps = 0.0;
@@ -199,7 +249,11 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let bytes = o.bulk_mib * 1024 * 1024;
     let direct = loadgen::bulk(sink, bytes)?;
     println!("{:<32} {direct:>8.0} MiB/s", "direct (baseline)");
-    for (name, to) in [("trellis, other node over QUIC", bulk_listen), ("haproxy two-hop mTLS", hap.tcp)] {
+    for (name, to) in [
+        ("trellis, other node over QUIC", bulk_listen),
+        ("haproxy two-hop mTLS", hap.tcp),
+        ("floor: two plain TCP relays", bulk_relays.entry),
+    ] {
         let r = loadgen::bulk(to, bytes)?;
         println!("{name:<32} {r:>8.0} MiB/s  {:.2}x direct", r / direct);
     }

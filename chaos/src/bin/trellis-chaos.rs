@@ -59,6 +59,18 @@ enum Cmd {
         /// Interleaved turns per path at each fixed rate.
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Only the fixed-rate runs of these paths (direct, local, remote, haproxy), to
+        /// profile one; prints the agents' pids.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
+    /// One plain TCP relay (bench-mesh's floor path runs two).
+    #[command(hide = true)]
+    Relay {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        to: std::net::SocketAddr,
     },
     /// An agent's RSS and fds idle, under client connection floods and a peer stream flood.
     BenchFlood {
@@ -104,7 +116,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Up { nodes, profile } => up(nodes, profile),
         Cmd::BenchMembers { nodes, profile, steady_secs, loss_secs } => bench(nodes, profile, steady_secs, loss_secs),
         Cmd::BenchPolicy { nodes, profile, writes, catch_up } => bench_policy(nodes, profile, writes, catch_up),
-        Cmd::BenchMesh { secs, rates, bulk_mib, open_conns, reps } => {
+        Cmd::BenchMesh { secs, rates, bulk_mib, open_conns, reps, only } => {
             let reps = reps.max(1);
             trellis_chaos::mesh_bench::run(trellis_chaos::mesh_bench::Options {
                 secs,
@@ -112,11 +124,13 @@ fn main() -> anyhow::Result<()> {
                 bulk_mib,
                 open_conns,
                 reps,
+                only,
             })
         }
         Cmd::BenchFlood { connections, slow, stream_secs } => {
             trellis_chaos::flood_bench::run(connections, slow, stream_secs)
         }
+        Cmd::Relay { listen, to } => trellis_chaos::relay::serve(listen, to),
         Cmd::Run { scenarios, seed, out } => run_scenarios(&scenarios, seed, &out),
     }
 }

@@ -326,12 +326,15 @@ impl Forwarder {
         self.balancer.lock().expect("balancer lock").observe(Instant::now(), &pick.name, took);
     }
 
-    /// The policy view for this request: rebuilt only when the store has changed.
+    /// The policy view for this request: rebuilt only when the store's published index
+    /// moved, so a request never waits on the store lock (held across a log fsync).
     pub fn snapshot(&self) -> Arc<catalog::Snapshot> {
-        let store = self.agent.policy.store.lock().expect("policy lock");
+        let index = *self.agent.policy.index.borrow();
         let mut cur = self.snap.lock().expect("snapshot lock");
-        if cur.index != store.index() || cur.index == 0 {
-            *cur = Arc::new(catalog::Snapshot::build(&store));
+        if cur.index != index || cur.index == 0 {
+            let store = self.agent.policy.store.lock().expect("policy lock");
+            // Keyed by the published index, which may trail the store's own by an fsync.
+            *cur = Arc::new(catalog::Snapshot { index, ..catalog::Snapshot::build(&store) });
         }
         cur.clone()
     }

@@ -125,12 +125,15 @@ pub async fn run(agent: AgentHandle) {
     }
 }
 
-/// This node's instances that carry a check, by object name.
+/// This node's instances that carry a check, by object name. Runs every tick on the
+/// data plane's thread, so only this node's entries (`<id>@<node>`) are parsed, not the
+/// whole cluster's catalog.
 fn local_checked(agent: &AgentHandle) -> Vec<(String, Instance)> {
+    let mine = format!("@{}", agent.identity.name);
     let store = agent.policy.store.lock().expect("policy lock");
     store
         .iter()
-        .filter(|(k, _)| k.kind == Kind::Instances)
+        .filter(|(k, _)| k.kind == Kind::Instances && k.name.ends_with(&mine))
         .filter_map(|(k, r)| {
             let Ok(Object::Instance(i)) = model::parse(k.kind, &k.name, r.val.body.as_ref()?.as_bytes()) else {
                 return None;

@@ -84,7 +84,8 @@ impl Policy {
     }
 
     /// Merges entries from a peer; returns (new, refused). Invalid entries are refused
-    /// one by one, never stored.
+    /// one by one, never stored. The caller persists them ([`Policy::persist`]) off the
+    /// runtime thread: the agent loop does after every event.
     pub fn merge_entries(&self, entries: Vec<PolicyEntry>) -> (usize, usize) {
         let mut store = self.store.lock().expect("policy lock");
         let (mut new, mut refused) = (0, 0);
@@ -100,8 +101,6 @@ impl Policy {
                 }
             }
         }
-        drop(store);
-        self.persist();
         (new, refused)
     }
 
