@@ -210,7 +210,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
                 r.errors,
                 if p.pids.is_empty() { "-".to_string() } else { format!("{cores:.3} ({:.0}% user)", user * 100.0) }
             );
-            if !p.pids.is_empty() {
+            // Added latency is against the direct path, when `--only` kept it.
+            if !p.pids.is_empty() && paths[0].pids.is_empty() {
                 let b = &runs[0].0;
                 println!(
                     "{:<32} added: p50 {:+.0} µs, p99 {:+.0} µs, p99.9 {:+.0} µs",
