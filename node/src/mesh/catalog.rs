@@ -54,7 +54,7 @@ pub fn intention_default(store: &PolicyStore) -> Action {
 /// The data plane's view of policy, parsed once per store change rather than per request.
 #[derive(Default)]
 pub struct Snapshot {
-    /// The store index this was built at.
+    /// The published store index (`Policy::index`) this was built at.
     pub index: u64,
     pub routes: super::router::RouteTable,
     /// Every registered instance, on live nodes or not (filter with the member list).
