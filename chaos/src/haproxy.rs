@@ -5,12 +5,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+
+use crate::procs::{free, wait_listening, Children};
 
 /// Two running HAProxy processes; killed on drop.
 pub struct TwoHop {
-    children: Vec<Child>,
+    children: Children,
     /// The client-side HTTP listener (route by `Host: remote`).
     pub http: SocketAddr,
     /// The client-side TCP listener for bulk transfers.
@@ -19,16 +20,7 @@ pub struct TwoHop {
 
 impl TwoHop {
     pub fn pids(&self) -> Vec<u32> {
-        self.children.iter().map(Child::id).collect()
-    }
-}
-
-impl Drop for TwoHop {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.children.pids()
     }
 }
 
@@ -74,7 +66,7 @@ pub fn start(
         b = b_pem.display(),
         ca = ca.display()
     );
-    let mut children = Vec::new();
+    let mut children = Children::default();
     for (name, text) in [("client-side", client_side), ("server-side", server_side)] {
         let cfg = dir.join(format!("{name}.cfg"));
         std::fs::write(&cfg, text)?;
@@ -82,6 +74,7 @@ pub fn start(
         anyhow::ensure!(check.status.success(), "haproxy {name}: {}", String::from_utf8_lossy(&check.stderr));
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
         children
+            .0
             .push(Command::new("haproxy").arg("-db").arg("-f").arg(&cfg).stdout(log.try_clone()?).stderr(log).spawn()?);
     }
     let pair = TwoHop { children, http, tcp };
@@ -94,19 +87,4 @@ fn which() -> anyhow::Result<()> {
         Ok(s) if s.success() => Ok(()),
         _ => anyhow::bail!("haproxy is not installed: `apt-get install -y haproxy` (chaos/bench-mesh.sh does it)"),
     }
-}
-
-pub(crate) fn free(ip: &str) -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?)
-}
-
-pub(crate) fn wait_listening(addrs: &[SocketAddr]) -> anyhow::Result<()> {
-    let end = Instant::now() + Duration::from_secs(10);
-    for a in addrs {
-        while std::net::TcpStream::connect_timeout(a, Duration::from_millis(200)).is_err() {
-            anyhow::ensure!(Instant::now() < end, "nothing listened on {a} within 10 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    Ok(())
 }

@@ -8,6 +8,7 @@ pub mod http;
 pub mod loadgen;
 pub mod mesh_bench;
 pub mod plain;
+pub mod procs;
 pub mod ratelimit_bench;
 pub mod relay;
 pub mod runner;

@@ -18,24 +18,13 @@ use crate::loadgen::{self, Conn, RateRun};
 const BODY: usize = 1024;
 
 struct Path {
+    /// What `--only` selects it by.
+    key: &'static str,
     name: &'static str,
     to: SocketAddr,
     host: &'static str,
     /// Processes whose CPU this path costs (beyond client and server).
     pids: Vec<u32>,
-}
-
-impl Path {
-    /// The name `--only` selects this path by.
-    fn key(&self) -> &'static str {
-        if self.pids.is_empty() {
-            "direct"
-        } else if self.name.starts_with("haproxy") {
-            "haproxy"
-        } else {
-            self.host
-        }
-    }
 }
 
 /// CPU seconds processes used, in user space and in the kernel.
@@ -96,13 +85,13 @@ pub struct Options {
     /// Turns each path takes per fixed rate (the run's seconds are split among them).
     pub reps: usize,
     /// Only the fixed-rate runs, and only these paths (`direct`, `local`, `remote`,
-    /// `haproxy`): for attaching a profiler to one path. Empty runs everything.
+    /// `haproxy`, `relay`): for attaching a profiler to one path. Empty runs everything.
     pub only: Vec<String>,
 }
 
 pub fn run(o: Options) -> anyhow::Result<()> {
-    let proxy = free_port("127.0.0.1")?;
-    let bulk_listen = free_port("127.0.0.1")?;
+    let proxy = crate::procs::free("127.0.0.1")?;
+    let bulk_listen = crate::procs::free("127.0.0.1")?;
     let node0 = vec!["--proxy".into(), proxy.to_string(), "--upstream".into(), format!("bulk={bulk_listen}")];
     let c =
         Cluster::start(ClusterSpec { nodes: 3, node_args: vec![node0], profile: "lan".into(), ..Default::default() })?;
@@ -141,14 +130,26 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         rss_of(&hap.pids())
     );
     let paths = [
-        Path { name: "direct (baseline)", to: srv, host: "direct", pids: vec![] },
-        Path { name: "trellis, instance on this node", to: proxy, host: "local", pids: agents[..1].to_vec() },
-        Path { name: "trellis, other node over QUIC", to: proxy, host: "remote", pids: agents.clone() },
-        Path { name: "haproxy two-hop mTLS", to: hap.http, host: "remote", pids: hap.pids() },
-        Path { name: "floor: two plain TCP relays", to: relays.entry, host: "relay", pids: relays.pids() },
+        Path { key: "direct", name: "direct (baseline)", to: srv, host: "direct", pids: vec![] },
+        Path {
+            key: "local",
+            name: "trellis, instance on this node",
+            to: proxy,
+            host: "local",
+            pids: agents[..1].to_vec(),
+        },
+        Path { key: "remote", name: "trellis, other node over QUIC", to: proxy, host: "remote", pids: agents.clone() },
+        Path { key: "haproxy", name: "haproxy two-hop mTLS", to: hap.http, host: "remote", pids: hap.pids() },
+        Path {
+            key: "relay",
+            name: "floor: two plain TCP relays",
+            to: relays.entry,
+            host: "relay",
+            pids: relays.pids(),
+        },
     ];
     let paths: Vec<Path> =
-        paths.into_iter().filter(|p| o.only.is_empty() || o.only.iter().any(|n| n == p.key())).collect();
+        paths.into_iter().filter(|p| o.only.is_empty() || o.only.iter().any(|n| n == p.key)).collect();
     if !o.only.is_empty() {
         println!("agent pids: {}", agents.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
     }
@@ -173,10 +174,13 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         let mut quic = [0.0; 5];
         for rep in 0..o.reps {
             for (i, p) in paths.iter().enumerate() {
-                let (cpu0, q0) = (cpu_of(&p.pids), quic_counts(&c));
+                // Node 0's QUIC counters are read around the QUIC path's turns only.
+                let over_quic = p.key == "remote";
+                let q0 = if over_quic { quic_counts(&c) } else { [0.0; 5] };
+                let cpu0 = cpu_of(&p.pids);
                 let r = loadgen::fixed_rate(p.to, p.host, &body, rate, o.secs / o.reps as f64, conns);
                 let cpu = cpu_of(&p.pids).minus(cpu0);
-                if p.host == "remote" && !p.pids.is_empty() && p.pids[0] == agents[0] {
+                if over_quic {
                     let q1 = quic_counts(&c);
                     for k in 0..5 {
                         quic[k] += (q1[k] - q0[k]) / r.hist.len().max(1) as f64;
@@ -191,10 +195,12 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             }
         }
         let q = quic.map(|v| v / o.reps as f64);
-        println!(
+        if paths.iter().any(|p| p.key == "remote") {
+            println!(
             "QUIC on node 0 per request over QUIC: datagrams out {:.2}, in {:.2}; send calls {:.2}, receive calls {:.2}; ACK frames out {:.2}",
             q[0], q[1], q[2], q[3], q[4]
-        );
+            );
+        }
         for (p, (r, cpu)) in paths.iter().zip(&runs) {
             let cores = cpu.total() / r.took.as_secs_f64() / (rate / 1000.0);
             let user = cpu.user / cpu.total().max(1e-9);
@@ -211,7 +217,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
                 if p.pids.is_empty() { "-".to_string() } else { format!("{cores:.3} ({:.0}% user)", user * 100.0) }
             );
             // Added latency is against the direct path, when `--only` kept it.
-            if !p.pids.is_empty() && paths[0].pids.is_empty() {
+            if p.key != "direct" && paths[0].key == "direct" {
                 let b = &runs[0].0;
                 println!(
                     "{:<32} added: p50 {:+.0} µs, p99 {:+.0} µs, p99.9 {:+.0} µs",
@@ -276,10 +282,6 @@ fn quic_counts(c: &Cluster) -> [f64; 5] {
         get("trellis_quic_udp_ios_total", "in"),
         get("trellis_quic_ack_frames_total", "out"),
     ]
-}
-
-fn free_port(ip: &str) -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?)
 }
 
 fn cores() -> usize {

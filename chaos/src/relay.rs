@@ -4,7 +4,9 @@
 //! on the same machine can cost less, so the mesh's figure is read against it.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use crate::procs::{free, wait_listening, Children};
 
 /// Runs one relay until killed: every connection to `listen` is copied to a new one to `to`.
 pub fn serve(listen: SocketAddr, to: SocketAddr) -> anyhow::Result<()> {
@@ -26,7 +28,7 @@ pub fn serve(listen: SocketAddr, to: SocketAddr) -> anyhow::Result<()> {
 
 /// Two relay processes, on the two nodes' addresses, in front of `server`.
 pub struct TwoRelays {
-    children: Vec<Child>,
+    children: Children,
     /// Where clients connect (the first relay).
     pub entry: SocketAddr,
 }
@@ -34,28 +36,19 @@ pub struct TwoRelays {
 impl TwoRelays {
     pub fn start(a_ip: &str, b_ip: &str, server: SocketAddr) -> anyhow::Result<TwoRelays> {
         let exe = std::env::current_exe()?;
-        let (entry, second) = (crate::haproxy::free(a_ip)?, crate::haproxy::free(b_ip)?);
-        let mut children = Vec::new();
+        let (entry, second) = (free(a_ip)?, free(b_ip)?);
+        let mut children = Children::default();
         for (listen, to) in [(second, server), (entry, second)] {
             let mut cmd = Command::new(&exe);
             cmd.args(["relay", "--listen", &listen.to_string(), "--to", &to.to_string()]);
-            children.push(cmd.stdout(Stdio::null()).spawn()?);
+            children.0.push(cmd.stdout(Stdio::null()).spawn()?);
         }
         let relays = TwoRelays { children, entry };
-        crate::haproxy::wait_listening(&[second, entry])?;
+        wait_listening(&[second, entry])?;
         Ok(relays)
     }
 
     pub fn pids(&self) -> Vec<u32> {
-        self.children.iter().map(Child::id).collect()
-    }
-}
-
-impl Drop for TwoRelays {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.children.pids()
     }
 }

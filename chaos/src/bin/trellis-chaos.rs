@@ -59,8 +59,8 @@ enum Cmd {
         /// Interleaved turns per path at each fixed rate.
         #[arg(long, default_value_t = 3)]
         reps: usize,
-        /// Only the fixed-rate runs of these paths (direct, local, remote, haproxy), to
-        /// profile one; prints the agents' pids.
+        /// Only the fixed-rate runs of these paths (direct, local, remote, haproxy, relay),
+        /// to profile one; prints the agents' pids.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
