@@ -384,8 +384,14 @@ fn traffic_json(services: &BTreeMap<String, crate::mesh::traffic::ServiceTraffic
         .map(|(name, t)| {
             let classes: serde_json::Map<String, serde_json::Value> =
                 (1..=5).map(|c| (format!("{c}xx"), t.classes[c].into())).collect();
+            let reasons: Vec<serde_json::Value> = t
+                .reasons
+                .iter()
+                .map(|((status, reason), n)| serde_json::json!({"status": status, "reason": reason, "count": n}))
+                .collect();
             let v = serde_json::json!({
                 "classes": classes, "count": t.count, "sum_seconds": t.sum_seconds, "buckets": t.buckets.to_vec(),
+                "reasons": reasons,
             });
             (name.clone(), v)
         })
@@ -400,13 +406,16 @@ mod tests {
     #[test]
     fn traffic_json_has_every_class_and_cumulative_buckets() {
         let mut t = crate::mesh::traffic::Traffic::default();
-        t.record("web", 200, std::time::Duration::from_millis(3));
-        t.record("web", 503, std::time::Duration::from_millis(700));
+        t.record("web", 200, None, std::time::Duration::from_millis(3));
+        t.record("web", 503, None, std::time::Duration::from_millis(700));
+        t.record("web", 429, Some("rate_limited"), std::time::Duration::from_secs(10));
         let v = traffic_json(t.services());
         let web = &v["services"]["web"];
-        assert_eq!(web["count"], 2);
+        assert_eq!(web["count"], 3);
+        assert_eq!(web["reasons"][0], serde_json::json!({"status": 429, "reason": "rate_limited", "count": 1}));
         assert_eq!((web["classes"]["2xx"].as_u64(), web["classes"]["5xx"].as_u64()), (Some(1), Some(1)));
-        assert_eq!(web["classes"]["4xx"], 0, "absent classes are zeros, not missing");
+        assert_eq!(web["classes"]["4xx"], 1);
+        assert_eq!(web["classes"]["3xx"], 0, "absent classes are zeros, not missing");
         assert_eq!(web["buckets"].as_array().unwrap().len(), v["bounds"].as_array().unwrap().len());
         assert_eq!(web["buckets"][2], 1, "3 ms is within the 5 ms bound");
     }
@@ -438,17 +447,36 @@ fn traffic_metrics(a: &AgentHandle, e: &mut Exposition) {
     let mut counts = Vec::new();
     let mut hist = Vec::new();
     for (service, t) in traffic.services() {
-        for (class, n) in t.classes.iter().enumerate().skip(1).filter(|(_, n)| **n > 0) {
-            let labels =
-                vec![("service", service.clone()), ("direction", "outbound".into()), ("class", format!("{class}xx"))];
+        // Answers of the proxy's own carry their reason; the rest are the instances'.
+        let mut own = [0u64; 6];
+        for ((status, reason), n) in &t.reasons {
+            own[usize::from(status / 100).min(5)] += n;
+            let class = format!("{}xx", status / 100);
+            let labels = vec![
+                ("service", service.clone()),
+                ("direction", "outbound".into()),
+                ("class", class),
+                ("reason", reason.to_string()),
+            ];
             counts.push((labels, *n as f64));
+        }
+        for (class, n) in t.classes.iter().enumerate().skip(1) {
+            let n = n - own[class];
+            if n > 0 {
+                let labels = vec![
+                    ("service", service.clone()),
+                    ("direction", "outbound".into()),
+                    ("class", format!("{class}xx")),
+                ];
+                counts.push((labels, n as f64));
+            }
         }
         hist.push((vec![("service", service.clone())], t.buckets.to_vec(), t.sum_seconds, t.count));
     }
     e.series(
         "counter",
         "trellis_requests_total",
-        "Requests through the proxy listener by service and status class.",
+        "Requests through the proxy listener by service and status class; the proxy's own answers with their reason.",
         &counts,
     );
     e.histogram(

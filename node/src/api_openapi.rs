@@ -40,6 +40,19 @@ mod tests {
         serde_json::from_str(DOCUMENT).expect("openapi.json is JSON")
     }
 
+    /// Each policy kind and the schema in `components.schemas` that documents its body.
+    const KIND_SCHEMAS: [(Kind, &str); 9] = [
+        (Kind::Services, "Service"),
+        (Kind::Subsets, "Subset"),
+        (Kind::Routes, "Route"),
+        (Kind::Splits, "Split"),
+        (Kind::Ratelimits, "RateLimit"),
+        (Kind::Intentions, "Intention"),
+        (Kind::Settings, "Settings"),
+        (Kind::Instances, "Instance"),
+        (Kind::Revocations, "Revocation"),
+    ];
+
     fn served() -> BTreeSet<(String, String)> {
         let all = crate::api::routes().merge(crate::api::fault_table());
         all.table().iter().map(|(m, p)| (m.to_string(), p.to_string())).collect()
@@ -90,25 +103,14 @@ mod tests {
     #[test]
     fn policy_schemas_match_the_real_types() {
         let d = doc();
-        let kinds = [
-            (Kind::Services, "Service"),
-            (Kind::Subsets, "Subset"),
-            (Kind::Routes, "Route"),
-            (Kind::Splits, "Split"),
-            (Kind::Ratelimits, "RateLimit"),
-            (Kind::Intentions, "Intention"),
-            (Kind::Settings, "Settings"),
-            (Kind::Instances, "Instance"),
-            (Kind::Revocations, "Revocation"),
-        ];
-        assert_eq!(kinds.len(), Kind::ALL.len(), "every policy kind is documented");
+        assert_eq!(KIND_SCHEMAS.len(), Kind::ALL.len(), "every policy kind is documented");
         let body_kinds: Vec<String> = d["components"]["schemas"]["PolicyBody"]["anyOf"]
             .as_array()
             .unwrap()
             .iter()
             .map(|r| r["$ref"].as_str().unwrap().rsplit('/').next().unwrap().to_string())
             .collect();
-        for (kind, schema_name) in kinds {
+        for (kind, schema_name) in KIND_SCHEMAS {
             let schema = &d["components"]["schemas"][schema_name];
             let example = &schema["example"];
             assert!(example.is_object(), "{schema_name} has no example");
@@ -146,6 +148,47 @@ mod tests {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// No silent fields: every policy field has a row in README.md's conformance table, and no row is stale.
+    #[test]
+    fn every_policy_field_in_the_schema_has_a_conformance_row() {
+        let d = doc();
+        let mut fields = BTreeSet::new();
+        for (kind, schema_name) in KIND_SCHEMAS {
+            leaves(&d, &d["components"]["schemas"][schema_name], kind.as_str(), &mut fields);
+        }
+        assert!(fields.len() > 80, "the schema walk lost fields: {fields:?}");
+        let readme = include_str!("../../README.md");
+        let section = readme.split("\n## Policy conformance\n").nth(1).expect("README.md has ## Policy conformance");
+        let section = section.split("\n## ").next().unwrap_or_default();
+        let rows: Vec<&str> = section.lines().filter_map(|l| l.strip_prefix("| `")?.split('`').next()).collect();
+        let listed: BTreeSet<String> = rows.iter().map(|r| r.to_string()).collect();
+        let hint = "README.md, section Policy conformance";
+        assert_eq!(listed.len(), rows.len(), "a field has two rows in {hint}");
+        let missing: Vec<_> = fields.difference(&listed).collect();
+        assert!(missing.is_empty(), "fields without a row (add a row to {hint}): {missing:?}");
+        let stale: Vec<_> = listed.difference(&fields).collect();
+        assert!(stale.is_empty(), "rows for fields the schema does not have (remove them from {hint}): {stale:?}");
+    }
+
+    /// Leaf fields under `schema` as `at.a.b[].c`, through `$ref`, `oneOf`/`anyOf` and arrays of
+    /// objects; an object with no `properties` (a map such as `labels`) is a leaf.
+    fn leaves(d: &Value, schema: &Value, at: &str, out: &mut BTreeSet<String>) {
+        let s = resolve(d, schema);
+        let alternatives: Vec<&Value> = ["oneOf", "anyOf"].iter().filter_map(|k| s[*k].as_array()).flatten().collect();
+        for alt in &alternatives {
+            leaves(d, alt, at, out);
+        }
+        if let Some(props) = s["properties"].as_object() {
+            for (k, v) in props {
+                leaves(d, v, &format!("{at}.{k}"), out);
+            }
+        } else if s["type"] == "array" && resolve(d, &s["items"])["properties"].is_object() {
+            leaves(d, &s["items"], &format!("{at}[]"), out);
+        } else if alternatives.is_empty() && s["type"] != "null" {
+            out.insert(at.to_string());
         }
     }
 

@@ -155,6 +155,9 @@ async fn write(a: AgentHandle, key: Key, body: Option<Bytes>, cas: Option<Versio
             hint: "register instances with PUT /v1/agent/services/{id} on that node".into(),
         });
     }
+    if let Some(b) = &body {
+        refuse_l7_on_tcp(&a, &key, b)?;
+    }
     let policy = a.policy.clone();
     let k = key.clone();
     let res =
@@ -189,6 +192,17 @@ async fn write(a: AgentHandle, key: Key, body: Option<Bytes>, cas: Option<Versio
     let _ = a.commands.send(Command::Publish(entry)).await;
     let index = *a.policy.index.borrow();
     Ok(with_index(index, json!({"kind": key.kind, "name": key.name, "version": version})))
+}
+
+/// Checks that span objects: an L7 intention needs an HTTP service (the store checks
+/// each object alone).
+fn refuse_l7_on_tcp(a: &AgentHandle, key: &Key, body: &[u8]) -> Result<(), ApiError> {
+    if !matches!(key.kind, Kind::Intentions | Kind::Services) {
+        return Ok(());
+    }
+    let obj = crate::policy::model::parse(key.kind, &key.name, body).map_err(bad)?;
+    let snap = crate::mesh::catalog::Snapshot::build(&a.policy.store.lock().expect("policy lock"));
+    snap.refuse_l7_on_tcp(&key.name, &obj).map_err(bad)
 }
 
 async fn put_one(

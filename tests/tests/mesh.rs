@@ -601,3 +601,289 @@ fn an_http_upstream_listener_applies_routes_whatever_the_host() {
     let ok = metric(&m, "trellis_requests_total{service=\"web\",direction=\"outbound\",class=\"2xx\"}").unwrap();
     assert!(ok >= 21.0, "requests through the upstream listener are counted as web's: {ok}");
 }
+
+/// One request with `method` and no body through `to`; returns the status (0 when the
+/// connection failed) and the `x-trellis-reason` header.
+fn request(to: SocketAddr, method: &str, host: &str, path: &str) -> (u16, Option<String>) {
+    let Ok(mut s) = TcpStream::connect(to) else { return (0, None) };
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = write!(s, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let reason = out
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-trellis-reason:").map(|v| v.trim().to_string()));
+    (status, reason)
+}
+
+fn put(c: &Cluster, node: usize, path: &str, body: serde_json::Value) {
+    let (s, v) = c.node(node).api().put_json(path, &body).unwrap();
+    assert_eq!(s, 200, "PUT {path}: {v}");
+}
+
+fn self_id(c: &Cluster, node: usize) -> String {
+    c.node(node).api().get_json("/v1/agent/self").unwrap()["id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn deny_all_holds_on_every_path_local_and_remote_http_and_tcp() {
+    let addr = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
+    let (p0, p2, web0, echo0, echo2) = (addr(), addr(), addr(), addr(), addr());
+    let up = |name: &str, a: SocketAddr| vec!["--upstream".to_string(), format!("{name}={a}")];
+    let node0 = [vec!["--proxy".to_string(), p0.to_string()], up("web", web0), up("echo", echo0)].concat();
+    let node2 = [vec!["--proxy".to_string(), p2.to_string()], up("echo", echo2)].concat();
+    let c =
+        Cluster::start(ClusterSpec { nodes: 3, node_args: vec![node0, vec![], node2], ..Default::default() }).unwrap();
+    let all: Vec<(String, &str)> = (0..3).map(|i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&[0, 1, 2], &all, Duration::from_secs(15)).unwrap();
+    let web = trellis_tests::http::server("web");
+    put(&c, 2, "/v1/agent/services/web-1", json!({"service": "web", "address": "127.0.0.1", "port": web.port()}));
+    register(&c, 2, "echo-1", echo_server("n2"));
+    // Node 0 reaches node 2's instances over QUIC; node 2 reaches its own over the pipe.
+    let http_paths = [("remote proxy", p0, "web"), ("remote upstream", web0, "127.0.0.1"), ("local proxy", p2, "web")];
+    c.wait_until(Duration::from_secs(15), "every path open", || {
+        let http = http_paths.iter().all(|(_, to, host)| request(*to, "GET", host, "/").0 == 200);
+        (http && greeting(echo0)? == "n2" && greeting(echo2)? == "n2").then_some(())
+    })
+    .unwrap();
+    put(&c, 1, "/v1/policy/intentions/deny-web", json!({"source": "*", "destination": "web", "action": "deny"}));
+    put(&c, 1, "/v1/policy/intentions/deny-echo", json!({"source": "*", "destination": "echo", "action": "deny"}));
+    c.wait_until(Duration::from_secs(10), "deny on every path", || {
+        let http =
+            http_paths.iter().all(|(_, to, host)| request(*to, "GET", host, "/") == (403, Some("denied".into())));
+        (http && greeting(echo0).is_none() && greeting(echo2).is_none()).then_some(())
+    })
+    .unwrap();
+    for (what, to, host) in http_paths {
+        for _ in 0..3 {
+            assert_eq!(request(to, "GET", host, "/").0, 403, "{what}");
+        }
+    }
+    // An allow for one source opens exactly that caller: node 0, not node 2.
+    put(
+        &c,
+        1,
+        "/v1/policy/intentions/allow-n0",
+        json!({"source": self_id(&c, 0), "destination": "web", "action": "allow"}),
+    );
+    c.wait_until(Duration::from_secs(10), "allow for node 0", || {
+        (request(p0, "GET", "web", "/").0 == 200).then_some(())
+    })
+    .unwrap();
+    assert_eq!(request(web0, "GET", "127.0.0.1", "/").0, 200);
+    assert_eq!(request(p2, "GET", "web", "/").0, 403, "node 2 is another caller");
+    // The refusals are counted with their reason, in metrics and in the traffic JSON.
+    for (node, proxy) in [(0, p0), (2, p2)] {
+        let m = c.node(node).api().get_text("/metrics").unwrap();
+        let denied = "trellis_requests_total{service=\"web\",direction=\"outbound\",class=\"4xx\",reason=\"denied\"}";
+        assert!(metric(&m, denied).unwrap_or(0.0) >= 3.0, "node {node} via {proxy}: {m}");
+        let t = c.node(node).api().get_json("/v1/agent/traffic").unwrap();
+        let reasons = t["services"]["web"]["reasons"].as_array().unwrap().clone();
+        assert!(reasons.iter().any(|r| r["reason"] == "denied" && r["status"] == 403), "{reasons:?}");
+    }
+    // 429 and 503 are counted the same way.
+    put(&c, 0, "/v1/policy/ratelimits/web", json!({"service": "web", "requests_per_second": 1, "burst": 1}));
+    let limited = c
+        .wait_until(Duration::from_secs(10), "a 429", || {
+            (0..5).map(|_| request(p0, "GET", "web", "/")).find(|r| r.0 == 429)
+        })
+        .unwrap();
+    assert_eq!(limited.1.as_deref(), Some("rate_limited"));
+    put(&c, 0, "/v1/policy/services/ghost", json!({}));
+    c.wait_until(Duration::from_secs(10), "a 503", || (request(p0, "GET", "ghost", "/").0 == 503).then_some(()))
+        .unwrap();
+    let m = c.node(0).api().get_text("/metrics").unwrap();
+    let row = |service: &str, class: &str, reason: &str| {
+        format!("trellis_requests_total{{service=\"{service}\",direction=\"outbound\",class=\"{class}\",reason=\"{reason}\"}}")
+    };
+    assert!(metric(&m, &row("web", "4xx", "rate_limited")).unwrap_or(0.0) >= 1.0, "{m}");
+    assert!(metric(&m, &row("ghost", "5xx", "no_instance")).unwrap_or(0.0) >= 1.0, "{m}");
+}
+
+#[test]
+fn l7_intentions_decide_each_request_at_the_destination() {
+    let (p0, p2) = (free_port(), free_port());
+    let (p0, p2): (SocketAddr, SocketAddr) =
+        (format!("127.0.0.1:{p0}").parse().unwrap(), format!("127.0.0.1:{p2}").parse().unwrap());
+    let args = |p: SocketAddr| vec!["--proxy".to_string(), p.to_string()];
+    let c = Cluster::start(ClusterSpec { nodes: 3, node_args: vec![args(p0), vec![], args(p2)], ..Default::default() })
+        .unwrap();
+    let all: Vec<(String, &str)> = (0..3).map(|i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&[0, 1, 2], &all, Duration::from_secs(15)).unwrap();
+    let web = trellis_tests::http::server("web");
+    put(&c, 2, "/v1/agent/services/web-1", json!({"service": "web", "address": "127.0.0.1", "port": web.port()}));
+    register(&c, 2, "echo-1", echo_server("n2"));
+    c.wait_until(Duration::from_secs(15), "web through both proxies", || {
+        (request(p0, "GET", "web", "/").0 == 200 && request(p2, "GET", "web", "/").0 == 200).then_some(())
+    })
+    .unwrap();
+    let deny = json!({"source": "*", "destination": "web", "action": "deny", "paths": ["/admin"], "methods": ["GET"]});
+    put(&c, 1, "/v1/policy/intentions/deny-get-admin", deny);
+    c.wait_until(Duration::from_secs(10), "the L7 deny in force", || {
+        (request(p0, "GET", "web", "/admin").0 == 403 && request(p2, "GET", "web", "/admin").0 == 403).then_some(())
+    })
+    .unwrap();
+    for proxy in [p0, p2] {
+        assert_eq!(request(proxy, "GET", "web", "/admin"), (403, Some("denied".into())));
+        assert_eq!(request(proxy, "GET", "web", "/./admin").0, 403, "paths are normalized");
+        assert_eq!(request(proxy, "GET", "web", "/").0, 200);
+        assert_eq!(request(proxy, "POST", "web", "/admin").0, 200);
+        assert_eq!(request(proxy, "GET", "web", "/admin/x").0, 200, "an exact path is exact");
+    }
+    // Precedence: a longer prefix beats a shorter one, an exact path beats a prefix.
+    put(
+        &c,
+        1,
+        "/v1/policy/intentions/deny-internal",
+        json!({"source": "*", "destination": "web", "action": "deny", "paths": ["/api/internal/*"]}),
+    );
+    put(
+        &c,
+        1,
+        "/v1/policy/intentions/allow-health",
+        json!({"source": "*", "destination": "web", "action": "allow", "paths": ["/api/internal/health"]}),
+    );
+    c.wait_until(Duration::from_secs(10), "three L7 rules", || {
+        (request(p0, "GET", "web", "/api/internal/keys").0 == 403).then_some(())
+    })
+    .unwrap();
+    c.wait_until(Duration::from_secs(10), "the exact allow", || {
+        (request(p0, "GET", "web", "/api/internal/health").0 == 200).then_some(())
+    })
+    .unwrap();
+    assert_eq!(request(p0, "GET", "web", "/api/internalx").0, 200, "prefixes match whole segments");
+    assert_eq!(request(p0, "GET", "web", "/api/users").0, 200);
+    // An L7 rule on a tcp service is refused at write time, naming the field.
+    let l7_tcp = json!({"source": "*", "destination": "echo", "action": "deny", "methods": ["GET"]});
+    let (s, v) = c.node(0).api().put_json("/v1/policy/intentions/tcp-l7", &l7_tcp).unwrap();
+    assert_eq!((s, v["field"].as_str()), (400, Some("intentions.tcp-l7.methods")), "{v}");
+    let (s, v) = c.node(0).api().put_json("/v1/policy/services/web", &json!({"protocol": "tcp"})).unwrap();
+    assert_eq!((s, v["field"].as_str()), (400, Some("services.web.protocol")), "{v}");
+    // Route prefixes match by segments too: /api does not take /apiary.
+    let route = json!({"service": "web", "match": {"path": {"prefix": "/api"}}, "destination": {"service": "web"}, "rewrite_prefix": "/v1api"});
+    put(&c, 0, "/v1/policy/routes/api", route);
+    c.wait_until(Duration::from_secs(10), "the rewrite", || {
+        (trellis_tests::http::get(p0, "web", "/api/x", &[]).text() == "web /v1api/x").then_some(())
+    })
+    .unwrap();
+    assert_eq!(trellis_tests::http::get(p0, "web", "/apiary", &[]).text(), "web /apiary");
+    assert_eq!(trellis_tests::http::get(p0, "web", "/api", &[]).text(), "web /v1api");
+}
+
+#[test]
+fn an_instance_answering_500_is_ejected_and_returns_after_the_ejection_time() {
+    use std::sync::atomic::AtomicBool;
+    let (c, proxy) = proxy_mesh();
+    let ejection = Duration::from_secs(4);
+    let od = json!({"consecutive_5xx": 3, "base_ejection_time": "4s", "ejection_growth": 1.0});
+    put(&c, 0, "/v1/policy/services/flaky", json!({"outlier_detection": od}));
+    let good = trellis_tests::http::server("good");
+    let bad = trellis_tests::http::slow_server(Duration::ZERO, 500, "bad");
+    put(
+        &c,
+        1,
+        "/v1/agent/services/flaky-good",
+        json!({"service": "flaky", "address": "127.0.0.1", "port": good.port()}),
+    );
+    put(&c, 2, "/v1/agent/services/flaky-bad", json!({"service": "flaky", "address": "127.0.0.1", "port": bad.port()}));
+    c.wait_until(Duration::from_secs(10), "both instances", || {
+        (c.node(0).api().get_json("/v1/catalog/services/flaky").ok()?.as_array()?.len() == 2).then_some(())
+    })
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let errors = (0..1000).filter(|_| request(proxy, "GET", "flaky", "/").0 >= 500).count();
+    let took = t0.elapsed();
+    let windows = 1 + (took.as_millis() / ejection.as_millis()) as usize;
+    println!("1000 GETs in {took:?}: {errors} 5xx ({windows} ejection windows)");
+    assert!(errors <= 3 * windows, "{errors} 5xx in 1000 GETs, at most 3 per {ejection:?} window");
+    let ejections =
+        |c: &Cluster| metric(&c.node(0).api().get_text("/metrics").unwrap(), "trellis_forward_ejections_total");
+    let before = ejections(&c).unwrap();
+    assert!(before >= 1.0);
+    // After the ejection time it is back in rotation, and ejected again.
+    std::thread::sleep(ejection);
+    let back = (0..20).filter(|_| request(proxy, "GET", "flaky", "/").0 == 500).count();
+    assert!((1..=3).contains(&back), "{back} of 20 answered 500 after the ejection time");
+    assert_eq!(ejections(&c), Some(before + 1.0));
+
+    // The service's health_check supplies what an instance's check leaves unset: a
+    // 200 ms interval and a fall of 2 make it critical in well under the default 15 s.
+    let hc = json!({"interval": "200ms", "timeout": "100ms", "unhealthy_threshold": 2});
+    put(&c, 0, "/v1/policy/services/checked", json!({"health_check": hc}));
+    let healthy = std::sync::Arc::new(AtomicBool::new(false));
+    let srv = trellis_tests::http::health_server("checked", healthy);
+    let inst = json!({"service": "checked", "address": "127.0.0.1", "port": srv.port(), "check": {"http": "/healthz"}});
+    c.wait_until(Duration::from_secs(5), "service defaults on node 1", || {
+        let v = c.node(1).api().get_json("/v1/policy/services/checked").ok()?;
+        (v["body"]["health_check"]["interval"] == "200ms").then_some(())
+    })
+    .unwrap();
+    put(&c, 1, "/v1/agent/services/checked-1", inst);
+    let t = std::time::Instant::now();
+    c.wait_until(Duration::from_secs(4), "critical by the service's timings", || {
+        let v = c.node(0).api().get_json("/v1/catalog/services/checked").ok()?;
+        (v.as_array()?.first()?["health"] == "critical").then_some(())
+    })
+    .unwrap();
+    println!("critical after {:?}", t.elapsed());
+
+    // A breaker on the error rate: 5 answers, all 500, open it; after open_for one probe
+    // goes through and, failing, opens it again.
+    let cb = json!({"failure_rate_percent": 50, "min_requests": 5, "window": "10s", "open_for": "1s"});
+    let off = json!({"consecutive_failures": 0, "consecutive_5xx": 0});
+    put(&c, 0, "/v1/policy/services/broken", json!({"circuit_breaker": cb, "outlier_detection": off}));
+    put(&c, 2, "/v1/agent/services/broken-1", json!({"service": "broken", "address": "127.0.0.1", "port": bad.port()}));
+    c.wait_until(Duration::from_secs(10), "broken in node 0's catalog", || {
+        (c.node(0).api().get_json("/v1/catalog/services/broken").ok()?.as_array()?.len() == 1).then_some(())
+    })
+    .unwrap();
+    let replies: Vec<(u16, Option<String>)> = (0..10).map(|_| request(proxy, "GET", "broken", "/")).collect();
+    let open = replies.iter().filter(|r| r.1.as_deref() == Some("circuit_open")).count();
+    assert!(open >= 5, "{replies:?}");
+    std::thread::sleep(Duration::from_millis(1100));
+    let probe = request(proxy, "GET", "broken", "/");
+    assert_eq!(probe.0, 500, "the probe reaches the instance");
+    assert_eq!(request(proxy, "GET", "broken", "/").1.as_deref(), Some("circuit_open"), "a failed probe reopens it");
+}
+
+#[test]
+fn a_node_killed_with_slow_requests_in_flight_answers_each_promptly() {
+    let (mut c, proxy) = proxy_mesh();
+    let fast = trellis_tests::http::server("fast");
+    let slow = trellis_tests::http::slow_server(Duration::from_secs(12), 200, "slow");
+    put(&c, 1, "/v1/agent/services/s-fast", json!({"service": "s", "address": "127.0.0.1", "port": fast.port()}));
+    put(&c, 2, "/v1/agent/services/s-slow", json!({"service": "s", "address": "127.0.0.1", "port": slow.port()}));
+    c.wait_until(Duration::from_secs(10), "both instances", || {
+        (c.node(0).api().get_json("/v1/catalog/services/s").ok()?.as_array()?.len() == 2).then_some(())
+    })
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let kill_at = Duration::from_secs(1);
+    let replies: Vec<(u16, Option<String>, Duration)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..20)
+            .map(|_| {
+                s.spawn(|| {
+                    let (status, reason) = request(proxy, "GET", "s", "/");
+                    (status, reason, t0.elapsed())
+                })
+            })
+            .collect();
+        std::thread::sleep(kill_at);
+        c.kill(2);
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    println!("{replies:?}");
+    let to_slow = replies.iter().filter(|r| r.2 > kill_at).count();
+    assert!(to_slow >= 5, "too few requests were waiting on the slow instance: {replies:?}");
+    // Fast profile: the node is down in every view within about 2 s of the kill.
+    let limit = kill_at + Duration::from_secs(2) + Duration::from_secs(1);
+    for (status, reason, at) in &replies {
+        assert!(*at < limit, "answered {status} {reason:?} at {at:?}, after detection + 1 s");
+        assert!(*status == 200 || (*status == 503 && reason.as_deref() == Some("instance_gone")), "{replies:?}");
+    }
+    assert!(
+        replies.iter().filter(|r| r.0 == 200 && r.2 > kill_at).count() >= 1,
+        "idempotent ones are retried: {replies:?}"
+    );
+}

@@ -21,15 +21,20 @@ fn objects(store: &PolicyStore, kind: Kind) -> impl Iterator<Item = (String, Obj
     })
 }
 
+/// Instances whose body names the node their object name says (`<id>@<node>`, which the
+/// store ties to the writer's proof): a node cannot pass its instance off as another's.
+fn registered(store: &PolicyStore) -> impl Iterator<Item = (String, Instance)> + '_ {
+    objects(store, Kind::Instances).filter_map(|(name, o)| match o {
+        Object::Instance(i) if name.rsplit_once('@').is_some_and(|(_, node)| node == i.node) => Some((name, i)),
+        _ => None,
+    })
+}
+
 /// Instances of `service` (all services when None) on alive nodes.
 pub fn instances(store: &PolicyStore, service: Option<&str>, alive: &HashSet<String>) -> Vec<InstanceView> {
-    objects(store, Kind::Instances)
-        .filter_map(|(name, o)| match o {
-            Object::Instance(i) if alive.contains(&i.node) && service.is_none_or(|s| s == i.service) => {
-                Some(InstanceView { name, instance: i })
-            }
-            _ => None,
-        })
+    registered(store)
+        .filter(|(_, i)| alive.contains(&i.node) && service.is_none_or(|s| s == i.service))
+        .map(|(name, instance)| InstanceView { name, instance })
         .collect()
 }
 
@@ -68,24 +73,55 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Refuses a write that would put request-level intentions on a `tcp` service, whose
+    /// streams cannot be looked into: an L7 intention for one, or a service turned `tcp`
+    /// that has some. (Writes racing on two nodes can still meet; then the L7 deny fails
+    /// closed, see `authz`.)
+    pub fn refuse_l7_on_tcp(&self, name: &str, obj: &Object) -> Result<(), model::FieldError> {
+        let fix =
+            "L7 rules (paths, methods, headers) need an HTTP service: drop them, or use protocol http, http2 or grpc";
+        match obj {
+            Object::Intention(i) if i.is_l7() && self.protocols.get(&i.destination) == Some(&model::Protocol::Tcp) => {
+                let field = if !i.paths.is_empty() {
+                    "paths"
+                } else if !i.methods.is_empty() {
+                    "methods"
+                } else {
+                    "headers"
+                };
+                Err(model::FieldError {
+                    path: format!("intentions.{name}.{field}"),
+                    message: format!("{} is a tcp service", i.destination),
+                    fix: fix.into(),
+                })
+            }
+            Object::Service(s)
+                if s.protocol == model::Protocol::Tcp && super::authz::has_l7(self.intentions.iter(), name) =>
+            {
+                Err(model::FieldError {
+                    path: format!("services.{name}.protocol"),
+                    message: format!("intentions for {name} look into HTTP requests"),
+                    fix: "remove the paths, methods and headers of its intentions first".into(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub fn build(store: &PolicyStore) -> Snapshot {
-        let instances: Vec<InstanceView> = objects(store, Kind::Instances)
-            .filter_map(|(name, o)| match o {
-                Object::Instance(i) => Some(InstanceView { name, instance: i }),
-                _ => None,
-            })
-            .collect();
+        let instances: Vec<InstanceView> =
+            registered(store).map(|(name, instance)| InstanceView { name, instance }).collect();
         let services: std::collections::HashMap<String, model::Service> = objects(store, Kind::Services)
             .filter_map(|(name, o)| match o {
                 Object::Service(s) => Some((name, s)),
                 _ => None,
             })
             .collect();
+        // A service object's protocol is how the mesh speaks to all its instances; without
+        // one, the instances' own.
         let mut protocols: std::collections::HashMap<String, model::Protocol> =
-            services.keys().map(|s| (s.clone(), model::Protocol::default())).collect();
-        for i in &instances {
-            protocols.insert(i.instance.service.clone(), i.instance.protocol);
-        }
+            instances.iter().map(|i| (i.instance.service.clone(), i.instance.protocol)).collect();
+        protocols.extend(services.iter().map(|(name, s)| (name.clone(), s.protocol)));
         Snapshot {
             protocols,
             index: store.index(),
@@ -95,6 +131,11 @@ impl Snapshot {
             intentions: intentions(store),
             intention_default: intention_default(store),
         }
+    }
+
+    /// The protocol the mesh speaks to `service`'s instances (`http` when nothing says).
+    pub fn protocol_of(&self, service: &str) -> model::Protocol {
+        self.protocols.get(service).copied().unwrap_or_default()
     }
 
     /// Instances of `service` on live nodes, not failing their health check, carrying all

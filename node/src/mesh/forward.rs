@@ -1,31 +1,32 @@
 //! The forwarding shell: a local TCP listener per upstream service; each connection goes
-//! to an instance picked by the balancer, directly when the instance is on this node and
-//! otherwise over a QUIC stream to the instance's node, which checks the caller's
-//! certified identity against the intentions before it connects. Bytes are copied as they
-//! come; nothing is buffered whole.
+//! to an instance picked by the balancer, over a QUIC stream to the instance's node, or
+//! over an in-memory pipe when the instance is on this node. Either way the instance's
+//! agent runs [`Forwarder::inbound`], which checks the caller's identity against the
+//! intentions before it connects. Bytes are copied as they come; nothing is buffered whole.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
-use trellis_proto::forward::{ForwardOpen, ForwardStatus, MAX_FORWARD_HEADER};
+use trellis_proto::forward::{ForwardOpen, ForwardStatus};
 
 use super::balance::{Balancer, Candidate};
+use super::catalog;
+use super::inbound::Ended;
 use super::locality::Place;
 use super::pool::IdlePool;
 use super::upstream;
-use super::{authz, catalog};
 use crate::agent::AgentHandle;
 use crate::membership::AliveMembers;
-use crate::policy::model::{Action, Kind};
+use crate::policy::model::Kind;
 use crate::transport::BiStream;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -33,6 +34,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const DENIED_CODE: quinn::VarInt = quinn::VarInt::from_u32(0x403);
 /// ... and when its forward header did not arrive within the stream read timeout.
 const TIMEOUT_CODE: quinn::VarInt = quinn::VarInt::from_u32(0x408);
+/// ... and when its instance went critical or away (the caller may try another).
+const GONE_CODE: quinn::VarInt = quinn::VarInt::from_u32(0x410);
+/// The in-memory pipe between a local caller and this node's inbound side: one QUIC
+/// stream's worth of window.
+const LOCAL_PIPE: usize = 256 * 1024;
 /// Idle connections kept per instance: enough for a busy caller's steady concurrency,
 /// few enough that idle QUIC streams never crowd out new ones (256 per peer).
 const POOL_PER_INSTANCE: usize = 32;
@@ -93,6 +99,8 @@ pub struct ForwardStats {
 }
 
 pub struct Forwarder {
+    /// Itself, for the tasks that serve local calls' inbound side.
+    me: Weak<Forwarder>,
     pub(crate) agent: AgentHandle,
     /// Alive members as the agent task last published them: read per request without
     /// a round trip to that task.
@@ -113,7 +121,22 @@ impl Forwarder {
         let (breakers, budgets) = (Arc::default(), Mutex::default());
         let alive = agent.alive.clone();
         let pool = Arc::new(Mutex::new(IdlePool::new(POOL_PER_INSTANCE, POOL_IDLE)));
-        Arc::new(Forwarder { agent, alive, pool, balancer, outliers, snap, stats, breakers, budgets })
+        Arc::new_cyclic(|me| Forwarder {
+            me: me.clone(),
+            agent,
+            alive,
+            pool,
+            balancer,
+            outliers,
+            snap,
+            stats,
+            breakers,
+            budgets,
+        })
+    }
+
+    pub(crate) fn me(&self) -> Arc<Forwarder> {
+        self.me.upgrade().expect("a Forwarder is only used through its Arc")
     }
 
     pub fn agent(&self) -> &AgentHandle {
@@ -152,9 +175,20 @@ impl Forwarder {
         .await
     }
 
+    /// Carries one TCP client; it is closed when the instance's node goes away, rather
+    /// than when QUIC's idle timeout notices.
     async fn client(&self, service: &str, mut tcp: TcpStream) -> anyhow::Result<()> {
-        let mut up = self.open(service, &BTreeMap::new(), None, &mut Vec::new()).await?;
-        tokio::io::copy_bidirectional(&mut tcp, &mut up).await?;
+        let (pick, in_flight) = self.pick(service, &BTreeMap::new(), None, &mut Vec::new())?;
+        let started = Instant::now();
+        let io = self.connect(service, &pick).await?;
+        self.observe(&pick, started.elapsed());
+        let mut up = self.metered(io, Some(in_flight));
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut tcp, &mut up) => { r?; }
+            _ = self.node_gone(&pick.node), if pick.peer.is_some() => {
+                tracing::debug!(%service, node = %pick.node, "connection closed: the instance's node is gone");
+            }
+        }
         Ok(())
     }
 
@@ -239,18 +273,16 @@ impl Forwarder {
         Ok((pick, InFlight { name: inst.name.clone(), balancer: self.balancer.clone() }))
     }
 
-    /// Opens a byte stream to a picked instance: a local TCP connection, or a QUIC stream
-    /// through the instance's agent. Failures count towards ejecting the instance.
+    /// Opens a byte stream to a picked instance: a QUIC stream through the instance's
+    /// agent, or a pipe to this agent's own inbound side. Failures count towards ejecting
+    /// the instance.
     pub async fn connect(&self, service: &str, pick: &Pick) -> Result<Io, OpenError> {
         let res = match pick.peer {
-            None => connect(pick.addr.ip(), pick.addr.port())
-                .await
-                .map(|up| Box::new(up) as Io)
-                .map_err(OpenError::Unreachable),
+            None => self.local(service, pick).await,
             Some(peer) => self.remote(service, pick, peer).await,
         };
         if matches!(res, Err(OpenError::Unreachable(_))) {
-            self.record(service, pick, false);
+            self.record(service, pick, super::outlier::Outcome::GatewayFailure);
         }
         res
     }
@@ -312,12 +344,25 @@ impl Forwarder {
         });
     }
 
-    /// Feeds the outlier detector: `ok` is false when the instance failed us.
-    pub fn record(&self, service: &str, pick: &Pick, ok: bool) {
+    /// Feeds the outlier detector with what one attempt on `pick` came to.
+    pub fn record(&self, service: &str, pick: &Pick, outcome: super::outlier::Outcome) {
         let now = Instant::now();
-        if self.outliers.lock().expect("outlier lock").record(now, &pick.name, ok, &pick.outlier_detection) {
+        if self.outliers.lock().expect("outlier lock").record(now, &pick.name, outcome, &pick.outlier_detection) {
             self.stats.ejections.fetch_add(1, Relaxed);
             tracing::warn!(instance = %pick.name, %service, "instance ejected after consecutive failures");
+        }
+    }
+
+    /// Resolves when `node` is no longer an alive member (declared down, or left).
+    pub async fn node_gone(&self, node: &str) {
+        let mut alive = self.alive.clone();
+        loop {
+            if !alive.borrow_and_update().contains_key(node) {
+                return;
+            }
+            if alive.changed().await.is_err() {
+                return std::future::pending().await;
+            }
         }
     }
 
@@ -340,11 +385,39 @@ impl Forwarder {
     }
 
     async fn remote(&self, service: &str, pick: &Pick, peer: SocketAddr) -> Result<Io, OpenError> {
+        let transport = self.agent.transport.clone();
+        let stream = async move {
+            let (send, recv) = transport.open_bi(peer).await?;
+            anyhow::Ok(tokio::io::join(recv, send))
+        };
+        self.handshake(service, pick, stream).await
+    }
+
+    /// A call from this node to its own instance: the far end of a pipe is served by
+    /// [`Forwarder::inbound`] as a peer's stream would be, with this node as the caller.
+    async fn local(&self, service: &str, pick: &Pick) -> Result<Io, OpenError> {
+        let (near, mut far) = tokio::io::duplex(LOCAL_PIPE);
+        let (fwd, caller) = (self.me(), self.agent.spiffe_id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = fwd.inbound(&caller, &mut far).await {
+                tracing::debug!(error = %e, "local inbound stream failed");
+            }
+        });
+        self.handshake(service, pick, async { anyhow::Ok(near) }).await
+    }
+
+    /// Sends the forward header on a new stream and reads the inbound side's answer.
+    async fn handshake<S: Stream + 'static>(
+        &self,
+        service: &str,
+        pick: &Pick,
+        stream: impl std::future::Future<Output = anyhow::Result<S>>,
+    ) -> Result<Io, OpenError> {
         let open = async {
-            let (mut send, mut recv) = self.agent.transport.open_bi(peer).await?;
-            send.write_all(&ForwardOpen { service: service.into(), instance: pick.name.clone() }.encode()).await?;
-            let status = ForwardStatus::from_byte(recv.read_u8().await?);
-            anyhow::Ok((status, send, recv))
+            let mut io = stream.await?;
+            io.write_all(&ForwardOpen { service: service.into(), instance: pick.name.clone() }.encode()).await?;
+            let status = ForwardStatus::from_byte(io.read_u8().await?);
+            anyhow::Ok((status, io))
         };
         // A peer that died keeps its pooled connection until QUIC gives up on it; the
         // service's connect timeout bounds the wait, so a retry can go elsewhere.
@@ -352,12 +425,12 @@ impl Forwarder {
         let opened = tokio::time::timeout(limit, open)
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer from {} within {limit:?}", pick.node)));
-        let (status, send, recv) = opened.map_err(|e| {
+        let (status, io) = opened.map_err(|e| {
             self.stats.failed.fetch_add(1, Relaxed);
             OpenError::Unreachable(e)
         })?;
         match status {
-            ForwardStatus::Ok => Ok(Box::new(tokio::io::join(recv, send))),
+            ForwardStatus::Ok => Ok(Box::new(io)),
             ForwardStatus::Denied => {
                 self.stats.denied.fetch_add(1, Relaxed);
                 Err(OpenError::Denied(pick.node.clone()))
@@ -382,94 +455,27 @@ impl Forwarder {
         }
     }
 
+    /// The QUIC shell around [`Forwarder::inbound`]: the caller is the certified peer, and
+    /// a stream that must end early is reset with a code saying why.
     async fn server(&self, s: BiStream) -> anyhow::Result<()> {
-        let BiStream { peer_name, mut send, mut recv, .. } = s;
-        // A header that never comes would hold one of the peer's stream slots for good.
-        let within = self.agent.transport.limits.stream_read_timeout;
-        let header = async {
-            let len = recv.read_u16().await? as usize;
-            let mut buf = vec![0; len.min(MAX_FORWARD_HEADER)];
-            if len <= MAX_FORWARD_HEADER {
-                recv.read_exact(&mut buf).await?;
-            }
-            anyhow::Ok((len, buf))
-        };
-        let Ok(header) = tokio::time::timeout(within, header).await else {
-            self.agent.transport.stats.peer_refuse(crate::transport::PeerRefusal::StreamTimeout);
-            let _ = send.reset(TIMEOUT_CODE);
-            let _ = recv.stop(TIMEOUT_CODE);
-            anyhow::bail!("no forward header within {within:?}");
-        };
-        let (len, buf) = header?;
-        if len > MAX_FORWARD_HEADER {
-            send.write_all(&[ForwardStatus::BadRequest as u8]).await?;
-            anyhow::bail!("forward header of {len} bytes");
-        }
-        let open = match ForwardOpen::decode(&buf) {
-            Ok(o) => o,
-            Err(e) => {
-                send.write_all(&[ForwardStatus::BadRequest as u8]).await?;
-                anyhow::bail!("bad forward header: {e}");
-            }
-        };
+        let BiStream { peer_name, send, recv, .. } = s;
         let caller = self.agent.spiffe_of(&peer_name);
-        let snap = self.snapshot();
-        let me = &self.agent.identity.name;
-        let target = snap
-            .instances
-            .iter()
-            .find(|i| i.name == open.instance && &i.instance.node == me && i.instance.service == open.service)
-            .cloned();
-        let action = authz::decide(snap.intentions.iter(), snap.intention_default, &caller, &open.service);
-        let Some(target) = target else {
-            send.write_all(&[ForwardStatus::UnknownInstance as u8]).await?;
-            anyhow::bail!("no local instance {}", open.instance);
-        };
-        if action == Action::Deny {
-            self.stats.denied.fetch_add(1, Relaxed);
-            send.write_all(&[ForwardStatus::Denied as u8]).await?;
-            let _ = send.finish();
-            tracing::info!(%caller, service = %open.service, "denied by intentions");
-            return Ok(());
-        }
-        let mut up = match connect(target.instance.address, target.instance.port).await {
-            Ok(up) => up,
-            Err(e) => {
-                self.stats.failed.fetch_add(1, Relaxed);
-                send.write_all(&[ForwardStatus::Unreachable as u8]).await?;
-                return Err(e);
-            }
-        };
-        self.stats.inbound.fetch_add(1, Relaxed);
-        send.write_all(&[ForwardStatus::Ok as u8]).await?;
         let mut quic = tokio::io::join(recv, send);
-        // A stream lives as long as its caller keeps it (pooled HTTP connections, long TCP
-        // sessions), so the intentions are checked again whenever policy changes.
-        let mut changes = self.agent.policy.index.subscribe();
-        {
-            let copy = tokio::io::copy_bidirectional(&mut quic, &mut up);
-            tokio::pin!(copy);
-            loop {
-                tokio::select! {
-                    r = &mut copy => {
-                        r?;
-                        return Ok(());
-                    }
-                    Ok(()) = changes.changed() => {
-                        let snap = self.snapshot();
-                        let now = authz::decide(snap.intentions.iter(), snap.intention_default, &caller, &open.service);
-                        if now == Action::Deny {
-                            break;
-                        }
-                    }
-                }
+        let code = match self.inbound(&caller, &mut quic).await? {
+            Ended::Done => return Ok(()),
+            Ended::Denied => DENIED_CODE,
+            Ended::Gone => GONE_CODE,
+            Ended::HeaderTimeout => {
+                self.agent.transport.stats.peer_refuse(crate::transport::PeerRefusal::StreamTimeout);
+                TIMEOUT_CODE
             }
-        }
-        self.stats.denied.fetch_add(1, Relaxed);
-        tracing::info!(%caller, service = %open.service, "open stream closed: intentions now deny");
+        };
         let (mut recv, mut send) = quic.into_inner();
-        let _ = send.reset(DENIED_CODE);
-        let _ = recv.stop(DENIED_CODE);
+        let _ = send.reset(code);
+        let _ = recv.stop(code);
+        if code == TIMEOUT_CODE {
+            anyhow::bail!("no forward header within {:?}", self.agent.transport.limits.stream_read_timeout);
+        }
         Ok(())
     }
 }
@@ -586,7 +592,7 @@ impl tokio::io::AsyncWrite for Metered {
     }
 }
 
-async fn connect(ip: std::net::IpAddr, port: u16) -> anyhow::Result<TcpStream> {
+pub(crate) async fn connect(ip: std::net::IpAddr, port: u16) -> anyhow::Result<TcpStream> {
     let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((ip, port))).await??;
     s.set_nodelay(true)?;
     Ok(s)

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::agent::{AgentHandle, Command};
-use crate::policy::model::{self, Check, Health, Instance, Kind, Object};
+use crate::policy::model::{self, Check, CheckTiming, Health, HealthCheckDefaults, Instance, Kind, Object};
 use crate::policy::Key;
 
 /// Hysteresis over probe results.
@@ -53,8 +53,8 @@ impl Checker {
 }
 
 /// One probe: an HTTP/1.1 GET (status as expected, any 2xx by default) or a TCP connect,
-/// within the check's timeout.
-pub async fn probe(inst: &Instance, check: &Check) -> bool {
+/// within `timeout`.
+pub async fn probe(inst: &Instance, check: &Check, timeout: Duration) -> bool {
     let run = async {
         let mut s = TcpStream::connect((inst.address, inst.port)).await?;
         let Some(path) = &check.http else { return anyhow::Ok(true) };
@@ -71,14 +71,15 @@ pub async fn probe(inst: &Instance, check: &Check) -> bool {
             None => (200..300).contains(&status),
         })
     };
-    matches!(tokio::time::timeout(check.timeout, run).await, Ok(Ok(true)))
+    matches!(tokio::time::timeout(timeout, run).await, Ok(Ok(true)))
 }
 
 struct Tracked {
     checker: Checker,
     next: Instant,
-    /// The check it was made for: a re-registration with another check starts over.
-    check: Check,
+    /// The check it was made for: a re-registration with another check, or new service
+    /// defaults, start over.
+    check: (Check, CheckTiming),
 }
 
 /// Runs the checks of this node's instances until the agent stops.
@@ -89,29 +90,29 @@ pub async fn run(agent: AgentHandle) {
         tick.tick().await;
         let now = Instant::now();
         let local = local_checked(&agent);
-        tracked.retain(|name, _| local.iter().any(|(n, _)| n == name));
+        tracked.retain(|name, _| local.iter().any(|(n, _, _)| n == name));
         // Due probes run together, so a slow one does not hold up the others.
         let mut probes = tokio::task::JoinSet::new();
-        for (name, inst) in local {
+        for (name, inst, timing) in local {
             let check = inst.check.clone().expect("filtered");
             let t = tracked.entry(name.clone()).or_insert_with(|| Tracked {
-                checker: Checker::new(check.rise, check.fall, inst.health),
-                next: now + check.interval.mul_f64(rand::random::<f64>()),
-                check: check.clone(),
+                checker: Checker::new(timing.rise, timing.fall, inst.health),
+                next: now + timing.interval.mul_f64(rand::random::<f64>()),
+                check: (check.clone(), timing),
             });
-            if t.check != check {
+            if t.check != (check.clone(), timing) {
                 *t = Tracked {
-                    checker: Checker::new(check.rise, check.fall, inst.health),
+                    checker: Checker::new(timing.rise, timing.fall, inst.health),
                     next: now,
-                    check: check.clone(),
+                    check: (check.clone(), timing),
                 };
             }
             if now < t.next {
                 continue;
             }
-            t.next = now + check.interval;
+            t.next = now + timing.interval;
             probes.spawn(async move {
-                let ok = probe(&inst, &check).await;
+                let ok = probe(&inst, &check, timing.timeout).await;
                 (name, inst, ok)
             });
         }
@@ -125,12 +126,21 @@ pub async fn run(agent: AgentHandle) {
     }
 }
 
-/// This node's instances that carry a check, by object name. Runs every tick on the
-/// data plane's thread, so only this node's entries (`<id>@<node>`) are parsed, not the
-/// whole cluster's catalog.
-fn local_checked(agent: &AgentHandle) -> Vec<(String, Instance)> {
+/// This node's instances that carry a check, by object name, with the check's timings
+/// (the service's `health_check` fills what the check leaves unset). Runs every tick on
+/// the data plane's thread, so only this node's entries (`<id>@<node>`) are parsed, not
+/// the whole cluster's catalog.
+fn local_checked(agent: &AgentHandle) -> Vec<(String, Instance, CheckTiming)> {
     let mine = format!("@{}", agent.identity.name);
     let store = agent.policy.store.lock().expect("policy lock");
+    let defaults = |service: &str| {
+        let key = Key { kind: Kind::Services, name: service.to_string() };
+        let body = store.get(&key).and_then(|r| r.val.body.clone());
+        match body.map(|b| model::parse(Kind::Services, service, b.as_bytes())) {
+            Some(Ok(Object::Service(s))) => s.health_check,
+            _ => HealthCheckDefaults::default(),
+        }
+    };
     store
         .iter()
         .filter(|(k, _)| k.kind == Kind::Instances && k.name.ends_with(&mine))
@@ -138,9 +148,17 @@ fn local_checked(agent: &AgentHandle) -> Vec<(String, Instance)> {
             let Ok(Object::Instance(i)) = model::parse(k.kind, &k.name, r.val.body.as_ref()?.as_bytes()) else {
                 return None;
             };
-            (i.node == agent.identity.name && i.check.is_some()).then(|| (k.name.clone(), i))
+            let timing = effective(i.check.as_ref()?.timing(&defaults(&i.service)));
+            (i.node == agent.identity.name).then(|| (k.name.clone(), i, timing))
         })
         .collect()
+}
+
+/// A probe never outlives its interval, whatever mix of instance and service values made it.
+fn effective(mut t: CheckTiming) -> CheckTiming {
+    t.interval = t.interval.max(Duration::from_millis(100));
+    t.timeout = t.timeout.min(t.interval).max(Duration::from_millis(1));
+    t
 }
 
 async fn publish(agent: &AgentHandle, name: &str, mut inst: Instance, health: Health) {

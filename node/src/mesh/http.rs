@@ -20,8 +20,9 @@ use crate::listen::{ConnGate, FirstRequest};
 /// The HTTP/1 + HTTP/2 server side of one client connection.
 pub type Builder = hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>;
 
-use super::circuit::Breakers;
+use super::circuit::{Admit, Breakers};
 use super::forward::{Counted, Forwarder, OpenError, SendError};
+use super::outlier::Outcome;
 use super::retry::backoff;
 use super::router::{RequestInfo, Resolved};
 use super::upstream;
@@ -59,7 +60,8 @@ pub async fn serve_connection(
     builder.serve_connection(TokioIo::new(tcp), svc).await
 }
 
-fn error(status: StatusCode, reason: &str, msg: String) -> Response<Body> {
+/// An answer of the proxy's own, with the reason in a header and in the JSON body.
+pub(crate) fn error(status: StatusCode, reason: &str, msg: String) -> Response<Body> {
     let body = serde_json::json!({"error": msg, "reason": reason}).to_string();
     Response::builder()
         .status(status)
@@ -97,11 +99,20 @@ pub fn service_of(host: &str) -> &str {
     host.strip_suffix(".trellis").unwrap_or(host)
 }
 
+/// Every request is counted, the proxy's own refusals included.
 async fn proxy(
     fwd: Arc<Forwarder>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     fixed: Option<Arc<str>>,
 ) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let (service, resp) = answer(&fwd, req, fixed).await;
+    record(&fwd, &service, &resp, started.elapsed());
+    Ok(resp)
+}
+
+/// The answer to one request, and the service it was for.
+async fn answer(fwd: &Arc<Forwarder>, mut req: Request<Incoming>, fixed: Option<Arc<str>>) -> (String, Response<Body>) {
     // HTTP/2 clients send `:authority` (in the URI) instead of a Host header.
     let host = req
         .headers()
@@ -113,7 +124,7 @@ async fn proxy(
     let service = fixed.as_deref().unwrap_or_else(|| service_of(&host)).to_string();
     let host = if host.is_empty() { service.clone() } else { host };
     if service.is_empty() {
-        return Ok(error(StatusCode::BAD_REQUEST, "no_host", "set Host: <service> or <service>.trellis".into()));
+        return (service, error(StatusCode::BAD_REQUEST, "no_host", "set Host: <service> or <service>.trellis".into()));
     }
     let headers: Vec<(String, String)> = req
         .headers()
@@ -140,7 +151,7 @@ async fn proxy(
         |name| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()),
         &fwd.agent.spiffe_id,
     ) {
-        return Ok(too_many_requests(&refusal));
+        return (service, too_many_requests(&refusal));
     }
     if let Some((prefix, to)) = &resolved.rewrite {
         let rest = path.strip_prefix(prefix.as_str()).unwrap_or(&path);
@@ -153,18 +164,19 @@ async fn proxy(
             *req.uri_mut() = uri;
         }
     }
-    let started = Instant::now();
-    let resp = guarded(&fwd, &resolved, &host, req).await;
-    record(&fwd, &service, resp.status().as_u16(), started.elapsed());
-    Ok(resp)
+    let resp = guarded(fwd, &resolved, &host, req).await;
+    (service, resp)
 }
 
 /// Counts a proxied request under its service, or `_other` for names neither policy nor
 /// the catalog knows (the Host header is the client's to write).
-fn record(fwd: &Forwarder, service: &str, status: u16, took: std::time::Duration) {
+/// An answer of a proxy's own (this one's, or the destination agent's) is known by its
+/// `x-trellis-reason`.
+fn record(fwd: &Forwarder, service: &str, resp: &Response<Body>, took: std::time::Duration) {
     let known = fwd.snapshot().protocols.contains_key(service);
     let label = if known { service } else { "_other" };
-    fwd.stats.traffic.lock().expect("traffic lock").record(label, status, took);
+    let reason = resp.headers().get("x-trellis-reason").and_then(|v| v.to_str().ok()).and_then(super::traffic::reason);
+    fwd.stats.traffic.lock().expect("traffic lock").record(label, resp.status().as_u16(), reason, took);
 }
 
 /// The request's way out, as layers: circuit -> timeout -> retries (budget, backoff,
@@ -181,13 +193,27 @@ async fn guarded(fwd: &Arc<Forwarder>, resolved: &Resolved, host: &str, req: Req
         let msg = format!("{max} requests to {} already in flight from this node", resolved.service);
         return error(StatusCode::SERVICE_UNAVAILABLE, "circuit_open", msg);
     };
-    match tokio::time::timeout(timeout, attempts(fwd, resolved, host, req, &retry)).await {
+    let cb = &svc.circuit_breaker;
+    let admit = fwd.breakers.lock().expect("breakers lock").admit(Instant::now(), &resolved.service, cb);
+    if admit == Admit::No {
+        fwd.stats.circuit_open.fetch_add(1, Relaxed);
+        let msg = format!(
+            "{} failed {}% or more of its last answers; one probe goes through every {:?}",
+            resolved.service, cb.failure_rate_percent, cb.open_for
+        );
+        return error(StatusCode::SERVICE_UNAVAILABLE, "circuit_open", msg);
+    }
+    let resp = match tokio::time::timeout(timeout, attempts(fwd, resolved, host, req, &retry)).await {
         Ok(resp) => resp,
         Err(_) => {
             fwd.stats.timeouts.fetch_add(1, Relaxed);
             error(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("no answer within {timeout:?}"))
         }
-    }
+    };
+    let failed = resp.status().is_server_error();
+    let probe = admit == Admit::Probe;
+    fwd.breakers.lock().expect("breakers lock").record(Instant::now(), &resolved.service, failed, probe, cb);
+    resp
 }
 
 /// Idempotent requests without a body are retried on another instance when the one picked
@@ -222,7 +248,7 @@ async fn attempts(
                 Ok(r) => r,
                 Err(_) => {
                     let resp = error(StatusCode::GATEWAY_TIMEOUT, "per_try_timeout", format!("no answer within {t:?}"));
-                    Err(if retry.on.contains(&RetryOn::Timeout) { Failure::Retry(resp) } else { Failure::Final(resp) })
+                    Err(Failure::Retry(resp, RetryOn::Timeout))
                 }
             },
             None => one.await,
@@ -230,7 +256,8 @@ async fn attempts(
         match result {
             Ok(resp) if attempt + 1 < tries && retry_status(&retry.on, resp.status()) => last = Some(resp),
             Ok(resp) | Err(Failure::Final(resp)) => return resp,
-            Err(Failure::Retry(resp)) => last = Some(resp),
+            Err(Failure::Retry(resp, on)) if retry.on.contains(&on) => last = Some(resp),
+            Err(Failure::Retry(resp, _)) => return resp,
         }
     }
     last.unwrap_or_else(|| error(StatusCode::BAD_GATEWAY, "retry_budget", "retry budget spent".into()))
@@ -251,8 +278,9 @@ fn retry_status(on: &[RetryOn], status: StatusCode) -> bool {
 enum Failure {
     /// Another instance would not help.
     Final(Response<Body>),
-    /// The instance failed before answering: another one may serve the request.
-    Retry(Response<Body>),
+    /// The instance failed before answering: another one may serve the request, if the
+    /// retry policy's `on` lists this kind of failure.
+    Retry(Response<Body>, RetryOn),
 }
 
 fn retryable<B: hyper::body::Body>(req: &Request<B>) -> bool {
@@ -274,10 +302,20 @@ async fn once(
         Err(e) => return Err(Failure::Final(error(StatusCode::SERVICE_UNAVAILABLE, "no_instance", e.to_string()))),
     };
     let started = Instant::now();
-    match fwd.request(&resolved.service, &pick, req, host, h2).await {
+    let sent = fwd.request(&resolved.service, &pick, req, host, h2);
+    // A request to another node ends when that node is declared down or leaves, rather
+    // than at its timeout: idempotent ones go to another instance, the rest get a 503.
+    let result = tokio::select! {
+        r = sent => r,
+        _ = fwd.node_gone(&pick.node), if pick.peer.is_some() => {
+            let msg = format!("{} left the cluster or was declared down with this request in flight", pick.node);
+            return Err(Failure::Retry(error(StatusCode::SERVICE_UNAVAILABLE, "instance_gone", msg), RetryOn::Reset));
+        }
+    };
+    match result {
         Ok(resp) => {
             fwd.observe(&pick, started.elapsed());
-            fwd.record(&resolved.service, &pick, true);
+            fwd.record(&resolved.service, &pick, Outcome::of_status(resp.status().as_u16()));
             let mut resp = resp.map(|body| Counted::new(body, in_flight).boxed());
             upstream::strip_hop_by_hop(resp.headers_mut());
             Ok(resp)
@@ -286,14 +324,15 @@ async fn once(
             Err(Failure::Final(error(StatusCode::FORBIDDEN, "denied", e.to_string())))
         }
         Err(e @ SendError::Open(_)) => {
-            Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "unreachable", e.to_string())))
+            Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "unreachable", e.to_string()), RetryOn::ConnectFailure))
         }
         Err(e @ SendError::Handshake(_)) => {
-            Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "handshake", e.to_string())))
+            fwd.record(&resolved.service, &pick, Outcome::GatewayFailure);
+            Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "handshake", e.to_string()), RetryOn::ConnectFailure))
         }
         Err(e @ SendError::Upstream(_)) => {
-            fwd.record(&resolved.service, &pick, false);
-            Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "upstream", e.to_string())))
+            fwd.record(&resolved.service, &pick, Outcome::GatewayFailure);
+            Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "upstream", e.to_string()), RetryOn::Reset))
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod forward;
 pub mod hashing;
 pub mod health;
 pub mod http;
+pub mod inbound;
 pub mod lb;
 pub mod locality;
 pub mod outlier;

@@ -132,7 +132,10 @@ fn matches(r: &Route, req: &RequestInfo) -> Option<String> {
     let prefix = match &m.path {
         None => String::new(),
         Some(PathMatch::Exact(p)) => (req.path == p).then(|| p.clone())?,
-        Some(PathMatch::Prefix(p)) => req.path.starts_with(p.as_str()).then(|| p.clone())?,
+        // By segments: `/api` matches `/api` and `/api/x`, never `/apiary`.
+        Some(PathMatch::Prefix(p)) => {
+            super::authz::segment_prefix(p, req.path).then(|| p.trim_end_matches('/').to_string())?
+        }
         Some(PathMatch::Regex(re)) => regex::Regex::new(re).ok()?.is_match(req.path).then(String::new)?,
     };
     if !m.methods.is_empty() && !m.methods.iter().any(|x| x.eq_ignore_ascii_case(req.method)) {
@@ -223,5 +226,7 @@ mod tests {
         assert_eq!((r.service.as_str(), r.route.as_deref()), ("api", Some("a-api")));
         assert_eq!(r.rewrite, Some(("/api".into(), "/".into())));
         assert_eq!(t.resolve(&req("/home", &[]), 0.5).service, "web");
+        assert_eq!(t.resolve(&req("/apiary", &[]), 0.5).service, "web", "a prefix matches whole segments");
+        assert_eq!(t.resolve(&req("/api", &[]), 0.5).service, "api");
     }
 }

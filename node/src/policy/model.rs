@@ -207,24 +207,52 @@ impl Default for RetryPolicy {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Limits on what this node sends to a service, as Envoy's thresholds, plus a breaker
+/// that opens on the service's error rate and lets one probe through after `open_for`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CircuitBreaker {
+    /// Connections open to the service's instances (pooled HTTP and TCP streams).
     pub max_connections: u32,
+    /// Requests waiting for a connection while `max_connections` are in use.
     pub max_pending: u32,
+    /// Requests in flight.
     pub max_requests: u32,
+    /// Opens the circuit when this share (percent) of the answers within `window` were
+    /// 5xx or failures; 0 turns it off.
+    pub failure_rate_percent: f64,
+    /// Answers within `window` needed before the rate counts.
+    pub min_requests: u32,
+    #[serde(with = "dur")]
+    pub window: Duration,
+    /// How long an open circuit refuses before one probe request is let through.
+    #[serde(with = "dur")]
+    pub open_for: Duration,
 }
 
 impl Default for CircuitBreaker {
     fn default() -> Self {
-        CircuitBreaker { max_connections: 1024, max_pending: 1024, max_requests: 1024 }
+        CircuitBreaker {
+            max_connections: 1024,
+            max_pending: 1024,
+            max_requests: 1024,
+            failure_rate_percent: 0.0,
+            min_requests: 20,
+            window: d(10_000),
+            open_for: d(5_000),
+        }
     }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutlierDetection {
+    /// Gateway failures in a row that eject: no connection, a reset, no answer, or a
+    /// 502, 503 or 504 (Envoy's `consecutive_gateway_failure`); 0 turns it off.
     pub consecutive_failures: u32,
+    /// Any 5xx or gateway failure in a row that ejects (Envoy's `consecutive_5xx`); 0
+    /// turns it off.
+    pub consecutive_5xx: u32,
     #[serde(with = "dur")]
     pub base_ejection_time: Duration,
     /// Ejection time grows by this factor with each repeat ejection.
@@ -236,6 +264,7 @@ impl Default for OutlierDetection {
     fn default() -> Self {
         OutlierDetection {
             consecutive_failures: 5,
+            consecutive_5xx: 5,
             base_ejection_time: d(30_000),
             ejection_growth: 2.0,
             max_ejected_percent: 50,
@@ -243,6 +272,8 @@ impl Default for OutlierDetection {
     }
 }
 
+/// The service's defaults for its instances' checks: an instance's `check` takes each
+/// value it does not set from here.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthCheckDefaults {
@@ -393,6 +424,9 @@ pub enum Action {
     Deny,
 }
 
+/// Who may call a service. `paths`, `methods` and `headers` narrow it to some HTTP
+/// requests (L7): each list that is given must match (any of its paths, any of its
+/// methods, all of its headers). Precedence is in [`crate::mesh::authz`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Intention {
@@ -400,10 +434,20 @@ pub struct Intention {
     pub source: String,
     pub destination: String,
     pub action: Action,
+    /// Exact paths (`/admin`), or a path and everything below it (`/api/*`, by segments).
     #[serde(default)]
     pub paths: Vec<String>,
     #[serde(default)]
     pub methods: Vec<String>,
+    #[serde(default)]
+    pub headers: Vec<ValueMatch>,
+}
+
+impl Intention {
+    /// Does it look into HTTP requests (so it cannot apply to opaque TCP streams)?
+    pub fn is_l7(&self) -> bool {
+        !(self.paths.is_empty() && self.methods.is_empty() && self.headers.is_empty())
+    }
 }
 
 /// One running instance of a service on a node.
@@ -446,7 +490,7 @@ pub enum Health {
 
 /// An HTTP GET of `http` (a path) expecting `expect_status` (any 2xx when unset), or a TCP
 /// connect when `tcp` is true; `rise` passes in a row make it passing, `fall` failures in a
-/// row critical.
+/// row critical. Unset timings come from the service's `health_check`, then the defaults.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Check {
@@ -456,30 +500,52 @@ pub struct Check {
     pub tcp: bool,
     #[serde(default)]
     pub expect_status: Option<u16>,
-    #[serde(default = "check_interval", with = "dur")]
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rise: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fall: Option<u32>,
+}
+
+/// A check's timings once the service's defaults have filled what it leaves unset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckTiming {
     pub interval: Duration,
-    #[serde(default = "check_timeout", with = "dur")]
     pub timeout: Duration,
-    #[serde(default = "two")]
     pub rise: u32,
-    #[serde(default = "three")]
     pub fall: u32,
 }
 
-fn check_interval() -> Duration {
-    d(5_000)
+impl Check {
+    pub fn timing(&self, defaults: &HealthCheckDefaults) -> CheckTiming {
+        CheckTiming {
+            interval: self.interval.unwrap_or(defaults.interval),
+            timeout: self.timeout.unwrap_or(defaults.timeout),
+            rise: self.rise.unwrap_or(defaults.healthy_threshold),
+            fall: self.fall.unwrap_or(defaults.unhealthy_threshold),
+        }
+    }
 }
 
-fn check_timeout() -> Duration {
-    d(1_000)
-}
-
-fn two() -> u32 {
-    2
-}
-
-fn three() -> u32 {
-    3
+fn validate_timing(p: &str, t: &CheckTiming) -> Result<(), FieldError> {
+    if t.interval < d(100) || t.timeout.is_zero() || t.timeout > t.interval {
+        return Err(err(
+            format!("{p}.interval"),
+            "interval must be at least 100ms, timeout above zero and at most the interval",
+            "e.g. interval \"1s\", timeout \"500ms\"",
+        ));
+    }
+    if t.rise == 0 || t.fall == 0 {
+        return Err(err(
+            format!("{p}.rise"),
+            "rise and fall (healthy_threshold, unhealthy_threshold) must be at least 1",
+            "e.g. rise 2, fall 3",
+        ));
+    }
+    Ok(())
 }
 
 fn validate_check(p: &str, c: &Check) -> Result<(), FieldError> {
@@ -489,17 +555,9 @@ fn validate_check(p: &str, c: &Check) -> Result<(), FieldError> {
     if c.http.as_deref().is_some_and(|h| !h.starts_with('/')) {
         return Err(err(format!("{p}.check.http"), "must be a path", "e.g. \"/healthz\""));
     }
-    if c.interval < d(100) || c.timeout.is_zero() || c.timeout > c.interval {
-        return Err(err(
-            format!("{p}.check.interval"),
-            "interval must be at least 100ms, timeout above zero and at most the interval",
-            "e.g. interval \"1s\", timeout \"500ms\"",
-        ));
-    }
-    if c.rise == 0 || c.fall == 0 {
-        return Err(err(format!("{p}.check.rise"), "rise and fall must be at least 1", "e.g. rise 2, fall 3"));
-    }
-    Ok(())
+    // Checked against the built-in defaults here; the service's may differ, and the
+    // health shell clamps what a combination of the two makes invalid.
+    validate_timing(&format!("{p}.check"), &c.timing(&HealthCheckDefaults::default()))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -568,6 +626,53 @@ pub fn parse(kind: Kind, name: &str, json: &[u8]) -> Result<Object, FieldError> 
     Ok(obj)
 }
 
+fn validate_breaker(p: &str, b: &CircuitBreaker) -> Result<(), FieldError> {
+    for (f, v) in
+        [("max_connections", b.max_connections), ("max_pending", b.max_pending), ("max_requests", b.max_requests)]
+    {
+        if v == 0 {
+            return Err(err(format!("{p}.{f}"), "must be at least 1", "a limit of 0 would refuse everything"));
+        }
+    }
+    if !(0.0..=100.0).contains(&b.failure_rate_percent) {
+        return Err(err(format!("{p}.failure_rate_percent"), "must be within 0..100", "0 turns it off"));
+    }
+    if b.min_requests == 0 || b.window.is_zero() || b.open_for.is_zero() {
+        return Err(err(
+            format!("{p}.window"),
+            "min_requests, window and open_for must be above zero",
+            "e.g. min_requests 20, window \"10s\", open_for \"5s\"",
+        ));
+    }
+    Ok(())
+}
+
+/// Path rules are exact (`/admin`) or a prefix by segments (`/api/*`); `*` goes nowhere else.
+fn validate_l7(p: &str, i: &Intention) -> Result<(), FieldError> {
+    for (n, path) in i.paths.iter().enumerate() {
+        let stem = path.strip_suffix("/*").unwrap_or(path);
+        if !path.starts_with('/') || stem.contains('*') {
+            return Err(err(
+                format!("{p}.paths[{n}]"),
+                format!("{path:?} is not a path rule"),
+                "give an exact path such as \"/admin\", or \"/api/*\" for /api and everything below it",
+            ));
+        }
+    }
+    for (n, m) in i.methods.iter().enumerate() {
+        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return Err(err(format!("{p}.methods[{n}]"), format!("{m:?} is not an HTTP method"), "e.g. \"GET\""));
+        }
+    }
+    for (n, h) in i.headers.iter().enumerate() {
+        need(format!("{p}.headers[{n}].name"), &h.name, "header name")?;
+        if let Some(re) = &h.regex {
+            check_regex(format!("{p}.headers[{n}].regex"), re)?;
+        }
+    }
+    Ok(())
+}
+
 fn need(path: String, v: &str, what: &str) -> Result<(), FieldError> {
     if v.is_empty() {
         return Err(err(path, format!("{what} is empty"), format!("name the {what}")));
@@ -598,6 +703,15 @@ impl Object {
                 if s.outlier_detection.max_ejected_percent > 100 {
                     return Err(err(format!("{p}.outlier_detection.max_ejected_percent"), "must be within 0..100", ""));
                 }
+                let h = &s.health_check;
+                let t = CheckTiming {
+                    interval: h.interval,
+                    timeout: h.timeout,
+                    rise: h.healthy_threshold,
+                    fall: h.unhealthy_threshold,
+                };
+                validate_timing(&format!("{p}.health_check"), &t)?;
+                validate_breaker(&format!("{p}.circuit_breaker"), &s.circuit_breaker)?;
                 if matches!(s.lb.policy, LbPolicy::RingHash | LbPolicy::Maglev) && s.lb.hash_header.is_none() {
                     return Err(err(
                         format!("{p}.lb.hash_header"),
@@ -677,6 +791,7 @@ impl Object {
             }
             Object::Intention(i) => {
                 need(format!("{p}.destination"), &i.destination, "destination")?;
+                validate_l7(p, i)?;
                 if i.source != "*" && !i.source.starts_with("spiffe://") {
                     return Err(err(
                         format!("{p}.source"),

@@ -1,0 +1,274 @@
+//! The destination side of every stream to an instance on this node: from a peer over a
+//! QUIC stream, and from this node's own proxy and listeners over an in-memory pipe. Both
+//! speak the same forward header and status byte, so a local call meets exactly the check
+//! a remote one does, and a new way in cannot skip it.
+//!
+//! A stream is decided once at open (caller, service) and copied as bytes, unless the
+//! service has intentions that look into requests: then the stream is served as HTTP and
+//! every request is decided on its own ([`super::authz`]). Open streams are decided again
+//! whenever policy changes, and end when their instance goes critical or away.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use trellis_proto::forward::{ForwardOpen, ForwardStatus, MAX_FORWARD_HEADER};
+
+use super::authz::{self, HttpRequest};
+use super::catalog::{InstanceView, Snapshot};
+use super::forward::Forwarder;
+use super::upstream;
+use crate::policy::model::{Action, Health, Protocol};
+
+/// How an inbound stream ended, for the shell to close it the right way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Either side closed, or the stream was refused with a status byte.
+    Done,
+    /// Intentions stopped allowing it while it was open.
+    Denied,
+    /// Its instance went critical or away, or the service's mode changed (it now needs
+    /// request-level checks): the caller opens a new stream.
+    Gone,
+    /// No forward header within the stream read timeout.
+    HeaderTimeout,
+}
+
+/// A stream in both directions.
+pub trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
+
+impl Forwarder {
+    /// Serves one stream to a local instance for `caller` (a SPIFFE id).
+    pub async fn inbound<S: Duplex>(&self, caller: &str, io: &mut S) -> anyhow::Result<Ended> {
+        let within = self.agent.transport.limits.stream_read_timeout;
+        let Ok(header) = tokio::time::timeout(within, read_header(io)).await else {
+            return Ok(Ended::HeaderTimeout);
+        };
+        let open = match header? {
+            Ok(open) => open,
+            Err(why) => {
+                io.write_all(&[ForwardStatus::BadRequest as u8]).await?;
+                anyhow::bail!("{why}");
+            }
+        };
+        let snap = self.snapshot();
+        let Some(target) = local_target(&snap, &self.agent.identity.name, &open).cloned() else {
+            io.write_all(&[ForwardStatus::UnknownInstance as u8]).await?;
+            anyhow::bail!("no local instance {}", open.instance);
+        };
+        let l7 = per_request(&snap, &target);
+        if !l7 && stream_decision(&snap, caller, &open.service) == Action::Deny {
+            self.stats.denied.fetch_add(1, Relaxed);
+            io.write_all(&[ForwardStatus::Denied as u8]).await?;
+            let _ = io.shutdown().await;
+            tracing::info!(%caller, service = %open.service, "denied by intentions");
+            return Ok(Ended::Done);
+        }
+        let up = match super::forward::connect(target.instance.address, target.instance.port).await {
+            Ok(up) => up,
+            Err(e) => {
+                self.stats.failed.fetch_add(1, Relaxed);
+                io.write_all(&[ForwardStatus::Unreachable as u8]).await?;
+                return Err(e);
+            }
+        };
+        self.stats.inbound.fetch_add(1, Relaxed);
+        io.write_all(&[ForwardStatus::Ok as u8]).await?;
+        if l7 {
+            self.serve_requests(caller, &open.service, &target, io, up).await
+        } else {
+            self.copy_while_allowed(caller, &open.service, &target, io, up).await
+        }
+    }
+
+    /// Copies bytes both ways until either side closes, or policy no longer lets the
+    /// stream stand as it is.
+    async fn copy_while_allowed<S: Duplex>(
+        &self,
+        caller: &str,
+        service: &str,
+        target: &InstanceView,
+        io: &mut S,
+        mut up: tokio::net::TcpStream,
+    ) -> anyhow::Result<Ended> {
+        // A stream lives as long as its caller keeps it (pooled HTTP connections, long TCP
+        // sessions), so it is decided again whenever policy changes.
+        let mut changes = self.agent.policy.index.subscribe();
+        let copy = tokio::io::copy_bidirectional(io, &mut up);
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                r = &mut copy => {
+                    r?;
+                    return Ok(Ended::Done);
+                }
+                Ok(()) = changes.changed() => {
+                    let snap = self.snapshot();
+                    if stream_decision(&snap, caller, service) == Action::Deny {
+                        self.stats.denied.fetch_add(1, Relaxed);
+                        tracing::info!(%caller, %service, "open stream closed: intentions now deny");
+                        return Ok(Ended::Denied);
+                    }
+                    if !serves(&snap, target) || per_request(&snap, target) {
+                        return Ok(Ended::Gone);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves the stream as HTTP in the instance's protocol, deciding each request.
+    async fn serve_requests<S: Duplex>(
+        &self,
+        caller: &str,
+        service: &str,
+        target: &InstanceView,
+        io: &mut S,
+        up: tokio::net::TcpStream,
+    ) -> anyhow::Result<Ended> {
+        let h2 = upstream::is_h2(self.snapshot().protocol_of(service));
+        let sender = upstream::handshake(Box::new(up), h2).await?;
+        let fwd = self.me();
+        let (caller, service): (Arc<str>, Arc<str>) = (caller.into(), service.into());
+        let instance = Arc::new(Instance {
+            sender: tokio::sync::Mutex::new(sender),
+            addr: (target.instance.address, target.instance.port),
+            h2,
+        });
+        let svc = hyper::service::service_fn(move |req| {
+            request(fwd.clone(), caller.clone(), service.clone(), instance.clone(), req)
+        });
+        let io = TokioIo::new(io);
+        let mut changes = self.agent.policy.index.subscribe();
+        let conn = async {
+            if h2 {
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, svc).await
+            } else {
+                hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await
+            }
+        };
+        tokio::pin!(conn);
+        loop {
+            tokio::select! {
+                r = &mut conn => {
+                    r?;
+                    return Ok(Ended::Done);
+                }
+                Ok(()) = changes.changed() => {
+                    if !serves(&self.snapshot(), target) {
+                        return Ok(Ended::Gone);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The connection to the instance behind one inbound HTTP stream.
+struct Instance {
+    sender: tokio::sync::Mutex<upstream::Sender>,
+    addr: (std::net::IpAddr, u16),
+    h2: bool,
+}
+
+impl Instance {
+    /// Sends `req`, first opening a new connection when the instance closed the last one
+    /// (servers that answer `Connection: close`, or idle timeouts).
+    async fn send(&self, req: Request<upstream::Body>, authority: &str) -> anyhow::Result<Response<Incoming>> {
+        // HTTP/2 carries requests side by side on one connection; HTTP/1.1 one at a time.
+        if let Some(mut s) = self.sender.lock().await.shared().filter(upstream::Sender::is_usable) {
+            return Ok(s.send(req, authority).await.map_err(|e| e.into_error())?);
+        }
+        let mut s = self.sender.lock().await;
+        if !s.idle().await {
+            let up = super::forward::connect(self.addr.0, self.addr.1).await?;
+            *s = upstream::handshake(Box::new(up), self.h2).await?;
+        }
+        Ok(s.send(req, authority).await.map_err(|e| e.into_error())?)
+    }
+}
+
+/// One request on an inbound HTTP stream: decided, then sent to the instance.
+async fn request(
+    fwd: Arc<Forwarder>,
+    caller: Arc<str>,
+    service: Arc<str>,
+    instance: Arc<Instance>,
+    req: Request<Incoming>,
+) -> Result<Response<upstream::Body>, Infallible> {
+    let snap = fwd.snapshot();
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let http = HttpRequest { method: req.method().as_str(), path: req.uri().path(), headers: &headers };
+    let action = authz::decide(snap.intentions.iter(), snap.intention_default, &caller, &service, Some(&http));
+    if action == Action::Deny {
+        fwd.stats.denied.fetch_add(1, Relaxed);
+        tracing::info!(%caller, %service, method = %req.method(), path = %req.uri().path(), "request denied by intentions");
+        let msg = format!("{} {} on {service} denied by intentions", req.method(), req.uri().path());
+        return Ok(super::http::error(StatusCode::FORBIDDEN, "denied", msg));
+    }
+    let authority = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or(&service)
+        .to_string();
+    Ok(match instance.send(req.map(|b| b.boxed()), &authority).await {
+        Ok(resp) => {
+            // This hop's connection is ours: the instance's `Connection: close` must not
+            // end the caller's stream.
+            let mut resp = resp.map(|b| b.boxed());
+            upstream::strip_hop_by_hop(resp.headers_mut());
+            resp
+        }
+        Err(e) => {
+            fwd.stats.failed.fetch_add(1, Relaxed);
+            let msg = format!("the instance did not answer: {e}");
+            super::http::error(StatusCode::BAD_GATEWAY, "upstream", msg)
+        }
+    })
+}
+
+/// Reads the forward header: Ok(Err(why)) when it arrived but is not one.
+async fn read_header<S: Duplex>(io: &mut S) -> anyhow::Result<Result<ForwardOpen, String>> {
+    let len = io.read_u16().await? as usize;
+    if len > MAX_FORWARD_HEADER {
+        return Ok(Err(format!("forward header of {len} bytes")));
+    }
+    let mut buf = vec![0; len];
+    io.read_exact(&mut buf).await?;
+    Ok(ForwardOpen::decode(&buf).map_err(|e| format!("bad forward header: {e}")))
+}
+
+/// The instance a header names, when it is this node's and of that service.
+fn local_target<'a>(snap: &'a Snapshot, me: &str, open: &ForwardOpen) -> Option<&'a InstanceView> {
+    snap.instances
+        .iter()
+        .find(|i| i.name == open.instance && i.instance.node == me && i.instance.service == open.service)
+}
+
+/// The decision for a whole stream (no request to look into).
+fn stream_decision(snap: &Snapshot, caller: &str, service: &str) -> Action {
+    authz::decide(snap.intentions.iter(), snap.intention_default, caller, service, None)
+}
+
+/// Must this instance's streams be decided request by request?
+fn per_request(snap: &Snapshot, target: &InstanceView) -> bool {
+    let service = &target.instance.service;
+    snap.protocol_of(service) != Protocol::Tcp && authz::has_l7(snap.intentions.iter(), service)
+}
+
+/// Is the instance still registered here and not failing its check?
+fn serves(snap: &Snapshot, target: &InstanceView) -> bool {
+    snap.instances.iter().any(|i| i.name == target.name && i.instance.health != Health::Critical)
+}
