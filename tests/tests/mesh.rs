@@ -887,3 +887,422 @@ fn a_node_killed_with_slow_requests_in_flight_answers_each_promptly() {
         "idempotent ones are retried: {replies:?}"
     );
 }
+
+#[test]
+fn route_matches_timeouts_and_retries_hold_on_real_agents() {
+    use std::time::Instant;
+    use trellis_tests::http::{server, slow_server};
+    /// One request with `method`, extra headers and no body; returns (status, reason, body).
+    fn call(
+        to: SocketAddr,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, Option<String>, String) {
+        let Ok(mut s) = TcpStream::connect(to) else { return (0, None, String::new()) };
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        let _ = s.write_all(req.as_bytes());
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((out.as_str(), ""));
+        let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let reason = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-trellis-reason:").map(|v| v.trim().to_string()));
+        (status, reason, body.to_string())
+    }
+    let (c, proxy) = proxy_mesh();
+    let instance = |service: &str, port: u16| json!({"service": service, "address": "127.0.0.1", "port": port});
+
+    // Backends answer "<name> <path>", so a reply names the destination that took it.
+    let backends = [
+        "shop",
+        "to-exact",
+        "to-regex",
+        "to-method",
+        "to-header",
+        "to-query-name",
+        "to-query-exact",
+        "to-query-regex",
+        "checkout-v1",
+        "checkout-v2",
+    ];
+    for (i, name) in backends.into_iter().enumerate() {
+        put(&c, 1 + i % 2, &format!("/v1/agent/services/{name}-1"), instance(name, server(name).port()));
+    }
+    // `flip` and `floor` each have an instance answering 500 (node 1) and one answering 200 (node 2).
+    let (bad, good) = (slow_server(Duration::ZERO, 500, "bad"), server("good"));
+    for service in ["flip", "floor"] {
+        put(&c, 1, &format!("/v1/agent/services/{service}-bad"), instance(service, bad.port()));
+        put(&c, 2, &format!("/v1/agent/services/{service}-good"), instance(service, good.port()));
+    }
+    // `lag` and `pertry` answer after 1 s; `pertry-retried` has that instance and a fast one.
+    let lag = slow_server(Duration::from_secs(1), 200, "lag");
+    put(&c, 1, "/v1/agent/services/lag-1", instance("lag", lag.port()));
+    put(&c, 1, "/v1/agent/services/pertry-1", instance("pertry", lag.port()));
+    put(&c, 1, "/v1/agent/services/pertry-retried-slow", instance("pertry-retried", lag.port()));
+    put(&c, 2, "/v1/agent/services/pertry-retried-fast", instance("pertry-retried", good.port()));
+    // `hang` and `hang-long`: a listener whose accept queue is full, so connecting to it
+    // hangs (the kernel drops the SYNs) rather than failing.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let hung = rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        s.listen(0).unwrap()
+    });
+    let hung_addr = hung.local_addr().unwrap();
+    let _queued: Vec<TcpStream> =
+        (0..3).filter_map(|_| TcpStream::connect_timeout(&hung_addr, Duration::from_millis(200)).ok()).collect();
+    assert!(
+        TcpStream::connect_timeout(&hung_addr, Duration::from_millis(500)).is_err(),
+        "precondition: a connect to the full listener hangs"
+    );
+    put(&c, 2, "/v1/agent/services/hang-1", instance("hang", hung_addr.port()));
+    put(&c, 2, "/v1/agent/services/hang-long-1", instance("hang-long", hung_addr.port()));
+    // Checked instances: a TCP check only connects (its instance answers HTTP 500), and an
+    // HTTP check with `expect_status` wants that status, not any 2xx.
+    let closed = free_port();
+    let timing = json!({"interval": "200ms", "timeout": "150ms", "rise": 1, "fall": 1});
+    let check = |extra: serde_json::Value| {
+        let mut ch = timing.clone();
+        ch.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        ch
+    };
+    let checked = [
+        ("tcp-open", bad.port(), check(json!({"tcp": true})), "passing"),
+        ("tcp-closed", closed, check(json!({"tcp": true})), "critical"),
+        ("want-500", bad.port(), check(json!({"http": "/healthz", "expect_status": 500})), "passing"),
+        ("want-204", good.port(), check(json!({"http": "/healthz", "expect_status": 204})), "critical"),
+        ("want-2xx", bad.port(), check(json!({"http": "/healthz"})), "critical"),
+    ];
+    for (id, port, check, _) in &checked {
+        let mut body = instance("probed", *port);
+        body["check"] = check.clone();
+        put(&c, 1, &format!("/v1/agent/services/{id}"), body);
+    }
+
+    let no_outliers = json!({"consecutive_failures": 0, "consecutive_5xx": 0});
+    let route = |service: &str, m: serde_json::Value, to: serde_json::Value| json!({"service": service, "match": m, "destination": to});
+    let with = |mut r: serde_json::Value, field: &str, v: serde_json::Value| {
+        r[field] = v;
+        r
+    };
+    let to = |service: &str| json!({"service": service});
+    let prefix = |p: &str| json!({"path": {"prefix": p}});
+    let policy = [
+        ("services", "flip", json!({"outlier_detection": no_outliers})),
+        ("services", "floor", json!({"outlier_detection": no_outliers})),
+        ("services", "lag", json!({"timeout": "5s"})),
+        ("services", "pertry", json!({"retry": {"attempts": 0, "per_try_timeout": "200ms"}})),
+        (
+            "services",
+            "pertry-retried",
+            json!({"retry": {"attempts": 1, "on": ["timeout"], "per_try_timeout": "200ms"}}),
+        ),
+        ("services", "hang", json!({"connect_timeout": "300ms", "retry": {"attempts": 0}})),
+        ("services", "hang-long", json!({"connect_timeout": "1s", "retry": {"attempts": 0}})),
+        ("routes", "by-exact", route("shop", json!({"path": {"exact": "/exact"}}), to("to-exact"))),
+        ("routes", "by-regex", route("shop", json!({"path": {"regex": "^/items/[0-9]+$"}}), to("to-regex"))),
+        (
+            "routes",
+            "by-method",
+            route("shop", json!({"path": {"prefix": "/m"}, "methods": ["DELETE"]}), to("to-method")),
+        ),
+        (
+            "routes",
+            "by-header",
+            route(
+                "shop",
+                json!({"path": {"prefix": "/h"}, "headers": [{"name": "x-tier", "regex": "^(gold|platinum)$"}]}),
+                to("to-header"),
+            ),
+        ),
+        (
+            "routes",
+            "by-query-name",
+            route("shop", json!({"path": {"exact": "/q"}, "query": [{"name": "debug"}]}), to("to-query-name")),
+        ),
+        (
+            "routes",
+            "by-query-exact",
+            route(
+                "shop",
+                json!({"path": {"exact": "/q"}, "query": [{"name": "v", "exact": "2"}]}),
+                to("to-query-exact"),
+            ),
+        ),
+        (
+            "routes",
+            "by-query-regex",
+            route(
+                "shop",
+                json!({"path": {"exact": "/q"}, "query": [{"name": "id", "regex": "^[0-9a-f]{4}$"}]}),
+                to("to-query-regex"),
+            ),
+        ),
+        (
+            "splits",
+            "checkout",
+            json!({"service": "checkout", "backends": [{"service": "checkout-v1", "weight": 50}, {"service": "checkout-v2", "weight": 50}]}),
+        ),
+        ("routes", "by-split", route("shop", prefix("/checkout"), json!({"split": "checkout"}))),
+        ("routes", "limited", route("shop", prefix("/limited"), to("shop"))),
+        (
+            "ratelimits",
+            "shop-limited",
+            json!({"service": "shop", "route": "limited", "requests_per_second": 1, "burst": 1}),
+        ),
+        ("routes", "lag-quick", with(route("lag", prefix("/quick"), to("lag")), "timeout", json!("300ms"))),
+        (
+            "routes",
+            "lag-per-try",
+            with(
+                route("lag", prefix("/per-try"), to("lag")),
+                "retry",
+                json!({"attempts": 0, "per_try_timeout": "200ms"}),
+            ),
+        ),
+        (
+            "routes",
+            "flip-retry",
+            with(route("flip", prefix("/retry"), to("flip")), "retry", json!({"attempts": 1, "on": ["5xx"]})),
+        ),
+        (
+            "routes",
+            "flip-once",
+            with(route("flip", prefix("/once"), to("flip")), "retry", json!({"attempts": 0, "on": ["5xx"]})),
+        ),
+        (
+            "routes",
+            "flip-gateway",
+            with(
+                route("flip", prefix("/gateway"), to("flip")),
+                "retry",
+                json!({"attempts": 2, "on": ["gateway_error"]}),
+            ),
+        ),
+        (
+            "routes",
+            "flip-no-budget",
+            with(
+                route("flip", prefix("/no-budget"), to("flip")),
+                "retry",
+                json!({"attempts": 2, "on": ["5xx"], "budget_percent": 0, "min_retries_per_second": 0}),
+            ),
+        ),
+        (
+            "routes",
+            "flip-full-budget",
+            with(
+                route("flip", prefix("/full-budget"), to("flip")),
+                "retry",
+                json!({"attempts": 1, "on": ["5xx"], "budget_percent": 100, "min_retries_per_second": 0}),
+            ),
+        ),
+        (
+            "routes",
+            "floor-all",
+            with(
+                route("floor", json!({}), to("floor")),
+                "retry",
+                json!({"attempts": 1, "on": ["5xx"], "budget_percent": 0, "min_retries_per_second": 1}),
+            ),
+        ),
+    ];
+    for (kind, name, body) in &policy {
+        put(&c, 0, &format!("/v1/policy/{kind}/{name}"), body.clone());
+    }
+    let mut expected: Vec<(&str, usize)> = backends.iter().map(|b| (*b, 1)).collect();
+    expected.extend([("flip", 2), ("floor", 2), ("lag", 1), ("pertry", 1), ("pertry-retried", 2), ("hang", 1)]);
+    expected.extend([("hang-long", 1), ("probed", 5)]);
+    c.wait_until(Duration::from_secs(10), "every instance in node 0's catalog, checked ones settled", || {
+        let api = c.node(0).api();
+        for (service, n) in &expected {
+            if api.get_json(&format!("/v1/catalog/services/{service}")).ok()?.as_array()?.len() != *n {
+                return None;
+            }
+        }
+        let probed = api.get_json("/v1/catalog/services/probed").ok()?;
+        checked
+            .iter()
+            .all(|(id, _, _, want)| {
+                probed.as_array().is_some_and(|a| {
+                    a.iter().any(|i| {
+                        i["name"].as_str().is_some_and(|n| n.starts_with(&format!("{id}@"))) && i["health"] == *want
+                    })
+                })
+            })
+            .then_some(())
+    })
+    .unwrap();
+    let t0 = Instant::now();
+
+    // Path (exact, regex), methods, header regex, query (name, exact, regex).
+    let shop = |method: &str, path: &str, headers: &[(&str, &str)]| {
+        let (status, why, body) = call(proxy, method, "shop", path, headers);
+        assert_eq!(status, 200, "{method} {path} {headers:?}: {why:?} {body}");
+        body
+    };
+    c.wait_until(Duration::from_secs(10), "routes in force on node 0", || {
+        (shop("GET", "/exact", &[]) == "to-exact /exact").then_some(())
+    })
+    .unwrap();
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
+        ("GET", "/exact", &[], "to-exact"),
+        ("GET", "/exact/more", &[], "shop"),
+        ("GET", "/exactly", &[], "shop"),
+        ("GET", "/items/42", &[], "to-regex"),
+        ("GET", "/items/42x", &[], "shop"),
+        ("GET", "/items/abc", &[], "shop"),
+        ("DELETE", "/m/1", &[], "to-method"),
+        ("GET", "/m/1", &[], "shop"),
+        ("POST", "/m/1", &[], "shop"),
+        ("GET", "/h", &[("x-tier", "gold")], "to-header"),
+        ("GET", "/h/x", &[("X-Tier", "platinum")], "to-header"),
+        ("GET", "/h", &[("x-tier", "golden")], "shop"),
+        ("GET", "/h", &[], "shop"),
+        ("GET", "/q?debug", &[], "to-query-name"),
+        ("GET", "/q?a=1&debug=yes", &[], "to-query-name"),
+        ("GET", "/q?debugger=1", &[], "shop"),
+        ("GET", "/q?v=2", &[], "to-query-exact"),
+        ("GET", "/q?v=20", &[], "shop"),
+        ("GET", "/q?id=beef", &[], "to-query-regex"),
+        ("GET", "/q?id=beefy", &[], "shop"),
+        ("GET", "/q?id=BEEF", &[], "shop"),
+        ("GET", "/other?v=2&debug", &[], "shop"),
+    ];
+    for (method, path, headers, want) in cases {
+        assert_eq!(shop(method, path, headers), format!("{want} {path}"), "{method} {path} {headers:?}");
+    }
+
+    // A route to a split whose backends are other services.
+    let mut split = std::collections::HashMap::new();
+    for _ in 0..60 {
+        *split.entry(shop("GET", "/checkout/pay", &[])).or_insert(0) += 1;
+    }
+    let v1 = split.get("checkout-v1 /checkout/pay").copied().unwrap_or(0);
+    let v2 = split.get("checkout-v2 /checkout/pay").copied().unwrap_or(0);
+    assert!(v1 + v2 == 60 && v1 >= 10 && v2 >= 10, "a 50/50 split over 60 requests: {split:?}");
+
+    // A rate limit on one route: 429 there, never on the service's other routes.
+    let limited = c
+        .wait_until(Duration::from_secs(10), "a 429 on the limited route", || {
+            (0..5).map(|_| call(proxy, "GET", "shop", "/limited", &[])).find(|r| r.0 == 429)
+        })
+        .unwrap();
+    assert_eq!(limited.1.as_deref(), Some("rate_limited"), "{limited:?}");
+    for path in ["/exact", "/other", "/checkout/x"] {
+        for _ in 0..10 {
+            let (status, why, body) = call(proxy, "GET", "shop", path, &[]);
+            assert_eq!(status, 200, "{path} is not on the limited route: {why:?} {body}");
+        }
+    }
+
+    // Route retries: the route's policy replaces the service's (whose `on` lacks 5xx).
+    let count = |m: &str, name: &str| metric(m, name).unwrap_or(0.0);
+    let counters = || {
+        let m = c.node(0).api().get_text("/metrics").unwrap();
+        (count(&m, "trellis_forward_retries_total"), count(&m, "trellis_forward_retry_budget_exhausted_total"))
+    };
+    // `n` GETs: their statuses, the retries sent and the retries the budget refused.
+    let gets = |host: &str, path: &str, n: usize| -> (Vec<u16>, f64, f64) {
+        let (retries, refused) = counters();
+        let replies = (0..n)
+            .map(|_| {
+                let (status, why, body) = call(proxy, "GET", host, path, &[]);
+                assert!(status == 200 || (status == 500 && body == "bad"), "{host}{path}: {status} {why:?} {body}");
+                status
+            })
+            .collect();
+        let (retries2, refused2) = counters();
+        (replies, retries2 - retries, refused2 - refused)
+    };
+    let errors = |replies: &[u16]| replies.iter().filter(|s| **s == 500).count();
+    let (replies, retries, _) = gets("flip", "/retry", 20);
+    assert_eq!(errors(&replies), 0, "attempts 1 on 5xx: each 500 retried onto the good instance: {replies:?}");
+    assert!(retries >= 1.0, "the 500s were retried ({retries} retries): {replies:?}");
+    for path in ["/", "/once", "/gateway"] {
+        let (replies, retries, _) = gets("flip", path, 10);
+        assert!(errors(&replies) >= 3 && retries == 0.0, "{path}: 500s not retried ({retries} retries): {replies:?}");
+    }
+    let (replies, retries, refused) = gets("flip", "/no-budget", 10);
+    assert!(errors(&replies) >= 3 && retries == 0.0, "budget_percent 0, no floor: no retry: {replies:?}");
+    assert_eq!(refused as usize, errors(&replies), "each 500 is a retry the budget refused: {replies:?}");
+    let (replies, retries, refused) = gets("flip", "/full-budget", 20);
+    assert_eq!(errors(&replies), 0, "budget_percent 100 allows a retry per request: {replies:?}");
+    assert!(retries >= 1.0 && refused == 0.0, "{retries} retries, {refused} refused: {replies:?}");
+    // The floor alone (budget_percent 0, one retry per second) lets a few retries through.
+    let (replies, retries, refused) = gets("floor", "/", 40);
+    assert!((1.0..=10.0).contains(&retries), "min_retries_per_second 1 allowed {retries} retries: {replies:?}");
+    assert!(refused >= 1.0 && refused as usize == errors(&replies), "past the floor, no retry: {replies:?}");
+
+    // A route's timeout, shorter than the service's.
+    let timed = |host: &str, path: &str| {
+        let t = Instant::now();
+        let (status, why, body) = call(proxy, "GET", host, path, &[]);
+        (status, why, body, t.elapsed())
+    };
+    let (status, why, body, took) = timed("lag", "/quick");
+    assert_eq!((status, why.as_deref()), (504, Some("timeout")), "the route's 300ms timeout: {body}");
+    assert!(took < Duration::from_millis(900), "cut at 300ms, took {took:?}");
+    let (status, why, body, took) = timed("lag", "/slow");
+    assert_eq!((status, body.as_str()), (200, "lag"), "off the route, the service's 5s timeout: {why:?}");
+    assert!(took >= Duration::from_millis(900), "the 1s answer was awaited: {took:?}");
+    // Per-try timeouts: on a route, on a service, and retried when `on` lists timeout.
+    for (host, path) in [("lag", "/per-try"), ("pertry", "/")] {
+        let (status, why, body, took) = timed(host, path);
+        assert_eq!((status, why.as_deref()), (504, Some("per_try_timeout")), "{host}{path}: {body}");
+        assert!(took < Duration::from_millis(800), "{host}{path}: cut at 200ms, took {took:?}");
+    }
+    let (retries, _) = counters();
+    for _ in 0..6 {
+        let (status, why, body, took) = timed("pertry-retried", "/");
+        assert_eq!((status, body.as_str()), (200, "good /"), "a slow try is retried on the fast instance: {why:?}");
+        assert!(took < Duration::from_millis(800), "took {took:?}");
+    }
+    assert!(counters().0 > retries, "the slow instance's tries timed out and were retried");
+    // connect_timeout bounds opening a stream to an instance that does not accept.
+    for (host, at_least, below) in [("hang", 250, 1000), ("hang-long", 900, 1900)] {
+        let (status, why, body, took) = timed(host, "/");
+        assert_eq!((status, why.as_deref()), (502, Some("unreachable")), "{host}: {body}");
+        let (lo, hi) = (Duration::from_millis(at_least), Duration::from_millis(below));
+        assert!(took >= lo && took < hi, "{host}: gave up after {took:?}, expected within {lo:?}..{hi:?}");
+    }
+    println!("assertions took {:?} after setup", t0.elapsed());
+    drop(hung);
+}
+
+#[test]
+fn max_connections_and_max_pending_cap_what_one_node_opens() {
+    let (c, proxy) = proxy_mesh();
+    let cb = json!({"max_connections": 1, "max_pending": 1});
+    put(&c, 0, "/v1/policy/services/narrow", json!({"circuit_breaker": cb}));
+    let srv = trellis_tests::http::slow_server(Duration::from_millis(800), 200, "done");
+    put(&c, 1, "/v1/agent/services/narrow-1", json!({"service": "narrow", "address": "127.0.0.1", "port": srv.port()}));
+    c.wait_until(Duration::from_secs(10), "narrow in node 0's catalog", || {
+        (c.node(0).api().get_json("/v1/catalog/services/narrow").ok()?.as_array()?.len() == 1).then_some(())
+    })
+    .unwrap();
+    // Four at once: one connection, one request waiting for it, two refused at once.
+    let replies: Vec<(u16, Option<String>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|i| {
+                s.spawn(move || {
+                    std::thread::sleep(Duration::from_millis(20 * i));
+                    request(proxy, "GET", "narrow", "/")
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = replies.iter().filter(|r| r.0 == 200).count();
+    let refused = replies.iter().filter(|r| r.0 == 503 && r.1.as_deref() == Some("circuit_open")).count();
+    assert_eq!((ok, refused), (2, 2), "{replies:?}");
+}

@@ -10,11 +10,43 @@ use std::time::Instant;
 
 use crate::policy::model::CircuitBreaker;
 
-/// In-flight requests and error-rate breakers per service.
+/// In-flight requests, open connections, requests waiting for a connection, and
+/// error-rate breakers, per service.
 #[derive(Debug, Default)]
 pub struct Breakers {
     inflight: HashMap<String, u32>,
+    connections: HashMap<String, u32>,
+    pending: HashMap<String, u32>,
     rates: HashMap<String, RateBreaker>,
+}
+
+/// What a [`Slot`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotKind {
+    /// An open connection to one of the service's instances (`max_connections`).
+    Connection,
+    /// A request waiting for a connection while all are in use (`max_pending`).
+    Pending,
+}
+
+/// Held while a connection is open or a request waits for one; gives its place back
+/// when dropped, and then calls `freed` so waiters look again.
+pub struct Slot {
+    breakers: Arc<Mutex<Breakers>>,
+    service: String,
+    kind: SlotKind,
+    freed: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.breakers.lock() {
+            if let Some(n) = b.counts(self.kind).get_mut(&self.service) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        (self.freed)();
+    }
 }
 
 /// What the error-rate breaker says to a request.
@@ -125,6 +157,30 @@ impl Breakers {
         Some(Permit { breakers: this.clone(), service: service.to_string() })
     }
 
+    /// Takes a connection or pending place for `service`, or None when `max` are taken.
+    pub fn slot(
+        this: &Arc<Mutex<Breakers>>,
+        service: &str,
+        kind: SlotKind,
+        max: u32,
+        freed: Arc<dyn Fn() + Send + Sync>,
+    ) -> Option<Slot> {
+        let mut b = this.lock().expect("breakers lock");
+        let n = b.counts(kind).entry(service.to_string()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Slot { breakers: this.clone(), service: service.to_string(), kind, freed })
+    }
+
+    fn counts(&mut self, kind: SlotKind) -> &mut HashMap<String, u32> {
+        match kind {
+            SlotKind::Connection => &mut self.connections,
+            SlotKind::Pending => &mut self.pending,
+        }
+    }
+
     /// The error-rate breaker's word on a new request to `service` (always yes when the
     /// service does not use one).
     pub fn admit(&mut self, now: Instant, service: &str, cfg: &CircuitBreaker) -> Admit {
@@ -168,6 +224,25 @@ mod tests {
             open_for: Duration::from_secs(5),
             ..CircuitBreaker::default()
         }
+    }
+
+    #[test]
+    fn connection_and_pending_places_are_capped_and_given_back() {
+        let b = Arc::new(Mutex::new(Breakers::default()));
+        let freed = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let f = freed.clone();
+        let on_free: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        let conn = Breakers::slot(&b, "web", SlotKind::Connection, 1, on_free.clone()).unwrap();
+        assert!(Breakers::slot(&b, "web", SlotKind::Connection, 1, on_free.clone()).is_none());
+        let waiting = Breakers::slot(&b, "web", SlotKind::Pending, 1, on_free.clone()).unwrap();
+        assert!(Breakers::slot(&b, "web", SlotKind::Pending, 1, on_free.clone()).is_none(), "pending overflow");
+        assert!(Breakers::slot(&b, "api", SlotKind::Connection, 1, on_free.clone()).is_some());
+        drop(conn);
+        assert_eq!(freed.load(std::sync::atomic::Ordering::SeqCst), 2, "each release wakes waiters");
+        assert!(Breakers::slot(&b, "web", SlotKind::Connection, 1, on_free.clone()).is_some());
+        drop(waiting);
     }
 
     #[test]

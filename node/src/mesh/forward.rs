@@ -20,6 +20,7 @@ use trellis_proto::forward::{ForwardOpen, ForwardStatus};
 
 use super::balance::{Balancer, Candidate};
 use super::catalog;
+use super::circuit::{Breakers, Slot, SlotKind};
 use super::inbound::Ended;
 use super::locality::Place;
 use super::pool::IdlePool;
@@ -60,6 +61,9 @@ pub enum SendError {
     Handshake(hyper::Error),
     #[error("the instance did not answer: {0}")]
     Upstream(hyper::Error),
+    /// `max_connections` are open and `max_pending` requests already wait for one.
+    #[error("{0}")]
+    Overflow(String),
 }
 
 /// Why no stream to an instance could be opened.
@@ -113,6 +117,9 @@ pub struct Forwarder {
     pub stats: Arc<ForwardStats>,
     pub(crate) breakers: Arc<Mutex<super::circuit::Breakers>>,
     pub(crate) budgets: Mutex<HashMap<String, super::retry::RetryBudget>>,
+    /// Woken when a connection to an instance closes or goes back to the pool, so
+    /// requests waiting under `max_connections` look again.
+    freed: Arc<tokio::sync::Notify>,
 }
 
 impl Forwarder {
@@ -132,6 +139,7 @@ impl Forwarder {
             stats,
             breakers,
             budgets,
+            freed: Arc::default(),
         })
     }
 
@@ -179,10 +187,17 @@ impl Forwarder {
     /// than when QUIC's idle timeout notices.
     async fn client(&self, service: &str, mut tcp: TcpStream) -> anyhow::Result<()> {
         let (pick, in_flight) = self.pick(service, &BTreeMap::new(), None, &mut Vec::new())?;
+        let Some(slot) = self.slot(service, SlotKind::Connection, pick.circuit_breaker.max_connections) else {
+            self.stats.circuit_open.fetch_add(1, Relaxed);
+            anyhow::bail!(
+                "{} connections to {service} already open from this node",
+                pick.circuit_breaker.max_connections
+            );
+        };
         let started = Instant::now();
         let io = self.connect(service, &pick).await?;
         self.observe(&pick, started.elapsed());
-        let mut up = self.metered(io, Some(in_flight));
+        let mut up = self.metered(io, Some(in_flight), Some(slot));
         tokio::select! {
             r = tokio::io::copy_bidirectional(&mut tcp, &mut up) => { r?; }
             _ = self.node_gone(&pick.node), if pick.peer.is_some() => {
@@ -190,24 +205,6 @@ impl Forwarder {
             }
         }
         Ok(())
-    }
-
-    /// Picks a live instance of `service` carrying `labels` and opens a byte stream to it
-    /// (for `tcp` listeners; HTTP goes through [`Forwarder::pick`] and the pool).
-    pub async fn open(
-        &self,
-        service: &str,
-        labels: &BTreeMap<String, String>,
-        hash: Option<u64>,
-        tried: &mut Vec<String>,
-    ) -> Result<Io, OpenError> {
-        let (pick, in_flight) = self.pick(service, labels, hash, tried)?;
-        let started = Instant::now();
-        let io = self.connect(service, &pick).await?;
-        // Opening the stream (QUIC stream, the far agent's connect, its answer) is the
-        // latency peak EWMA sees; the open stream counts as a request in flight.
-        self.observe(&pick, started.elapsed());
-        Ok(self.metered(io, Some(in_flight)))
     }
 
     /// Picks a live instance of `service` carrying `labels` by the service's balancer
@@ -269,6 +266,7 @@ impl Forwarder {
             peer: if local { None } else { Some(alive[&inst.instance.node].0) },
             connect_timeout: snap.services.get(service).map_or(CONNECT_TIMEOUT, |s| s.connect_timeout),
             outlier_detection: od,
+            circuit_breaker: snap.services.get(service).map(|s| s.circuit_breaker.clone()).unwrap_or_default(),
         };
         Ok((pick, InFlight { name: inst.name.clone(), balancer: self.balancer.clone() }))
     }
@@ -287,10 +285,59 @@ impl Forwarder {
         res
     }
 
-    /// `io` with its bytes counted in the forwarding stats.
-    fn metered(&self, io: Io, in_flight: Option<InFlight>) -> Io {
+    /// `io` with its bytes counted in the forwarding stats, holding its connection slot.
+    fn metered(&self, io: Io, in_flight: Option<InFlight>, slot: Option<Slot>) -> Io {
         let (sent, received) = (self.stats.bytes_to_instances.clone(), self.stats.bytes_from_instances.clone());
-        Box::new(Metered { io, sent, received, _in_flight: in_flight })
+        Box::new(Metered { io, sent, received, _in_flight: in_flight, _slot: slot })
+    }
+
+    fn slot(&self, service: &str, kind: SlotKind, max: u32) -> Option<Slot> {
+        let freed = self.freed.clone();
+        Breakers::slot(&self.breakers, service, kind, max, Arc::new(move || freed.notify_waiters()))
+    }
+
+    /// A place for a new connection to `pick`'s service, or None after waiting a while
+    /// for one (then the pool may hold a connection again). Past `max_pending` waiters,
+    /// the request is refused.
+    async fn connection_slot(
+        &self,
+        service: &str,
+        pick: &Pick,
+        waiting: &mut Option<Slot>,
+    ) -> Result<Option<Slot>, SendError> {
+        let cb = &pick.circuit_breaker;
+        let freed = self.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        if let Some(slot) = self.slot(service, SlotKind::Connection, cb.max_connections) {
+            return Ok(Some(slot));
+        }
+        if waiting.is_none() {
+            *waiting = self.slot(service, SlotKind::Pending, cb.max_pending);
+            if waiting.is_none() {
+                return Err(SendError::Overflow(format!(
+                    "{} connections to {service} open and {} requests waiting for one on this node",
+                    cb.max_connections, cb.max_pending
+                )));
+            }
+            self.evict_idle(service, &pick.name);
+        }
+        // The timeout covers a wake-up lost between the pool check and `enable`.
+        let _ = tokio::time::timeout(Duration::from_millis(50), freed).await;
+        Ok(None)
+    }
+
+    /// Closes one idle connection to another instance of `service`, so its slot can go
+    /// to the instance a request waits for.
+    fn evict_idle(&self, service: &str, except: &str) {
+        let snap = self.snapshot();
+        let mut pool = self.pool.lock().expect("pool lock");
+        let others = snap.instances.iter().filter(|i| i.instance.service == service && i.name != except);
+        for i in others {
+            if pool.take(&i.name, Instant::now(), |_| true).is_some() {
+                return;
+            }
+        }
     }
 
     /// Sends an HTTP request to a picked instance, on an idle pooled connection when there
@@ -304,6 +351,7 @@ impl Forwarder {
         authority: &str,
         h2: bool,
     ) -> Result<Response<Incoming>, SendError> {
+        let mut waiting = None;
         loop {
             let idle =
                 self.pool.lock().expect("pool lock").take(&pick.name, Instant::now(), upstream::Sender::is_usable);
@@ -311,10 +359,12 @@ impl Forwarder {
             let mut sender = match idle {
                 Some(s) => s,
                 None => {
+                    let Some(slot) = self.connection_slot(service, pick, &mut waiting).await? else { continue };
                     let io = self.connect(service, pick).await.map_err(SendError::Open)?;
-                    upstream::handshake(self.metered(io, None), h2).await.map_err(SendError::Handshake)?
+                    upstream::handshake(self.metered(io, None, Some(slot)), h2).await.map_err(SendError::Handshake)?
                 }
             };
+            drop(waiting.take());
             let shared = sender.shared().map(|again| {
                 self.pool.lock().expect("pool lock").put(&pick.name, again, Instant::now());
             });
@@ -336,10 +386,11 @@ impl Forwarder {
 
     /// Returns an HTTP/1.1 connection to the pool once its response has been read.
     fn keep_when_idle(&self, name: String, mut sender: upstream::Sender) {
-        let pool = self.pool.clone();
+        let (pool, freed) = (self.pool.clone(), self.freed.clone());
         tokio::spawn(async move {
             if sender.idle().await {
                 pool.lock().expect("pool lock").put(&name, sender, Instant::now());
+                freed.notify_waiters();
             }
         });
     }
@@ -493,6 +544,7 @@ pub struct Pick {
     /// at policy again.
     pub connect_timeout: Duration,
     pub outlier_detection: crate::policy::model::OutlierDetection,
+    pub circuit_breaker: crate::policy::model::CircuitBreaker,
 }
 
 /// A request in flight to an instance, for least-request and peak EWMA: it ends when
@@ -549,6 +601,7 @@ struct Metered {
     sent: Arc<AtomicU64>,
     received: Arc<AtomicU64>,
     _in_flight: Option<InFlight>,
+    _slot: Option<Slot>,
 }
 
 impl tokio::io::AsyncRead for Metered {

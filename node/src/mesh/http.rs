@@ -320,6 +320,10 @@ async fn once(
             upstream::strip_hop_by_hop(resp.headers_mut());
             Ok(resp)
         }
+        Err(e @ SendError::Overflow(_)) => {
+            fwd.stats.circuit_open.fetch_add(1, Relaxed);
+            Err(Failure::Final(error(StatusCode::SERVICE_UNAVAILABLE, "circuit_open", e.to_string())))
+        }
         Err(e @ SendError::Open(OpenError::Denied(_))) => {
             Err(Failure::Final(error(StatusCode::FORBIDDEN, "denied", e.to_string())))
         }
