@@ -76,7 +76,12 @@ function rates(prev, cur, seconds) {
     const n = t.count - p.count;
     const errors = (t.classes["5xx"] || 0) - (p.classes["5xx"] || 0);
     const cum = t.buckets.map((b, i) => b - p.buckets[i]);
+    // The proxies' own answers (429, 403, 503...) since the last read, by status and reason.
+    const before = new Map((p.reasons || []).map((r) => [r.status + " " + r.reason, r.count]));
+    const refused = (t.reasons || []).map((r) => [r.status + " " + r.reason, r.count - (before.get(r.status + " " + r.reason) || 0)])
+      .filter(([, n]) => prev && n > 0).map(([k, n]) => k + " ×" + n);
     out[name] = {
+      refused,
       rps: prev && seconds > 0 ? n / seconds : null,
       errors: prev ? (n ? errors / n : 0) : null,
       p50: prev ? quantile(0.5, cur.bounds, cum, n) : null,
@@ -114,7 +119,8 @@ function renderServices(catalog, traffic) {
   const rows = names.map((name) => {
     const list = catalog[name] || [], t = traffic[name] || {};
     const passing = list.filter((i) => i.health !== "critical").length;
-    const errCell = t.errors === null || t.errors === undefined ? "–" : (t.errors * 100).toFixed(1) + " %";
+    const errShare = t.errors === null || t.errors === undefined ? "–" : (t.errors * 100).toFixed(1) + " %";
+    const errCell = t.refused && t.refused.length ? errShare + " · " + t.refused.join(", ") : errShare;
     return el("tr", { "data-service": name },
       el("td", {}, el("b", {}, name)), el("td", {}, passing + " of " + list.length + " serving"),
       el("td", { class: "num" }, fmtRate(t.rps)), el("td", { class: "num" + (t.errors > 0 ? " bad" : "") }, errCell),
