@@ -1306,3 +1306,313 @@ fn max_connections_and_max_pending_cap_what_one_node_opens() {
     let refused = replies.iter().filter(|r| r.0 == 503 && r.1.as_deref() == Some("circuit_open")).count();
     assert_eq!((ok, refused), (2, 2), "{replies:?}");
 }
+
+#[test]
+fn unit_only_policy_fields_hold_on_real_agents() {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
+    use std::time::Instant;
+    use trellis_tests::http::{get, server, slow_server};
+
+    // Node 0 (the caller, running the proxy) and node 1 are in zone a, node 2 in zone b.
+    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let zone = |z: &str| vec![("zone".to_string(), z.to_string())];
+    let c = Cluster::start(ClusterSpec {
+        nodes: 3,
+        labels: vec![zone("a"), zone("a"), zone("b")],
+        node_args: vec![vec!["--proxy".into(), proxy.to_string()]],
+        ..Default::default()
+    })
+    .unwrap();
+    let all: Vec<(String, &str)> = (0..3).map(|i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&[0, 1, 2], &all, Duration::from_secs(15)).unwrap();
+    let t0 = Instant::now();
+    let instance = |service: &str, port: u16| json!({"service": service, "address": "127.0.0.1", "port": port});
+    let listed = |node: usize, service: &str| -> usize {
+        let v = c.node(node).api().get_json(&format!("/v1/catalog/services/{service}"));
+        v.ok().and_then(|v| v.as_array().map(Vec::len)).unwrap_or(0)
+    };
+    let denied = Some("denied".to_string());
+
+    // `rising`: its instance's check takes its timings from the service's health_check.
+    // The server counts the probes it has answered, and answers them 200 while `healthy`
+    // is set or while `oks` lasts, else 500.
+    let healthy = Arc::new(AtomicBool::new(false));
+    let (oks, probes) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let rising = {
+        let (healthy, oks, probes) = (healthy.clone(), oks.clone(), probes.clone());
+        trellis_chaos::plain::serve(move |head| {
+            if trellis_chaos::plain::path_of(head) != "/healthz" {
+                return (200, b"rising".to_vec());
+            }
+            let ok = healthy.load(Ordering::SeqCst)
+                || oks.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+            // Counted once decided, so a probe counted after a read of `probes` was
+            // decided after that read.
+            probes.fetch_add(1, Ordering::SeqCst);
+            (if ok { 200 } else { 500 }, b"rising".to_vec())
+        })
+    };
+    let hc = json!({"interval": "200ms", "timeout": "150ms", "healthy_threshold": 4, "unhealthy_threshold": 3});
+    put(&c, 1, "/v1/policy/services/rising", json!({"health_check": hc}));
+    let mut checked = instance("rising", rising.port());
+    checked["check"] = json!({"http": "/healthz"});
+    put(&c, 1, "/v1/agent/services/rising-1", checked);
+
+    // Every other service and its instances, registered up front.
+    let (good, bad_a, bad_b) =
+        (server("good"), slow_server(Duration::ZERO, 500, "bad-a"), slow_server(Duration::ZERO, 500, "bad-b"));
+    let (in_a, in_b) = (server("in-a"), server("in-b"));
+    let weighing =
+        |port: u16, weight: u32| json!({"service": "weighted", "address": "127.0.0.1", "port": port, "weight": weight});
+    let instances = [
+        (1, "gate-1", instance("gate", server("gate").port())),
+        (1, "closed-1", instance("closed", server("closed").port())),
+        (2, "closed-2", instance("closed", server("closed").port())),
+        (2, "hdr-1", instance("hdr", server("hdr").port())),
+        (1, "capped-good", instance("capped", good.port())),
+        (1, "capped-bad-a", instance("capped", bad_a.port())),
+        (2, "capped-bad-b", instance("capped", bad_b.port())),
+        (1, "uncapped-good", instance("uncapped", good.port())),
+        (1, "uncapped-bad-a", instance("uncapped", bad_a.port())),
+        (2, "uncapped-bad-b", instance("uncapped", bad_b.port())),
+        (2, "growing-1", instance("growing", slow_server(Duration::ZERO, 500, "down").port())),
+        (1, "weighted-light", weighing(server("light").port(), 1)),
+        (2, "weighted-heavy", weighing(server("heavy").port(), 3)),
+        (1, "near-a", instance("near", in_a.port())),
+        (2, "near-b", instance("near", in_b.port())),
+        (1, "far-a", instance("far", in_a.port())),
+        (2, "far-b", instance("far", in_b.port())),
+    ];
+    let ejecting = |max_ejected_percent: u32| {
+        let od = json!({"consecutive_5xx": 2, "base_ejection_time": "60s", "max_ejected_percent": max_ejected_percent});
+        json!({"outlier_detection": od})
+    };
+    let growth = json!({
+        "consecutive_5xx": 1, "base_ejection_time": "1s", "ejection_growth": 3.0, "max_ejected_percent": 100
+    });
+    let services = [
+        ("capped", ejecting(50)),
+        ("uncapped", ejecting(100)),
+        ("growing", json!({"outlier_detection": growth})),
+        ("weighted", json!({"lb": {"policy": "weighted"}})),
+        ("near", json!({"lb": {"locality": true}})),
+    ];
+    for (node, id, body) in &instances {
+        put(&c, *node, &format!("/v1/agent/services/{id}"), body.clone());
+    }
+    for (name, body) in &services {
+        put(&c, 0, &format!("/v1/policy/services/{name}"), body.clone());
+    }
+    c.wait_until(Duration::from_secs(10), "every instance in node 0's catalog", || {
+        let mut want: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for (_, _, body) in &instances {
+            *want.entry(body["service"].as_str().unwrap()).or_default() += 1;
+        }
+        want.iter().all(|(service, n)| listed(0, service) == *n).then_some(())
+    })
+    .unwrap();
+
+    // settings.intention_default: deny refuses every caller no intention lets in, at
+    // every destination (closed has an instance on node 1 and on node 2, taken in turn).
+    put(&c, 0, "/v1/policy/settings/mesh", json!({"intention_default": "deny"}));
+    c.wait_until(Duration::from_secs(10), "the deny default on nodes 1 and 2", || {
+        let closed = (0..4).all(|_| request(proxy, "GET", "closed", "/") == (403, denied.clone()));
+        (closed && request(proxy, "GET", "gate", "/") == (403, denied.clone())).then_some(())
+    })
+    .unwrap();
+    put(&c, 0, "/v1/policy/intentions/allow-gate", json!({"source": "*", "destination": "gate", "action": "allow"}));
+    c.wait_until(Duration::from_secs(10), "the allow for gate", || {
+        (request(proxy, "GET", "gate", "/").0 == 200).then_some(())
+    })
+    .unwrap();
+    for _ in 0..4 {
+        assert_eq!(get(proxy, "gate", "/", &[]).text(), "gate /", "an allow intention opens gate under a deny default");
+        let r = request(proxy, "GET", "closed", "/");
+        assert_eq!(r, (403, denied.clone()), "closed, which no intention names, keeps the deny default");
+    }
+    put(&c, 0, "/v1/policy/settings/mesh", json!({"intention_default": "allow"}));
+    c.wait_until(Duration::from_secs(10), "the allow default back on nodes 1 and 2", || {
+        (0..4).all(|_| request(proxy, "GET", "closed", "/").0 == 200).then_some(())
+    })
+    .unwrap();
+    println!("intention_default done at {:?}", t0.elapsed());
+
+    // intentions.headers[].name/.exact/.regex: a deny on a header value refuses only the
+    // requests that carry it (names in any case, values exact or by an anchored regex).
+    let deny_if =
+        |header: serde_json::Value| json!({"source": "*", "destination": "hdr", "action": "deny", "headers": [header]});
+    put(&c, 0, "/v1/policy/intentions/hdr-prod", deny_if(json!({"name": "x-env", "exact": "prod"})));
+    put(&c, 0, "/v1/policy/intentions/hdr-bots", deny_if(json!({"name": "x-user", "regex": "^bot-[0-9]+$"})));
+    c.wait_until(Duration::from_secs(10), "both header denies at node 2", || {
+        let prod = get(proxy, "hdr", "/", &[("x-env", "prod")]).status == 403;
+        (prod && get(proxy, "hdr", "/", &[("x-user", "bot-1")]).status == 403).then_some(())
+    })
+    .unwrap();
+    type HeaderCase<'a> = (&'a [(&'a str, &'a str)], u16);
+    let cases: &[HeaderCase] = &[
+        (&[("x-env", "prod")], 403),
+        (&[("X-Env", "prod")], 403),
+        (&[("x-env", "dev"), ("x-env-2", "prod")], 200),
+        (&[("x-env", "production")], 200),
+        (&[("x-env", "Prod")], 200),
+        (&[], 200),
+        (&[("x-user", "bot-7")], 403),
+        (&[("x-user", "robot-7")], 200),
+        (&[("x-user", "bot-7x")], 200),
+        (&[("x-user", "alice"), ("x-env", "staging")], 200),
+        (&[("x-user", "alice"), ("x-env", "prod")], 403),
+    ];
+    for (headers, want) in cases {
+        let r = get(proxy, "hdr", "/", headers);
+        if *want == 403 {
+            assert_eq!((r.status, r.header("x-trellis-reason")), (403, Some("denied")), "{headers:?}: {}", r.text());
+        } else {
+            assert_eq!((r.status, r.text().as_str()), (200, "hdr /"), "{headers:?} matches no header deny");
+        }
+    }
+    println!("intention headers done at {:?}", t0.elapsed());
+
+    // services.outlier_detection.max_ejected_percent: of three instances, two answer 500
+    // and two 500s in a row eject one for 60 s. At 50% only one of three may be out at a
+    // time, so the other bad one keeps answering 500s; at 100% both are out after their
+    // first two 500s each (at most 10 requests, round robin) and only the good one answers.
+    let answers = |service: &str, n: usize| -> Vec<(u16, String)> {
+        (0..n).map(|_| get(proxy, service, "/", &[])).map(|r| (r.status, r.text())).collect()
+    };
+    let capped = answers("capped", 40);
+    let uncapped = answers("uncapped", 40);
+    println!("capped: {capped:?}\nuncapped: {uncapped:?}");
+    let from_instances = |replies: &[(u16, String)]| {
+        replies.iter().all(|(s, b)| (*s, b.as_str()) == (200, "good /") || (*s == 500 && b.starts_with("bad-")))
+    };
+    assert!(
+        from_instances(&capped) && from_instances(&uncapped),
+        "every answer is an instance's: {capped:?} {uncapped:?}"
+    );
+    let errors = |replies: &[(u16, String)]| replies.iter().filter(|(s, _)| *s == 500).count();
+    assert!(errors(&capped[10..]) >= 5, "at 50% one bad instance stays in and answers 500s: {capped:?}");
+    assert_eq!(errors(&uncapped[10..]), 0, "at 100% both bad instances are ejected: {uncapped:?}");
+    let m = c.node(0).api().get_text("/metrics").unwrap();
+    assert!(metric(&m, "trellis_forward_ejections_total").unwrap_or(0.0) >= 3.0, "ejections counted");
+
+    // services.outlier_detection.ejection_growth: one instance, always 500, ejected at its
+    // first 500 for 1 s, then for 1 s * 3. While it is out the proxy answers 503
+    // no_instance; the gaps between the 500s are the ejection times. An ejection starts
+    // when node 0 records the 500 (before the client has it) and the next 500 needs a
+    // request sent after it ends, so a gap is never more than a few ms short of its
+    // ejection; above it by the 20 ms polling and the request times. Margins: 100 ms and
+    // 300 ms below, 1.5 s and 3 s above (no growth would make the second gap 1 s, growth
+    // from the first ejection on would make the first 3 s).
+    let mut fives: Vec<Instant> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while fives.len() < 3 && Instant::now() < deadline {
+        let r = get(proxy, "growing", "/", &[]);
+        match (r.status, r.header("x-trellis-reason")) {
+            (500, None) => fives.push(Instant::now()),
+            (503, Some("no_instance")) => std::thread::sleep(Duration::from_millis(20)),
+            other => panic!("growing answered {other:?}: {}", r.text()),
+        }
+    }
+    assert_eq!(fives.len(), 3, "three 500s, with two ejections between them, within 15 s");
+    let (first, second) = (fives[1] - fives[0], fives[2] - fives[1]);
+    println!("ejections of growing: {first:?}, then {second:?}");
+    assert!(
+        first >= Duration::from_millis(900) && first < Duration::from_millis(2500),
+        "the first lasts base_ejection_time (1 s): {first:?}"
+    );
+    assert!(
+        second >= Duration::from_millis(2700) && second < Duration::from_secs(6),
+        "the second lasts 1 s * ejection_growth 3: {second:?}"
+    );
+
+    // instances.weight: `weighted` is smooth weighted round robin, which sends exactly one
+    // request in four to the weight-1 instance once both are in (100 of 400). The margin of
+    // 10 only covers a cycle begun before; ignoring the weights would send 200 there.
+    let mut light = 0;
+    for _ in 0..400 {
+        let r = get(proxy, "weighted", "/", &[]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        light += usize::from(r.text() == "light /");
+    }
+    println!("weights 1 and 3: {light} of 400 to weight 1");
+    assert!((90..=110).contains(&light), "weights 1 and 3 sent {light} of 400 to weight 1, want 100");
+
+    // services.lb.locality: node 0 is in zone a. Its requests to `near` go only to the
+    // instance on node 1 (zone a, from the node's label), while `far`, the same instances
+    // without locality, uses both.
+    let spread = |service: &str, n: usize| -> std::collections::BTreeMap<String, usize> {
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            let r = get(proxy, service, "/", &[]);
+            assert_eq!(r.status, 200, "{service}: {}", r.text());
+            *seen.entry(r.text()).or_insert(0) += 1;
+        }
+        seen
+    };
+    let near = spread("near", 20);
+    assert_eq!(near.keys().collect::<Vec<_>>(), ["in-a /"], "locality keeps node 0's requests in zone a: {near:?}");
+    let far = spread("far", 20);
+    assert_eq!(far.len(), 2, "without locality both zones serve: {far:?}");
+    // An instance's own zone label beats its node's: this one runs on node 2 (zone b).
+    let mut labelled = instance("near", server("labelled-a").port());
+    labelled["labels"] = json!({"zone": "a"});
+    put(&c, 2, "/v1/agent/services/near-labelled", labelled);
+    c.wait_until(Duration::from_secs(10), "the labelled instance in use", || {
+        (get(proxy, "near", "/", &[]).text() == "labelled-a /").then_some(())
+    })
+    .unwrap();
+    let near = spread("near", 20);
+    assert_eq!(
+        near.keys().collect::<Vec<_>>(),
+        ["in-a /", "labelled-a /"],
+        "zone a by node or instance label: {near:?}"
+    );
+    // No instance left in zone a (no region labels either): anywhere, so zone b.
+    for (node, id) in [(1, "near-a"), (2, "near-labelled")] {
+        let (s, v) = c.node(node).api().delete(&format!("/v1/agent/services/{id}")).unwrap();
+        assert_eq!(s, 200, "DELETE {id}: {v}");
+    }
+    c.wait_until(Duration::from_secs(10), "zone a's instances gone from node 0's view", || {
+        (listed(0, "near") == 1 && get(proxy, "near", "/", &[]).text() == "in-b /").then_some(())
+    })
+    .unwrap();
+    let near = spread("near", 10);
+    assert_eq!(near.keys().collect::<Vec<_>>(), ["in-b /"], "with zone a empty, locality fails over: {near:?}");
+    println!("locality done at {:?}", t0.elapsed());
+
+    // services.health_check.healthy_threshold: `rising` fails its probes until critical;
+    // then 3 good probes (one short of the threshold of 4) leave it critical, and with its
+    // probes passing for good it is passing again only after at least 4 of them.
+    let health = || -> Option<String> {
+        let v = c.node(1).api().get_json("/v1/catalog/services/rising").ok()?;
+        v.as_array()?.first()?["health"].as_str().map(String::from)
+    };
+    c.wait_until(Duration::from_secs(10), "rising critical", || (health()? == "critical").then_some(())).unwrap();
+    oks.store(3, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut spent_at = None;
+    // Probes run one at a time, each verdict written on node 1 before the next probe; so
+    // once a probe follows the third good one, what node 1 shows has seen all three.
+    loop {
+        assert_ne!(health().as_deref(), Some("passing"), "3 good probes made it passing, threshold 4");
+        let n = probes.load(Ordering::SeqCst);
+        match spent_at {
+            None if oks.load(Ordering::SeqCst) == 0 => spent_at = Some(n),
+            // `at` may miss the third good probe's count, not the one after it.
+            Some(at) if n >= at + 2 => break,
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "the 3 good probes and one more did not happen within 5 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(health().as_deref(), Some("critical"), "3 good probes in a row leave it critical (threshold 4)");
+    let before = probes.load(Ordering::SeqCst);
+    healthy.store(true, Ordering::SeqCst);
+    let t = Instant::now();
+    c.wait_until(Duration::from_secs(10), "rising passing again", || (health()? == "passing").then_some(())).unwrap();
+    let good_probes = probes.load(Ordering::SeqCst) - before;
+    println!("passing again after {:?}, {good_probes} probes", t.elapsed());
+    assert!(good_probes >= 4, "passing again after {good_probes} good probes, threshold 4");
+    println!("all done at {:?}", t0.elapsed());
+}
