@@ -67,7 +67,7 @@ enum State {
     /// Waiting for a probe's answer, sent at `since` (another is let through if that one
     /// never answers within `open_for`).
     HalfOpen {
-        since: Option<Instant>,
+        since: Instant,
     },
 }
 
@@ -90,9 +90,9 @@ impl RateBreaker {
         match self.state {
             State::Closed => Admit::Yes,
             State::Open { until } if now < until => Admit::No,
-            State::HalfOpen { since: Some(t) } if now < t + cfg.open_for => Admit::No,
+            State::HalfOpen { since } if now < since + cfg.open_for => Admit::No,
             _ => {
-                self.state = State::HalfOpen { since: Some(now) };
+                self.state = State::HalfOpen { since: now };
                 Admit::Probe
             }
         }

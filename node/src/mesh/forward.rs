@@ -120,6 +120,8 @@ pub struct Forwarder {
     /// Woken when a connection to an instance closes or goes back to the pool, so
     /// requests waiting under `max_connections` look again.
     freed: Arc<tokio::sync::Notify>,
+    /// What a released connection slot calls: wakes those waiters.
+    on_free: Arc<dyn Fn() + Send + Sync>,
 }
 
 impl Forwarder {
@@ -128,6 +130,7 @@ impl Forwarder {
         let (breakers, budgets) = (Arc::default(), Mutex::default());
         let alive = agent.alive.clone();
         let pool = Arc::new(Mutex::new(IdlePool::new(POOL_PER_INSTANCE, POOL_IDLE)));
+        let freed = Arc::new(tokio::sync::Notify::new());
         Arc::new_cyclic(|me| Forwarder {
             me: me.clone(),
             agent,
@@ -139,7 +142,8 @@ impl Forwarder {
             stats,
             breakers,
             budgets,
-            freed: Arc::default(),
+            freed: freed.clone(),
+            on_free: Arc::new(move || freed.notify_waiters()),
         })
     }
 
@@ -292,8 +296,7 @@ impl Forwarder {
     }
 
     fn slot(&self, service: &str, kind: SlotKind, max: u32) -> Option<Slot> {
-        let freed = self.freed.clone();
-        Breakers::slot(&self.breakers, service, kind, max, Arc::new(move || freed.notify_waiters()))
+        Breakers::slot(&self.breakers, service, kind, max, self.on_free.clone())
     }
 
     /// A place for a new connection to `pick`'s service, or None after waiting a while
@@ -482,12 +485,13 @@ impl Forwarder {
         })?;
         match status {
             ForwardStatus::Ok => Ok(Box::new(io)),
+            // A local call's inbound side counted its own refusal already.
             ForwardStatus::Denied => {
-                self.stats.denied.fetch_add(1, Relaxed);
+                self.stats.denied.fetch_add(u64::from(pick.peer.is_some()), Relaxed);
                 Err(OpenError::Denied(pick.node.clone()))
             }
             other => {
-                self.stats.failed.fetch_add(1, Relaxed);
+                self.stats.failed.fetch_add(u64::from(pick.peer.is_some()), Relaxed);
                 Err(OpenError::Unreachable(anyhow::anyhow!("{} answered {other:?}", pick.node)))
             }
         }

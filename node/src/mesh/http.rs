@@ -194,7 +194,13 @@ async fn guarded(fwd: &Arc<Forwarder>, resolved: &Resolved, host: &str, req: Req
         return error(StatusCode::SERVICE_UNAVAILABLE, "circuit_open", msg);
     };
     let cb = &svc.circuit_breaker;
-    let admit = fwd.breakers.lock().expect("breakers lock").admit(Instant::now(), &resolved.service, cb);
+    // The error-rate breaker is off by default: then no lock is taken for it.
+    let rated = cb.failure_rate_percent > 0.0;
+    let admit = if rated {
+        fwd.breakers.lock().expect("breakers lock").admit(Instant::now(), &resolved.service, cb)
+    } else {
+        Admit::Yes
+    };
     if admit == Admit::No {
         fwd.stats.circuit_open.fetch_add(1, Relaxed);
         let msg = format!(
@@ -210,9 +216,10 @@ async fn guarded(fwd: &Arc<Forwarder>, resolved: &Resolved, host: &str, req: Req
             error(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("no answer within {timeout:?}"))
         }
     };
-    let failed = resp.status().is_server_error();
-    let probe = admit == Admit::Probe;
-    fwd.breakers.lock().expect("breakers lock").record(Instant::now(), &resolved.service, failed, probe, cb);
+    if rated {
+        let (failed, probe) = (resp.status().is_server_error(), admit == Admit::Probe);
+        fwd.breakers.lock().expect("breakers lock").record(Instant::now(), &resolved.service, failed, probe, cb);
+    }
     resp
 }
 
