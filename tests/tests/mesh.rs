@@ -847,6 +847,24 @@ fn an_instance_answering_500_is_ejected_and_returns_after_the_ejection_time() {
     assert_eq!(request(proxy, "GET", "broken", "/").1.as_deref(), Some("circuit_open"), "a failed probe reopens it");
 }
 
+/// A raw HTTP server that writes `head` (headers and the start of a body) on each
+/// connection, then holds the connection open without another byte.
+fn stalling_server(head: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                let _ = conn.write_all(head);
+                std::thread::sleep(Duration::from_secs(30));
+            });
+        }
+    });
+    addr
+}
+
 #[test]
 fn a_node_killed_with_slow_requests_in_flight_answers_each_promptly() {
     let (mut c, proxy) = proxy_mesh();
@@ -858,9 +876,17 @@ fn a_node_killed_with_slow_requests_in_flight_answers_each_promptly() {
         (c.node(0).api().get_json("/v1/catalog/services/s").ok()?.as_array()?.len() == 2).then_some(())
     })
     .unwrap();
+    // `t` sends its headers and the first bytes of its body, then stalls.
+    let stall = stalling_server(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nfirst bytes");
+    put(&c, 2, "/v1/agent/services/t-stall", json!({"service": "t", "address": "127.0.0.1", "port": stall.port()}));
+    c.wait_until(Duration::from_secs(10), "t's instance", || {
+        (c.node(0).api().get_json("/v1/catalog/services/t").ok()?.as_array()?.len() == 1).then_some(())
+    })
+    .unwrap();
     let t0 = std::time::Instant::now();
     let kill_at = Duration::from_secs(1);
-    let replies: Vec<(u16, Option<String>, Duration)> = std::thread::scope(|s| {
+    type Reply = (u16, Option<String>, Duration);
+    let (replies, streamed): (Vec<Reply>, (String, Duration)) = std::thread::scope(|s| {
         let hs: Vec<_> = (0..20)
             .map(|_| {
                 s.spawn(|| {
@@ -869,11 +895,27 @@ fn a_node_killed_with_slow_requests_in_flight_answers_each_promptly() {
                 })
             })
             .collect();
+        let streaming = s.spawn(|| {
+            let mut tcp = TcpStream::connect(proxy).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            tcp.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Reads until the proxy ends the connection (EOF or reset).
+            while let Ok(n @ 1..) = tcp.read(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+            (String::from_utf8_lossy(&got).into_owned(), t0.elapsed())
+        });
         std::thread::sleep(kill_at);
         c.kill(2);
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+        (hs.into_iter().map(|h| h.join().unwrap()).collect(), streaming.join().unwrap())
     });
-    println!("{replies:?}");
+    println!("{replies:?} {streamed:?}");
+    // The answer that was streaming from the killed node ends at detection, not at
+    // QUIC's idle timeout; the client saw the start of the body and no more.
+    assert!(streamed.0.starts_with("HTTP/1.1 200") && streamed.0.ends_with("first bytes"), "{streamed:?}");
+    assert!(streamed.1 < kill_at + Duration::from_secs(3), "the stalled body ended at {:?}", streamed.1);
     let to_slow = replies.iter().filter(|r| r.2 > kill_at).count();
     assert!(to_slow >= 5, "too few requests were waiting on the slow instance: {replies:?}");
     // Fast profile: the node is down in every view within about 2 s of the kill.
@@ -930,6 +972,9 @@ fn route_matches_timeouts_and_retries_hold_on_real_agents() {
         "to-query-name",
         "to-query-exact",
         "to-query-regex",
+        "to-high",
+        "to-low",
+        "to-header-exact",
         "checkout-v1",
         "checkout-v2",
     ];
@@ -1025,6 +1070,19 @@ fn route_matches_timeouts_and_retries_hold_on_real_agents() {
         ),
         (
             "routes",
+            "by-header-exact",
+            route(
+                "shop",
+                json!({"path": {"prefix": "/he"}, "headers": [{"name": "x-env", "exact": "canary"}]}),
+                to("to-header-exact"),
+            ),
+        ),
+        // By name `a-low` would be tried first; its lower priority puts it second.
+        ("routes", "a-low", with(route("shop", prefix("/p"), to("to-low")), "priority", json!(1))),
+        ("routes", "b-high", with(route("shop", prefix("/p"), to("to-high")), "priority", json!(5))),
+        ("routes", "c-low-only", with(route("shop", prefix("/lo"), to("to-low")), "priority", json!(-3))),
+        (
+            "routes",
             "by-query-name",
             route("shop", json!({"path": {"exact": "/q"}, "query": [{"name": "debug"}]}), to("to-query-name")),
         ),
@@ -1107,6 +1165,24 @@ fn route_matches_timeouts_and_retries_hold_on_real_agents() {
         ),
         (
             "routes",
+            "flip-backoff",
+            with(
+                route("flip", prefix("/backoff"), to("flip")),
+                "retry",
+                json!({"attempts": 1, "on": ["5xx"], "budget_percent": 100, "backoff_base": "1s", "backoff_max": "1s"}),
+            ),
+        ),
+        (
+            "routes",
+            "flip-backoff-capped",
+            with(
+                route("flip", prefix("/capped"), to("flip")),
+                "retry",
+                json!({"attempts": 1, "on": ["5xx"], "budget_percent": 100, "backoff_base": "1s", "backoff_max": "1ms"}),
+            ),
+        ),
+        (
+            "routes",
             "floor-all",
             with(
                 route("floor", json!({}), to("floor")),
@@ -1168,6 +1244,12 @@ fn route_matches_timeouts_and_retries_hold_on_real_agents() {
         ("GET", "/h/x", &[("X-Tier", "platinum")], "to-header"),
         ("GET", "/h", &[("x-tier", "golden")], "shop"),
         ("GET", "/h", &[], "shop"),
+        ("GET", "/he", &[("x-env", "canary")], "to-header-exact"),
+        ("GET", "/he", &[("x-env", "canary2")], "shop"),
+        ("GET", "/he", &[("x-env", "Canary")], "shop"),
+        ("GET", "/he", &[], "shop"),
+        ("GET", "/p/1", &[], "to-high"),
+        ("GET", "/lo", &[], "to-low"),
         ("GET", "/q?debug", &[], "to-query-name"),
         ("GET", "/q?a=1&debug=yes", &[], "to-query-name"),
         ("GET", "/q?debugger=1", &[], "shop"),
@@ -1238,6 +1320,27 @@ fn route_matches_timeouts_and_retries_hold_on_real_agents() {
     let (replies, retries, refused) = gets("flip", "/full-budget", 20);
     assert_eq!(errors(&replies), 0, "budget_percent 100 allows a retry per request: {replies:?}");
     assert!(retries >= 1.0 && refused == 0.0, "{retries} retries, {refused} refused: {replies:?}");
+    // Backoff before a retry: uniform in [0, min(backoff_max, backoff_base)] for the first
+    // one, so 1s/1s waits up to a second and 1s/1ms at most a millisecond.
+    let timed_retries = |path: &str| -> Vec<Duration> {
+        (0..16)
+            .filter_map(|_| {
+                let (before, _) = counters();
+                let t = Instant::now();
+                let (status, why, body) = call(proxy, "GET", "flip", path, &[]);
+                let took = t.elapsed();
+                assert_eq!((status, body), (200, format!("good {path}")), "{why:?}");
+                (counters().0 > before).then_some(took)
+            })
+            .collect()
+    };
+    let slow = timed_retries("/backoff");
+    let longest = slow.iter().max().copied().unwrap_or_default();
+    assert!(slow.len() >= 3 && longest >= Duration::from_millis(100), "1s backoff: retried requests took {slow:?}");
+    let capped = timed_retries("/capped");
+    println!("retried requests took {slow:?} with a 1s backoff, {capped:?} with backoff_max 1ms");
+    let longest = capped.iter().max().copied().unwrap_or_default();
+    assert!(!capped.is_empty() && longest < Duration::from_millis(100), "1ms backoff_max: retried took {capped:?}");
     // The floor alone (budget_percent 0, one retry per second) lets a few retries through.
     let (replies, retries, refused) = gets("floor", "/", 40);
     assert!((1.0..=10.0).contains(&retries), "min_retries_per_second 1 allowed {retries} retries: {replies:?}");

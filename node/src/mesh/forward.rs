@@ -408,14 +408,16 @@ impl Forwarder {
     }
 
     /// Resolves when `node` is no longer an alive member (declared down, or left).
-    pub async fn node_gone(&self, node: &str) {
-        let mut alive = self.alive.clone();
-        loop {
-            if !alive.borrow_and_update().contains_key(node) {
-                return;
-            }
-            if alive.changed().await.is_err() {
-                return std::future::pending().await;
+    pub fn node_gone(&self, node: &str) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (mut alive, node) = (self.alive.clone(), node.to_string());
+        async move {
+            loop {
+                if !alive.borrow_and_update().contains_key(&node) {
+                    return;
+                }
+                if alive.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
             }
         }
     }
@@ -566,27 +568,53 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request in flight until it is dropped.
+/// A response body that keeps its request in flight until it is dropped, and fails
+/// when `gone` resolves (the instance's node left or was declared down), so a body
+/// from a dead node ends at detection rather than at QUIC's idle timeout.
 pub struct Counted<B> {
     body: B,
     _in_flight: InFlight,
+    // In a Mutex only to be Sync for `BoxBody`; polled through `get_mut`, never locked.
+    gone: Option<Mutex<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>>,
 }
 
 impl<B> Counted<B> {
-    pub fn new(body: B, in_flight: InFlight) -> Self {
-        Counted { body, _in_flight: in_flight }
+    pub fn new(
+        body: B,
+        in_flight: InFlight,
+        gone: Option<impl std::future::Future<Output = ()> + Send + 'static>,
+    ) -> Self {
+        let gone =
+            gone.map(|g| Mutex::new(Box::pin(g) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>));
+        Counted { body, _in_flight: in_flight, gone }
     }
 }
 
-impl<B: hyper::body::Body + Unpin> hyper::body::Body for Counted<B> {
+/// Why a response body stopped before its end.
+#[derive(Debug, thiserror::Error)]
+#[error("the instance's node left the cluster or was declared down while its answer was streaming")]
+pub struct NodeGone;
+
+impl<B> hyper::body::Body for Counted<B>
+where
+    B: hyper::body::Body + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     type Data = B::Data;
-    type Error = B::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
-        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Some(gone) = this.gone.as_mut() {
+            let gone = gone.get_mut().unwrap_or_else(|p| p.into_inner());
+            if gone.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(Some(Err(Box::new(NodeGone))));
+            }
+        }
+        std::pin::Pin::new(&mut this.body).poll_frame(cx).map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -30,7 +30,8 @@ use crate::policy::model::{RetryOn, RetryPolicy};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-type Body = BoxBody<Bytes, hyper::Error>;
+/// Answers to clients: an instance's body may also fail on its own (its node went away).
+type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Accepts HTTP/1.1 and HTTP/2 clients (told apart by the HTTP/2 preface); one task per
 /// connection, within the gate's connection caps and the header read deadline.
@@ -61,7 +62,7 @@ pub async fn serve_connection(
 }
 
 /// An answer of the proxy's own, with the reason in a header and in the JSON body.
-pub(crate) fn error(status: StatusCode, reason: &str, msg: String) -> Response<Body> {
+pub(crate) fn error<E>(status: StatusCode, reason: &str, msg: String) -> Response<BoxBody<Bytes, E>> {
     let body = serde_json::json!({"error": msg, "reason": reason}).to_string();
     Response::builder()
         .status(status)
@@ -299,7 +300,7 @@ async fn once(
     fwd: &Forwarder,
     resolved: &Resolved,
     host: &str,
-    req: Request<Body>,
+    req: Request<upstream::Body>,
     tried: &mut Vec<String>,
 ) -> Result<Response<Body>, Failure> {
     let h2 = fwd.snapshot().protocols.get(&resolved.service).is_some_and(|p| upstream::is_h2(*p));
@@ -323,7 +324,8 @@ async fn once(
         Ok(resp) => {
             fwd.observe(&pick, started.elapsed());
             fwd.record(&resolved.service, &pick, Outcome::of_status(resp.status().as_u16()));
-            let mut resp = resp.map(|body| Counted::new(body, in_flight).boxed());
+            let gone = pick.peer.is_some().then(|| fwd.node_gone(&pick.node));
+            let mut resp = resp.map(|body| Counted::new(body, in_flight, gone).boxed());
             upstream::strip_hop_by_hop(resp.headers_mut());
             Ok(resp)
         }
