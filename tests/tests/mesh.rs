@@ -931,6 +931,59 @@ fn a_node_killed_with_slow_requests_in_flight_answers_each_promptly() {
 }
 
 #[test]
+fn requests_in_flight_to_an_instance_turning_critical_end_at_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let (c, proxy) = proxy_mesh();
+    // `c-slow` answers after 12 s; its /healthz fails once `healthy` is cleared.
+    let healthy = Arc::new(AtomicBool::new(true));
+    let h = healthy.clone();
+    let slow = trellis_chaos::plain::serve(move |head| {
+        if trellis_chaos::plain::path_of(head) == "/healthz" {
+            return (if h.load(Ordering::SeqCst) { 200 } else { 500 }, b"ok".to_vec());
+        }
+        std::thread::sleep(Duration::from_secs(12));
+        (200, b"slow".to_vec())
+    });
+    let fast = trellis_tests::http::server("fast");
+    let check = json!({"http": "/healthz", "interval": "200ms", "timeout": "150ms", "rise": 1, "fall": 1});
+    let slow_instance = json!({"service": "c", "address": "127.0.0.1", "port": slow.port(), "check": check});
+    put(&c, 2, "/v1/agent/services/c-slow", slow_instance);
+    put(&c, 1, "/v1/agent/services/c-fast", json!({"service": "c", "address": "127.0.0.1", "port": fast.port()}));
+    c.wait_until(Duration::from_secs(10), "both instances passing on node 0", || {
+        let v = c.node(0).api().get_json("/v1/catalog/services/c").ok()?;
+        let a = v.as_array()?;
+        (a.len() == 2 && a.iter().all(|i| i["health"] != "critical") && a.iter().any(|i| i["health"] == "passing"))
+            .then_some(())
+    })
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let turn_at = Duration::from_secs(1);
+    let replies: Vec<(u16, Option<String>, Duration)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..10)
+            .map(|_| {
+                s.spawn(|| {
+                    let (status, reason) = request(proxy, "GET", "c", "/");
+                    (status, reason, t0.elapsed())
+                })
+            })
+            .collect();
+        std::thread::sleep(turn_at);
+        healthy.store(false, Ordering::SeqCst);
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    println!("{replies:?}");
+    let waiting = replies.iter().filter(|r| r.2 > turn_at).count();
+    assert!(waiting >= 2, "too few requests were waiting on the slow instance: {replies:?}");
+    // One failed probe (fall 1, interval 200 ms) turns it critical; its agent then resets
+    // the streams to it and the callers retry them on the other instance.
+    for (status, reason, at) in &replies {
+        assert!(*at < turn_at + Duration::from_millis(1500), "answered {status} {reason:?} at {at:?}: {replies:?}");
+        assert_eq!(*status, 200, "{reason:?}: {replies:?}");
+    }
+}
+
+#[test]
 fn route_matches_timeouts_and_retries_hold_on_real_agents() {
     use std::time::Instant;
     use trellis_tests::http::{server, slow_server};
