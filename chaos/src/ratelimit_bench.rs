@@ -4,9 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use trellis_node::ratelimit::bucket::TokenBucket;
-use trellis_node::ratelimit::sim::{Flow, Sim, SimConfig};
-use trellis_node::ratelimit::{LimitSpec, Limiter, Per, RateLimits, Timing};
+use trellis_core::ratelimit::bucket::TokenBucket;
+use trellis_core::ratelimit::sim::{Flow, Sim, SimConfig};
+use trellis_core::ratelimit::{LimitSpec, Limiter, Per, Timing};
+use trellis_node::ratelimit::RateLimits;
 
 const LIMIT: f64 = 1000.0;
 

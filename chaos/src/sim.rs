@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
-use trellis_node::membership::{MemberEvent, MemberState, Membership, PolicyItems, Stats, Timing};
-use trellis_node::policy::store::{self, Key, PolicyStore};
-use trellis_node::policy::Kind;
+use trellis_core::membership::{MemberEvent, MemberState, Membership, PolicyItems, Stats, Timing};
+use trellis_core::policy::store::{self, Key, PolicyStore};
+use trellis_core::policy::Kind;
 use trellis_proto::{NodeIdentity, NodeMeta, PolicyEntry};
 
 /// Everyone joins one seed this far apart, so the seed is not hit by N announces at once.

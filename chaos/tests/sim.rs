@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use trellis_chaos::sim::{Sim, SimConfig};
-use trellis_node::membership::{MemberState, Profile, Timing};
+use trellis_core::membership::{MemberState, Profile, Timing};
 
 /// `n` LAN-profile nodes joined through node 0, with every view converged.
 fn converged(n: usize, seed: u64) -> Sim {

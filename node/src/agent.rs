@@ -10,14 +10,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 use trellis_proto::{NodeIdentity, NodeMeta};
 
 use crate::config::AgentConfig;
-use crate::membership::{
-    alive_members, AliveMembers, MemberEvent, MemberView, Membership, PacketError, PolicyItems, Stats,
-};
 use crate::mesh::forward::{ForwardStats, Forwarder};
 use crate::pki::TlsMaterial;
-use crate::policy::{sync, Policy};
+use crate::policy::Policy;
 use crate::ratelimit::{self, RateLimits};
 use crate::transport::{Inbound, PeerRefusal, Transport};
+use trellis_core::membership::{
+    alive_members, AliveMembers, MemberEvent, MemberView, Membership, PacketError, PolicyItems, Stats,
+};
+use trellis_core::policy::sync;
 use trellis_proto::{envelope, limits, Kind, PolicyEntry, PolicySync};
 
 /// Agent version, gossiped so operators can see mixed-version clusters.
@@ -111,12 +112,15 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
     };
     identity.validate().map_err(|e| anyhow::anyhow!("labels: {e}"))?;
     let grace_ms = cfg.timing.tombstone_grace.as_millis() as u64;
-    let auth: Arc<dyn crate::policy::WriterAuth> = transport.identity.clone();
+    let auth: Arc<dyn trellis_core::policy::WriterAuth> = transport.identity.clone();
     let policy = Policy::open(&cfg.data_dir, &cfg.name, grace_ms, Some(auth))
         .map_err(|e| anyhow::anyhow!("data_dir: cannot open the policy log in {}: {e}", cfg.data_dir.display()))?;
     let mut registered = Vec::new();
     for (id, json) in &cfg.services {
-        let key = crate::policy::Key { kind: crate::policy::Kind::Instances, name: format!("{id}@{}", cfg.name) };
+        let key = trellis_core::policy::Key {
+            kind: trellis_core::policy::Kind::Instances,
+            name: format!("{id}@{}", cfg.name),
+        };
         let bytes = serde_json::to_vec(json).expect("json");
         let entry = policy
             .write(key, Some(&bytes), None)
@@ -134,7 +138,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         let _ = cmd_tx.try_send(Command::Publish(entry));
     }
     let (limit_tx, limit_rx) = mpsc::channel(1024);
-    let ratelimits = RateLimits::new(&cfg.name, ratelimit::Timing::default());
+    let ratelimits = RateLimits::new(&cfg.name, trellis_core::ratelimit::Timing::default());
     let (shutdown, _) = watch::channel(false);
     let (alive_tx, alive) = watch::channel(Arc::new(alive_members(&core.members())));
     let shell = Shell {
@@ -163,7 +167,12 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         alive,
         lifecycle: Arc::default(),
     };
-    tokio::spawn(ratelimit::shell::run(ratelimits, handle.clone(), limit_rx, ratelimit::Timing::default()));
+    tokio::spawn(ratelimit::shell::run(
+        ratelimits,
+        handle.clone(),
+        limit_rx,
+        trellis_core::ratelimit::Timing::default(),
+    ));
     tokio::spawn(crate::mesh::health::run(handle.clone()));
     let fwd = Forwarder::new(handle.clone(), handle.forward.clone());
     tokio::spawn(fwd.clone().serve_streams(streams));
@@ -313,7 +322,7 @@ impl Shell {
             .core
             .members()
             .into_iter()
-            .filter(|m| m.state == crate::membership::MemberState::Alive && &m.id.name != me)
+            .filter(|m| m.state == trellis_core::membership::MemberState::Alive && &m.id.name != me)
             .map(|m| m.id.name)
             .collect();
         self.policy.collect(&live);

@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::{AgentHandle, VERSION};
 use crate::api_routes::Routes;
-use crate::membership::{MemberState, MemberView};
 use crate::metrics::Exposition;
 use crate::pki::RefusalReason;
+use trellis_core::membership::{MemberState, MemberView};
 
 /// An API error: `{"error": ..., "field": ..., "hint": ...}` with a 4xx status.
 #[derive(Debug, Serialize)]
@@ -378,7 +378,7 @@ fn quic_metrics(e: &mut crate::metrics::Exposition, q: &crate::transport::QuicTo
     e.counter("trellis_quic_lost_packets_total", "Packets QUIC declared lost on peer connections.", q.lost_packets);
 }
 
-fn traffic_json(services: &BTreeMap<String, crate::mesh::traffic::ServiceTraffic>) -> serde_json::Value {
+fn traffic_json(services: &BTreeMap<String, trellis_core::mesh::traffic::ServiceTraffic>) -> serde_json::Value {
     let services: serde_json::Map<String, serde_json::Value> = services
         .iter()
         .map(|(name, t)| {
@@ -396,7 +396,7 @@ fn traffic_json(services: &BTreeMap<String, crate::mesh::traffic::ServiceTraffic
             (name.clone(), v)
         })
         .collect();
-    serde_json::json!({"bounds": crate::mesh::traffic::BUCKETS, "services": services})
+    serde_json::json!({"bounds": trellis_core::mesh::traffic::BUCKETS, "services": services})
 }
 
 #[cfg(test)]
@@ -405,7 +405,7 @@ mod tests {
 
     #[test]
     fn traffic_json_has_every_class_and_cumulative_buckets() {
-        let mut t = crate::mesh::traffic::Traffic::default();
+        let mut t = trellis_core::mesh::traffic::Traffic::default();
         t.record("web", 200, None, std::time::Duration::from_millis(3));
         t.record("web", 503, None, std::time::Duration::from_millis(700));
         t.record("web", 429, Some("rate_limited"), std::time::Duration::from_secs(10));
@@ -482,7 +482,7 @@ fn traffic_metrics(a: &AgentHandle, e: &mut Exposition) {
     e.histogram(
         "trellis_request_duration_seconds",
         "Time from request to response headers through the proxy, by service.",
-        &crate::mesh::traffic::BUCKETS,
+        &trellis_core::mesh::traffic::BUCKETS,
         &hist,
     );
 }

@@ -11,9 +11,10 @@ use serde_json::{json, Value};
 use crate::agent::{AgentHandle, Command};
 use crate::api::ApiError;
 use crate::api_routes::Routes;
-use crate::membership::MemberState;
-use crate::mesh::catalog;
-use crate::policy::{Key, Kind, WriteError};
+use crate::policy::WriteError;
+use trellis_core::membership::MemberState;
+use trellis_core::mesh::catalog;
+use trellis_core::policy::{Key, Kind};
 
 pub fn routes() -> Routes<AgentHandle> {
     Routes::new()
@@ -29,7 +30,7 @@ fn key(a: &AgentHandle, id: &str) -> Key {
 
 fn write_err(e: WriteError) -> ApiError {
     match e {
-        WriteError::Store(crate::policy::StoreError::Invalid(f)) => ApiError {
+        WriteError::Store(trellis_core::policy::StoreError::Invalid(f)) => ApiError {
             status: StatusCode::BAD_REQUEST,
             field: Some(f.path.replacen("instances.", "services.", 1)),
             error: f.message,

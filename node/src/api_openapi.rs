@@ -34,7 +34,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::policy::model::{self, Kind};
+    use trellis_core::policy::model::{self, Kind};
 
     fn doc() -> Value {
         serde_json::from_str(DOCUMENT).expect("openapi.json is JSON")

@@ -13,8 +13,9 @@ use serde_json::{json, Value};
 use crate::agent::{AgentHandle, Command};
 use crate::api::ApiError;
 use crate::api_routes::Routes;
-use crate::policy::store::{Conflict, Register};
-use crate::policy::{FieldError, Key, Kind, StoreError, Version, WriteError};
+use crate::policy::WriteError;
+use trellis_core::policy::store::{Conflict, Register};
+use trellis_core::policy::{FieldError, Key, Kind, StoreError, Version};
 
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
@@ -200,8 +201,8 @@ fn refuse_l7_on_tcp(a: &AgentHandle, key: &Key, body: &[u8]) -> Result<(), ApiEr
     if !matches!(key.kind, Kind::Intentions | Kind::Services) {
         return Ok(());
     }
-    let obj = crate::policy::model::parse(key.kind, &key.name, body).map_err(bad)?;
-    let snap = crate::mesh::catalog::Snapshot::build(&a.policy.store.lock().expect("policy lock"));
+    let obj = trellis_core::policy::model::parse(key.kind, &key.name, body).map_err(bad)?;
+    let snap = trellis_core::mesh::catalog::Snapshot::build(&a.policy.store.lock().expect("policy lock"));
     snap.refuse_l7_on_tcp(&key.name, &obj).map_err(bad)
 }
 

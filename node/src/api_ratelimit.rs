@@ -8,7 +8,7 @@ use crate::agent::AgentHandle;
 use crate::api::ApiError;
 use crate::api_routes::Routes;
 use crate::metrics::Exposition;
-use crate::ratelimit::limiter::LimitView;
+use trellis_core::ratelimit::limiter::LimitView;
 
 pub fn routes() -> Routes<AgentHandle> {
     Routes::new().get("/v1/ratelimits", all).get("/v1/ratelimits/{name}", one)

@@ -4,10 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{parse_label, validate_name, AgentConfig};
-use crate::membership::Profile;
+use trellis_core::membership::Profile;
 
 #[derive(Parser, Debug)]
 #[command(name = "trellis", version, about = "Trellis: a decentralized service mesh agent")]
@@ -195,7 +196,7 @@ pub struct AgentArgs {
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
     /// Timing profile for membership.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Profile::NAMES).map(|s| s.parse::<Profile>().expect("a listed profile")))]
     pub profile: Option<Profile>,
     /// TOML config file, or a directory of *.toml files merged in name order, with the same
     /// fields; TRELLIS_* variables win over it, flags over both.

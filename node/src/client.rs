@@ -168,7 +168,8 @@ pub fn parse_policy_text(
     };
     let mut out = Vec::new();
     for (kind, objects) in kinds {
-        let kind_ok = crate::policy::Kind::parse(&kind).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let kind_ok =
+            trellis_core::policy::Kind::parse(&kind).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let serde_json::Value::Object(objects) = objects else {
             anyhow::bail!("{}: `{kind}` must be a table of named objects, e.g. [{kind}.NAME]", path.display())
         };
@@ -183,8 +184,8 @@ pub fn policy_apply(addr: SocketAddr, path: &std::path::Path, check: bool) -> an
     let objects = read_policy_file(path)?;
     let mut errors = Vec::new();
     for (kind, name, body) in &objects {
-        let k = crate::policy::Kind::parse(kind)?;
-        if let Err(e) = crate::policy::model::parse(k, name, body.to_string().as_bytes()) {
+        let k = trellis_core::policy::Kind::parse(kind)?;
+        if let Err(e) = trellis_core::policy::model::parse(k, name, body.to_string().as_bytes()) {
             errors.push(format!("{}: {e}", path.display()));
         }
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::membership::{Profile, Timing};
+use trellis_core::membership::{Profile, Timing};
 
 pub mod layers;
 
@@ -200,7 +200,7 @@ impl TimingOverrides {
 /// Checks the config file's instances exactly as the API checks a registration; errors
 /// name `services.<id>.<field>`.
 pub fn file_services(file: &FileConfig, node: &str) -> Result<Vec<(String, serde_json::Value)>, Vec<String>> {
-    use crate::policy::model::{self, Kind};
+    use trellis_core::policy::model::{self, Kind};
     let mut out = Vec::new();
     let mut problems = Vec::new();
     for (id, value) in &file.services {
@@ -251,17 +251,7 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
 
 /// Checks a node name against what certificates and gossip accept.
 pub fn validate_name(name: &str) -> Result<(), ConfigError> {
-    let ok = !name.is_empty()
-        && name.len() <= trellis_proto::limits::MAX_NAME_LEN
-        && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError(format!(
-            "name: {name:?} is not a valid node name; use 1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
-        )))
-    }
+    trellis_proto::identity::validate_node_name(name).map_err(ConfigError)
 }
 
 #[cfg(test)]

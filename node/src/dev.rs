@@ -94,7 +94,7 @@ fn wait_formed(api: SocketAddr, n: usize, within: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < within {
         if let Ok(m) = crate::client::fetch_members(api) {
-            if m.iter().filter(|m| m.state == crate::membership::MemberState::Alive).count() >= n {
+            if m.iter().filter(|m| m.state == trellis_core::membership::MemberState::Alive).count() >= n {
                 return true;
             }
         }

@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use crate::mesh::router::{RequestInfo, RouteTable};
-use crate::policy::model::{self, Kind};
+use trellis_core::mesh::router::{RequestInfo, RouteTable};
+use trellis_core::policy::model::{self, Kind};
 
 /// A policy document in each format, and each object in it through the model's checks.
 pub fn policy_text(data: &[u8]) {
@@ -54,7 +54,7 @@ pub fn proxy_request(data: &[u8]) {
 /// flips in a genuine proof (certificate bytes, signature, scheme), so both junk and
 /// near-valid certificates reach x509 parsing, chain building and signature checks.
 pub fn writer_proof(data: &[u8]) {
-    use crate::policy::WriterAuth;
+    use trellis_core::policy::WriterAuth;
     let Some((&mode, rest)) = data.split_first() else { return };
     let (id, good) = proof_fixture();
     let mut p = good.clone();
@@ -76,8 +76,8 @@ const PROOF_MESSAGE: &[u8] = b"fuzzed entry";
 
 /// A node identity under a throwaway CA, and a genuine proof it signed.
 fn proof_fixture() -> &'static (std::sync::Arc<crate::pki::LiveIdentity>, trellis_proto::WriterProof) {
-    use crate::policy::WriterAuth;
     use std::sync::OnceLock;
+    use trellis_core::policy::WriterAuth;
     static FIXTURE: OnceLock<(std::sync::Arc<crate::pki::LiveIdentity>, trellis_proto::WriterProof)> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("trellis-fuzz-ca-{}", std::process::id()));
@@ -96,14 +96,14 @@ fn routes() -> RouteTable {
     static TABLE: OnceLock<RouteTable> = OnceLock::new();
     TABLE
         .get_or_init(|| {
-            let mut store = crate::policy::PolicyStore::new("fuzz");
+            let mut store = trellis_core::policy::PolicyStore::new("fuzz");
             for (kind, name, body) in [
                 (Kind::Routes, "r1", r#"{"service":"web","match":{"path":{"regex":"^/a/[0-9]+$"},"headers":[{"name":"x-v","exact":"2"}]},"destination":{"subset":"v2"}}"#),
                 (Kind::Routes, "r2", r#"{"service":"web","match":{"path":{"prefix":"/api"}},"destination":{"service":"api"},"rewrite_prefix":"/"}"#),
                 (Kind::Subsets, "v2", r#"{"service":"web","labels":{"version":"v2"}}"#),
                 (Kind::Splits, "s", r#"{"service":"web","backends":[{"subset":"v2","weight":10},{"service":"web","weight":90}]}"#),
             ] {
-                let key = crate::policy::Key { kind, name: name.into() };
+                let key = trellis_core::policy::Key { kind, name: name.into() };
                 if let Ok(reg) = store.prepare(1, &key, Some(body.as_bytes()), None) {
                     store.commit(key, reg);
                 }
@@ -144,7 +144,7 @@ mod tests {
 
     #[test]
     fn the_proof_fixture_verifies_and_a_flipped_byte_does_not() {
-        use crate::policy::WriterAuth;
+        use trellis_core::policy::WriterAuth;
         let (id, good) = proof_fixture();
         assert_eq!(id.verify(PROOF_MESSAGE, good, crate::policy::now_ms()).unwrap(), "n1");
         let mut bent = good.clone();

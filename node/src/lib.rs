@@ -19,7 +19,6 @@ pub mod enroll;
 pub mod fuzz;
 pub mod limits;
 pub mod listen;
-pub mod membership;
 pub mod mesh;
 pub mod metrics;
 pub mod notify;

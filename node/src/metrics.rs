@@ -71,7 +71,7 @@ impl Exposition {
 pub fn refusals(
     e: &mut Exposition,
     transport: &crate::transport::TransportStats,
-    membership: &crate::membership::Stats,
+    membership: &trellis_core::membership::Stats,
     policy_refused: u64,
     clients: &crate::listen::ClientGates,
 ) {

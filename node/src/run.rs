@@ -117,8 +117,10 @@ async fn put_instance(
     id: &str,
     json: Option<&serde_json::Value>,
 ) -> anyhow::Result<()> {
-    let key =
-        crate::policy::Key { kind: crate::policy::Kind::Instances, name: format!("{id}@{}", agent.identity.name) };
+    let key = trellis_core::policy::Key {
+        kind: trellis_core::policy::Kind::Instances,
+        name: format!("{id}@{}", agent.identity.name),
+    };
     let bytes = json.map(serde_json::to_vec).transpose()?;
     let policy = agent.policy.clone();
     let entry = tokio::task::spawn_blocking(move || policy.write(key, bytes.as_deref(), None)).await??;

@@ -19,7 +19,7 @@ use trellis_proto::limits;
 use crate::limits::Limits;
 use crate::listen::{ConnGate, Ticket};
 use crate::pki::{self, RefusalReason, TlsMaterial};
-use crate::ratelimit::bucket::TokenBucket;
+use trellis_core::ratelimit::bucket::TokenBucket;
 
 /// Socket buffer size asked of the kernel. The 208 KiB default drops packets under bursts
 /// on loopback; the kernel caps the request at `net.core.rmem_max`.

@@ -171,6 +171,21 @@ impl<'de> serde::de::Visitor<'de> for BlobVisitor {
     }
 }
 
+/// Checks a node name against what certificates and gossip accept; the error says the rule.
+pub fn validate_node_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "name: {name:?} is not a valid node name; use 1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+        ))
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -5,6 +5,7 @@
 //! the size [`limits`]. Decoding never panics: every malformed input is a [`DecodeError`].
 #![forbid(unsafe_code)]
 
+pub mod enroll;
 pub mod envelope;
 pub mod forward;
 pub mod fuzz;

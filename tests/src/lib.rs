@@ -70,7 +70,7 @@ async fn connect_endpoint(
 pub struct GossipPeer {
     pub endpoint: quinn::Endpoint,
     pub conn: quinn::Connection,
-    pub core: trellis_node::membership::Membership,
+    pub core: trellis_core::membership::Membership,
     /// The agent's name, from its certificate (what the core is told the sender is).
     pub agent_name: String,
 }
@@ -79,7 +79,7 @@ impl GossipPeer {
     /// Connects with the certificate in `tls_dir` and gossips as `name` (which may lie);
     /// the advertised address is the peer's own, so the agent answers on this connection.
     pub async fn connect(tls_dir: &Path, to: SocketAddr, name: &str) -> anyhow::Result<GossipPeer> {
-        use trellis_node::membership::{Membership, Profile};
+        use trellis_core::membership::{Membership, Profile};
         let (endpoint, conn) = raw_peer_endpoint(tls_dir, to).await?;
         let agent_name = peer_cert_name(&conn)?;
         let identity = trellis_proto::NodeIdentity {

@@ -291,7 +291,7 @@ fn invalid_policy_from_a_certified_peer_is_refused_counted_and_changes_nothing()
 /// revocation written within that window would lose to it.
 #[test]
 fn a_certified_peer_cannot_write_another_nodes_instance_or_pre_empt_its_own_revocation() {
-    use trellis_node::policy::{store::fnv64, WriterAuth};
+    use trellis_core::policy::{store::fnv64, WriterAuth};
     let c = honest_pair("");
     let (alive, pol) = (honest_alive(&c), policy(&c, 0));
     let tls = mallory(&c);
@@ -423,7 +423,7 @@ fn a_certified_peer_cannot_relabel_a_crashed_member_as_left() {
             generation: crashed_id["incarnation"].as_u64().unwrap(),
             name: crashed.clone(),
         };
-        let pkt = trellis_node::membership::broadcast_packet(&me, 0, &agent, &notice.encode()).unwrap();
+        let pkt = trellis_core::membership::broadcast_packet(&me, 0, &agent, &notice.encode()).unwrap();
         peer.conn.send_datagram(pkt.into()).unwrap();
         peer.pump(Duration::from_secs(1)).await;
     });
@@ -535,7 +535,7 @@ fn a_certified_peer_reporting_a_live_member_down_only_raises_a_suspicion_it_refu
                 // "The victim is down", at the very incarnation this agent knows it by.
                 let me = peer.core.identity().clone();
                 let pkt =
-                    trellis_node::membership::down_report_packet(&me, 0, &agent, &about, swim_incarnation(*i)).unwrap();
+                    trellis_core::membership::down_report_packet(&me, 0, &agent, &about, swim_incarnation(*i)).unwrap();
                 peer.conn.send_datagram(pkt.into()).unwrap();
                 peer.pump(Duration::from_millis(150)).await;
             }

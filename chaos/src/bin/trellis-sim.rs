@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use trellis_chaos::sim::{Sim, SimConfig};
-use trellis_node::membership::{MemberState, Profile, Timing};
+use trellis_core::membership::{MemberState, Profile, Timing};
 
 #[derive(Parser)]
 #[command(about = "Trellis membership simulator")]

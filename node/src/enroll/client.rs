@@ -12,8 +12,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use super::token::JoinToken;
-use super::wire::{self, Credentials, Refusal, Request, Response};
 use crate::pki::{self, PkiError};
+use trellis_proto::enroll::{self as wire, Credentials, Refusal, Request, Response};
 
 /// The whole exchange, handshake included, ends within this.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -18,12 +18,10 @@
 //!    a newly revoked name are closed, so it fails SWIM probes and goes down everywhere.
 
 pub mod client;
-pub mod decide;
 pub mod renewal;
 pub mod revocation;
 pub mod server;
 pub mod token;
-pub mod wire;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::agent::AgentHandle;
-use crate::policy::model::{self, Kind, Object};
-use crate::policy::PolicyStore;
+use trellis_core::policy::model::{self, Kind, Object};
+use trellis_core::policy::PolicyStore;
 
 /// A handshake verified just before a revocation arrived can be pooled just after the first
 /// sweep; sweeping again this often while anything is revoked closes that gap.
@@ -52,7 +52,7 @@ pub async fn watch(agent: AgentHandle) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Key;
+    use trellis_core::policy::Key;
 
     #[test]
     fn only_live_revocation_objects_count() {

@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::decide::{decide, Context, Decision};
 use super::token::TokenStore;
-use super::wire::{self, Refusal, Request, Response};
 use crate::agent::AgentHandle;
-use crate::membership::MemberState;
 use crate::pki::{self, CertAuthority};
+use trellis_core::enroll::{decide, Context, Decision};
+use trellis_core::membership::MemberState;
+use trellis_proto::enroll::{self as wire, Refusal, Request, Response};
 
 /// Member label that marks a node holding the CA key.
 pub const SIGNER_LABEL: &str = "trellis.signer";
@@ -50,7 +50,7 @@ pub struct EnrollService {
 }
 
 /// The signers among live members, from their labels.
-pub fn signers(members: &[crate::membership::MemberView]) -> Vec<SocketAddr> {
+pub fn signers(members: &[trellis_core::membership::MemberView]) -> Vec<SocketAddr> {
     members
         .iter()
         .filter(|m| m.state == MemberState::Alive && m.id.meta.labels.get(SIGNER_LABEL).is_some_and(|v| v == "true"))

@@ -133,26 +133,7 @@ pub struct TokenEntry {
     pub used_by: Option<String>,
 }
 
-/// Why a token was not accepted; the joiner sees the message and the fix.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
-    #[error("the join token {id} is not known to this signer; create one with `trellis token create --ca-dir DIR` on a host holding the CA, and send it to the signer that uses that DIR")]
-    Unknown { id: String },
-    #[error("the join token {id} was already used (by {by:?}, {ago_s} s ago); tokens are single-use: create a new one with `trellis token create`")]
-    Used { id: String, by: String, ago_s: i64 },
-    #[error("the join token {id} expired {ago_s} s ago (by the signer's clock); create a new one with `trellis token create --ttl ...`")]
-    Expired { id: String, ago_s: i64 },
-}
-
-impl TokenError {
-    pub fn code(&self) -> &'static str {
-        match self {
-            TokenError::Unknown { .. } => "token_unknown",
-            TokenError::Used { .. } => "token_used",
-            TokenError::Expired { .. } => "token_expired",
-        }
-    }
-}
+pub use trellis_core::enroll::TokenError;
 
 /// The signer's tokens. Plain data: the file store loads and saves it around each change.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,17 +18,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use trellis_proto::forward::{ForwardOpen, ForwardStatus};
 
-use super::balance::{Balancer, Candidate};
-use super::catalog;
-use super::circuit::{Breakers, Slot, SlotKind};
 use super::inbound::Ended;
-use super::locality::Place;
-use super::pool::IdlePool;
 use super::upstream;
 use crate::agent::AgentHandle;
-use crate::membership::AliveMembers;
-use crate::policy::model::Kind;
 use crate::transport::BiStream;
+use trellis_core::membership::AliveMembers;
+use trellis_core::mesh::balance::{Balancer, Candidate};
+use trellis_core::mesh::catalog;
+use trellis_core::mesh::circuit::{Breakers, Slot, SlotKind};
+use trellis_core::mesh::locality::Place;
+use trellis_core::mesh::pool::IdlePool;
+use trellis_core::policy::model::Kind;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The QUIC error code a stream is reset with when intentions stop allowing it.
@@ -99,7 +99,7 @@ pub struct ForwardStats {
     /// Retries not taken because the retry budget was spent.
     pub budget_exhausted: AtomicU64,
     /// Proxied requests per service: status classes and latency.
-    pub traffic: Mutex<super::traffic::Traffic>,
+    pub traffic: Mutex<trellis_core::mesh::traffic::Traffic>,
 }
 
 pub struct Forwarder {
@@ -112,11 +112,11 @@ pub struct Forwarder {
     /// Idle HTTP connections to instances, reused across requests.
     pool: Arc<Mutex<IdlePool<upstream::Sender>>>,
     balancer: Arc<Mutex<Balancer>>,
-    outliers: Mutex<super::outlier::OutlierDetector>,
+    outliers: Mutex<trellis_core::mesh::outlier::OutlierDetector>,
     snap: Mutex<Arc<catalog::Snapshot>>,
     pub stats: Arc<ForwardStats>,
-    pub(crate) breakers: Arc<Mutex<super::circuit::Breakers>>,
-    pub(crate) budgets: Mutex<HashMap<String, super::retry::RetryBudget>>,
+    pub(crate) breakers: Arc<Mutex<trellis_core::mesh::circuit::Breakers>>,
+    pub(crate) budgets: Mutex<HashMap<String, trellis_core::mesh::retry::RetryBudget>>,
     /// Woken when a connection to an instance closes or goes back to the pool, so
     /// requests waiting under `max_connections` look again.
     freed: Arc<tokio::sync::Notify>,
@@ -171,8 +171,11 @@ impl Forwarder {
         crate::listen::accept_loop(listener, gate, limits.header_read_timeout, move |tcp, first| {
             let (fwd, name, builder) = (self.clone(), name.clone(), builder.clone());
             async move {
-                let l7 =
-                    fwd.snapshot().protocols.get(&*name).is_some_and(|p| *p != crate::policy::model::Protocol::Tcp);
+                let l7 = fwd
+                    .snapshot()
+                    .protocols
+                    .get(&*name)
+                    .is_some_and(|p| *p != trellis_core::policy::model::Protocol::Tcp);
                 if l7 {
                     return super::http::serve_connection(fwd, tcp, Some(name), builder, first).await;
                 }
@@ -284,7 +287,7 @@ impl Forwarder {
             Some(peer) => self.remote(service, pick, peer).await,
         };
         if matches!(res, Err(OpenError::Unreachable(_))) {
-            self.record(service, pick, super::outlier::Outcome::GatewayFailure);
+            self.record(service, pick, trellis_core::mesh::outlier::Outcome::GatewayFailure);
         }
         res
     }
@@ -399,7 +402,7 @@ impl Forwarder {
     }
 
     /// Feeds the outlier detector with what one attempt on `pick` came to.
-    pub fn record(&self, service: &str, pick: &Pick, outcome: super::outlier::Outcome) {
+    pub fn record(&self, service: &str, pick: &Pick, outcome: trellis_core::mesh::outlier::Outcome) {
         let now = Instant::now();
         if self.outliers.lock().expect("outlier lock").record(now, &pick.name, outcome, &pick.outlier_detection) {
             self.stats.ejections.fetch_add(1, Relaxed);
@@ -549,8 +552,8 @@ pub struct Pick {
     /// The service's settings as of the pick, so the request's later steps need not look
     /// at policy again.
     pub connect_timeout: Duration,
-    pub outlier_detection: crate::policy::model::OutlierDetection,
-    pub circuit_breaker: crate::policy::model::CircuitBreaker,
+    pub outlier_detection: trellis_core::policy::model::OutlierDetection,
+    pub circuit_breaker: trellis_core::policy::model::CircuitBreaker,
 }
 
 /// A request in flight to an instance, for least-request and peak EWMA: it ends when

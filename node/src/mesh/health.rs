@@ -1,4 +1,4 @@
-//! Active health checks of the instances on this node. The core ([`Checker`]) turns probe
+//! Active health checks of the instances on this node. The core (`trellis_core::health::Checker`) turns probe
 //! results into a verdict with rise/fall hysteresis, so one lost probe does not flap an
 //! instance; the shell runs the probes on each check's interval (spread by a random first
 //! delay, so checks of many instances do not fire together) and writes a changed verdict
@@ -11,46 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::agent::{AgentHandle, Command};
-use crate::policy::model::{self, Check, CheckTiming, Health, HealthCheckDefaults, Instance, Kind, Object};
-use crate::policy::Key;
-
-/// Hysteresis over probe results.
-#[derive(Clone, Debug)]
-pub struct Checker {
-    rise: u32,
-    fall: u32,
-    oks: u32,
-    fails: u32,
-    state: Health,
-}
-
-impl Checker {
-    pub fn new(rise: u32, fall: u32, state: Health) -> Checker {
-        Checker { rise: rise.max(1), fall: fall.max(1), oks: 0, fails: 0, state }
-    }
-
-    /// One probe result; returns the new verdict when it changes.
-    pub fn record(&mut self, ok: bool) -> Option<Health> {
-        if ok {
-            self.oks += 1;
-            self.fails = 0;
-        } else {
-            self.fails += 1;
-            self.oks = 0;
-        }
-        let next = match self.state {
-            Health::Passing if self.fails >= self.fall => Health::Critical,
-            Health::Critical if self.oks >= self.rise => Health::Passing,
-            Health::Unknown if self.oks >= self.rise => Health::Passing,
-            Health::Unknown if self.fails >= self.fall => Health::Critical,
-            s => s,
-        };
-        (next != self.state).then(|| {
-            self.state = next;
-            next
-        })
-    }
-}
+use trellis_core::health::Checker;
+use trellis_core::policy::model::{self, Check, CheckTiming, Health, HealthCheckDefaults, Instance, Kind, Object};
+use trellis_core::policy::Key;
 
 /// One probe: an HTTP/1.1 GET (status as expected, any 2xx by default) or a TCP connect,
 /// within `timeout`.
@@ -172,31 +135,5 @@ async fn publish(agent: &AgentHandle, name: &str, mut inst: Instance, health: He
         }
         Ok(Err(e)) => tracing::warn!(instance = %name, error = %e, "could not record health"),
         Err(e) => tracing::warn!(instance = %name, error = %e, "health write task failed"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fall_failures_in_a_row_make_it_critical_and_rise_passes_bring_it_back() {
-        let mut c = Checker::new(2, 3, Health::Passing);
-        assert_eq!(c.record(false), None);
-        assert_eq!(c.record(true), None, "a pass resets the failure run");
-        assert_eq!(c.record(false), None);
-        assert_eq!(c.record(false), None);
-        assert_eq!(c.record(false), Some(Health::Critical));
-        assert_eq!(c.record(true), None);
-        assert_eq!(c.record(true), Some(Health::Passing));
-    }
-
-    #[test]
-    fn an_unchecked_instance_settles_either_way() {
-        let mut c = Checker::new(1, 2, Health::Unknown);
-        assert_eq!(c.record(true), Some(Health::Passing));
-        let mut c = Checker::new(1, 2, Health::Unknown);
-        assert_eq!(c.record(false), None);
-        assert_eq!(c.record(false), Some(Health::Critical));
     }
 }

@@ -20,15 +20,15 @@ use crate::listen::{ConnGate, FirstRequest};
 /// The HTTP/1 + HTTP/2 server side of one client connection.
 pub type Builder = hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>;
 
-use super::circuit::{Admit, Breakers};
 use super::forward::{Counted, Forwarder, OpenError, SendError};
-use super::outlier::Outcome;
-use super::retry::backoff;
-use super::router::{RequestInfo, Resolved};
 use super::upstream;
-use crate::policy::model::{RetryOn, RetryPolicy};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
+use trellis_core::mesh::circuit::{Admit, Breakers};
+use trellis_core::mesh::outlier::Outcome;
+use trellis_core::mesh::retry::backoff;
+use trellis_core::mesh::router::{RequestInfo, Resolved};
+use trellis_core::policy::model::{RetryOn, RetryPolicy};
 
 /// Answers to clients: an instance's body may also fail on its own (its node went away).
 type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -74,7 +74,7 @@ pub(crate) fn error<E>(status: StatusCode, reason: &str, msg: String) -> Respons
 
 /// 429 with the limit, what is left here and when to come back, in the headers of the
 /// IETF RateLimit draft and the standard `Retry-After`.
-fn too_many_requests(r: &crate::ratelimit::limiter::Refusal) -> Response<Body> {
+fn too_many_requests(r: &trellis_core::ratelimit::limiter::Refusal) -> Response<Body> {
     let wait = r.verdict.retry_after.as_secs_f64().ceil().max(1.0) as u64;
     let mut resp = error(
         StatusCode::TOO_MANY_REQUESTS,
@@ -176,7 +176,11 @@ async fn answer(fwd: &Arc<Forwarder>, mut req: Request<Incoming>, fixed: Option<
 fn record(fwd: &Forwarder, service: &str, resp: &Response<Body>, took: std::time::Duration) {
     let known = fwd.snapshot().protocols.contains_key(service);
     let label = if known { service } else { "_other" };
-    let reason = resp.headers().get("x-trellis-reason").and_then(|v| v.to_str().ok()).and_then(super::traffic::reason);
+    let reason = resp
+        .headers()
+        .get("x-trellis-reason")
+        .and_then(|v| v.to_str().ok())
+        .and_then(trellis_core::mesh::traffic::reason);
     fwd.stats.traffic.lock().expect("traffic lock").record(label, resp.status().as_u16(), reason, took);
 }
 
@@ -354,7 +358,7 @@ async fn once(
 fn hash_of(fwd: &Forwarder, service: &str, headers: &hyper::HeaderMap) -> Option<u64> {
     let snap = fwd.snapshot();
     let name = snap.services.get(service)?.lb.hash_header.clone()?;
-    Some(super::hashing::key_hash(headers.get(name.as_str())?.as_bytes()))
+    Some(trellis_core::mesh::hashing::key_hash(headers.get(name.as_str())?.as_bytes()))
 }
 
 #[cfg(test)]

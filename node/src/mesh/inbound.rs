@@ -5,7 +5,7 @@
 //!
 //! A stream is decided once at open (caller, service) and copied as bytes, unless the
 //! service has intentions that look into requests: then the stream is served as HTTP and
-//! every request is decided on its own ([`super::authz`]). Open streams are decided again
+//! every request is decided on its own ([`trellis_core::mesh::authz`]). Open streams are decided again
 //! whenever policy changes, and end when their instance goes critical or away.
 
 use std::convert::Infallible;
@@ -19,11 +19,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use trellis_proto::forward::{ForwardOpen, ForwardStatus, MAX_FORWARD_HEADER};
 
-use super::authz::{self, HttpRequest};
-use super::catalog::{InstanceView, Snapshot};
 use super::forward::Forwarder;
 use super::upstream;
-use crate::policy::model::{Action, Health, Protocol};
+use trellis_core::mesh::authz::{self, HttpRequest};
+use trellis_core::mesh::catalog::{InstanceView, Snapshot};
+use trellis_core::policy::model::{Action, Health, Protocol};
 
 /// How an inbound stream ended, for the shell to close it the right way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use hyper::{Request, Response, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::forward::Io;
-use crate::policy::model::Protocol;
+use trellis_core::policy::model::Protocol;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 

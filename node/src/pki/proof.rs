@@ -13,7 +13,7 @@ use trellis_proto::WriterProof;
 
 use super::live::LiveIdentity;
 use super::{crypto, peer_identity, roots};
-use crate::policy::store::WriterAuth;
+use trellis_core::policy::store::WriterAuth;
 
 /// Schemes a node key may sign with, in order of preference.
 const SCHEMES: [SignatureScheme; 3] =

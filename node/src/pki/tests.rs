@@ -344,7 +344,7 @@ fn now_ms() -> u64 {
 
 #[test]
 fn a_writer_proof_names_its_signer_and_fails_on_any_change() {
-    use crate::policy::WriterAuth;
+    use trellis_core::policy::WriterAuth;
     let dir = ca("proof", "prod");
     let (a, b) = (live_named(&dir, "a"), live_named(&dir, "b"));
     let proof = a.sign(b"entry").unwrap();
@@ -363,14 +363,14 @@ fn a_writer_proof_names_its_signer_and_fails_on_any_change() {
 
 /// Stores for `names`, each signing with and checking by real certificates of one CA, and
 /// their identities.
-fn signed_stores(tag: &str, names: &[&str]) -> (Vec<crate::policy::PolicyStore>, Vec<Arc<LiveIdentity>>) {
+fn signed_stores(tag: &str, names: &[&str]) -> (Vec<trellis_core::policy::PolicyStore>, Vec<Arc<LiveIdentity>>) {
     let dir = ca(tag, "prod");
     let ids: Vec<Arc<LiveIdentity>> = names.iter().map(|n| live_named(&dir, n)).collect();
     let stores = names
         .iter()
         .zip(&ids)
         .map(|(n, id)| {
-            let mut s = crate::policy::PolicyStore::new(n);
+            let mut s = trellis_core::policy::PolicyStore::new(n);
             s.set_auth(id.clone());
             s
         })
@@ -378,20 +378,24 @@ fn signed_stores(tag: &str, names: &[&str]) -> (Vec<crate::policy::PolicyStore>,
     (stores, ids)
 }
 
-fn put(s: &mut crate::policy::PolicyStore, key: &crate::policy::Key, body: Option<&str>) -> trellis_proto::PolicyEntry {
+fn put(
+    s: &mut trellis_core::policy::PolicyStore,
+    key: &trellis_core::policy::Key,
+    body: Option<&str>,
+) -> trellis_proto::PolicyEntry {
     let reg = s.prepare(now_ms(), key, body.map(str::as_bytes), None).unwrap();
     s.commit(key.clone(), reg.clone());
-    crate::policy::store::to_wire(key, &reg)
+    trellis_core::policy::store::to_wire(key, &reg)
 }
 
-fn take(s: &mut crate::policy::PolicyStore, e: &trellis_proto::PolicyEntry) -> Result<(), String> {
-    let (k, r) = crate::policy::store::from_wire(e.clone()).map_err(|e| e.to_string())?;
+fn take(s: &mut trellis_core::policy::PolicyStore, e: &trellis_proto::PolicyEntry) -> Result<(), String> {
+    let (k, r) = trellis_core::policy::store::from_wire(e.clone()).map_err(|e| e.to_string())?;
     s.merge(now_ms(), k, r).map(|_| ()).map_err(|e| e.to_string())
 }
 
 #[test]
 fn only_an_instances_own_node_can_write_it_whoever_relays_it() {
-    use crate::policy::{Key, Kind};
+    use trellis_core::policy::{Key, Kind};
     let (mut s, ids) = signed_stores("owner", &["a", "b", "m"]);
     let key = Key { kind: Kind::Instances, name: "web-1@a".into() };
     let body = r#"{"service": "web", "address": "127.0.0.1", "port": 8080}"#;
@@ -404,9 +408,9 @@ fn only_an_instances_own_node_can_write_it_whoever_relays_it() {
     let mut forged = put(&mut s[2], &Key { kind: Kind::Instances, name: "web-2@a".into() }, Some(body));
     assert!(take(&mut s[1], &forged).unwrap_err().contains("does not own"));
     // ... claiming a's writer id does not help: the signer is still m.
-    forged.version.1 = crate::policy::store::fnv64(&[b"a"]);
+    forged.version.1 = trellis_core::policy::store::fnv64(&[b"a"]);
     assert!(take(&mut s[1], &forged).unwrap_err().contains("does not match"), "the id is signed");
-    forged.proof = Some(crate::policy::WriterAuth::sign(&*ids[2], &forged.signed_message()).unwrap());
+    forged.proof = Some(trellis_core::policy::WriterAuth::sign(&*ids[2], &forged.signed_message()).unwrap());
     assert!(take(&mut s[1], &forged).unwrap_err().contains("signed by m"));
     // A newer version of a's instance, changed by m, keeps a's proof but not its content.
     let mut bent = honest.clone();
@@ -422,7 +426,7 @@ fn only_an_instances_own_node_can_write_it_whoever_relays_it() {
 
 #[test]
 fn a_revoked_node_cannot_undo_its_own_revocation_but_another_node_can() {
-    use crate::policy::{Key, Kind, WriterAuth};
+    use trellis_core::policy::{Key, Kind, WriterAuth};
     let (mut s, ids) = signed_stores("revoke", &["a", "b", "m"]);
     let key = Key { kind: Kind::Revocations, name: "m".into() };
     let revoke = put(&mut s[0], &key, Some(r#"{"reason": "key leaked"}"#));
@@ -433,7 +437,7 @@ fn a_revoked_node_cannot_undo_its_own_revocation_but_another_node_can() {
     let err = s[2].prepare(now_ms(), &key, None, None).unwrap_err().to_string();
     assert!(err.contains("cannot write its own revocation"), "{err}");
     let mut undo = trellis_proto::PolicyEntry {
-        version: ((now_ms() + 1) << 16, crate::policy::store::fnv64(&[b"m"])),
+        version: ((now_ms() + 1) << 16, trellis_core::policy::store::fnv64(&[b"m"])),
         ancestors: [revoke.version, (0, 0)],
         body: None,
         proof: None,
@@ -451,7 +455,8 @@ fn a_revoked_node_cannot_undo_its_own_revocation_but_another_node_can() {
 
 #[test]
 fn writer_proofs_survive_the_policy_log() {
-    use crate::policy::{Key, Kind, Policy};
+    use crate::policy::Policy;
+    use trellis_core::policy::{Key, Kind};
     let dir = ca("wal-proof", "prod");
     let data = dir.parent().unwrap().join("data");
     let key = Key { kind: Kind::Instances, name: "web-1@a".into() };

@@ -1,22 +1,20 @@
 //! Cluster policy: typed objects in last-writer-wins registers, replicated by gossip and
 //! anti-entropy, kept in a write-ahead log. No leader, no central store.
 
-pub mod hlc;
-pub mod model;
-pub mod store;
-pub mod sync;
 pub mod wal;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use trellis_proto::PolicyEntry;
 
-pub use model::{FieldError, Kind};
-pub use store::{Key, PolicyStore, Register, StoreError, Version, WriterAuth};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use trellis_core::policy::{store, Key, PolicyStore, StoreError, Version};
+
+/// Milliseconds since the Unix epoch by this host's clock (0 if it is before 1970): the
+/// time every policy write and check here is stamped with.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -147,6 +145,3 @@ impl Policy {
         }
     }
 }
-
-#[cfg(test)]
-mod tests;

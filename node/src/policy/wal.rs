@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use trellis_proto::WriterProof;
 
-use super::store::{Key, Register};
+use trellis_core::policy::store::{Key, Register};
 
 const MAX_RECORD: usize = 1 << 20;
 const COMPACT_MIN_BYTES: u64 = 1 << 20;
@@ -129,8 +129,8 @@ impl Wal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::model::Kind;
-    use crate::policy::store::{Value, Version};
+    use trellis_core::policy::model::Kind;
+    use trellis_core::policy::store::{Value, Version};
 
     fn rec(i: u64) -> (Key, Register) {
         let key = Key { kind: Kind::Services, name: format!("s{i}") };

@@ -12,11 +12,11 @@ use tokio::sync::mpsc;
 use trellis_proto::ratelimit::RateLimitMsg;
 use trellis_proto::{envelope, Kind};
 
-use super::limiter::{LimitSpec, LimitView, Limiter, Outgoing, Per, Refusal, Timing};
 use crate::agent::AgentHandle;
-use crate::policy::model::{self, Object};
-use crate::policy::PolicyStore;
 use crate::transport::Inbound;
+use trellis_core::policy::model::{self, Object};
+use trellis_core::policy::PolicyStore;
+use trellis_core::ratelimit::limiter::{LimitSpec, LimitView, Limiter, Outgoing, Per, Refusal, Timing};
 
 /// Shared between the request path (decisions), the API (views) and the shell task.
 pub struct RateLimits {

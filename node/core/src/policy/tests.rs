@@ -3,6 +3,7 @@
 use super::store::{Merged, PolicyStore};
 use super::*;
 use proptest::prelude::*;
+use trellis_proto::PolicyEntry;
 
 fn key(name: &str) -> Key {
     Key { kind: Kind::Services, name: name.into() }

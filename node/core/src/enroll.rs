@@ -4,8 +4,28 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
-use super::token::TokenError;
-use super::wire::{Refusal, Request, VERSION};
+use trellis_proto::enroll::{Refusal, Request, VERSION};
+
+/// Why a token was not accepted; the joiner sees the message and the fix.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the join token {id} is not known to this signer; create one with `trellis token create --ca-dir DIR` on a host holding the CA, and send it to the signer that uses that DIR")]
+    Unknown { id: String },
+    #[error("the join token {id} was already used (by {by:?}, {ago_s} s ago); tokens are single-use: create a new one with `trellis token create`")]
+    Used { id: String, by: String, ago_s: i64 },
+    #[error("the join token {id} expired {ago_s} s ago (by the signer's clock); create a new one with `trellis token create --ttl ...`")]
+    Expired { id: String, ago_s: i64 },
+}
+
+impl TokenError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            TokenError::Unknown { .. } => "token_unknown",
+            TokenError::Used { .. } => "token_used",
+            TokenError::Expired { .. } => "token_expired",
+        }
+    }
+}
 
 /// Clocks further apart than this break handshakes (certificates are backdated 60 s) and
 /// token expiry; the joiner is told to fix its clock instead of failing later, obscurely.
@@ -49,8 +69,8 @@ pub fn decide(req: &Request, ctx: &Context<'_>) -> Decision {
             format!("enrollment version {} is not spoken here (this agent speaks {VERSION}); run the same Trellis version on both hosts", req.version),
         );
     }
-    if let Err(e) = crate::config::validate_name(&req.name) {
-        return refuse("bad_request", e.to_string());
+    if let Err(e) = trellis_proto::identity::validate_node_name(&req.name) {
+        return refuse("bad_request", e);
     }
     if !ctx.is_signer {
         let message = if ctx.signers.is_empty() {
@@ -110,8 +130,8 @@ pub fn decide(req: &Request, ctx: &Context<'_>) -> Decision {
 
 #[cfg(test)]
 mod tests {
-    use super::super::wire::Credentials;
     use super::*;
+    use trellis_proto::enroll::Credentials;
 
     fn req(name: &str, token: bool, time_ms: i64) -> Request {
         Request {

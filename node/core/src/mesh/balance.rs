@@ -10,9 +10,9 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
 use super::hashing::{Maglev, Ring};
-use super::lb::RoundRobin;
 use super::locality::{self, Place};
 use super::p2c::{self, Load};
+use super::round_robin::RoundRobin;
 use crate::policy::model::{LbPolicy, LoadBalancing};
 
 /// One endpoint a request may go to.

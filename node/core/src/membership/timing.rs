@@ -38,8 +38,21 @@ pub struct Timing {
     pub tombstone_grace: Duration,
 }
 
+impl std::str::FromStr for Profile {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Profile, String> {
+        match s {
+            "lan" => Ok(Profile::Lan),
+            "wan" => Ok(Profile::Wan),
+            "fast" => Ok(Profile::Fast),
+            _ => Err(format!("{s:?} is not a timing profile; use one of {}", Profile::NAMES.join(", "))),
+        }
+    }
+}
+
 /// Named timing profiles.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Profile {
     #[default]
@@ -49,6 +62,8 @@ pub enum Profile {
 }
 
 impl Profile {
+    pub const NAMES: [&'static str; 3] = ["lan", "wan", "fast"];
+
     pub fn timing(self) -> Timing {
         let s = Duration::from_secs;
         let ms = Duration::from_millis;
