@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{AgentHandle, VERSION};
+use crate::api_types::{MemberJson, PeerJson};
 use crate::api_routes::Routes;
 use crate::metrics::Exposition;
 use crate::pki::RefusalReason;
@@ -68,21 +69,6 @@ fn unknown_field(msg: &str) -> Option<String> {
     Some(rest.split('`').next()?.to_string())
 }
 
-/// One member as the API shows it.
-#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
-pub struct MemberJson {
-    pub name: String,
-    pub id: String,
-    pub peer_addr: SocketAddr,
-    pub api_addr: Option<SocketAddr>,
-    pub state: MemberState,
-    /// Generation of the member's identity: changes every time the agent restarts.
-    pub incarnation: u64,
-    /// SWIM incarnation within that generation (bumped to refute suspicion).
-    pub swim_incarnation: u16,
-    pub labels: BTreeMap<String, String>,
-    pub version: String,
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -165,13 +151,13 @@ async fn agent_self(State(a): State<AgentHandle>) -> Json<serde_json::Value> {
 }
 
 /// `GET /v1/agent/peers`: every other member with the time since we last heard from it.
-async fn peers(State(a): State<AgentHandle>) -> Json<Vec<crate::check::PeerJson>> {
+async fn peers(State(a): State<AgentHandle>) -> Json<Vec<PeerJson>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let _ = a.commands.send(crate::agent::Command::Peers(tx)).await;
     let list = rx.await.unwrap_or_default();
     Json(
         list.into_iter()
-            .map(|(m, heard)| crate::check::PeerJson {
+            .map(|(m, heard)| PeerJson {
                 name: m.id.name.clone(),
                 peer_addr: m.id.addr,
                 api_addr: m.id.meta.api_addr,

@@ -148,7 +148,7 @@ fn cas_of(q: &HashMap<String, String>) -> Result<Option<Version>, ApiError> {
 }
 
 async fn write(a: AgentHandle, key: Key, body: Option<Bytes>, cas: Option<Version>) -> Result<Response, ApiError> {
-    if crate::mesh::forward::node_owned(key.kind) {
+    if key.kind.node_owned() {
         return Err(ApiError {
             status: StatusCode::BAD_REQUEST,
             error: "instances belong to the node they run on".into(),

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::api_types::PeerJson;
+
 /// A certificate expiring sooner than this is a warning.
 pub const EXPIRY_WARN_DAYS: i64 = 30;
 /// Clock skew above this is a warning; SWIM and rate limits tolerate it, humans reading logs less.
@@ -62,17 +64,6 @@ pub struct AgentSelf {
     pub unix_ms: Option<u64>,
 }
 
-/// `GET /v1/agent/peers`: one member as this agent sees it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct PeerJson {
-    pub name: String,
-    pub peer_addr: SocketAddr,
-    pub api_addr: Option<SocketAddr>,
-    pub state: String,
-    pub version: String,
-    /// Milliseconds since this agent last received a gossip message from the member.
-    pub last_heard_ms: Option<u64>,
-}
 
 /// The certificate in the tls dir, as read from disk.
 #[derive(Clone, Debug)]
@@ -367,42 +358,6 @@ pub fn render(checks: &[Check]) -> String {
     out
 }
 
-/// Why a connection to a peer failed, in an operator's words, and the fix; from the text
-/// of quinn's error (our verifier's rustls error, or the TLS alert the peer sent).
-pub fn dial_failure_cause(err: &str) -> (&'static str, &'static str) {
-    let e = err.to_ascii_lowercase();
-    let by_peer = e.contains("aborted by peer") || e.contains("closed by peer");
-    let ca_fix = "issue both nodes' certificates from the same cluster CA (`trellis cert issue --ca-dir <cluster CA>`) and put that CA's ca.pem in every tls dir";
-    let clock_fix = "synchronise the clocks of both hosts (NTP); `trellis check` shows the skew";
-    if e.contains("unknownissuer") || e.contains("badsignature") {
-        ("the peer's certificate is not from our CA", ca_fix)
-    } else if e.contains("applicationverificationfailure") {
-        ("the peer's certificate names another cluster id", ca_fix)
-    } else if e.contains("notvalidyet") || e.contains("not valid yet") {
-        ("the peer's certificate is not valid yet (clock skew between the hosts?)", clock_fix)
-    } else if e.contains("expired") && !by_peer {
-        ("the peer's certificate has expired", "issue the peer a new certificate with `trellis cert issue`")
-    } else if by_peer && e.contains("error 48") {
-        ("the peer refused our certificate: it is not from the peer's CA", ca_fix)
-    } else if by_peer && e.contains("error 49") {
-        ("the peer refused our certificate: it names another cluster id", ca_fix)
-    } else if by_peer && e.contains("error 45") {
-        (
-            "the peer refused our certificate as expired or not yet valid",
-            "check this node's certificate (`trellis check`) and both hosts' clocks",
-        )
-    } else if by_peer && e.contains("error 116") {
-        ("the peer wants a client certificate and got none", "give this agent --tls-dir with node.pem and node.key")
-    } else if e.contains("timed out") {
-        (
-            "no answer over UDP: the peer is down, or UDP to its port is blocked",
-            "check that the peer runs and that UDP to its --bind port is open both ways",
-        )
-    } else {
-        ("the connection failed", "see the error; `trellis check` on both hosts names the usual causes")
-    }
-}
-
 /// Reads the tls dir as the agent would.
 pub fn cert_facts(tls_dir: &Path) -> Result<CertFacts, String> {
     let m = crate::pki::load_tls_dir_unchecked(tls_dir).map_err(|e| e.to_string())?;
@@ -643,23 +598,6 @@ mod tests {
         let c = line(&run_checks(&f), "api").clone();
         assert_eq!(c.detail, "no answer at 127.0.0.1:8500: connection refused");
         assert!(c.hint.contains("TRELLIS_HTTP_ADDR"));
-    }
-
-    #[test]
-    fn dial_failures_name_their_cause() {
-        let local = "the cryptographic handshake failed: error 48: invalid peer certificate: UnknownIssuer";
-        assert_eq!(dial_failure_cause(local).0, "the peer's certificate is not from our CA");
-        let peer = "aborted by peer: the cryptographic handshake failed: error 48";
-        assert_eq!(dial_failure_cause(peer).0, "the peer refused our certificate: it is not from the peer's CA");
-        let cluster =
-            "the cryptographic handshake failed: error 49: invalid peer certificate: ApplicationVerificationFailure";
-        assert_eq!(dial_failure_cause(cluster).0, "the peer's certificate names another cluster id");
-        assert!(dial_failure_cause("timed out").0.starts_with("no answer over UDP"));
-        let skew = "invalid peer certificate: certificate not valid yet: current time 1, but certificate is not valid before 2";
-        assert!(dial_failure_cause(skew).1.contains("NTP"));
-        let expired =
-            "invalid peer certificate: certificate expired: verification time 2, but certificate is not valid after 1";
-        assert_eq!(dial_failure_cause(expired).0, "the peer's certificate has expired");
     }
 
     #[test]

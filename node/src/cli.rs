@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::client::Output;
 use crate::config::{parse_label, validate_name, AgentConfig};
 use trellis_core::membership::Profile;
 
@@ -155,12 +156,6 @@ pub enum PolicyCommand {
     Delete { kind: String, name: String },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum Output {
-    Table,
-    Text,
-    Json,
-}
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq, Default)]
 pub enum LogFormat {
@@ -344,7 +339,7 @@ impl AgentArgs {
             profile,
             timing,
             expected_size: file.expected_size.unwrap_or(64),
-            faults: crate::transport::Faults {
+            faults: crate::faults::Faults {
                 drop_rate: self.fault_drop_rate.unwrap_or(0.0).clamp(0.0, 1.0),
                 blocked: Default::default(),
                 blocked_out: Default::default(),

@@ -3,8 +3,17 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::api::MemberJson;
-use crate::cli::Output;
+use crate::api_types::MemberJson;
+
+/// How a listing is printed.
+#[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Text,
+    Json,
+}
+
+
 
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()

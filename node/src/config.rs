@@ -30,7 +30,7 @@ pub struct AgentConfig {
     /// Cluster size the SWIM fan-outs are tuned for.
     pub expected_size: u32,
     /// Test-only fault injection (off by default).
-    pub faults: crate::transport::Faults,
+    pub faults: crate::faults::Faults,
     /// Test-only: whether /v1/fault is served.
     pub fault_injection: bool,
     /// Local TCP listeners, one per upstream service: (service, listen address).

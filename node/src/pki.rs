@@ -212,7 +212,7 @@ pub(crate) fn validate_cluster_id(id: &str) -> Result<(), PkiError> {
 }
 
 pub(crate) fn validate_name(name: &str) -> Result<(), PkiError> {
-    crate::config::validate_name(name).map_err(|e| PkiError::Invalid {
+    trellis_proto::identity::validate_node_name(name).map_err(|e| PkiError::Invalid {
         field: "name",
         what: e.to_string(),
         fix: "pick another --name",

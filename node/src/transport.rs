@@ -5,6 +5,7 @@
 //! A peer's name comes from its certificate (checked by the verifiers in [`crate::pki`])
 //! and is attached to everything it sends; nothing a peer writes in a message can change it.
 
+use crate::faults::Faults;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -38,19 +39,6 @@ pub const CLOSE_NO_CERTIFICATE: u32 = 5;
 /// Takes accepted `trellis-enroll/1` connections (see [`crate::enroll`]).
 pub type EnrollHandler = Arc<dyn Fn(quinn::Connection) + Send + Sync>;
 
-/// Test-only fault injection: drop a share of outgoing messages, or everything to and from
-/// some peers (a partition). Off unless the agent is started with the hidden flags
-/// `--fault-drop-rate` or `--fault-injection` meant for the chaos harness.
-#[derive(Debug, Default, Clone)]
-pub struct Faults {
-    pub drop_rate: f64,
-    pub blocked: std::collections::HashSet<SocketAddr>,
-    /// Dropped only on the way out: these peers still reach us, we do not reach them
-    /// (an asymmetric partition).
-    pub blocked_out: std::collections::HashSet<SocketAddr>,
-    /// Added to every outgoing peer message (this kernel has no `tc netem`).
-    pub delay: std::time::Duration,
-}
 
 /// Everything a peer sent us, tagged with who it provably is.
 #[derive(Debug)]
@@ -724,7 +712,7 @@ impl RefusalLog {
 
     fn dial_failed(&self, to: SocketAddr, e: &anyhow::Error) {
         if let Some(suppressed) = self.admit("dial") {
-            let (cause, fix) = crate::check::dial_failure_cause(&format!("{e:#}"));
+            let (cause, fix) = dial_failure_cause(&format!("{e:#}"));
             tracing::warn!(peer = %to, suppressed, error = %e, "connection to {to} failed: {cause}; fix: {fix}");
         }
     }
@@ -745,5 +733,63 @@ impl RefusalLog {
         if let Some(suppressed) = self.admit("malformed") {
             tracing::warn!(peer = %from, suppressed, why, "closed connection: malformed message");
         }
+    }
+}
+
+/// Why a connection to a peer failed, in an operator's words, and the fix; from the text
+/// of quinn's error (our verifier's rustls error, or the TLS alert the peer sent).
+pub fn dial_failure_cause(err: &str) -> (&'static str, &'static str) {
+    let e = err.to_ascii_lowercase();
+    let by_peer = e.contains("aborted by peer") || e.contains("closed by peer");
+    let ca_fix = "issue both nodes' certificates from the same cluster CA (`trellis cert issue --ca-dir <cluster CA>`) and put that CA's ca.pem in every tls dir";
+    let clock_fix = "synchronise the clocks of both hosts (NTP); `trellis check` shows the skew";
+    if e.contains("unknownissuer") || e.contains("badsignature") {
+        ("the peer's certificate is not from our CA", ca_fix)
+    } else if e.contains("applicationverificationfailure") {
+        ("the peer's certificate names another cluster id", ca_fix)
+    } else if e.contains("notvalidyet") || e.contains("not valid yet") {
+        ("the peer's certificate is not valid yet (clock skew between the hosts?)", clock_fix)
+    } else if e.contains("expired") && !by_peer {
+        ("the peer's certificate has expired", "issue the peer a new certificate with `trellis cert issue`")
+    } else if by_peer && e.contains("error 48") {
+        ("the peer refused our certificate: it is not from the peer's CA", ca_fix)
+    } else if by_peer && e.contains("error 49") {
+        ("the peer refused our certificate: it names another cluster id", ca_fix)
+    } else if by_peer && e.contains("error 45") {
+        (
+            "the peer refused our certificate as expired or not yet valid",
+            "check this node's certificate (`trellis check`) and both hosts' clocks",
+        )
+    } else if by_peer && e.contains("error 116") {
+        ("the peer wants a client certificate and got none", "give this agent --tls-dir with node.pem and node.key")
+    } else if e.contains("timed out") {
+        (
+            "no answer over UDP: the peer is down, or UDP to its port is blocked",
+            "check that the peer runs and that UDP to its --bind port is open both ways",
+        )
+    } else {
+        ("the connection failed", "see the error; `trellis check` on both hosts names the usual causes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dial_failures_name_their_cause() {
+        let local = "the cryptographic handshake failed: error 48: invalid peer certificate: UnknownIssuer";
+        assert_eq!(dial_failure_cause(local).0, "the peer's certificate is not from our CA");
+        let peer = "aborted by peer: the cryptographic handshake failed: error 48";
+        assert_eq!(dial_failure_cause(peer).0, "the peer refused our certificate: it is not from the peer's CA");
+        let cluster =
+            "the cryptographic handshake failed: error 49: invalid peer certificate: ApplicationVerificationFailure";
+        assert_eq!(dial_failure_cause(cluster).0, "the peer's certificate names another cluster id");
+        assert!(dial_failure_cause("timed out").0.starts_with("no answer over UDP"));
+        let skew = "invalid peer certificate: certificate not valid yet: current time 1, but certificate is not valid before 2";
+        assert!(dial_failure_cause(skew).1.contains("NTP"));
+        let expired =
+            "invalid peer certificate: certificate expired: verification time 2, but certificate is not valid after 1";
+        assert_eq!(dial_failure_cause(expired).0, "the peer's certificate has expired");
     }
 }

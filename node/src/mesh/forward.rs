@@ -28,7 +28,6 @@ use trellis_core::mesh::catalog;
 use trellis_core::mesh::circuit::{Breakers, Slot, SlotKind};
 use trellis_core::mesh::locality::Place;
 use trellis_core::mesh::pool::IdlePool;
-use trellis_core::policy::model::Kind;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The QUIC error code a stream is reset with when intentions stop allowing it.
@@ -686,7 +685,3 @@ pub(crate) async fn connect(ip: std::net::IpAddr, port: u16) -> anyhow::Result<T
     Ok(s)
 }
 
-/// Kinds the operator API may not write (they belong to nodes).
-pub fn node_owned(kind: Kind) -> bool {
-    kind == Kind::Instances
-}

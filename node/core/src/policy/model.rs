@@ -25,6 +25,11 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Kinds the operator API may not write: each object belongs to the node that wrote it.
+    pub fn node_owned(self) -> bool {
+        self == Kind::Instances
+    }
+
     pub const ALL: [Kind; 9] = [
         Kind::Services,
         Kind::Subsets,

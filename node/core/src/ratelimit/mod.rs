@@ -63,6 +63,7 @@ pub mod bucket;
 pub mod limiter;
 pub mod owner;
 pub mod side;
+pub mod timing;
 /// A many-node simulator of the limiter cores, for the accuracy benchmark and tests.
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::limiter::Timing;
+use super::timing::Timing;
 use super::side::SideView;
 
 /// How long after a member comes into view it is assumed to be on its fallback share

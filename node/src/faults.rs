@@ -1,0 +1,18 @@
+//! Faults the chaos harness injects into an agent's own transport (hidden flags; off in
+//! every normal start).
+
+use std::net::SocketAddr;
+
+/// Test-only fault injection: drop a share of outgoing messages, or everything to and from
+/// some peers (a partition). Off unless the agent is started with the hidden flags
+/// `--fault-drop-rate` or `--fault-injection` meant for the chaos harness.
+#[derive(Debug, Default, Clone)]
+pub struct Faults {
+    pub drop_rate: f64,
+    pub blocked: std::collections::HashSet<SocketAddr>,
+    /// Dropped only on the way out: these peers still reach us, we do not reach them
+    /// (an asymmetric partition).
+    pub blocked_out: std::collections::HashSet<SocketAddr>,
+    /// Added to every outgoing peer message (this kernel has no `tc netem`).
+    pub delay: std::time::Duration,
+}
