@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use trellis_core::membership::{Profile, Timing};
 
+pub mod flags;
 pub mod layers;
 
 /// The settings of a running agent, fully resolved.
@@ -324,7 +325,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("agent.toml");
         std::fs::write(&p, "name = \"n1\"\nbind = \"127.0.0.1:7946\"\n[timing]\nprobe_rtt = \"3s\"\n").unwrap();
-        let args = crate::cli::AgentArgs { config: Some(p.clone()), ..Default::default() };
+        let args = flags::AgentArgs { config: Some(p.clone()), ..Default::default() };
         let err = args.resolve_with(&[], None).unwrap_err().to_string();
         let want = format!(
             "{}: line 4, field `timing.probe_rtt` (found `probe_rtt = \"3s\"`): timing.probe_rtt (3s) must be shorter than timing.probe_period (1s); fix: change line 4 of {}",
@@ -354,7 +355,7 @@ mod tests {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let args = crate::cli::AgentArgs {
+        let args = flags::AgentArgs {
             config: Some(p.clone()),
             name: Some("flag".into()),
             join: vec!["127.0.0.3:3".parse().unwrap()],
@@ -370,7 +371,7 @@ mod tests {
         assert_eq!(level.as_deref(), Some("debug"));
         // TRELLIS_CONFIG names the file when --config does not.
         let env = vec![("TRELLIS_CONFIG".to_string(), p.display().to_string())];
-        let (cfg, _) = crate::cli::AgentArgs::default().resolve_with(&env, None).unwrap();
+        let (cfg, _) = flags::AgentArgs::default().resolve_with(&env, None).unwrap();
         assert_eq!(cfg.name, "file");
         let _ = std::fs::remove_dir_all(&dir);
     }

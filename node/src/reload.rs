@@ -136,7 +136,7 @@ pub fn tls_fingerprint(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::AgentArgs;
+    use crate::config::flags::AgentArgs;
 
     fn cfg(extra: &[(&str, &str)]) -> AgentConfig {
         let mut env = BTreeMap::from([("TRELLIS_NAME".to_string(), "n1".to_string())]);

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::cli::{AgentArgs, LogFormat};
+use crate::config::flags::{log_filter, AgentArgs, LogFormat};
 
 /// How long a leaving agent keeps running so its leave gossip reaches peers.
 const LEAVE_GRACE: Duration = Duration::from_millis(500);
@@ -185,13 +185,6 @@ async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// The log filter for a level (or a full tracing filter), with noisy dependencies quieted.
-pub fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
-    tracing_subscriber::EnvFilter::try_new(format!("{level},foca=warn,quinn=warn,rustls=warn")).map_err(|e| {
-        format!("log_level: {level:?} is not a level or filter ({e}); use error, warn, info, debug or trace")
-    })
 }
 
 /// Swaps the log filter of the running process (SIGHUP).

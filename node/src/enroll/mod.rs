@@ -48,7 +48,7 @@ pub struct Options {
 }
 
 impl Options {
-    pub fn from_args(args: &crate::cli::AgentArgs) -> anyhow::Result<Options> {
+    pub fn from_args(args: &crate::config::flags::AgentArgs) -> anyhow::Result<Options> {
         let token = args.token.as_deref().map(JoinToken::parse).transpose()?;
         let cert_lifetime = args.cert_lifetime.unwrap_or(DEFAULT_LIFETIME);
         if cert_lifetime < Duration::from_secs(10) {
