@@ -9,7 +9,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use crate::agent::{AgentHandle, Command};
-use crate::api::ApiError;
+use crate::api_error::ApiError;
 use crate::api_routes::Routes;
 use crate::policy::WriteError;
 use trellis_core::membership::MemberState;
@@ -47,7 +47,7 @@ fn write_err(e: WriteError) -> ApiError {
 
 /// Registers (or replaces) an instance running on this host.
 async fn register(State(a): State<AgentHandle>, Path(id): Path<String>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let mut obj: Value = crate::api::parse_body(&body)?;
+    let mut obj: Value = crate::api_error::parse_body(&body)?;
     let Some(map) = obj.as_object_mut() else {
         return Err(ApiError {
             status: StatusCode::BAD_REQUEST,

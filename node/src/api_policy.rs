@@ -11,7 +11,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use crate::agent::{AgentHandle, Command};
-use crate::api::ApiError;
+use crate::api_error::ApiError;
 use crate::api_routes::Routes;
 use crate::policy::WriteError;
 use trellis_core::policy::store::{Conflict, Register};

@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::Json;
 
 use crate::agent::AgentHandle;
-use crate::api::ApiError;
+use crate::api_error::ApiError;
 use crate::api_routes::Routes;
 use crate::metrics::Exposition;
 use trellis_core::ratelimit::limiter::LimitView;

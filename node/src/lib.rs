@@ -5,6 +5,9 @@ pub mod agent;
 pub mod api;
 pub mod api_access;
 pub mod api_catalog;
+#[cfg(test)]
+mod api_conformance;
+pub mod api_error;
 pub mod api_openapi;
 pub mod api_policy;
 pub mod api_ratelimit;
