@@ -14,13 +14,11 @@ use serde::Deserialize;
 
 use crate::agent::{AgentHandle, VERSION};
 pub use crate::api_error::{parse_body, ApiError};
-use crate::api_types::{MemberJson, PeerJson};
 use crate::api_routes::Routes;
+use crate::api_types::{MemberJson, PeerJson};
 use crate::metrics::Exposition;
 use crate::pki::RefusalReason;
 use trellis_core::membership::{MemberState, MemberView};
-
-
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,33 +78,31 @@ async fn not_found() -> ApiError {
 }
 
 async fn health(State(a): State<AgentHandle>) -> Json<serde_json::Value> {
-    let members = a.members().await;
+    let members = a.members.list().await;
     let alive = members.iter().filter(|m| m.state == MemberState::Alive).count();
-    Json(serde_json::json!({"status": "ok", "name": a.identity.name, "alive_members": alive}))
+    Json(serde_json::json!({"status": "ok", "name": a.members.identity.name, "alive_members": alive}))
 }
 
 async fn agent_self(State(a): State<AgentHandle>) -> Json<serde_json::Value> {
-    let id = &a.identity;
+    let id = &a.members.identity;
     Json(serde_json::json!({
         "name": id.name,
         "id": a.spiffe_id,
         "peer_addr": id.addr,
         "api_addr": id.meta.api_addr,
-        "cluster_id": a.cluster_id,
+        "cluster_id": a.members.cluster_id,
         "version": VERSION,
         "labels": id.meta.labels,
         "generation": id.generation,
         "uptime_seconds": a.started.elapsed().as_secs(),
         // Wall clock, so `trellis check` can measure skew between members.
-        "unix_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+        "unix_ms": crate::policy::now_ms(),
     }))
 }
 
 /// `GET /v1/agent/peers`: every other member with the time since we last heard from it.
 async fn peers(State(a): State<AgentHandle>) -> Json<Vec<PeerJson>> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let _ = a.commands.send(crate::agent::Command::Peers(tx)).await;
-    let list = rx.await.unwrap_or_default();
+    let list = a.members.peers().await;
     Json(
         list.into_iter()
             .map(|(m, heard)| PeerJson {
@@ -124,7 +120,7 @@ async fn peers(State(a): State<AgentHandle>) -> Json<Vec<PeerJson>> {
 pub fn member_json(a: &AgentHandle, m: &MemberView) -> MemberJson {
     MemberJson {
         name: m.id.name.clone(),
-        id: a.spiffe_of(&m.id.name),
+        id: a.members.spiffe_of(&m.id.name),
         peer_addr: m.id.addr,
         api_addr: m.id.meta.api_addr,
         state: m.state,
@@ -136,7 +132,7 @@ pub fn member_json(a: &AgentHandle, m: &MemberView) -> MemberJson {
 }
 
 async fn members(State(a): State<AgentHandle>) -> Json<Vec<MemberJson>> {
-    let mut v: Vec<MemberJson> = a.members().await.iter().map(|m| member_json(&a, m)).collect();
+    let mut v: Vec<MemberJson> = a.members.list().await.iter().map(|m| member_json(&a, m)).collect();
     v.sort_by(|x, y| x.name.cmp(&y.name).then(y.incarnation.cmp(&x.incarnation)));
     Json(v)
 }
@@ -152,7 +148,7 @@ async fn join(State(a): State<AgentHandle>, body: Bytes) -> Result<Json<serde_js
         });
     }
     let n = req.addrs.len();
-    let _ = a.commands.send(crate::agent::Command::Join(req.addrs)).await;
+    a.members.join(req.addrs).await;
     Ok(Json(serde_json::json!({"joining": n})))
 }
 
@@ -162,8 +158,8 @@ async fn leave(State(a): State<AgentHandle>) -> Json<serde_json::Value> {
 }
 
 async fn metrics(State(a): State<AgentHandle>) -> Response {
-    let members = a.members().await;
-    let stats = a.stats().await;
+    let members = a.members.list().await;
+    let stats = a.members.stats().await;
     let t = &a.transport.stats;
     let mut e = Exposition::default();
     let count = |s: MemberState| members.iter().skip(1).filter(|m| m.state == s).count() as u64;
@@ -288,7 +284,7 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
     );
     traffic_metrics(&a, &mut e);
     crate::api_ratelimit::metrics(&a, &mut e);
-    crate::enroll::metrics(&a, &mut e);
+    crate::enroll::metrics(&a.transport, &a.lifecycle, &mut e);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], e.finish()).into_response()
 }
 

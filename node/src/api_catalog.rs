@@ -8,13 +8,13 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
 
-use crate::agent::{AgentHandle, Command};
+use crate::agent::AgentHandle;
 use crate::api_error::ApiError;
 use crate::api_routes::Routes;
 use crate::policy::WriteError;
 use trellis_core::membership::MemberState;
 use trellis_core::mesh::catalog;
-use trellis_core::policy::{Key, Kind};
+use trellis_core::policy::Key;
 
 pub fn routes() -> Routes<AgentHandle> {
     Routes::new()
@@ -25,7 +25,7 @@ pub fn routes() -> Routes<AgentHandle> {
 }
 
 fn key(a: &AgentHandle, id: &str) -> Key {
-    Key { kind: Kind::Instances, name: format!("{id}@{}", a.identity.name) }
+    Key::instance(id, &a.members.identity.name)
 }
 
 fn write_err(e: WriteError) -> ApiError {
@@ -56,16 +56,10 @@ async fn register(State(a): State<AgentHandle>, Path(id): Path<String>, body: By
             hint: "e.g. {\"service\": \"web\", \"address\": \"127.0.0.1\", \"port\": 8080}".into(),
         });
     };
-    map.insert("node".into(), json!(a.identity.name));
+    map.insert("node".into(), json!(a.members.identity.name));
     let k = key(&a, &id);
-    let policy = a.policy.clone();
     let bytes = serde_json::to_vec(&obj).expect("json");
-    let kk = k.clone();
-    let entry = tokio::task::spawn_blocking(move || policy.write(kk, Some(&bytes), None))
-        .await
-        .expect("write task")
-        .map_err(write_err)?;
-    let _ = a.commands.send(Command::Publish(entry)).await;
+    a.writer.write(k.clone(), Some(bytes), None).await.map_err(write_err)?;
     Ok(Json(json!({"id": id, "instance": k.name})))
 }
 
@@ -78,17 +72,12 @@ async fn deregister(State(a): State<AgentHandle>, Path(id): Path<String>) -> Res
             "list them with GET /v1/catalog/services",
         ));
     }
-    let policy = a.policy.clone();
-    let entry = tokio::task::spawn_blocking(move || policy.write(k, None, None))
-        .await
-        .expect("write task")
-        .map_err(write_err)?;
-    let _ = a.commands.send(Command::Publish(entry)).await;
+    a.writer.write(k, None, None).await.map_err(write_err)?;
     Ok(Json(json!({"id": id, "deleted": true})))
 }
 
 async fn alive(a: &AgentHandle) -> HashSet<String> {
-    a.members().await.into_iter().filter(|m| m.state == MemberState::Alive).map(|m| m.id.name).collect()
+    a.members.list().await.into_iter().filter(|m| m.state == MemberState::Alive).map(|m| m.id.name).collect()
 }
 
 async fn all_services(State(a): State<AgentHandle>) -> Json<Value> {

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use crate::agent::{AgentHandle, Command};
+use crate::agent::AgentHandle;
 use crate::api_error::ApiError;
 use crate::api_routes::Routes;
 use crate::policy::WriteError;
@@ -159,15 +159,7 @@ async fn write(a: AgentHandle, key: Key, body: Option<Bytes>, cas: Option<Versio
     if let Some(b) = &body {
         refuse_l7_on_tcp(&a, &key, b)?;
     }
-    let policy = a.policy.clone();
-    let k = key.clone();
-    let res =
-        tokio::task::spawn_blocking(move || policy.write(k, body.as_deref(), cas)).await.map_err(|e| ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            error: e.to_string(),
-            field: None,
-            hint: "see the agent log".into(),
-        })?;
+    let res = a.writer.write(key.clone(), body.map(|b| b.to_vec()), cas).await;
     let entry = res.map_err(|e| match e {
         WriteError::Store(StoreError::Invalid(f)) => bad(f),
         WriteError::Store(e @ StoreError::CasMismatch { .. }) => ApiError {
@@ -190,7 +182,6 @@ async fn write(a: AgentHandle, key: Key, body: Option<Bytes>, cas: Option<Versio
         },
     })?;
     let version = Version { hlc: entry.version.0, node: entry.version.1 }.token();
-    let _ = a.commands.send(Command::Publish(entry)).await;
     let index = *a.policy.index.borrow();
     Ok(with_index(index, json!({"kind": key.kind, "name": key.name, "version": version})))
 }

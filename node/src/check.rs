@@ -64,7 +64,6 @@ pub struct AgentSelf {
     pub unix_ms: Option<u64>,
 }
 
-
 /// The certificate in the tls dir, as read from disk.
 #[derive(Clone, Debug)]
 pub struct CertFacts {

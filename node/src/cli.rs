@@ -154,7 +154,7 @@ pub enum PolicyCommand {
     Delete { kind: String, name: String },
 }
 
-
+/// `trellis validate FILE|DIR`: the agent's own start-up config checks, nothing started.
 fn validate(path: &std::path::Path) -> anyhow::Result<()> {
     let args = AgentArgs { config: Some(path.to_path_buf()), ..Default::default() };
     let env: Vec<(String, String)> = std::env::vars().collect();

@@ -13,8 +13,6 @@ pub enum Output {
     Json,
 }
 
-
-
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(5)))

@@ -73,9 +73,7 @@ impl Reloader {
             }
         }
         if let Some(labels) = &plan.labels {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let _ = agent.commands.send(crate::agent::Command::SetLabels(labels.clone(), tx)).await;
-            if let Ok(Err(e)) = rx.await {
+            if let Err(e) = agent.members.set_labels(labels.clone()).await {
                 failed.push(e);
             }
         }
@@ -90,7 +88,7 @@ impl Reloader {
             }
         }
         if !plan.new_seeds.is_empty() {
-            let _ = agent.commands.send(crate::agent::Command::Join(plan.new_seeds.clone())).await;
+            agent.members.join(plan.new_seeds.clone()).await;
         }
         if plan.certificates {
             let swapped = crate::pki::load_tls_dir(&self.running.tls_dir)
@@ -117,14 +115,9 @@ async fn put_instance(
     id: &str,
     json: Option<&serde_json::Value>,
 ) -> anyhow::Result<()> {
-    let key = trellis_core::policy::Key {
-        kind: trellis_core::policy::Kind::Instances,
-        name: format!("{id}@{}", agent.identity.name),
-    };
+    let key = trellis_core::policy::Key::instance(id, &agent.members.identity.name);
     let bytes = json.map(serde_json::to_vec).transpose()?;
-    let policy = agent.policy.clone();
-    let entry = tokio::task::spawn_blocking(move || policy.write(key, bytes.as_deref(), None)).await??;
-    let _ = agent.commands.send(crate::agent::Command::Publish(entry)).await;
+    agent.writer.write(key, bytes, None).await?;
     Ok(())
 }
 
@@ -135,7 +128,8 @@ async fn serve(
     enroll: crate::enroll::Options,
 ) -> anyhow::Result<()> {
     let agent = crate::agent::start(&cfg, &tls)?;
-    crate::enroll::start(&agent, &cfg, &enroll)?;
+    let inputs = crate::enroll::Inputs { members: agent.members.clone(), transport: agent.transport.clone() };
+    crate::enroll::start(inputs, agent.policy.clone(), &agent.lifecycle, &cfg, &enroll)?;
     let listener = tokio::net::TcpListener::bind(cfg.api)
         .await
         .map_err(|e| anyhow::anyhow!("api: cannot listen on {}: {e}; pick another --api address", cfg.api))?;

@@ -39,7 +39,6 @@ pub const CLOSE_NO_CERTIFICATE: u32 = 5;
 /// Takes accepted `trellis-enroll/1` connections (see [`crate::enroll`]).
 pub type EnrollHandler = Arc<dyn Fn(quinn::Connection) + Send + Sync>;
 
-
 /// Everything a peer sent us, tagged with who it provably is.
 #[derive(Debug)]
 pub struct Inbound {

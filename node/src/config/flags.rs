@@ -233,8 +233,6 @@ impl AgentArgs {
     }
 }
 
-/// `trellis validate FILE|DIR`: the agent's own start-up config checks, nothing started.
-
 /// The log filter for a level (or a full tracing filter), with noisy dependencies quieted.
 pub fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
     tracing_subscriber::EnvFilter::try_new(format!("{level},foca=warn,quinn=warn,rustls=warn")).map_err(|e| {

@@ -27,9 +27,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::agent::AgentHandle;
 use crate::config::AgentConfig;
+use crate::membership::Members;
 use crate::pki::{self, CertAuthority, TlsMaterial};
+use crate::policy::Policy;
+use crate::transport::Transport;
 pub use server::{EnrollStats, Signer, SIGNER_LABEL};
 use token::{JoinToken, TokenStore};
 
@@ -120,36 +122,50 @@ pub struct Lifecycle {
     pub renewal: Arc<renewal::RenewalStats>,
 }
 
+/// What enrollment and renewal take from the agent: who is in the cluster, and the
+/// transport whose certificate they renew and whose connections they serve.
+#[derive(Clone)]
+pub struct Inputs {
+    pub members: Members,
+    pub transport: Arc<Transport>,
+}
+
 /// Starts the enrollment service, the renewal task and the revocation watcher.
-pub fn start(agent: &AgentHandle, cfg: &AgentConfig, opts: &Options) -> anyhow::Result<()> {
+pub fn start(
+    node: Inputs,
+    policy: Arc<Policy>,
+    lifecycle: &Lifecycle,
+    cfg: &AgentConfig,
+    opts: &Options,
+) -> anyhow::Result<()> {
     let signer = opts.signer()?;
-    let service = server::EnrollService::new(agent.clone(), signer.clone(), agent.lifecycle.enroll.clone());
-    agent.transport.set_enroll_handler(Arc::new(move |conn| service.accept(conn)));
+    let service = server::EnrollService::new(node.clone(), signer.clone(), lifecycle.enroll.clone());
+    node.transport.set_enroll_handler(Arc::new(move |conn| service.accept(conn)));
+    tokio::spawn(revocation::watch(policy, node.transport.clone()));
     let renew = renewal::Renewal {
-        agent: agent.clone(),
+        node,
         tls_dir: cfg.tls_dir.clone(),
         signer,
         fraction: opts.renew_at,
-        stats: agent.lifecycle.renewal.clone(),
+        stats: lifecycle.renewal.clone(),
     };
     tokio::spawn(renew.run());
-    tokio::spawn(revocation::watch(agent.clone()));
     Ok(())
 }
 
 /// Metrics of this module, for `/metrics`.
-pub fn metrics(a: &AgentHandle, e: &mut crate::metrics::Exposition) {
-    let (_, not_after) = a.transport.identity.validity();
+pub fn metrics(transport: &Transport, lifecycle: &Lifecycle, e: &mut crate::metrics::Exposition) {
+    let (_, not_after) = transport.identity.validity();
     let left = (not_after - time::OffsetDateTime::now_utc()).as_seconds_f64();
     e.gauge("trellis_cert_expiry_seconds", "Seconds until this node's certificate expires.", left.floor());
-    let r = &a.lifecycle.renewal;
+    let r = &lifecycle.renewal;
     use std::sync::atomic::Ordering::Relaxed;
     e.counter("trellis_cert_renewals_total", "Certificates renewed by this node.", r.renewed.load(Relaxed));
     e.counter("trellis_cert_renewal_failures_total", "Failed renewal attempts.", r.failed.load(Relaxed));
-    let outcomes = a.lifecycle.enroll.outcomes.lock().expect("stats lock").clone();
+    let outcomes = lifecycle.enroll.outcomes.lock().expect("stats lock").clone();
     let rows: Vec<(&str, u64)> = outcomes.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     e.labelled("counter", "trellis_enroll_requests_total", "Signing requests served, by outcome.", "outcome", &rows);
-    e.gauge("trellis_revocations", "Revoked node identities in force.", a.transport.identity.revoked.len() as f64);
+    e.gauge("trellis_revocations", "Revoked node identities in force.", transport.identity.revoked.len() as f64);
 }
 
 /// `trellis token create`: stores the token's hash in the CA dir, returns the token.

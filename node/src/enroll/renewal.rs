@@ -9,7 +9,6 @@ use std::sync::Arc;
 use time::OffsetDateTime;
 
 use super::server::{signers, Signer};
-use crate::agent::AgentHandle;
 use crate::pki::renew::{RenewSchedule, Warning};
 use crate::pki::{self, TlsMaterial};
 
@@ -20,7 +19,7 @@ pub struct RenewalStats {
 }
 
 pub struct Renewal {
-    pub agent: AgentHandle,
+    pub node: super::Inputs,
     pub tls_dir: PathBuf,
     pub signer: Option<Arc<Signer>>,
     pub fraction: f64,
@@ -37,7 +36,7 @@ fn now_ms() -> i64 {
 
 impl Renewal {
     pub async fn run(self) {
-        let live = self.agent.transport.identity.clone();
+        let live = self.node.transport.identity.clone();
         let (nb, na) = live.validity();
         let mut schedule = RenewSchedule::new(self.fraction, ms(nb), ms(na));
         loop {
@@ -72,7 +71,7 @@ impl Renewal {
         let key_path = self.tls_dir.join("node.key");
         let key_pem = pki::read(&key_path, "the key is needed to renew").map_err(|e| e.to_string())?;
         let key = rcgen::KeyPair::from_pem(&key_pem).map_err(|e| format!("{}: {e}", key_path.display()))?;
-        let live = &self.agent.transport.identity;
+        let live = &self.node.transport.identity;
         let csr = pki::make_csr(&key, &live.name).map_err(|e| e.to_string())?;
         let cert_pem = match &self.signer {
             Some(s) => s.ca.sign_csr(&csr, &live.name, s.lifetime).map_err(|e| e.to_string())?.0,
@@ -93,7 +92,7 @@ impl Renewal {
     }
 
     async fn ask_signers(&self, csr: &[u8]) -> Result<String, String> {
-        let members = self.agent.members().await;
+        let members = self.node.members.list().await;
         let found = signers(&members);
         if found.is_empty() {
             return Err(format!(
@@ -103,7 +102,7 @@ impl Renewal {
         }
         let mut errors = vec![];
         for s in found {
-            match super::client::renew_remote(self.agent.transport.endpoint(), &self.agent.transport.identity, s, csr)
+            match super::client::renew_remote(self.node.transport.endpoint(), &self.node.transport.identity, s, csr)
                 .await
             {
                 Ok(pem) => return Ok(pem),

@@ -5,7 +5,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::agent::AgentHandle;
+use std::sync::Arc;
+
+use crate::policy::Policy;
+use crate::transport::Transport;
 use trellis_core::policy::model::{self, Kind, Object};
 use trellis_core::policy::PolicyStore;
 
@@ -28,16 +31,16 @@ pub fn revoked_names(store: &PolicyStore) -> BTreeSet<String> {
 
 /// Keeps the transport's revocation list equal to the policy's, and closes connections of
 /// revoked peers.
-pub async fn watch(agent: AgentHandle) {
-    let mut index = agent.policy.index.subscribe();
-    let live = agent.transport.identity.clone();
+pub async fn watch(policy: Arc<Policy>, transport: Arc<Transport>) {
+    let mut index = policy.index.subscribe();
+    let live = transport.identity.clone();
     loop {
-        let names = revoked_names(&agent.policy.store.lock().expect("policy lock"));
+        let names = revoked_names(&policy.store.lock().expect("policy lock"));
         let added = live.revoked.replace(names);
         if added.iter().any(|n| *n == live.name) {
             tracing::error!(node = %live.name, "this node's identity is revoked: every peer refuses it; delete revocations/{} to undo", live.name);
         }
-        let closed = agent.transport.close_revoked(|n| live.revoked.contains(n));
+        let closed = transport.close_revoked(|n| live.revoked.contains(n));
         if !added.is_empty() || closed > 0 {
             tracing::warn!(revoked = ?added, closed_connections = closed, "revoked identities refused from now on");
         }

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::token::TokenStore;
-use crate::agent::AgentHandle;
 use crate::pki::{self, CertAuthority};
 use trellis_core::enroll::{decide, Context, Decision};
 use trellis_core::membership::MemberState;
@@ -43,7 +42,7 @@ impl EnrollStats {
 }
 
 pub struct EnrollService {
-    agent: AgentHandle,
+    node: super::Inputs,
     signer: Option<Arc<Signer>>,
     stats: Arc<EnrollStats>,
     active: AtomicUsize,
@@ -59,8 +58,8 @@ pub fn signers(members: &[trellis_core::membership::MemberView]) -> Vec<SocketAd
 }
 
 impl EnrollService {
-    pub fn new(agent: AgentHandle, signer: Option<Arc<Signer>>, stats: Arc<EnrollStats>) -> Arc<EnrollService> {
-        Arc::new(EnrollService { agent, signer, stats, active: AtomicUsize::new(0) })
+    pub fn new(node: super::Inputs, signer: Option<Arc<Signer>>, stats: Arc<EnrollStats>) -> Arc<EnrollService> {
+        Arc::new(EnrollService { node, signer, stats, active: AtomicUsize::new(0) })
     }
 
     /// Takes one accepted `trellis-enroll/1` connection.
@@ -104,14 +103,14 @@ impl EnrollService {
     }
 
     async fn answer(&self, conn: &quinn::Connection, req: &Request, now: i64) -> Response {
-        let members = self.agent.members().await;
+        let members = self.node.members.list().await;
         let live_names: BTreeSet<String> = members
             .iter()
             .filter(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect))
             .map(|m| m.id.name.clone())
             .collect();
         let authenticated = client_name(conn);
-        let revoked = |n: &str| self.agent.transport.identity.revoked.contains(n);
+        let revoked = |n: &str| self.node.transport.identity.revoked.contains(n);
         let check_token = |id: &str, secret: &str| match &self.signer {
             Some(s) => s.tokens.view(|b| b.check(id, secret, now)).unwrap_or_else(|e| {
                 tracing::error!(error = %e, "token store unreadable");

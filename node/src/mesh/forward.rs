@@ -20,8 +20,10 @@ use trellis_proto::forward::{ForwardOpen, ForwardStatus};
 
 use super::inbound::Ended;
 use super::upstream;
-use crate::agent::AgentHandle;
-use crate::transport::BiStream;
+use crate::membership::Members;
+use crate::policy::Policy;
+use crate::ratelimit::RateLimits;
+use crate::transport::{BiStream, Transport};
 use trellis_core::membership::AliveMembers;
 use trellis_core::mesh::balance::{Balancer, Candidate};
 use trellis_core::mesh::catalog;
@@ -101,10 +103,20 @@ pub struct ForwardStats {
     pub traffic: Mutex<trellis_core::mesh::traffic::Traffic>,
 }
 
+/// What the data plane takes from the rest of the agent.
+pub struct Inputs {
+    pub members: Members,
+    pub policy: Arc<Policy>,
+    pub transport: Arc<Transport>,
+    pub ratelimits: Arc<RateLimits>,
+    /// This node's SPIFFE id: the caller of what its proxies send.
+    pub spiffe_id: String,
+}
+
 pub struct Forwarder {
     /// Itself, for the tasks that serve local calls' inbound side.
     me: Weak<Forwarder>,
-    pub(crate) agent: AgentHandle,
+    pub(crate) node: Inputs,
     /// Alive members as the agent task last published them: read per request without
     /// a round trip to that task.
     alive: watch::Receiver<Arc<AliveMembers>>,
@@ -124,15 +136,15 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub fn new(agent: AgentHandle, stats: Arc<ForwardStats>) -> Arc<Forwarder> {
+    pub fn new(node: Inputs, stats: Arc<ForwardStats>) -> Arc<Forwarder> {
         let (balancer, outliers, snap) = (Arc::default(), Mutex::default(), Mutex::default());
         let (breakers, budgets) = (Arc::default(), Mutex::default());
-        let alive = agent.alive.clone();
+        let alive = node.members.alive.clone();
         let pool = Arc::new(Mutex::new(IdlePool::new(POOL_PER_INSTANCE, POOL_IDLE)));
         let freed = Arc::new(tokio::sync::Notify::new());
         Arc::new_cyclic(|me| Forwarder {
             me: me.clone(),
-            agent,
+            node,
             alive,
             pool,
             balancer,
@@ -148,10 +160,6 @@ impl Forwarder {
 
     pub(crate) fn me(&self) -> Arc<Forwarder> {
         self.me.upgrade().expect("a Forwarder is only used through its Arc")
-    }
-
-    pub fn agent(&self) -> &AgentHandle {
-        &self.agent
     }
 
     /// Accepts local clients of one upstream service, within `gate`'s connection caps:
@@ -250,7 +258,7 @@ impl Forwarder {
                 place: Place { zone: zone.as_deref(), region: region.as_deref() },
             })
             .collect();
-        let mine = &self.agent.identity.meta.labels;
+        let mine = &self.node.members.identity.meta.labels;
         let me = Place { zone: mine.get("zone").map(String::as_str), region: mine.get("region").map(String::as_str) };
         let lb = snap.services.get(service).map(|s| s.lb.clone()).unwrap_or_default();
         let key = format!("{service}{labels:?}");
@@ -264,7 +272,7 @@ impl Forwarder {
         drop(balancer);
         tried.push(inst.name.clone());
         self.stats.outbound.fetch_add(1, Relaxed);
-        let local = inst.instance.node == self.agent.identity.name;
+        let local = inst.instance.node == self.node.members.identity.name;
         let pick = Pick {
             name: inst.name.clone(),
             node: inst.instance.node.clone(),
@@ -432,10 +440,10 @@ impl Forwarder {
     /// The policy view for this request: rebuilt only when the store's published index
     /// moved, so a request never waits on the store lock (held across a log fsync).
     pub fn snapshot(&self) -> Arc<catalog::Snapshot> {
-        let index = *self.agent.policy.index.borrow();
+        let index = *self.node.policy.index.borrow();
         let mut cur = self.snap.lock().expect("snapshot lock");
         if cur.index != index || cur.index == 0 {
-            let store = self.agent.policy.store.lock().expect("policy lock");
+            let store = self.node.policy.store.lock().expect("policy lock");
             // Keyed by the published index, which may trail the store's own by an fsync.
             *cur = Arc::new(catalog::Snapshot { index, ..catalog::Snapshot::build(&store) });
         }
@@ -443,7 +451,7 @@ impl Forwarder {
     }
 
     async fn remote(&self, service: &str, pick: &Pick, peer: SocketAddr) -> Result<Io, OpenError> {
-        let transport = self.agent.transport.clone();
+        let transport = self.node.transport.clone();
         let stream = async move {
             let (send, recv) = transport.open_bi(peer).await?;
             anyhow::Ok(tokio::io::join(recv, send))
@@ -455,7 +463,7 @@ impl Forwarder {
     /// [`Forwarder::inbound`] as a peer's stream would be, with this node as the caller.
     async fn local(&self, service: &str, pick: &Pick) -> Result<Io, OpenError> {
         let (near, mut far) = tokio::io::duplex(LOCAL_PIPE);
-        let (fwd, caller) = (self.me(), self.agent.spiffe_id.clone());
+        let (fwd, caller) = (self.me(), self.node.spiffe_id.clone());
         tokio::spawn(async move {
             if let Err(e) = fwd.inbound(&caller, &mut far).await {
                 tracing::debug!(error = %e, "local inbound stream failed");
@@ -518,14 +526,14 @@ impl Forwarder {
     /// a stream that must end early is reset with a code saying why.
     async fn server(&self, s: BiStream) -> anyhow::Result<()> {
         let BiStream { peer_name, send, recv, .. } = s;
-        let caller = self.agent.spiffe_of(&peer_name);
+        let caller = self.node.members.spiffe_of(&peer_name);
         let mut quic = tokio::io::join(recv, send);
         let code = match self.inbound(&caller, &mut quic).await? {
             Ended::Done => return Ok(()),
             Ended::Denied => DENIED_CODE,
             Ended::Gone => GONE_CODE,
             Ended::HeaderTimeout => {
-                self.agent.transport.stats.peer_refuse(crate::transport::PeerRefusal::StreamTimeout);
+                self.node.transport.stats.peer_refuse(crate::transport::PeerRefusal::StreamTimeout);
                 TIMEOUT_CODE
             }
         };
@@ -533,7 +541,7 @@ impl Forwarder {
         let _ = send.reset(code);
         let _ = recv.stop(code);
         if code == TIMEOUT_CODE {
-            anyhow::bail!("no forward header within {:?}", self.agent.transport.limits.stream_read_timeout);
+            anyhow::bail!("no forward header within {:?}", self.node.transport.limits.stream_read_timeout);
         }
         Ok(())
     }
@@ -684,4 +692,3 @@ pub(crate) async fn connect(ip: std::net::IpAddr, port: u16) -> anyhow::Result<T
     s.set_nodelay(true)?;
     Ok(s)
 }
-

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::agent::{AgentHandle, Command};
+use crate::policy_writer::PolicyWriter;
 use trellis_core::health::Checker;
 use trellis_core::policy::model::{self, Check, CheckTiming, Health, HealthCheckDefaults, Instance, Kind, Object};
 use trellis_core::policy::Key;
@@ -46,13 +46,13 @@ struct Tracked {
 }
 
 /// Runs the checks of this node's instances until the agent stops.
-pub async fn run(agent: AgentHandle) {
+pub async fn run(writer: PolicyWriter) {
     let mut tracked: HashMap<String, Tracked> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
         let now = Instant::now();
-        let local = local_checked(&agent);
+        let local = local_checked(&writer);
         tracked.retain(|name, _| local.iter().any(|(n, _, _)| n == name));
         // Due probes run together, so a slow one does not hold up the others.
         let mut probes = tokio::task::JoinSet::new();
@@ -83,7 +83,7 @@ pub async fn run(agent: AgentHandle) {
             let Some(t) = tracked.get_mut(&name) else { continue };
             if let Some(verdict) = t.checker.record(ok) {
                 tracing::info!(instance = %name, health = ?verdict, "health changed");
-                publish(&agent, &name, inst, verdict).await;
+                publish(&writer, &name, inst, verdict).await;
             }
         }
     }
@@ -93,9 +93,9 @@ pub async fn run(agent: AgentHandle) {
 /// (the service's `health_check` fills what the check leaves unset). Runs every tick on
 /// the data plane's thread, so only this node's entries (`<id>@<node>`) are parsed, not
 /// the whole cluster's catalog.
-fn local_checked(agent: &AgentHandle) -> Vec<(String, Instance, CheckTiming)> {
-    let mine = format!("@{}", agent.identity.name);
-    let store = agent.policy.store.lock().expect("policy lock");
+fn local_checked(writer: &PolicyWriter) -> Vec<(String, Instance, CheckTiming)> {
+    let me = writer.members.identity.name.as_str();
+    let store = writer.policy.store.lock().expect("policy lock");
     let defaults = |service: &str| {
         let key = Key { kind: Kind::Services, name: service.to_string() };
         let body = store.get(&key).and_then(|r| r.val.body.clone());
@@ -106,13 +106,13 @@ fn local_checked(agent: &AgentHandle) -> Vec<(String, Instance, CheckTiming)> {
     };
     store
         .iter()
-        .filter(|(k, _)| k.kind == Kind::Instances && k.name.ends_with(&mine))
+        .filter(|(k, _)| k.kind == Kind::Instances && model::instance_node(&k.name) == Some(me))
         .filter_map(|(k, r)| {
             let Ok(Object::Instance(i)) = model::parse(k.kind, &k.name, r.val.body.as_ref()?.as_bytes()) else {
                 return None;
             };
             let timing = effective(i.check.as_ref()?.timing(&defaults(&i.service)));
-            (i.node == agent.identity.name).then(|| (k.name.clone(), i, timing))
+            (i.node == me).then(|| (k.name.clone(), i, timing))
         })
         .collect()
 }
@@ -124,16 +124,11 @@ fn effective(mut t: CheckTiming) -> CheckTiming {
     t
 }
 
-async fn publish(agent: &AgentHandle, name: &str, mut inst: Instance, health: Health) {
+async fn publish(writer: &PolicyWriter, name: &str, mut inst: Instance, health: Health) {
     inst.health = health;
     let bytes = serde_json::to_vec(&inst).expect("json");
     let key = Key { kind: Kind::Instances, name: name.to_string() };
-    let policy = agent.policy.clone();
-    match tokio::task::spawn_blocking(move || policy.write(key, Some(&bytes), None)).await {
-        Ok(Ok(entry)) => {
-            let _ = agent.commands.send(Command::Publish(entry)).await;
-        }
-        Ok(Err(e)) => tracing::warn!(instance = %name, error = %e, "could not record health"),
-        Err(e) => tracing::warn!(instance = %name, error = %e, "health write task failed"),
+    if let Err(e) = writer.write(key, Some(bytes), None).await {
+        tracing::warn!(instance = %name, error = %e, "could not record health");
     }
 }

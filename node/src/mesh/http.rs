@@ -146,11 +146,11 @@ async fn answer(fwd: &Arc<Forwarder>, mut req: Request<Incoming>, fixed: Option<
         };
         table.resolve(&info, rand::random::<f64>())
     };
-    if let Err(refusal) = fwd.agent.ratelimits.check(
+    if let Err(refusal) = fwd.node.ratelimits.check(
         &service,
         resolved.route.as_deref(),
         |name| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()),
-        &fwd.agent.spiffe_id,
+        &fwd.node.spiffe_id,
     ) {
         return (service, too_many_requests(&refusal));
     }

@@ -46,7 +46,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
 impl Forwarder {
     /// Serves one stream to a local instance for `caller` (a SPIFFE id).
     pub async fn inbound<S: Duplex>(&self, caller: &str, io: &mut S) -> anyhow::Result<Ended> {
-        let within = self.agent.transport.limits.stream_read_timeout;
+        let within = self.node.transport.limits.stream_read_timeout;
         let Ok(header) = tokio::time::timeout(within, read_header(io)).await else {
             return Ok(Ended::HeaderTimeout);
         };
@@ -58,7 +58,7 @@ impl Forwarder {
             }
         };
         let snap = self.snapshot();
-        let Some(target) = local_target(&snap, &self.agent.identity.name, &open).cloned() else {
+        let Some(target) = local_target(&snap, &self.node.members.identity.name, &open).cloned() else {
             io.write_all(&[ForwardStatus::UnknownInstance as u8]).await?;
             anyhow::bail!("no local instance {}", open.instance);
         };
@@ -99,7 +99,7 @@ impl Forwarder {
     ) -> anyhow::Result<Ended> {
         // A stream lives as long as its caller keeps it (pooled HTTP connections, long TCP
         // sessions), so it is decided again whenever policy changes.
-        let mut changes = self.agent.policy.index.subscribe();
+        let mut changes = self.node.policy.index.subscribe();
         let copy = tokio::io::copy_bidirectional(io, &mut up);
         tokio::pin!(copy);
         loop {
@@ -145,7 +145,7 @@ impl Forwarder {
             request(fwd.clone(), caller.clone(), service.clone(), instance.clone(), req)
         });
         let io = TokioIo::new(io);
-        let mut changes = self.agent.policy.index.subscribe();
+        let mut changes = self.node.policy.index.subscribe();
         let conn = async {
             if h2 {
                 hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, svc).await

@@ -12,8 +12,9 @@ use tokio::sync::mpsc;
 use trellis_proto::ratelimit::RateLimitMsg;
 use trellis_proto::{envelope, Kind};
 
-use crate::agent::AgentHandle;
-use crate::transport::Inbound;
+use crate::membership::Members;
+use crate::policy::Policy;
+use crate::transport::{Inbound, Transport};
 use trellis_core::policy::model::{self, Object};
 use trellis_core::policy::PolicyStore;
 use trellis_core::ratelimit::limiter::{LimitSpec, LimitView, Limiter, Outgoing, Per, Refusal, Timing};
@@ -107,25 +108,32 @@ pub fn specs(store: &PolicyStore) -> Vec<LimitSpec> {
 }
 
 /// Runs until the agent stops: ticks, and answers peers.
-pub async fn run(rl: Arc<RateLimits>, agent: AgentHandle, mut inbound: mpsc::Receiver<Inbound>, timing: Timing) {
+pub async fn run(
+    rl: Arc<RateLimits>,
+    members: Members,
+    policy: Arc<Policy>,
+    transport: Arc<Transport>,
+    mut inbound: mpsc::Receiver<Inbound>,
+    timing: Timing,
+) {
     let mut tick = tokio::time::interval(timing.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut addrs: HashMap<String, SocketAddr> = HashMap::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                rl.reload(&agent.policy.store.lock().expect("policy lock"));
-                let members = agent.members().await;
-                addrs = members.iter().map(|m| (m.id.name.clone(), m.id.addr)).collect();
+                rl.reload(&policy.store.lock().expect("policy lock"));
+                let list = members.list().await;
+                addrs = list.iter().map(|m| (m.id.name.clone(), m.id.addr)).collect();
                 let out = {
                     let mut l = rl.limiter.lock().expect("limiter lock");
                     let now = Instant::now();
                     let me = l.me().to_string();
-                    l.set_members(now, members.iter().filter(|m| m.id.name != me).map(|m| (m.id.name.as_str(), m.state)));
+                    l.set_members(now, list.iter().filter(|m| m.id.name != me).map(|m| (m.id.name.as_str(), m.state)));
                     if !l.has_limits() { continue }
                     l.tick(now)
                 };
-                send(&agent, &addrs, out);
+                send(&transport, &addrs, out);
             }
             msg = inbound.recv() => {
                 let Some(msg) = msg else { break };
@@ -133,21 +141,21 @@ pub async fn run(rl: Arc<RateLimits>, agent: AgentHandle, mut inbound: mpsc::Rec
                 let decoded = RateLimitMsg::decode(&msg.data[envelope::HEADER_LEN..]);
                 let Ok(m) = decoded else {
                     rl.refused_msgs.fetch_add(1, Relaxed);
-                    agent.transport.close_malformed(&msg.conn, &decoded.unwrap_err().to_string());
+                    transport.close_malformed(&msg.conn, &decoded.unwrap_err().to_string());
                     continue;
                 };
                 let out = rl.limiter.lock().expect("limiter lock").handle(Instant::now(), &msg.peer_name, m);
-                send(&agent, &addrs, out);
+                send(&transport, &addrs, out);
             }
         }
     }
 }
 
-fn send(agent: &AgentHandle, addrs: &HashMap<String, SocketAddr>, out: Vec<Outgoing>) {
+fn send(transport: &Arc<Transport>, addrs: &HashMap<String, SocketAddr>, out: Vec<Outgoing>) {
     for o in out {
         let Some(addr) = addrs.get(&o.to) else { continue };
         let mut buf = Vec::new();
         envelope::encode(Kind::RateLimit, &o.msg.encode(), &mut buf);
-        agent.transport.send(*addr, Bytes::from(buf));
+        transport.send(*addr, Bytes::from(buf));
     }
 }

@@ -25,7 +25,7 @@ fn objects(store: &PolicyStore, kind: Kind) -> impl Iterator<Item = (String, Obj
 /// store ties to the writer's proof): a node cannot pass its instance off as another's.
 fn registered(store: &PolicyStore) -> impl Iterator<Item = (String, Instance)> + '_ {
     objects(store, Kind::Instances).filter_map(|(name, o)| match o {
-        Object::Instance(i) if name.rsplit_once('@').is_some_and(|(_, node)| node == i.node) => Some((name, i)),
+        Object::Instance(i) if model::instance_node(&name) == Some(i.node.as_str()) => Some((name, i)),
         _ => None,
     })
 }

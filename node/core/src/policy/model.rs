@@ -838,6 +838,11 @@ impl Object {
     }
 }
 
+/// The node an instance name (`<id>@<node>`) says it is registered on.
+pub fn instance_node(name: &str) -> Option<&str> {
+    name.rsplit_once('@').map(|(_, node)| node)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,6 +72,13 @@ pub struct Key {
     pub name: String,
 }
 
+impl Key {
+    /// The key of instance `id` registered on `node`: `<id>@<node>`.
+    pub fn instance(id: &str, node: &str) -> Key {
+        Key { kind: Kind::Instances, name: format!("{id}@{node}") }
+    }
+}
+
 /// A concurrent version that lost.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Conflict {
@@ -439,7 +446,7 @@ impl PolicyStore {
         let is = |name: &str| writer.as_deref().map_or(fnv64(&[name.as_bytes()]) == reg.marker.node, |w| w == name);
         match key.kind {
             Kind::Instances => {
-                let owner = key.name.rsplit_once('@').map(|(_, n)| n).unwrap_or("");
+                let owner = model::instance_node(&key.name).unwrap_or("");
                 if owner.is_empty() || !is(owner) {
                     return refuse("written by a node that does not own it".into());
                 }

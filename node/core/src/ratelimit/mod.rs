@@ -63,11 +63,11 @@ pub mod bucket;
 pub mod limiter;
 pub mod owner;
 pub mod side;
-pub mod timing;
 /// A many-node simulator of the limiter cores, for the accuracy benchmark and tests.
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 #[cfg(test)]
 mod tests;
+pub mod timing;
 
 pub use limiter::{LimitSpec, Limiter, Per, Timing};

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::timing::Timing;
 use super::side::SideView;
+use super::timing::Timing;
 
 /// How long after a member comes into view it is assumed to be on its fallback share
 /// unless it reports: about the time SWIM takes to spread a join or a heal.
