@@ -13,7 +13,8 @@ use trellis_proto::{NodeIdentity, NodeMeta};
 
 use crate::config::AgentConfig;
 use crate::membership::Members;
-use crate::mesh::forward::{ForwardStats, Forwarder};
+use crate::mesh::forward::Forwarder;
+use crate::mesh::view::{ForwardStats, MeshView};
 use crate::pki::TlsMaterial;
 use crate::policy::Policy;
 use crate::policy_writer::PolicyWriter;
@@ -116,8 +117,8 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         ratelimit_timing,
     ));
     tokio::spawn(crate::mesh::health::run(writer.clone()));
-    let fwd = Forwarder::new(
-        crate::mesh::forward::Inputs {
+    let view = MeshView::new(
+        crate::mesh::view::Inputs {
             members: members.clone(),
             policy: policy.clone(),
             transport: transport.clone(),
@@ -126,7 +127,8 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         },
         forward.clone(),
     );
-    tokio::spawn(fwd.clone().serve_streams(streams));
+    tokio::spawn(view.clone().serve_streams(streams));
+    let fwd = Forwarder::new(view);
     if let Some((_, listener)) = proxy.and_then(|mut v| v.pop()) {
         tracing::info!(listen = %listener.local_addr()?, "http proxy listener");
         tokio::spawn(crate::mesh::http::serve(fwd.clone(), listener, cfg.limits.clone(), clients.proxy.clone()));

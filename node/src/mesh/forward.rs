@@ -1,43 +1,31 @@
-//! The forwarding shell: a local TCP listener per upstream service; each connection goes
-//! to an instance picked by the balancer, over a QUIC stream to the instance's node, or
-//! over an in-memory pipe when the instance is on this node. Either way the instance's
-//! agent runs [`Forwarder::inbound`], which checks the caller's identity against the
-//! intentions before it connects. Bytes are copied as they come; nothing is buffered whole.
+//! The outbound side of the data plane: picks an instance by the balancer, opens a stream
+//! to it (a QUIC stream to the instance's node, or an in-memory pipe when the instance is
+//! on this node), and sends HTTP requests on pooled connections. Either way the instance's
+//! agent runs [`MeshView::inbound`], which checks the caller against the intentions
+//! before it connects. Bytes are copied as they come; nothing is buffered whole.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
-use trellis_proto::forward::{ForwardOpen, ForwardStatus};
-
-use super::inbound::Ended;
-use super::upstream;
-use crate::membership::Members;
-use crate::policy::Policy;
-use crate::ratelimit::RateLimits;
-use crate::transport::{BiStream, Transport};
+use tokio::sync::watch;
 use trellis_core::membership::AliveMembers;
 use trellis_core::mesh::balance::{Balancer, Candidate};
 use trellis_core::mesh::catalog;
 use trellis_core::mesh::circuit::{Breakers, Slot, SlotKind};
 use trellis_core::mesh::locality::Place;
 use trellis_core::mesh::pool::IdlePool;
+use trellis_proto::forward::{ForwardOpen, ForwardStatus};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// The QUIC error code a stream is reset with when intentions stop allowing it.
-const DENIED_CODE: quinn::VarInt = quinn::VarInt::from_u32(0x403);
-/// ... and when its forward header did not arrive within the stream read timeout.
-const TIMEOUT_CODE: quinn::VarInt = quinn::VarInt::from_u32(0x408);
-/// ... and when its instance went critical or away (the caller may try another).
-const GONE_CODE: quinn::VarInt = quinn::VarInt::from_u32(0x410);
+use super::instance_http;
+use super::io::{InFlight, Io, Metered, Stream};
+use super::view::{ForwardStats, MeshView};
+
 /// The in-memory pipe between a local caller and this node's inbound side: one QUIC
 /// stream's worth of window.
 const LOCAL_PIPE: usize = 256 * 1024;
@@ -47,11 +35,6 @@ const POOL_PER_INSTANCE: usize = 32;
 /// Below the usual keep-alive timeouts of HTTP servers (60 s and up), so a pooled
 /// connection is rarely one the instance is about to close.
 const POOL_IDLE: Duration = Duration::from_secs(20);
-
-/// A byte stream to an instance, local or through a peer.
-pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
-pub type Io = Box<dyn Stream>;
 
 /// Why an HTTP request got no response from the instance.
 #[derive(Debug, thiserror::Error)]
@@ -78,53 +61,16 @@ pub enum OpenError {
     Unreachable(anyhow::Error),
 }
 
-#[derive(Debug, Default)]
-pub struct ForwardStats {
-    pub outbound: AtomicU64,
-    pub inbound: AtomicU64,
-    pub denied: AtomicU64,
-    pub failed: AtomicU64,
-    pub no_instance: AtomicU64,
-    pub retries: AtomicU64,
-    pub ejections: AtomicU64,
-    /// Requests refused at once because the service's circuit was open.
-    pub circuit_open: AtomicU64,
-    /// Bytes written to and read from instances by this node's callers (HTTP and TCP,
-    /// headers included), counted as they move.
-    pub bytes_to_instances: Arc<AtomicU64>,
-    pub bytes_from_instances: Arc<AtomicU64>,
-    /// HTTP requests sent on a pooled connection rather than a new one.
-    pub pool_reused: AtomicU64,
-    /// Requests that ran out of their (route or service) timeout.
-    pub timeouts: AtomicU64,
-    /// Retries not taken because the retry budget was spent.
-    pub budget_exhausted: AtomicU64,
-    /// Proxied requests per service: status classes and latency.
-    pub traffic: Mutex<trellis_core::mesh::traffic::Traffic>,
-}
-
-/// What the data plane takes from the rest of the agent.
-pub struct Inputs {
-    pub members: Members,
-    pub policy: Arc<Policy>,
-    pub transport: Arc<Transport>,
-    pub ratelimits: Arc<RateLimits>,
-    /// This node's SPIFFE id: the caller of what its proxies send.
-    pub spiffe_id: String,
-}
-
 pub struct Forwarder {
-    /// Itself, for the tasks that serve local calls' inbound side.
-    me: Weak<Forwarder>,
-    pub(crate) node: Inputs,
+    /// The agent's inputs, the counters and the policy view, shared with the inbound side.
+    pub(crate) view: Arc<MeshView>,
     /// Alive members as the agent task last published them: read per request without
     /// a round trip to that task.
     alive: watch::Receiver<Arc<AliveMembers>>,
     /// Idle HTTP connections to instances, reused across requests.
-    pool: Arc<Mutex<IdlePool<upstream::Sender>>>,
+    pool: Arc<Mutex<IdlePool<instance_http::Sender>>>,
     balancer: Arc<Mutex<Balancer>>,
     outliers: Mutex<trellis_core::mesh::outlier::OutlierDetector>,
-    snap: Mutex<Arc<catalog::Snapshot>>,
     pub stats: Arc<ForwardStats>,
     pub(crate) breakers: Arc<Mutex<trellis_core::mesh::circuit::Breakers>>,
     pub(crate) budgets: Mutex<HashMap<String, trellis_core::mesh::retry::RetryBudget>>,
@@ -136,89 +82,24 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub fn new(node: Inputs, stats: Arc<ForwardStats>) -> Arc<Forwarder> {
-        let (balancer, outliers, snap) = (Arc::default(), Mutex::default(), Mutex::default());
+    pub fn new(view: Arc<MeshView>) -> Arc<Forwarder> {
+        let (balancer, outliers) = (Arc::default(), Mutex::default());
         let (breakers, budgets) = (Arc::default(), Mutex::default());
-        let alive = node.members.alive.clone();
+        let alive = view.node.members.alive.clone();
         let pool = Arc::new(Mutex::new(IdlePool::new(POOL_PER_INSTANCE, POOL_IDLE)));
         let freed = Arc::new(tokio::sync::Notify::new());
-        Arc::new_cyclic(|me| Forwarder {
-            me: me.clone(),
-            node,
+        Arc::new(Forwarder {
+            stats: view.stats.clone(),
+            view,
             alive,
             pool,
             balancer,
             outliers,
-            snap,
-            stats,
             breakers,
             budgets,
             freed: freed.clone(),
             on_free: Arc::new(move || freed.notify_waiters()),
         })
-    }
-
-    pub(crate) fn me(&self) -> Arc<Forwarder> {
-        self.me.upgrade().expect("a Forwarder is only used through its Arc")
-    }
-
-    /// Accepts local clients of one upstream service, within `gate`'s connection caps:
-    /// HTTP services get the proxy's L7 path (routes, splits, retries, limits, metrics,
-    /// the header read deadline) whatever `Host` says; `tcp` ones (and services policy does
-    /// not name) are carried as opaque byte streams.
-    pub async fn serve_upstream(
-        self: Arc<Self>,
-        service: String,
-        listener: TcpListener,
-        limits: crate::limits::Limits,
-        gate: Arc<crate::listen::ConnGate>,
-    ) {
-        let name: Arc<str> = service.as_str().into();
-        let builder = Arc::new(crate::listen::http_builder(&limits));
-        crate::listen::accept_loop(listener, gate, limits.header_read_timeout, move |tcp, first| {
-            let (fwd, name, builder) = (self.clone(), name.clone(), builder.clone());
-            async move {
-                let l7 = fwd
-                    .snapshot()
-                    .protocols
-                    .get(&*name)
-                    .is_some_and(|p| *p != trellis_core::policy::model::Protocol::Tcp);
-                if l7 {
-                    return super::http::serve_connection(fwd, tcp, Some(name), builder, first).await;
-                }
-                // No headers to wait for: with some protocols the server speaks first.
-                first.seen();
-                if let Err(e) = fwd.client(&name, tcp).await {
-                    tracing::debug!(service = %name, error = %e, "forwarding failed");
-                }
-                Ok(())
-            }
-        })
-        .await
-    }
-
-    /// Carries one TCP client; it is closed when the instance's node goes away, rather
-    /// than when QUIC's idle timeout notices.
-    async fn client(&self, service: &str, mut tcp: TcpStream) -> anyhow::Result<()> {
-        let (pick, in_flight) = self.pick(service, &BTreeMap::new(), None, &mut Vec::new())?;
-        let Some(slot) = self.slot(service, SlotKind::Connection, pick.circuit_breaker.max_connections) else {
-            self.stats.circuit_open.fetch_add(1, Relaxed);
-            anyhow::bail!(
-                "{} connections to {service} already open from this node",
-                pick.circuit_breaker.max_connections
-            );
-        };
-        let started = Instant::now();
-        let io = self.connect(service, &pick).await?;
-        self.observe(&pick, started.elapsed());
-        let mut up = self.metered(io, Some(in_flight), Some(slot));
-        tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut tcp, &mut up) => { r?; }
-            _ = self.node_gone(&pick.node), if pick.peer.is_some() => {
-                tracing::debug!(%service, node = %pick.node, "connection closed: the instance's node is gone");
-            }
-        }
-        Ok(())
     }
 
     /// Picks a live instance of `service` carrying `labels` by the service's balancer
@@ -258,7 +139,7 @@ impl Forwarder {
                 place: Place { zone: zone.as_deref(), region: region.as_deref() },
             })
             .collect();
-        let mine = &self.node.members.identity.meta.labels;
+        let mine = &self.view.node.members.identity.meta.labels;
         let me = Place { zone: mine.get("zone").map(String::as_str), region: mine.get("region").map(String::as_str) };
         let lb = snap.services.get(service).map(|s| s.lb.clone()).unwrap_or_default();
         let key = format!("{service}{labels:?}");
@@ -272,17 +153,17 @@ impl Forwarder {
         drop(balancer);
         tried.push(inst.name.clone());
         self.stats.outbound.fetch_add(1, Relaxed);
-        let local = inst.instance.node == self.node.members.identity.name;
+        let local = inst.instance.node == self.view.node.members.identity.name;
         let pick = Pick {
             name: inst.name.clone(),
             node: inst.instance.node.clone(),
             addr: SocketAddr::new(inst.instance.address, inst.instance.port),
             peer: if local { None } else { Some(alive[&inst.instance.node].0) },
-            connect_timeout: snap.services.get(service).map_or(CONNECT_TIMEOUT, |s| s.connect_timeout),
+            connect_timeout: snap.services.get(service).map_or(super::io::CONNECT_TIMEOUT, |s| s.connect_timeout),
             outlier_detection: od,
             circuit_breaker: snap.services.get(service).map(|s| s.circuit_breaker.clone()).unwrap_or_default(),
         };
-        Ok((pick, InFlight { name: inst.name.clone(), balancer: self.balancer.clone() }))
+        Ok((pick, InFlight::new(inst.name.clone(), self.balancer.clone())))
     }
 
     /// Opens a byte stream to a picked instance: a QUIC stream through the instance's
@@ -300,12 +181,12 @@ impl Forwarder {
     }
 
     /// `io` with its bytes counted in the forwarding stats, holding its connection slot.
-    fn metered(&self, io: Io, in_flight: Option<InFlight>, slot: Option<Slot>) -> Io {
+    pub(crate) fn metered(&self, io: Io, in_flight: Option<InFlight>, slot: Option<Slot>) -> Io {
         let (sent, received) = (self.stats.bytes_to_instances.clone(), self.stats.bytes_from_instances.clone());
         Box::new(Metered { io, sent, received, _in_flight: in_flight, _slot: slot })
     }
 
-    fn slot(&self, service: &str, kind: SlotKind, max: u32) -> Option<Slot> {
+    pub(crate) fn slot(&self, service: &str, kind: SlotKind, max: u32) -> Option<Slot> {
         Breakers::slot(&self.breakers, service, kind, max, self.on_free.clone())
     }
 
@@ -360,21 +241,23 @@ impl Forwarder {
         &self,
         service: &str,
         pick: &Pick,
-        mut req: Request<upstream::Body>,
+        mut req: Request<instance_http::Body>,
         authority: &str,
         h2: bool,
     ) -> Result<Response<Incoming>, SendError> {
         let mut waiting = None;
         loop {
             let idle =
-                self.pool.lock().expect("pool lock").take(&pick.name, Instant::now(), upstream::Sender::is_usable);
+                self.pool.lock().expect("pool lock").take(&pick.name, Instant::now(), instance_http::Sender::is_usable);
             let reused = idle.is_some();
             let mut sender = match idle {
                 Some(s) => s,
                 None => {
                     let Some(slot) = self.connection_slot(service, pick, &mut waiting).await? else { continue };
                     let io = self.connect(service, pick).await.map_err(SendError::Open)?;
-                    upstream::handshake(self.metered(io, None, Some(slot)), h2).await.map_err(SendError::Handshake)?
+                    instance_http::handshake(self.metered(io, None, Some(slot)), h2)
+                        .await
+                        .map_err(SendError::Handshake)?
                 }
             };
             drop(waiting.take());
@@ -398,7 +281,7 @@ impl Forwarder {
     }
 
     /// Returns an HTTP/1.1 connection to the pool once its response has been read.
-    fn keep_when_idle(&self, name: String, mut sender: upstream::Sender) {
+    fn keep_when_idle(&self, name: String, mut sender: instance_http::Sender) {
         let (pool, freed) = (self.pool.clone(), self.freed.clone());
         tokio::spawn(async move {
             if sender.idle().await {
@@ -437,21 +320,13 @@ impl Forwarder {
         self.balancer.lock().expect("balancer lock").observe(Instant::now(), &pick.name, took);
     }
 
-    /// The policy view for this request: rebuilt only when the store's published index
-    /// moved, so a request never waits on the store lock (held across a log fsync).
+    /// The policy view for this request (see [`MeshView::snapshot`]).
     pub fn snapshot(&self) -> Arc<catalog::Snapshot> {
-        let index = *self.node.policy.index.borrow();
-        let mut cur = self.snap.lock().expect("snapshot lock");
-        if cur.index != index || cur.index == 0 {
-            let store = self.node.policy.store.lock().expect("policy lock");
-            // Keyed by the published index, which may trail the store's own by an fsync.
-            *cur = Arc::new(catalog::Snapshot { index, ..catalog::Snapshot::build(&store) });
-        }
-        cur.clone()
+        self.view.snapshot()
     }
 
     async fn remote(&self, service: &str, pick: &Pick, peer: SocketAddr) -> Result<Io, OpenError> {
-        let transport = self.node.transport.clone();
+        let transport = self.view.node.transport.clone();
         let stream = async move {
             let (send, recv) = transport.open_bi(peer).await?;
             anyhow::Ok(tokio::io::join(recv, send))
@@ -460,12 +335,12 @@ impl Forwarder {
     }
 
     /// A call from this node to its own instance: the far end of a pipe is served by
-    /// [`Forwarder::inbound`] as a peer's stream would be, with this node as the caller.
+    /// [`MeshView::inbound`] as a peer's stream would be, with this node as the caller.
     async fn local(&self, service: &str, pick: &Pick) -> Result<Io, OpenError> {
         let (near, mut far) = tokio::io::duplex(LOCAL_PIPE);
-        let (fwd, caller) = (self.me(), self.node.spiffe_id.clone());
+        let (view, caller) = (self.view.clone(), self.view.node.spiffe_id.clone());
         tokio::spawn(async move {
-            if let Err(e) = fwd.inbound(&caller, &mut far).await {
+            if let Err(e) = view.inbound(&caller, &mut far).await {
                 tracing::debug!(error = %e, "local inbound stream failed");
             }
         });
@@ -508,43 +383,6 @@ impl Forwarder {
             }
         }
     }
-
-    /// Serves streams that peers open towards our instances.
-    pub async fn serve_streams(self: Arc<Self>, mut streams: mpsc::Receiver<BiStream>) {
-        while let Some(s) = streams.recv().await {
-            let fwd = self.clone();
-            tokio::spawn(async move {
-                let peer = s.peer_name.clone();
-                if let Err(e) = fwd.server(s).await {
-                    tracing::debug!(%peer, error = %e, "inbound stream failed");
-                }
-            });
-        }
-    }
-
-    /// The QUIC shell around [`Forwarder::inbound`]: the caller is the certified peer, and
-    /// a stream that must end early is reset with a code saying why.
-    async fn server(&self, s: BiStream) -> anyhow::Result<()> {
-        let BiStream { peer_name, send, recv, .. } = s;
-        let caller = self.node.members.spiffe_of(&peer_name);
-        let mut quic = tokio::io::join(recv, send);
-        let code = match self.inbound(&caller, &mut quic).await? {
-            Ended::Done => return Ok(()),
-            Ended::Denied => DENIED_CODE,
-            Ended::Gone => GONE_CODE,
-            Ended::HeaderTimeout => {
-                self.node.transport.stats.peer_refuse(crate::transport::PeerRefusal::StreamTimeout);
-                TIMEOUT_CODE
-            }
-        };
-        let (mut recv, mut send) = quic.into_inner();
-        let _ = send.reset(code);
-        let _ = recv.stop(code);
-        if code == TIMEOUT_CODE {
-            anyhow::bail!("no forward header within {:?}", self.node.transport.limits.stream_read_timeout);
-        }
-        Ok(())
-    }
 }
 
 /// An instance chosen for one request or connection.
@@ -561,134 +399,4 @@ pub struct Pick {
     pub connect_timeout: Duration,
     pub outlier_detection: trellis_core::policy::model::OutlierDetection,
     pub circuit_breaker: trellis_core::policy::model::CircuitBreaker,
-}
-
-/// A request in flight to an instance, for least-request and peak EWMA: it ends when
-/// the guard drops (with the response body, or the TCP connection).
-pub struct InFlight {
-    name: String,
-    balancer: Arc<Mutex<Balancer>>,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if let Ok(mut b) = self.balancer.lock() {
-            b.end(&self.name);
-        }
-    }
-}
-
-/// A response body that keeps its request in flight until it is dropped, and fails
-/// when `gone` resolves (the instance's node left or was declared down), so a body
-/// from a dead node ends at detection rather than at QUIC's idle timeout.
-pub struct Counted<B> {
-    body: B,
-    _in_flight: InFlight,
-    // In a Mutex only to be Sync for `BoxBody`; polled through `get_mut`, never locked.
-    gone: Option<Mutex<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>>,
-}
-
-impl<B> Counted<B> {
-    pub fn new(
-        body: B,
-        in_flight: InFlight,
-        gone: Option<impl std::future::Future<Output = ()> + Send + 'static>,
-    ) -> Self {
-        let gone =
-            gone.map(|g| Mutex::new(Box::pin(g) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>));
-        Counted { body, _in_flight: in_flight, gone }
-    }
-}
-
-/// Why a response body stopped before its end.
-#[derive(Debug, thiserror::Error)]
-#[error("the instance's node left the cluster or was declared down while its answer was streaming")]
-pub struct NodeGone;
-
-impl<B> hyper::body::Body for Counted<B>
-where
-    B: hyper::body::Body + Unpin,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Data = B::Data;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, Self::Error>>> {
-        let this = self.get_mut();
-        if let Some(gone) = this.gone.as_mut() {
-            let gone = gone.get_mut().unwrap_or_else(|p| p.into_inner());
-            if gone.as_mut().poll(cx).is_ready() {
-                return std::task::Poll::Ready(Some(Err(Box::new(NodeGone))));
-            }
-        }
-        std::pin::Pin::new(&mut this.body).poll_frame(cx).map_err(Into::into)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
-/// A stream to an instance that counts the bytes it moves; for a TCP listener's
-/// connection it also holds the connection in flight until dropped.
-struct Metered {
-    io: Io,
-    sent: Arc<AtomicU64>,
-    received: Arc<AtomicU64>,
-    _in_flight: Option<InFlight>,
-    _slot: Option<Slot>,
-}
-
-impl tokio::io::AsyncRead for Metered {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
-        self.received.fetch_add((buf.filled().len() - before) as u64, Relaxed);
-        r
-    }
-}
-
-impl tokio::io::AsyncWrite for Metered {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
-        if let std::task::Poll::Ready(Ok(n)) = r {
-            self.sent.fetch_add(n as u64, Relaxed);
-        }
-        r
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-pub(crate) async fn connect(ip: std::net::IpAddr, port: u16) -> anyhow::Result<TcpStream> {
-    let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((ip, port))).await??;
-    s.set_nodelay(true)?;
-    Ok(s)
 }

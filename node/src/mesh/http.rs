@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -20,8 +20,10 @@ use crate::listen::{ConnGate, FirstRequest};
 /// The HTTP/1 + HTTP/2 server side of one client connection.
 pub type Builder = hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>;
 
-use super::forward::{Counted, Forwarder, OpenError, SendError};
-use super::upstream;
+use super::answer::error;
+use super::forward::{Forwarder, OpenError, SendError};
+use super::instance_http;
+use super::io::Counted;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use trellis_core::mesh::circuit::{Admit, Breakers};
@@ -59,17 +61,6 @@ pub async fn serve_connection(
     });
     // A malformed request gets hyper's 400 and closes only this connection.
     builder.serve_connection(TokioIo::new(tcp), svc).await
-}
-
-/// An answer of the proxy's own, with the reason in a header and in the JSON body.
-pub(crate) fn error<E>(status: StatusCode, reason: &str, msg: String) -> Response<BoxBody<Bytes, E>> {
-    let body = serde_json::json!({"error": msg, "reason": reason}).to_string();
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .header("x-trellis-reason", reason)
-        .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed())
-        .expect("static response")
 }
 
 /// 429 with the limit, what is left here and when to come back, in the headers of the
@@ -146,11 +137,11 @@ async fn answer(fwd: &Arc<Forwarder>, mut req: Request<Incoming>, fixed: Option<
         };
         table.resolve(&info, rand::random::<f64>())
     };
-    if let Err(refusal) = fwd.node.ratelimits.check(
+    if let Err(refusal) = fwd.view.node.ratelimits.check(
         &service,
         resolved.route.as_deref(),
         |name| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()),
-        &fwd.node.spiffe_id,
+        &fwd.view.node.spiffe_id,
     ) {
         return (service, too_many_requests(&refusal));
     }
@@ -304,10 +295,10 @@ async fn once(
     fwd: &Forwarder,
     resolved: &Resolved,
     host: &str,
-    req: Request<upstream::Body>,
+    req: Request<instance_http::Body>,
     tried: &mut Vec<String>,
 ) -> Result<Response<Body>, Failure> {
-    let h2 = fwd.snapshot().protocols.get(&resolved.service).is_some_and(|p| upstream::is_h2(*p));
+    let h2 = fwd.snapshot().protocols.get(&resolved.service).is_some_and(|p| instance_http::is_h2(*p));
     let hash = hash_of(fwd, &resolved.service, req.headers());
     let (pick, in_flight) = match fwd.pick(&resolved.service, &resolved.labels, hash, tried) {
         Ok(p) => p,
@@ -330,7 +321,7 @@ async fn once(
             fwd.record(&resolved.service, &pick, Outcome::of_status(resp.status().as_u16()));
             let gone = pick.peer.is_some().then(|| fwd.node_gone(&pick.node));
             let mut resp = resp.map(|body| Counted::new(body, in_flight, gone).boxed());
-            upstream::strip_hop_by_hop(resp.headers_mut());
+            instance_http::strip_hop_by_hop(resp.headers_mut());
             Ok(resp)
         }
         Err(e @ SendError::Overflow(_)) => {

@@ -19,8 +19,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use trellis_proto::forward::{ForwardOpen, ForwardStatus, MAX_FORWARD_HEADER};
 
-use super::forward::Forwarder;
-use super::upstream;
+use super::instance_http;
+use super::view::MeshView;
+use crate::transport::BiStream;
+use tokio::sync::mpsc;
 use trellis_core::mesh::authz::{self, HttpRequest};
 use trellis_core::mesh::catalog::{InstanceView, Snapshot};
 use trellis_core::policy::model::{Action, Health, Protocol};
@@ -43,9 +45,9 @@ pub enum Ended {
 pub trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
 
-impl Forwarder {
+impl MeshView {
     /// Serves one stream to a local instance for `caller` (a SPIFFE id).
-    pub async fn inbound<S: Duplex>(&self, caller: &str, io: &mut S) -> anyhow::Result<Ended> {
+    pub async fn inbound<S: Duplex>(self: &Arc<Self>, caller: &str, io: &mut S) -> anyhow::Result<Ended> {
         let within = self.node.transport.limits.stream_read_timeout;
         let Ok(header) = tokio::time::timeout(within, read_header(io)).await else {
             return Ok(Ended::HeaderTimeout);
@@ -70,7 +72,7 @@ impl Forwarder {
             tracing::info!(%caller, service = %open.service, "denied by intentions");
             return Ok(Ended::Done);
         }
-        let up = match super::forward::connect(target.instance.address, target.instance.port).await {
+        let up = match super::io::connect(target.instance.address, target.instance.port).await {
             Ok(up) => up,
             Err(e) => {
                 self.stats.failed.fetch_add(1, Relaxed);
@@ -90,7 +92,7 @@ impl Forwarder {
     /// Copies bytes both ways until either side closes, or policy no longer lets the
     /// stream stand as it is.
     async fn copy_while_allowed<S: Duplex>(
-        &self,
+        self: &Arc<Self>,
         caller: &str,
         service: &str,
         target: &InstanceView,
@@ -125,16 +127,16 @@ impl Forwarder {
 
     /// Serves the stream as HTTP in the instance's protocol, deciding each request.
     async fn serve_requests<S: Duplex>(
-        &self,
+        self: &Arc<Self>,
         caller: &str,
         service: &str,
         target: &InstanceView,
         io: &mut S,
         up: tokio::net::TcpStream,
     ) -> anyhow::Result<Ended> {
-        let h2 = upstream::is_h2(self.snapshot().protocol_of(service));
-        let sender = upstream::handshake(Box::new(up), h2).await?;
-        let fwd = self.me();
+        let h2 = instance_http::is_h2(self.snapshot().protocol_of(service));
+        let sender = instance_http::handshake(Box::new(up), h2).await?;
+        let fwd = self.clone();
         let (caller, service): (Arc<str>, Arc<str>) = (caller.into(), service.into());
         let instance = Arc::new(Instance {
             sender: tokio::sync::Mutex::new(sender),
@@ -172,7 +174,7 @@ impl Forwarder {
 
 /// The connection to the instance behind one inbound HTTP stream.
 struct Instance {
-    sender: tokio::sync::Mutex<upstream::Sender>,
+    sender: tokio::sync::Mutex<instance_http::Sender>,
     addr: (std::net::IpAddr, u16),
     h2: bool,
 }
@@ -180,15 +182,15 @@ struct Instance {
 impl Instance {
     /// Sends `req`, first opening a new connection when the instance closed the last one
     /// (servers that answer `Connection: close`, or idle timeouts).
-    async fn send(&self, req: Request<upstream::Body>, authority: &str) -> anyhow::Result<Response<Incoming>> {
+    async fn send(&self, req: Request<instance_http::Body>, authority: &str) -> anyhow::Result<Response<Incoming>> {
         // HTTP/2 carries requests side by side on one connection; HTTP/1.1 one at a time.
-        if let Some(mut s) = self.sender.lock().await.shared().filter(upstream::Sender::is_usable) {
+        if let Some(mut s) = self.sender.lock().await.shared().filter(instance_http::Sender::is_usable) {
             return Ok(s.send(req, authority).await.map_err(|e| e.into_error())?);
         }
         let mut s = self.sender.lock().await;
         if !s.idle().await {
-            let up = super::forward::connect(self.addr.0, self.addr.1).await?;
-            *s = upstream::handshake(Box::new(up), self.h2).await?;
+            let up = super::io::connect(self.addr.0, self.addr.1).await?;
+            *s = instance_http::handshake(Box::new(up), self.h2).await?;
         }
         Ok(s.send(req, authority).await.map_err(|e| e.into_error())?)
     }
@@ -196,12 +198,12 @@ impl Instance {
 
 /// One request on an inbound HTTP stream: decided, then sent to the instance.
 async fn request(
-    fwd: Arc<Forwarder>,
+    fwd: Arc<MeshView>,
     caller: Arc<str>,
     service: Arc<str>,
     instance: Arc<Instance>,
     req: Request<Incoming>,
-) -> Result<Response<upstream::Body>, Infallible> {
+) -> Result<Response<instance_http::Body>, Infallible> {
     let snap = fwd.snapshot();
     let headers: Vec<(String, String)> = req
         .headers()
@@ -214,7 +216,7 @@ async fn request(
         fwd.stats.denied.fetch_add(1, Relaxed);
         tracing::info!(%caller, %service, method = %req.method(), path = %req.uri().path(), "request denied by intentions");
         let msg = format!("{} {} on {service} denied by intentions", req.method(), req.uri().path());
-        return Ok(super::http::error(StatusCode::FORBIDDEN, "denied", msg));
+        return Ok(super::answer::error(StatusCode::FORBIDDEN, "denied", msg));
     }
     let authority = req
         .headers()
@@ -228,13 +230,13 @@ async fn request(
             // This hop's connection is ours: the instance's `Connection: close` must not
             // end the caller's stream.
             let mut resp = resp.map(|b| b.boxed());
-            upstream::strip_hop_by_hop(resp.headers_mut());
+            instance_http::strip_hop_by_hop(resp.headers_mut());
             resp
         }
         Err(e) => {
             fwd.stats.failed.fetch_add(1, Relaxed);
             let msg = format!("the instance did not answer: {e}");
-            super::http::error(StatusCode::BAD_GATEWAY, "upstream", msg)
+            super::answer::error(StatusCode::BAD_GATEWAY, "upstream", msg)
         }
     })
 }
@@ -271,4 +273,50 @@ fn per_request(snap: &Snapshot, target: &InstanceView) -> bool {
 /// Is the instance still registered here and not failing its check?
 fn serves(snap: &Snapshot, target: &InstanceView) -> bool {
     snap.instances.iter().any(|i| i.name == target.name && i.instance.health != Health::Critical)
+}
+
+/// The QUIC error code a stream is reset with when intentions stop allowing it.
+const DENIED_CODE: quinn::VarInt = quinn::VarInt::from_u32(0x403);
+/// ... and when its forward header did not arrive within the stream read timeout.
+const TIMEOUT_CODE: quinn::VarInt = quinn::VarInt::from_u32(0x408);
+/// ... and when its instance went critical or away (the caller may try another).
+const GONE_CODE: quinn::VarInt = quinn::VarInt::from_u32(0x410);
+
+impl MeshView {
+    /// Serves streams that peers open towards our instances.
+    pub async fn serve_streams(self: Arc<Self>, mut streams: mpsc::Receiver<BiStream>) {
+        while let Some(s) = streams.recv().await {
+            let fwd = self.clone();
+            tokio::spawn(async move {
+                let peer = s.peer_name.clone();
+                if let Err(e) = fwd.server(s).await {
+                    tracing::debug!(%peer, error = %e, "inbound stream failed");
+                }
+            });
+        }
+    }
+
+    /// The QUIC shell around [`MeshView::inbound`]: the caller is the certified peer, and
+    /// a stream that must end early is reset with a code saying why.
+    async fn server(self: &Arc<Self>, s: BiStream) -> anyhow::Result<()> {
+        let BiStream { peer_name, send, recv, .. } = s;
+        let caller = self.node.members.spiffe_of(&peer_name);
+        let mut quic = tokio::io::join(recv, send);
+        let code = match self.inbound(&caller, &mut quic).await? {
+            Ended::Done => return Ok(()),
+            Ended::Denied => DENIED_CODE,
+            Ended::Gone => GONE_CODE,
+            Ended::HeaderTimeout => {
+                self.node.transport.stats.peer_refuse(crate::transport::PeerRefusal::StreamTimeout);
+                TIMEOUT_CODE
+            }
+        };
+        let (mut recv, mut send) = quic.into_inner();
+        let _ = send.reset(code);
+        let _ = recv.stop(code);
+        if code == TIMEOUT_CODE {
+            anyhow::bail!("no forward header within {:?}", self.node.transport.limits.stream_read_timeout);
+        }
+        Ok(())
+    }
 }

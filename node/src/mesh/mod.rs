@@ -1,8 +1,12 @@
 //! The data plane's shell: the listeners of this node's callers, the streams to and from
 //! instances over QUIC, and the health probes. Its decisions are `trellis_core::mesh`.
 
+pub mod answer;
 pub mod forward;
 pub mod health;
 pub mod http;
 pub mod inbound;
-pub mod upstream;
+pub mod instance_http;
+pub mod io;
+pub mod listeners;
+pub mod view;

@@ -10,7 +10,7 @@ use hyper::header::{HeaderValue, CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRAD
 use hyper::{Request, Response, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use super::forward::Io;
+use super::io::Io;
 use trellis_core::policy::model::Protocol;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;

@@ -1,0 +1,74 @@
+//! The edge of this node's callers: a TCP listener per `--upstream` service. HTTP
+//! services get the proxy's L7 path whatever `Host` says; TCP ones are carried as byte
+//! streams to a picked instance.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, TcpStream};
+use trellis_core::mesh::circuit::SlotKind;
+
+use super::forward::Forwarder;
+
+impl Forwarder {
+    /// Accepts local clients of one upstream service, within `gate`'s connection caps:
+    /// HTTP services get the proxy's L7 path (routes, splits, retries, limits, metrics,
+    /// the header read deadline) whatever `Host` says; `tcp` ones (and services policy does
+    /// not name) are carried as opaque byte streams.
+    pub async fn serve_upstream(
+        self: Arc<Self>,
+        service: String,
+        listener: TcpListener,
+        limits: crate::limits::Limits,
+        gate: Arc<crate::listen::ConnGate>,
+    ) {
+        let name: Arc<str> = service.as_str().into();
+        let builder = Arc::new(crate::listen::http_builder(&limits));
+        crate::listen::accept_loop(listener, gate, limits.header_read_timeout, move |tcp, first| {
+            let (fwd, name, builder) = (self.clone(), name.clone(), builder.clone());
+            async move {
+                let l7 = fwd
+                    .snapshot()
+                    .protocols
+                    .get(&*name)
+                    .is_some_and(|p| *p != trellis_core::policy::model::Protocol::Tcp);
+                if l7 {
+                    return super::http::serve_connection(fwd, tcp, Some(name), builder, first).await;
+                }
+                // No headers to wait for: with some protocols the server speaks first.
+                first.seen();
+                if let Err(e) = fwd.client(&name, tcp).await {
+                    tracing::debug!(service = %name, error = %e, "forwarding failed");
+                }
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    /// Carries one TCP client; it is closed when the instance's node goes away, rather
+    /// than when QUIC's idle timeout notices.
+    pub(crate) async fn client(&self, service: &str, mut tcp: TcpStream) -> anyhow::Result<()> {
+        let (pick, in_flight) = self.pick(service, &BTreeMap::new(), None, &mut Vec::new())?;
+        let Some(slot) = self.slot(service, SlotKind::Connection, pick.circuit_breaker.max_connections) else {
+            self.stats.circuit_open.fetch_add(1, Relaxed);
+            anyhow::bail!(
+                "{} connections to {service} already open from this node",
+                pick.circuit_breaker.max_connections
+            );
+        };
+        let started = Instant::now();
+        let io = self.connect(service, &pick).await?;
+        self.observe(&pick, started.elapsed());
+        let mut up = self.metered(io, Some(in_flight), Some(slot));
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut tcp, &mut up) => { r?; }
+            _ = self.node_gone(&pick.node), if pick.peer.is_some() => {
+                tracing::debug!(%service, node = %pick.node, "connection closed: the instance's node is gone");
+            }
+        }
+        Ok(())
+    }
+}
