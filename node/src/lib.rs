@@ -21,6 +21,8 @@ pub mod dashboard;
 pub mod dev;
 pub mod enroll;
 pub mod faults;
+/// Entry points for the fuzz targets (`fuzz/`); not in a normal build.
+#[cfg(any(test, feature = "fuzz"))]
 pub mod fuzz;
 pub mod limits;
 pub mod listen;

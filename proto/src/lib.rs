@@ -8,6 +8,8 @@
 pub mod enroll;
 pub mod envelope;
 pub mod forward;
+/// Entry points for the fuzz targets (`fuzz/`); not in a normal build.
+#[cfg(any(test, feature = "fuzz"))]
 pub mod fuzz;
 pub mod gossip;
 pub mod identity;

@@ -69,6 +69,7 @@ impl RateLimits {
     }
 
     /// Sets limits directly, bypassing policy: for benchmarks of the request path.
+    #[cfg(feature = "bench")]
     pub fn set_limits_for_bench(&self, specs: Vec<LimitSpec>) {
         self.limiter.lock().expect("limiter lock").set_limits(specs);
     }
