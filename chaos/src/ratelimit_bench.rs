@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use trellis_core::ratelimit::bucket::TokenBucket;
 use trellis_core::ratelimit::sim::{Flow, Sim, SimConfig};
-use trellis_core::ratelimit::{LimitSpec, Limiter, Per, Timing};
+use trellis_core::ratelimit::{ExchangeTiming, LimitSpec, Limiter, Per};
 use trellis_node::ratelimit::RateLimits;
 
 const LIMIT: f64 = 1000.0;
@@ -135,13 +135,13 @@ fn decision_cost() {
     let (bare, bare_rate) = time_calls(N, || {
         std::hint::black_box(bucket.take(Instant::now()));
     });
-    let mut limiter = Limiter::new("n0", Timing::default());
+    let mut limiter = Limiter::new("n0", ExchangeTiming::default());
     limiter.set_limits(vec![spec(Per::All)]);
     let keys = limiter.keys_for("web", None, |_| None, "caller");
     let (core, core_rate) = time_calls(N, || {
         let _ = std::hint::black_box(limiter.decide(Instant::now(), &keys));
     });
-    let shell = RateLimits::new("n0", Timing::default());
+    let shell = RateLimits::new("n0", ExchangeTiming::default());
     shell.set_limits_for_bench(vec![spec(Per::Header("x-user".into()))]);
     let users: Vec<String> = (0..1000).map(|i| format!("user-{i}")).collect();
     let mut i = 0;

@@ -63,7 +63,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
             cfg.name
         );
     }
-    let (transport, inbound, streams) = Transport::bind(cfg.bind, tls, cfg.faults.clone(), cfg.limits.clone())?;
+    let (transport, inbound, streams) = Transport::bind(cfg.bind, tls, faults_of(cfg), cfg.limits.clone())?;
     let upstreams = bind_upstreams(&cfg.upstreams)?;
     let proxy = cfg.proxy.map(|a| bind_upstreams(&[("http proxy".to_string(), a)])).transpose()?;
     let generation = crate::policy::now_ms().max(1);
@@ -103,7 +103,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
     };
     let members = crate::membership::spawn(core, tls.cluster_id.clone(), links, registered);
     let writer = PolicyWriter { policy: policy.clone(), members: members.clone() };
-    let ratelimit_timing = trellis_core::ratelimit::Timing::default();
+    let ratelimit_timing = trellis_core::ratelimit::ExchangeTiming::default();
     let ratelimits = RateLimits::new(&cfg.name, ratelimit_timing.clone());
     let (shutdown, _) = watch::channel(false);
     let clients = crate::listen::ClientGates::new(&cfg.limits, cfg.upstreams.iter().map(|(s, _)| s.as_str()));
@@ -151,6 +151,12 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         shutdown,
         lifecycle: Arc::default(),
     })
+}
+
+/// The chaos harness's faults, when the agent was started for it (`--fault-injection`,
+/// or a drop rate); None on every normal start.
+fn faults_of(cfg: &AgentConfig) -> Option<crate::faults::Faults> {
+    (cfg.fault_injection || cfg.faults.drop_rate > 0.0 || !cfg.faults.delay.is_zero()).then(|| cfg.faults.clone())
 }
 
 /// Binds every upstream listener before anything starts, so a taken port fails the start

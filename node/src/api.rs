@@ -35,14 +35,12 @@ pub async fn serve(
     gate: std::sync::Arc<crate::listen::ConnGate>,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    let builder = std::sync::Arc::new(crate::listen::http_builder(limits));
-    let accept = crate::listen::accept_loop(listener, gate, limits.header_read_timeout, move |tcp, first| {
+    let accept = crate::listen::serve_http(listener, gate, limits, move |tcp, first, builder| {
         let tower = hyper_util::service::TowerToHyperService::new(router.clone());
         let svc = hyper::service::service_fn(move |req| {
             first.seen();
             hyper::service::Service::call(&tower, req)
         });
-        let builder = builder.clone();
         async move { builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc).await }
     });
     tokio::select! {
@@ -447,7 +445,10 @@ pub fn fault_table() -> Routes<AgentHandle> {
 
 async fn set_faults(State(a): State<AgentHandle>, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
     let req: FaultRequest = parse_body(&body)?;
-    let mut f = a.transport.faults.lock().expect("faults lock");
+    let Some(faults) = &a.transport.faults else {
+        return Err(ApiError::not_found("fault injection is off".into(), "start the agent with --fault-injection"));
+    };
+    let mut f = faults.lock().expect("faults lock");
     f.drop_rate = req.drop_rate.clamp(0.0, 1.0);
     f.blocked = req.block.into_iter().collect();
     f.blocked_out = req.block_out.into_iter().collect();

@@ -435,9 +435,7 @@ pub fn gather(api: SocketAddr, tls_dir: &Path, data_dir: &Path) -> Facts {
 /// clock; the uncertainty is half the round trip.
 fn clock_skew(api: Option<SocketAddr>) -> Result<Skew, String> {
     let api = api.ok_or("the member announces no API address")?;
-    let now_ms = || {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-    };
+    let now_ms = || crate::policy::now_ms() as i64;
     let before = now_ms();
     let text = crate::client::get(api, "/v1/agent/self").map_err(|e| format!("API at {api} not reachable ({e:#})"))?;
     let after = now_ms();

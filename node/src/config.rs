@@ -215,7 +215,7 @@ pub fn file_services(file: &FileConfig, node: &str) -> Result<Vec<(String, serde
         if let Some(map) = json.as_object_mut() {
             map.insert("node".into(), serde_json::json!(node));
         }
-        let name = format!("{id}@{node}");
+        let name = trellis_core::policy::model::instance_name(id, node);
         let bytes = serde_json::to_vec(&json).expect("json");
         match model::parse(Kind::Instances, &name, &bytes) {
             Ok(_) => out.push((id.clone(), json)),

@@ -153,7 +153,21 @@ impl ClientGates {
 
 /// An HTTP/1.1 + HTTP/2 connection builder with the header read deadline set (hyper only
 /// enforces it when it has a timer).
-pub fn http_builder(limits: &Limits) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+/// The HTTP/1 + HTTP/2 server side of one client connection.
+pub type HttpBuilder = hyper_util::server::conn::auto::Builder<TokioExecutor>;
+
+/// Accepts HTTP clients of `listener` within `gate`'s caps and the header deadline of
+/// `limits`; `serve` gets each connection with the one builder all of them share.
+pub async fn serve_http<F, Fut>(listener: TcpListener, gate: Arc<ConnGate>, limits: &Limits, serve: F)
+where
+    F: Fn(TcpStream, FirstRequest, Arc<HttpBuilder>) -> Fut,
+    Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Send + 'static,
+{
+    let builder = Arc::new(http_builder(limits));
+    accept_loop(listener, gate, limits.header_read_timeout, move |tcp, first| serve(tcp, first, builder.clone())).await
+}
+
+pub fn http_builder(limits: &Limits) -> HttpBuilder {
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     b.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
     b.http2().timer(TokioTimer::new());

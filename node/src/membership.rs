@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use trellis_core::membership::{AliveMembers, MemberEvent, MemberView, Membership, PacketError, Stats};
 use trellis_core::policy::sync;
-use trellis_proto::{envelope, limits, Kind, NodeIdentity, PolicyEntry, PolicySync};
+use trellis_proto::{envelope, limits, MessageKind, NodeIdentity, PolicyEntry, PolicySync};
 
 use crate::policy::Policy;
 use crate::transport::{Inbound, PeerRefusal, Transport};
@@ -172,12 +172,12 @@ impl Shell {
             Err(e) => return self.transport.refuse(&msg.conn, PeerRefusal::of(&e), &e.to_string()),
         };
         match kind {
-            Kind::Gossip => self.on_gossip(msg),
-            Kind::PolicySync => self.on_policy_sync(msg),
-            Kind::Forward => {
+            MessageKind::Gossip => self.on_gossip(msg),
+            MessageKind::PolicySync => self.on_policy_sync(msg),
+            MessageKind::Forward => {
                 self.transport.refuse(&msg.conn, PeerRefusal::Malformed, "forward header outside a stream")
             }
-            Kind::RateLimit => self.on_rate_limit(msg),
+            MessageKind::RateLimit => self.on_rate_limit(msg),
         }
     }
 
@@ -225,7 +225,7 @@ impl Shell {
 
     fn send_policy(&self, to: SocketAddr, m: &PolicySync) {
         let mut out = Vec::new();
-        envelope::encode(Kind::PolicySync, &m.encode(), &mut out);
+        envelope::encode(MessageKind::PolicySync, &m.encode(), &mut out);
         self.transport.send(to, Bytes::from(out));
     }
 

@@ -196,7 +196,9 @@ pub struct Transport {
     streams: mpsc::Sender<BiStream>,
     pub stats: Arc<TransportStats>,
     log: Arc<RefusalLog>,
-    pub faults: Mutex<Faults>,
+    /// Injected faults, only when the agent was started for the chaos harness: a normal
+    /// agent's message path never takes this lock.
+    pub faults: Option<Mutex<Faults>>,
     pub limits: Limits,
     /// Caps on inbound connections, in all and per source address.
     inbound_gate: Arc<ConnGate>,
@@ -212,7 +214,7 @@ impl Transport {
     pub fn bind(
         bind: SocketAddr,
         tls: &TlsMaterial,
-        faults: Faults,
+        faults: Option<Faults>,
         limits: Limits,
     ) -> anyhow::Result<(Arc<Transport>, mpsc::Receiver<Inbound>, mpsc::Receiver<BiStream>)> {
         let stats = Arc::new(TransportStats::default());
@@ -243,7 +245,7 @@ impl Transport {
         let (tx, rx) = mpsc::channel(4096);
         let (streams, streams_rx) = mpsc::channel(1024);
         let pool = Mutex::new(Pool::default());
-        let faults = Mutex::new(faults);
+        let faults = faults.map(Mutex::new);
         let inbound_gate = ConnGate::new(limits.max_peer_connections, limits.max_peer_connections_per_ip);
         let enroll = std::sync::OnceLock::new();
         let t = Arc::new(Transport {
@@ -291,7 +293,7 @@ impl Transport {
             self.stats.dropped_out.fetch_add(1, Relaxed);
             return;
         }
-        let delay = self.faults.lock().expect("faults lock").delay;
+        let delay = self.faults.as_ref().map_or(Duration::ZERO, |f| f.lock().expect("faults lock").delay);
         if !delay.is_zero() {
             let me = self.clone();
             tokio::spawn(async move {
@@ -323,9 +325,15 @@ impl Transport {
         tokio::spawn(self.clone().dial(to));
     }
 
+    /// Whether injected faults cut `peer` off from us.
+    fn blocked_in(&self, peer: SocketAddr) -> bool {
+        self.faults.as_ref().is_some_and(|f| f.lock().expect("faults lock").blocked.contains(&peer))
+    }
+
     /// Whether injected faults eat a message to or from `peer`.
     fn faulted(&self, peer: SocketAddr) -> bool {
-        let f = self.faults.lock().expect("faults lock");
+        let Some(f) = &self.faults else { return false };
+        let f = f.lock().expect("faults lock");
         f.blocked.contains(&peer)
             || f.blocked_out.contains(&peer)
             || (f.drop_rate > 0.0 && rand::random::<f64>() < f.drop_rate)
@@ -368,10 +376,10 @@ impl Transport {
 
     /// Opens a bidirectional stream to a peer, dialling it first if there is no connection.
     pub async fn open_bi(self: &Arc<Self>, to: SocketAddr) -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
-        let blocked = {
-            let f = self.faults.lock().expect("faults lock");
+        let blocked = self.faults.as_ref().is_some_and(|f| {
+            let f = f.lock().expect("faults lock");
             f.blocked.contains(&to) || f.blocked_out.contains(&to)
-        };
+        });
         if blocked {
             anyhow::bail!("fault injection blocks {to}");
         }
@@ -552,10 +560,10 @@ impl Transport {
                 b = conn.accept_bi() => match b {
                     Ok((send, recv)) => {
                         let stream = BiStream { from, peer_name: name.clone(), send, recv };
-                        let (blocked, delay) = {
-                            let f = self.faults.lock().expect("faults lock");
+                        let (blocked, delay) = self.faults.as_ref().map_or((false, Duration::ZERO), |f| {
+                            let f = f.lock().expect("faults lock");
                             (f.blocked.contains(&from), f.delay)
-                        };
+                        });
                         if blocked {
                             continue;
                         }
@@ -577,7 +585,7 @@ impl Transport {
                 },
             };
             self.stats.bytes_in.fetch_add(data.len() as u64, Relaxed);
-            if self.faults.lock().expect("faults lock").blocked.contains(&from) {
+            if self.blocked_in(from) {
                 continue;
             }
             let msg = Inbound { from, peer_name: name.clone(), data, conn: conn.clone() };
@@ -612,7 +620,7 @@ impl Transport {
         };
         self.stats.streams_in.fetch_add(1, Relaxed);
         self.stats.bytes_in.fetch_add(data.len() as u64, Relaxed);
-        if self.faults.lock().expect("faults lock").blocked.contains(&from) {
+        if self.blocked_in(from) {
             return;
         }
         let _ = self.inbound.send(Inbound { from, peer_name: name, data, conn }).await;

@@ -21,7 +21,7 @@ pub const HEADER_LEN: usize = 3;
 /// What the body holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
-pub enum Kind {
+pub enum MessageKind {
     /// A foca SWIM packet, encoded with [`crate::GossipCodec`].
     Gossip = 1,
     /// Policy anti-entropy and pushes, a [`crate::PolicySync`].
@@ -32,13 +32,13 @@ pub enum Kind {
     RateLimit = 4,
 }
 
-impl Kind {
-    fn from_byte(b: u8) -> Option<Kind> {
+impl MessageKind {
+    fn from_byte(b: u8) -> Option<MessageKind> {
         match b {
-            1 => Some(Kind::Gossip),
-            2 => Some(Kind::PolicySync),
-            3 => Some(Kind::Forward),
-            4 => Some(Kind::RateLimit),
+            1 => Some(MessageKind::Gossip),
+            2 => Some(MessageKind::PolicySync),
+            3 => Some(MessageKind::Forward),
+            4 => Some(MessageKind::RateLimit),
             _ => None,
         }
     }
@@ -46,10 +46,10 @@ impl Kind {
     /// A stable label for metrics and logs.
     pub fn as_str(self) -> &'static str {
         match self {
-            Kind::Gossip => "gossip",
-            Kind::PolicySync => "policy_sync",
-            Kind::Forward => "forward",
-            Kind::RateLimit => "rate_limit",
+            MessageKind::Gossip => "gossip",
+            MessageKind::PolicySync => "policy_sync",
+            MessageKind::Forward => "forward",
+            MessageKind::RateLimit => "rate_limit",
         }
     }
 }
@@ -72,14 +72,14 @@ pub enum DecodeError {
 }
 
 /// Writes the envelope header and `body` into `out`.
-pub fn encode(kind: Kind, body: &[u8], out: &mut Vec<u8>) {
+pub fn encode(kind: MessageKind, body: &[u8], out: &mut Vec<u8>) {
     out.reserve(HEADER_LEN + body.len());
     out.extend_from_slice(&[MAGIC, WIRE_VERSION, kind as u8]);
     out.extend_from_slice(body);
 }
 
 /// Splits a message into its kind and body, refusing anything oversized or unknown.
-pub fn decode(buf: &[u8], max: usize) -> Result<(Kind, &[u8]), DecodeError> {
+pub fn decode(buf: &[u8], max: usize) -> Result<(MessageKind, &[u8]), DecodeError> {
     if buf.len() > max {
         return Err(DecodeError::TooLarge { len: buf.len(), max });
     }
@@ -92,7 +92,7 @@ pub fn decode(buf: &[u8], max: usize) -> Result<(Kind, &[u8]), DecodeError> {
     if *version != WIRE_VERSION {
         return Err(DecodeError::UnsupportedVersion { got: *version, supported: WIRE_VERSION });
     }
-    let kind = Kind::from_byte(*kind).ok_or(DecodeError::UnknownKind(*kind))?;
+    let kind = MessageKind::from_byte(*kind).ok_or(DecodeError::UnknownKind(*kind))?;
     Ok((kind, body))
 }
 
@@ -103,8 +103,8 @@ mod tests {
     #[test]
     fn round_trips_kind_and_body() {
         let mut out = Vec::new();
-        encode(Kind::Gossip, b"hello", &mut out);
-        assert_eq!(decode(&out, 100), Ok((Kind::Gossip, &b"hello"[..])));
+        encode(MessageKind::Gossip, b"hello", &mut out);
+        assert_eq!(decode(&out, 100), Ok((MessageKind::Gossip, &b"hello"[..])));
     }
 
     #[test]

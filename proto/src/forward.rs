@@ -43,7 +43,7 @@ impl ForwardOpen {
     pub fn encode(&self) -> Vec<u8> {
         let body = bincode::serde::encode_to_vec(self, crate::bincode_config()).expect("Vec writer");
         let mut env = Vec::new();
-        crate::envelope::encode(crate::Kind::Forward, &body, &mut env);
+        crate::envelope::encode(crate::MessageKind::Forward, &body, &mut env);
         let mut out = (env.len() as u16).to_be_bytes().to_vec();
         out.extend(env);
         out
@@ -52,7 +52,7 @@ impl ForwardOpen {
     /// Decodes the enveloped header (without the length prefix).
     pub fn decode(env: &[u8]) -> Result<ForwardOpen, DecodeError> {
         match crate::envelope::decode(env, MAX_FORWARD_HEADER)? {
-            (crate::Kind::Forward, body) => bincode::serde::decode_from_slice(body, crate::bincode_config())
+            (crate::MessageKind::Forward, body) => bincode::serde::decode_from_slice(body, crate::bincode_config())
                 .map(|(v, _)| v)
                 .map_err(|e| DecodeError::Malformed { what: "forward header", detail: e.to_string() }),
             (k, _) => Err(DecodeError::Malformed { what: "forward header", detail: format!("kind {}", k.as_str()) }),

@@ -17,7 +17,7 @@ pub mod limits;
 pub mod policy;
 pub mod ratelimit;
 
-pub use envelope::{DecodeError, Kind, WIRE_VERSION};
+pub use envelope::{DecodeError, MessageKind, WIRE_VERSION};
 pub use gossip::{GossipCodec, LeaveNotice};
 pub use identity::{NodeIdentity, NodeMeta};
 pub use policy::{PolicyEntry, PolicySync, WriterProof};

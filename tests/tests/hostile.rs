@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use trellis_chaos::cluster::{Cluster, ClusterSpec};
-use trellis_proto::{envelope, Kind};
+use trellis_proto::{envelope, MessageKind};
 use trellis_tests::{metric, raw_peer, rss_and_fds, GossipPeer};
 
 /// Two agents that see each other alive, with one policy object written, and optional
@@ -98,7 +98,7 @@ fn honest_alive(c: &Cluster) -> Vec<(String, u64)> {
     v
 }
 
-fn envelope_of(kind: Kind, body: &[u8]) -> bytes::Bytes {
+fn envelope_of(kind: MessageKind, body: &[u8]) -> bytes::Bytes {
     let mut out = Vec::new();
     envelope::encode(kind, body, &mut out);
     out.into()
@@ -106,7 +106,8 @@ fn envelope_of(kind: Kind, body: &[u8]) -> bytes::Bytes {
 
 /// Sends policy entries to node 0 as one sync message, from the peer certified by `tls`.
 fn send_entries(c: &Cluster, tls: &std::path::Path, entries: Vec<trellis_proto::PolicyEntry>) {
-    let data = envelope_of(Kind::PolicySync, &trellis_proto::PolicySync::Entries { entries, want: vec![] }.encode());
+    let data =
+        envelope_of(MessageKind::PolicySync, &trellis_proto::PolicySync::Entries { entries, want: vec![] }.encode());
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let conn = raw_peer(tls, c.node(0).peer_addr).await.unwrap();
         let mut s = conn.open_uni().await.unwrap();
@@ -385,9 +386,9 @@ fn junk_and_wrong_version_envelopes_are_refused_by_kind() {
     let future = envelope::WIRE_VERSION + 1;
     let inputs: Vec<(&str, Vec<u8>)> = vec![
         ("malformed", b"\x16\x03\x01 a TLS record, not trellis".to_vec()),
-        ("version", vec![envelope::MAGIC, future, Kind::Gossip as u8, 1, 2, 3]),
+        ("version", vec![envelope::MAGIC, future, MessageKind::Gossip as u8, 1, 2, 3]),
         ("malformed", vec![envelope::MAGIC, envelope::WIRE_VERSION, 200, 0]),
-        ("malformed", vec![envelope::MAGIC, envelope::WIRE_VERSION, Kind::Gossip as u8, 0xff, 0xff, 0xff]),
+        ("malformed", vec![envelope::MAGIC, envelope::WIRE_VERSION, MessageKind::Gossip as u8, 0xff, 0xff, 0xff]),
     ];
     for (reason, bytes) in inputs {
         let before = refused(&c, 0, reason);

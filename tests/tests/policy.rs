@@ -175,7 +175,7 @@ fn invalid_objects_are_refused_on_the_api_and_from_a_peer() {
     };
     let msg = trellis_proto::PolicySync::Entries { entries: vec![entry], want: vec![] };
     let mut data = Vec::new();
-    trellis_proto::envelope::encode(trellis_proto::Kind::PolicySync, &msg.encode(), &mut data);
+    trellis_proto::envelope::encode(trellis_proto::MessageKind::PolicySync, &msg.encode(), &mut data);
     let tls = c.node(1).tls_dir.clone();
     let target = c.node(0).peer_addr;
     let rt = tokio::runtime::Runtime::new().unwrap();

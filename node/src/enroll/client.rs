@@ -160,10 +160,6 @@ fn handshake_hint(e: &quinn::ConnectionError) -> String {
     }
 }
 
-fn now_ms() -> i64 {
-    crate::policy::now_ms() as i64
-}
-
 /// What a joiner got: the files are written, the key never left this host.
 pub struct Enrolled {
     pub signer: SocketAddr,
@@ -207,7 +203,7 @@ pub async fn join(token: &JoinToken, seeds: &[SocketAddr], name: &str, tls_dir: 
             name: name.to_string(),
             csr: pki::hex(&csr),
             token: Some(Credentials { id: id.clone(), secret: secret.clone() }),
-            time_ms: now_ms(),
+            time_ms: super::now_ms(),
         };
         match exchange(&endpoint, cfg, to, &req, Some(&pinned.why)).await {
             Ok(Response::Granted { cert_pem, ca_pem, not_after_ms, .. }) => {
@@ -274,8 +270,13 @@ pub async fn renew_remote(
 ) -> Result<String, RequestError> {
     let sink: pki::RefusalSink = Arc::new(|_| {});
     let tls = pki::live_client_config(live, sink, pki::ENROLL_ALPN).map_err(|e| RequestError::Failed(e.to_string()))?;
-    let req =
-        Request { version: wire::VERSION, name: live.name.clone(), csr: pki::hex(csr), token: None, time_ms: now_ms() };
+    let req = Request {
+        version: wire::VERSION,
+        name: live.name.clone(),
+        csr: pki::hex(csr),
+        token: None,
+        time_ms: super::now_ms(),
+    };
     match exchange(endpoint, quic_client(tls)?, signer, &req, None).await? {
         Response::Granted { cert_pem, .. } => Ok(cert_pem),
         Response::Refused { refusal, .. } => Err(RequestError::Refused { at: signer, refusal }),

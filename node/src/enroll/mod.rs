@@ -35,6 +35,11 @@ use crate::transport::Transport;
 pub use server::{EnrollStats, Signer, SIGNER_LABEL};
 use token::{JoinToken, TokenStore};
 
+/// Unix milliseconds as the enrollment exchange and the token book count them.
+fn now_ms() -> i64 {
+    crate::policy::now_ms() as i64
+}
+
 /// Default lifetime of certificates a signer issues, as `trellis cert issue`.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
 /// Share of the lifetime after which an agent renews.
@@ -180,7 +185,7 @@ pub fn create_token(
     }
     let ca = CertAuthority::load(ca_dir).map_err(|e| anyhow::anyhow!("ca_dir: {e}"))?;
     let t = JoinToken::generate(&ca.cluster_id, &ca.ca_der, signer);
-    let now = crate::policy::now_ms() as i64;
+    let now = now_ms();
     TokenStore::new(ca_dir)
         .update(|b| {
             b.add(&t, now, ttl_ms);

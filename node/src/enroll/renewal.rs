@@ -30,17 +30,13 @@ fn ms(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-fn now_ms() -> i64 {
-    crate::policy::now_ms() as i64
-}
-
 impl Renewal {
     pub async fn run(self) {
         let live = self.node.transport.identity.clone();
         let (nb, na) = live.validity();
         let mut schedule = RenewSchedule::new(self.fraction, ms(nb), ms(na));
         loop {
-            let step = schedule.poll(now_ms());
+            let step = schedule.poll(super::now_ms());
             if step.renew {
                 match self.renew_once().await {
                     Ok(m) => {
@@ -51,7 +47,7 @@ impl Renewal {
                         continue;
                     }
                     Err(e) => {
-                        schedule.failed(now_ms());
+                        schedule.failed(super::now_ms());
                         self.stats.failed.fetch_add(1, Relaxed);
                         // The first failure and then every tenth: enough to see, not a flood.
                         if schedule.failures() % 10 == 1 {

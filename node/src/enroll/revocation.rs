@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::policy::Policy;
 use crate::transport::Transport;
-use trellis_core::policy::model::{self, Kind, Object};
+use trellis_core::policy::model::{Kind, Object};
 use trellis_core::policy::PolicyStore;
 
 /// A handshake verified just before a revocation arrived can be pooled just after the first
@@ -19,12 +19,8 @@ const RESWEEP: Duration = Duration::from_secs(1);
 /// The revoked node names in a policy store.
 pub fn revoked_names(store: &PolicyStore) -> BTreeSet<String> {
     store
-        .iter()
-        .filter(|(k, r)| k.kind == Kind::Revocations && r.val.body.is_some())
-        .filter(|(k, r)| {
-            let body = r.val.body.as_deref().unwrap_or_default();
-            matches!(model::parse(k.kind, &k.name, body.as_bytes()), Ok(Object::Revocation(_)))
-        })
+        .objects(Kind::Revocations)
+        .filter(|(_, o)| matches!(o, Object::Revocation(_)))
         .map(|(k, _)| k.name.clone())
         .collect()
 }

@@ -88,7 +88,7 @@ impl EnrollService {
     async fn serve(&self, conn: &quinn::Connection) -> Result<(), String> {
         let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let bytes = recv.read_to_end(wire::MAX_MESSAGE).await.map_err(|e| e.to_string())?;
-        let now = crate::policy::now_ms() as i64;
+        let now = super::now_ms();
         let response = match wire::decode::<Request>(&bytes) {
             Ok(req) => self.answer(conn, &req, now).await,
             Err(e) => refused(Refusal { code: "bad_request".into(), message: e, signers: vec![] }, now),

@@ -17,9 +17,6 @@ use tokio::net::TcpListener;
 use crate::limits::Limits;
 use crate::listen::{ConnGate, FirstRequest};
 
-/// The HTTP/1 + HTTP/2 server side of one client connection.
-pub type Builder = hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>;
-
 use super::answer::error;
 use super::forward::{Forwarder, OpenError, SendError};
 use super::instance_http;
@@ -38,9 +35,8 @@ type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 /// Accepts HTTP/1.1 and HTTP/2 clients (told apart by the HTTP/2 preface); one task per
 /// connection, within the gate's connection caps and the header read deadline.
 pub async fn serve(fwd: Arc<Forwarder>, listener: TcpListener, limits: Limits, gate: Arc<ConnGate>) {
-    let builder = Arc::new(crate::listen::http_builder(&limits));
-    crate::listen::accept_loop(listener, gate, limits.header_read_timeout, move |tcp, first| {
-        serve_connection(fwd.clone(), tcp, None, builder.clone(), first)
+    crate::listen::serve_http(listener, gate, &limits, move |tcp, first, builder| {
+        serve_connection(fwd.clone(), tcp, None, builder, first)
     })
     .await
 }
@@ -51,7 +47,7 @@ pub async fn serve_connection(
     fwd: Arc<Forwarder>,
     tcp: tokio::net::TcpStream,
     fixed: Option<Arc<str>>,
-    builder: Arc<Builder>,
+    builder: Arc<crate::listen::HttpBuilder>,
     first: FirstRequest,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let _ = tcp.set_nodelay(true);

@@ -25,9 +25,8 @@ impl Forwarder {
         gate: Arc<crate::listen::ConnGate>,
     ) {
         let name: Arc<str> = service.as_str().into();
-        let builder = Arc::new(crate::listen::http_builder(&limits));
-        crate::listen::accept_loop(listener, gate, limits.header_read_timeout, move |tcp, first| {
-            let (fwd, name, builder) = (self.clone(), name.clone(), builder.clone());
+        crate::listen::serve_http(listener, gate, &limits, move |tcp, first, builder| {
+            let (fwd, name) = (self.clone(), name.clone());
             async move {
                 let l7 = fwd
                     .snapshot()

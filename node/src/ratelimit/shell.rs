@@ -10,14 +10,14 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use trellis_proto::ratelimit::RateLimitMsg;
-use trellis_proto::{envelope, Kind};
+use trellis_proto::{envelope, MessageKind};
 
 use crate::membership::Members;
 use crate::policy::Policy;
 use crate::transport::{Inbound, Transport};
 use trellis_core::policy::model::{self, Object};
 use trellis_core::policy::PolicyStore;
-use trellis_core::ratelimit::limiter::{LimitSpec, LimitView, Limiter, Outgoing, Per, Refusal, Timing};
+use trellis_core::ratelimit::limiter::{ExchangeTiming, LimitSpec, LimitView, Limiter, Outgoing, Per, Refusal};
 
 /// Shared between the request path (decisions), the API (views) and the shell task.
 pub struct RateLimits {
@@ -29,7 +29,7 @@ pub struct RateLimits {
 }
 
 impl RateLimits {
-    pub fn new(me: &str, timing: Timing) -> Arc<RateLimits> {
+    pub fn new(me: &str, timing: ExchangeTiming) -> Arc<RateLimits> {
         Arc::new(RateLimits {
             limiter: Mutex::new(Limiter::new(me, timing)),
             policy_index: AtomicU64::new(u64::MAX),
@@ -86,11 +86,9 @@ impl RateLimits {
 /// The `ratelimits` policy objects as limiter specs.
 pub fn specs(store: &PolicyStore) -> Vec<LimitSpec> {
     store
-        .iter()
-        .filter(|(k, _)| k.kind == model::Kind::Ratelimits)
-        .filter_map(|(k, r)| {
-            let body = r.val.body.as_ref()?;
-            let Ok(Object::RateLimit(rl)) = model::parse(k.kind, &k.name, body.as_bytes()) else { return None };
+        .objects(model::Kind::Ratelimits)
+        .filter_map(|(k, o)| {
+            let Object::RateLimit(rl) = o else { return None };
             let per = match rl.per.as_deref() {
                 None => Per::All,
                 Some("caller") => Per::Caller,
@@ -115,7 +113,7 @@ pub async fn run(
     policy: Arc<Policy>,
     transport: Arc<Transport>,
     mut inbound: mpsc::Receiver<Inbound>,
-    timing: Timing,
+    timing: ExchangeTiming,
 ) {
     let mut tick = tokio::time::interval(timing.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -156,7 +154,7 @@ fn send(transport: &Arc<Transport>, addrs: &HashMap<String, SocketAddr>, out: Ve
     for o in out {
         let Some(addr) = addrs.get(&o.to) else { continue };
         let mut buf = Vec::new();
-        envelope::encode(Kind::RateLimit, &o.msg.encode(), &mut buf);
+        envelope::encode(MessageKind::RateLimit, &o.msg.encode(), &mut buf);
         transport.send(*addr, Bytes::from(buf));
     }
 }

@@ -17,7 +17,7 @@ use foca::{Codec, Foca, Member, Notification, OwnedNotification, Runtime, State,
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
-use trellis_proto::{envelope, gossip, limits, GossipCodec, Kind, LeaveNotice, NodeIdentity};
+use trellis_proto::{envelope, gossip, limits, GossipCodec, LeaveNotice, MessageKind, NodeIdentity};
 
 pub use broadcasts::PolicyItems;
 use broadcasts::{ClusterBroadcasts, LeftSet};
@@ -146,7 +146,7 @@ const SEED_RETRY_MAX: Duration = Duration::from_secs(30);
 /// The membership state machine of one node.
 pub struct Membership {
     swim: Swim,
-    io: Io,
+    io: Pending,
     seeds: SeedRetry,
     rng: SmallRng,
     left_sent: bool,
@@ -208,7 +208,7 @@ impl Membership {
         );
         Membership {
             swim,
-            io: Io { left: left.clone(), holders_stale: true, ..Io::default() },
+            io: Pending { left: left.clone(), holders_stale: true, ..Pending::default() },
             seeds: SeedRetry { seeds: Vec::new(), attempt: 0, next_at: None },
             rng: SmallRng::seed_from_u64(seed ^ 0x5eed),
             left_sent: false,
@@ -312,7 +312,7 @@ impl Membership {
     /// Decodes a full Trellis message and feeds it if it is gossip.
     pub fn handle_datagram(&mut self, now: Instant, cert_name: Option<&str>, data: &[u8]) -> Result<(), PacketError> {
         match envelope::decode(data, limits::MAX_STREAM_MESSAGE) {
-            Ok((Kind::Gossip, body)) => self.handle_gossip(now, cert_name, body),
+            Ok((MessageKind::Gossip, body)) => self.handle_gossip(now, cert_name, body),
             Ok((kind, _)) => Err(PacketError::Refused(format!("{} is not gossip", kind.as_str()))),
             Err(e) => {
                 self.io.stats.malformed_in += 1;
@@ -597,7 +597,7 @@ fn gossip_packet(
     GossipCodec.encode_header(&header, &mut body)?;
     body.extend_from_slice(payload);
     let mut msg = Vec::with_capacity(envelope::HEADER_LEN + body.len());
-    envelope::encode(Kind::Gossip, &body, &mut msg);
+    envelope::encode(MessageKind::Gossip, &body, &mut msg);
     Ok(msg)
 }
 
@@ -613,7 +613,7 @@ fn view(m: &Member<NodeIdentity>, left: &HashSet<(SocketAddr, u64)>) -> MemberVi
 
 /// Everything foca's calls produce, kept between calls.
 #[derive(Default)]
-struct Io {
+struct Pending {
     timers: TimerQueue,
     out: VecDeque<Transmit>,
     events: VecDeque<MemberEvent>,
@@ -628,7 +628,7 @@ struct Io {
 /// foca's runtime for one call.
 struct Effects<'a> {
     now: Instant,
-    io: &'a mut Io,
+    io: &'a mut Pending,
 }
 
 impl Runtime<NodeIdentity> for Effects<'_> {
@@ -667,7 +667,7 @@ impl Runtime<NodeIdentity> for Effects<'_> {
 
     fn send_to(&mut self, to: NodeIdentity, data: &[u8]) {
         let mut msg = Vec::with_capacity(envelope::HEADER_LEN + data.len());
-        envelope::encode(Kind::Gossip, data, &mut msg);
+        envelope::encode(MessageKind::Gossip, data, &mut msg);
         self.io.stats.msgs_out += 1;
         self.io.stats.bytes_out += msg.len() as u64;
         self.io.out.push_back(Transmit { to: to.addr, data: msg });

@@ -14,18 +14,11 @@ pub struct InstanceView {
     pub instance: Instance,
 }
 
-fn objects(store: &PolicyStore, kind: Kind) -> impl Iterator<Item = (String, Object)> + '_ {
-    store.iter().filter(move |(k, _)| k.kind == kind).filter_map(|(k, r)| {
-        let body = r.val.body.as_ref()?;
-        Some((k.name.clone(), model::parse(k.kind, &k.name, body.as_bytes()).ok()?))
-    })
-}
-
 /// Instances whose body names the node their object name says (`<id>@<node>`, which the
 /// store ties to the writer's proof): a node cannot pass its instance off as another's.
 fn registered(store: &PolicyStore) -> impl Iterator<Item = (String, Instance)> + '_ {
-    objects(store, Kind::Instances).filter_map(|(name, o)| match o {
-        Object::Instance(i) if model::instance_node(&name) == Some(i.node.as_str()) => Some((name, i)),
+    store.objects(Kind::Instances).filter_map(|(k, o)| match o {
+        Object::Instance(i) if model::instance_node(&k.name) == Some(i.node.as_str()) => Some((k.name.clone(), i)),
         _ => None,
     })
 }
@@ -39,7 +32,8 @@ pub fn instances(store: &PolicyStore, service: Option<&str>, alive: &HashSet<Str
 }
 
 pub fn intentions(store: &PolicyStore) -> Vec<Intention> {
-    objects(store, Kind::Intentions)
+    store
+        .objects(Kind::Intentions)
         .filter_map(|(_, o)| match o {
             Object::Intention(i) => Some(i),
             _ => None,
@@ -48,7 +42,8 @@ pub fn intentions(store: &PolicyStore) -> Vec<Intention> {
 }
 
 pub fn intention_default(store: &PolicyStore) -> Action {
-    objects(store, Kind::Settings)
+    store
+        .objects(Kind::Settings)
         .find_map(|(_, o)| match o {
             Object::Settings(Settings { intention_default }) => Some(intention_default),
             _ => None,
@@ -111,9 +106,10 @@ impl Snapshot {
     pub fn build(store: &PolicyStore) -> Snapshot {
         let instances: Vec<InstanceView> =
             registered(store).map(|(name, instance)| InstanceView { name, instance }).collect();
-        let services: std::collections::HashMap<String, model::Service> = objects(store, Kind::Services)
-            .filter_map(|(name, o)| match o {
-                Object::Service(s) => Some((name, s)),
+        let services: std::collections::HashMap<String, model::Service> = store
+            .objects(Kind::Services)
+            .filter_map(|(k, o)| match o {
+                Object::Service(s) => Some((k.name.clone(), s)),
                 _ => None,
             })
             .collect();

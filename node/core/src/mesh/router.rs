@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::policy::model::{self, Destination, Object, PathMatch, Route, Split, Subset, ValueMatch};
+use crate::policy::model::{Destination, Object, PathMatch, Route, Split, Subset, ValueMatch};
 use crate::policy::{Kind, PolicyStore};
 
 /// What the router needs to know of a request.
@@ -40,9 +40,8 @@ pub struct RouteTable {
 impl RouteTable {
     pub fn from_store(store: &PolicyStore) -> RouteTable {
         let mut t = RouteTable::default();
-        for (k, r) in store.iter() {
-            let Some(body) = &r.val.body else { continue };
-            let Ok(obj) = model::parse(k.kind, &k.name, body.as_bytes()) else { continue };
+        let kinds = [Kind::Routes, Kind::Splits, Kind::Subsets];
+        for (k, obj) in kinds.into_iter().flat_map(|kind| store.objects(kind)) {
             match obj {
                 Object::Route(route) => t.routes.push((k.name.clone(), route)),
                 Object::Split(s) => t.splits.push((k.name.clone(), s)),
@@ -53,7 +52,6 @@ impl RouteTable {
             }
         }
         t.routes.sort_by(|a, b| b.1.priority.cmp(&a.1.priority).then(a.0.cmp(&b.0)));
-        let _ = Kind::Routes;
         t
     }
 

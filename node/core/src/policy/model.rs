@@ -838,6 +838,11 @@ impl Object {
     }
 }
 
+/// The object name of instance `id` registered on `node`.
+pub fn instance_name(id: &str, node: &str) -> String {
+    format!("{id}@{node}")
+}
+
 /// The node an instance name (`<id>@<node>`) says it is registered on.
 pub fn instance_node(name: &str) -> Option<&str> {
     name.rsplit_once('@').map(|(_, node)| node)

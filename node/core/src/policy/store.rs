@@ -75,7 +75,7 @@ pub struct Key {
 impl Key {
     /// The key of instance `id` registered on `node`: `<id>@<node>`.
     pub fn instance(id: &str, node: &str) -> Key {
-        Key { kind: Kind::Instances, name: format!("{id}@{node}") }
+        Key { kind: Kind::Instances, name: model::instance_name(id, node) }
     }
 }
 
@@ -221,6 +221,15 @@ impl PolicyStore {
 
     pub fn iter(&self) -> impl Iterator<Item = (&Key, &Register)> {
         self.objects.iter()
+    }
+
+    /// The live objects of `kind`, parsed; deleted ones and any that no longer parse
+    /// (written by a newer version) are skipped.
+    pub fn objects(&self, kind: Kind) -> impl Iterator<Item = (&Key, model::Object)> + '_ {
+        self.objects.iter().filter(move |(k, _)| k.kind == kind).filter_map(|(k, r)| {
+            let body = r.val.body.as_ref()?;
+            Some((k, model::parse(k.kind, &k.name, body.as_bytes()).ok()?))
+        })
     }
 
     /// Prepares a local write (validated, versioned) without applying it, so the shell can

@@ -11,7 +11,7 @@ use trellis_proto::ratelimit::{value_hash, Demand, Grant, LimitKey, RateLimitMsg
 use super::bucket::{TokenBucket, Verdict};
 use super::owner::{ClusterRates, OwnerTable};
 use super::side::SideView;
-pub use super::timing::Timing;
+pub use super::timing::ExchangeTiming;
 use crate::membership::MemberState;
 
 /// How a limit splits its traffic into buckets.
@@ -80,7 +80,7 @@ pub struct Counts {
 }
 
 pub struct Limiter {
-    timing: Timing,
+    timing: ExchangeTiming,
     side: SideView,
     limits: BTreeMap<String, LimitSpec>,
     by_service: HashMap<String, Vec<String>>,
@@ -95,7 +95,7 @@ pub struct Limiter {
 const OVERFLOW: u64 = u64::MAX;
 
 impl Limiter {
-    pub fn new(me: &str, timing: Timing) -> Limiter {
+    pub fn new(me: &str, timing: ExchangeTiming) -> Limiter {
         Limiter {
             side: SideView::new(me, timing.down_grace),
             timing,
@@ -443,7 +443,7 @@ fn estimate(prev: f64, count: u32, tick_secs: f64, weight: f64) -> f64 {
 /// share of a large cluster would otherwise hold a token or less, and lose tokens to the
 /// gaps between random arrivals (measured in the simulator at N=50, twice the limit offered:
 /// 86% of the limit admitted with 100 ms, 99.4% with 250 ms).
-fn capacity(timing: &Timing, rate: f64, burst: f64) -> f64 {
+fn capacity(timing: &ExchangeTiming, rate: f64, burst: f64) -> f64 {
     burst.max(rate * timing.smoothing.as_secs_f64())
 }
 
@@ -515,7 +515,7 @@ mod tests {
     use crate::membership::MemberState::Alive;
 
     fn limiter(me: &str, max_keys: usize) -> Limiter {
-        let mut l = Limiter::new(me, Timing { max_keys, ..Timing::default() });
+        let mut l = Limiter::new(me, ExchangeTiming { max_keys, ..ExchangeTiming::default() });
         let spec = LimitSpec {
             name: "web".into(),
             service: "web".into(),

@@ -70,4 +70,4 @@ pub mod sim;
 mod tests;
 pub mod timing;
 
-pub use limiter::{LimitSpec, Limiter, Per, Timing};
+pub use limiter::{ExchangeTiming, LimitSpec, Limiter, Per};

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::side::SideView;
-use super::timing::Timing;
+use super::timing::ExchangeTiming;
 
 /// How long after a member comes into view it is assumed to be on its fallback share
 /// unless it reports: about the time SWIM takes to spread a join or a heal.
@@ -64,7 +64,14 @@ impl OwnerTable {
     /// Nodes that stopped reporting while busy may be cut off from us and running on their
     /// fallback share, so that share stays reserved for them until membership drops them.
     /// A new table reserves the fallback for everyone it has not heard from yet.
-    pub fn allocate(&mut self, now: Instant, node: &str, limit: (f64, f64), side: &SideView, t: &Timing) -> Share {
+    pub fn allocate(
+        &mut self,
+        now: Instant,
+        node: &str,
+        limit: (f64, f64),
+        side: &SideView,
+        t: &ExchangeTiming,
+    ) -> Share {
         let (rate, burst) = limit;
         let alive = side.alive();
         self.nodes.retain(|n, _| alive.binary_search(n).is_ok());
@@ -208,8 +215,8 @@ mod tests {
 
     const STALE: Duration = Duration::from_millis(150);
 
-    fn timing() -> Timing {
-        Timing::default()
+    fn timing() -> ExchangeTiming {
+        ExchangeTiming::default()
     }
 
     fn side(now: Instant) -> SideView {

@@ -10,7 +10,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use trellis_proto::ratelimit::{LimitKey, RateLimitMsg};
 
-use super::limiter::{LimitSpec, Limiter, Outgoing, Per, Timing};
+use super::limiter::{ExchangeTiming, LimitSpec, Limiter, Outgoing, Per};
 use crate::membership::MemberState;
 
 /// Width of one recorded bin.
@@ -27,7 +27,7 @@ pub struct SimConfig {
     pub latency: Duration,
     pub jitter: Duration,
     pub seed: u64,
-    pub timing: Timing,
+    pub timing: ExchangeTiming,
     /// False: every node starts alone, a cluster of one (for per-instance baselines).
     pub connected: bool,
 }
@@ -42,7 +42,7 @@ impl SimConfig {
             latency: Duration::from_millis(1),
             jitter: Duration::from_millis(1),
             seed: 1,
-            timing: Timing::default(),
+            timing: ExchangeTiming::default(),
             connected: true,
         }
     }

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-/// Timing of the exchange. The defaults give a reaction to a load step of about two ticks.
+/// ExchangeTiming of the exchange. The defaults give a reaction to a load step of about two ticks.
 #[derive(Clone, Debug)]
-pub struct Timing {
+pub struct ExchangeTiming {
     /// How often demand is reported (and shares renewed).
     pub tick: Duration,
     /// A report older than this no longer counts at the owner.
@@ -24,9 +24,9 @@ pub struct Timing {
     pub demand_weight: f64,
 }
 
-impl Default for Timing {
-    fn default() -> Timing {
-        Timing {
+impl Default for ExchangeTiming {
+    fn default() -> ExchangeTiming {
+        ExchangeTiming {
             tick: Duration::from_millis(50),
             stale: Duration::from_millis(150),
             lease: Duration::from_millis(300),
