@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 
 /// Test-only fault injection: drop a share of outgoing messages, or everything to and from
 /// some peers (a partition). Off unless the agent is started with the hidden flags
-/// `--fault-drop-rate` or `--fault-injection` meant for the chaos harness.
+/// `--fault-drop-rate` or `--fault-injection` meant for the chaos harness, which exist only
+/// in a build with the `fault-injection` feature (the workspace's test build).
 #[derive(Debug, Default, Clone)]
 pub struct Faults {
     pub drop_rate: f64,

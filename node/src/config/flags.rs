@@ -67,9 +67,11 @@ pub struct AgentArgs {
     #[arg(long = "upstream", value_parser = crate::config::parse_upstream)]
     pub upstreams: Vec<(String, SocketAddr)>,
     /// Test only: drop this share (0..1) of outgoing peer messages.
+    #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     pub fault_drop_rate: Option<f64>,
     /// Test only: serve POST /v1/fault to inject loss and partitions at run time.
+    #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     pub fault_injection: bool,
     /// Join token from `trellis token create`: with no certificate in --tls-dir yet, the agent
@@ -89,6 +91,22 @@ pub struct AgentArgs {
 }
 
 impl AgentArgs {
+    /// The chaos harness's faults; only a build with the `fault-injection` feature has
+    /// the flags that set them.
+    fn faults(&self) -> crate::faults::Faults {
+        #[cfg(feature = "fault-injection")]
+        let drop_rate = self.fault_drop_rate.unwrap_or(0.0).clamp(0.0, 1.0);
+        #[cfg(not(feature = "fault-injection"))]
+        let drop_rate = 0.0;
+        crate::faults::Faults { drop_rate, ..Default::default() }
+    }
+
+    fn fault_injection(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.fault_injection;
+        #[cfg(not(feature = "fault-injection"))]
+        return false;
+    }
     /// Merges defaults < file or directory < environment < flags and checks the result:
     /// the one function both the agent and `trellis validate` run.
     pub fn resolve(&self) -> Result<(AgentConfig, Option<String>), crate::config::ConfigError> {
@@ -193,13 +211,8 @@ impl AgentArgs {
             profile,
             timing,
             expected_size: file.expected_size.unwrap_or(64),
-            faults: crate::faults::Faults {
-                drop_rate: self.fault_drop_rate.unwrap_or(0.0).clamp(0.0, 1.0),
-                blocked: Default::default(),
-                blocked_out: Default::default(),
-                delay: Default::default(),
-            },
-            fault_injection: self.fault_injection,
+            faults: self.faults(),
+            fault_injection: cfg!(feature = "fault-injection") && self.fault_injection(),
             upstreams: upstreams.into_iter().collect(),
             proxy: self.proxy.or(file.proxy),
             services,
