@@ -13,4 +13,3 @@ pub mod ratelimit_bench;
 pub mod relay;
 pub mod runner;
 pub mod sim;
-pub mod timeline;

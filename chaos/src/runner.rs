@@ -6,6 +6,8 @@
 //! seed: random faults and the nodes policy writes go to come from it, so a seed replays the
 //! same fault schedule.
 
+mod timeline;
+
 use std::collections::{BTreeSet, HashSet};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -461,7 +463,7 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path) -> anyhow::Result<Report>
     );
     let report = judge_limit(report, limit, &limited.lock().unwrap());
     std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
-    std::fs::write(out.join("timeline.svg"), crate::timeline::svg(&report))?;
+    std::fs::write(out.join("timeline.svg"), timeline::svg(&report))?;
     print!("{}", summary(&report));
     println!("report: {}", out.join("report.json").display());
     Ok(report)
