@@ -156,7 +156,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
 /// The chaos harness's faults, when the agent was started for it (`--fault-injection`,
 /// or a drop rate); None on every normal start.
 fn faults_of(cfg: &AgentConfig) -> Option<crate::faults::Faults> {
-    (cfg.fault_injection || cfg.faults.drop_rate > 0.0 || !cfg.faults.delay.is_zero()).then(|| cfg.faults.clone())
+    (cfg.fault_injection || cfg.faults.drop_rate > 0.0).then(|| cfg.faults.clone())
 }
 
 /// Binds every upstream listener before anything starts, so a taken port fails the start

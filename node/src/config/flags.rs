@@ -212,7 +212,7 @@ impl AgentArgs {
             timing,
             expected_size: file.expected_size.unwrap_or(64),
             faults: self.faults(),
-            fault_injection: cfg!(feature = "fault-injection") && self.fault_injection(),
+            fault_injection: self.fault_injection(),
             upstreams: upstreams.into_iter().collect(),
             proxy: self.proxy.or(file.proxy),
             services,

@@ -79,13 +79,17 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, Self::Error>>> {
         let this = self.get_mut();
-        if let Some(gone) = this.gone.as_mut() {
-            let gone = gone.get_mut().unwrap_or_else(|p| p.into_inner());
-            if gone.as_mut().poll(cx).is_ready() {
-                return std::task::Poll::Ready(Some(Err(Box::new(NodeGone))));
+        // The node is looked at only while the body waits, not on every frame it hands on.
+        let frame = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        if frame.is_pending() {
+            if let Some(gone) = this.gone.as_mut() {
+                let gone = gone.get_mut().unwrap_or_else(|p| p.into_inner());
+                if gone.as_mut().poll(cx).is_ready() {
+                    return std::task::Poll::Ready(Some(Err(Box::new(NodeGone))));
+                }
             }
         }
-        std::pin::Pin::new(&mut this.body).poll_frame(cx).map_err(Into::into)
+        frame.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {
