@@ -1,16 +1,13 @@
-//! A fixed-rate HTTP/1.1 load generator over keep-alive connections, corrected for
-//! coordinated omission: request k is due at `k / rate`, and its latency counts from
-//! then, so a stall shows in the tail instead of silently delaying later requests.
-//! Latencies go into an HdrHistogram (1 µs to 60 s, 3 significant digits).
+//! Small blocking HTTP/1.1 and TCP helpers for benchmarks and tests: a keep-alive client
+//! connection (for holding many open), a keep-alive server, and a bulk-transfer sink.
+//! Latency and throughput are measured by oha (`crate::oha`), not here.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
-
-/// One keep-alive client connection that POSTs `body` and reads the whole answer.
+/// One keep-alive client connection that POSTs `body` (GETs when it is empty) and reads
+/// the whole answer.
 pub struct Conn {
     to: SocketAddr,
     host: String,
@@ -20,8 +17,12 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(to: SocketAddr, host: &str, body: &[u8]) -> Conn {
-        let mut request =
-            format!("POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        // An empty body makes a GET, which static servers (nginx) answer.
+        let mut request = if body.is_empty() {
+            format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes()
+        } else {
+            format!("POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes()
+        };
         request.extend_from_slice(body);
         Conn { to, host: host.into(), stream: None, request }
     }
@@ -111,90 +112,6 @@ pub fn serve_keepalive(ip: &str, reply: usize) -> SocketAddr {
         }
     });
     addr
-}
-
-/// What a fixed-rate run saw.
-pub struct RateRun {
-    pub hist: Histogram<u64>,
-    pub errors: u64,
-    pub sent: u64,
-    pub took: Duration,
-}
-
-impl RateRun {
-    /// Adds another run of the same path: its latencies, errors and time.
-    pub fn merge(&mut self, other: &RateRun) {
-        self.hist.add(&other.hist).expect("same bounds");
-        self.errors += other.errors;
-        self.sent += other.sent;
-        self.took += other.took;
-    }
-
-    /// A latency quantile in microseconds.
-    pub fn us(&self, q: f64) -> f64 {
-        self.hist.value_at_quantile(q) as f64
-    }
-}
-
-/// `rate` requests per second for `secs` over `conns` keep-alive connections (each
-/// takes every `conns`-th due time, so a slow answer delays that connection's next
-/// requests, and their latency counts the delay).
-pub fn fixed_rate(to: SocketAddr, host: &str, body: &[u8], rate: f64, secs: f64, conns: usize) -> RateRun {
-    let total = (rate * secs) as u64;
-    let errors = AtomicU64::new(0);
-    let t0 = Instant::now() + Duration::from_millis(100);
-    let hists: Vec<Histogram<u64>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..conns as u64)
-            .map(|c| {
-                let errors = &errors;
-                s.spawn(move || {
-                    let mut conn = Conn::new(to, host, body);
-                    let _ = conn.connect();
-                    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-                    let mut k = c;
-                    while k < total {
-                        let due = t0 + Duration::from_secs_f64(k as f64 / rate);
-                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                            std::thread::sleep(wait);
-                        }
-                        if conn.call().is_err() {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let _ = h.record(due.elapsed().as_micros().max(1) as u64);
-                        k += conns as u64;
-                    }
-                    h
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().expect("load thread")).collect()
-    });
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-    for h in &hists {
-        hist.add(h).expect("same bounds");
-    }
-    RateRun { hist, errors: errors.into_inner(), sent: total, took: t0.elapsed() }
-}
-
-/// Requests per second `conns` connections complete back to back for `secs`.
-pub fn closed_loop(to: SocketAddr, host: &str, body: &[u8], secs: f64, conns: usize) -> (f64, u64) {
-    let done = AtomicU64::new(0);
-    let errors = AtomicU64::new(0);
-    let end = Instant::now() + Duration::from_secs_f64(secs);
-    std::thread::scope(|s| {
-        for _ in 0..conns {
-            s.spawn(|| {
-                let mut conn = Conn::new(to, host, body);
-                while Instant::now() < end {
-                    match conn.call() {
-                        Ok(_) => done.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => errors.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-            });
-        }
-    });
-    (done.into_inner() as f64 / secs, errors.into_inner())
 }
 
 /// A server on `ip` that reads each connection to its end and answers with the byte

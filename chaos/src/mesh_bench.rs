@@ -1,21 +1,26 @@
 //! `trellis-chaos bench-mesh`: the data plane against a direct connection and against
-//! HAProxy, side by side in one run. Three real agents; one keep-alive HTTP server
-//! answering 1 KiB to 1 KiB POSTs; four paths to it:
-//! (a) direct; (b) node 0's proxy to an instance on node 0; (c) node 0's proxy over QUIC
-//! mTLS to node 2's agent and its instance (client, agent, QUIC, agent, server); (d) two
-//! HAProxy instances on node 0's and node 2's addresses with mutual TLS between them
-//! (same certificates). Clients keep their connections open, as real callers do.
-//! Reproduce with `chaos/bench-mesh.sh` (installs HAProxy, builds release, runs this).
+//! HAProxy, side by side in one run, measured by one calibrated generator (oha, open loop,
+//! corrected for coordinated omission) against one real server (nginx, 1 KiB answers).
+//! Paths: (a) direct to nginx; (b) node 0's proxy to an instance on node 0; (c) node 0's
+//! proxy over QUIC mTLS to node 2's agent and its instance; (d) two HAProxy processes on
+//! node 0's and node 2's addresses with mutual TLS between them (same certificates).
+//! The paths take interleaved turns; each figure is the median of the turns.
+//! Reproduce with `chaos/bench-mesh.sh` (installs oha, nginx and HAProxy, builds release).
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use crate::cluster::{Cluster, ClusterSpec};
-use crate::loadgen::{self, Conn, RateRun};
+use crate::oha::{self, Load, Seen};
+use crate::procs::{cpu_ns, rss_mib};
 
+/// The answer's size, as in the calibration.
 const BODY: usize = 1024;
+/// Keep-alive connections of the fixed-rate runs (oha's `-c`) and of the throughput runs.
+const RATE_CONNS: usize = 16;
+const THROUGHPUT_CONNS: usize = 32;
 
 struct Path {
     /// What `--only` selects it by.
@@ -23,57 +28,10 @@ struct Path {
     name: &'static str,
     to: SocketAddr,
     host: &'static str,
-    /// Processes whose CPU this path costs (beyond client and server).
+    /// The proxy processes whose CPU this path costs (beyond oha and nginx).
     pids: Vec<u32>,
-}
-
-/// CPU seconds processes used, in user space and in the kernel.
-#[derive(Clone, Copy, Default)]
-struct Cpu {
-    user: f64,
-    system: f64,
-}
-
-impl Cpu {
-    fn total(self) -> f64 {
-        self.user + self.system
-    }
-
-    fn minus(self, o: Cpu) -> Cpu {
-        Cpu { user: self.user - o.user, system: self.system - o.system }
-    }
-
-    fn plus(self, o: Cpu) -> Cpu {
-        Cpu { user: self.user + o.user, system: self.system + o.system }
-    }
-}
-
-/// CPU seconds a process has used, from /proc.
-fn cpu_seconds(pid: u32) -> Cpu {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<f64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-    // Fields after the command: state is not numeric, so utime and stime sit at 10 and 11.
-    let at = |i: usize| f.get(i).copied().unwrap_or(0.0) / 100.0;
-    Cpu { user: at(10), system: at(11) }
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
-}
-
-fn cpu_of(pids: &[u32]) -> Cpu {
-    pids.iter().fold(Cpu::default(), |sum, p| sum.plus(cpu_seconds(*p)))
-}
-
-fn rss_of(pids: &[u32]) -> String {
-    pids.iter().map(|p| format!("{:.1}", rss_mib(*p))).collect::<Vec<_>>().join(" + ")
+    /// Their CPU nanoseconds per second when idle, subtracted from a turn's.
+    idle_ns_per_s: f64,
 }
 
 /// Options of one run.
@@ -82,14 +40,22 @@ pub struct Options {
     pub rates: Vec<f64>,
     pub bulk_mib: u64,
     pub open_conns: usize,
-    /// Turns each path takes per fixed rate (the run's seconds are split among them).
+    /// Interleaved turns each path takes per figure (at least 3 for a median).
     pub reps: usize,
     /// Only the fixed-rate runs, and only these paths (`direct`, `local`, `remote`,
-    /// `haproxy`, `relay`): for attaching a profiler to one path. Empty runs everything.
+    /// `haproxy`): for attaching a profiler to one path. Empty runs everything.
     pub only: Vec<String>,
 }
 
+/// One turn of one path: what oha saw, and the proxies' CPU per request.
+#[derive(Clone, Default)]
+struct Turn {
+    seen: Seen,
+    cpu_us_per_req: f64,
+}
+
 pub fn run(o: Options) -> anyhow::Result<()> {
+    let oha_bin = oha::find()?;
     let proxy = crate::procs::free("127.0.0.1")?;
     let bulk_listen = crate::procs::free("127.0.0.1")?;
     let node0 = vec!["--proxy".into(), proxy.to_string(), "--upstream".into(), format!("bulk={bulk_listen}")];
@@ -98,8 +64,9 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let all = [0, 1, 2];
     let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
     c.wait_all_see(&all, &alive, Duration::from_secs(20))?;
-    let srv = loadgen::serve_keepalive("127.0.0.1", BODY);
-    let sink = loadgen::serve_sink("127.0.0.1");
+    let nginx = crate::nginx::start(&c.root().join("nginx"), "127.0.0.1", BODY)?;
+    let srv = nginx.addr;
+    let sink = crate::loadgen::serve_sink("127.0.0.1");
     for (node, id, body) in [
         (0, "local-1", json!({"service": "local", "address": "127.0.0.1", "port": srv.port()})),
         (2, "remote-1", json!({"service": "remote", "address": "127.0.0.1", "port": srv.port()})),
@@ -121,167 +88,235 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         srv,
         sink,
     )?;
-    let relays = crate::relay::TwoRelays::start(&a_ip, &b_ip, srv)?;
-    let bulk_relays = crate::relay::TwoRelays::start(&a_ip, &b_ip, sink)?;
-    println!("machine: {} cores; {} s per fixed-rate run; {BODY} B request and response bodies", cores(), o.secs);
+    println!(
+        "machine: {} cores; generator {} {}; instance nginx ({BODY} B answers); {} s per turn, {} interleaved turns per figure, medians",
+        cores(),
+        oha_bin.display(),
+        oha::VERSION,
+        o.secs,
+        o.reps
+    );
     println!(
         "idle RSS MiB: trellis node 0 + node 2 = {}; haproxy client + server side = {}",
         rss_of(&agents),
         rss_of(&hap.pids())
     );
     let paths = [
-        Path { key: "direct", name: "direct (baseline)", to: srv, host: "direct", pids: vec![] },
-        Path {
-            key: "local",
-            name: "trellis, instance on this node",
-            to: proxy,
-            host: "local",
-            pids: agents[..1].to_vec(),
-        },
-        Path { key: "remote", name: "trellis, other node over QUIC", to: proxy, host: "remote", pids: agents.clone() },
-        Path { key: "haproxy", name: "haproxy two-hop mTLS", to: hap.http, host: "remote", pids: hap.pids() },
-        Path {
-            key: "relay",
-            name: "floor: two plain TCP relays",
-            to: relays.entry,
-            host: "relay",
-            pids: relays.pids(),
-        },
+        ("direct", "direct to nginx (baseline)", srv, "direct", vec![]),
+        ("local", "trellis, instance on this node", proxy, "local", agents[..1].to_vec()),
+        ("remote", "trellis two-hop QUIC mTLS", proxy, "remote", agents.clone()),
+        ("haproxy", "haproxy two-hop TLS 1.3 mTLS", hap.http, "remote", hap.pids()),
     ];
-    let paths: Vec<Path> =
-        paths.into_iter().filter(|p| o.only.is_empty() || o.only.iter().any(|n| n == p.key)).collect();
+    let mut paths: Vec<Path> = paths
+        .into_iter()
+        .filter(|p| o.only.is_empty() || o.only.iter().any(|n| n == p.0))
+        .map(|(key, name, to, host, pids)| Path { key, name, to, host, pids, idle_ns_per_s: 0.0 })
+        .collect();
     if !o.only.is_empty() {
         println!("agent pids: {}", agents.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
     }
-    let body = vec![b'b'; BODY];
     for p in &paths {
-        let (_, errors) = loadgen::closed_loop(p.to, p.host, &body, 1.0, 4);
-        anyhow::ensure!(errors == 0, "{}: {errors} errors while warming up", p.name);
+        let warm = oha::run(&oha_bin, &Load { to: p.to, host: p.host, rate: None, conns: 4, secs: 1.0 })?;
+        anyhow::ensure!(warm.errors == 0 && warm.ok > 0, "{}: {} errors while warming up", p.name, warm.errors);
     }
+    idle_cost(&mut paths, Duration::from_secs(3));
     for &rate in &o.rates {
-        let conns = ((rate / 100.0) as usize).max(16);
         println!(
-            "\nfixed rate {rate:.0} req/s, {} s per path in {} interleaved turns, over {conns} keep-alive connections; latency from the due time (µs)",
-            o.secs, o.reps
+            "\nfixed rate {rate:.0} req/s (oha -q {rate:.0} -c {RATE_CONNS} --latency-correction), µs; CPU of the proxies, idle cost subtracted"
         );
-        println!(
-            "{:<32} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>7} {:>12}",
-            "path", "p50", "p90", "p99", "p99.9", "p99.99", "max", "errors", "cores/1krps"
-        );
-        // The paths take turns, `reps` slices each, so a slow stretch of the shared machine
-        // falls on all of them rather than on one; each path's slices are merged.
-        let mut runs: Vec<(RateRun, Cpu)> = Vec::new();
-        let mut quic = [0.0; 5];
-        for rep in 0..o.reps {
-            for (i, p) in paths.iter().enumerate() {
-                // Node 0's QUIC counters are read around the QUIC path's turns only.
-                let over_quic = p.key == "remote";
-                let q0 = if over_quic { quic_counts(&c) } else { [0.0; 5] };
-                let cpu0 = cpu_of(&p.pids);
-                let r = loadgen::fixed_rate(p.to, p.host, &body, rate, o.secs / o.reps as f64, conns);
-                let cpu = cpu_of(&p.pids).minus(cpu0);
-                if over_quic {
-                    let q1 = quic_counts(&c);
-                    for k in 0..5 {
-                        quic[k] += (q1[k] - q0[k]) / r.hist.len().max(1) as f64;
-                    }
-                }
-                if rep == 0 {
-                    runs.push((r, cpu));
-                } else {
-                    runs[i].0.merge(&r);
-                    runs[i].1 = runs[i].1.plus(cpu);
-                }
-            }
-        }
-        let q = quic.map(|v| v / o.reps as f64);
-        if paths.iter().any(|p| p.key == "remote") {
-            println!(
-            "QUIC on node 0 per request over QUIC: datagrams out {:.2}, in {:.2}; send calls {:.2}, receive calls {:.2}; ACK frames out {:.2}",
-            q[0], q[1], q[2], q[3], q[4]
-            );
-        }
-        for (p, (r, cpu)) in paths.iter().zip(&runs) {
-            let cores = cpu.total() / r.took.as_secs_f64() / (rate / 1000.0);
-            let user = cpu.user / cpu.total().max(1e-9);
-            println!(
-                "{:<32} {:>7.0} {:>7.0} {:>7.0} {:>8.0} {:>8.0} {:>8.0} {:>7} {:>12}",
-                p.name,
-                r.us(0.5),
-                r.us(0.9),
-                r.us(0.99),
-                r.us(0.999),
-                r.us(0.9999),
-                r.hist.max() as f64,
-                r.errors,
-                if p.pids.is_empty() { "-".to_string() } else { format!("{cores:.3} ({:.0}% user)", user * 100.0) }
-            );
-            // Added latency is against the direct path, when `--only` kept it.
-            if p.key != "direct" && paths[0].key == "direct" {
-                let b = &runs[0].0;
-                println!(
-                    "{:<32} added: p50 {:+.0} µs, p99 {:+.0} µs, p99.9 {:+.0} µs",
-                    "",
-                    r.us(0.5) - b.us(0.5),
-                    r.us(0.99) - b.us(0.99),
-                    r.us(0.999) - b.us(0.999)
-                );
-            }
-        }
+        let turns = interleaved(
+            &o,
+            &paths,
+            |p| Load { to: p.to, host: p.host, rate: Some(rate), conns: RATE_CONNS, secs: o.secs },
+            &oha_bin,
+        )?;
+        print_rate_table(&paths, &turns);
     }
     if !o.only.is_empty() {
         return Ok(());
     }
-    println!("\nmaximum throughput: 32 connections back to back for {} s", o.secs);
-    let mut direct_rps = 0.0;
-    for p in &paths {
-        let (rps, errors) = loadgen::closed_loop(p.to, p.host, &body, o.secs, 32);
-        if p.pids.is_empty() {
-            direct_rps = rps;
-        }
-        println!("{:<32} {rps:>9.0} req/s  {:.2}x direct  ({errors} errors)", p.name, rps / direct_rps);
-    }
-    println!("\n{} open client connections (each made one request, then held)", o.open_conns);
-    for p in &paths[2..] {
-        let mut held = Vec::with_capacity(o.open_conns);
-        for _ in 0..o.open_conns {
-            let mut conn = Conn::new(p.to, p.host, &body);
-            conn.call().map_err(|e| anyhow::anyhow!("{}: opening connection {}: {e}", p.name, held.len()))?;
-            held.push(conn);
-        }
-        std::thread::sleep(Duration::from_millis(500));
-        println!("{:<32} RSS MiB {}", p.name, rss_of(&p.pids));
-    }
-    println!("\nbulk TCP: {} MiB one way, counted by the far end", o.bulk_mib);
-    let bytes = o.bulk_mib * 1024 * 1024;
-    let direct = loadgen::bulk(sink, bytes)?;
-    println!("{:<32} {direct:>8.0} MiB/s", "direct (baseline)");
-    for (name, to) in [
-        ("trellis, other node over QUIC", bulk_listen),
-        ("haproxy two-hop mTLS", hap.tcp),
-        ("floor: two plain TCP relays", bulk_relays.entry),
-    ] {
-        let r = loadgen::bulk(to, bytes)?;
-        println!("{name:<32} {r:>8.0} MiB/s  {:.2}x direct", r / direct);
-    }
+    println!("\nunthrottled: oha -c {THROUGHPUT_CONNS}, no rate, {} s per turn", o.secs);
+    let turns = interleaved(
+        &o,
+        &paths,
+        |p| Load { to: p.to, host: p.host, rate: None, conns: THROUGHPUT_CONNS, secs: o.secs },
+        &oha_bin,
+    )?;
+    print_throughput(&paths, &turns);
+    open_connections(&o, &paths, &agents, &hap.pids())?;
+    bulk(&o, sink, bulk_listen, hap.tcp)?;
     println!("\nRSS MiB after the run: trellis {}; haproxy {}", rss_of(&agents), rss_of(&hap.pids()));
     Ok(())
 }
 
-/// Node 0's QUIC counters: datagrams out and in, send and receive calls, ACK frames out.
-fn quic_counts(c: &Cluster) -> [f64; 5] {
-    let text = c.node(0).api().get_text("/metrics").unwrap_or_default();
-    let get = |name: &str, dir: &str| {
-        let key = format!("{name}{{direction=\"{dir}\"}} ");
-        text.lines().find_map(|l| l.strip_prefix(&key)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+/// Each path's processes' CPU while nothing is sent: gossip, health checks, timers.
+fn idle_cost(paths: &mut [Path], over: Duration) {
+    let before: Vec<u64> = paths.iter().map(|p| cpu_of(&p.pids)).collect();
+    let t0 = Instant::now();
+    std::thread::sleep(over);
+    let secs = t0.elapsed().as_secs_f64();
+    for (p, b) in paths.iter_mut().zip(before) {
+        p.idle_ns_per_s = (cpu_of(&p.pids) - b) as f64 / secs;
+    }
+}
+
+/// `reps` rounds in which every path takes one turn of `load`: a slow stretch of the
+/// shared machine falls on all paths rather than on one. turns[path][rep].
+fn interleaved(
+    o: &Options,
+    paths: &[Path],
+    load: impl Fn(&Path) -> Load<'_>,
+    bin: &std::path::Path,
+) -> anyhow::Result<Vec<Vec<Turn>>> {
+    let mut turns = vec![Vec::new(); paths.len()];
+    for _ in 0..o.reps {
+        for (i, p) in paths.iter().enumerate() {
+            let (cpu0, t0) = (cpu_of(&p.pids), Instant::now());
+            let seen = oha::run(bin, &load(p))?;
+            let busy = (cpu_of(&p.pids) - cpu0) as f64 - p.idle_ns_per_s * t0.elapsed().as_secs_f64();
+            let cpu_us_per_req = busy.max(0.0) / 1e3 / seen.ok.max(1) as f64;
+            turns[i].push(Turn { seen, cpu_us_per_req });
+        }
+    }
+    Ok(turns)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn med(turns: &[Turn], f: impl Fn(&Turn) -> f64) -> f64 {
+    median(turns.iter().map(f).collect())
+}
+
+fn print_rate_table(paths: &[Path], turns: &[Vec<Turn>]) {
+    println!(
+        "{:<32} {:>6} {:>6} {:>7} {:>10} {:>10} {:>11} {:>10} {:>9} {:>7}",
+        "path", "p50", "p99", "p99.9", "added p50", "added p99", "CPU µs/req", "cores/1k/s", "oha cores", "errors"
+    );
+    let base = paths.iter().position(|p| p.key == "direct");
+    for (p, t) in paths.iter().zip(turns) {
+        let (p50, p99) = (med(t, |x| x.seen.p50), med(t, |x| x.seen.p99));
+        // Added latency: each turn against the direct path's turn of the same round.
+        let added = |f: fn(&Seen) -> f64| match base {
+            Some(b) if p.key != "direct" => {
+                let v = median(t.iter().zip(&turns[b]).map(|(x, d)| f(&x.seen) - f(&d.seen)).collect());
+                format!("{v:+.0}")
+            }
+            _ => "-".into(),
+        };
+        let cpu = med(t, |x| x.cpu_us_per_req);
+        let secs: f64 = t.iter().map(|x| x.seen.ok as f64 / x.seen.rps.max(1e-9)).sum();
+        let oha_cores = t.iter().map(|x| x.seen.generator_cpu).sum::<f64>() / secs.max(1e-9);
+        let errors: u64 = t.iter().map(|x| x.seen.errors).sum();
+        let (cpu_s, cores) = if p.pids.is_empty() {
+            ("-".into(), "-".into())
+        } else {
+            (format!("{cpu:.1}"), format!("{:.3}", cpu / 1e3))
+        };
+        println!(
+            "{:<32} {p50:>6.0} {p99:>6.0} {:>7.0} {:>10} {:>10} {cpu_s:>11} {cores:>10} {oha_cores:>9.2} {errors:>7}",
+            p.name,
+            med(t, |x| x.seen.p999),
+            added(|s| s.p50),
+            added(|s| s.p99),
+        );
+    }
+    ratio_to_haproxy(paths, turns);
+}
+
+/// Trellis' two-hop figures over HAProxy's, the targets (at most 1.0).
+fn ratio_to_haproxy(paths: &[Path], turns: &[Vec<Turn>]) {
+    let at = |k: &str| paths.iter().position(|p| p.key == k);
+    let (Some(d), Some(r), Some(h)) = (at("direct"), at("remote"), at("haproxy")) else { return };
+    let added = |i: usize, f: fn(&Seen) -> f64| {
+        median(turns[i].iter().zip(&turns[d]).map(|(x, b)| f(&x.seen) - f(&b.seen)).collect())
     };
-    [
-        get("trellis_quic_udp_datagrams_total", "out"),
-        get("trellis_quic_udp_datagrams_total", "in"),
-        get("trellis_quic_udp_ios_total", "out"),
-        get("trellis_quic_udp_ios_total", "in"),
-        get("trellis_quic_ack_frames_total", "out"),
-    ]
+    let cpu = |i: usize| med(&turns[i], |x| x.cpu_us_per_req);
+    println!(
+        "trellis / haproxy: added p50 {:.2}x, added p99 {:.2}x, CPU per request {:.2}x (target: at most 1.00)",
+        added(r, |s| s.p50) / added(h, |s| s.p50),
+        added(r, |s| s.p99) / added(h, |s| s.p99),
+        cpu(r) / cpu(h)
+    );
+}
+
+fn print_throughput(paths: &[Path], turns: &[Vec<Turn>]) {
+    let rps: Vec<f64> = turns.iter().map(|t| med(t, |x| x.seen.rps)).collect();
+    let direct = paths.iter().position(|p| p.key == "direct").map_or(f64::NAN, |i| rps[i]);
+    for ((p, t), r) in paths.iter().zip(turns).zip(&rps) {
+        let secs: f64 = t.iter().map(|x| x.seen.ok as f64 / x.seen.rps.max(1e-9)).sum();
+        let oha_cores = t.iter().map(|x| x.seen.generator_cpu).sum::<f64>() / secs.max(1e-9);
+        let errors: u64 = t.iter().map(|x| x.seen.errors).sum();
+        println!(
+            "{:<32} {r:>8.0} req/s  {:.2}x direct  CPU {:.1} µs/req  oha {oha_cores:.2} cores  {errors} errors",
+            p.name,
+            r / direct,
+            med(t, |x| x.cpu_us_per_req)
+        );
+    }
+    if let (Some(r), Some(h)) =
+        (paths.iter().position(|p| p.key == "remote"), paths.iter().position(|p| p.key == "haproxy"))
+    {
+        println!("trellis / haproxy throughput: {:.2}x (target: at least 1.00)", rps[r] / rps[h]);
+    }
+}
+
+/// RSS of the client-side proxy with many idle client connections held open.
+fn open_connections(o: &Options, paths: &[Path], agents: &[u32], hap: &[u32]) -> anyhow::Result<()> {
+    println!("\n{} idle client connections (each made one request, then held)", o.open_conns);
+    let mut growth = Vec::new();
+    for (key, pid) in [("remote", agents[0]), ("haproxy", hap[0])] {
+        let Some(p) = paths.iter().find(|p| p.key == key) else { continue };
+        let before = rss_mib(pid);
+        let mut held = Vec::with_capacity(o.open_conns);
+        for _ in 0..o.open_conns {
+            let mut conn = crate::loadgen::Conn::new(p.to, p.host, &[]);
+            conn.call().map_err(|e| anyhow::anyhow!("{}: opening connection {}: {e}", p.name, held.len()))?;
+            held.push(conn);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let after = rss_mib(pid);
+        let per_conn_kb = (after - before) * 1024.0 / o.open_conns as f64;
+        println!("{:<32} client side RSS {before:.1} -> {after:.1} MiB ({per_conn_kb:.1} KiB per connection)", p.name);
+        growth.push(after - before);
+    }
+    if let [t, h] = growth[..] {
+        println!("trellis / haproxy RSS growth: {:.2}x (target: at most 1.50)", t / h);
+    }
+    Ok(())
+}
+
+/// One-way bulk TCP through each path, interleaved turns, medians.
+fn bulk(o: &Options, sink: SocketAddr, trellis: SocketAddr, haproxy: SocketAddr) -> anyhow::Result<()> {
+    println!("\nbulk TCP: {} MiB one way, counted by the far end, median of {} turns", o.bulk_mib, o.reps);
+    let bytes = o.bulk_mib * 1024 * 1024;
+    let ways = [("direct (baseline)", sink), ("trellis two-hop QUIC mTLS", trellis), ("haproxy two-hop TLS", haproxy)];
+    let mut rates = vec![Vec::new(); ways.len()];
+    for _ in 0..o.reps {
+        for (i, (_, to)) in ways.iter().enumerate() {
+            rates[i].push(crate::loadgen::bulk(*to, bytes)?);
+        }
+    }
+    let m: Vec<f64> = rates.into_iter().map(median).collect();
+    for ((name, _), r) in ways.iter().zip(&m) {
+        println!("{name:<32} {r:>8.0} MiB/s  {:.2}x direct", r / m[0]);
+    }
+    println!("trellis / haproxy bulk: {:.2}x (target: at least 1.00)", m[1] / m[2]);
+    Ok(())
+}
+
+fn cpu_of(pids: &[u32]) -> u64 {
+    pids.iter().map(|&p| cpu_ns(p)).sum()
+}
+
+fn rss_of(pids: &[u32]) -> String {
+    pids.iter().map(|p| format!("{:.1}", rss_mib(*p))).collect::<Vec<_>>().join(" + ")
 }
 
 fn cores() -> usize {

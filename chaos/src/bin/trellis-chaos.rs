@@ -64,14 +64,6 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
-    /// One plain TCP relay (bench-mesh's floor path runs two).
-    #[command(hide = true)]
-    Relay {
-        #[arg(long)]
-        listen: std::net::SocketAddr,
-        #[arg(long)]
-        to: std::net::SocketAddr,
-    },
     /// An agent's RSS and fds idle, under client connection floods and a peer stream flood.
     BenchFlood {
         /// TCP connections held open against the proxy and the API (capped by `ulimit -n`).
@@ -130,7 +122,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::BenchFlood { connections, slow, stream_secs } => {
             trellis_chaos::flood_bench::run(connections, slow, stream_secs)
         }
-        Cmd::Relay { listen, to } => trellis_chaos::relay::serve(listen, to),
         Cmd::Run { scenarios, seed, out } => run_scenarios(&scenarios, seed, &out),
     }
 }

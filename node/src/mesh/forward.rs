@@ -22,6 +22,7 @@ use trellis_core::mesh::locality::Place;
 use trellis_core::mesh::pool::IdlePool;
 use trellis_proto::forward::{ForwardOpen, ForwardStatus};
 
+use super::body::{GiveBack, Reuse};
 use super::instance_http;
 use super::io::{InFlight, Io, Metered, Stream};
 use super::view::{ForwardStats, MeshView};
@@ -79,6 +80,8 @@ pub struct Forwarder {
     freed: Arc<tokio::sync::Notify>,
     /// What a released connection slot calls: wakes those waiters.
     on_free: Arc<dyn Fn() + Send + Sync>,
+    /// What a response body read to its end calls with its connection: pools it.
+    give_back: GiveBack,
 }
 
 impl Forwarder {
@@ -88,6 +91,13 @@ impl Forwarder {
         let alive = view.node.members.alive.clone();
         let pool = Arc::new(Mutex::new(IdlePool::new(POOL_PER_INSTANCE, POOL_IDLE)));
         let freed = Arc::new(tokio::sync::Notify::new());
+        let give_back = {
+            let (pool, freed) = (pool.clone(), freed.clone());
+            Arc::new(move |name: &str, sender| {
+                pool.lock().expect("pool lock").put(name, sender, Instant::now());
+                freed.notify_waiters();
+            })
+        };
         Arc::new(Forwarder {
             stats: view.stats.clone(),
             view,
@@ -99,6 +109,7 @@ impl Forwarder {
             budgets,
             freed: freed.clone(),
             on_free: Arc::new(move || freed.notify_waiters()),
+            give_back,
         })
     }
 
@@ -107,13 +118,13 @@ impl Forwarder {
     /// adds the pick to it. The pick counts as a request in flight until the guard drops.
     pub fn pick(
         &self,
+        snap: &catalog::Snapshot,
         service: &str,
         labels: &BTreeMap<String, String>,
         hash: Option<u64>,
         tried: &mut Vec<String>,
     ) -> Result<(Pick, InFlight), OpenError> {
         let alive = self.alive.borrow().clone();
-        let snap = self.snapshot();
         let instances: Vec<&catalog::InstanceView> = snap.instances_of(service, &alive, labels).collect();
         let od = snap.services.get(service).map(|s| s.outlier_detection.clone()).unwrap_or_default();
         let now = Instant::now();
@@ -236,7 +247,8 @@ impl Forwarder {
 
     /// Sends an HTTP request to a picked instance, on an idle pooled connection when there
     /// is one, else on a new one. A pooled connection that closed under us hands the
-    /// request back unsent, and it goes out on the next one.
+    /// request back unsent, and it goes out on the next one. An HTTP/1.1 connection comes
+    /// back with the response, for its body to return it to the pool when read.
     pub async fn request(
         &self,
         service: &str,
@@ -244,11 +256,11 @@ impl Forwarder {
         mut req: Request<instance_http::Body>,
         authority: &str,
         h2: bool,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<(Response<Incoming>, Option<Reuse>), SendError> {
         let mut waiting = None;
         loop {
             let idle =
-                self.pool.lock().expect("pool lock").take(&pick.name, Instant::now(), instance_http::Sender::is_usable);
+                self.pool.lock().expect("pool lock").take(&pick.name, Instant::now(), instance_http::Sender::is_open);
             let reused = idle.is_some();
             let mut sender = match idle {
                 Some(s) => s,
@@ -260,6 +272,11 @@ impl Forwarder {
                         .map_err(SendError::Handshake)?
                 }
             };
+            // A connection handed back as its last body ended may not have seen that end
+            // yet: it is ready at once, or closed.
+            if reused && !sender.idle().await {
+                continue;
+            }
             drop(waiting.take());
             let shared = sender.shared().map(|again| {
                 self.pool.lock().expect("pool lock").put(&pick.name, again, Instant::now());
@@ -267,10 +284,12 @@ impl Forwarder {
             match sender.send(req, authority).await {
                 Ok(resp) => {
                     self.stats.pool_reused.fetch_add(u64::from(reused), Relaxed);
-                    if shared.is_none() {
-                        self.keep_when_idle(pick.name.clone(), sender);
-                    }
-                    return Ok(resp);
+                    let reuse = shared.is_none().then(|| Reuse {
+                        sender,
+                        name: pick.name.clone(),
+                        give_back: self.give_back.clone(),
+                    });
+                    return Ok((resp, reuse));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(back) if reused => req = back,
@@ -278,17 +297,6 @@ impl Forwarder {
                 },
             }
         }
-    }
-
-    /// Returns an HTTP/1.1 connection to the pool once its response has been read.
-    fn keep_when_idle(&self, name: String, mut sender: instance_http::Sender) {
-        let (pool, freed) = (self.pool.clone(), self.freed.clone());
-        tokio::spawn(async move {
-            if sender.idle().await {
-                pool.lock().expect("pool lock").put(&name, sender, Instant::now());
-                freed.notify_waiters();
-            }
-        });
     }
 
     /// Feeds the outlier detector with what one attempt on `pick` came to.

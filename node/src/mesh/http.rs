@@ -18,16 +18,17 @@ use crate::limits::Limits;
 use crate::listen::{ConnGate, FirstRequest};
 
 use super::answer::error;
+use super::body::Answer;
 use super::forward::{Forwarder, OpenError, SendError};
 use super::instance_http;
-use super::io::Counted;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use trellis_core::mesh::catalog::Snapshot;
 use trellis_core::mesh::circuit::{Admit, Breakers};
 use trellis_core::mesh::outlier::Outcome;
 use trellis_core::mesh::retry::backoff;
 use trellis_core::mesh::router::{RequestInfo, Resolved};
-use trellis_core::policy::model::{RetryOn, RetryPolicy};
+use trellis_core::policy::model::{RetryOn, RetryPolicy, Route, Service};
 
 /// Answers to clients: an instance's body may also fail on its own (its node went away).
 type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -94,55 +95,106 @@ async fn proxy(
     fixed: Option<Arc<str>>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let (service, resp) = answer(&fwd, req, fixed).await;
-    record(&fwd, &service, &resp, started.elapsed());
+    let snap = fwd.snapshot();
+    let (label, resp) = match Target::of(&snap, &req, fixed.as_deref()) {
+        Some(target) => (target.label(), stack(&fwd, &target, req).await),
+        None => {
+            ("_other", error(StatusCode::BAD_REQUEST, "no_host", "set Host: <service> or <service>.trellis".into()))
+        }
+    };
+    record(&fwd, label, &resp, started.elapsed());
     Ok(resp)
 }
 
-/// The answer to one request, and the service it was for.
-async fn answer(fwd: &Arc<Forwarder>, mut req: Request<Incoming>, fixed: Option<Arc<str>>) -> (String, Response<Body>) {
-    // HTTP/2 clients send `:authority` (in the URI) instead of a Host header.
-    let host = req
-        .headers()
-        .get(hyper::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
-        .unwrap_or("")
-        .to_string();
-    let service = fixed.as_deref().unwrap_or_else(|| service_of(&host)).to_string();
-    let host = if host.is_empty() { service.clone() } else { host };
-    if service.is_empty() {
-        return (service, error(StatusCode::BAD_REQUEST, "no_host", "set Host: <service> or <service>.trellis".into()));
+/// The client side of the data plane, top to bottom: rate limit, circuit (concurrency and
+/// error rate), whole-request timeout, retries (budget, backoff, per-try timeout), then one
+/// attempt (balance, connect or reuse a pooled connection, send). The router ran before,
+/// in [`Target::of`]; authorization runs at the destination ([`super::inbound`]), for local
+/// and remote instances alike. Each layer may answer in the instance's place.
+async fn stack(fwd: &Forwarder, t: &Target<'_>, mut req: Request<Incoming>) -> Response<Body> {
+    if let Err(refusal) = rate_limit(fwd, t, req.headers()) {
+        return too_many_requests(&refusal);
     }
-    let headers: Vec<(String, String)> = req
-        .headers()
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
-        .collect();
-    let path = req.uri().path().to_string();
-    let query = req.uri().query().unwrap_or("").to_string();
-    let resolved = {
-        let snap = fwd.snapshot();
-        let table = &snap.routes;
+    t.rewrite(&mut req);
+    circuit(fwd, t, timeout(fwd, t, attempts(fwd, t, req))).await
+}
+
+/// One request's target, computed once from one policy view: the service, route and split
+/// the router chose, and the settings every layer below reads from it.
+struct Target<'a> {
+    snap: &'a Snapshot,
+    resolved: Resolved,
+    /// The authority the client asked for: `Host`, or HTTP/2's `:authority`.
+    authority: String,
+    /// The service's instances speak HTTP/2.
+    h2: bool,
+    /// The hash of the service's `lb.hash_header`, when the request carries it.
+    hash: Option<u64>,
+}
+
+impl<'a> Target<'a> {
+    /// Routes `req` (by `fixed`, the service of a per-upstream listener, or by its host);
+    /// None when it names no service.
+    fn of(snap: &'a Snapshot, req: &Request<Incoming>, fixed: Option<&str>) -> Option<Target<'a>> {
+        // HTTP/2 clients send `:authority` (in the URI) instead of a Host header.
+        let host = req
+            .headers()
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let service = fixed.unwrap_or_else(|| service_of(host));
+        if service.is_empty() {
+            return None;
+        }
         let info = RequestInfo {
-            service: &service,
+            service,
             method: req.method().as_str(),
-            path: &path,
-            query: &query,
-            headers: &headers,
+            path: req.uri().path(),
+            query: req.uri().query().unwrap_or(""),
+            headers: &HeaderMapView(req.headers()),
         };
-        table.resolve(&info, rand::random::<f64>())
-    };
-    if let Err(refusal) = fwd.view.node.ratelimits.check(
-        &service,
-        resolved.route.as_deref(),
-        |name| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()),
-        &fwd.view.node.spiffe_id,
-    ) {
-        return (service, too_many_requests(&refusal));
+        let resolved = snap.routes.resolve(&info, rand::random::<f64>());
+        let authority = if host.is_empty() { service } else { host }.to_string();
+        let h2 = instance_http::is_h2(snap.protocol_of(&resolved.service));
+        let hash = snap
+            .services
+            .get(&resolved.service)
+            .and_then(|s| s.lb.hash_header.as_deref())
+            .and_then(|name| Some(trellis_core::mesh::hashing::key_hash(req.headers().get(name)?.as_bytes())));
+        Some(Target { snap, resolved, authority, h2, hash })
     }
-    if let Some((prefix, to)) = &resolved.rewrite {
-        let rest = path.strip_prefix(prefix.as_str()).unwrap_or(&path);
+
+    /// The service's settings (the defaults when policy names none).
+    fn service(&self) -> &'a Service {
+        static DEFAULT: std::sync::OnceLock<Service> = std::sync::OnceLock::new();
+        self.snap.services.get(&self.resolved.service).unwrap_or_else(|| DEFAULT.get_or_init(Service::default))
+    }
+
+    fn route(&self) -> Option<&'a Route> {
+        self.resolved.route.as_deref().and_then(|r| self.snap.routes.route(r))
+    }
+
+    /// The route's timeout and retry policy, else the service's.
+    fn timeout(&self) -> Duration {
+        self.route().and_then(|r| r.timeout).unwrap_or(self.service().timeout)
+    }
+
+    fn retry(&self) -> &'a RetryPolicy {
+        self.route().and_then(|r| r.retry.as_ref()).unwrap_or(&self.service().retry)
+    }
+
+    /// The metric label: the service, or `_other` for names neither policy nor the catalog
+    /// knows (the Host header is the client's to write).
+    fn label(&self) -> &'a str {
+        self.snap.protocols.get_key_value(&self.resolved.service).map_or("_other", |(k, _)| k.as_str())
+    }
+
+    /// Applies the route's prefix rewrite to the request's path.
+    fn rewrite(&self, req: &mut Request<Incoming>) {
+        let Some((prefix, to)) = &self.resolved.rewrite else { return };
+        let (path, query) = (req.uri().path(), req.uri().query().unwrap_or(""));
+        let rest = path.strip_prefix(prefix.as_str()).unwrap_or(path);
         let mut new_path = format!("{}{}", to.trim_end_matches('/'), rest);
         if !new_path.starts_with('/') {
             new_path.insert(0, '/');
@@ -152,17 +204,32 @@ async fn answer(fwd: &Arc<Forwarder>, mut req: Request<Incoming>, fixed: Option<
             *req.uri_mut() = uri;
         }
     }
-    let resp = guarded(fwd, &resolved, &host, req).await;
-    (service, resp)
 }
 
-/// Counts a proxied request under its service, or `_other` for names neither policy nor
-/// the catalog knows (the Host header is the client's to write).
-/// An answer of a proxy's own (this one's, or the destination agent's) is known by its
-/// `x-trellis-reason`.
-fn record(fwd: &Forwarder, service: &str, resp: &Response<Body>, took: std::time::Duration) {
-    let known = fwd.snapshot().protocols.contains_key(service);
-    let label = if known { service } else { "_other" };
+/// A request's own header map as the router and the authorizer look into it.
+pub(crate) struct HeaderMapView<'a>(pub(crate) &'a hyper::HeaderMap);
+
+impl trellis_core::mesh::headers::Headers for HeaderMapView<'_> {
+    fn any(&self, name: &str, f: &mut dyn FnMut(&str) -> bool) -> bool {
+        self.0.get_all(name).iter().filter_map(|v| v.to_str().ok()).any(f)
+    }
+}
+
+/// The cluster-wide rate limits that apply to this request, by service, route, header and
+/// caller.
+fn rate_limit(
+    fwd: &Forwarder,
+    t: &Target<'_>,
+    headers: &hyper::HeaderMap,
+) -> Result<(), trellis_core::ratelimit::limiter::Refusal> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let node = &fwd.view.node;
+    node.ratelimits.check(&t.resolved.service, t.resolved.route.as_deref(), header, &node.spiffe_id)
+}
+
+/// Counts a proxied request under its label. An answer of a proxy's own (this one's, or
+/// the destination agent's) is known by its `x-trellis-reason`.
+fn record(fwd: &Forwarder, label: &str, resp: &Response<Body>, took: Duration) {
     let reason = resp
         .headers()
         .get("x-trellis-reason")
@@ -171,69 +238,72 @@ fn record(fwd: &Forwarder, service: &str, resp: &Response<Body>, took: std::time
     fwd.stats.traffic.lock().expect("traffic lock").record(label, resp.status().as_u16(), reason, took);
 }
 
-/// The request's way out, as layers: circuit -> timeout -> retries (budget, backoff,
-/// per-try timeout) -> one attempt.
-async fn guarded(fwd: &Arc<Forwarder>, resolved: &Resolved, host: &str, req: Request<Incoming>) -> Response<Body> {
-    let snap = fwd.snapshot();
-    let svc = snap.services.get(&resolved.service).cloned().unwrap_or_default();
-    let route = resolved.route.as_deref().and_then(|r| snap.routes.route(r));
-    let timeout = route.and_then(|r| r.timeout).unwrap_or(svc.timeout);
-    let retry = route.and_then(|r| r.retry.clone()).unwrap_or(svc.retry.clone());
-    let max = svc.circuit_breaker.max_requests;
-    let Some(_permit) = Breakers::acquire(&fwd.breakers, &resolved.service, max) else {
+/// The circuit layer: at most `max_requests` in flight to the service from this node, and
+/// (when set) the error-rate breaker, which lets one probe through while open.
+async fn circuit(
+    fwd: &Forwarder,
+    t: &Target<'_>,
+    inner: impl std::future::Future<Output = Response<Body>>,
+) -> Response<Body> {
+    let service = &t.resolved.service;
+    let cb = &t.service().circuit_breaker;
+    let Some(_permit) = Breakers::acquire(&fwd.breakers, service, cb.max_requests) else {
         fwd.stats.circuit_open.fetch_add(1, Relaxed);
-        let msg = format!("{max} requests to {} already in flight from this node", resolved.service);
+        let msg = format!("{} requests to {service} already in flight from this node", cb.max_requests);
         return error(StatusCode::SERVICE_UNAVAILABLE, "circuit_open", msg);
     };
-    let cb = &svc.circuit_breaker;
     // The error-rate breaker is off by default: then no lock is taken for it.
     let rated = cb.failure_rate_percent > 0.0;
-    let admit = if rated {
-        fwd.breakers.lock().expect("breakers lock").admit(Instant::now(), &resolved.service, cb)
-    } else {
-        Admit::Yes
-    };
+    let admit =
+        if rated { fwd.breakers.lock().expect("breakers lock").admit(Instant::now(), service, cb) } else { Admit::Yes };
     if admit == Admit::No {
         fwd.stats.circuit_open.fetch_add(1, Relaxed);
         let msg = format!(
-            "{} failed {}% or more of its last answers; one probe goes through every {:?}",
-            resolved.service, cb.failure_rate_percent, cb.open_for
+            "{service} failed {}% or more of its last answers; one probe goes through every {:?}",
+            cb.failure_rate_percent, cb.open_for
         );
         return error(StatusCode::SERVICE_UNAVAILABLE, "circuit_open", msg);
     }
-    let resp = match tokio::time::timeout(timeout, attempts(fwd, resolved, host, req, &retry)).await {
-        Ok(resp) => resp,
-        Err(_) => {
-            fwd.stats.timeouts.fetch_add(1, Relaxed);
-            error(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("no answer within {timeout:?}"))
-        }
-    };
+    let resp = inner.await;
     if rated {
         let (failed, probe) = (resp.status().is_server_error(), admit == Admit::Probe);
-        fwd.breakers.lock().expect("breakers lock").record(Instant::now(), &resolved.service, failed, probe, cb);
+        fwd.breakers.lock().expect("breakers lock").record(Instant::now(), service, failed, probe, cb);
     }
     resp
 }
 
+/// The whole-request timeout of the route, else the service.
+async fn timeout(
+    fwd: &Forwarder,
+    t: &Target<'_>,
+    inner: impl std::future::Future<Output = Response<Body>>,
+) -> Response<Body> {
+    let limit = t.timeout();
+    match tokio::time::timeout(limit, inner).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            fwd.stats.timeouts.fetch_add(1, Relaxed);
+            error(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("no answer within {limit:?}"))
+        }
+    }
+}
+
 /// Idempotent requests without a body are retried on another instance when the one picked
 /// fails as `retry.on` lists, within the service's retry budget, after a jittered backoff.
-async fn attempts(
-    fwd: &Forwarder,
-    resolved: &Resolved,
-    host: &str,
-    req: Request<Incoming>,
-    retry: &RetryPolicy,
-) -> Response<Body> {
+async fn attempts(fwd: &Forwarder, t: &Target<'_>, req: Request<Incoming>) -> Response<Body> {
+    let retry = t.retry();
     let tries = if retryable(&req) { 1 + retry.attempts } else { 1 };
     let (parts, body) = req.into_parts();
-    let mut body = Some(body.boxed());
-    let service = &resolved.service;
-    fwd.budgets.lock().expect("budget lock").entry(service.clone()).or_default().request(Instant::now());
+    let (mut parts, mut body) = (Some(parts), Some(body.boxed()));
+    let service = &t.resolved.service;
+    budget(fwd, service, |b| b.request(Instant::now()));
     let mut last = None;
     let mut tried = Vec::new();
     for attempt in 0..tries {
         if attempt > 0 {
-            if !take_retry(fwd, service, retry) {
+            if !budget(fwd, service, |b| {
+                b.try_retry(Instant::now(), retry.budget_percent, retry.min_retries_per_second)
+            }) {
                 fwd.stats.budget_exhausted.fetch_add(1, Relaxed);
                 break;
             }
@@ -241,13 +311,16 @@ async fn attempts(
             tokio::time::sleep(backoff(attempt, retry.backoff_base, retry.backoff_max, rand::random())).await;
         }
         let body = body.take().unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed());
-        let one = once(fwd, resolved, host, Request::from_parts(parts.clone(), body), &mut tried);
+        // The head is copied only while another attempt may need it.
+        let head = if attempt + 1 < tries { parts.clone() } else { parts.take() };
+        let Some(head) = head else { break };
+        let one = once(fwd, t, Request::from_parts(head, body), &mut tried);
         let result = match retry.per_try_timeout {
-            Some(t) => match tokio::time::timeout(t, one).await {
+            Some(limit) => match tokio::time::timeout(limit, one).await {
                 Ok(r) => r,
                 Err(_) => {
-                    let resp = error(StatusCode::GATEWAY_TIMEOUT, "per_try_timeout", format!("no answer within {t:?}"));
-                    Err(Failure::Retry(resp, RetryOn::Timeout))
+                    let msg = format!("no answer within {limit:?}");
+                    Err(Failure::Retry(error(StatusCode::GATEWAY_TIMEOUT, "per_try_timeout", msg), RetryOn::Timeout))
                 }
             },
             None => one.await,
@@ -262,10 +335,13 @@ async fn attempts(
     last.unwrap_or_else(|| error(StatusCode::BAD_GATEWAY, "retry_budget", "retry budget spent".into()))
 }
 
-fn take_retry(fwd: &Forwarder, service: &str, retry: &RetryPolicy) -> bool {
+/// Runs `f` on the service's retry budget (made on first use).
+fn budget<R>(fwd: &Forwarder, service: &str, f: impl FnOnce(&mut trellis_core::mesh::retry::RetryBudget) -> R) -> R {
     let mut budgets = fwd.budgets.lock().expect("budget lock");
-    let budget = budgets.entry(service.to_string()).or_default();
-    budget.try_retry(Instant::now(), retry.budget_percent, retry.min_retries_per_second)
+    match budgets.get_mut(service) {
+        Some(b) => f(b),
+        None => f(budgets.entry(service.to_string()).or_default()),
+    }
 }
 
 /// Does an answer with `status` ask for another try under `on`?
@@ -287,21 +363,20 @@ fn retryable<B: hyper::body::Body>(req: &Request<B>) -> bool {
     idempotent && req.body().size_hint().exact() == Some(0)
 }
 
+/// One attempt: balance, then send on a pooled or new connection to the instance.
 async fn once(
     fwd: &Forwarder,
-    resolved: &Resolved,
-    host: &str,
+    t: &Target<'_>,
     req: Request<instance_http::Body>,
     tried: &mut Vec<String>,
 ) -> Result<Response<Body>, Failure> {
-    let h2 = fwd.snapshot().protocols.get(&resolved.service).is_some_and(|p| instance_http::is_h2(*p));
-    let hash = hash_of(fwd, &resolved.service, req.headers());
-    let (pick, in_flight) = match fwd.pick(&resolved.service, &resolved.labels, hash, tried) {
+    let resolved = &t.resolved;
+    let (pick, in_flight) = match fwd.pick(t.snap, &resolved.service, &resolved.labels, t.hash, tried) {
         Ok(p) => p,
         Err(e) => return Err(Failure::Final(error(StatusCode::SERVICE_UNAVAILABLE, "no_instance", e.to_string()))),
     };
     let started = Instant::now();
-    let sent = fwd.request(&resolved.service, &pick, req, host, h2);
+    let sent = fwd.request(&resolved.service, &pick, req, &t.authority, t.h2);
     // A request to another node ends when that node is declared down or leaves, rather
     // than at its timeout: idempotent ones go to another instance, the rest get a 503.
     let result = tokio::select! {
@@ -312,11 +387,11 @@ async fn once(
         }
     };
     match result {
-        Ok(resp) => {
+        Ok((resp, reuse)) => {
             fwd.observe(&pick, started.elapsed());
             fwd.record(&resolved.service, &pick, Outcome::of_status(resp.status().as_u16()));
             let gone = pick.peer.is_some().then(|| fwd.node_gone(&pick.node));
-            let mut resp = resp.map(|body| Counted::new(body, in_flight, gone).boxed());
+            let mut resp = resp.map(|body| Answer::new(body, in_flight, gone, reuse).boxed());
             instance_http::strip_hop_by_hop(resp.headers_mut());
             Ok(resp)
         }
@@ -339,13 +414,6 @@ async fn once(
             Err(Failure::Retry(error(StatusCode::BAD_GATEWAY, "upstream", e.to_string()), RetryOn::Reset))
         }
     }
-}
-
-/// The hash of the service's `lb.hash_header` in this request, when it has one.
-fn hash_of(fwd: &Forwarder, service: &str, headers: &hyper::HeaderMap) -> Option<u64> {
-    let snap = fwd.snapshot();
-    let name = snap.services.get(service)?.lb.hash_header.clone()?;
-    Some(trellis_core::mesh::hashing::key_hash(headers.get(name.as_str())?.as_bytes()))
 }
 
 #[cfg(test)]

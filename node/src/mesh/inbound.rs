@@ -205,13 +205,11 @@ async fn request(
     req: Request<Incoming>,
 ) -> Result<Response<instance_http::Body>, Infallible> {
     let snap = fwd.snapshot();
-    let headers: Vec<(String, String)> = req
-        .headers()
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
-        .collect();
-    let http = HttpRequest { method: req.method().as_str(), path: req.uri().path(), headers: &headers };
-    let action = authz::decide(snap.intentions.iter(), snap.intention_default, &caller, &service, Some(&http));
+    let action = {
+        let headers = super::http::HeaderMapView(req.headers());
+        let http = HttpRequest { method: req.method().as_str(), path: req.uri().path(), headers: &headers };
+        authz::decide(snap.intentions.iter(), snap.intention_default, &caller, &service, Some(&http))
+    };
     if action == Action::Deny {
         fwd.stats.denied.fetch_add(1, Relaxed);
         tracing::info!(%caller, %service, method = %req.method(), path = %req.uri().path(), "request denied by intentions");

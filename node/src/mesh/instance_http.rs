@@ -73,6 +73,15 @@ impl Sender {
         }
     }
 
+    /// May this pooled connection be taken? An HTTP/1.1 one handed back as its last body
+    /// ended may not be ready yet, but is usable unless closed ([`Sender::idle`] waits).
+    pub fn is_open(&self) -> bool {
+        match self {
+            Sender::H1(s) => !s.is_closed(),
+            Sender::H2(s) => s.is_ready(),
+        }
+    }
+
     /// An HTTP/2 connection carries many requests at once: it stays in the pool while in
     /// use, as a second handle.
     pub fn shared(&self) -> Option<Sender> {

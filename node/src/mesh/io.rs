@@ -1,6 +1,5 @@
 //! The byte streams of the data plane: a stream to an instance (local pipe or QUIC), the
-//! guards a request holds while in flight, a response body that ends when its node goes,
-//! and the byte counting around them.
+//! guard a request holds while in flight, and the byte counting around them.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -36,68 +35,6 @@ impl Drop for InFlight {
         if let Ok(mut b) = self.balancer.lock() {
             b.end(&self.name);
         }
-    }
-}
-
-/// A response body that keeps its request in flight until it is dropped, and fails
-/// when `gone` resolves (the instance's node left or was declared down), so a body
-/// from a dead node ends at detection rather than at QUIC's idle timeout.
-pub struct Counted<B> {
-    body: B,
-    _in_flight: InFlight,
-    // In a Mutex only to be Sync for `BoxBody`; polled through `get_mut`, never locked.
-    gone: Option<Mutex<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>>,
-}
-
-impl<B> Counted<B> {
-    pub fn new(
-        body: B,
-        in_flight: InFlight,
-        gone: Option<impl std::future::Future<Output = ()> + Send + 'static>,
-    ) -> Self {
-        let gone =
-            gone.map(|g| Mutex::new(Box::pin(g) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>));
-        Counted { body, _in_flight: in_flight, gone }
-    }
-}
-
-/// Why a response body stopped before its end.
-#[derive(Debug, thiserror::Error)]
-#[error("the instance's node left the cluster or was declared down while its answer was streaming")]
-pub struct NodeGone;
-
-impl<B> hyper::body::Body for Counted<B>
-where
-    B: hyper::body::Body + Unpin,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Data = B::Data;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, Self::Error>>> {
-        let this = self.get_mut();
-        // The node is looked at only while the body waits, not on every frame it hands on.
-        let frame = std::pin::Pin::new(&mut this.body).poll_frame(cx);
-        if frame.is_pending() {
-            if let Some(gone) = this.gone.as_mut() {
-                let gone = gone.get_mut().unwrap_or_else(|p| p.into_inner());
-                if gone.as_mut().poll(cx).is_ready() {
-                    return std::task::Poll::Ready(Some(Err(Box::new(NodeGone))));
-                }
-            }
-        }
-        frame.map_err(Into::into)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
     }
 }
 

@@ -50,7 +50,7 @@ impl Forwarder {
     /// Carries one TCP client; it is closed when the instance's node goes away, rather
     /// than when QUIC's idle timeout notices.
     pub(crate) async fn client(&self, service: &str, mut tcp: TcpStream) -> anyhow::Result<()> {
-        let (pick, in_flight) = self.pick(service, &BTreeMap::new(), None, &mut Vec::new())?;
+        let (pick, in_flight) = self.pick(&self.snapshot(), service, &BTreeMap::new(), None, &mut Vec::new())?;
         let Some(slot) = self.slot(service, SlotKind::Connection, pick.circuit_breaker.max_connections) else {
             self.stats.circuit_open.fetch_add(1, Relaxed);
             anyhow::bail!(

@@ -2,6 +2,7 @@
 //! instances over QUIC, and the health probes. Its decisions are `trellis_core::mesh`.
 
 pub mod answer;
+pub mod body;
 pub mod forward;
 pub mod health;
 pub mod http;

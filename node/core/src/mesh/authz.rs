@@ -18,11 +18,13 @@
 
 use crate::policy::model::{Action, Intention, ValueMatch};
 
+use super::headers::Headers;
+
 /// What an L7 decision sees of an HTTP request.
 pub struct HttpRequest<'a> {
     pub method: &'a str,
     pub path: &'a str,
-    pub headers: &'a [(String, String)],
+    pub headers: &'a dyn Headers,
 }
 
 /// How specific a matching intention is; compared field by field, in order.
@@ -113,10 +115,9 @@ pub fn segment_prefix(prefix: &str, path: &str) -> bool {
     stem.is_empty() || path == stem || path.strip_prefix(stem).is_some_and(|rest| rest.starts_with('/'))
 }
 
-fn header_matches(want: &ValueMatch, have: &[(String, String)]) -> bool {
-    have.iter().any(|(k, v)| {
-        k.eq_ignore_ascii_case(&want.name)
-            && want.exact.as_ref().is_none_or(|e| e == v)
+fn header_matches(want: &ValueMatch, have: &dyn Headers) -> bool {
+    have.any(&want.name, &mut |v| {
+        want.exact.as_ref().is_none_or(|e| e == v)
             && want.regex.as_ref().is_none_or(|re| regex::Regex::new(re).is_ok_and(|re| re.is_match(v)))
     })
 }

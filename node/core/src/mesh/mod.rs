@@ -7,6 +7,7 @@ pub mod balance;
 pub mod catalog;
 pub mod circuit;
 pub mod hashing;
+pub mod headers;
 pub mod locality;
 pub mod outlier;
 pub mod p2c;

@@ -10,13 +10,15 @@ use std::collections::BTreeMap;
 use crate::policy::model::{Destination, Object, PathMatch, Route, Split, Subset, ValueMatch};
 use crate::policy::{Kind, PolicyStore};
 
+use super::headers::Headers;
+
 /// What the router needs to know of a request.
 pub struct RequestInfo<'a> {
     pub service: &'a str,
     pub method: &'a str,
     pub path: &'a str,
     pub query: &'a str,
-    pub headers: &'a [(String, String)],
+    pub headers: &'a dyn Headers,
 }
 
 /// Where a request goes.
@@ -35,6 +37,8 @@ pub struct RouteTable {
     routes: Vec<(String, Route)>,
     splits: Vec<(String, Split)>,
     subsets: BTreeMap<String, Subset>,
+    /// Every regex the routes use, compiled once per policy view, not per request.
+    regexes: std::collections::HashMap<String, regex::Regex>,
 }
 
 impl RouteTable {
@@ -52,6 +56,12 @@ impl RouteTable {
             }
         }
         t.routes.sort_by(|a, b| b.1.priority.cmp(&a.1.priority).then(a.0.cmp(&b.0)));
+        t.regexes = t
+            .routes
+            .iter()
+            .flat_map(|(_, r)| regexes_of(r))
+            .filter_map(|re| Some((re.to_string(), regex::Regex::new(re).ok()?)))
+            .collect();
         t
     }
 
@@ -63,7 +73,7 @@ impl RouteTable {
     /// Resolves a request; `draw` is uniform in [0, 1) and picks a split backend.
     pub fn resolve(&self, req: &RequestInfo, draw: f64) -> Resolved {
         for (name, r) in self.routes.iter().filter(|(_, r)| r.service == req.service) {
-            if let Some(prefix) = matches(r, req) {
+            if let Some(prefix) = matches(r, req, &self.regexes) {
                 let mut out = self.destination(&r.destination, req.service, draw);
                 out.route = Some(name.clone());
                 out.rewrite = r.rewrite_prefix.clone().map(|to| (prefix, to));
@@ -124,8 +134,20 @@ impl RouteTable {
     }
 }
 
+/// The regexes a route's match uses.
+fn regexes_of(r: &Route) -> impl Iterator<Item = &str> {
+    let m = &r.matches;
+    let path = match &m.path {
+        Some(PathMatch::Regex(re)) => Some(re.as_str()),
+        _ => None,
+    };
+    path.into_iter().chain(m.headers.iter().chain(&m.query).filter_map(|v| v.regex.as_deref()))
+}
+
 /// Whether a route matches; returns the path prefix it matched on (for rewrites).
-fn matches(r: &Route, req: &RequestInfo) -> Option<String> {
+/// `regexes` holds the route's compiled regexes (one missing failed to compile: no match).
+fn matches(r: &Route, req: &RequestInfo, regexes: &std::collections::HashMap<String, regex::Regex>) -> Option<String> {
+    let is_match = |re: &str, v: &str| regexes.get(re).is_some_and(|re| re.is_match(v));
     let m = &r.matches;
     let prefix = match &m.path {
         None => String::new(),
@@ -134,30 +156,19 @@ fn matches(r: &Route, req: &RequestInfo) -> Option<String> {
         Some(PathMatch::Prefix(p)) => {
             super::authz::segment_prefix(p, req.path).then(|| p.trim_end_matches('/').to_string())?
         }
-        Some(PathMatch::Regex(re)) => regex::Regex::new(re).ok()?.is_match(req.path).then(String::new)?,
+        Some(PathMatch::Regex(re)) => is_match(re, req.path).then(String::new)?,
     };
     if !m.methods.is_empty() && !m.methods.iter().any(|x| x.eq_ignore_ascii_case(req.method)) {
         return None;
     }
-    let query: Vec<(String, String)> = req
-        .query
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).unwrap_or((kv.to_string(), String::new()))
-        })
-        .collect();
-    let all = |wanted: &[ValueMatch], have: &[(String, String)], case: bool| {
-        wanted.iter().all(|w| {
-            have.iter().any(|(k, v)| {
-                let name_ok = if case { k.eq_ignore_ascii_case(&w.name) } else { *k == w.name };
-                name_ok
-                    && w.exact.as_ref().is_none_or(|e| e == v)
-                    && w.regex.as_ref().is_none_or(|re| regex::Regex::new(re).is_ok_and(|re| re.is_match(v)))
-            })
-        })
+    let query: Vec<(&str, &str)> =
+        req.query.split('&').filter(|kv| !kv.is_empty()).map(|kv| kv.split_once('=').unwrap_or((kv, ""))).collect();
+    let value_ok = |w: &ValueMatch, v: &str| {
+        w.exact.as_ref().is_none_or(|e| e == v) && w.regex.as_ref().is_none_or(|re| is_match(re, v))
     };
-    (all(&m.headers, req.headers, true) && all(&m.query, &query, false)).then_some(prefix)
+    let headers_ok = m.headers.iter().all(|w| req.headers.any(&w.name, &mut |v| value_ok(w, v)));
+    let query_ok = m.query.iter().all(|w| query.iter().any(|(k, v)| *k == w.name && value_ok(w, v)));
+    (headers_ok && query_ok).then_some(prefix)
 }
 
 #[cfg(test)]
@@ -175,7 +186,7 @@ mod tests {
         RouteTable::from_store(&s)
     }
 
-    fn req<'a>(path: &'a str, headers: &'a [(String, String)]) -> RequestInfo<'a> {
+    fn req<'a>(path: &'a str, headers: &'a dyn Headers) -> RequestInfo<'a> {
         RequestInfo { service: "web", method: "GET", path, query: "", headers }
     }
 
