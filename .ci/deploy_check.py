@@ -60,6 +60,7 @@ TEMPLATE_VARS = {
 # Families the dashboard must cover (issue 7, item 7).
 REQUIRED_METRICS = [
     "trellis_members",
+    "trellis_peers",
     "trellis_gossip_bytes_in_total",
     "trellis_gossip_bytes_out_total",
     "trellis_handshakes_refused_total",

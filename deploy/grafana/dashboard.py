@@ -51,7 +51,7 @@ def end_row():
 
 
 row("Membership")
-panel("Alive members (as each agent sees the others)", [(f'trellis_members{{state="alive",{I}}}', "{{instance}}")],
+panel("Alive peers (as each agent sees the others)", [(f'trellis_peers{{state="alive",{I}}}', "{{instance}}")],
       kind="stat", w=6)
 panel("Members by state (worst view)", [(f"max by (state) (trellis_members{{{I}}})", "{{state}}")], w=6)
 panel("Failed probes", [(f"sum(rate(trellis_probes_failed_total{{{I}}}[{R}])) / sum(rate(trellis_probes_total{{{I}}}[{R}]))",

@@ -3,6 +3,7 @@
 //! handle, a [`PolicyWriter`]). It decides nothing; the API gets the [`AgentHandle`].
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -41,6 +42,28 @@ pub struct AgentHandle {
     pub shutdown: watch::Sender<bool>,
     /// Enrollment, renewal and revocation state (`crate::enroll`).
     pub lifecycle: Arc<crate::enroll::Lifecycle>,
+    pub files: Arc<AgentFiles>,
+}
+
+/// Where this agent keeps its files, as absolute paths: `trellis check` asks rather than
+/// guesses.
+#[derive(Debug, serde::Serialize)]
+pub struct AgentFiles {
+    pub tls_dir: PathBuf,
+    pub data_dir: PathBuf,
+    /// The config file or directory read at start, if any.
+    pub config: Option<PathBuf>,
+}
+
+impl AgentFiles {
+    fn of(cfg: &AgentConfig) -> AgentFiles {
+        let abs = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        AgentFiles {
+            tls_dir: abs(&cfg.tls_dir),
+            data_dir: abs(&cfg.data_dir),
+            config: cfg.config_source.as_deref().map(abs),
+        }
+    }
 }
 
 impl AgentHandle {
@@ -150,6 +173,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         started: Instant::now(),
         shutdown,
         lifecycle: Arc::default(),
+        files: Arc::new(AgentFiles::of(cfg)),
     })
 }
 

@@ -95,6 +95,10 @@ async fn agent_self(State(a): State<AgentHandle>) -> Json<serde_json::Value> {
         "uptime_seconds": a.started.elapsed().as_secs(),
         // Wall clock, so `trellis check` can measure skew between members.
         "unix_ms": crate::policy::now_ms(),
+        // Where its files are, so `trellis check` checks those rather than guessing.
+        "tls_dir": a.files.tls_dir,
+        "data_dir": a.files.data_dir,
+        "config": a.files.config,
     }))
 }
 
@@ -160,10 +164,15 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
     let stats = a.members.stats().await;
     let t = &a.transport.stats;
     let mut e = Exposition::default();
-    let count = |s: MemberState| members.iter().skip(1).filter(|m| m.state == s).count() as u64;
+    // `list()` puts this node first.
+    let count = |skip: usize, s: MemberState| members.iter().skip(skip).filter(|m| m.state == s).count() as u64;
     let states = [MemberState::Alive, MemberState::Suspect, MemberState::Down, MemberState::Left];
-    let by_state: Vec<(&str, u64)> = states.iter().map(|s| (s.as_str(), count(*s))).collect();
-    e.labelled("gauge", "trellis_members", "Other members by state in this node's view.", "state", &by_state);
+    let by_state = |skip| states.iter().map(|s| (s.as_str(), count(skip, *s))).collect::<Vec<(&str, u64)>>();
+    let help =
+        "Cluster members by state in this node's view, this node included (as /v1/health and `trellis members`).";
+    e.labelled("gauge", "trellis_members", help, "state", &by_state(0));
+    let help = "Other members (peers) by state in this node's view, this node excluded.";
+    e.labelled("gauge", "trellis_peers", help, "state", &by_state(1));
     e.counter("trellis_gossip_messages_out_total", "Gossip messages sent.", stats.msgs_out);
     e.counter("trellis_gossip_bytes_out_total", "Gossip bytes sent (envelope included).", stats.bytes_out);
     e.counter("trellis_gossip_messages_in_total", "Gossip messages received.", stats.msgs_in);

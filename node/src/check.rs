@@ -62,6 +62,37 @@ pub struct AgentSelf {
     pub version: String,
     #[serde(default)]
     pub unix_ms: Option<u64>,
+    /// Where the agent keeps its files (absent from older agents).
+    #[serde(default)]
+    pub tls_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// The directories checked, and whether they are only the packaged defaults: nobody (flag,
+/// agent or config) said where the files are, so a missing one is a warning, not a failure.
+#[derive(Clone, Debug)]
+pub struct Dirs {
+    pub tls: PathBuf,
+    pub data: PathBuf,
+    pub guessed: bool,
+}
+
+impl Dirs {
+    /// Flags win, then what the running agent reports, then the config layers, then the
+    /// packaged defaults.
+    pub fn pick(flags: [Option<PathBuf>; 2], agent: Option<&AgentSelf>, config: [Option<PathBuf>; 2]) -> Dirs {
+        let [tls_flag, data_flag] = flags;
+        let [tls_config, data_config] = config;
+        let from_agent = |f: fn(&AgentSelf) -> &Option<PathBuf>| agent.and_then(|a| f(a).clone());
+        let tls = tls_flag.or_else(|| from_agent(|a| &a.tls_dir)).or(tls_config);
+        let data = data_flag.or_else(|| from_agent(|a| &a.data_dir)).or(data_config);
+        Dirs {
+            guessed: tls.is_none() || data.is_none(),
+            tls: tls.unwrap_or_else(|| PathBuf::from("/etc/trellis/tls")),
+            data: data.unwrap_or_else(|| PathBuf::from("/var/lib/trellis")),
+        }
+    }
 }
 
 /// The certificate in the tls dir, as read from disk.
@@ -98,6 +129,27 @@ pub struct Facts {
     /// round trip), or why it could not be measured.
     pub clocks: Vec<(String, Result<Skew, String>)>,
     pub data_dir: (PathBuf, Result<(), String>),
+    /// The dirs are the packaged defaults, not known to be this agent's.
+    pub guessed: bool,
+}
+
+impl Facts {
+    /// A file that is not where we guessed is a warning: a guess never fails a healthy node.
+    fn missing_status(&self) -> Status {
+        if self.guessed {
+            Status::Warn
+        } else {
+            Status::Fail
+        }
+    }
+
+    fn guess_note(&self) -> &'static str {
+        if self.guessed {
+            " (a default path: the agent did not say where its files are)"
+        } else {
+            ""
+        }
+    }
 }
 
 /// Runs every check, in the order printed.
@@ -121,9 +173,9 @@ fn cert_check(f: &Facts) -> Check {
     let issue = "issue a new one: `trellis cert issue --ca-dir CA --name NODE --out TLS_DIR`, then restart the agent";
     match &f.cert {
         Err(e) => check(
-            Status::Fail,
+            f.missing_status(),
             "certificate",
-            e.clone(),
+            format!("{e}{}", f.guess_note()),
             "give --tls-dir the directory holding ca.pem, node.pem and node.key",
         ),
         Ok(c) if c.days_left < 0 => {
@@ -148,7 +200,7 @@ fn ca_check(f: &Facts) -> Check {
     let reissue = "issue node.pem from the cluster's CA (`trellis cert issue --ca-dir <cluster CA dir>`) and copy the cluster's ca.pem into the tls dir";
     let cert = match &f.cert {
         Ok(c) => c,
-        Err(_) => return check(Status::Fail, "ca", "no certificate to check", "see the certificate line"),
+        Err(_) => return check(f.missing_status(), "ca", "no certificate to check", "see the certificate line"),
     };
     if let Err(e) = &cert.verifies {
         return check(Status::Fail, "ca", format!("node.pem is not signed by the tls dir's ca.pem: {e}"), reissue);
@@ -309,9 +361,9 @@ fn data_dir_check(f: &Facts) -> Check {
     match res {
         Ok(()) => check(Status::Pass, "data_dir", format!("{} is writable", dir.display()), ""),
         Err(e) => check(
-            Status::Fail,
+            f.missing_status(),
             "data_dir",
-            format!("{} is not writable: {e}", dir.display()),
+            format!("{} is not writable: {e}{}", dir.display(), f.guess_note()),
             "give the agent's user write access (chown), or pick another --data-dir",
         ),
     }
@@ -402,7 +454,7 @@ pub fn link_counters(metrics: &str) -> LinkCounters {
 }
 
 /// Gathers the facts from the local files and the API at `api`.
-pub fn gather(api: SocketAddr, tls_dir: &Path, data_dir: &Path) -> Facts {
+pub fn gather(api: SocketAddr, dirs: &Dirs) -> Facts {
     let agent = crate::client::get(api, "/v1/agent/self")
         .and_then(|t| Ok(serde_json::from_str::<AgentSelf>(&t)?))
         .map_err(|e| format!("{e:#}"));
@@ -423,11 +475,12 @@ pub fn gather(api: SocketAddr, tls_dir: &Path, data_dir: &Path) -> Facts {
     Facts {
         api_addr: api,
         agent,
-        cert: cert_facts(tls_dir),
+        cert: cert_facts(&dirs.tls),
         peers,
         links,
         clocks,
-        data_dir: (data_dir.to_path_buf(), probe_data_dir(data_dir)),
+        data_dir: (dirs.data.clone(), probe_data_dir(&dirs.data)),
+        guessed: dirs.guessed,
     }
 }
 
@@ -471,6 +524,7 @@ mod tests {
                 cluster_id: "c1".into(),
                 version: "0.1.0".into(),
                 unix_ms: Some(1),
+                ..Default::default()
             }),
             cert: Ok(CertFacts {
                 path: "/tls/node.pem".into(),
@@ -484,6 +538,7 @@ mod tests {
             links: LinkCounters::default(),
             clocks: vec![("n1".into(), Ok((3, 1))), ("n2".into(), Ok((-12, 2)))],
             data_dir: ("/var/lib/trellis".into(), Ok(())),
+            guessed: false,
         }
     }
 
@@ -585,6 +640,39 @@ mod tests {
         assert_eq!(
             render(&c[5..6]),
             "fail data_dir     /var/lib/trellis is not writable: Permission denied (os error 13); hint: give the agent's user write access (chown), or pick another --data-dir\n"
+        );
+    }
+
+    #[test]
+    fn missing_files_at_guessed_paths_warn_and_at_known_paths_fail() {
+        let mut f = healthy();
+        f.cert = Err("/etc/trellis/tls/node.pem: No such file or directory".into());
+        f.data_dir.1 = Err("No such file or directory".into());
+        let failed = |f: &Facts| run_checks(f).iter().filter(|c| c.status == Status::Fail).count();
+        assert_eq!(failed(&f), 3, "certificate, ca, data_dir");
+        f.guessed = true;
+        let checks = run_checks(&f);
+        assert_eq!(failed(&f), 0, "{}", render(&checks));
+        assert!(line(&checks, "certificate")
+            .detail
+            .ends_with("(a default path: the agent did not say where its files are)"));
+    }
+
+    #[test]
+    fn dirs_come_from_flags_then_the_agent_then_the_config() {
+        let agent =
+            AgentSelf { tls_dir: Some("/a/tls".into()), data_dir: Some("/a/data".into()), ..Default::default() };
+        let none = [None, None];
+        let d = Dirs::pick(none.clone(), Some(&agent), [Some("/c/tls".into()), None]);
+        assert_eq!((d.tls.to_str(), d.data.to_str(), d.guessed), (Some("/a/tls"), Some("/a/data"), false));
+        let d = Dirs::pick([Some("/f/tls".into()), None], Some(&agent), none.clone());
+        assert_eq!((d.tls.to_str(), d.data.to_str()), (Some("/f/tls"), Some("/a/data")));
+        let d = Dirs::pick(none.clone(), None, [Some("/c/tls".into()), Some("/c/data".into())]);
+        assert_eq!((d.tls.to_str(), d.guessed), (Some("/c/tls"), false));
+        let d = Dirs::pick(none.clone(), None, none);
+        assert_eq!(
+            (d.tls.to_str(), d.data.to_str(), d.guessed),
+            (Some("/etc/trellis/tls"), Some("/var/lib/trellis"), true)
         );
     }
 

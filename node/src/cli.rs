@@ -54,6 +54,14 @@ pub enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// The service catalog: list services (the default), register instances on this host
+    /// from a file, deregister one.
+    Services {
+        #[command(subcommand)]
+        command: Option<ServicesCommand>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Check a config file or directory (with the TRELLIS_* environment) exactly as the
     /// agent does at start.
     Validate { file: PathBuf },
@@ -69,10 +77,12 @@ pub struct CheckArgs {
     /// The agent's config file or directory (for tls_dir and data_dir; TRELLIS_* apply too).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Directory holding ca.pem, node.pem and node.key (default: from the config, else /etc/trellis/tls).
+    /// Directory holding ca.pem, node.pem and node.key (default: where the agent says, else
+    /// from the config, else /etc/trellis/tls).
     #[arg(long)]
     pub tls_dir: Option<PathBuf>,
-    /// The agent's data dir (default: from the config, else /var/lib/trellis).
+    /// The agent's data dir (default: where the agent says, else from the config, else
+    /// /var/lib/trellis).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     #[arg(short, long, value_enum, default_value = "text")]
@@ -134,6 +144,23 @@ pub enum TokenCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum ServicesCommand {
+    /// Every service: instances healthy/total on live nodes, protocols, nodes.
+    List {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Register (or replace) the instances in a TOML, JSON or YAML file on the local agent:
+    /// one instance with an `id`, or a table of them by id (`[web-1]`).
+    Register {
+        #[arg(short, long)]
+        file: PathBuf,
+    },
+    /// Remove an instance this agent registered.
+    Deregister { id: String },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum PolicyCommand {
     /// Write every object in a TOML or JSON file (`[kind.name]` tables).
     Apply {
@@ -172,9 +199,10 @@ fn check(http: SocketAddr, args: &CheckArgs) -> anyhow::Result<()> {
     let path = args.config.clone().or_else(|| env.iter().find(|(k, _)| k == layers::CONFIG_ENV).map(|(_, v)| v.into()));
     let sources = path.as_deref().map(layers::read_sources).transpose()?.unwrap_or_default();
     let file = layers::merge(&sources, &env)?.file;
-    let tls_dir = args.tls_dir.clone().or(file.tls_dir).unwrap_or_else(|| PathBuf::from("/etc/trellis/tls"));
-    let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/trellis"));
-    let checks = crate::check::run_checks(&crate::check::gather(http, &tls_dir, &data_dir));
+    let agent = crate::client::get(http, "/v1/agent/self").ok().and_then(|t| serde_json::from_str(&t).ok());
+    let flags = [args.tls_dir.clone(), args.data_dir.clone()];
+    let dirs = crate::check::Dirs::pick(flags, agent.as_ref(), [file.tls_dir, file.data_dir]);
+    let checks = crate::check::run_checks(&crate::check::gather(http, &dirs));
     if args.output == Output::Json {
         let ok = !crate::check::any_failed(&checks);
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({"ok": ok, "checks": checks}))?);
@@ -229,6 +257,12 @@ pub fn main() -> i32 {
         Command::Join { addrs } => crate::client::join(cli.http_addr, &addrs),
         Command::Leave => crate::client::leave(cli.http_addr),
         Command::Ratelimits { name, output } => crate::client::ratelimits(cli.http_addr, name.as_deref(), output),
+        Command::Services { command, output } => match command {
+            None => crate::client_services::list(cli.http_addr, output),
+            Some(ServicesCommand::List { output }) => crate::client_services::list(cli.http_addr, output),
+            Some(ServicesCommand::Register { file }) => crate::client_services::register(cli.http_addr, &file),
+            Some(ServicesCommand::Deregister { id }) => crate::client_services::deregister(cli.http_addr, &id),
+        },
         Command::Validate { file } => validate(&file),
         Command::Check(args) => check(cli.http_addr, &args),
         Command::Dev(args) => crate::dev::run(args),

@@ -54,6 +54,30 @@ pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     call(addr, "GET", path, None)
 }
 
+/// `PUT path` with a JSON body on the agent's API; the body of a 2xx answer.
+pub fn put(addr: SocketAddr, path: &str, json: &str) -> anyhow::Result<String> {
+    call(addr, "PUT", path, Some(json.to_string()))
+}
+
+/// `DELETE path` on the agent's API; the body of a 2xx answer.
+pub fn delete(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    call(addr, "DELETE", path, None)
+}
+
+/// One `GET path` with `Host: host` through an agent's HTTP proxy: the status and the raw
+/// answer (as curl would show it with `-i`).
+pub fn get_through(proxy: SocketAddr, host: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect_timeout(&proxy, Duration::from_secs(2))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(tcp, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer)?;
+    let status = answer.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+    let status = status.ok_or_else(|| anyhow::anyhow!("{proxy} sent no HTTP status line"))?;
+    Ok((status, answer))
+}
+
 pub fn fetch_members(addr: SocketAddr) -> anyhow::Result<Vec<MemberJson>> {
     Ok(serde_json::from_str(&call(addr, "GET", "/v1/members", None)?)?)
 }

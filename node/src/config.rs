@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub services: Vec<(String, serde_json::Value)>,
     /// Bounds on what peers and clients may use (`[limits]`).
     pub limits: crate::limits::Limits,
+    /// The config file or directory read (`--config` or `TRELLIS_CONFIG`), if any.
+    pub config_source: Option<PathBuf>,
 }
 
 /// The config file: every field optional, unknown keys refused.

@@ -160,6 +160,8 @@ async fn serve(
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut left_via_api = agent.shutdown.subscribe();
+    let stdin_closed = stdin_closed(reload.args.stop_with_stdin);
+    let mut stdin_closed = std::pin::pin!(stdin_closed);
     // Transport and membership run and the API socket listens (connections queue until the
     // select below polls the server): a Type=notify unit may start its dependents now.
     crate::notify::ready(&format!("serving; peer {}, api {}", cfg.advertise, cfg.api));
@@ -169,6 +171,7 @@ async fn serve(
             _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; leaving the cluster"); break; }
             _ = term.recv() => { tracing::info!("terminated; leaving the cluster"); break; }
             _ = left_via_api.wait_for(|s| *s) => { tracing::info!("left via the API"); break; }
+            _ = &mut stdin_closed => { tracing::info!("stdin closed (the parent is gone); leaving the cluster"); break; }
             _ = hup.recv() => reload.reload(&agent).await,
         }
     }
@@ -179,6 +182,21 @@ async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Completes when stdin reaches its end, if `watch` (else never): a parent holding the
+/// pipe's other end has exited or let go.
+async fn stdin_closed(watch: bool) {
+    if !watch {
+        return std::future::pending().await;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    // A plain thread: a blocking read has no cancellation, and the process ends with it.
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        let _ = tx.send(());
+    });
+    let _ = rx.await;
 }
 
 /// Swaps the log filter of the running process (SIGHUP).
@@ -192,7 +210,9 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogReload> {
         _ => log_filter(level).map_err(anyhow::Error::msg)?,
     };
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour codes only for a person at a terminal, never in a log file or a journal.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Text => registry.with(fmt).init(),

@@ -36,7 +36,8 @@ fn five_agents_joined_through_one_seed_list_each_other_alive() {
     }
     // Metrics reflect the membership and the mTLS links.
     let m = c.node(0).api().get_text("/metrics").unwrap();
-    assert_eq!(metric(&m, "trellis_members{state=\"alive\"}"), Some(4.0), "{m}");
+    assert_eq!(metric(&m, "trellis_members{state=\"alive\"}"), Some(5.0), "every member, this node too: {m}");
+    assert_eq!(metric(&m, "trellis_peers{state=\"alive\"}"), Some(4.0), "the others: {m}");
     assert!(metric(&m, "trellis_quic_connections").unwrap() >= 1.0);
     let probes = c
         .wait_until(Duration::from_secs(5), "first probes", || {
@@ -506,13 +507,8 @@ fn sighup_reloads_labels_and_peers_see_them() {
 
 fn run_check(c: &Cluster, i: usize, json: bool) -> (i32, String) {
     let n = c.node(i);
+    // No --tls-dir or --data-dir: check asks the agent where its (non-default) files are.
     let mut args = vec!["check".to_string(), "--http-addr".into(), n.api_addr.to_string()];
-    args.extend([
-        "--tls-dir".into(),
-        n.tls_dir.display().to_string(),
-        "--data-dir".into(),
-        n.data_dir.display().to_string(),
-    ]);
     if json {
         args.extend(["-o".into(), "json".into()]);
     }
@@ -663,4 +659,157 @@ fn agent_notifies_ready_once_serving_and_stopping_on_sigint() {
     let status =
         c.wait_until(Duration::from_secs(10), "the agent to exit", || agent.0.try_wait().ok().flatten()).unwrap();
     assert!(status.success(), "exit {status}; log:\n{}", log());
+}
+
+/// `trellis dev` as a new user meets it: its printed commands work, its logs are clean, and
+/// its agents never outlive it.
+#[test]
+fn dev_shows_a_call_across_the_mesh_and_its_agents_stop_with_it() {
+    let dir = std::env::temp_dir().join(format!("trellis-dev-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (mut dev, printed) = start_dev(&dir);
+    println!("{printed}");
+    // 1. The printed call by name through node1 is answered by an instance on another node.
+    let curl = printed.lines().find(|l| l.contains("curl -s -H 'Host: web'")).expect("a call to try");
+    let url = curl.split_whitespace().last().unwrap();
+    let proxy: std::net::SocketAddr = url.trim_start_matches("http://").trim_end_matches("/hello").parse().unwrap();
+    let answers: Vec<String> = (0..4).map(|_| trellis_tests::http::get(proxy, "web", "/hello", &[]).text()).collect();
+    for a in &answers {
+        assert!(a.starts_with("web-") && a.contains(" answered GET /hello"), "{answers:?}");
+        assert!(!a.contains("on node1 "), "an instance on another node answers: {answers:?}");
+    }
+    let who: std::collections::BTreeSet<&str> = answers.iter().filter_map(|a| a.split(' ').next()).collect();
+    assert_eq!(who.len(), 2, "round robin over both instances: {answers:?}");
+    // 2. The catalog CLI: the demo service, then an instance registered from a file and removed.
+    let api = "127.0.0.2:8500";
+    let services = trellis(api, &["services"]);
+    assert!(
+        services.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["web", "2/2", "http", "node2,node3"]),
+        "{services}"
+    );
+    let file = dir.join("api.yaml");
+    std::fs::write(&file, "api-1:\n  service: api\n  address: 127.0.0.2\n  port: 9\n  protocol: http2\n").unwrap();
+    assert!(trellis(api, &["services", "register", "-f", file.to_str().unwrap()]).contains("registered api-1@node1"));
+    let json: serde_json::Value = serde_json::from_str(&trellis(api, &["services", "-o", "json"])).unwrap();
+    assert_eq!(json["api"][0]["protocol"], "http2", "{json}");
+    trellis(api, &["services", "deregister", "api-1"]);
+    assert!(!trellis(api, &["services"]).contains("api "), "deregistered");
+    // 3. The printed deny takes effect on /admin/*, and its undo.
+    let apply = printed.lines().find(|l| l.contains("policy apply -f")).unwrap();
+    trellis(api, &["policy", "apply", "-f", apply.split_whitespace().last().unwrap()]);
+    let status = |path: &str| trellis_tests::http::get(proxy, "web", path, &[]).status;
+    wait_for(Duration::from_secs(10), "the deny on /admin/*", || status("/admin/users") == 403);
+    assert_eq!(status("/hello"), 200, "other paths still allowed");
+    trellis(api, &["policy", "delete", "intentions", "demo-deny-admin"]);
+    wait_for(Duration::from_secs(10), "the undo", || status("/admin/users") == 200);
+    // `check` finds the agent's own dirs with no flag but --http-addr.
+    let out = std::process::Command::new(trellis_chaos::cluster::trellis_bin())
+        .args(["check", "--http-addr", api])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.lines().all(|l| l.starts_with("pass ")), "{text}");
+    assert!(text.contains(&dir.join("node1/tls/node.pem").display().to_string()), "{text}");
+
+    // SIGTERM: dev stops its agents gracefully and exits.
+    kill(dev.id(), "-TERM");
+    let status = wait_exit(&mut dev, Duration::from_secs(20));
+    assert!(status.success(), "dev exits cleanly on SIGTERM: {status:?}");
+    assert_eq!(agents_of(&dir), Vec::<u32>::new(), "no agent outlives dev");
+    for i in 1..=3 {
+        let log = std::fs::read_to_string(dir.join(format!("node{i}/agent.log"))).unwrap();
+        assert!(!log.contains('\u{1b}'), "no escape codes in node{i}'s log");
+        assert!(!log.contains(" WARN ") && !log.contains(" ERROR "), "node{i}'s log is clean:\n{log}");
+        assert!(log.contains("stdin closed"), "node{i} left because dev told it to:\n{log}");
+    }
+    // SIGKILL: dev cannot clean up, and its agents still go.
+    let (mut dev, _) = start_dev(&dir);
+    assert_eq!(agents_of(&dir).len(), 3);
+    kill(dev.id(), "-KILL");
+    wait_exit(&mut dev, Duration::from_secs(5));
+    wait_for(Duration::from_secs(15), "the agents of a killed dev to exit", || agents_of(&dir).is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts `trellis dev --dir DIR` and reads its stdout up to the line that says how to stop it.
+fn start_dev(dir: &std::path::Path) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut dev = std::process::Command::new(trellis_chaos::cluster::trellis_bin())
+        .args(["dev", "--dir", dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = dev.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut printed = String::new();
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            printed.push_str(&line);
+            printed.push('\n');
+            if line.contains("stops the cluster") {
+                let _ = tx.send(printed.clone());
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(printed) => (dev, printed),
+        Err(_) => {
+            let _ = dev.kill();
+            panic!("trellis dev printed no ready line within 60 s");
+        }
+    }
+}
+
+/// Runs the CLI against `api`; its stdout, after asserting it succeeded.
+fn trellis(api: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(trellis_chaos::cluster::trellis_bin())
+        .args(args)
+        .env("TRELLIS_HTTP_ADDR", api)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "trellis {args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+fn kill(pid: u32, signal: &str) {
+    std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+}
+
+fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(start.elapsed() < within, "process {} still running after {within:?}", child.id());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_for(within: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < within, "waited {within:?} for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Pids of agent processes whose command line names `dir` (the dev cluster's).
+fn agents_of(dir: &std::path::Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(" agent ") && cmd.contains(&needle) {
+            // A zombie has exited; only its parent has not reaped it yet.
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            if !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z') {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
 }

@@ -85,6 +85,10 @@ pub struct AgentArgs {
     /// Lifetime of the certificates this signer issues (default 90d).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub cert_lifetime: Option<Duration>,
+    /// Leave the cluster and exit when stdin closes: how `trellis dev` makes sure its agents
+    /// never outlive it, even when it is killed.
+    #[arg(long, hide = true)]
+    pub stop_with_stdin: bool,
     /// Renew this node's certificate once this share of its lifetime has passed (default 0.67).
     #[arg(long, hide = true)]
     pub cert_renew_at: Option<f64>,
@@ -217,6 +221,7 @@ impl AgentArgs {
             proxy: self.proxy.or(file.proxy),
             services,
             limits: file.limits.clone(),
+            config_source: config_path,
         };
         Ok((cfg, log_level))
     }

@@ -102,7 +102,7 @@ impl MeshView {
         // A stream lives as long as its caller keeps it (pooled HTTP connections, long TCP
         // sessions), so it is decided again whenever policy changes.
         let mut changes = self.node.policy.index.subscribe();
-        let copy = tokio::io::copy_bidirectional(io, &mut up);
+        let copy = super::io::relay(io, &mut up);
         tokio::pin!(copy);
         loop {
             tokio::select! {

@@ -89,6 +89,20 @@ impl tokio::io::AsyncWrite for Metered {
     }
 }
 
+/// Copy buffer per direction of a carried TCP connection. Tokio's 8 KiB default turns each
+/// 8 KiB into a QUIC stream write and a wake of the connection driver; 32 KiB moves bulk data in
+/// a quarter of the steps at 64 KiB per open connection (HAProxy holds two 16 KiB buffers).
+const COPY_BUFFER: usize = 32 * 1024;
+
+/// Moves bytes both ways until both sides have closed, as `copy_bidirectional` with larger buffers.
+pub(crate) async fn relay<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER, COPY_BUFFER).await
+}
+
 /// A TCP connection to an instance on this host, within [`CONNECT_TIMEOUT`].
 pub(crate) async fn connect(ip: std::net::IpAddr, port: u16) -> anyhow::Result<TcpStream> {
     let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((ip, port))).await??;

@@ -63,7 +63,7 @@ impl Forwarder {
         self.observe(&pick, started.elapsed());
         let mut up = self.metered(io, Some(in_flight), Some(slot));
         tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut tcp, &mut up) => { r?; }
+            r = super::io::relay(&mut tcp, &mut up) => { r?; }
             _ = self.node_gone(&pick.node), if pick.peer.is_some() => {
                 tracing::debug!(%service, node = %pick.node, "connection closed: the instance's node is gone");
             }

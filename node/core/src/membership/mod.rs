@@ -275,6 +275,11 @@ impl Membership {
     pub fn handle_gossip(&mut self, now: Instant, cert_name: Option<&str>, body: &[u8]) -> Result<(), PacketError> {
         self.io.stats.msgs_in += 1;
         self.io.stats.bytes_in += (body.len() + envelope::HEADER_LEN) as u64;
+        // A member that has left takes no more news: another leaver's view of it as down
+        // would otherwise make foca rejoin it under a new generation on its way out.
+        if self.left_sent {
+            return Ok(());
+        }
         self.refresh_holders();
         if let Some(cert) = cert_name {
             let header = gossip::peek_header(body).map_err(|e| {

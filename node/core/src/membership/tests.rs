@@ -331,3 +331,17 @@ fn a_certified_peer_cannot_take_over_another_members_address() {
         assert_eq!((n3.id.name.as_str(), n3.state, n3.id.generation), ("n3", MemberState::Alive, id(3).generation));
     }
 }
+
+#[test]
+fn members_leaving_together_never_rejoin() {
+    let mut net = Net::joined(3);
+    drain_events(&mut net);
+    let now = net.now;
+    for m in net.nodes.values_mut() {
+        m.leave(now);
+    }
+    net.run(40, Duration::from_millis(50));
+    let events = drain_events(&mut net);
+    assert!(events.iter().all(|(_, e)| !matches!(e, MemberEvent::Rejoined(_))), "a leaver rejoined: {events:?}");
+    assert!(events.iter().all(|(_, e)| !matches!(e, MemberEvent::Down(_))), "a leave read as a crash: {events:?}");
+}
