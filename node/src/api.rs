@@ -211,11 +211,23 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         "Connections closed for malformed input.",
         t.closed_malformed.load(Relaxed),
     );
-    e.counter("trellis_quic_datagrams_out_total", "QUIC datagrams sent.", t.datagrams_out.load(Relaxed));
-    e.counter("trellis_quic_datagrams_in_total", "QUIC datagrams received.", t.datagrams_in.load(Relaxed));
-    e.counter("trellis_quic_bytes_out_total", "Payload bytes sent to peers.", t.bytes_out.load(Relaxed));
-    e.counter("trellis_quic_bytes_in_total", "Payload bytes received from peers.", t.bytes_in.load(Relaxed));
-    e.counter("trellis_quic_dropped_out_total", "Messages dropped before sending.", t.dropped_out.load(Relaxed));
+    e.counter("trellis_quic_datagrams_out_total", "Membership and policy messages sent to peers as QUIC DATAGRAM frames (see trellis_quic_udp_datagrams_total for UDP packets).", t.datagrams_out.load(Relaxed));
+    e.counter(
+        "trellis_quic_datagrams_in_total",
+        "Membership and policy messages received from peers as QUIC DATAGRAM frames.",
+        t.datagrams_in.load(Relaxed),
+    );
+    e.counter("trellis_quic_bytes_out_total", "Bytes of membership and policy messages sent to peers (datagrams and one-way streams; service traffic is trellis_forward_bytes_total).", t.bytes_out.load(Relaxed));
+    e.counter(
+        "trellis_quic_bytes_in_total",
+        "Bytes of membership and policy messages received from peers.",
+        t.bytes_in.load(Relaxed),
+    );
+    e.counter(
+        "trellis_quic_dropped_out_total",
+        "Membership and policy messages dropped before sending (connection closing or send buffer full).",
+        t.dropped_out.load(Relaxed),
+    );
     let refused = t.refused.lock().expect("stats lock").clone();
     let reasons = RefusalReason::ALL;
     let by_reason: Vec<(&str, u64)> =
@@ -248,8 +260,8 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         "Client connections forwarded to an instance.",
         f.outbound.load(Relaxed),
     );
-    e.counter("trellis_forward_inbound_total", "Peer streams connected to a local instance.", f.inbound.load(Relaxed));
-    e.counter("trellis_forward_denied_total", "Streams denied by intentions.", f.denied.load(Relaxed));
+    e.counter("trellis_forward_inbound_total", "Streams to a local instance connected after the intentions allowed them, from peers or from this node's own proxy and listeners.", f.inbound.load(Relaxed));
+    e.counter("trellis_forward_denied_total", "Refusals by intentions: streams, HTTP requests (L7 rules) and open streams closed by a policy change at this node's instances, and this node's streams a peer refused.", f.denied.load(Relaxed));
     e.counter("trellis_forward_failed_total", "Forwarding attempts that failed.", f.failed.load(Relaxed));
     e.counter(
         "trellis_forward_retries_total",
