@@ -43,6 +43,8 @@ pub struct AgentHandle {
     /// Enrollment, renewal and revocation state (`crate::enroll`).
     pub lifecycle: Arc<crate::enroll::Lifecycle>,
     pub files: Arc<AgentFiles>,
+    /// The access log, when on (for its counters).
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 /// Where this agent keeps its files, as absolute paths: `trellis check` asks rather than
@@ -140,6 +142,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         ratelimit_timing,
     ));
     tokio::spawn(crate::mesh::health::run(writer.clone()));
+    let access_log = cfg.access_log.as_ref().map(crate::access_log::AccessLog::start).transpose()?;
     let view = MeshView::new(
         crate::mesh::view::Inputs {
             members: members.clone(),
@@ -147,6 +150,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
             transport: transport.clone(),
             ratelimits: ratelimits.clone(),
             spiffe_id: tls.identity.clone(),
+            access_log: access_log.clone(),
         },
         forward.clone(),
     );
@@ -174,6 +178,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         shutdown,
         lifecycle: Arc::default(),
         files: Arc::new(AgentFiles::of(cfg)),
+        access_log,
     })
 }
 

@@ -260,6 +260,12 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         "Client connections forwarded to an instance.",
         f.outbound.load(Relaxed),
     );
+    if let Some(log) = &a.access_log {
+        let written = log.written.load(Relaxed);
+        e.counter("trellis_access_log_lines_total", "Access log lines written.", written);
+        let help = "Access log lines dropped because the writer fell behind (the queue holds 8192).";
+        e.counter("trellis_access_log_dropped_total", help, log.dropped.load(Relaxed));
+    }
     e.counter("trellis_forward_inbound_total", "Streams to a local instance connected after the intentions allowed them, from peers or from this node's own proxy and listeners.", f.inbound.load(Relaxed));
     e.counter("trellis_forward_denied_total", "Refusals by intentions: streams, HTTP requests (L7 rules) and open streams closed by a policy change at this node's instances, and this node's streams a peer refused.", f.denied.load(Relaxed));
     e.counter("trellis_forward_failed_total", "Forwarding attempts that failed.", f.failed.load(Relaxed));
@@ -304,6 +310,8 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
     traffic_metrics(&a, &mut e);
     crate::api_ratelimit::metrics(&a, &mut e);
     crate::enroll::metrics(&a.transport, &a.lifecycle, &mut e);
+    let started = std::time::SystemTime::now() - a.started.elapsed();
+    crate::metrics_process::render(&mut e, &crate::metrics_process::read(), started, VERSION);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], e.finish()).into_response()
 }
 

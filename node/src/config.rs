@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub limits: crate::limits::Limits,
     /// The config file or directory read (`--config` or `TRELLIS_CONFIG`), if any.
     pub config_source: Option<PathBuf>,
+    /// The access log, when on.
+    pub access_log: Option<crate::access_log::AccessLogConfig>,
 }
 
 /// The config file: every field optional, unknown keys refused.
@@ -82,6 +84,8 @@ pub struct FileConfig {
     /// Peer and client bounds; see [`crate::limits::Limits`].
     #[serde(default)]
     pub limits: crate::limits::Limits,
+    /// One line per proxied request; see [`crate::access_log::AccessLogConfig`].
+    pub access_log: Option<crate::access_log::AccessLogConfig>,
 }
 
 /// Timing settings that override the profile's.

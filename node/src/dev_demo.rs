@@ -117,7 +117,7 @@ Demo service `{SERVICE}` (an HTTP echo): {instances}, registered with a health c
 
 Try, from another shell:
   export TRELLIS_HTTP_ADDR={api}
-  # 1. A call by name through node1's proxy; an instance on another node answers (again: the other one)
+  # 1. A call by name through node1's proxy{across}
   curl -s -H 'Host: {SERVICE}' http://{proxy}/hello
   # 2. What the mesh saw: the catalog, node1's counters, the dashboard at http://{api}/ui
   {exe} services
@@ -127,7 +127,9 @@ Try, from another shell:
   curl -s -i -H 'Host: {SERVICE}' http://{proxy}/admin/users | head -1
   {exe} policy delete intentions {DENY_NAME}
 ",
-        instances = instances.join(", ")
+        instances = instances.join(", "),
+        across =
+            if d.instances.len() > 1 { "; an instance on another node answers (again: the other one)" } else { "" },
     )
 }
 

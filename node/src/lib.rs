@@ -1,6 +1,7 @@
 //! The Trellis agent: membership, transport, local API and CLI.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod agent;
 pub mod api;
 pub mod api_access;
@@ -31,6 +32,7 @@ pub mod listen;
 pub mod membership;
 pub mod mesh;
 pub mod metrics;
+pub mod metrics_process;
 pub mod notify;
 pub mod pki;
 pub mod policy;

@@ -24,6 +24,12 @@ impl Exposition {
         let _ = writeln!(self.out, "{name} {value}");
     }
 
+    /// A counter of a quantity that is not a whole number (seconds).
+    pub fn counter_f64(&mut self, name: &str, help: &str, value: f64) {
+        self.header(name, "counter", help);
+        let _ = writeln!(self.out, "{name} {value}");
+    }
+
     pub fn gauge(&mut self, name: &str, help: &str, value: f64) {
         self.header(name, "gauge", help);
         let _ = writeln!(self.out, "{name} {value}");

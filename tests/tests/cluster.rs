@@ -38,6 +38,14 @@ fn five_agents_joined_through_one_seed_list_each_other_alive() {
     let m = c.node(0).api().get_text("/metrics").unwrap();
     assert_eq!(metric(&m, "trellis_members{state=\"alive\"}"), Some(5.0), "every member, this node too: {m}");
     assert_eq!(metric(&m, "trellis_peers{state=\"alive\"}"), Some(4.0), "the others: {m}");
+    // The standard process series and the build.
+    assert!(metric(&m, "process_resident_memory_bytes").unwrap() > 1e6, "{m}");
+    assert!(metric(&m, "process_cpu_seconds_total").unwrap() > 0.0);
+    assert!(metric(&m, "process_open_fds").unwrap() >= 5.0);
+    let start = metric(&m, "process_start_time_seconds").unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(start < now && start > now - 120.0, "started within the test: {start} vs {now}");
+    assert!(m.contains(&format!("trellis_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{m}");
     assert!(metric(&m, "trellis_quic_connections").unwrap() >= 1.0);
     let probes = c
         .wait_until(Duration::from_secs(5), "first probes", || {

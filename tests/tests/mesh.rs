@@ -1772,3 +1772,80 @@ fn unit_only_policy_fields_hold_on_real_agents() {
     assert!(good_probes >= 4, "passing again after {good_probes} good probes, threshold 4");
     println!("all done at {:?}", t0.elapsed());
 }
+
+/// Access log lines on both agents of a request carry the same request id and trace; the
+/// caller's `traceparent` is continued, and the instance sees the destination's hop as parent.
+#[test]
+fn request_ids_and_trace_context_cross_two_agents_into_both_access_logs() {
+    let dir = std::env::temp_dir().join(format!("trellis-access-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (log0, log1) = (dir.join("n0.log"), dir.join("n1.log"));
+    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let node_args = vec![
+        vec!["--proxy".into(), proxy.to_string(), "--access-log".into(), log0.display().to_string()],
+        vec!["--access-log".into(), log1.display().to_string()],
+    ];
+    let c = Cluster::start(ClusterSpec { nodes: 2, node_args, ..Default::default() }).unwrap();
+    // The instance answers with the request head it received.
+    let server = trellis_chaos::plain::serve(|head| (200, head.as_bytes().to_vec()));
+    let body = json!({"service": "web", "address": "127.0.0.1", "port": server.port(), "protocol": "http"});
+    let (s, v) = c.node(1).api().put_json("/v1/agent/services/web-1", &body).unwrap();
+    assert_eq!(s, 200, "{v}");
+    let get = |extra: &[(&str, &str)]| trellis_tests::http::get(proxy, "web", "/hi?x=1", extra);
+    c.wait_until(Duration::from_secs(10), "web through node 0", || (get(&[]).status == 200).then_some(())).unwrap();
+    let lines = |p: &std::path::Path| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(p).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    // The line of request `id` in each agent's log, once both are written.
+    let line_of = |id: &str| -> (serde_json::Value, serde_json::Value) {
+        let find = |p: &std::path::Path| lines(p).into_iter().find(|l| l["request_id"] == id);
+        c.wait_until(Duration::from_secs(5), "the access log lines", || Some((find(&log0)?, find(&log1)?))).unwrap()
+    };
+
+    // No ids from the client: the first agent makes them, the second keeps them.
+    let r = get(&[]);
+    let seen = r.text().to_ascii_lowercase();
+    let header = |name: &str| {
+        seen.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).unwrap_or_else(|| panic!("{name} in {seen}"))
+    };
+    let (out, inn) = line_of(header("x-request-id"));
+    println!("{out}\n{inn}");
+    assert_eq!((out["side"].as_str(), inn["side"].as_str()), (Some("outbound"), Some("inbound")));
+    assert_eq!(out["trace_id"], inn["trace_id"]);
+    assert!(out.get("parent_span_id").is_none(), "the first agent starts the trace");
+    assert_eq!(inn["parent_span_id"], out["span_id"], "the destination's parent is the caller's hop");
+    let tp = header("traceparent");
+    assert_eq!(tp, format!("00-{}-{}-00", out["trace_id"].as_str().unwrap(), inn["span_id"].as_str().unwrap()));
+    assert_eq!((out["status"].as_u64(), inn["status"].as_u64()), (Some(200), Some(200)));
+    assert_eq!(out["instance"].as_str(), Some(format!("web-1@{}", c.node(1).name).as_str()));
+    assert_eq!(
+        (out["path"].as_str(), out["method"].as_str(), out["attempts"].as_u64()),
+        (Some("/hi?x=1"), Some("GET"), Some(1))
+    );
+    assert_eq!(out["bytes_sent"].as_u64(), Some(r.body.len() as u64));
+    assert_eq!(inn["source"].as_str(), Some(self_id(&c, 0).as_str()));
+    for (p, l) in [(&log0, &out), (&log1, &inn)] {
+        let same: Vec<_> = lines(p).into_iter().filter(|x| x["request_id"] == l["request_id"]).collect();
+        assert_eq!(same.len(), 1, "one line per agent per request");
+    }
+
+    // The client's own ids: kept, and its trace continued with new spans.
+    let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    get(&[("x-request-id", "client-id-7"), ("traceparent", parent)]);
+    let (out, inn) = line_of("client-id-7");
+    for l in [&out, &inn] {
+        assert_eq!(l["trace_id"].as_str(), Some("0af7651916cd43dd8448eb211c80319c"));
+        assert_ne!(l["span_id"].as_str(), Some("b7ad6b7169203331"));
+    }
+    assert_eq!(out["parent_span_id"].as_str(), Some("b7ad6b7169203331"));
+    assert_eq!(inn["parent_span_id"], out["span_id"]);
+    let written = lines(&log0).len() as f64;
+    c.wait_until(Duration::from_secs(5), "the lines counted", || {
+        let m = c.node(0).api().get_text("/metrics").ok()?;
+        (metric(&m, "trellis_access_log_lines_total") == Some(written)).then_some(())
+    })
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -66,6 +66,10 @@ pub struct AgentArgs {
     /// Local listener for a service: NAME=127.0.0.1:PORT (repeatable).
     #[arg(long = "upstream", value_parser = crate::config::parse_upstream)]
     pub upstreams: Vec<(String, SocketAddr)>,
+    /// Access log of proxied requests to `stdout`, `stderr` or a file (JSON lines; the
+    /// `[access_log]` config section sets the format, sampling, filters and rotation).
+    #[arg(long, value_name = "DEST")]
+    pub access_log: Option<String>,
     /// Test only: drop this share (0..1) of outgoing peer messages.
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
@@ -182,6 +186,16 @@ impl AgentArgs {
                 "api: {api} is not a loopback address, so anyone who reaches it could operate this agent; give --api-tokens-file FILE, or bind the API to 127.0.0.1"
             ));
         }
+        let access_log = match (&self.access_log, file.access_log.clone()) {
+            (Some(dest), Some(section)) => {
+                Some(crate::access_log::AccessLogConfig { path: dest.clone(), enabled: true, ..section })
+            }
+            (Some(dest), None) => Some(crate::access_log::AccessLogConfig::to(dest)),
+            (None, section) => section.filter(|s| s.enabled),
+        };
+        if let Some(Err(e)) = access_log.as_ref().map(crate::access_log::AccessLogConfig::check) {
+            problems.push(e);
+        }
         let log_level = self.log_level.clone().or(file.log_level.clone());
         if let Some(level) = &log_level {
             if let Err(e) = log_filter(level) {
@@ -222,6 +236,7 @@ impl AgentArgs {
             services,
             limits: file.limits.clone(),
             config_source: config_path,
+            access_log,
         };
         Ok((cfg, log_level))
     }

@@ -14,6 +14,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::access_log::{AccessLog, Counted, Logged, Pending};
 use crate::limits::Limits;
 use crate::listen::{ConnGate, FirstRequest};
 
@@ -23,6 +24,7 @@ use super::forward::{Forwarder, OpenError, SendError};
 use super::instance_http;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
+use trellis_core::mesh::access_log::{Entry, EnvoyHeaders, Side};
 use trellis_core::mesh::catalog::Snapshot;
 use trellis_core::mesh::circuit::{Admit, Breakers};
 use trellis_core::mesh::outlier::Outcome;
@@ -52,9 +54,10 @@ pub async fn serve_connection(
     first: FirstRequest,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let _ = tcp.set_nodelay(true);
+    let client = tcp.peer_addr().ok();
     let svc = hyper::service::service_fn(move |req| {
         first.seen();
-        proxy(fwd.clone(), req, fixed.clone())
+        proxy(fwd.clone(), req, fixed.clone(), client)
     });
     // A malformed request gets hyper's 400 and closes only this connection.
     builder.serve_connection(TokioIo::new(tcp), svc).await
@@ -88,22 +91,115 @@ pub fn service_of(host: &str) -> &str {
     host.strip_suffix(".trellis").unwrap_or(host)
 }
 
-/// Every request is counted, the proxy's own refusals included.
+/// A client's request body, counted when the access log wants its size.
+pub(crate) type InBody = Counted<Incoming>;
+
+/// Every request is counted, the proxy's own refusals included, and leaves with this hop's
+/// request id and trace context.
 async fn proxy(
     fwd: Arc<Forwarder>,
     req: Request<Incoming>,
     fixed: Option<Arc<str>>,
+    client: Option<std::net::SocketAddr>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let snap = fwd.snapshot();
-    let (label, resp) = match Target::of(&snap, &req, fixed.as_deref()) {
-        Some(target) => (target.label(), stack(&fwd, &target, req).await),
+    let mut req = req;
+    let hop = super::ids::stamp(req.headers_mut());
+    let log = fwd.view.node.access_log.as_ref();
+    let received = log.map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
+    let req = req.map(|b| Counted::new(b, received.clone()));
+    let (label, line, resp) = match Target::of(&snap, &req, fixed.as_deref()) {
+        Some(target) => {
+            let line = log.filter(|l| l.wants(&target.resolved.service)).map(|l| {
+                let route = target.resolved.route.clone();
+                log_line(l, &req, &hop, client, &target.resolved.service, route)
+            });
+            (target.label(), line, stack(&fwd, &target, req).await)
+        }
         None => {
-            ("_other", error(StatusCode::BAD_REQUEST, "no_host", "set Host: <service> or <service>.trellis".into()))
+            let line = log.map(|l| log_line(l, &req, &hop, client, "_other", None));
+            let resp = error(StatusCode::BAD_REQUEST, "no_host", "set Host: <service> or <service>.trellis".into());
+            ("_other", line, resp)
         }
     };
     record(&fwd, label, &resp, started.elapsed());
-    Ok(resp)
+    Ok(match (line, log, received) {
+        (Some(entry), Some(log), Some(received)) => {
+            logged(resp, Pending { log: log.clone(), entry, started, received })
+        }
+        _ => resp,
+    })
+}
+
+/// The access log line of a request, as far as is known before it is sent.
+fn log_line(
+    log: &AccessLog,
+    req: &Request<InBody>,
+    hop: &trellis_core::mesh::trace::Hop,
+    client: Option<std::net::SocketAddr>,
+    service: &str,
+    route: Option<String>,
+) -> Entry {
+    let h = req.headers();
+    let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    Entry {
+        start_ms: crate::policy::now_ms(),
+        side: Side::Outbound,
+        request_id: super::ids::request_id(h),
+        trace_id: hop.trace_hex(),
+        span_id: hop.span_hex(),
+        parent_span_id: hop.parent_hex(),
+        source: client.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+        service: service.to_string(),
+        route,
+        instance: None,
+        upstream: None,
+        method: req.method().to_string(),
+        path: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        protocol: protocol(req.version()),
+        authority: header("host").or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default(),
+        status: 0,
+        reason: None,
+        duration_ms: 0,
+        bytes_received: 0,
+        bytes_sent: 0,
+        attempts: 0,
+        headers: log.headers_of(h),
+        envoy: EnvoyHeaders { forwarded_for: header("x-forwarded-for"), user_agent: header("user-agent") },
+    }
+}
+
+/// Fills in what the answer says (status, the proxy's reason, the instance, attempts) and
+/// writes the line once the body has gone to the client.
+pub(crate) fn logged<E: 'static>(mut resp: Response<BoxBody<Bytes, E>>, mut p: Pending) -> Response<BoxBody<Bytes, E>> {
+    let e = &mut p.entry;
+    e.status = resp.status().as_u16();
+    e.reason = resp.headers().get("x-trellis-reason").and_then(|v| v.to_str().ok()).map(str::to_string);
+    if let Some(Picked { name, addr }) = resp.extensions_mut().remove::<Picked>() {
+        (e.instance, e.upstream) = (Some(name), Some(addr.to_string()));
+    }
+    e.attempts = resp.extensions_mut().remove::<Attempts>().map_or(u32::from(e.reason.is_none()), |a| a.0);
+    resp.map(|b| Logged::new(b, p).boxed())
+}
+
+/// The instance an answer came from, for the access log.
+#[derive(Clone)]
+pub(crate) struct Picked {
+    pub(crate) name: String,
+    pub(crate) addr: std::net::SocketAddr,
+}
+
+/// How many attempts a request took, for the access log.
+#[derive(Clone, Copy)]
+struct Attempts(u32);
+
+pub(crate) fn protocol(v: hyper::Version) -> &'static str {
+    match v {
+        hyper::Version::HTTP_10 => "HTTP/1.0",
+        hyper::Version::HTTP_2 => "HTTP/2",
+        _ => "HTTP/1.1",
+    }
 }
 
 /// The client side of the data plane, top to bottom: rate limit, circuit (concurrency and
@@ -111,7 +207,7 @@ async fn proxy(
 /// attempt (balance, connect or reuse a pooled connection, send). The router ran before,
 /// in [`Target::of`]; authorization runs at the destination ([`super::inbound`]), for local
 /// and remote instances alike. Each layer may answer in the instance's place.
-async fn stack(fwd: &Forwarder, t: &Target<'_>, mut req: Request<Incoming>) -> Response<Body> {
+async fn stack(fwd: &Forwarder, t: &Target<'_>, mut req: Request<InBody>) -> Response<Body> {
     if let Err(refusal) = rate_limit(fwd, t, req.headers()) {
         return too_many_requests(&refusal);
     }
@@ -135,7 +231,7 @@ struct Target<'a> {
 impl<'a> Target<'a> {
     /// Routes `req` (by `fixed`, the service of a per-upstream listener, or by its host);
     /// None when it names no service.
-    fn of(snap: &'a Snapshot, req: &Request<Incoming>, fixed: Option<&str>) -> Option<Target<'a>> {
+    fn of(snap: &'a Snapshot, req: &Request<InBody>, fixed: Option<&str>) -> Option<Target<'a>> {
         // HTTP/2 clients send `:authority` (in the URI) instead of a Host header.
         let host = req
             .headers()
@@ -191,7 +287,7 @@ impl<'a> Target<'a> {
     }
 
     /// Applies the route's prefix rewrite to the request's path.
-    fn rewrite(&self, req: &mut Request<Incoming>) {
+    fn rewrite(&self, req: &mut Request<InBody>) {
         let Some((prefix, to)) = &self.resolved.rewrite else { return };
         let (path, query) = (req.uri().path(), req.uri().query().unwrap_or(""));
         let rest = path.strip_prefix(prefix.as_str()).unwrap_or(path);
@@ -290,7 +386,17 @@ async fn timeout(
 
 /// Idempotent requests without a body are retried on another instance when the one picked
 /// fails as `retry.on` lists, within the service's retry budget, after a jittered backoff.
-async fn attempts(fwd: &Forwarder, t: &Target<'_>, req: Request<Incoming>) -> Response<Body> {
+async fn attempts(fwd: &Forwarder, t: &Target<'_>, req: Request<InBody>) -> Response<Body> {
+    let mut made = 0;
+    let mut resp = attempts_counted(fwd, t, req, &mut made).await;
+    if fwd.view.node.access_log.is_some() {
+        resp.extensions_mut().insert(Attempts(made));
+    }
+    resp
+}
+
+/// [`attempts`], counting into `made` the attempts that reached an instance's agent.
+async fn attempts_counted(fwd: &Forwarder, t: &Target<'_>, req: Request<InBody>, made: &mut u32) -> Response<Body> {
     let retry = t.retry();
     let tries = if retryable(&req) { 1 + retry.attempts } else { 1 };
     let (parts, body) = req.into_parts();
@@ -314,6 +420,7 @@ async fn attempts(fwd: &Forwarder, t: &Target<'_>, req: Request<Incoming>) -> Re
         // The head is copied only while another attempt may need it.
         let head = if attempt + 1 < tries { parts.clone() } else { parts.take() };
         let Some(head) = head else { break };
+        *made += 1;
         let one = once(fwd, t, Request::from_parts(head, body), &mut tried);
         let result = match retry.per_try_timeout {
             Some(limit) => match tokio::time::timeout(limit, one).await {
@@ -393,6 +500,9 @@ async fn once(
             let gone = pick.peer.is_some().then(|| fwd.node_gone(&pick.node));
             let mut resp = resp.map(|body| Answer::new(body, in_flight, gone, reuse).boxed());
             instance_http::strip_hop_by_hop(resp.headers_mut());
+            if fwd.view.node.access_log.is_some() {
+                resp.extensions_mut().insert(Picked { name: pick.name.clone(), addr: pick.addr });
+            }
             Ok(resp)
         }
         Err(e @ SendError::Overflow(_)) => {

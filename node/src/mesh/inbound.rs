@@ -21,8 +21,11 @@ use trellis_proto::forward::{ForwardOpen, ForwardStatus, MAX_FORWARD_HEADER};
 
 use super::instance_http;
 use super::view::MeshView;
+use crate::access_log::{AccessLog, Counted, Pending};
 use crate::transport::BiStream;
+use std::time::Instant;
 use tokio::sync::mpsc;
+use trellis_core::mesh::access_log::{Entry, EnvoyHeaders, Side};
 use trellis_core::mesh::authz::{self, HttpRequest};
 use trellis_core::mesh::catalog::{InstanceView, Snapshot};
 use trellis_core::policy::model::{Action, Health, Protocol};
@@ -46,6 +49,11 @@ pub trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
 
 impl MeshView {
+    /// Does the access log take this service's requests here?
+    fn logs(&self, service: &str) -> bool {
+        self.node.access_log.as_ref().is_some_and(|l| l.wants(service))
+    }
+
     /// Serves one stream to a local instance for `caller` (a SPIFFE id).
     pub async fn inbound<S: Duplex>(self: &Arc<Self>, caller: &str, io: &mut S) -> anyhow::Result<Ended> {
         let within = self.node.transport.limits.stream_read_timeout;
@@ -64,7 +72,7 @@ impl MeshView {
             io.write_all(&[ForwardStatus::UnknownInstance as u8]).await?;
             anyhow::bail!("no local instance {}", open.instance);
         };
-        let l7 = per_request(&snap, &target);
+        let l7 = per_request(&snap, &target, self.logs(&open.service));
         if !l7 && stream_decision(&snap, caller, &open.service) == Action::Deny {
             self.stats.denied.fetch_add(1, Relaxed);
             io.write_all(&[ForwardStatus::Denied as u8]).await?;
@@ -117,7 +125,7 @@ impl MeshView {
                         tracing::info!(%caller, %service, "open stream closed: intentions now deny");
                         return Ok(Ended::Denied);
                     }
-                    if !serves(&snap, target) || per_request(&snap, target) {
+                    if !serves(&snap, target) || per_request(&snap, target, self.logs(service)) {
                         return Ok(Ended::Gone);
                     }
                 }
@@ -139,6 +147,7 @@ impl MeshView {
         let fwd = self.clone();
         let (caller, service): (Arc<str>, Arc<str>) = (caller.into(), service.into());
         let instance = Arc::new(Instance {
+            name: target.name.clone(),
             sender: tokio::sync::Mutex::new(sender),
             addr: (target.instance.address, target.instance.port),
             h2,
@@ -174,6 +183,8 @@ impl MeshView {
 
 /// The connection to the instance behind one inbound HTTP stream.
 struct Instance {
+    /// `<id>@<node>`, for the access log.
+    name: String,
     sender: tokio::sync::Mutex<instance_http::Sender>,
     addr: (std::net::IpAddr, u16),
     h2: bool,
@@ -202,28 +213,51 @@ async fn request(
     caller: Arc<str>,
     service: Arc<str>,
     instance: Arc<Instance>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<instance_http::Body>, Infallible> {
+    let started = Instant::now();
+    let hop = super::ids::stamp(req.headers_mut());
+    let line = fwd.node.access_log.as_ref().filter(|l| l.wants(&service)).map(|log| {
+        let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let entry = inbound_line(log, &req, &hop, &caller, &service, &instance);
+        (Pending { log: log.clone(), entry, started, received: received.clone() }, received)
+    });
+    let (line, received) = line.map_or((None, None), |(p, r)| (Some(p), Some(r)));
+    let resp = decide_and_send(&fwd, &caller, &service, &instance, req.map(|b| Counted::new(b, received))).await;
+    Ok(match line {
+        Some(p) => super::http::logged(resp, p),
+        None => resp,
+    })
+}
+
+/// One request's decision by the intentions, then its trip to the instance.
+async fn decide_and_send(
+    fwd: &MeshView,
+    caller: &str,
+    service: &str,
+    instance: &Instance,
+    req: Request<Counted<Incoming>>,
+) -> Response<instance_http::Body> {
     let snap = fwd.snapshot();
     let action = {
         let headers = super::http::HeaderMapView(req.headers());
         let http = HttpRequest { method: req.method().as_str(), path: req.uri().path(), headers: &headers };
-        authz::decide(snap.intentions.iter(), snap.intention_default, &caller, &service, Some(&http))
+        authz::decide(snap.intentions.iter(), snap.intention_default, caller, service, Some(&http))
     };
     if action == Action::Deny {
         fwd.stats.denied.fetch_add(1, Relaxed);
         tracing::info!(%caller, %service, method = %req.method(), path = %req.uri().path(), "request denied by intentions");
         let msg = format!("{} {} on {service} denied by intentions", req.method(), req.uri().path());
-        return Ok(super::answer::error(StatusCode::FORBIDDEN, "denied", msg));
+        return super::answer::error(StatusCode::FORBIDDEN, "denied", msg);
     }
     let authority = req
         .headers()
         .get(hyper::header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
-        .unwrap_or(&service)
+        .unwrap_or(service)
         .to_string();
-    Ok(match instance.send(req.map(|b| b.boxed()), &authority).await {
+    match instance.send(req.map(|b| b.boxed()), &authority).await {
         Ok(resp) => {
             // This hop's connection is ours: the instance's `Connection: close` must not
             // end the caller's stream.
@@ -236,7 +270,45 @@ async fn request(
             let msg = format!("the instance did not answer: {e}");
             super::answer::error(StatusCode::BAD_GATEWAY, "upstream", msg)
         }
-    })
+    }
+}
+
+/// The access log line of a request served at the destination, before it is sent on.
+fn inbound_line(
+    log: &AccessLog,
+    req: &Request<Incoming>,
+    hop: &trellis_core::mesh::trace::Hop,
+    caller: &str,
+    service: &str,
+    instance: &Instance,
+) -> Entry {
+    let h = req.headers();
+    let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    Entry {
+        start_ms: crate::policy::now_ms(),
+        side: Side::Inbound,
+        request_id: super::ids::request_id(h),
+        trace_id: hop.trace_hex(),
+        span_id: hop.span_hex(),
+        parent_span_id: hop.parent_hex(),
+        source: caller.to_string(),
+        service: service.to_string(),
+        route: None,
+        instance: Some(instance.name.clone()),
+        upstream: Some(std::net::SocketAddr::from(instance.addr).to_string()),
+        method: req.method().to_string(),
+        path: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        protocol: super::http::protocol(req.version()),
+        authority: header("host").or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default(),
+        status: 0,
+        reason: None,
+        duration_ms: 0,
+        bytes_received: 0,
+        bytes_sent: 0,
+        attempts: 1,
+        headers: log.headers_of(h),
+        envoy: EnvoyHeaders { forwarded_for: header("x-forwarded-for"), user_agent: header("user-agent") },
+    }
 }
 
 /// Reads the forward header: Ok(Err(why)) when it arrived but is not one.
@@ -262,10 +334,11 @@ fn stream_decision(snap: &Snapshot, caller: &str, service: &str) -> Action {
     authz::decide(snap.intentions.iter(), snap.intention_default, caller, service, None)
 }
 
-/// Must this instance's streams be decided request by request?
-fn per_request(snap: &Snapshot, target: &InstanceView) -> bool {
+/// Must this instance's streams be served request by request: decided by L7 intentions,
+/// or `logged` in the access log?
+fn per_request(snap: &Snapshot, target: &InstanceView, logged: bool) -> bool {
     let service = &target.instance.service;
-    snap.protocol_of(service) != Protocol::Tcp && authz::has_l7(snap.intentions.iter(), service)
+    snap.protocol_of(service) != Protocol::Tcp && (logged || authz::has_l7(snap.intentions.iter(), service))
 }
 
 /// Is the instance still registered here and not failing its check?

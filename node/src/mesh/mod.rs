@@ -6,6 +6,7 @@ pub mod body;
 pub mod forward;
 pub mod health;
 pub mod http;
+pub(crate) mod ids;
 pub mod inbound;
 pub mod instance_http;
 pub mod io;

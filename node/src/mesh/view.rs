@@ -20,6 +20,8 @@ pub struct Inputs {
     pub ratelimits: Arc<RateLimits>,
     /// This node's SPIFFE id: the caller of what its proxies send.
     pub spiffe_id: String,
+    /// The access log, when on.
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 #[derive(Debug, Default)]

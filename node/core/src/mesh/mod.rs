@@ -2,6 +2,7 @@
 //! outlier ejection, circuit breaking, retry budgets and the idle-connection pool, as
 //! plain logic with time passed in. The agent's `mesh` shell carries the bytes.
 
+pub mod access_log;
 pub mod authz;
 pub mod balance;
 pub mod catalog;
@@ -15,4 +16,5 @@ pub mod pool;
 pub mod retry;
 pub mod round_robin;
 pub mod router;
+pub mod trace;
 pub mod traffic;

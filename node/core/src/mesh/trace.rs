@@ -1,0 +1,187 @@
+//! Request ids and W3C trace context (`traceparent`) across hops: each agent a request passes
+//! through continues the caller's trace with a span of its own, or starts one. Ids come from
+//! the caller's random source, so every rule here is tested with fixed bytes.
+
+use std::fmt::Write;
+
+/// The header W3C Trace Context names.
+pub const TRACEPARENT: &str = "traceparent";
+/// The request id header Envoy and most proxies use.
+pub const REQUEST_ID: &str = "x-request-id";
+/// Longest `x-request-id` kept from a client; a longer one is replaced (it is logged on every
+/// hop, so a client must not make log lines arbitrarily long).
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// A parsed `traceparent`: version 00, a 16-byte trace id, the 8-byte id of the span that
+/// sent it, and the flags (bit 0: sampled).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub flags: u8,
+}
+
+impl TraceParent {
+    /// Parses the header as the W3C spec reads it: lowercase hex, non-zero ids, version 00
+    /// exactly (a later version's first four fields also parse, its tail is ignored); None
+    /// for anything else, and the hop then starts a new trace.
+    pub fn parse(value: &str) -> Option<TraceParent> {
+        let v = value.trim();
+        let mut parts = v.split('-');
+        let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let future = version != "00";
+        if version.len() != 2 || version == "ff" || !lower_hex(version) || (!future && parts.next().is_some()) {
+            return None;
+        }
+        let p =
+            TraceParent { trace_id: hex_array(trace)?, span_id: hex_array(span)?, flags: hex_array::<1>(flags)?[0] };
+        (p.trace_id != [0; 16] && p.span_id != [0; 8]).then_some(p)
+    }
+
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+
+    /// The header value: `00-<trace id>-<span id>-<flags>`.
+    pub fn header(&self) -> String {
+        format!("00-{}-{}-{:02x}", hex(&self.trace_id), hex(&self.span_id), self.flags)
+    }
+}
+
+/// This hop's span of a request: the trace it belongs to, its own id, and its parent's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hop {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// The span that called this hop; None at the root of a trace.
+    pub parent: Option<[u8; 8]>,
+    pub sampled: bool,
+}
+
+impl Hop {
+    /// Continues `incoming` (a valid `traceparent`) with `span_id`, keeping its sampling
+    /// decision (parent-based); without one, starts trace `trace_id`, sampled when
+    /// `sample` says so.
+    pub fn next(incoming: Option<&str>, trace_id: [u8; 16], span_id: [u8; 8], sample: bool) -> Hop {
+        match incoming.and_then(TraceParent::parse) {
+            Some(p) => Hop { trace_id: p.trace_id, span_id, parent: Some(p.span_id), sampled: p.sampled() },
+            None => Hop { trace_id, span_id, parent: None, sampled: sample },
+        }
+    }
+
+    /// The `traceparent` this hop sends on: itself as the parent of the next.
+    pub fn outgoing(&self) -> TraceParent {
+        TraceParent { trace_id: self.trace_id, span_id: self.span_id, flags: u8::from(self.sampled) }
+    }
+
+    pub fn trace_hex(&self) -> String {
+        hex(&self.trace_id)
+    }
+
+    pub fn span_hex(&self) -> String {
+        hex(&self.span_id)
+    }
+
+    pub fn parent_hex(&self) -> Option<String> {
+        self.parent.map(|p| hex(&p))
+    }
+}
+
+/// The request id to carry: the client's when it is printable ASCII within
+/// [`MAX_REQUEST_ID`], else a new one made from `fresh` (formatted as a UUID).
+pub fn request_id(incoming: Option<&str>, fresh: [u8; 16]) -> Option<String> {
+    match incoming {
+        Some(id) if !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.bytes().all(|b| b.is_ascii_graphic()) => None,
+        _ => Some(uuid(fresh)),
+    }
+}
+
+/// A version 4 UUID from 16 random bytes.
+pub fn uuid(mut b: [u8; 16]) -> String {
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex(&b);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn lower_hex(s: &str) -> bool {
+    s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+}
+
+fn hex_array<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N || !lower_hex(s) {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn the_w3c_example_round_trips() {
+        let p = TraceParent::parse(VALID).unwrap();
+        assert_eq!(hex(&p.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(hex(&p.span_id), "00f067aa0ba902b7");
+        assert!(p.sampled());
+        assert_eq!(p.header(), VALID);
+    }
+
+    #[test]
+    fn malformed_headers_are_ignored_not_repaired() {
+        let bad = [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e47zz-00f067aa0ba902b7-01",
+        ];
+        for b in bad {
+            assert_eq!(TraceParent::parse(b), None, "{b:?}");
+        }
+        // A later version: its first four fields are read, the rest ignored.
+        assert!(TraceParent::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what").is_some());
+    }
+
+    #[test]
+    fn a_hop_continues_the_callers_trace_or_starts_one() {
+        let hop = Hop::next(Some(VALID), [7; 16], [9; 8], false);
+        assert_eq!(hop.trace_hex(), "4bf92f3577b34da6a3ce929d0e0e4736", "same trace");
+        assert_eq!(hop.parent_hex().as_deref(), Some("00f067aa0ba902b7"), "the caller's span is the parent");
+        assert!(hop.sampled, "the parent's sampling decision wins over ours");
+        assert_eq!(hop.outgoing().header(), "00-4bf92f3577b34da6a3ce929d0e0e4736-0909090909090909-01");
+        let root = Hop::next(Some("garbage"), [7; 16], [9; 8], false);
+        assert_eq!((root.trace_id, root.parent, root.sampled), ([7; 16], None, false));
+        assert_eq!(root.outgoing().header(), format!("00-{}-{}-00", "07".repeat(16), "09".repeat(8)));
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane_and_made_otherwise() {
+        assert_eq!(request_id(Some("abc-123"), [0; 16]), None);
+        let made = request_id(None, [0xff; 16]).unwrap();
+        assert_eq!(made, "ffffffff-ffff-4fff-bfff-ffffffffffff");
+        assert!(request_id(Some("has space"), [1; 16]).is_some());
+        assert!(request_id(Some(&"x".repeat(MAX_REQUEST_ID + 1)), [1; 16]).is_some());
+        assert!(request_id(Some(""), [1; 16]).is_some());
+    }
+}

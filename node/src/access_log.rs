@@ -1,0 +1,375 @@
+//! The access log's shell: its `[access_log]` config, a writer thread (stdout or a file
+//! rotated by size) behind a bounded queue so a slow disk never holds a request, and the
+//! response body wrapper that writes a request's line once its answer has been sent.
+//! What a line holds and which are kept is `trellis_core::mesh::access_log`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use serde::Deserialize;
+use trellis_core::mesh::access_log::{Entry, Filter, Format};
+
+/// Lines waiting for the writer; past this they are dropped and counted.
+const QUEUE: usize = 8192;
+
+/// `[access_log]` in the agent's config.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// On when the section is present, unless set false.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub format: Format,
+    /// `stdout`, `stderr`, or a file (rotated at `max_size`).
+    #[serde(default = "stdout")]
+    pub path: String,
+    /// Bytes a file may reach before it is rotated to `<path>.1`.
+    #[serde(default = "hundred_mib")]
+    pub max_size: u64,
+    /// Rotated files kept (`<path>.1` .. `<path>.<keep>`).
+    #[serde(default = "three")]
+    pub keep: u32,
+    /// Share (0..=1) of ordinary requests logged; errors and slow ones always are.
+    #[serde(default = "one")]
+    pub sample: f64,
+    /// Only errors (5xx, the proxy's own answers) and slow requests.
+    #[serde(default)]
+    pub errors_only: bool,
+    /// Requests at least this slow are always logged (e.g. "500ms").
+    #[serde(default, with = "humantime_serde")]
+    pub slow: Option<Duration>,
+    /// Only these services (all when empty).
+    #[serde(default)]
+    pub services: Vec<String>,
+    /// Request headers whose values the JSON and text formats log (none by default).
+    #[serde(default)]
+    pub headers: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn stdout() -> String {
+    "stdout".into()
+}
+fn hundred_mib() -> u64 {
+    100 << 20
+}
+fn three() -> u32 {
+    3
+}
+fn one() -> f64 {
+    1.0
+}
+
+impl AccessLogConfig {
+    /// The defaults, writing to `path` (the `--access-log` flag).
+    pub fn to(path: &str) -> AccessLogConfig {
+        let mut c: AccessLogConfig = toml::from_str("").expect("every field has a default");
+        c.path = path.to_string();
+        c
+    }
+
+    /// Field errors, named as the config file spells them.
+    pub fn check(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.sample) {
+            return Err(format!("access_log.sample: {} is not a share; use 0 to 1 (e.g. 0.01 for 1%)", self.sample));
+        }
+        if self.max_size < 4096 {
+            return Err(format!(
+                "access_log.max_size: {} bytes is too small to rotate at; use at least 4096",
+                self.max_size
+            ));
+        }
+        if let Some(h) = self.headers.iter().find(|h| hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err()) {
+            return Err(format!("access_log.headers: {h:?} is not a header name; use names such as \"x-tenant\""));
+        }
+        if self.path.is_empty() {
+            return Err("access_log.path: empty; use stdout, stderr or a file path".into());
+        }
+        Ok(())
+    }
+}
+
+/// A running access log: which requests it takes, and the queue to its writer thread.
+pub struct AccessLog {
+    format: Format,
+    filter: Filter,
+    services: Vec<String>,
+    headers: Vec<hyper::header::HeaderName>,
+    queue: SyncSender<String>,
+    /// Lines dropped because the writer fell behind.
+    pub dropped: AtomicU64,
+    pub written: Arc<AtomicU64>,
+}
+
+impl AccessLog {
+    /// Opens the destination (a file is created or appended to) and starts the writer.
+    pub fn start(cfg: &AccessLogConfig) -> anyhow::Result<Arc<AccessLog>> {
+        cfg.check().map_err(anyhow::Error::msg)?;
+        let sink = Sink::open(cfg)?;
+        let (queue, lines) = std::sync::mpsc::sync_channel(QUEUE);
+        let written = Arc::new(AtomicU64::new(0));
+        let counter = written.clone();
+        std::thread::Builder::new().name("access-log".into()).spawn(move || sink.run(lines, &counter))?;
+        Ok(Arc::new(AccessLog {
+            format: cfg.format,
+            filter: Filter { sample: cfg.sample, errors_only: cfg.errors_only, slow: cfg.slow },
+            services: cfg.services.clone(),
+            headers: cfg.headers.iter().filter_map(|h| h.parse().ok()).collect(),
+            queue,
+            dropped: AtomicU64::new(0),
+            written,
+        }))
+    }
+
+    /// Does this service's traffic get lines here?
+    pub fn wants(&self, service: &str) -> bool {
+        self.services.is_empty() || self.services.iter().any(|s| s == service)
+    }
+
+    /// The configured request headers present on `headers`, for the line.
+    pub fn headers_of(&self, headers: &hyper::HeaderMap) -> Vec<(String, String)> {
+        let value = |n: &hyper::header::HeaderName| headers.get(n)?.to_str().ok().map(str::to_string);
+        self.headers.iter().filter_map(|n| Some((n.as_str().to_string(), value(n)?))).collect()
+    }
+
+    /// Queues the line if the filter keeps it; never waits.
+    fn write(&self, e: &Entry, took: Duration) {
+        if !self.filter.keep(e.status, e.reason.is_some(), took, rand::random::<f64>()) {
+            return;
+        }
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.queue.try_send(e.render(self.format)) {
+            self.dropped.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// Where lines go.
+enum Sink {
+    Stdout,
+    Stderr,
+    File { path: PathBuf, file: std::io::BufWriter<std::fs::File>, size: u64, max: u64, keep: u32 },
+}
+
+impl Sink {
+    fn open(cfg: &AccessLogConfig) -> anyhow::Result<Sink> {
+        Ok(match cfg.path.as_str() {
+            "stdout" => Sink::Stdout,
+            "stderr" => Sink::Stderr,
+            p => {
+                let path = PathBuf::from(p);
+                let file = append(&path).map_err(|e| {
+                    anyhow::anyhow!("access_log.path: cannot open {p}: {e}; pick a writable file, or stdout")
+                })?;
+                let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+                Sink::File { path, file: std::io::BufWriter::new(file), size, max: cfg.max_size, keep: cfg.keep }
+            }
+        })
+    }
+
+    /// Writes lines as they come, flushing whenever the queue runs dry.
+    fn run(mut self, lines: Receiver<String>, written: &AtomicU64) {
+        loop {
+            match lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => {
+                    if let Err(e) = self.put(&line) {
+                        tracing::warn!(error = %e, "access log write failed");
+                    }
+                    written.fetch_add(1, Relaxed);
+                    continue;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    let _ = self.flush();
+                    return;
+                }
+            }
+            let _ = self.flush();
+        }
+    }
+
+    fn put(&mut self, line: &str) -> std::io::Result<()> {
+        match self {
+            Sink::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
+            Sink::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
+            Sink::File { path, file, size, max, keep } => {
+                if *size + line.len() as u64 > *max && *size > 0 {
+                    file.flush()?;
+                    rotate(path, *keep)?;
+                    *file = std::io::BufWriter::new(append(path)?);
+                    *size = 0;
+                }
+                *size += line.len() as u64;
+                file.write_all(line.as_bytes())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Stdout => std::io::stdout().flush(),
+            Sink::Stderr => Ok(()),
+            Sink::File { file, .. } => file.flush(),
+        }
+    }
+}
+
+fn append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// `path` becomes `path.1`, `path.1` becomes `path.2`, ... the oldest beyond `keep` goes.
+fn rotate(path: &std::path::Path, keep: u32) -> std::io::Result<()> {
+    let nth = |n: u32| PathBuf::from(format!("{}.{n}", path.display()));
+    if keep == 0 {
+        return std::fs::remove_file(path);
+    }
+    for n in (1..keep).rev() {
+        if nth(n).exists() {
+            std::fs::rename(nth(n), nth(n + 1))?;
+        }
+    }
+    std::fs::rename(path, nth(1))
+}
+
+/// A body that counts the bytes it carries into a shared counter.
+pub struct Counted<B> {
+    inner: B,
+    bytes: Option<Arc<AtomicU64>>,
+}
+
+impl<B> Counted<B> {
+    /// Counts into `bytes` when given; otherwise only passes frames through.
+    pub fn new(inner: B, bytes: Option<Arc<AtomicU64>>) -> Counted<B> {
+        Counted { inner, bytes }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(f))), Some(n)) = (&r, &self.bytes) {
+            if let Some(d) = f.data_ref() {
+                n.fetch_add(d.len() as u64, Relaxed);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that writes its request's line when it is dropped: after the last byte
+/// went to the client, or when the client went away.
+pub struct Logged<B> {
+    inner: B,
+    sent: u64,
+    line: Option<Pending>,
+}
+
+/// A line waiting for its response to end.
+pub struct Pending {
+    pub log: Arc<AccessLog>,
+    pub entry: Entry,
+    pub started: Instant,
+    pub received: Arc<AtomicU64>,
+}
+
+impl<B> Logged<B> {
+    pub fn new(inner: B, line: Pending) -> Logged<B> {
+        Logged { inner, sent: 0, line: Some(line) }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Logged<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                self.sent += d.len() as u64;
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Logged<B> {
+    fn drop(&mut self) {
+        let Some(mut p) = self.line.take() else { return };
+        let took = p.started.elapsed();
+        p.entry.duration_ms = took.as_millis() as u64;
+        p.entry.bytes_sent = self.sent;
+        p.entry.bytes_received = p.received.load(Relaxed);
+        p.log.write(&p.entry, took);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_field_errors() {
+        let c = AccessLogConfig::to("stdout");
+        assert!(c.enabled && c.format == Format::Json && c.sample == 1.0 && c.keep == 3);
+        let bad = AccessLogConfig { sample: 1.5, ..c.clone() };
+        assert!(bad.check().unwrap_err().starts_with("access_log.sample"));
+        let bad = AccessLogConfig { headers: vec!["bad header".into()], ..c.clone() };
+        assert!(bad.check().unwrap_err().starts_with("access_log.headers"));
+        let parsed: AccessLogConfig =
+            toml::from_str("format = \"envoy\"\nslow = \"250ms\"\nservices = [\"web\"]").unwrap();
+        assert_eq!((parsed.format, parsed.slow), (Format::Envoy, Some(Duration::from_millis(250))));
+        assert!(toml::from_str::<AccessLogConfig>("formatt = \"json\"").is_err(), "unknown keys refused");
+    }
+
+    #[test]
+    fn a_file_rotates_at_its_size_and_keeps_the_newest() {
+        let dir = std::env::temp_dir().join(format!("trellis-access-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let cfg = AccessLogConfig { max_size: 4096, keep: 2, ..AccessLogConfig::to(path.to_str().unwrap()) };
+        let mut sink = Sink::open(&cfg).unwrap();
+        let line = format!("{}\n", "x".repeat(999));
+        for _ in 0..13 {
+            sink.put(&line).unwrap();
+        }
+        sink.flush().unwrap();
+        let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        assert_eq!(size(&path), 1000, "13 lines of 1000 bytes at 4 per file: 4 + 4 + 4 + 1");
+        assert_eq!(size(&dir.join("access.log.1")), 4000);
+        assert_eq!(size(&dir.join("access.log.2")), 4000);
+        assert!(!dir.join("access.log.3").exists(), "keep = 2");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
