@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use serde::Deserialize;
-use trellis_core::mesh::access_log::{Entry, Filter, Format};
+use trellis_core::mesh::access_log::{Entry, EnvoyHeaders, Filter, Format, Side};
+use trellis_core::mesh::trace::Hop;
 
 /// Lines waiting for the writer; past this they are dropped and counted.
 const QUEUE: usize = 8192;
@@ -138,9 +139,41 @@ impl AccessLog {
     }
 
     /// The configured request headers present on `headers`, for the line.
-    pub fn headers_of(&self, headers: &hyper::HeaderMap) -> Vec<(String, String)> {
+    fn headers_of(&self, headers: &hyper::HeaderMap) -> Vec<(String, String)> {
         let value = |n: &hyper::header::HeaderName| headers.get(n)?.to_str().ok().map(str::to_string);
         self.headers.iter().filter_map(|n| Some((n.as_str().to_string(), value(n)?))).collect()
+    }
+
+    /// A request's line as far as its head tells, before it is sent on; the answer fills in
+    /// the rest ([`Logged`]).
+    pub fn begin<B>(&self, req: &hyper::Request<B>, hop: &Hop, side: Side, source: String, service: &str) -> Entry {
+        let h = req.headers();
+        let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+        Entry {
+            start_ms: crate::policy::now_ms(),
+            side,
+            request_id: crate::mesh::ids::request_id(h),
+            trace_id: hop.trace_hex(),
+            span_id: hop.span_hex(),
+            parent_span_id: hop.parent_hex(),
+            source,
+            service: service.to_string(),
+            route: None,
+            instance: None,
+            upstream: None,
+            method: req.method().to_string(),
+            path: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string(),
+            protocol: protocol(req.version()),
+            authority: header("host").or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default(),
+            status: 0,
+            reason: None,
+            duration_ms: 0,
+            bytes_received: 0,
+            bytes_sent: 0,
+            attempts: 0,
+            headers: self.headers_of(h),
+            envoy: EnvoyHeaders { forwarded_for: header("x-forwarded-for"), user_agent: header("user-agent") },
+        }
     }
 
     /// Queues the line if the filter keeps it; never waits.
@@ -151,6 +184,14 @@ impl AccessLog {
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.queue.try_send(e.render(self.format)) {
             self.dropped.fetch_add(1, Relaxed);
         }
+    }
+}
+
+pub fn protocol(v: hyper::Version) -> &'static str {
+    match v {
+        hyper::Version::HTTP_10 => "HTTP/1.0",
+        hyper::Version::HTTP_2 => "HTTP/2",
+        _ => "HTTP/1.1",
     }
 }
 

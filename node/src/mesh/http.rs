@@ -14,7 +14,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::access_log::{AccessLog, Counted, Logged, Pending};
+use crate::access_log::{Counted, Logged, Pending};
 use crate::limits::Limits;
 use crate::listen::{ConnGate, FirstRequest};
 
@@ -24,7 +24,7 @@ use super::forward::{Forwarder, OpenError, SendError};
 use super::instance_http;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
-use trellis_core::mesh::access_log::{Entry, EnvoyHeaders, Side};
+use trellis_core::mesh::access_log::{Entry, Side};
 use trellis_core::mesh::catalog::Snapshot;
 use trellis_core::mesh::circuit::{Admit, Breakers};
 use trellis_core::mesh::outlier::Outcome;
@@ -111,14 +111,14 @@ async fn proxy(
     let req = req.map(|b| Counted::new(b, received.clone()));
     let (label, line, resp) = match Target::of(&snap, &req, fixed.as_deref()) {
         Some(target) => {
-            let line = log.filter(|l| l.wants(&target.resolved.service)).map(|l| {
-                let route = target.resolved.route.clone();
-                log_line(l, &req, &hop, client, &target.resolved.service, route)
+            let line = log.filter(|l| l.wants(&target.resolved.service)).map(|l| Entry {
+                route: target.resolved.route.clone(),
+                ..l.begin(&req, &hop, Side::Outbound, source(client), &target.resolved.service)
             });
             (target.label(), line, stack(&fwd, &target, req).await)
         }
         None => {
-            let line = log.map(|l| log_line(l, &req, &hop, client, "_other", None));
+            let line = log.map(|l| l.begin(&req, &hop, Side::Outbound, source(client), "_other"));
             let resp = error(StatusCode::BAD_REQUEST, "no_host", "set Host: <service> or <service>.trellis".into());
             ("_other", line, resp)
         }
@@ -132,42 +132,8 @@ async fn proxy(
     })
 }
 
-/// The access log line of a request, as far as is known before it is sent.
-fn log_line(
-    log: &AccessLog,
-    req: &Request<InBody>,
-    hop: &trellis_core::mesh::trace::Hop,
-    client: Option<std::net::SocketAddr>,
-    service: &str,
-    route: Option<String>,
-) -> Entry {
-    let h = req.headers();
-    let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
-    Entry {
-        start_ms: crate::policy::now_ms(),
-        side: Side::Outbound,
-        request_id: super::ids::request_id(h),
-        trace_id: hop.trace_hex(),
-        span_id: hop.span_hex(),
-        parent_span_id: hop.parent_hex(),
-        source: client.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
-        service: service.to_string(),
-        route,
-        instance: None,
-        upstream: None,
-        method: req.method().to_string(),
-        path: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string(),
-        protocol: protocol(req.version()),
-        authority: header("host").or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default(),
-        status: 0,
-        reason: None,
-        duration_ms: 0,
-        bytes_received: 0,
-        bytes_sent: 0,
-        attempts: 0,
-        headers: log.headers_of(h),
-        envoy: EnvoyHeaders { forwarded_for: header("x-forwarded-for"), user_agent: header("user-agent") },
-    }
+fn source(client: Option<std::net::SocketAddr>) -> String {
+    client.map_or_else(|| "-".into(), |c| c.to_string())
 }
 
 /// Fills in what the answer says (status, the proxy's reason, the instance, attempts) and
@@ -193,14 +159,6 @@ pub(crate) struct Picked {
 /// How many attempts a request took, for the access log.
 #[derive(Clone, Copy)]
 struct Attempts(u32);
-
-pub(crate) fn protocol(v: hyper::Version) -> &'static str {
-    match v {
-        hyper::Version::HTTP_10 => "HTTP/1.0",
-        hyper::Version::HTTP_2 => "HTTP/2",
-        _ => "HTTP/1.1",
-    }
-}
 
 /// The client side of the data plane, top to bottom: rate limit, circuit (concurrency and
 /// error rate), whole-request timeout, retries (budget, backoff, per-try timeout), then one

@@ -21,11 +21,11 @@ use trellis_proto::forward::{ForwardOpen, ForwardStatus, MAX_FORWARD_HEADER};
 
 use super::instance_http;
 use super::view::MeshView;
-use crate::access_log::{AccessLog, Counted, Pending};
+use crate::access_log::{Counted, Pending};
 use crate::transport::BiStream;
 use std::time::Instant;
 use tokio::sync::mpsc;
-use trellis_core::mesh::access_log::{Entry, EnvoyHeaders, Side};
+use trellis_core::mesh::access_log::{Entry, Side};
 use trellis_core::mesh::authz::{self, HttpRequest};
 use trellis_core::mesh::catalog::{InstanceView, Snapshot};
 use trellis_core::policy::model::{Action, Health, Protocol};
@@ -219,7 +219,12 @@ async fn request(
     let hop = super::ids::stamp(req.headers_mut());
     let line = fwd.node.access_log.as_ref().filter(|l| l.wants(&service)).map(|log| {
         let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let entry = inbound_line(log, &req, &hop, &caller, &service, &instance);
+        let entry = Entry {
+            instance: Some(instance.name.clone()),
+            upstream: Some(std::net::SocketAddr::from(instance.addr).to_string()),
+            attempts: 1,
+            ..log.begin(&req, &hop, Side::Inbound, caller.to_string(), &service)
+        };
         (Pending { log: log.clone(), entry, started, received: received.clone() }, received)
     });
     let (line, received) = line.map_or((None, None), |(p, r)| (Some(p), Some(r)));
@@ -270,44 +275,6 @@ async fn decide_and_send(
             let msg = format!("the instance did not answer: {e}");
             super::answer::error(StatusCode::BAD_GATEWAY, "upstream", msg)
         }
-    }
-}
-
-/// The access log line of a request served at the destination, before it is sent on.
-fn inbound_line(
-    log: &AccessLog,
-    req: &Request<Incoming>,
-    hop: &trellis_core::mesh::trace::Hop,
-    caller: &str,
-    service: &str,
-    instance: &Instance,
-) -> Entry {
-    let h = req.headers();
-    let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
-    Entry {
-        start_ms: crate::policy::now_ms(),
-        side: Side::Inbound,
-        request_id: super::ids::request_id(h),
-        trace_id: hop.trace_hex(),
-        span_id: hop.span_hex(),
-        parent_span_id: hop.parent_hex(),
-        source: caller.to_string(),
-        service: service.to_string(),
-        route: None,
-        instance: Some(instance.name.clone()),
-        upstream: Some(std::net::SocketAddr::from(instance.addr).to_string()),
-        method: req.method().to_string(),
-        path: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string(),
-        protocol: super::http::protocol(req.version()),
-        authority: header("host").or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default(),
-        status: 0,
-        reason: None,
-        duration_ms: 0,
-        bytes_received: 0,
-        bytes_sent: 0,
-        attempts: 1,
-        headers: log.headers_of(h),
-        envoy: EnvoyHeaders { forwarded_for: header("x-forwarded-for"), user_agent: header("user-agent") },
     }
 }
 
