@@ -178,7 +178,7 @@ impl AccessLog {
 
     /// Queues the line if the filter keeps it; never waits.
     fn write(&self, e: &Entry, took: Duration) {
-        if !self.filter.keep(e.status, e.reason.is_some(), took, rand::random::<f64>()) {
+        if !self.filter.keep(e.is_error(), took, rand::random::<f64>()) {
             return;
         }
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.queue.try_send(e.render(self.format)) {
@@ -281,6 +281,68 @@ fn rotate(path: &std::path::Path, keep: u32) -> std::io::Result<()> {
         }
     }
     std::fs::rename(path, nth(1))
+}
+
+/// A TCP connection's line, written when it ends, however it ends.
+pub struct TcpLine {
+    log: Arc<AccessLog>,
+    entry: Entry,
+    started: Instant,
+}
+
+impl TcpLine {
+    /// A line for a connection of `service` from `source`, when the log takes the service.
+    pub fn start(log: Option<&Arc<AccessLog>>, side: Side, source: String, service: &str) -> Option<TcpLine> {
+        let log = log.filter(|l| l.wants(service))?;
+        let entry = Entry {
+            start_ms: crate::policy::now_ms(),
+            side,
+            request_id: String::new(),
+            trace_id: String::new(),
+            span_id: String::new(),
+            parent_span_id: None,
+            source,
+            service: service.to_string(),
+            route: None,
+            instance: None,
+            upstream: None,
+            method: String::new(),
+            path: String::new(),
+            protocol: "TCP",
+            authority: String::new(),
+            status: 0,
+            reason: None,
+            duration_ms: 0,
+            bytes_received: 0,
+            bytes_sent: 0,
+            attempts: 1,
+            headers: vec![],
+            envoy: EnvoyHeaders::default(),
+        };
+        Some(TcpLine { log: log.clone(), entry, started: Instant::now() })
+    }
+
+    pub fn instance(&mut self, name: &str, addr: std::net::SocketAddr) {
+        (self.entry.instance, self.entry.upstream) = (Some(name.to_string()), Some(addr.to_string()));
+    }
+
+    /// Bytes from the connecting side, and to it.
+    pub fn bytes(&mut self, received: u64, sent: u64) {
+        (self.entry.bytes_received, self.entry.bytes_sent) = (received, sent);
+    }
+
+    /// Why the connection ended early (the proxy's reason, as in `x-trellis-reason`).
+    pub fn failed(&mut self, reason: &str) {
+        self.entry.reason = Some(reason.to_string());
+    }
+}
+
+impl Drop for TcpLine {
+    fn drop(&mut self) {
+        let took = self.started.elapsed();
+        self.entry.duration_ms = took.as_millis() as u64;
+        self.log.write(&self.entry, took);
+    }
 }
 
 /// A body that counts the bytes it carries into a shared counter.

@@ -1782,8 +1782,16 @@ fn request_ids_and_trace_context_cross_two_agents_into_both_access_logs() {
     std::fs::create_dir_all(&dir).unwrap();
     let (log0, log1) = (dir.join("n0.log"), dir.join("n1.log"));
     let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let node_args = vec![
-        vec!["--proxy".into(), proxy.to_string(), "--access-log".into(), log0.display().to_string()],
+        vec![
+            "--proxy".into(),
+            proxy.to_string(),
+            "--upstream".into(),
+            format!("echo={tcp}"),
+            "--access-log".into(),
+            log0.display().to_string(),
+        ],
         vec!["--access-log".into(), log1.display().to_string()],
     ];
     let c = Cluster::start(ClusterSpec { nodes: 2, node_args, ..Default::default() }).unwrap();
@@ -1841,6 +1849,29 @@ fn request_ids_and_trace_context_cross_two_agents_into_both_access_logs() {
     }
     assert_eq!(out["parent_span_id"].as_str(), Some("b7ad6b7169203331"));
     assert_eq!(inn["parent_span_id"], out["span_id"]);
+
+    // A TCP connection gets one line on each agent too, with its bytes both ways.
+    register(&c, 1, "echo-1", echo_server("hello"));
+    wait_instances(&c, 0, 1);
+    let mut s = c.wait_until(Duration::from_secs(10), "the echo listener", || TcpStream::connect(tcp).ok()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 6];
+    s.read_exact(&mut buf).unwrap();
+    s.write_all(b"ping").unwrap();
+    s.read_exact(&mut buf[..4]).unwrap();
+    drop(s);
+    let tcp_line = |p: &std::path::Path| lines(p).into_iter().find(|l| l["protocol"] == "TCP");
+    let (out, inn) =
+        c.wait_until(Duration::from_secs(5), "the TCP lines", || Some((tcp_line(&log0)?, tcp_line(&log1)?))).unwrap();
+    println!("{out}\n{inn}");
+    for l in [&out, &inn] {
+        assert_eq!(
+            (l["service"].as_str(), l["bytes_received"].as_u64(), l["bytes_sent"].as_u64()),
+            (Some("echo"), Some(4), Some(10))
+        );
+        assert!(l.get("method").is_none() && l.get("request_id").is_none(), "{l}");
+    }
+    assert_eq!(inn["source"].as_str(), Some(self_id(&c, 0).as_str()));
     let written = lines(&log0).len() as f64;
     c.wait_until(Duration::from_secs(5), "the lines counted", || {
         let m = c.node(0).api().get_text("/metrics").ok()?;

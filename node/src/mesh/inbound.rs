@@ -21,7 +21,7 @@ use trellis_proto::forward::{ForwardOpen, ForwardStatus, MAX_FORWARD_HEADER};
 
 use super::instance_http;
 use super::view::MeshView;
-use crate::access_log::{Counted, Pending};
+use crate::access_log::{Counted, Pending, TcpLine};
 use crate::transport::BiStream;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -110,17 +110,23 @@ impl MeshView {
         // A stream lives as long as its caller keeps it (pooled HTTP connections, long TCP
         // sessions), so it is decided again whenever policy changes.
         let mut changes = self.node.policy.index.subscribe();
+        let mut line = TcpLine::start(self.node.access_log.as_ref(), Side::Inbound, caller.to_string(), service);
+        if let Some(l) = &mut line {
+            l.instance(&target.name, (target.instance.address, target.instance.port).into());
+        }
         let copy = super::io::relay(io, &mut up);
         tokio::pin!(copy);
         loop {
             tokio::select! {
                 r = &mut copy => {
-                    r?;
+                    let (received, sent) = r.inspect_err(|_| line.iter_mut().for_each(|l| l.failed("upstream")))?;
+                    line.iter_mut().for_each(|l| l.bytes(received, sent));
                     return Ok(Ended::Done);
                 }
                 Ok(()) = changes.changed() => {
                     let snap = self.snapshot();
                     if stream_decision(&snap, caller, service) == Action::Deny {
+                        line.iter_mut().for_each(|l| l.failed("denied"));
                         self.stats.denied.fetch_add(1, Relaxed);
                         tracing::info!(%caller, %service, "open stream closed: intentions now deny");
                         return Ok(Ended::Denied);

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
+use trellis_core::mesh::access_log::Side;
 use trellis_core::mesh::circuit::SlotKind;
+
+use crate::access_log::TcpLine;
 
 use super::forward::Forwarder;
 
@@ -50,21 +53,36 @@ impl Forwarder {
     /// Carries one TCP client; it is closed when the instance's node goes away, rather
     /// than when QUIC's idle timeout notices.
     pub(crate) async fn client(&self, service: &str, mut tcp: TcpStream) -> anyhow::Result<()> {
-        let (pick, in_flight) = self.pick(&self.snapshot(), service, &BTreeMap::new(), None, &mut Vec::new())?;
+        let source = tcp.peer_addr().map_or_else(|_| "-".into(), |a| a.to_string());
+        let mut line = TcpLine::start(self.view.node.access_log.as_ref(), Side::Outbound, source, service);
+        let (pick, in_flight) = self
+            .pick(&self.snapshot(), service, &BTreeMap::new(), None, &mut Vec::new())
+            .inspect_err(|_| line.iter_mut().for_each(|l| l.failed("no_instance")))?;
+        if let Some(l) = &mut line {
+            l.instance(&pick.name, pick.addr);
+        }
         let Some(slot) = self.slot(service, SlotKind::Connection, pick.circuit_breaker.max_connections) else {
             self.stats.circuit_open.fetch_add(1, Relaxed);
+            line.iter_mut().for_each(|l| l.failed("circuit_open"));
             anyhow::bail!(
                 "{} connections to {service} already open from this node",
                 pick.circuit_breaker.max_connections
             );
         };
         let started = Instant::now();
-        let io = self.connect(service, &pick).await?;
+        let io = self
+            .connect(service, &pick)
+            .await
+            .inspect_err(|_| line.iter_mut().for_each(|l| l.failed("unreachable")))?;
         self.observe(&pick, started.elapsed());
         let mut up = self.metered(io, Some(in_flight), Some(slot));
         tokio::select! {
-            r = super::io::relay(&mut tcp, &mut up) => { r?; }
+            r = super::io::relay(&mut tcp, &mut up) => {
+                let (received, sent) = r.inspect_err(|_| line.iter_mut().for_each(|l| l.failed("upstream")))?;
+                line.iter_mut().for_each(|l| l.bytes(received, sent));
+            }
             _ = self.node_gone(&pick.node), if pick.peer.is_some() => {
+                line.iter_mut().for_each(|l| l.failed("instance_gone"));
                 tracing::debug!(%service, node = %pick.node, "connection closed: the instance's node is gone");
             }
         }

@@ -23,8 +23,11 @@ pub struct Entry {
     /// Milliseconds since the Unix epoch when the request arrived.
     pub start_ms: u64,
     pub side: Side,
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub request_id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub trace_id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub span_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent_span_id: Option<String>,
@@ -39,10 +42,15 @@ pub struct Entry {
     /// The instance's address (`ip:port`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub method: String,
     /// Path and query as the client sent them.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub path: String,
+    /// `HTTP/1.1`, `HTTP/2`, or `TCP` for an opaque connection (which has no method, path,
+    /// authority or ids).
     pub protocol: &'static str,
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub authority: String,
     /// 0 when no answer started (the client went away first).
     pub status: u16,
@@ -50,7 +58,7 @@ pub struct Entry {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub duration_ms: u64,
-    /// Body bytes from the client, and to it.
+    /// Body bytes from the client, and to it (all bytes, for a TCP connection).
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub attempts: u32,
@@ -98,16 +106,22 @@ impl Default for Filter {
 }
 
 impl Filter {
-    /// Errors and slow requests are always kept; the rest by `sample`, `roll` being a
-    /// uniform draw in [0, 1).
-    pub fn keep(&self, status: u16, by_proxy: bool, took: Duration, roll: f64) -> bool {
-        let error = status == 0 || status >= 500 || by_proxy;
+    /// Errors ([`Entry::is_error`]) and slow requests are always kept; the rest by
+    /// `sample`, `roll` being a uniform draw in [0, 1).
+    pub fn keep(&self, error: bool, took: Duration, roll: f64) -> bool {
         let slow = self.slow.is_some_and(|s| took >= s);
         error || slow || (!self.errors_only && roll < self.sample)
     }
 }
 
 impl Entry {
+    /// A 5xx, an answer that never started, or a proxy's own answer (a TCP connection has
+    /// no status: only a proxy's reason makes it an error).
+    pub fn is_error(&self) -> bool {
+        let http_error = self.protocol != "TCP" && (self.status == 0 || self.status >= 500);
+        http_error || self.reason.is_some()
+    }
+
     /// The line, newline included.
     pub fn render(&self, format: Format) -> String {
         match format {
@@ -166,12 +180,14 @@ impl Entry {
     /// unset value, as Envoy writes it.
     fn envoy(&self) -> String {
         let dash = |v: Option<&str>| v.filter(|v| !v.is_empty()).unwrap_or("-").to_string();
+        // Envoy prints a TCP connection's request line as `"- - -"`.
+        let protocol = if self.protocol == "TCP" { "-" } else { self.protocol };
         format!(
             "[{}] \"{} {} {}\" {} {} {} {} {} {} \"{}\" \"{}\" \"{}\" \"{}\" \"{}\"\n",
             rfc3339_ms(self.start_ms),
-            self.method,
-            self.path,
-            self.protocol,
+            dash(Some(&self.method)),
+            dash(Some(&self.path)),
+            protocol,
             self.status,
             response_flags(self.reason.as_deref()),
             self.bytes_received,
@@ -267,6 +283,21 @@ mod tests {
     }
 
     #[test]
+    fn a_tcp_connection_reads_as_envoy_writes_one() {
+        let mut e = entry();
+        (e.method, e.path, e.protocol, e.status, e.request_id, e.authority) =
+            (String::new(), String::new(), "TCP", 0, String::new(), String::new());
+        e.envoy = EnvoyHeaders::default();
+        assert_eq!(
+            e.render(Format::Envoy),
+            "[2016-04-15T20:17:00.310Z] \"- - -\" 0 - 154 0 226 - \"-\" \"-\" \"-\" \"-\" \"10.0.2.1:80\"\n"
+        );
+        let v: serde_json::Value = serde_json::from_str(&e.render(Format::Json)).unwrap();
+        assert!(v.get("method").is_none() && v.get("request_id").is_none(), "{v}");
+        assert_eq!(v["protocol"], "TCP");
+    }
+
+    #[test]
     fn json_and_text_carry_the_ids_and_leave_out_what_is_unset() {
         let v: serde_json::Value = serde_json::from_str(&entry().render(Format::Json)).unwrap();
         assert_eq!(v["request_id"], "cc21d9b0-cf5c-432b-8c7e-98aeb7988cd2");
@@ -291,13 +322,18 @@ mod tests {
     fn errors_and_slow_requests_are_always_kept_the_rest_sampled() {
         let f = Filter { sample: 0.1, errors_only: false, slow: Some(Duration::from_millis(500)) };
         let ms = Duration::from_millis;
-        assert!(f.keep(200, false, ms(1), 0.05));
-        assert!(!f.keep(200, false, ms(1), 0.5));
-        assert!(f.keep(503, false, ms(1), 0.99), "5xx");
-        assert!(f.keep(429, true, ms(1), 0.99), "the proxy's own answer");
-        assert!(f.keep(200, false, ms(600), 0.99), "slow");
+        let error = |status: u16, reason: Option<&str>, protocol: &'static str| {
+            Entry { status, reason: reason.map(str::to_string), protocol, ..entry() }.is_error()
+        };
+        assert!(!error(200, None, "HTTP/1.1") && error(503, None, "HTTP/1.1") && error(0, None, "HTTP/2"));
+        assert!(error(429, Some("rate_limited"), "HTTP/1.1"), "the proxy's own answer");
+        assert!(!error(0, None, "TCP") && error(0, Some("unreachable"), "TCP"));
+        assert!(f.keep(false, ms(1), 0.05));
+        assert!(!f.keep(false, ms(1), 0.5));
+        assert!(f.keep(true, ms(1), 0.99), "errors");
+        assert!(f.keep(false, ms(600), 0.99), "slow");
         let errors = Filter { errors_only: true, ..f };
-        assert!(!errors.keep(200, false, ms(1), 0.0));
-        assert!(errors.keep(500, false, ms(1), 0.99));
+        assert!(!errors.keep(false, ms(1), 0.0));
+        assert!(errors.keep(true, ms(1), 0.99));
     }
 }

@@ -2,8 +2,6 @@
 //! through continues the caller's trace with a span of its own, or starts one. Ids come from
 //! the caller's random source, so every rule here is tested with fixed bytes.
 
-use std::fmt::Write;
-
 /// The header W3C Trace Context names.
 pub const TRACEPARENT: &str = "traceparent";
 /// The request id header Envoy and most proxies use.
@@ -44,7 +42,14 @@ impl TraceParent {
 
     /// The header value: `00-<trace id>-<span id>-<flags>`.
     pub fn header(&self) -> String {
-        format!("00-{}-{}-{:02x}", hex(&self.trace_id), hex(&self.span_id), self.flags)
+        let mut s = String::with_capacity(55);
+        s.push_str("00-");
+        s.push_str(&hex(&self.trace_id));
+        s.push('-');
+        s.push_str(&hex(&self.span_id));
+        s.push('-');
+        s.push_str(&hex(&[self.flags]));
+        s
     }
 }
 
@@ -104,10 +109,13 @@ pub fn uuid(mut b: [u8; 16]) -> String {
     format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
+/// Lowercase hex, by table: it runs on every request's ids.
 pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        let _ = write!(s, "{b:02x}");
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0xf)] as char);
     }
     s
 }
