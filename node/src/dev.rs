@@ -33,7 +33,7 @@ const CERT_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Node i listens on 127.0.0.(i+2): peer UDP 7946, API 8500, so every agent looks like a host.
-pub(crate) fn addr(i: u8, port: u16) -> SocketAddr {
+fn addr(i: u8, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i)), port)
 }
 
@@ -58,7 +58,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         eprintln!("warning: the cluster did not form within 30 s; see the agent.log files in {}", dir.display());
     }
     let demo = match (args.no_demo, formed) {
-        (false, true) => Some(crate::dev_demo::start(&rt, &dir, args.nodes)),
+        (false, true) => Some(crate::dev_demo::start(&rt, &dir, args.nodes, addr)),
         _ => None,
     };
     if let Some(Err(e)) = &demo {

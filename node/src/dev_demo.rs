@@ -12,8 +12,6 @@ use http_body_util::Full;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
-use crate::dev::addr;
-
 /// The demo's service name and the port its instances listen on, on their node's address.
 pub const SERVICE: &str = "web";
 const PORT: u16 = 9080;
@@ -29,9 +27,12 @@ pub struct Demo {
     pub deny_file: PathBuf,
 }
 
+/// Node i's address on `port` (the dev cluster's layout).
+pub type Addr = fn(u8, u16) -> SocketAddr;
+
 /// Starts the echo servers on `rt`, registers them, and waits until a call by name through
 /// node 1 is answered.
-pub fn start(rt: &tokio::runtime::Runtime, dir: &Path, nodes: u8) -> anyhow::Result<Demo> {
+pub fn start(rt: &tokio::runtime::Runtime, dir: &Path, nodes: u8, addr: Addr) -> anyhow::Result<Demo> {
     let on: Vec<u8> = if nodes == 1 { vec![0] } else { (1..nodes.min(3)).collect() };
     let mut instances = Vec::new();
     for (k, i) in on.into_iter().enumerate() {
