@@ -45,6 +45,18 @@ pub struct AgentHandle {
     pub files: Arc<AgentFiles>,
     /// The access log, when on (for its counters).
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
+    /// Mesh-wide metrics (`/v1/stats`).
+    pub stats: Arc<crate::stats::Stats>,
+}
+
+/// How often mesh-wide metrics are closed and sent: every second under the test profile,
+/// every 10 s otherwise (Prometheus' usual scrape interval).
+fn stats_interval(profile: trellis_core::membership::timing::Profile) -> std::time::Duration {
+    use trellis_core::membership::timing::Profile;
+    match profile {
+        Profile::Fast => std::time::Duration::from_secs(1),
+        Profile::Lan | Profile::Wan => std::time::Duration::from_secs(10),
+    }
 }
 
 /// Where this agent keeps its files, as absolute paths: `trellis check` asks rather than
@@ -119,12 +131,14 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
     let mut core = Membership::with_policy(identity, &cfg.timing, cfg.expected_size, generation, Some(items));
     core.join(Instant::now(), &cfg.join);
     let (limit_tx, limit_rx) = mpsc::channel(1024);
+    let (stats_tx, stats_rx) = mpsc::channel(1024);
     let links = crate::membership::Links {
         transport: transport.clone(),
         policy: policy.clone(),
         sync_every: cfg.timing.sync_interval,
         inbound,
         limits: limit_tx,
+        stats: stats_tx,
     };
     let members = crate::membership::spawn(core, tls.cluster_id.clone(), links, registered);
     let writer = PolicyWriter { policy: policy.clone(), members: members.clone() };
@@ -142,6 +156,8 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         ratelimit_timing,
     ));
     tokio::spawn(crate::mesh::health::run(writer.clone()));
+    let stats = crate::stats::Stats::new(stats_interval(cfg.profile));
+    tokio::spawn(crate::stats::run(stats.clone(), members.clone(), transport.clone(), stats_rx));
     let access_log = cfg.access_log.as_ref().map(crate::access_log::AccessLog::start).transpose()?;
     let view = MeshView::new(
         crate::mesh::view::Inputs {
@@ -151,6 +167,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
             ratelimits: ratelimits.clone(),
             spiffe_id: tls.identity.clone(),
             access_log: access_log.clone(),
+            stats: stats.clone(),
         },
         forward.clone(),
     );
@@ -179,6 +196,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         lifecycle: Arc::default(),
         files: Arc::new(AgentFiles::of(cfg)),
         access_log,
+        stats,
     })
 }
 

@@ -63,6 +63,7 @@ pub fn routes() -> Routes<AgentHandle> {
         .merge(crate::api_policy::routes())
         .merge(crate::api_catalog::routes())
         .merge(crate::api_ratelimit::routes())
+        .merge(crate::api_stats::routes())
         .merge(crate::api_openapi::routes())
         .merge(crate::dashboard::routes())
 }

@@ -62,6 +62,20 @@ pub enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// The mesh's golden metrics from every agent: success rate, requests per second, latency
+    /// p50/p95/p99 and open TCP connections, by service (or route, source node, answering node).
+    Stat {
+        /// One service; all when omitted.
+        service: Option<String>,
+        /// Group rows by service, route, source (the calling node) or node (the answering one).
+        #[arg(long, default_value = "service", value_parser = ["service", "route", "source", "node"])]
+        by: String,
+        /// How far back to look (1s to 15m).
+        #[arg(long, default_value = "1m")]
+        window: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Check a config file or directory (with the TRELLIS_* environment) exactly as the
     /// agent does at start.
     Validate { file: PathBuf },
@@ -263,6 +277,9 @@ pub fn main() -> i32 {
             Some(ServicesCommand::Register { file }) => crate::client_services::register(cli.http_addr, &file),
             Some(ServicesCommand::Deregister { id }) => crate::client_services::deregister(cli.http_addr, &id),
         },
+        Command::Stat { service, by, window, output } => {
+            crate::client_stat::stat(cli.http_addr, service.as_deref(), &by, &window, output)
+        }
         Command::Validate { file } => validate(&file),
         Command::Check(args) => check(cli.http_addr, &args),
         Command::Dev(args) => crate::dev::run(args),

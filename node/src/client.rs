@@ -78,6 +78,16 @@ pub fn get_through(proxy: SocketAddr, host: &str, path: &str) -> anyhow::Result<
     Ok((status, answer))
 }
 
+/// Prints an API answer as pretty JSON (`-o json`) or through `table`.
+pub fn show(v: &serde_json::Value, output: Output, table: fn(&serde_json::Value) -> String) -> anyhow::Result<()> {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        print!("{}", table(v));
+    }
+    Ok(())
+}
+
 pub fn fetch_members(addr: SocketAddr) -> anyhow::Result<Vec<MemberJson>> {
     Ok(serde_json::from_str(&call(addr, "GET", "/v1/members", None)?)?)
 }

@@ -12,12 +12,7 @@ use crate::client::Output;
 /// `trellis services`: one row per service, or the catalog as JSON.
 pub fn list(api: SocketAddr, output: Output) -> anyhow::Result<()> {
     let catalog: Value = serde_json::from_str(&crate::client::get(api, "/v1/catalog/services")?)?;
-    if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&catalog)?);
-    } else {
-        print!("{}", table(&catalog));
-    }
-    Ok(())
+    crate::client::show(&catalog, output, table)
 }
 
 /// Rows of SERVICE, HEALTHY/TOTAL (instances on live nodes that get traffic: passing or not

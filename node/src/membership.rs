@@ -95,11 +95,13 @@ pub struct Links {
     pub sync_every: Duration,
     pub inbound: mpsc::Receiver<Inbound>,
     pub limits: mpsc::Sender<Inbound>,
+    /// Mesh-wide metrics digests go to the stats task.
+    pub stats: mpsc::Sender<Inbound>,
 }
 
 /// Starts the membership task over `core`; `publish` holds entries to spread at once.
 pub fn spawn(core: Membership, cluster_id: String, links: Links, publish: Vec<PolicyEntry>) -> Members {
-    let Links { transport, policy, sync_every, inbound, limits } = links;
+    let Links { transport, policy, sync_every, inbound, limits, stats } = links;
     let (commands, cmd_rx) = mpsc::channel(256 + publish.len());
     for entry in publish {
         let _ = commands.try_send(Command::Publish(entry));
@@ -112,6 +114,7 @@ pub fn spawn(core: Membership, cluster_id: String, links: Links, publish: Vec<Po
         policy,
         sync_every,
         limits,
+        stats,
         alive: alive_tx,
         alive_checked: Instant::now(),
         last_heard: Default::default(),
@@ -128,6 +131,7 @@ struct Shell {
     sync_every: Duration,
     /// Rate-limit messages go to the limiter's own task.
     limits: mpsc::Sender<Inbound>,
+    stats: mpsc::Sender<Inbound>,
     alive: watch::Sender<Arc<AliveMembers>>,
     /// When the alive set was last compared: suspicion ends no event, so it is also
     /// looked at every [`ALIVE_EVERY`].
@@ -169,6 +173,11 @@ impl Shell {
     fn on_inbound(&mut self, msg: Inbound) {
         let kind = match envelope::decode(&msg.data, limits::MAX_STREAM_MESSAGE) {
             Ok((kind, _)) => kind,
+            // A kind a newer peer speaks and this version does not: counted and skipped, so a
+            // rolling upgrade keeps its links.
+            Err(e @ trellis_proto::DecodeError::UnknownKind(_)) => {
+                return self.transport.stats.peer_refuse(PeerRefusal::of(&e));
+            }
             Err(e) => return self.transport.refuse(&msg.conn, PeerRefusal::of(&e), &e.to_string()),
         };
         match kind {
@@ -178,6 +187,10 @@ impl Shell {
                 self.transport.refuse(&msg.conn, PeerRefusal::Malformed, "forward header outside a stream")
             }
             MessageKind::RateLimit => self.on_rate_limit(msg),
+            // A full queue drops the digest: the next interval's follows.
+            MessageKind::Stats => {
+                let _ = self.stats.try_send(msg);
+            }
         }
     }
 
@@ -315,7 +328,11 @@ impl Shell {
         let mut any = false;
         while let Some(ev) = self.core.poll_event() {
             any = true;
-            log_event(&ev);
+            if matches!(ev, MemberEvent::Isolated) && self.everyone_left() {
+                tracing::info!("every other member left the cluster; retrying seeds");
+            } else {
+                log_event(&ev);
+            }
             // A member that appears or comes back gets our policy at once.
             match ev {
                 MemberEvent::Up(id) | MemberEvent::Renamed { new: id, .. } => self.sync_with(id.addr),
@@ -323,6 +340,16 @@ impl Shell {
             }
         }
         any
+    }
+}
+
+impl Shell {
+    /// Whether every other member left gracefully (a cluster shutting down), so being alone
+    /// is expected rather than a partition.
+    fn everyone_left(&self) -> bool {
+        use trellis_core::membership::MemberState;
+        let others: Vec<MemberState> = self.core.members().iter().skip(1).map(|m| m.state).collect();
+        !others.is_empty() && others.iter().all(|s| *s == MemberState::Left)
     }
 }
 

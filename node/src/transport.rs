@@ -727,6 +727,12 @@ impl RefusalLog {
     }
 
     fn dial_failed(&self, to: SocketAddr, e: &anyhow::Error) {
+        // Our own shutdown: the agent is leaving and its endpoint closing; nothing to fix.
+        let stopping = e.chain().any(|c| matches!(c.downcast_ref(), Some(quinn::ConnectError::EndpointStopping)));
+        if stopping {
+            tracing::debug!(peer = %to, "no connection to {to}: this agent is stopping");
+            return;
+        }
         if let Some(suppressed) = self.admit("dial") {
             let (cause, fix) = dial_failure_cause(&format!("{e:#}"));
             tracing::warn!(peer = %to, suppressed, error = %e, "connection to {to} failed: {cause}; fix: {fix}");

@@ -30,6 +30,8 @@ pub enum MessageKind {
     Forward = 3,
     /// Rate-limit demand reports and share grants, a [`crate::ratelimit::RateLimitMsg`].
     RateLimit = 4,
+    /// A node's mesh-wide metrics for its last interval, a [`crate::stats::StatsDigest`].
+    Stats = 5,
 }
 
 impl MessageKind {
@@ -39,6 +41,7 @@ impl MessageKind {
             2 => Some(MessageKind::PolicySync),
             3 => Some(MessageKind::Forward),
             4 => Some(MessageKind::RateLimit),
+            5 => Some(MessageKind::Stats),
             _ => None,
         }
     }
@@ -50,6 +53,7 @@ impl MessageKind {
             MessageKind::PolicySync => "policy_sync",
             MessageKind::Forward => "forward",
             MessageKind::RateLimit => "rate_limit",
+            MessageKind::Stats => "stats",
         }
     }
 }

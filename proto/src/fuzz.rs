@@ -6,7 +6,7 @@ use bytes::Buf;
 use foca::Codec;
 
 use crate::{
-    envelope, forward, ratelimit, DecodeError, GossipCodec, LeaveNotice, NodeIdentity, PolicyEntry, PolicySync,
+    envelope, forward, ratelimit, stats, DecodeError, GossipCodec, LeaveNotice, NodeIdentity, PolicyEntry, PolicySync,
 };
 
 /// Runs the envelope decoder, then the decoder of the kind it names, then every decoder on
@@ -38,6 +38,7 @@ fn bodies(data: &[u8]) {
     let _ = PolicySync::decode(data);
     let _ = forward::ForwardOpen::decode(data);
     let _ = ratelimit::RateLimitMsg::decode(data);
+    let _ = stats::StatsDigest::decode(data);
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod limits;
 pub mod policy;
 pub mod ratelimit;
+pub mod stats;
 
 pub use envelope::{DecodeError, MessageKind, WIRE_VERSION};
 pub use gossip::{GossipCodec, LeaveNotice};

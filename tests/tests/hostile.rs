@@ -378,7 +378,7 @@ fn gossip_under_another_nodes_name_is_refused_by_its_certificate() {
 }
 
 #[test]
-fn junk_and_wrong_version_envelopes_are_refused_by_kind() {
+fn junk_and_wrong_version_envelopes_are_refused_by_kind_and_unknown_kinds_skipped() {
     let c = honest_pair("");
     let (alive, pol) = (honest_alive(&c), policy(&c, 0));
     let tls = mallory(&c);
@@ -387,7 +387,6 @@ fn junk_and_wrong_version_envelopes_are_refused_by_kind() {
     let inputs: Vec<(&str, Vec<u8>)> = vec![
         ("malformed", b"\x16\x03\x01 a TLS record, not trellis".to_vec()),
         ("version", vec![envelope::MAGIC, future, MessageKind::Gossip as u8, 1, 2, 3]),
-        ("malformed", vec![envelope::MAGIC, envelope::WIRE_VERSION, 200, 0]),
         ("malformed", vec![envelope::MAGIC, envelope::WIRE_VERSION, MessageKind::Gossip as u8, 0xff, 0xff, 0xff]),
     ];
     for (reason, bytes) in inputs {
@@ -400,6 +399,16 @@ fn junk_and_wrong_version_envelopes_are_refused_by_kind() {
         assert!(closed.to_string().contains("malformed"), "{reason}: {closed}");
         assert_eq!(refused(&c, 0, reason), before + 1.0, "{reason} counted once");
     }
+    // A message kind this version does not know (a newer peer's) is counted and skipped;
+    // the link stays, so a rolling upgrade keeps its connections.
+    let before = refused(&c, 0, "malformed");
+    let still_open = rt.block_on(async {
+        let conn = raw_peer(&tls, c.node(0).peer_addr).await.unwrap();
+        conn.send_datagram(vec![envelope::MAGIC, envelope::WIRE_VERSION, 200, 0].into()).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), conn.closed()).await.is_err()
+    });
+    assert!(still_open, "an unknown kind does not close the connection");
+    assert_eq!(refused(&c, 0, "malformed"), before + 1.0, "the unknown kind counted once");
     assert_intact(&c, &alive, &pol);
 }
 

@@ -1880,3 +1880,82 @@ fn request_ids_and_trace_context_cross_two_agents_into_both_access_logs() {
     .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Requests through two agents' proxies show up, merged, in `/v1/stats` and `trellis stat`
+/// on a third agent that proxied none of them, within two aggregation intervals.
+#[test]
+fn stat_on_any_agent_shows_the_whole_meshs_traffic() {
+    let proxies: Vec<SocketAddr> = (0..2).map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap()).collect();
+    let node_args = proxies.iter().map(|p| vec!["--proxy".to_string(), p.to_string()]).collect();
+    let c = Cluster::start(ClusterSpec { nodes: 3, node_args, ..Default::default() }).unwrap();
+    let all = [0, 1, 2];
+    let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&all, &alive, Duration::from_secs(15)).unwrap();
+    let server = trellis_chaos::plain::serve(|head| match trellis_chaos::plain::path_of(head) {
+        "/bad" => (500, b"bad".to_vec()),
+        _ => (200, b"ok".to_vec()),
+    });
+    for service in ["web", "api"] {
+        let body = json!({"service": service, "address": "127.0.0.1", "port": server.port(), "protocol": "http"});
+        let (s, v) = c.node(2).api().put_json(&format!("/v1/agent/services/{service}-1"), &body).unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    // `web` warms both paths up; `api` is only waited for, so every request to it is counted.
+    for p in &proxies {
+        c.wait_until(Duration::from_secs(10), "web through the proxy", || {
+            (trellis_tests::http::get(*p, "web", "/", &[]).status == 200).then_some(())
+        })
+        .unwrap();
+    }
+    for i in [0, 1] {
+        c.wait_until(Duration::from_secs(10), "api in the catalog", || {
+            let v = c.node(i).api().get_json("/v1/catalog/services/api").ok()?;
+            (!v.as_array()?.is_empty()).then_some(())
+        })
+        .unwrap();
+    }
+    for i in 0..100 {
+        let path = if i % 10 == 0 { "/bad" } else { "/ok" };
+        assert_ne!(trellis_tests::http::get(proxies[0], "api", path, &[]).status, 0);
+    }
+    for _ in 0..50 {
+        assert_eq!(trellis_tests::http::get(proxies[1], "api", "/ok", &[]).status, 200);
+    }
+    let sent = std::time::Instant::now();
+    let stats = |by: &str| c.node(2).api().get_json(&format!("/v1/stats?service=api&by={by}&window=1m")).unwrap();
+    let rows = c
+        .wait_until(Duration::from_secs(5), "all 150 requests in node 2's answer", || {
+            let v = stats("service");
+            (v["rows"][0]["requests"].as_u64() == Some(150)).then_some(v)
+        })
+        .unwrap();
+    println!("mesh-wide after {:?}: {rows}", sent.elapsed());
+    let row = &rows["rows"][0];
+    assert_eq!((row["name"].as_str(), row["errors"].as_u64()), (Some("api"), Some(10)));
+    assert!((row["success"].as_f64().unwrap() - 140.0 / 150.0).abs() < 1e-9, "{row}");
+    assert!(row["rps"].as_f64().unwrap() > 0.0 && row["p99_ms"].as_f64().unwrap() > 0.0, "{row}");
+    let by_source = stats("source");
+    let sources: Vec<(String, u64, u64)> = by_source["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (r["name"].as_str().unwrap().to_string(), r["requests"].as_u64().unwrap(), r["errors"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(sources, [(c.node(0).name.clone(), 100, 10), (c.node(1).name.clone(), 50, 0)]);
+    let by_node = stats("node");
+    assert_eq!(by_node["rows"][0]["name"].as_str(), Some(c.node(2).name.as_str()), "node 2's instance answered");
+    // The CLI on node 2, as an operator reads it.
+    let out = std::process::Command::new(trellis_chaos::cluster::trellis_bin())
+        .args(["stat", "api", "--http-addr", &c.node(2).api_addr.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    let cols: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(cols[0], ["SERVICE", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99", "TCP_CONN"]);
+    assert_eq!((cols[1][0], cols[1][1]), ("api", "93.33%"), "{text}");
+    let bad = c.node(2).api().get_json("/v1/stats?window=2h").unwrap_err().to_string();
+    assert!(bad.contains("400") && bad.contains("window"), "{bad}");
+}

@@ -12,3 +12,4 @@ pub mod membership;
 pub mod mesh;
 pub mod policy;
 pub mod ratelimit;
+pub mod stats;

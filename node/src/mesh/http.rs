@@ -109,21 +109,22 @@ async fn proxy(
     let log = fwd.view.node.access_log.as_ref();
     let received = log.map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let req = req.map(|b| Counted::new(b, received.clone()));
-    let (label, line, resp) = match Target::of(&snap, &req, fixed.as_deref()) {
+    let (label, route, line, resp) = match Target::of(&snap, &req, fixed.as_deref()) {
         Some(target) => {
+            let route = target.resolved.route.clone();
             let line = log.filter(|l| l.wants(&target.resolved.service)).map(|l| Entry {
-                route: target.resolved.route.clone(),
+                route: route.clone(),
                 ..l.begin(&req, &hop, Side::Outbound, source(client), &target.resolved.service)
             });
-            (target.label(), line, stack(&fwd, &target, req).await)
+            (target.label(), route, line, stack(&fwd, &target, req).await)
         }
         None => {
             let line = log.map(|l| l.begin(&req, &hop, Side::Outbound, source(client), "_other"));
             let resp = error(StatusCode::BAD_REQUEST, "no_host", "set Host: <service> or <service>.trellis".into());
-            ("_other", line, resp)
+            ("_other", None, line, resp)
         }
     };
-    record(&fwd, label, &resp, started.elapsed());
+    record(&fwd, label, route.as_deref().unwrap_or(""), &resp, started.elapsed());
     Ok(match (line, log, received) {
         (Some(entry), Some(log), Some(received)) => {
             logged(resp, Pending { log: log.clone(), entry, started, received })
@@ -283,13 +284,17 @@ fn rate_limit(
 
 /// Counts a proxied request under its label. An answer of a proxy's own (this one's, or
 /// the destination agent's) is known by its `x-trellis-reason`.
-fn record(fwd: &Forwarder, label: &str, resp: &Response<Body>, took: Duration) {
+fn record(fwd: &Forwarder, label: &str, route: &str, resp: &Response<Body>, took: Duration) {
     let reason = resp
         .headers()
         .get("x-trellis-reason")
         .and_then(|v| v.to_str().ok())
         .and_then(trellis_core::mesh::traffic::reason);
-    fwd.stats.traffic.lock().expect("traffic lock").record(label, resp.status().as_u16(), reason, took);
+    let status = resp.status().as_u16();
+    fwd.stats.traffic.lock().expect("traffic lock").record(label, status, reason, took);
+    let dest = resp.extensions().get::<Picked>().and_then(|p| trellis_core::policy::model::instance_node(&p.name));
+    let error = status >= 500 || reason.is_some();
+    fwd.view.node.stats.request(label, route, dest.unwrap_or(""), error, took);
 }
 
 /// The circuit layer: at most `max_requests` in flight to the service from this node, and
@@ -458,9 +463,7 @@ async fn once(
             let gone = pick.peer.is_some().then(|| fwd.node_gone(&pick.node));
             let mut resp = resp.map(|body| Answer::new(body, in_flight, gone, reuse).boxed());
             instance_http::strip_hop_by_hop(resp.headers_mut());
-            if fwd.view.node.access_log.is_some() {
-                resp.extensions_mut().insert(Picked { name: pick.name.clone(), addr: pick.addr });
-            }
+            resp.extensions_mut().insert(Picked { name: pick.name.clone(), addr: pick.addr });
             Ok(resp)
         }
         Err(e @ SendError::Overflow(_)) => {

@@ -75,6 +75,7 @@ impl Forwarder {
             .await
             .inspect_err(|_| line.iter_mut().for_each(|l| l.failed("unreachable")))?;
         self.observe(&pick, started.elapsed());
+        let _open = self.view.node.stats.tcp_open(service);
         let mut up = self.metered(io, Some(in_flight), Some(slot));
         tokio::select! {
             r = super::io::relay(&mut tcp, &mut up) => {

@@ -1,0 +1,379 @@
+//! Mesh-wide golden metrics: each node counts what its callers' requests did (requests,
+//! errors, a latency histogram) per service, route and answering node, closes the counts
+//! every interval into a digest for its peers, and keeps every node's recent digests, so any
+//! node answers "what is `web`'s success rate across the mesh" from merged counts. Counts
+//! and fixed-bucket histograms merge by addition, so the answer does not depend on the
+//! order digests arrive in.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use serde::Serialize;
+use trellis_proto::stats::{StatsDigest, StatsRow, MAX_BUCKETS, MAX_ROWS};
+
+/// The lowest bucket's upper bound; buckets grow by 2^(1/4), about 19% each, so a
+/// quantile read from them is within 19% of the true value, up to about 53 s.
+const FIRST_BOUND_US: f64 = 50.0;
+const PER_OCTAVE: f64 = 4.0;
+/// Buckets used (the last one takes everything slower).
+pub const BUCKETS: usize = 81;
+const _: () = assert!(BUCKETS <= MAX_BUCKETS);
+
+/// Latency counts in fixed logarithmic buckets.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Histogram {
+    counts: BTreeMap<u16, u64>,
+}
+
+impl Histogram {
+    pub fn record(&mut self, took: Duration) {
+        *self.counts.entry(bucket_of(took)).or_default() += 1;
+    }
+
+    pub fn merge(&mut self, other: &Histogram) {
+        for (b, n) in &other.counts {
+            *self.counts.entry(*b).or_default() += n;
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.values().sum()
+    }
+
+    /// The upper bound of the bucket holding the `q` quantile (0 < q <= 1); None when empty.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let total = self.count();
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total.max(1));
+        let mut seen = 0;
+        for (b, n) in &self.counts {
+            seen += n;
+            if seen >= rank && total > 0 {
+                return Some(upper_bound(*b));
+            }
+        }
+        None
+    }
+
+    pub fn sparse(&self) -> Vec<(u16, u64)> {
+        self.counts.iter().map(|(b, n)| (*b, *n)).collect()
+    }
+
+    /// From the wire's sparse form (already bounds-checked by the decoder).
+    pub fn from_sparse(buckets: &[(u16, u64)]) -> Histogram {
+        Histogram { counts: buckets.iter().filter(|(_, n)| *n > 0).map(|(b, n)| (*b, *n)).collect() }
+    }
+}
+
+fn bucket_of(took: Duration) -> u16 {
+    let us = took.as_secs_f64() * 1e6;
+    if us <= FIRST_BOUND_US {
+        return 0;
+    }
+    let b = (PER_OCTAVE * (us / FIRST_BOUND_US).log2()).ceil();
+    (b as usize).min(BUCKETS - 1) as u16
+}
+
+fn upper_bound(bucket: u16) -> Duration {
+    Duration::from_secs_f64(FIRST_BOUND_US * 2f64.powf(f64::from(bucket) / PER_OCTAVE) / 1e6)
+}
+
+/// The requests of one (service, route, answering node) from one source.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Counts {
+    pub requests: u64,
+    pub errors: u64,
+    pub latency: Histogram,
+    /// Open TCP connections at the interval's end (a gauge: not added across intervals).
+    pub tcp_open: u64,
+}
+
+/// (service, route, answering node).
+pub type RowKey = (String, String, String);
+
+/// This node's counts for the interval in progress.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    current: BTreeMap<RowKey, Counts>,
+    /// Requests folded into `_other` because the interval already had [`MAX_ROWS`] rows.
+    pub folded: u64,
+}
+
+impl Recorder {
+    /// One request, ended with `error` after `took`.
+    pub fn request(&mut self, service: &str, route: &str, dest: &str, error: bool, took: Duration) {
+        let c = self.row(service, route, dest);
+        c.requests += 1;
+        c.errors += u64::from(error);
+        c.latency.record(took);
+    }
+
+    /// Sets the open TCP connections to `service` (reported with the interval).
+    pub fn tcp_open(&mut self, service: &str, open: u64) {
+        self.row(service, "", "").tcp_open = open;
+    }
+
+    fn row(&mut self, service: &str, route: &str, dest: &str) -> &mut Counts {
+        let key = (service.to_string(), route.to_string(), dest.to_string());
+        if !self.current.contains_key(&key) && self.current.len() >= MAX_ROWS - 1 {
+            self.folded += 1;
+            return self.current.entry(("_other".into(), String::new(), String::new())).or_default();
+        }
+        self.current.entry(key).or_default()
+    }
+
+    /// Closes the interval that started at `start_ms` and lasted `len_ms`.
+    pub fn close(&mut self, start_ms: u64, len_ms: u32) -> StatsDigest {
+        let rows = std::mem::take(&mut self.current)
+            .into_iter()
+            .map(|((service, route, dest), c)| StatsRow {
+                service,
+                route,
+                dest,
+                requests: c.requests,
+                errors: c.errors,
+                latency: c.latency.sparse(),
+                tcp_open: c.tcp_open,
+            })
+            .collect();
+        StatsDigest { start_ms, len_ms, rows }
+    }
+}
+
+/// How `trellis stat` groups rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum By {
+    Service,
+    Route,
+    /// The calling node.
+    Source,
+    /// The node whose instance answered.
+    Node,
+}
+
+impl By {
+    pub fn parse(s: &str) -> Option<By> {
+        match s {
+            "service" => Some(By::Service),
+            "route" => Some(By::Route),
+            "source" => Some(By::Source),
+            "node" => Some(By::Node),
+            _ => None,
+        }
+    }
+}
+
+/// One line of the answer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Row {
+    /// The group: a service, route, source node or answering node.
+    pub name: String,
+    pub requests: u64,
+    pub errors: u64,
+    /// Share of requests that did not fail, 0..1; None without requests.
+    pub success: Option<f64>,
+    pub rps: f64,
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub tcp_open: u64,
+}
+
+/// Every node's recent digests.
+#[derive(Debug)]
+pub struct MeshStats {
+    /// How far back digests are kept (the longest window a query may ask for).
+    keep: Duration,
+    by_node: BTreeMap<String, VecDeque<StatsDigest>>,
+}
+
+impl MeshStats {
+    pub fn new(keep: Duration) -> MeshStats {
+        MeshStats { keep, by_node: BTreeMap::new() }
+    }
+
+    /// Keeps `node`'s digest (one per interval start: a repeat replaces), and drops its
+    /// digests older than `keep` before its newest.
+    pub fn add(&mut self, node: &str, d: StatsDigest) {
+        let list = self.by_node.entry(node.to_string()).or_default();
+        list.retain(|old| old.start_ms != d.start_ms);
+        let at = list.partition_point(|old| old.start_ms < d.start_ms);
+        list.insert(at, d);
+        let newest = list.back().map_or(0, |n| n.start_ms);
+        let keep_ms = self.keep.as_millis() as u64;
+        while list.front().is_some_and(|o| o.start_ms + keep_ms < newest) {
+            list.pop_front();
+        }
+    }
+
+    /// Forgets nodes `alive` does not name (they left or are down).
+    pub fn retain_nodes(&mut self, alive: impl Fn(&str) -> bool) {
+        self.by_node.retain(|n, _| alive(n));
+    }
+
+    /// The merged answer over the digests that ended within `window` before `now_ms`,
+    /// for `service` (all when None), grouped by `by`, busiest first.
+    pub fn query(&self, service: Option<&str>, by: By, window: Duration, now_ms: u64) -> Vec<Row> {
+        let since = now_ms.saturating_sub(window.as_millis() as u64);
+        let mut groups: BTreeMap<String, Counts> = BTreeMap::new();
+        let mut covered_ms = 0u64;
+        for (node, list) in &self.by_node {
+            let recent: Vec<&StatsDigest> = list.iter().filter(|d| d.start_ms + u64::from(d.len_ms) > since).collect();
+            covered_ms = covered_ms.max(recent.iter().map(|d| u64::from(d.len_ms)).sum());
+            let newest = list.back().map(|d| d.start_ms);
+            for d in recent {
+                for r in d.rows.iter().filter(|r| service.is_none_or(|s| s == r.service)) {
+                    let name = match by {
+                        By::Service => r.service.clone(),
+                        By::Route => {
+                            if r.route.is_empty() {
+                                "-".into()
+                            } else {
+                                r.route.clone()
+                            }
+                        }
+                        By::Source => node.clone(),
+                        By::Node => {
+                            if r.dest.is_empty() {
+                                "-".into()
+                            } else {
+                                r.dest.clone()
+                            }
+                        }
+                    };
+                    let g = groups.entry(name).or_default();
+                    g.requests += r.requests;
+                    g.errors += r.errors;
+                    g.latency.merge(&Histogram::from_sparse(&r.latency));
+                    if Some(d.start_ms) == newest {
+                        g.tcp_open += r.tcp_open;
+                    }
+                }
+            }
+        }
+        let secs = (covered_ms.min(window.as_millis() as u64) as f64 / 1000.0).max(1e-3);
+        let ms = |q: f64, h: &Histogram| h.quantile(q).map(|d| d.as_secs_f64() * 1000.0);
+        let mut rows: Vec<Row> = groups
+            .into_iter()
+            .filter(|(_, c)| c.requests > 0 || c.tcp_open > 0)
+            .map(|(name, c)| Row {
+                name,
+                requests: c.requests,
+                errors: c.errors,
+                success: (c.requests > 0).then(|| 1.0 - c.errors as f64 / c.requests as f64),
+                rps: c.requests as f64 / secs,
+                p50_ms: ms(0.5, &c.latency),
+                p95_ms: ms(0.95, &c.latency),
+                p99_ms: ms(0.99, &c.latency),
+                tcp_open: c.tcp_open,
+            })
+            .collect();
+        rows.sort_by(|a, b| b.requests.cmp(&a.requests).then(a.name.cmp(&b.name)));
+        rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn quantiles_come_within_a_bucket_of_the_truth() {
+        let mut h = Histogram::default();
+        for i in 1..=1000 {
+            h.record(Duration::from_micros(i * 100));
+        }
+        for (q, truth) in [(0.5, 50.0), (0.95, 95.0), (0.99, 99.0)] {
+            let got = h.quantile(q).unwrap().as_secs_f64() * 1000.0;
+            assert!(got >= truth && got <= truth * 1.2, "q{q}: {got} ms against {truth}");
+        }
+        assert_eq!(Histogram::default().quantile(0.5), None);
+        let mut slow = Histogram::default();
+        slow.record(Duration::from_secs(3600));
+        assert_eq!(slow.sparse(), vec![(BUCKETS as u16 - 1, 1)], "the last bucket takes the rest");
+        assert_eq!(Histogram::from_sparse(&h.sparse()), h);
+    }
+
+    fn digest(start_ms: u64, rows: &[(&str, &str, u64, u64, u64)]) -> StatsDigest {
+        let mut r = Recorder::default();
+        for (service, dest, ok, bad, took) in rows {
+            for i in 0..ok + bad {
+                r.request(service, "", dest, i < *bad, ms(*took));
+            }
+        }
+        r.close(start_ms, 1000)
+    }
+
+    #[test]
+    fn the_mesh_answer_merges_every_nodes_counts_whatever_their_order() {
+        let d1 = digest(10_000, &[("web", "n3", 90, 10, 2)]);
+        let d2 = digest(10_000, &[("web", "n3", 50, 0, 20), ("db", "n4", 5, 0, 1)]);
+        let d3 = digest(11_000, &[("web", "n2", 100, 0, 2)]);
+        let mut a = MeshStats::new(Duration::from_secs(60));
+        let mut b = MeshStats::new(Duration::from_secs(60));
+        for (node, d) in [("n1", &d1), ("n2", &d2), ("n1", &d3)] {
+            a.add(node, d.clone());
+        }
+        for (node, d) in [("n1", &d3), ("n2", &d2), ("n1", &d1)] {
+            b.add(node, d.clone());
+        }
+        let now = 12_000;
+        let rows = a.query(Some("web"), By::Service, Duration::from_secs(10), now);
+        assert_eq!(rows, b.query(Some("web"), By::Service, Duration::from_secs(10), now));
+        assert_eq!((rows.len(), rows[0].requests, rows[0].errors), (1, 250, 10));
+        assert_eq!(rows[0].success, Some(0.96));
+        assert!((rows[0].rps - 125.0).abs() < 1e-9, "250 over n1's 2 s of digests: {}", rows[0].rps);
+        let by_source = a.query(Some("web"), By::Source, Duration::from_secs(10), now);
+        let names: Vec<(&str, u64)> = by_source.iter().map(|r| (r.name.as_str(), r.requests)).collect();
+        assert_eq!(names, [("n1", 200), ("n2", 50)]);
+        let by_node = a.query(None, By::Node, Duration::from_secs(10), now);
+        let names: Vec<(&str, u64)> = by_node.iter().map(|r| (r.name.as_str(), r.requests)).collect();
+        assert_eq!(names, [("n3", 150), ("n2", 100), ("n4", 5)]);
+        // A window of one second sees only the newest interval.
+        let last = a.query(Some("web"), By::Service, Duration::from_secs(1), now);
+        assert_eq!(last[0].requests, 100);
+    }
+
+    #[test]
+    fn repeats_replace_old_digests_age_out_and_departed_nodes_go() {
+        let mut m = MeshStats::new(Duration::from_secs(5));
+        m.add("n1", digest(1_000, &[("web", "n2", 1, 0, 1)]));
+        m.add("n1", digest(1_000, &[("web", "n2", 3, 0, 1)]));
+        assert_eq!(m.query(None, By::Service, Duration::from_secs(60), 2_000)[0].requests, 3, "a repeat replaces");
+        m.add("n1", digest(10_000, &[("web", "n2", 7, 0, 1)]));
+        assert_eq!(m.query(None, By::Service, Duration::from_secs(60), 11_000)[0].requests, 7, "older than keep");
+        m.retain_nodes(|n| n != "n1");
+        assert!(m.query(None, By::Service, Duration::from_secs(60), 11_000).is_empty());
+    }
+
+    #[test]
+    fn tcp_connections_count_from_each_sources_newest_interval() {
+        let mut r = Recorder::default();
+        r.tcp_open("db", 4);
+        let first = r.close(1_000, 1000);
+        r.tcp_open("db", 2);
+        let second = r.close(2_000, 1000);
+        let mut m = MeshStats::new(Duration::from_secs(60));
+        m.add("n1", first);
+        m.add("n1", second);
+        m.add("n2", digest(2_000, &[("db", "n3", 1, 0, 1)]));
+        let rows = m.query(Some("db"), By::Service, Duration::from_secs(10), 3_000);
+        assert_eq!((rows[0].tcp_open, rows[0].requests), (2, 1));
+    }
+
+    #[test]
+    fn a_recorder_folds_rows_past_the_bound() {
+        let mut r = Recorder::default();
+        for i in 0..MAX_ROWS + 10 {
+            r.request(&format!("s{i}"), "", "n", false, ms(1));
+        }
+        let d = r.close(0, 1000);
+        assert_eq!(d.rows.len(), MAX_ROWS);
+        assert_eq!(r.folded, 11);
+        assert_eq!(d.rows.iter().map(|r| r.requests).sum::<u64>(), (MAX_ROWS + 10) as u64);
+    }
+}

@@ -1,0 +1,78 @@
+//! `/v1/stats`: the mesh's golden metrics (success rate, requests per second, latency
+//! quantiles, open TCP connections) over a recent window, from every agent's digests.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Value};
+use trellis_core::stats::By;
+
+use crate::agent::AgentHandle;
+use crate::api_error::ApiError;
+use crate::api_routes::Routes;
+
+pub fn routes() -> Routes<AgentHandle> {
+    Routes::new().get("/v1/stats", stats)
+}
+
+/// `?service=NAME&by=service|route|source|node&window=1m` (all optional).
+async fn stats(
+    State(a): State<AgentHandle>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let (service, by, window) = params(&q)?;
+    let rows = a.stats.query(service, by, window);
+    Ok(Json(json!({
+        "service": service,
+        "by": by,
+        "window_seconds": window.as_secs_f64(),
+        "interval_seconds": a.stats.interval.as_secs_f64(),
+        "rows": rows,
+    })))
+}
+
+fn params(q: &HashMap<String, String>) -> Result<(Option<&str>, By, Duration), ApiError> {
+    let bad = |field: &str, error: String, hint: &str| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        error,
+        field: Some(field.into()),
+        hint: hint.into(),
+    };
+    let by = match q.get("by") {
+        None => By::Service,
+        Some(b) => By::parse(b)
+            .ok_or_else(|| bad("by", format!("{b:?} is not a grouping"), "use service, route, source or node"))?,
+    };
+    let window = match q.get("window") {
+        None => Duration::from_secs(60),
+        Some(w) => humantime::parse_duration(w)
+            .map_err(|e| bad("window", format!("{w:?}: {e}"), "use a duration such as 30s, 1m or 15m"))?,
+    };
+    if window.is_zero() || window > crate::stats::MAX_WINDOW {
+        return Err(bad("window", format!("{window:?} is out of range"), "use 1s to 15m"));
+    }
+    Ok((q.get("service").map(String::as_str).filter(|s| !s.is_empty()), by, window))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn parameters_default_and_bad_ones_name_their_field() {
+        let empty = q(&[]);
+        assert_eq!(params(&empty).unwrap(), (None, By::Service, Duration::from_secs(60)));
+        let all = q(&[("service", "web"), ("by", "node"), ("window", "30s")]);
+        assert_eq!(params(&all).unwrap(), (Some("web"), By::Node, Duration::from_secs(30)));
+        assert_eq!(params(&q(&[("by", "pod")])).unwrap_err().field.as_deref(), Some("by"));
+        assert_eq!(params(&q(&[("window", "soon")])).unwrap_err().field.as_deref(), Some("window"));
+        assert_eq!(params(&q(&[("window", "1h")])).unwrap_err().field.as_deref(), Some("window"));
+    }
+}
