@@ -18,7 +18,7 @@ pub fn routes() -> Routes<AgentHandle> {
     Routes::new().get("/v1/stats", stats)
 }
 
-/// `?service=NAME&by=service|route|source|node&window=1m` (all optional).
+/// `?service=NAME&by=service|route|source|node|edge&window=1m` (all optional).
 async fn stats(
     State(a): State<AgentHandle>,
     Query(q): Query<HashMap<String, String>>,
@@ -44,7 +44,7 @@ fn params(q: &HashMap<String, String>) -> Result<(Option<&str>, By, Duration), A
     let by = match q.get("by") {
         None => By::Service,
         Some(b) => By::parse(b)
-            .ok_or_else(|| bad("by", format!("{b:?} is not a grouping"), "use service, route, source or node"))?,
+            .ok_or_else(|| bad("by", format!("{b:?} is not a grouping"), "use service, route, source, node or edge"))?,
     };
     let window = match q.get("window") {
         None => Duration::from_secs(60),

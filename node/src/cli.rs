@@ -68,13 +68,26 @@ pub enum Command {
         /// One service; all when omitted.
         service: Option<String>,
         /// Group rows by service, route, source (the calling node) or node (the answering one).
-        #[arg(long, default_value = "service", value_parser = ["service", "route", "source", "node"])]
+        #[arg(long, default_value = "service", value_parser = ["service", "route", "source", "node", "edge"])]
         by: String,
         /// How far back to look (1s to 15m).
         #[arg(long, default_value = "1m")]
         window: String,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
+    },
+    /// The busiest paths through the mesh (calling node -> service@answering node), redrawn
+    /// every second until Ctrl-C.
+    Top {
+        /// How far back each frame looks.
+        #[arg(long, default_value = "10s")]
+        window: String,
+        /// Time between frames.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        every: Duration,
+        /// Stop after this many frames (for scripts).
+        #[arg(long, hide = true)]
+        count: Option<u32>,
     },
     /// Check a config file or directory (with the TRELLIS_* environment) exactly as the
     /// agent does at start.
@@ -280,6 +293,7 @@ pub fn main() -> i32 {
         Command::Stat { service, by, window, output } => {
             crate::client_stat::stat(cli.http_addr, service.as_deref(), &by, &window, output)
         }
+        Command::Top { window, every, count } => crate::client_stat::top(cli.http_addr, &window, every, count),
         Command::Validate { file } => validate(&file),
         Command::Check(args) => check(cli.http_addr, &args),
         Command::Dev(args) => crate::dev::run(args),

@@ -2,6 +2,7 @@
 //! columns operators know from `linkerd viz stat`.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -16,21 +17,47 @@ pub fn stat(api: SocketAddr, service: Option<&str>, by: &str, window: &str, outp
     crate::client::show(&v, output, table)
 }
 
+/// `trellis top`: the busiest paths through the mesh (calling node, service, answering
+/// node), redrawn every `every` until interrupted, or `count` times.
+pub fn top(api: SocketAddr, window: &str, every: Duration, count: Option<u32>) -> anyhow::Result<()> {
+    let path = format!("/v1/stats?by=edge&window={window}");
+    for n in 1.. {
+        let body = match crate::client::get(api, &path).and_then(|t| Ok(serde_json::from_str::<Value>(&t)?)) {
+            Ok(v) => table(&v),
+            Err(e) => format!("{e:#}\n"),
+        };
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        // Clear the screen and go home, then the frame: one write, so it never flickers half drawn.
+        print!("\x1b[2J\x1b[H{now}  trellis top: busiest paths across the mesh over {window}, every {every:?}; Ctrl-C quits\n\n{body}");
+        std::io::Write::flush(&mut std::io::stdout())?;
+        if count.is_some_and(|c| n >= c) {
+            break;
+        }
+        std::thread::sleep(every);
+    }
+    Ok(())
+}
+
 /// NAME SUCCESS RPS LATENCY_P50 LATENCY_P95 LATENCY_P99 TCP_CONN, one row per group.
 pub fn table(v: &Value) -> String {
-    let by = v["by"].as_str().unwrap_or("service").to_uppercase();
+    let by = match v["by"].as_str().unwrap_or("service") {
+        "edge" => "SOURCE -> SERVICE@NODE".to_string(),
+        other => other.to_uppercase(),
+    };
+    let rows = v["rows"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let w = rows.iter().filter_map(|r| r["name"].as_str()).map(str::len).chain([24, by.len()]).max().unwrap_or(24);
     let mut out = format!(
-        "{by:<24} {:>8} {:>10} {:>12} {:>12} {:>12} {:>8}\n",
+        "{by:<w$} {:>8} {:>10} {:>12} {:>12} {:>12} {:>8}\n",
         "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99", "TCP_CONN"
     );
     let ms = |x: &Value| {
         x.as_f64().map_or("-".to_string(), |m| if m < 10.0 { format!("{m:.1}ms") } else { format!("{m:.0}ms") })
     };
-    for r in v["rows"].as_array().into_iter().flatten() {
+    for r in rows {
         let success = r["success"].as_f64().map_or("-".to_string(), |s| format!("{:.2}%", s * 100.0));
         let rps = format!("{:.1}rps", r["rps"].as_f64().unwrap_or(0.0));
         out.push_str(&format!(
-            "{:<24} {success:>8} {rps:>10} {:>12} {:>12} {:>12} {:>8}\n",
+            "{:<w$} {success:>8} {rps:>10} {:>12} {:>12} {:>12} {:>8}\n",
             r["name"].as_str().unwrap_or("-"),
             ms(&r["p50_ms"]),
             ms(&r["p95_ms"]),

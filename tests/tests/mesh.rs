@@ -1958,4 +1958,28 @@ fn stat_on_any_agent_shows_the_whole_meshs_traffic() {
     assert_eq!((cols[1][0], cols[1][1]), ("api", "93.33%"), "{text}");
     let bad = c.node(2).api().get_json("/v1/stats?window=2h").unwrap_err().to_string();
     assert!(bad.contains("400") && bad.contains("window"), "{bad}");
+
+    // `trellis top` in a real terminal (tmux), as an operator watches it.
+    let tmux = |args: &[&str]| {
+        let out = std::process::Command::new("tmux").args(args).output();
+        out.unwrap_or_else(|e| panic!("tmux {args:?}: {e}; install Debian's tmux (.ci/run does)"))
+    };
+    let session = format!("trellis-top-{}", std::process::id());
+    let cmd = format!(
+        "{} top --window 1m --http-addr {}",
+        trellis_chaos::cluster::trellis_bin().display(),
+        c.node(2).api_addr
+    );
+    assert!(tmux(&["new-session", "-d", "-s", &session, "-x", "160", "-y", "30", &cmd]).status.success());
+    let edge = |i: usize| format!("{} -> api@{}", c.node(i).name, c.node(2).name);
+    let screen = c.wait_until(Duration::from_secs(10), "top's frame with both paths", || {
+        let text = String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).to_string();
+        (text.contains(&edge(0)) && text.contains(&edge(1))).then_some(text)
+    });
+    tmux(&["kill-session", "-t", &session]);
+    let screen = screen.unwrap();
+    println!("{screen}");
+    assert!(screen.contains("trellis top: busiest paths across the mesh") && screen.contains("SOURCE -> SERVICE@NODE"));
+    let line = screen.lines().find(|l| l.starts_with(&edge(0))).unwrap();
+    assert!(line.split_whitespace().any(|w| w == "90.00%"), "node 0's path: 10 of 100 failed: {line}");
 }

@@ -149,6 +149,8 @@ pub enum By {
     Source,
     /// The node whose instance answered.
     Node,
+    /// Calling node, service and answering node: one path through the mesh (`trellis top`).
+    Edge,
 }
 
 impl By {
@@ -158,6 +160,7 @@ impl By {
             "route" => Some(By::Route),
             "source" => Some(By::Source),
             "node" => Some(By::Node),
+            "edge" => Some(By::Edge),
             _ => None,
         }
     }
@@ -239,6 +242,10 @@ impl MeshStats {
                             } else {
                                 r.dest.clone()
                             }
+                        }
+                        By::Edge => {
+                            let dest = if r.dest.is_empty() { "-" } else { &r.dest };
+                            format!("{node} -> {}@{dest}", r.service)
                         }
                     };
                     let g = groups.entry(name).or_default();
@@ -330,6 +337,9 @@ mod tests {
         let by_source = a.query(Some("web"), By::Source, Duration::from_secs(10), now);
         let names: Vec<(&str, u64)> = by_source.iter().map(|r| (r.name.as_str(), r.requests)).collect();
         assert_eq!(names, [("n1", 200), ("n2", 50)]);
+        let edges = a.query(Some("web"), By::Edge, Duration::from_secs(10), now);
+        let names: Vec<(&str, u64)> = edges.iter().map(|r| (r.name.as_str(), r.requests)).collect();
+        assert_eq!(names, [("n1 -> web@n2", 100), ("n1 -> web@n3", 100), ("n2 -> web@n3", 50)]);
         let by_node = a.query(None, By::Node, Duration::from_secs(10), now);
         let names: Vec<(&str, u64)> = by_node.iter().map(|r| (r.name.as_str(), r.requests)).collect();
         assert_eq!(names, [("n3", 150), ("n2", 100), ("n4", 5)]);
