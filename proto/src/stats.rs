@@ -126,3 +126,27 @@ mod tests {
         assert!(StatsDigest::decode(&[0xff; 7]).is_err());
     }
 }
+
+#[cfg(test)]
+mod size {
+    use super::*;
+
+    /// What a digest costs on the wire, for the README's bandwidth figure: a node calling
+    /// 10 services, each answered by 3 nodes, with 20 latency buckets in use per row.
+    #[test]
+    fn a_busy_nodes_digest_stays_under_ten_kib() {
+        let row = |i: usize, d: usize| StatsRow {
+            service: format!("service-{i}"),
+            route: String::new(),
+            dest: format!("node-{d}"),
+            requests: 123_456,
+            errors: 12,
+            latency: (10..30).map(|b| (b, 6_000)).collect(),
+            tcp_open: 0,
+        };
+        let rows = (0..10).flat_map(|i| (0..3).map(move |d| row(i, d))).collect();
+        let d = StatsDigest { start_ms: 1_796_000_000_000, len_ms: 10_000, rows };
+        let n = d.encode().len();
+        assert!((3_000..10_240).contains(&n), "{n} bytes for 30 rows");
+    }
+}
