@@ -58,9 +58,25 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let oha_bin = oha::find()?;
     let proxy = crate::procs::free("127.0.0.1")?;
     let bulk_listen = crate::procs::free("127.0.0.1")?;
-    let node0 = vec!["--proxy".into(), proxy.to_string(), "--upstream".into(), format!("bulk={bulk_listen}")];
-    let c =
-        Cluster::start(ClusterSpec { nodes: 3, node_args: vec![node0], profile: "lan".into(), ..Default::default() })?;
+    // Both agents log the `logged` service's requests (a JSON line per request to a file), and
+    // nothing else: the `logged` path costs what access logging costs.
+    let logs = std::env::temp_dir().join(format!("trellis-bench-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&logs)?;
+    let config = |n: usize| -> anyhow::Result<String> {
+        let path = logs.join(format!("node{n}.toml"));
+        let log = logs.join(format!("access-{n}.log"));
+        std::fs::write(
+            &path,
+            format!("[access_log]\npath = {:?}\nservices = [\"logged\"]\n", log.display().to_string()),
+        )?;
+        Ok(path.display().to_string())
+    };
+    let mut node0 = vec!["--proxy".into(), proxy.to_string(), "--upstream".into(), format!("bulk={bulk_listen}")];
+    node0.extend(["--config".to_string(), config(0)?]);
+    let node2 = vec!["--config".to_string(), config(2)?];
+    let spec =
+        ClusterSpec { nodes: 3, node_args: vec![node0, vec![], node2], profile: "lan".into(), ..Default::default() };
+    let c = Cluster::start(spec)?;
     let all = [0, 1, 2];
     let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
     c.wait_all_see(&all, &alive, Duration::from_secs(20))?;
@@ -70,6 +86,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     for (node, id, body) in [
         (0, "local-1", json!({"service": "local", "address": "127.0.0.1", "port": srv.port()})),
         (2, "remote-1", json!({"service": "remote", "address": "127.0.0.1", "port": srv.port()})),
+        (2, "logged-1", json!({"service": "logged", "address": "127.0.0.1", "port": srv.port()})),
         (2, "bulk-1", json!({"service": "bulk", "address": "127.0.0.1", "port": sink.port(), "protocol": "tcp"})),
     ] {
         let (s, v) = c.node(node).api().put_json(&format!("/v1/agent/services/{id}"), &body)?;
@@ -77,7 +94,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     }
     c.wait_until(Duration::from_secs(10), "instances on node 0", || {
         let v = c.node(0).api().get_json("/v1/catalog/services").ok()?;
-        ["local", "remote", "bulk"].iter().all(|s| v.get(s).is_some()).then_some(())
+        ["local", "remote", "logged", "bulk"].iter().all(|s| v.get(s).is_some()).then_some(())
     })?;
     let agents: Vec<u32> = [0, 2].iter().filter_map(|&i| c.node(i).pid()).collect();
     let (a_ip, b_ip) = (c.node(0).peer_addr.ip().to_string(), c.node(2).peer_addr.ip().to_string());
@@ -105,6 +122,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         ("direct", "direct to nginx (baseline)", srv, "direct", vec![]),
         ("local", "trellis, instance on this node", proxy, "local", agents[..1].to_vec()),
         ("remote", "trellis two-hop QUIC mTLS", proxy, "remote", agents.clone()),
+        ("logged", "trellis two-hop, access log on", proxy, "logged", agents.clone()),
         ("haproxy", "haproxy two-hop TLS 1.3 mTLS", hap.http, "remote", hap.pids()),
     ];
     let mut paths: Vec<Path> = paths
@@ -244,6 +262,14 @@ fn ratio_to_haproxy(paths: &[Path], turns: &[Vec<Turn>]) {
         added(r, |s| s.p99) / added(h, |s| s.p99),
         cpu(r) / cpu(h)
     );
+    if let Some(l) = at("logged") {
+        println!(
+            "access log on / off: added p50 {:.2}x, added p99 {:.2}x, CPU per request {:.2}x",
+            added(l, |s| s.p50) / added(r, |s| s.p50),
+            added(l, |s| s.p99) / added(r, |s| s.p99),
+            cpu(l) / cpu(r)
+        );
+    }
 }
 
 fn print_throughput(paths: &[Path], turns: &[Vec<Turn>]) {
@@ -264,6 +290,9 @@ fn print_throughput(paths: &[Path], turns: &[Vec<Turn>]) {
         (paths.iter().position(|p| p.key == "remote"), paths.iter().position(|p| p.key == "haproxy"))
     {
         println!("trellis / haproxy throughput: {:.2}x (target: at least 1.00)", rps[r] / rps[h]);
+        if let Some(l) = paths.iter().position(|p| p.key == "logged") {
+            println!("access log on / off throughput: {:.2}x", rps[l] / rps[r]);
+        }
     }
 }
 

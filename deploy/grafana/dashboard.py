@@ -144,6 +144,13 @@ panel("Rate-limit coordination", [(f"sum(rate(trellis_ratelimit_bytes_out_total{
       w=6)
 end_row()
 
+row("Agent process")
+panel("CPU", [(f"rate(process_cpu_seconds_total{{{I}}}[{R}])", "{{instance}}")], unit="percentunit", w=8)
+panel("Resident memory", [(f"process_resident_memory_bytes{{{I}}}", "{{instance}}")], unit="bytes", w=8)
+panel("Open file descriptors", [(f"process_open_fds{{{I}}}", "{{instance}}"),
+                                (f"process_max_fds{{{I}}}", "limit {{instance}}")], w=8)
+end_row()
+
 dashboard = {
     "title": "Trellis service mesh",
     "uid": "trellis-mesh",

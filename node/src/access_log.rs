@@ -20,6 +20,8 @@ use trellis_core::mesh::trace::Hop;
 
 /// Lines waiting for the writer; past this they are dropped and counted.
 const QUEUE: usize = 8192;
+/// Errors kept for the dashboard (`/v1/agent/errors`), newest last.
+pub const RECENT_ERRORS: usize = 50;
 
 /// `[access_log]` in the agent's config.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -110,6 +112,8 @@ pub struct AccessLog {
     queue: SyncSender<String>,
     /// Lines dropped because the writer fell behind.
     pub dropped: AtomicU64,
+    /// The last [`RECENT_ERRORS`] error lines, whatever the sampling.
+    recent_errors: std::sync::Mutex<std::collections::VecDeque<Entry>>,
     pub written: Arc<AtomicU64>,
 }
 
@@ -129,6 +133,7 @@ impl AccessLog {
             headers: cfg.headers.iter().filter_map(|h| h.parse().ok()).collect(),
             queue,
             dropped: AtomicU64::new(0),
+            recent_errors: std::sync::Mutex::default(),
             written,
         }))
     }
@@ -176,8 +181,20 @@ impl AccessLog {
         }
     }
 
+    /// The most recent error lines, oldest first.
+    pub fn recent_errors(&self) -> Vec<Entry> {
+        self.recent_errors.lock().expect("recent errors lock").iter().cloned().collect()
+    }
+
     /// Queues the line if the filter keeps it; never waits.
     fn write(&self, e: &Entry, took: Duration) {
+        if e.is_error() {
+            let mut recent = self.recent_errors.lock().expect("recent errors lock");
+            if recent.len() == RECENT_ERRORS {
+                recent.pop_front();
+            }
+            recent.push_back(e.clone());
+        }
         if !self.filter.keep(e.is_error(), took, rand::random::<f64>()) {
             return;
         }

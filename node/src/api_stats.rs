@@ -15,7 +15,32 @@ use crate::api_error::ApiError;
 use crate::api_routes::Routes;
 
 pub fn routes() -> Routes<AgentHandle> {
-    Routes::new().get("/v1/stats", stats)
+    Routes::new().get("/v1/stats", stats).get("/v1/stats/series", series).get("/v1/agent/errors", errors)
+}
+
+/// The access log's most recent error lines on this agent (the dashboard's list); the
+/// access log must be on.
+async fn errors(State(a): State<AgentHandle>) -> Json<Value> {
+    match &a.access_log {
+        Some(log) => Json(json!({"access_log": true, "errors": log.recent_errors()})),
+        None => Json(json!({"access_log": false, "errors": []})),
+    }
+}
+
+/// `?window=15m`: per service, one point per interval (requests, errors, rps, p50, p99),
+/// merged across the mesh; what the dashboard charts.
+async fn series(
+    State(a): State<AgentHandle>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let mut q = q;
+    q.entry("window".into()).or_insert_with(|| "15m".into());
+    let (_, _, window) = params(&q)?;
+    Ok(Json(json!({
+        "window_seconds": window.as_secs_f64(),
+        "interval_seconds": a.stats.interval.as_secs_f64(),
+        "services": a.stats.series(window),
+    })))
 }
 
 /// `?service=NAME&by=service|route|source|node|edge&window=1m` (all optional).

@@ -63,6 +63,12 @@ impl Stats {
         self.mesh.lock().expect("mesh stats lock").query(service, by, window, crate::policy::now_ms())
     }
 
+    /// Per service, a point per interval over `window` (at most [`MAX_WINDOW`]).
+    pub fn series(&self, window: Duration) -> std::collections::BTreeMap<String, Vec<trellis_core::stats::Point>> {
+        let window = window.min(MAX_WINDOW);
+        self.mesh.lock().expect("mesh stats lock").series(window, crate::policy::now_ms())
+    }
+
     /// Closes the interval that ends now, keeps it as `me`'s, and returns it to send.
     fn close(&self, me: &str) -> StatsDigest {
         let len = self.interval.as_millis() as u64;

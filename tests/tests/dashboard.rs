@@ -94,7 +94,7 @@ fn dashboard_in_headless_chromium_shows_members_services_and_traffic() {
     let c = Cluster::start(ClusterSpec {
         nodes: 3,
         labels,
-        node_args: vec![vec!["--proxy".into(), proxy.to_string()]],
+        node_args: vec![vec!["--proxy".into(), proxy.to_string(), "--access-log".into(), "stderr".into()]],
         ..Default::default()
     })
     .unwrap();
@@ -139,6 +139,8 @@ fn dashboard_in_headless_chromium_shows_members_services_and_traffic() {
             n
         })
     };
+    // One error for the access log's list: a service nobody registered.
+    assert_eq!(plain::get(proxy, "nosuch", "/x", &[], Duration::from_secs(2)).unwrap().status, 503);
     c.wait_until(Duration::from_secs(10), "traffic counted", || {
         let t = api.get_json("/v1/agent/traffic").ok()?;
         (t["services"]["web"]["count"].as_u64()? > 10).then_some(())
@@ -164,6 +166,13 @@ fn dashboard_in_headless_chromium_shows_members_services_and_traffic() {
     }
     assert!(dom.contains("data-service=\"web\""), "{dom}");
     assert!(dom.contains("data-limit=\"web\""), "rate limit missing:\n{dom}");
+    // The access log's recent errors on this agent.
+    assert!(dom.contains("no_instance") && dom.contains("GET /x"), "the 503 is not in the errors list:\n{dom}");
+    // The mesh-wide charts: web's requests per second as a line of at least two points.
+    assert!(dom.contains("data-mesh-service=\"web\""), "no mesh-wide row for web:\n{dom}");
+    let chart = dom.split("data-chart=\"web-rps\"").nth(1).unwrap_or_else(|| panic!("no rps chart:\n{dom}"));
+    let points = chart.split("points=\"").nth(1).and_then(|p| p.split('"').next()).unwrap_or("");
+    assert!(points.split_whitespace().count() >= 2, "a line needs two points: {points:?}");
     for kind in ["services", "subsets", "ratelimits", "intentions"] {
         assert!(dom.contains(&format!("data-kind=\"{kind}\"")), "policy kind {kind} missing:\n{dom}");
     }

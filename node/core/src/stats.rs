@@ -182,6 +182,17 @@ pub struct Row {
     pub tcp_open: u64,
 }
 
+/// One interval of one service across the mesh, for charts.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Point {
+    pub start_ms: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub rps: f64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
 /// Every node's recent digests.
 #[derive(Debug)]
 pub struct MeshStats {
@@ -212,6 +223,39 @@ impl MeshStats {
     /// Forgets nodes `alive` does not name (they left or are down).
     pub fn retain_nodes(&mut self, alive: impl Fn(&str) -> bool) {
         self.by_node.retain(|n, _| alive(n));
+    }
+
+    /// Per service, one point per interval that ended within `window` before `now_ms`,
+    /// merged across nodes: their intervals line up, being aligned to the wall clock.
+    pub fn series(&self, window: Duration, now_ms: u64) -> BTreeMap<String, Vec<Point>> {
+        let since = now_ms.saturating_sub(window.as_millis() as u64);
+        let mut by: BTreeMap<String, BTreeMap<u64, (Counts, u32)>> = BTreeMap::new();
+        for d in self.by_node.values().flatten().filter(|d| d.start_ms + u64::from(d.len_ms) > since) {
+            for r in &d.rows {
+                let (c, len) = by.entry(r.service.clone()).or_default().entry(d.start_ms).or_default();
+                c.requests += r.requests;
+                c.errors += r.errors;
+                c.latency.merge(&Histogram::from_sparse(&r.latency));
+                *len = (*len).max(d.len_ms);
+            }
+        }
+        let ms = |q: f64, h: &Histogram| h.quantile(q).map(|d| d.as_secs_f64() * 1000.0);
+        by.into_iter()
+            .map(|(service, points)| {
+                let points = points
+                    .into_iter()
+                    .map(|(start_ms, (c, len))| Point {
+                        start_ms,
+                        requests: c.requests,
+                        errors: c.errors,
+                        rps: c.requests as f64 * 1000.0 / f64::from(len.max(1)),
+                        p50_ms: ms(0.5, &c.latency),
+                        p99_ms: ms(0.99, &c.latency),
+                    })
+                    .collect();
+                (service, points)
+            })
+            .collect()
     }
 
     /// The merged answer over the digests that ended within `window` before `now_ms`,
@@ -346,6 +390,20 @@ mod tests {
         // A window of one second sees only the newest interval.
         let last = a.query(Some("web"), By::Service, Duration::from_secs(1), now);
         assert_eq!(last[0].requests, 100);
+    }
+
+    #[test]
+    fn a_series_has_one_point_per_interval_merged_across_nodes() {
+        let mut m = MeshStats::new(Duration::from_secs(60));
+        m.add("n1", digest(10_000, &[("web", "n3", 90, 10, 2)]));
+        m.add("n2", digest(10_000, &[("web", "n3", 50, 0, 2)]));
+        m.add("n1", digest(11_000, &[("web", "n3", 20, 0, 2), ("db", "n4", 5, 0, 1)]));
+        let s = m.series(Duration::from_secs(60), 12_000);
+        let web: Vec<(u64, u64, u64, f64)> =
+            s["web"].iter().map(|p| (p.start_ms, p.requests, p.errors, p.rps)).collect();
+        assert_eq!(web, [(10_000, 150, 10, 150.0), (11_000, 20, 0, 20.0)]);
+        assert_eq!(s["db"].len(), 1);
+        assert_eq!(m.series(Duration::from_secs(1), 12_000)["web"].len(), 1, "the window cuts older points");
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub const CONFIG_ENV: &str = "TRELLIS_CONFIG";
 enum EnvKind {
     Str,
     Int,
+    Float,
+    /// `true` or `false`
+    Bool,
     /// `a,b,c`
     List,
     /// `k=v,k=v`
@@ -65,6 +68,16 @@ const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("timing.announce_interval", EnvKind::Str),
     ("timing.sync_interval", EnvKind::Str),
     ("timing.tombstone_grace", EnvKind::Str),
+    ("access_log.enabled", EnvKind::Bool),
+    ("access_log.format", EnvKind::Str),
+    ("access_log.path", EnvKind::Str),
+    ("access_log.max_size", EnvKind::Int),
+    ("access_log.keep", EnvKind::Int),
+    ("access_log.sample", EnvKind::Float),
+    ("access_log.errors_only", EnvKind::Bool),
+    ("access_log.slow", EnvKind::Str),
+    ("access_log.services", EnvKind::List),
+    ("access_log.headers", EnvKind::List),
 ];
 
 /// Where a setting came from.
@@ -295,6 +308,13 @@ fn env_value(kind: EnvKind, value: &str) -> Result<toml::Value, &'static str> {
         EnvKind::Int => {
             value.trim().parse::<i64>().map(toml::Value::Integer).unwrap_or(toml::Value::String(value.into()))
         }
+        // Not a number or a boolean: the string goes on, so the type error names what is accepted.
+        EnvKind::Float => {
+            value.trim().parse::<f64>().map(toml::Value::Float).unwrap_or(toml::Value::String(value.into()))
+        }
+        EnvKind::Bool => {
+            value.trim().parse::<bool>().map(toml::Value::Boolean).unwrap_or(toml::Value::String(value.into()))
+        }
         EnvKind::List => toml::Value::Array(items().map(|s| toml::Value::String(s.into())).collect()),
         EnvKind::Map => {
             let mut t = toml::Table::new();
@@ -480,6 +500,24 @@ mod tests {
         assert_eq!(l.file.timing.probe_period, Some(std::time::Duration::from_secs(1)));
         assert_eq!(l.file.expected_size, Some(9));
         assert_eq!(l.origins.of("name").unwrap().1, &Origin::Env { var: "TRELLIS_NAME".into(), value: "b".into() });
+    }
+
+    #[test]
+    fn the_access_log_section_takes_the_environment_too() {
+        let e = env(&[
+            ("TRELLIS_ACCESS_LOG__SAMPLE", "0.25"),
+            ("TRELLIS_ACCESS_LOG__ERRORS_ONLY", "true"),
+            ("TRELLIS_ACCESS_LOG__SERVICES", "web, db"),
+            ("TRELLIS_ACCESS_LOG__FORMAT", "envoy"),
+        ]);
+        let a = merge(&[], &e).unwrap().file.access_log.unwrap();
+        assert_eq!((a.sample, a.errors_only, a.services.len()), (0.25, true, 2));
+        assert_eq!(a.format, trellis_core::mesh::access_log::Format::Envoy);
+        let err = merge(&[], &env(&[("TRELLIS_ACCESS_LOG__ERRORS_ONLY", "yes")])).unwrap_err().to_string();
+        assert!(
+            err.starts_with("environment TRELLIS_ACCESS_LOG__ERRORS_ONLY, field `access_log.errors_only`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -91,6 +91,55 @@ function rates(prev, cur, seconds) {
   return out;
 }
 
+const SVG = "http://www.w3.org/2000/svg";
+
+// A sparkline of `values` (nulls skipped) scaled to its own maximum, with the latest value.
+function spark(name, values, fmt, bad) {
+  const w = 220, h = 40, n = values.length;
+  const svg = document.createElementNS(SVG, "svg");
+  for (const [k, v] of [["viewBox", `0 0 ${w} ${h}`], ["width", w], ["height", h], ["class", "spark"], ["data-chart", name]]) {
+    svg.setAttribute(k, v);
+  }
+  const nums = values.filter((v) => v !== null && v !== undefined);
+  const max = Math.max(...nums, 1e-9);
+  const points = values.map((v, i) => v === null || v === undefined ? null
+    : ((n > 1 ? i / (n - 1) : 1) * (w - 2) + 1).toFixed(1) + "," + (h - 2 - (v / max) * (h - 4)).toFixed(1));
+  const line = document.createElementNS(SVG, "polyline");
+  line.setAttribute("points", points.filter(Boolean).join(" "));
+  if (bad) line.setAttribute("class", "bad");
+  const title = document.createElementNS(SVG, "title");
+  title.textContent = name + ": peak " + fmt(max) + " over " + n + " intervals";
+  svg.append(title, line);
+  return el("div", { class: "chart" }, svg, el("span", { class: "last" }, nums.length ? fmt(nums[nums.length - 1]) : "–"));
+}
+
+function renderMesh(series) {
+  const names = Object.keys(series.services).filter((n) => n !== "_other").sort();
+  const rows = names.map((name) => {
+    const pts = series.services[name];
+    const errors = pts.map((p) => (p.requests ? (100 * p.errors) / p.requests : null));
+    return el("tr", { "data-mesh-service": name }, el("td", {}, el("b", {}, name)),
+      el("td", {}, spark(name + "-rps", pts.map((p) => p.rps), fmtRate)),
+      el("td", {}, spark(name + "-errors", errors, (v) => v.toFixed(1) + " %", true)),
+      el("td", {}, spark(name + "-p99", pts.map((p) => p.p99_ms), (v) => fmtSecs(v / 1000))));
+  });
+  fill(document.querySelector("#mesh tbody"), rows, 4, "no requests in the last 15 minutes");
+  const count = names.length + (names.length === 1 ? " service" : " services");
+  document.getElementById("mesh-count").textContent = count + " · a point every " + series.interval_seconds + " s";
+}
+
+function renderErrors(recent) {
+  const rows = recent.errors.slice().reverse().map((e) =>
+    el("tr", { "data-error": e.request_id || e.start_ms },
+      el("td", {}, new Date(e.start_ms).toLocaleTimeString()), el("td", {}, e.side), el("td", {}, e.service),
+      el("td", { class: "mono" }, e.method ? e.method + " " + e.path : e.protocol),
+      el("td", { class: "num bad" }, e.status || "–"), el("td", {}, e.reason || "–"),
+      el("td", { class: "mono" }, e.instance || "–"), el("td", { class: "num" }, e.duration_ms)));
+  const empty = recent.access_log ? "no errors" : "the access log is off on this agent (--access-log)";
+  fill(document.querySelector("#errors tbody"), rows, 8, empty);
+  document.getElementById("errors-count").textContent = recent.errors.length;
+}
+
 function renderAgent(self) {
   const a = document.getElementById("agent");
   a.replaceChildren("agent ", el("b", {}, self.name), "  ·  cluster " + self.cluster_id + "  ·  v" + self.version +
@@ -183,9 +232,9 @@ function setStatus(kind, text) {
 
 async function poll() {
   try {
-    const [self, members, catalog, policy, traffic, limits] = await Promise.all(
-      ["/v1/agent/self", "/v1/members", "/v1/catalog/services", "/v1/policy", "/v1/agent/traffic", "/v1/ratelimits"]
-        .map(api));
+    const [self, members, catalog, policy, traffic, limits, series, recent] = await Promise.all(
+      ["/v1/agent/self", "/v1/members", "/v1/catalog/services", "/v1/policy", "/v1/agent/traffic", "/v1/ratelimits",
+        "/v1/stats/series?window=15m", "/v1/agent/errors"].map(api));
     // The agent's own clock: right even when this tab is throttled or runs in virtual time.
     const now = traffic.uptime_ms;
     const r = rates(previous && previous.traffic, traffic, previous ? (now - previous.at) / 1000 : 0);
@@ -197,6 +246,8 @@ async function poll() {
     const instances = renderServices(catalog, r);
     const objects = renderPolicy(policy);
     renderRateLimits(limits);
+    renderMesh(series);
+    renderErrors(recent);
     const total = Object.values(r).reduce((s, t) => s + (t.rps || 0), 0);
     renderSummary([["members alive", ms.filter((m) => m.state === "alive").length + " / " + ms.length],
       ["service instances", instances], ["requests / s (this proxy)", previous && r ? fmtRate(total) : "–"],
