@@ -120,9 +120,9 @@ Try, from another shell:
   export TRELLIS_HTTP_ADDR={api}
   # 1. A call by name through node1's proxy{across}
   curl -s -H 'Host: {SERVICE}' http://{proxy}/hello
-  # 2. What the mesh saw: the catalog, node1's counters, the dashboard at http://{api}/ui
+  # 2. What the mesh saw: the catalog, every agent's requests merged, the dashboard at http://{api}/ui
   {exe} services
-  curl -s http://{api}/metrics | grep -E '^trellis_(requests_total|forward_outbound_total)'
+  {exe} stat {SERVICE} --by node
   # 3. Policy on any node takes effect everywhere: deny /admin/* on {SERVICE}, see the 403, undo it
   {exe} policy apply -f {file}
   curl -s -i -H 'Host: {SERVICE}' http://{proxy}/admin/users | head -1

@@ -688,6 +688,14 @@ fn dev_shows_a_call_across_the_mesh_and_its_agents_stop_with_it() {
     }
     let who: std::collections::BTreeSet<&str> = answers.iter().filter_map(|a| a.split(' ').next()).collect();
     assert_eq!(who.len(), 2, "round robin over both instances: {answers:?}");
+    // The printed `stat` line: the four calls above, merged from every agent, by answering node.
+    let stat = printed.lines().find(|l| l.contains(" stat web")).expect("a stat command to try");
+    let by: Vec<&str> = stat.split_whitespace().skip(1).collect();
+    wait_for(Duration::from_secs(10), "the calls in trellis stat", || {
+        let out = trellis("127.0.0.2:8500", &by);
+        let requests_seen = out.lines().filter(|l| l.starts_with("node2 ") || l.starts_with("node3 ")).count();
+        requests_seen == 2
+    });
     // 2. The catalog CLI: the demo service, then an instance registered from a file and removed.
     let api = "127.0.0.2:8500";
     let services = trellis(api, &["services"]);
