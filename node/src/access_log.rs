@@ -159,7 +159,7 @@ impl AccessLog {
         Entry {
             start_ms: crate::policy::now_ms(),
             side,
-            request_id: crate::mesh::ids::request_id(h),
+            request_id: header(trellis_core::mesh::trace::REQUEST_ID).unwrap_or_default(),
             trace_id: hop.trace_hex(),
             span_id: hop.span_hex(),
             parent_span_id: hop.parent_hex(),

@@ -212,21 +212,25 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         "Connections closed for malformed input.",
         t.closed_malformed.load(Relaxed),
     );
-    e.counter("trellis_quic_datagrams_out_total", "Membership and policy messages sent to peers as QUIC DATAGRAM frames (see trellis_quic_udp_datagrams_total for UDP packets).", t.datagrams_out.load(Relaxed));
+    e.counter(
+        "trellis_quic_datagrams_out_total",
+        "Peer messages (gossip, policy, rate limits, stats digests) sent as QUIC DATAGRAM frames; UDP packets are trellis_quic_udp_datagrams_total.",
+        t.datagrams_out.load(Relaxed),
+    );
     e.counter(
         "trellis_quic_datagrams_in_total",
-        "Membership and policy messages received from peers as QUIC DATAGRAM frames.",
+        "Peer messages received as QUIC DATAGRAM frames.",
         t.datagrams_in.load(Relaxed),
     );
-    e.counter("trellis_quic_bytes_out_total", "Bytes of membership and policy messages sent to peers (datagrams and one-way streams; service traffic is trellis_forward_bytes_total).", t.bytes_out.load(Relaxed));
     e.counter(
-        "trellis_quic_bytes_in_total",
-        "Bytes of membership and policy messages received from peers.",
-        t.bytes_in.load(Relaxed),
+        "trellis_quic_bytes_out_total",
+        "Bytes of peer messages sent (datagrams and one-way streams); service traffic is trellis_forward_bytes_total.",
+        t.bytes_out.load(Relaxed),
     );
+    e.counter("trellis_quic_bytes_in_total", "Bytes of peer messages received.", t.bytes_in.load(Relaxed));
     e.counter(
         "trellis_quic_dropped_out_total",
-        "Membership and policy messages dropped before sending (connection closing or send buffer full).",
+        "Peer messages dropped before sending (connection closing or send buffer full).",
         t.dropped_out.load(Relaxed),
     );
     let refused = t.refused.lock().expect("stats lock").clone();
@@ -267,6 +271,15 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         let help = "Access log lines dropped because the writer fell behind (the queue holds 8192).";
         e.counter("trellis_access_log_dropped_total", help, log.dropped.load(Relaxed));
     }
+    let digests = "Peers' mesh-wide stats digests, kept or refused as malformed.";
+    let (kept, refused_digests) = (a.stats.digests_in.load(Relaxed), a.stats.digests_refused.load(Relaxed));
+    e.labelled(
+        "counter",
+        "trellis_stats_digests_total",
+        digests,
+        "result",
+        &[("kept", kept), ("refused", refused_digests)],
+    );
     e.counter("trellis_forward_inbound_total", "Streams to a local instance connected after the intentions allowed them, from peers or from this node's own proxy and listeners.", f.inbound.load(Relaxed));
     e.counter("trellis_forward_denied_total", "Refusals by intentions: streams, HTTP requests (L7 rules) and open streams closed by a policy change at this node's instances, and this node's streams a peer refused.", f.denied.load(Relaxed));
     e.counter("trellis_forward_failed_total", "Forwarding attempts that failed.", f.failed.load(Relaxed));

@@ -29,6 +29,7 @@ pub struct Stats {
     pub interval: Duration,
     /// Open TCP connections from this node's listeners, by service.
     tcp: Mutex<HashMap<String, u64>>,
+    /// Peers' digests kept, and refused as malformed (`/metrics`).
     pub digests_in: AtomicU64,
     pub digests_refused: AtomicU64,
 }
@@ -72,7 +73,7 @@ impl Stats {
     /// Closes the interval that ends now, keeps it as `me`'s, and returns it to send.
     fn close(&self, me: &str) -> StatsDigest {
         let len = self.interval.as_millis() as u64;
-        let start_ms = (crate::policy::now_ms() / len).saturating_sub(1) * len;
+        let start_ms = trellis_core::stats::closing_interval(crate::policy::now_ms(), len);
         let digest = {
             let mut r = self.recorder.lock().expect("stats lock");
             for (service, open) in self.tcp.lock().expect("tcp lock").iter() {

@@ -1944,6 +1944,9 @@ fn stat_on_any_agent_shows_the_whole_meshs_traffic() {
         })
         .collect();
     assert_eq!(sources, [(c.node(0).name.clone(), 100, 10), (c.node(1).name.clone(), 50, 0)]);
+    let m = c.node(2).api().get_text("/metrics").unwrap();
+    assert!(metric(&m, "trellis_stats_digests_total{result=\"kept\"}").unwrap() >= 2.0, "peers' digests counted");
+    assert_eq!(metric(&m, "trellis_stats_digests_total{result=\"refused\"}"), Some(0.0));
     let by_node = stats("node");
     assert_eq!(by_node["rows"][0]["name"].as_str(), Some(c.node(2).name.as_str()), "node 2's instance answered");
     // The CLI on node 2, as an operator reads it.

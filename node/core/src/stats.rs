@@ -87,13 +87,12 @@ pub struct Counts {
     pub tcp_open: u64,
 }
 
-/// (service, route, answering node).
-pub type RowKey = (String, String, String);
-
-/// This node's counts for the interval in progress.
+/// This node's counts for the interval in progress, by service, route and answering node.
+/// Nested by name so a request finds its row without allocating (this runs per request).
 #[derive(Debug, Default)]
 pub struct Recorder {
-    current: BTreeMap<RowKey, Counts>,
+    current: BTreeMap<String, BTreeMap<String, BTreeMap<String, Counts>>>,
+    rows: usize,
     /// Requests folded into `_other` because the interval already had [`MAX_ROWS`] rows.
     pub folded: u64,
 }
@@ -113,30 +112,56 @@ impl Recorder {
     }
 
     fn row(&mut self, service: &str, route: &str, dest: &str) -> &mut Counts {
-        let key = (service.to_string(), route.to_string(), dest.to_string());
-        if !self.current.contains_key(&key) && self.current.len() >= MAX_ROWS - 1 {
-            self.folded += 1;
-            return self.current.entry(("_other".into(), String::new(), String::new())).or_default();
+        let known = self.current.get(service).and_then(|r| r.get(route)).is_some_and(|d| d.contains_key(dest));
+        let (service, route, dest) = match known {
+            false if self.rows >= MAX_ROWS - 1 => {
+                self.folded += 1;
+                ("_other", "", "")
+            }
+            _ => (service, route, dest),
+        };
+        let by_dest = slot(slot(&mut self.current, service), route);
+        if !by_dest.contains_key(dest) {
+            self.rows += 1;
         }
-        self.current.entry(key).or_default()
+        slot(by_dest, dest)
     }
 
     /// Closes the interval that started at `start_ms` and lasted `len_ms`.
     pub fn close(&mut self, start_ms: u64, len_ms: u32) -> StatsDigest {
-        let rows = std::mem::take(&mut self.current)
-            .into_iter()
-            .map(|((service, route, dest), c)| StatsRow {
-                service,
-                route,
-                dest,
-                requests: c.requests,
-                errors: c.errors,
-                latency: c.latency.sparse(),
-                tcp_open: c.tcp_open,
-            })
-            .collect();
+        self.rows = 0;
+        let mut rows = Vec::new();
+        for (service, by_route) in std::mem::take(&mut self.current) {
+            for (route, by_dest) in by_route {
+                for (dest, c) in by_dest {
+                    rows.push(StatsRow {
+                        service: service.clone(),
+                        route: route.clone(),
+                        dest,
+                        requests: c.requests,
+                        errors: c.errors,
+                        latency: c.latency.sparse(),
+                        tcp_open: c.tcp_open,
+                    });
+                }
+            }
+        }
         StatsDigest { start_ms, len_ms, rows }
     }
+}
+
+/// The entry for `key`, made on first use: a lookup by `&str` allocates only when it is new.
+fn slot<'a, V: Default>(map: &'a mut BTreeMap<String, V>, key: &str) -> &'a mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
+}
+
+/// The start of the interval of `len_ms` that ended last at `now_ms`: intervals are aligned
+/// to the wall clock, so every node's line up.
+pub fn closing_interval(now_ms: u64, len_ms: u64) -> u64 {
+    (now_ms / len_ms.max(1)).saturating_sub(1) * len_ms
 }
 
 /// How `trellis stat` groups rows.
@@ -431,6 +456,13 @@ mod tests {
         m.add("n2", digest(2_000, &[("db", "n3", 1, 0, 1)]));
         let rows = m.query(Some("db"), By::Service, Duration::from_secs(10), 3_000);
         assert_eq!((rows[0].tcp_open, rows[0].requests), (2, 1));
+    }
+
+    #[test]
+    fn the_closing_interval_is_the_one_that_just_ended() {
+        assert_eq!(closing_interval(20_005, 10_000), 10_000);
+        assert_eq!(closing_interval(29_999, 10_000), 10_000);
+        assert_eq!(closing_interval(5, 10_000), 0);
     }
 
     #[test]

@@ -19,11 +19,6 @@ pub(crate) fn stamp(headers: &mut HeaderMap) -> Hop {
     hop
 }
 
-/// The request id `stamp` left on `headers`.
-pub(crate) fn request_id(headers: &HeaderMap) -> String {
-    headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
-}
-
 /// W3C forbids all-zero ids; a random draw of zeros (2^-64 at worst) becomes 1.
 fn non_zero<const N: usize>(mut id: [u8; N]) -> [u8; N] {
     if id == [0; N] {
@@ -35,6 +30,10 @@ fn non_zero<const N: usize>(mut id: [u8; N]) -> [u8; N] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request_id(h: &HeaderMap) -> String {
+        h.get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
+    }
 
     #[test]
     fn a_request_gets_ids_once_and_keeps_the_clients() {
