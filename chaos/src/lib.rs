@@ -9,6 +9,7 @@ pub mod loadgen;
 pub mod mesh_bench;
 pub mod nginx;
 pub mod oha;
+pub mod otlp;
 pub mod plain;
 pub mod procs;
 pub mod ratelimit_bench;

@@ -4,6 +4,9 @@
 //! Paths: (a) direct to nginx; (b) node 0's proxy to an instance on node 0; (c) node 0's
 //! proxy over QUIC mTLS to node 2's agent and its instance; (d) two HAProxy processes on
 //! node 0's and node 2's addresses with mutual TLS between them (same certificates).
+//! (e) and (f): as (c) with the access log on, and with spans on (nodes 3 and 4 export to an
+//! OTLP receiver in this process) at 1% of new traces and at 100% (every request carries a
+//! sampled `traceparent`).
 //! The paths take interleaved turns; each figure is the median of the turns.
 //! Reproduce with `chaos/bench-mesh.sh` (installs oha, nginx and HAProxy, builds release).
 
@@ -32,7 +35,12 @@ struct Path {
     pids: Vec<u32>,
     /// Their CPU nanoseconds per second when idle, subtracted from a turn's.
     idle_ns_per_s: f64,
+    /// A header every request carries.
+    header: Option<&'static str>,
 }
+
+/// A sampled parent: every request through the traced agents is traced.
+const SAMPLED: &str = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
 /// Options of one run.
 pub struct Options {
@@ -43,7 +51,7 @@ pub struct Options {
     /// Interleaved turns each path takes per figure (at least 3 for a median).
     pub reps: usize,
     /// Only the fixed-rate runs, and only these paths (`direct`, `local`, `remote`,
-    /// `haproxy`): for attaching a profiler to one path. Empty runs everything.
+    /// `logged`, `traced1`, `traced100`, `haproxy`): for attaching a profiler to one path. Empty runs everything.
     pub only: Vec<String>,
 }
 
@@ -74,10 +82,17 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let mut node0 = vec!["--proxy".into(), proxy.to_string(), "--upstream".into(), format!("bulk={bulk_listen}")];
     node0.extend(["--config".to_string(), config(0)?]);
     let node2 = vec!["--config".to_string(), config(2)?];
-    let spec =
-        ClusterSpec { nodes: 3, node_args: vec![node0, vec![], node2], profile: "lan".into(), ..Default::default() };
+    // Nodes 3 and 4 export spans of 1% of new traces (and of every sampled one) to `otlp`.
+    let otlp = crate::otlp::Receiver::counting();
+    let traces = logs.join("traces.toml");
+    std::fs::write(&traces, format!("[traces]\nendpoint = \"http://{}\"\nsample = 0.01\n", otlp.addr))?;
+    let traced_proxy = crate::procs::free("127.0.0.1")?;
+    let node3 = vec!["--proxy".into(), traced_proxy.to_string(), "--config".into(), traces.display().to_string()];
+    let node4 = vec!["--config".to_string(), traces.display().to_string()];
+    let node_args = vec![node0, vec![], node2, node3, node4];
+    let spec = ClusterSpec { nodes: 5, node_args, profile: "lan".into(), ..Default::default() };
     let c = Cluster::start(spec)?;
-    let all = [0, 1, 2];
+    let all = [0, 1, 2, 3, 4];
     let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
     c.wait_all_see(&all, &alive, Duration::from_secs(20))?;
     let nginx = crate::nginx::start(&c.root().join("nginx"), "127.0.0.1", BODY)?;
@@ -88,15 +103,19 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         (2, "remote-1", json!({"service": "remote", "address": "127.0.0.1", "port": srv.port()})),
         (2, "logged-1", json!({"service": "logged", "address": "127.0.0.1", "port": srv.port()})),
         (2, "bulk-1", json!({"service": "bulk", "address": "127.0.0.1", "port": sink.port(), "protocol": "tcp"})),
+        (4, "traced-1", json!({"service": "traced", "address": "127.0.0.1", "port": srv.port()})),
     ] {
         let (s, v) = c.node(node).api().put_json(&format!("/v1/agent/services/{id}"), &body)?;
         anyhow::ensure!(s == 200, "register {id}: {v}");
     }
-    c.wait_until(Duration::from_secs(10), "instances on node 0", || {
+    c.wait_until(Duration::from_secs(10), "instances on nodes 0 and 3", || {
         let v = c.node(0).api().get_json("/v1/catalog/services").ok()?;
-        ["local", "remote", "logged", "bulk"].iter().all(|s| v.get(s).is_some()).then_some(())
+        let w = c.node(3).api().get_json("/v1/catalog/services").ok()?;
+        let all = ["local", "remote", "logged", "bulk"].iter().all(|s| v.get(s).is_some());
+        (all && w.get("traced").is_some()).then_some(())
     })?;
     let agents: Vec<u32> = [0, 2].iter().filter_map(|&i| c.node(i).pid()).collect();
+    let traced: Vec<u32> = [3, 4].iter().filter_map(|&i| c.node(i).pid()).collect();
     let (a_ip, b_ip) = (c.node(0).peer_addr.ip().to_string(), c.node(2).peer_addr.ip().to_string());
     let hap = crate::haproxy::start(
         &c.root().join("haproxy"),
@@ -119,22 +138,25 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         rss_of(&hap.pids())
     );
     let paths = [
-        ("direct", "direct to nginx (baseline)", srv, "direct", vec![]),
-        ("local", "trellis, instance on this node", proxy, "local", agents[..1].to_vec()),
-        ("remote", "trellis two-hop QUIC mTLS", proxy, "remote", agents.clone()),
-        ("logged", "trellis two-hop, access log on", proxy, "logged", agents.clone()),
-        ("haproxy", "haproxy two-hop TLS 1.3 mTLS", hap.http, "remote", hap.pids()),
+        ("direct", "direct to nginx (baseline)", srv, "direct", vec![], None),
+        ("local", "trellis, instance on this node", proxy, "local", agents[..1].to_vec(), None),
+        ("remote", "trellis two-hop QUIC mTLS", proxy, "remote", agents.clone(), None),
+        ("logged", "trellis two-hop, access log on", proxy, "logged", agents.clone(), None),
+        ("traced1", "trellis two-hop, spans at 1%", traced_proxy, "traced", traced.clone(), None),
+        ("traced100", "trellis two-hop, spans at 100%", traced_proxy, "traced", traced.clone(), Some(SAMPLED)),
+        ("haproxy", "haproxy two-hop TLS 1.3 mTLS", hap.http, "remote", hap.pids(), None),
     ];
     let mut paths: Vec<Path> = paths
         .into_iter()
         .filter(|p| o.only.is_empty() || o.only.iter().any(|n| n == p.0))
-        .map(|(key, name, to, host, pids)| Path { key, name, to, host, pids, idle_ns_per_s: 0.0 })
+        .map(|(key, name, to, host, pids, header)| Path { key, name, to, host, pids, idle_ns_per_s: 0.0, header })
         .collect();
     if !o.only.is_empty() {
         println!("agent pids: {}", agents.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
     }
     for p in &paths {
-        let warm = oha::run(&oha_bin, &Load { to: p.to, host: p.host, rate: None, conns: 4, secs: 1.0 })?;
+        let warm =
+            oha::run(&oha_bin, &Load { to: p.to, host: p.host, rate: None, conns: 4, secs: 1.0, header: p.header })?;
         anyhow::ensure!(warm.errors == 0 && warm.ok > 0, "{}: {} errors while warming up", p.name, warm.errors);
     }
     idle_cost(&mut paths, Duration::from_secs(3));
@@ -145,25 +167,27 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         let turns = interleaved(
             &o,
             &paths,
-            |p| Load { to: p.to, host: p.host, rate: Some(rate), conns: RATE_CONNS, secs: o.secs },
+            |p| Load { to: p.to, host: p.host, rate: Some(rate), conns: RATE_CONNS, secs: o.secs, header: p.header },
             &oha_bin,
         )?;
         print_rate_table(&paths, &turns);
     }
     if !o.only.is_empty() {
+        println!("spans received by the OTLP receiver: {}", otlp.count());
         return Ok(());
     }
     println!("\nunthrottled: oha -c {THROUGHPUT_CONNS}, no rate, {} s per turn", o.secs);
     let turns = interleaved(
         &o,
         &paths,
-        |p| Load { to: p.to, host: p.host, rate: None, conns: THROUGHPUT_CONNS, secs: o.secs },
+        |p| Load { to: p.to, host: p.host, rate: None, conns: THROUGHPUT_CONNS, secs: o.secs, header: p.header },
         &oha_bin,
     )?;
     print_throughput(&paths, &turns);
     open_connections(&o, &paths, &agents, &hap.pids())?;
     bulk(&o, sink, bulk_listen, hap.tcp)?;
     println!("\nRSS MiB after the run: trellis {}; haproxy {}", rss_of(&agents), rss_of(&hap.pids()));
+    println!("spans received by the OTLP receiver: {}", otlp.count());
     Ok(())
 }
 
@@ -262,9 +286,10 @@ fn ratio_to_haproxy(paths: &[Path], turns: &[Vec<Turn>]) {
         added(r, |s| s.p99) / added(h, |s| s.p99),
         cpu(r) / cpu(h)
     );
-    if let Some(l) = at("logged") {
+    for (key, what) in [("logged", "access log on"), ("traced1", "spans at 1%"), ("traced100", "spans at 100%")] {
+        let Some(l) = at(key) else { continue };
         println!(
-            "access log on / off: added p50 {:.2}x, added p99 {:.2}x, CPU per request {:.2}x",
+            "{what} / off: added p50 {:.2}x, added p99 {:.2}x, CPU per request {:.2}x",
             added(l, |s| s.p50) / added(r, |s| s.p50),
             added(l, |s| s.p99) / added(r, |s| s.p99),
             cpu(l) / cpu(r)
@@ -290,8 +315,10 @@ fn print_throughput(paths: &[Path], turns: &[Vec<Turn>]) {
         (paths.iter().position(|p| p.key == "remote"), paths.iter().position(|p| p.key == "haproxy"))
     {
         println!("trellis / haproxy throughput: {:.2}x (target: at least 1.00)", rps[r] / rps[h]);
-        if let Some(l) = paths.iter().position(|p| p.key == "logged") {
-            println!("access log on / off throughput: {:.2}x", rps[l] / rps[r]);
+        for (key, what) in [("logged", "access log on"), ("traced1", "spans at 1%"), ("traced100", "spans at 100%")] {
+            if let Some(l) = paths.iter().position(|p| p.key == key) {
+                println!("{what} / off throughput: {:.2}x", rps[l] / rps[r]);
+            }
         }
     }
 }

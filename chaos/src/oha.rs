@@ -18,6 +18,8 @@ pub struct Load<'a> {
     pub rate: Option<f64>,
     pub conns: usize,
     pub secs: f64,
+    /// A header every request carries (`name: value`).
+    pub header: Option<&'a str>,
 }
 
 /// What one run saw. Latencies in microseconds.
@@ -58,6 +60,9 @@ pub fn run(bin: &std::path::Path, l: &Load) -> anyhow::Result<Seen> {
     ]);
     if let Some(rate) = l.rate {
         cmd.args(["-q", &rate.to_string(), "--latency-correction"]);
+    }
+    if let Some(h) = l.header {
+        cmd.args(["-H", h]);
     }
     cmd.arg(format!("http://{}/", l.to));
     let (out, generator_cpu) = output_and_cpu(cmd)?;

@@ -45,6 +45,8 @@ pub struct AgentHandle {
     pub files: Arc<AgentFiles>,
     /// The access log, when on (for its counters).
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
+    /// The span exporter, when traces are on.
+    pub spans: Option<Arc<crate::spans::Spans>>,
     /// Mesh-wide metrics (`/v1/stats`).
     pub stats: Arc<crate::stats::Stats>,
 }
@@ -84,6 +86,10 @@ impl AgentHandle {
     /// Leaves gracefully, then asks the process to stop.
     pub async fn leave(&self) {
         self.members.leave().await;
+        // Spans still queued go to the collector before the process ends.
+        if let Some(spans) = self.spans.clone() {
+            let _ = tokio::task::spawn_blocking(move || spans.flush()).await;
+        }
         let _ = self.shutdown.send(true);
     }
 }
@@ -159,6 +165,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
     let stats = crate::stats::Stats::new(stats_interval(cfg.profile));
     tokio::spawn(crate::stats::run(stats.clone(), members.clone(), transport.clone(), stats_rx));
     let access_log = cfg.access_log.as_ref().map(crate::access_log::AccessLog::start).transpose()?;
+    let spans = cfg.traces.as_ref().map(|t| crate::spans::Spans::start(t, &cfg.name)).transpose()?;
     let view = MeshView::new(
         crate::mesh::view::Inputs {
             members: members.clone(),
@@ -167,6 +174,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
             ratelimits: ratelimits.clone(),
             spiffe_id: tls.identity.clone(),
             access_log: access_log.clone(),
+            spans: spans.clone(),
             stats: stats.clone(),
         },
         forward.clone(),
@@ -196,6 +204,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         lifecycle: Arc::default(),
         files: Arc::new(AgentFiles::of(cfg)),
         access_log,
+        spans,
         stats,
     })
 }

@@ -271,6 +271,18 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         let help = "Access log lines dropped because the writer fell behind (the queue holds 8192).";
         e.counter("trellis_access_log_dropped_total", help, log.dropped.load(Relaxed));
     }
+    if let Some(s) = &a.spans {
+        let (ended, c) = (s.ended.load(Relaxed), &s.counts);
+        let (sent, failed) = (c.sent.load(Relaxed), c.failed.load(Relaxed));
+        let help = "Spans ended (queued for export), exported (accepted by the collector), failed (a batch the collector refused or never got); ended minus the others were dropped from a full queue or are still queued.";
+        e.labelled(
+            "counter",
+            "trellis_trace_spans_total",
+            help,
+            "result",
+            &[("ended", ended), ("exported", sent), ("failed", failed)],
+        );
+    }
     let digests = "Peers' mesh-wide stats digests, kept or refused as malformed.";
     let (kept, refused_digests) = (a.stats.digests_in.load(Relaxed), a.stats.digests_refused.load(Relaxed));
     e.labelled(

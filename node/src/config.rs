@@ -48,6 +48,8 @@ pub struct AgentConfig {
     pub config_source: Option<PathBuf>,
     /// The access log, when on.
     pub access_log: Option<crate::access_log::AccessLogConfig>,
+    /// Span export, when on.
+    pub traces: Option<crate::spans::TracesConfig>,
 }
 
 /// The config file: every field optional, unknown keys refused.
@@ -86,6 +88,8 @@ pub struct FileConfig {
     pub limits: crate::limits::Limits,
     /// One line per proxied request; see [`crate::access_log::AccessLogConfig`].
     pub access_log: Option<crate::access_log::AccessLogConfig>,
+    /// Spans of proxied requests over OTLP/HTTP; see [`crate::spans::TracesConfig`].
+    pub traces: Option<crate::spans::TracesConfig>,
 }
 
 /// Timing settings that override the profile's.

@@ -42,5 +42,6 @@ pub mod policy_writer;
 pub mod ratelimit;
 pub mod reload;
 pub mod run;
+pub mod spans;
 pub mod stats;
 pub mod transport;

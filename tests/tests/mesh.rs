@@ -1986,3 +1986,118 @@ fn stat_on_any_agent_shows_the_whole_meshs_traffic() {
     let line = screen.lines().find(|l| l.starts_with(&edge(0))).unwrap();
     assert!(line.split_whitespace().any(|w| w == "90.00%"), "node 0's path: 10 of 100 failed: {line}");
 }
+
+#[test]
+fn spans_of_every_hop_reach_an_otlp_receiver_and_a_hung_collector_costs_requests_nothing() {
+    use trellis_chaos::otlp::{Received, Receiver};
+    let receiver = Receiver::start();
+    // A collector that accepts connections and never answers.
+    let hung = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = std::env::temp_dir().join(format!("trellis-otlp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = |name: &str, endpoint: SocketAddr, extra: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("[traces]\nendpoint = \"http://{endpoint}\"\ndelay = \"100ms\"\n{extra}")).unwrap();
+        p.display().to_string()
+    };
+    let (proxy, stuck_proxy): (SocketAddr, SocketAddr) =
+        (format!("127.0.0.1:{}", free_port()).parse().unwrap(), format!("127.0.0.1:{}", free_port()).parse().unwrap());
+    let node_args = vec![
+        vec!["--proxy".into(), proxy.to_string(), "--config".into(), config("n0.toml", receiver.addr, "")],
+        vec!["--config".into(), config("n1.toml", receiver.addr, "")],
+        vec![
+            "--proxy".into(),
+            stuck_proxy.to_string(),
+            "--config".into(),
+            config("n2.toml", hung.local_addr().unwrap(), "max_queue = 16\nmax_batch = 8\ntimeout = \"2s\"\n"),
+        ],
+    ];
+    let c = Cluster::start(ClusterSpec { nodes: 3, node_args, ..Default::default() }).unwrap();
+    let server = trellis_chaos::plain::serve(|head| {
+        let fail = trellis_chaos::plain::path_of(head) == "/fail";
+        (if fail { 500 } else { 200 }, b"ok".to_vec())
+    });
+    let body = json!({"service": "web", "address": "127.0.0.1", "port": server.port(), "protocol": "http"});
+    let (s, v) = c.node(1).api().put_json("/v1/agent/services/web-1", &body).unwrap();
+    assert_eq!(s, 200, "{v}");
+    for p in [proxy, stuck_proxy] {
+        let ok = || (trellis_tests::http::get(p, "web", "/warm", &[]).status == 200).then_some(());
+        c.wait_until(Duration::from_secs(10), "web through the proxy", ok).unwrap();
+    }
+    // The spans of trace `t`, once `n` have arrived.
+    let trace = |t: &str, n: usize| -> Vec<Received> {
+        c.wait_until(Duration::from_secs(10), "the spans of a trace", || {
+            let s: Vec<Received> = receiver.spans().into_iter().filter(|s| s.trace_hex() == t).collect();
+            (s.len() >= n).then_some(s)
+        })
+        .unwrap()
+    };
+    let one = |spans: &[Received], node: usize, kind: i32| -> Received {
+        let name = &c.node(node).name;
+        let mut m: Vec<&Received> = spans.iter().filter(|s| &s.node == name && s.span.kind == kind).collect();
+        assert_eq!(m.len(), 1, "one span of kind {kind} from {name}: {spans:#?}");
+        m.remove(0).clone()
+    };
+    const SERVER: i32 = 2;
+    const CLIENT: i32 = 3;
+
+    // A client continuing its own trace: one span per hop and one per attempt, linked.
+    let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    assert_eq!(trellis_tests::http::get(proxy, "web", "/hi", &[("traceparent", parent)]).status, 200);
+    let spans = trace("0af7651916cd43dd8448eb211c80319c", 3);
+    let clients: Vec<&Received> = spans.iter().filter(|s| s.node == c.node(0).name && s.span.kind == CLIENT).collect();
+    assert_eq!(clients.len(), 2, "the hop and its attempt: {spans:#?}");
+    let hop =
+        clients.iter().find(|s| s.parent_hex() == "b7ad6b7169203331").expect("the hop's parent is the client's span");
+    let attempt = clients.iter().find(|s| s.parent_hex() == hop.span_hex()).expect("the attempt is the hop's child");
+    let inbound = one(&spans, 1, SERVER);
+    assert_eq!(inbound.parent_hex(), attempt.span_hex(), "the destination's parent is the attempt");
+    assert_eq!(hop.span.name, "GET web");
+    assert_eq!(attempt.attr("trellis.instance"), Some(format!("web-1@{}", c.node(1).name)));
+    assert_eq!(
+        (hop.attr("http.response.status_code"), inbound.attr("url.path")),
+        (Some("200".into()), Some("/hi".into()))
+    );
+    assert_eq!(inbound.attr("trellis.caller"), Some(self_id(&c, 0)));
+    for s in &spans {
+        assert_eq!(s.span.status.as_ref().map_or(0, |st| st.code), 0, "no error status on a 200: {s:?}");
+        assert!(s.span.end_time_unix_nano >= s.span.start_time_unix_nano);
+    }
+
+    // A new trace from the first agent, answered 500: every span says error.
+    let r = trellis_tests::http::get(proxy, "web", "/fail", &[("x-request-id", "fail-1")]);
+    assert_eq!(r.status, 500);
+    let t = c
+        .wait_until(Duration::from_secs(10), "the failed request's spans", || {
+            receiver.spans().into_iter().find(|s| s.attr("trellis.request_id").as_deref() == Some("fail-1"))
+        })
+        .unwrap()
+        .trace_hex();
+    let spans = trace(&t, 3);
+    assert!(spans.iter().any(|s| s.node == c.node(0).name && s.span.parent_span_id.is_empty()), "a new root");
+    for s in &spans {
+        let st = s.span.status.clone().unwrap_or_default();
+        assert_eq!((st.code, st.message.as_str()), (2, "HTTP 500"), "error status on every hop: {s:?}");
+    }
+
+    // A caller that decided not to sample: no spans.
+    let unsampled = "00-1af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    assert_eq!(trellis_tests::http::get(proxy, "web", "/quiet", &[("traceparent", unsampled)]).status, 200);
+
+    // A hung collector: requests through the agent exporting to it are all answered, and
+    // its spans wait in a queue of 16 at most (the rest are dropped, not buffered).
+    for i in 0..300 {
+        let r = trellis_tests::http::get(stuck_proxy, "web", &format!("/n{i}"), &[]);
+        assert_eq!(r.status, 200, "request {i} through the agent with a hung collector");
+    }
+    let m = c.node(2).api().get_text("/metrics").unwrap();
+    let ended = metric(&m, "trellis_trace_spans_total{result=\"ended\"}").unwrap();
+    let exported = metric(&m, "trellis_trace_spans_total{result=\"exported\"}").unwrap();
+    assert!(ended >= 600.0 && exported == 0.0, "{ended} ended, {exported} exported");
+    let m = c.node(0).api().get_text("/metrics").unwrap();
+    assert!(metric(&m, "trellis_trace_spans_total{result=\"exported\"}").unwrap() >= 4.0);
+    std::thread::sleep(Duration::from_millis(500));
+    let quiet = receiver.spans().into_iter().filter(|s| s.trace_hex() == "1af7651916cd43dd8448eb211c80319c").count();
+    assert_eq!(quiet, 0, "an unsampled trace exports nothing");
+    drop(hung);
+}

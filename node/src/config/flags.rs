@@ -70,6 +70,10 @@ pub struct AgentArgs {
     /// `[access_log]` config section sets the format, sampling, filters and rotation).
     #[arg(long, value_name = "DEST")]
     pub access_log: Option<String>,
+    /// Export spans of proxied requests over OTLP/HTTP to this collector, e.g.
+    /// http://127.0.0.1:4318 (the `[traces]` config section sets sampling and batching).
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     /// Test only: drop this share (0..1) of outgoing peer messages.
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
@@ -196,6 +200,16 @@ impl AgentArgs {
         if let Some(Err(e)) = access_log.as_ref().map(crate::access_log::AccessLogConfig::check) {
             problems.push(e);
         }
+        let traces = match (&self.otlp_endpoint, file.traces.clone()) {
+            (Some(url), Some(section)) => {
+                Some(crate::spans::TracesConfig { endpoint: url.clone(), enabled: true, ..section })
+            }
+            (Some(url), None) => Some(crate::spans::TracesConfig::to(url)),
+            (None, section) => section.filter(|s| s.enabled),
+        };
+        if let Some(Err(e)) = traces.as_ref().map(crate::spans::TracesConfig::check) {
+            problems.push(e);
+        }
         let log_level = self.log_level.clone().or(file.log_level.clone());
         if let Some(level) = &log_level {
             if let Err(e) = log_filter(level) {
@@ -237,6 +251,7 @@ impl AgentArgs {
             limits: file.limits.clone(),
             config_source: config_path,
             access_log,
+            traces,
         };
         Ok((cfg, log_level))
     }
@@ -256,6 +271,7 @@ impl AgentArgs {
             ("log_level", "--log-level", self.log_level.is_some()),
             ("proxy", "--proxy", self.proxy.is_some()),
             ("api_tokens_file", "--api-tokens-file", self.api_tokens_file.is_some()),
+            ("traces.endpoint", "--otlp-endpoint", self.otlp_endpoint.is_some()),
         ];
         for (field, flag, given) in set {
             if given {

@@ -78,6 +78,13 @@ const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("access_log.slow", EnvKind::Str),
     ("access_log.services", EnvKind::List),
     ("access_log.headers", EnvKind::List),
+    ("traces.enabled", EnvKind::Bool),
+    ("traces.endpoint", EnvKind::Str),
+    ("traces.sample", EnvKind::Float),
+    ("traces.max_queue", EnvKind::Int),
+    ("traces.max_batch", EnvKind::Int),
+    ("traces.delay", EnvKind::Str),
+    ("traces.timeout", EnvKind::Str),
 ];
 
 /// Where a setting came from.

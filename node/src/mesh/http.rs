@@ -105,16 +105,24 @@ async fn proxy(
     let started = Instant::now();
     let snap = fwd.snapshot();
     let mut req = req;
-    let hop = super::ids::stamp(req.headers_mut());
+    let spans = fwd.view.node.spans.as_ref();
+    let hop = super::ids::stamp(req.headers_mut(), spans.map_or(0.0, |s| s.ratio()));
     let log = fwd.view.node.access_log.as_ref();
     let received = log.map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
-    let req = req.map(|b| Counted::new(b, received.clone()));
+    let mut req = req.map(|b| Counted::new(b, received.clone()));
+    let mut span = None;
     let (label, route, line, resp) = match Target::of(&snap, &req, fixed.as_deref()) {
         Some(target) => {
             let route = target.resolved.route.clone();
-            let line = log.filter(|l| l.wants(&target.resolved.service)).map(|l| Entry {
+            let service = &target.resolved.service;
+            let line = log.filter(|l| l.wants(service)).map(|l| Entry {
                 route: route.clone(),
-                ..l.begin(&req, &hop, Side::Outbound, source(client), &target.resolved.service)
+                ..l.begin(&req, &hop, Side::Outbound, source(client), service)
+            });
+            span = super::ids::hop_span(spans, &hop, Side::Outbound, &req, service).map(|mut s| {
+                s.attributes.push(opentelemetry::KeyValue::new("trellis.route", route.clone().unwrap_or_default()));
+                req.extensions_mut().insert(s.parent());
+                s
             });
             (target.label(), route, line, stack(&fwd, &target, req).await)
         }
@@ -125,6 +133,7 @@ async fn proxy(
         }
     };
     record(&fwd, label, route.as_deref().unwrap_or(""), &resp, started.elapsed());
+    let resp = super::ids::traced(resp, span);
     Ok(match (line, log, received) {
         (Some(entry), Some(log), Some(received)) => {
             logged(resp, Pending { log: log.clone(), entry, started, received })
@@ -368,6 +377,7 @@ async fn attempts_counted(fwd: &Forwarder, t: &Target<'_>, req: Request<InBody>,
     budget(fwd, service, |b| b.request(Instant::now()));
     let mut last = None;
     let mut tried = Vec::new();
+    let trace = parts.as_mut().and_then(|p| p.extensions.remove::<crate::spans::Parent>());
     for attempt in 0..tries {
         if attempt > 0 {
             if !budget(fwd, service, |b| {
@@ -382,8 +392,9 @@ async fn attempts_counted(fwd: &Forwarder, t: &Target<'_>, req: Request<InBody>,
         let body = body.take().unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed());
         // The head is copied only while another attempt may need it.
         let head = if attempt + 1 < tries { parts.clone() } else { parts.take() };
-        let Some(head) = head else { break };
+        let Some(mut head) = head else { break };
         *made += 1;
+        let span = trace.as_ref().map(|p| super::ids::attempt_span(p, attempt, &mut head.headers));
         let one = once(fwd, t, Request::from_parts(head, body), &mut tried);
         let result = match retry.per_try_timeout {
             Some(limit) => match tokio::time::timeout(limit, one).await {
@@ -395,6 +406,10 @@ async fn attempts_counted(fwd: &Forwarder, t: &Target<'_>, req: Request<InBody>,
             },
             None => one.await,
         };
+        if let (Some(span), Ok(r) | Err(Failure::Final(r) | Failure::Retry(r, _))) = (span, &result) {
+            let picked = r.extensions().get::<Picked>().map(|p| (p.name.as_str(), p.addr));
+            super::ids::end_attempt(span, r, picked);
+        }
         match result {
             Ok(resp) if attempt + 1 < tries && retry_status(&retry.on, resp.status()) => last = Some(resp),
             Ok(resp) | Err(Failure::Final(resp)) => return resp,

@@ -50,8 +50,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
 
 impl MeshView {
     /// Does the access log take this service's requests here?
-    fn logs(&self, service: &str) -> bool {
-        self.node.access_log.as_ref().is_some_and(|l| l.wants(service))
+    /// Does this agent look at each request of `service` (its access log, or spans)?
+    fn watches(&self, service: &str) -> bool {
+        self.node.spans.is_some() || self.node.access_log.as_ref().is_some_and(|l| l.wants(service))
     }
 
     /// Serves one stream to a local instance for `caller` (a SPIFFE id).
@@ -72,7 +73,7 @@ impl MeshView {
             io.write_all(&[ForwardStatus::UnknownInstance as u8]).await?;
             anyhow::bail!("no local instance {}", open.instance);
         };
-        let l7 = per_request(&snap, &target, self.logs(&open.service));
+        let l7 = per_request(&snap, &target, self.watches(&open.service));
         if !l7 && stream_decision(&snap, caller, &open.service) == Action::Deny {
             self.stats.denied.fetch_add(1, Relaxed);
             io.write_all(&[ForwardStatus::Denied as u8]).await?;
@@ -131,7 +132,7 @@ impl MeshView {
                         tracing::info!(%caller, %service, "open stream closed: intentions now deny");
                         return Ok(Ended::Denied);
                     }
-                    if !serves(&snap, target) || per_request(&snap, target, self.logs(service)) {
+                    if !serves(&snap, target) || per_request(&snap, target, self.watches(service)) {
                         return Ok(Ended::Gone);
                     }
                 }
@@ -222,7 +223,15 @@ async fn request(
     mut req: Request<Incoming>,
 ) -> Result<Response<instance_http::Body>, Infallible> {
     let started = Instant::now();
-    let hop = super::ids::stamp(req.headers_mut());
+    let spans = fwd.node.spans.as_ref();
+    let hop = super::ids::stamp(req.headers_mut(), spans.map_or(0.0, |s| s.ratio()));
+    let span = super::ids::hop_span(spans, &hop, Side::Inbound, &req, &service).map(|mut s| {
+        s.attributes.extend([
+            opentelemetry::KeyValue::new("trellis.caller", caller.to_string()),
+            opentelemetry::KeyValue::new("trellis.instance", instance.name.clone()),
+        ]);
+        s
+    });
     let line = fwd.node.access_log.as_ref().filter(|l| l.wants(&service)).map(|log| {
         let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let entry = Entry {
@@ -235,6 +244,7 @@ async fn request(
     });
     let (line, received) = line.map_or((None, None), |(p, r)| (Some(p), Some(r)));
     let resp = decide_and_send(&fwd, &caller, &service, &instance, req.map(|b| Counted::new(b, received))).await;
+    let resp = super::ids::traced(resp, span);
     Ok(match line {
         Some(p) => super::http::logged(resp, p),
         None => resp,
@@ -308,10 +318,10 @@ fn stream_decision(snap: &Snapshot, caller: &str, service: &str) -> Action {
 }
 
 /// Must this instance's streams be served request by request: decided by L7 intentions,
-/// or `logged` in the access log?
-fn per_request(snap: &Snapshot, target: &InstanceView, logged: bool) -> bool {
+/// or `watched` by the access log or spans?
+fn per_request(snap: &Snapshot, target: &InstanceView, watched: bool) -> bool {
     let service = &target.instance.service;
-    snap.protocol_of(service) != Protocol::Tcp && (logged || authz::has_l7(snap.intentions.iter(), service))
+    snap.protocol_of(service) != Protocol::Tcp && (watched || authz::has_l7(snap.intentions.iter(), service))
 }
 
 /// Is the instance still registered here and not failing its check?

@@ -22,6 +22,8 @@ pub struct Inputs {
     pub spiffe_id: String,
     /// The access log, when on.
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
+    /// The span exporter, when traces are on.
+    pub spans: Option<Arc<crate::spans::Spans>>,
     /// Mesh-wide metrics: this node's requests are recorded here.
     pub stats: Arc<crate::stats::Stats>,
 }

@@ -2,6 +2,8 @@
 //! through continues the caller's trace with a span of its own, or starts one. Ids come from
 //! the caller's random source, so every rule here is tested with fixed bytes.
 
+use super::access_log::Side;
+
 /// The header W3C Trace Context names.
 pub const TRACEPARENT: &str = "traceparent";
 /// The request id header Envoy and most proxies use.
@@ -65,13 +67,18 @@ pub struct Hop {
 
 impl Hop {
     /// Continues `incoming` (a valid `traceparent`) with `span_id`, keeping its sampling
-    /// decision (parent-based); without one, starts trace `trace_id`, sampled when
-    /// `sample` says so.
-    pub fn next(incoming: Option<&str>, trace_id: [u8; 16], span_id: [u8; 8], sample: bool) -> Hop {
+    /// decision (parent-based); without one, starts trace `trace_id`, sampled at `ratio`
+    /// ([`sampled_at`]).
+    pub fn next(incoming: Option<&str>, trace_id: [u8; 16], span_id: [u8; 8], ratio: f64) -> Hop {
         match incoming.and_then(TraceParent::parse) {
             Some(p) => Hop { trace_id: p.trace_id, span_id, parent: Some(p.span_id), sampled: p.sampled() },
-            None => Hop { trace_id, span_id, parent: None, sampled: sample },
+            None => Hop { trace_id, span_id, parent: None, sampled: sampled_at(&trace_id, ratio) },
         }
+    }
+
+    /// A span under this one (an attempt of the request), in the same trace.
+    pub fn child(&self, span_id: [u8; 8]) -> Hop {
+        Hop { span_id, parent: Some(self.span_id), ..*self }
     }
 
     /// The `traceparent` this hop sends on: itself as the parent of the next.
@@ -90,6 +97,32 @@ impl Hop {
     pub fn parent_hex(&self) -> Option<String> {
         self.parent.map(|p| hex(&p))
     }
+}
+
+/// Whether a new trace is sampled at `ratio` (0 to 1): decided by its id alone, as
+/// OpenTelemetry's `TraceIdRatioBased` does (the id's last 8 bytes, read as a number, below
+/// `ratio` of their range), so any hop can recompute the decision from the id.
+pub fn sampled_at(trace_id: &[u8; 16], ratio: f64) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    let low = u64::from_be_bytes(trace_id[8..].try_into().expect("8 bytes"));
+    ratio > 0.0 && (low >> 1) < (ratio * (1u64 << 63) as f64) as u64
+}
+
+/// The error a span reports for an answer with `status` (0: none came), None when it
+/// succeeded. OpenTelemetry's HTTP conventions count 4xx as errors only on the calling side,
+/// 5xx on both; when the proxy answered itself, its reason names the error.
+pub fn span_error(side: Side, status: u16, reason: Option<&str>) -> Option<String> {
+    let failed = match side {
+        Side::Outbound => status == 0 || status >= 400,
+        Side::Inbound => status == 0 || status >= 500,
+    };
+    failed.then(|| match (reason, status) {
+        (Some(r), _) => r.to_string(),
+        (None, 0) => "no answer".to_string(),
+        (None, s) => format!("HTTP {s}"),
+    })
 }
 
 /// The request id to carry: the client's when it is printable ASCII within
@@ -173,14 +206,47 @@ mod tests {
 
     #[test]
     fn a_hop_continues_the_callers_trace_or_starts_one() {
-        let hop = Hop::next(Some(VALID), [7; 16], [9; 8], false);
+        let hop = Hop::next(Some(VALID), [7; 16], [9; 8], 0.0);
         assert_eq!(hop.trace_hex(), "4bf92f3577b34da6a3ce929d0e0e4736", "same trace");
         assert_eq!(hop.parent_hex().as_deref(), Some("00f067aa0ba902b7"), "the caller's span is the parent");
         assert!(hop.sampled, "the parent's sampling decision wins over ours");
         assert_eq!(hop.outgoing().header(), "00-4bf92f3577b34da6a3ce929d0e0e4736-0909090909090909-01");
-        let root = Hop::next(Some("garbage"), [7; 16], [9; 8], false);
+        let root = Hop::next(Some("garbage"), [7; 16], [9; 8], 0.0);
         assert_eq!((root.trace_id, root.parent, root.sampled), ([7; 16], None, false));
         assert_eq!(root.outgoing().header(), format!("00-{}-{}-00", "07".repeat(16), "09".repeat(8)));
+        let attempt = hop.child([5; 8]);
+        assert_eq!((attempt.trace_id, attempt.parent, attempt.sampled), (hop.trace_id, Some(hop.span_id), true));
+    }
+
+    #[test]
+    fn new_traces_are_sampled_by_their_id_at_the_ratio() {
+        let id = |low: u64| {
+            let mut t = [0xab; 16];
+            t[8..].copy_from_slice(&low.to_be_bytes());
+            t
+        };
+        assert!(sampled_at(&id(u64::MAX), 1.0) && !sampled_at(&id(0), 0.0));
+        assert!(sampled_at(&id(u64::MAX / 100 - 1000), 0.01) && !sampled_at(&id(u64::MAX / 100 + 1000), 0.01));
+        // Over many ids the share matches the ratio; the decision is the same every time.
+        let (mut hits, mut x) = (0, 0x9e37_79b9_7f4a_7c15u64);
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            hits += usize::from(sampled_at(&id(x), 0.25));
+        }
+        assert!((24_000..26_000).contains(&hits), "{hits} of 100000 at 25%");
+        assert!(Hop::next(None, id(1), [1; 8], 0.5).sampled && !Hop::next(None, id(u64::MAX), [1; 8], 0.5).sampled);
+    }
+
+    #[test]
+    fn errors_follow_the_http_conventions_of_each_side() {
+        assert_eq!(span_error(Side::Outbound, 200, None), None);
+        assert_eq!(span_error(Side::Outbound, 404, None).as_deref(), Some("HTTP 404"));
+        assert_eq!(span_error(Side::Inbound, 404, None), None, "a server's 4xx is the client's fault");
+        assert_eq!(span_error(Side::Inbound, 403, Some("denied")), None);
+        assert_eq!(span_error(Side::Inbound, 502, Some("upstream")).as_deref(), Some("upstream"));
+        assert_eq!(span_error(Side::Outbound, 0, None).as_deref(), Some("no answer"));
     }
 
     #[test]
