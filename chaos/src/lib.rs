@@ -15,3 +15,4 @@ pub mod procs;
 pub mod ratelimit_bench;
 pub mod runner;
 pub mod sim;
+pub mod stats_bench;

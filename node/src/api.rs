@@ -292,6 +292,8 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         "result",
         &[("kept", kept), ("refused", refused_digests)],
     );
+    let asks = "Mesh-wide stats queries peers asked of this node (it owns some services' figures).";
+    e.counter("trellis_stats_queries_total", asks, a.stats.asks_in.load(Relaxed));
     e.counter("trellis_forward_inbound_total", "Streams to a local instance connected after the intentions allowed them, from peers or from this node's own proxy and listeners.", f.inbound.load(Relaxed));
     e.counter("trellis_forward_denied_total", "Refusals by intentions: streams, HTTP requests (L7 rules) and open streams closed by a policy change at this node's instances, and this node's streams a peer refused.", f.denied.load(Relaxed));
     e.counter("trellis_forward_failed_total", "Forwarding attempts that failed.", f.failed.load(Relaxed));

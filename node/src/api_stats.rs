@@ -36,10 +36,13 @@ async fn series(
     let mut q = q;
     q.entry("window".into()).or_insert_with(|| "15m".into());
     let (_, _, window) = params(&q)?;
+    let answer = a.stats.series((&a.members, &a.transport), window).await;
     Ok(Json(json!({
         "window_seconds": window.as_secs_f64(),
         "interval_seconds": a.stats.interval.as_secs_f64(),
-        "services": a.stats.series(window),
+        "asked": answer.asked,
+        "missing": answer.missing,
+        "services": answer.figures,
     })))
 }
 
@@ -49,13 +52,15 @@ async fn stats(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let (service, by, window) = params(&q)?;
-    let rows = a.stats.query(service, by, window);
+    let answer = a.stats.query((&a.members, &a.transport), service, by, window).await;
     Ok(Json(json!({
         "service": service,
         "by": by,
         "window_seconds": window.as_secs_f64(),
         "interval_seconds": a.stats.interval.as_secs_f64(),
-        "rows": rows,
+        "asked": answer.asked,
+        "missing": answer.missing,
+        "rows": answer.figures,
     })))
 }
 

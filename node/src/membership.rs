@@ -187,8 +187,9 @@ impl Shell {
                 self.transport.refuse(&msg.conn, PeerRefusal::Malformed, "forward header outside a stream")
             }
             MessageKind::RateLimit => self.on_rate_limit(msg),
-            // A full queue drops the digest: the next interval's follows.
-            MessageKind::Stats => {
+            // A full queue drops the digest (the next interval's follows) or the question
+            // (the asker answers with what came, naming who did not answer).
+            MessageKind::Stats | MessageKind::StatsQuery => {
                 let _ = self.stats.try_send(msg);
             }
         }

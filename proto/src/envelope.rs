@@ -32,6 +32,9 @@ pub enum MessageKind {
     RateLimit = 4,
     /// A node's mesh-wide metrics for its last interval, a [`crate::stats::StatsDigest`].
     Stats = 5,
+    /// A question for the nodes that keep services' figures, or an answer, a
+    /// [`crate::stats::StatsCall`].
+    StatsQuery = 6,
 }
 
 impl MessageKind {
@@ -42,6 +45,7 @@ impl MessageKind {
             3 => Some(MessageKind::Forward),
             4 => Some(MessageKind::RateLimit),
             5 => Some(MessageKind::Stats),
+            6 => Some(MessageKind::StatsQuery),
             _ => None,
         }
     }
@@ -54,6 +58,7 @@ impl MessageKind {
             MessageKind::Forward => "forward",
             MessageKind::RateLimit => "rate_limit",
             MessageKind::Stats => "stats",
+            MessageKind::StatsQuery => "stats_query",
         }
     }
 }

@@ -39,6 +39,7 @@ fn bodies(data: &[u8]) {
     let _ = forward::ForwardOpen::decode(data);
     let _ = ratelimit::RateLimitMsg::decode(data);
     let _ = stats::StatsDigest::decode(data);
+    let _ = stats::StatsCall::decode(data);
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
-//! Mesh-wide golden metrics on the wire: each node sends every peer what its callers'
-//! requests did over its last interval, by service, route and the node that answered. The
-//! sender is the source of every row: its certificate names it, so no row can speak for
-//! another node.
+//! Mesh-wide golden metrics on the wire: each node sends each service's owners what its
+//! callers' requests to that service did over its last interval, by route and the node that
+//! answered. The sender is the source of every row: its certificate names it, so no row can
+//! speak for another node. Queries and answers travel as [`StatsCall`].
 
 use serde::{Deserialize, Serialize};
 
@@ -67,18 +67,115 @@ impl StatsDigest {
             if r.service.is_empty() || long {
                 return Err(malformed("a service, route or node name is empty or too long".into()));
             }
-            if r.errors > r.requests {
-                return Err(malformed(format!("{} errors of {} requests", r.errors, r.requests)));
-            }
-            let ascending = r.latency.windows(2).all(|w| w[0].0 < w[1].0);
-            let in_range = r.latency.iter().all(|(b, _)| usize::from(*b) < MAX_BUCKETS);
-            let total = r.latency.iter().try_fold(0u64, |t, (_, n)| t.checked_add(*n));
-            if r.latency.len() > MAX_BUCKETS || !ascending || !in_range || total.is_none_or(|t| t > r.requests) {
-                return Err(malformed("latency buckets out of range, out of order, or more than the requests".into()));
-            }
+            counts_hold(r.requests, r.errors, &r.latency)?;
         }
         Ok(())
     }
+}
+
+/// Groups one answer may carry, across all its services.
+pub const MAX_GROUPS: usize = 4096;
+/// Longest group name: an edge names two nodes and a service.
+pub const MAX_GROUP_NAME: usize = 3 * crate::limits::MAX_NAME_LEN + 8;
+
+/// A question to the nodes that keep services' figures, and their answer (message kind
+/// `StatsQuery`). Each service's rows go to a few owner nodes rather than to every node, so
+/// a mesh-wide answer is one round trip to them instead of every node holding everything.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StatsCall {
+    Ask(StatsAsk),
+    Answer { id: u64, held: Vec<StatsHeld> },
+}
+
+/// Figures for `service` (every service the node keeps when None), over the last
+/// `window_ms`, grouped `by` (service, route, source, node, edge), or one group per interval
+/// when `series`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatsAsk {
+    pub id: u64,
+    pub service: Option<String>,
+    pub by: String,
+    pub window_ms: u64,
+    pub series: bool,
+}
+
+/// What one node keeps of one service, already merged over the window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatsHeld {
+    pub service: String,
+    /// How much of the window its digests cover (the longest of any source's).
+    pub covered_ms: u64,
+    pub groups: Vec<StatsGroup>,
+}
+
+/// One group's merged counts: named by the grouping, or one interval of a series.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatsGroup {
+    pub name: String,
+    pub start_ms: u64,
+    pub len_ms: u32,
+    pub requests: u64,
+    pub errors: u64,
+    pub latency: Vec<(u16, u64)>,
+    pub tcp_open: u64,
+}
+
+impl StatsCall {
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::serde::encode_to_vec(self, crate::bincode_config()).expect("Vec writer")
+    }
+
+    /// Decodes and checks bounds: names, group counts, buckets, counts that add up.
+    pub fn decode(body: &[u8]) -> Result<StatsCall, DecodeError> {
+        let c: StatsCall = bincode::serde::decode_from_slice(body, crate::bincode_config())
+            .map(|(v, _)| v)
+            .map_err(|e| malformed(e.to_string()))?;
+        match &c {
+            StatsCall::Ask(a) => {
+                if a.service.as_ref().is_some_and(|s| s.is_empty() || s.len() > crate::limits::MAX_NAME_LEN) {
+                    return Err(malformed("an empty or too long service name".into()));
+                }
+                if a.by.len() > 16 {
+                    return Err(malformed("a grouping name that is too long".into()));
+                }
+            }
+            StatsCall::Answer { held, .. } => {
+                let groups: usize = held.iter().map(|h| h.groups.len()).sum();
+                if held.len() > MAX_ROWS || groups > MAX_GROUPS {
+                    return Err(malformed(format!(
+                        "{} services and {groups} groups, at most {MAX_GROUPS}",
+                        held.len()
+                    )));
+                }
+                for h in held {
+                    if h.service.is_empty() || h.service.len() > crate::limits::MAX_NAME_LEN {
+                        return Err(malformed("an empty or too long service name".into()));
+                    }
+                    for g in &h.groups {
+                        if g.name.len() > MAX_GROUP_NAME {
+                            return Err(malformed("a group name that is too long".into()));
+                        }
+                        counts_hold(g.requests, g.errors, &g.latency)?;
+                    }
+                }
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// Errors within requests, latency buckets ascending, in range and within the requests.
+fn counts_hold(requests: u64, errors: u64, latency: &[(u16, u64)]) -> Result<(), DecodeError> {
+    if errors > requests {
+        return Err(malformed(format!("{errors} errors of {requests} requests")));
+    }
+    let ascending = latency.windows(2).all(|w| w[0].0 < w[1].0);
+    let in_range = latency.iter().all(|(b, _)| usize::from(*b) < MAX_BUCKETS);
+    let total = latency.iter().try_fold(0u64, |t, (_, n)| t.checked_add(*n));
+    if latency.len() > MAX_BUCKETS || !ascending || !in_range || total.is_none_or(|t| t > requests) {
+        return Err(malformed("latency buckets out of range, out of order, or more than the requests".into()));
+    }
+    Ok(())
 }
 
 fn malformed(detail: String) -> DecodeError {
@@ -124,6 +221,41 @@ mod tests {
         let zero = StatsDigest { start_ms: 1, len_ms: 0, rows: vec![] };
         assert!(StatsDigest::decode(&zero.encode()).is_err());
         assert!(StatsDigest::decode(&[0xff; 7]).is_err());
+    }
+
+    #[test]
+    fn asks_and_answers_round_trip_and_bad_ones_are_refused() {
+        let ask = StatsCall::Ask(StatsAsk {
+            id: 7,
+            service: Some("web".into()),
+            by: "node".into(),
+            window_ms: 60_000,
+            series: false,
+        });
+        assert_eq!(StatsCall::decode(&ask.encode()), Ok(ask));
+        let group = |requests, errors| StatsGroup {
+            name: "n1 -> web@n2".into(),
+            start_ms: 0,
+            len_ms: 0,
+            requests,
+            errors,
+            latency: vec![(3, requests)],
+            tcp_open: 0,
+        };
+        let answer = |g: StatsGroup| StatsCall::Answer {
+            id: 7,
+            held: vec![StatsHeld { service: "web".into(), covered_ms: 1000, groups: vec![g] }],
+        };
+        assert_eq!(StatsCall::decode(&answer(group(5, 1)).encode()), Ok(answer(group(5, 1))));
+        assert!(StatsCall::decode(&answer(group(5, 6)).encode()).is_err(), "more errors than requests");
+        let mut long = group(1, 0);
+        long.name = "x".repeat(MAX_GROUP_NAME + 1);
+        assert!(StatsCall::decode(&answer(long).encode()).is_err());
+        let many = StatsCall::Answer {
+            id: 1,
+            held: vec![StatsHeld { service: "web".into(), covered_ms: 0, groups: vec![group(1, 0); MAX_GROUPS + 1] }],
+        };
+        assert!(StatsCall::decode(&many.encode()).is_err());
     }
 }
 

@@ -1944,9 +1944,23 @@ fn stat_on_any_agent_shows_the_whole_meshs_traffic() {
         })
         .collect();
     assert_eq!(sources, [(c.node(0).name.clone(), 100, 10), (c.node(1).name.clone(), 50, 0)]);
-    let m = c.node(2).api().get_text("/metrics").unwrap();
-    assert!(metric(&m, "trellis_stats_digests_total{result=\"kept\"}").unwrap() >= 2.0, "peers' digests counted");
-    assert_eq!(metric(&m, "trellis_stats_digests_total{result=\"refused\"}"), Some(0.0));
+    // The figures live on api's two owners; every node asks them and gets the same answer.
+    assert_eq!((rows["asked"].as_u64(), rows["missing"].as_array().map(Vec::len)), (Some(2), Some(0)), "{rows}");
+    for i in [0, 1] {
+        let v = c.node(i).api().get_json("/v1/stats?service=api&window=1m").unwrap();
+        assert_eq!(v["rows"][0]["requests"].as_u64(), Some(150), "node {i}: {v}");
+    }
+    let all = c.node(0).api().get_json("/v1/stats?window=1m").unwrap();
+    assert_eq!(all["asked"].as_u64(), Some(3), "every member asked for every service: {all}");
+    let names: Vec<&str> = all["rows"].as_array().unwrap().iter().filter_map(|r| r["name"].as_str()).collect();
+    assert!(names.contains(&"api") && names.contains(&"web"), "{all}");
+    let (mut kept, mut refused) = (0.0, 0.0);
+    for i in 0..3 {
+        let m = c.node(i).api().get_text("/metrics").unwrap();
+        kept += metric(&m, "trellis_stats_digests_total{result=\"kept\"}").unwrap();
+        refused += metric(&m, "trellis_stats_digests_total{result=\"refused\"}").unwrap();
+    }
+    assert!(kept >= 2.0 && refused == 0.0, "owners kept peers' digests: {kept} kept, {refused} refused");
     let by_node = stats("node");
     assert_eq!(by_node["rows"][0]["name"].as_str(), Some(c.node(2).name.as_str()), "node 2's instance answered");
     // The CLI on node 2, as an operator reads it.

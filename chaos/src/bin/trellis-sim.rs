@@ -50,6 +50,20 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seeds: u64,
     },
+    /// Mesh-wide stats at scale: bytes per node per interval, and a `stat` answer's time.
+    BenchStats {
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 100)]
+        services: usize,
+        /// Services each node calls.
+        #[arg(long, default_value_t = 5)]
+        calls: usize,
+        #[arg(long, default_value_t = 6)]
+        intervals: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Policy propagation by gossip at 1% loss.
     BenchPolicy {
         #[arg(long, value_delimiter = ',', default_value = "100,1000")]
@@ -359,5 +373,19 @@ fn main() {
         Cmd::Sweep { nodes, loss, seeds, secs, timing } => sweep(nodes, loss, seeds, secs, &timing),
         Cmd::BenchPolicy { sizes, seed, writes } => bench_policy(sizes, seed, writes),
         Cmd::BenchRatelimit { seeds } => trellis_chaos::ratelimit_bench::run(seeds),
+        Cmd::BenchStats { nodes, services, calls, intervals, seed } => {
+            trellis_chaos::stats_bench::run(&trellis_chaos::stats_bench::Shape {
+                nodes,
+                services,
+                calls,
+                instances: 3,
+                // The LAN and WAN profiles' stats interval.
+                interval: Duration::from_secs(10),
+                intervals,
+                requests: 200,
+                one_way: (Duration::from_micros(200), Duration::from_micros(2000)),
+                seed,
+            })
+        }
     }
 }

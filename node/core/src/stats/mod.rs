@@ -1,15 +1,19 @@
 //! Mesh-wide golden metrics: each node counts what its callers' requests did (requests,
-//! errors, a latency histogram) per service, route and answering node, closes the counts
-//! every interval into a digest for its peers, and keeps every node's recent digests, so any
-//! node answers "what is `web`'s success rate across the mesh" from merged counts. Counts
-//! and fixed-bucket histograms merge by addition, so the answer does not depend on the
-//! order digests arrive in.
+//! errors, a latency histogram) per service, route and answering node, and closes the
+//! counts every interval into a digest whose rows go to their services' owners
+//! ([`owners`]). An owner keeps every source's recent rows and answers a query with them
+//! merged over the window ([`MeshStats::held`]); the asker keeps one answer per service
+//! ([`pick`]) and merges across services ([`rows`], [`points`]). Counts and fixed-bucket
+//! histograms merge by addition, so the answer does not depend on the order anything
+//! arrives in.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use serde::Serialize;
-use trellis_proto::stats::{StatsDigest, StatsRow, MAX_BUCKETS, MAX_ROWS};
+use trellis_proto::stats::{StatsDigest, StatsGroup, StatsHeld, StatsRow, MAX_BUCKETS, MAX_GROUPS, MAX_ROWS};
+
+pub mod owners;
 
 /// The lowest bucket's upper bound; buckets grow by 2^(1/4), about 19% each, so a
 /// quantile read from them is within 19% of the true value, up to about 53 s.
@@ -179,6 +183,16 @@ pub enum By {
 }
 
 impl By {
+    pub fn name(self) -> &'static str {
+        match self {
+            By::Service => "service",
+            By::Route => "route",
+            By::Source => "source",
+            By::Node => "node",
+            By::Edge => "edge",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<By> {
         match s {
             "service" => Some(By::Service),
@@ -253,100 +267,176 @@ impl MeshStats {
     /// Per service, one point per interval that ended within `window` before `now_ms`,
     /// merged across nodes: their intervals line up, being aligned to the wall clock.
     pub fn series(&self, window: Duration, now_ms: u64) -> BTreeMap<String, Vec<Point>> {
-        let since = now_ms.saturating_sub(window.as_millis() as u64);
-        let mut by: BTreeMap<String, BTreeMap<u64, (Counts, u32)>> = BTreeMap::new();
-        for d in self.by_node.values().flatten().filter(|d| d.start_ms + u64::from(d.len_ms) > since) {
-            for r in &d.rows {
-                let (c, len) = by.entry(r.service.clone()).or_default().entry(d.start_ms).or_default();
-                c.requests += r.requests;
-                c.errors += r.errors;
-                c.latency.merge(&Histogram::from_sparse(&r.latency));
-                *len = (*len).max(d.len_ms);
-            }
-        }
-        let ms = |q: f64, h: &Histogram| h.quantile(q).map(|d| d.as_secs_f64() * 1000.0);
-        by.into_iter()
-            .map(|(service, points)| {
-                let points = points
-                    .into_iter()
-                    .map(|(start_ms, (c, len))| Point {
-                        start_ms,
-                        requests: c.requests,
-                        errors: c.errors,
-                        rps: c.requests as f64 * 1000.0 / f64::from(len.max(1)),
-                        p50_ms: ms(0.5, &c.latency),
-                        p99_ms: ms(0.99, &c.latency),
-                    })
-                    .collect();
-                (service, points)
-            })
-            .collect()
+        points(&self.held(None, By::Service, window, now_ms, true))
     }
 
     /// The merged answer over the digests that ended within `window` before `now_ms`,
     /// for `service` (all when None), grouped by `by`, busiest first.
     pub fn query(&self, service: Option<&str>, by: By, window: Duration, now_ms: u64) -> Vec<Row> {
+        rows(&self.held(service, by, window, now_ms, false), window)
+    }
+
+    /// What this node keeps for a query, per service, merged over the window: groups named
+    /// by `by`, or one group per interval when `series`. At most [`MAX_GROUPS`] groups in
+    /// all, the busiest kept.
+    pub fn held(&self, service: Option<&str>, by: By, window: Duration, now_ms: u64, series: bool) -> Vec<StatsHeld> {
         let since = now_ms.saturating_sub(window.as_millis() as u64);
-        let mut groups: BTreeMap<String, Counts> = BTreeMap::new();
-        let mut covered_ms = 0u64;
+        // Per service: how much of the window any source covers, and the groups.
+        type Groups = BTreeMap<(String, u64), (Counts, u32)>;
+        let mut per: BTreeMap<String, (u64, Groups)> = BTreeMap::new();
         for (node, list) in &self.by_node {
             let recent: Vec<&StatsDigest> = list.iter().filter(|d| d.start_ms + u64::from(d.len_ms) > since).collect();
-            covered_ms = covered_ms.max(recent.iter().map(|d| u64::from(d.len_ms)).sum());
+            let covered: u64 = recent.iter().map(|d| u64::from(d.len_ms)).sum();
             let newest = list.back().map(|d| d.start_ms);
             for d in recent {
                 for r in d.rows.iter().filter(|r| service.is_none_or(|s| s == r.service)) {
-                    let name = match by {
-                        By::Service => r.service.clone(),
-                        By::Route => {
-                            if r.route.is_empty() {
-                                "-".into()
-                            } else {
-                                r.route.clone()
-                            }
-                        }
-                        By::Source => node.clone(),
-                        By::Node => {
-                            if r.dest.is_empty() {
-                                "-".into()
-                            } else {
-                                r.dest.clone()
-                            }
-                        }
-                        By::Edge => {
-                            let dest = if r.dest.is_empty() { "-" } else { &r.dest };
-                            format!("{node} -> {}@{dest}", r.service)
-                        }
-                    };
-                    let g = groups.entry(name).or_default();
-                    g.requests += r.requests;
-                    g.errors += r.errors;
-                    g.latency.merge(&Histogram::from_sparse(&r.latency));
-                    if Some(d.start_ms) == newest {
-                        g.tcp_open += r.tcp_open;
+                    let (cov, groups) = per.entry(r.service.clone()).or_default();
+                    *cov = (*cov).max(covered);
+                    let key = if series { (String::new(), d.start_ms) } else { (group_name(by, node, r), 0) };
+                    let (c, len) = groups.entry(key).or_default();
+                    c.requests += r.requests;
+                    c.errors += r.errors;
+                    c.latency.merge(&Histogram::from_sparse(&r.latency));
+                    *len = (*len).max(d.len_ms);
+                    if !series && Some(d.start_ms) == newest {
+                        c.tcp_open += r.tcp_open;
                     }
                 }
             }
         }
-        let secs = (covered_ms.min(window.as_millis() as u64) as f64 / 1000.0).max(1e-3);
-        let ms = |q: f64, h: &Histogram| h.quantile(q).map(|d| d.as_secs_f64() * 1000.0);
-        let mut rows: Vec<Row> = groups
+        let mut held: Vec<StatsHeld> = per
             .into_iter()
-            .filter(|(_, c)| c.requests > 0 || c.tcp_open > 0)
-            .map(|(name, c)| Row {
-                name,
-                requests: c.requests,
-                errors: c.errors,
-                success: (c.requests > 0).then(|| 1.0 - c.errors as f64 / c.requests as f64),
-                rps: c.requests as f64 / secs,
-                p50_ms: ms(0.5, &c.latency),
-                p95_ms: ms(0.95, &c.latency),
-                p99_ms: ms(0.99, &c.latency),
-                tcp_open: c.tcp_open,
+            .map(|(service, (covered_ms, groups))| StatsHeld {
+                service,
+                covered_ms,
+                groups: groups
+                    .into_iter()
+                    .map(|((name, start_ms), (c, len_ms))| StatsGroup {
+                        name,
+                        start_ms,
+                        len_ms,
+                        requests: c.requests,
+                        errors: c.errors,
+                        latency: c.latency.sparse(),
+                        tcp_open: c.tcp_open,
+                    })
+                    .collect(),
             })
             .collect();
-        rows.sort_by(|a, b| b.requests.cmp(&a.requests).then(a.name.cmp(&b.name)));
-        rows
+        cap_groups(&mut held);
+        held
     }
+}
+
+/// A row's group under `by`, from `node`'s digest.
+fn group_name(by: By, node: &str, r: &StatsRow) -> String {
+    let or_dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+    match by {
+        By::Service => r.service.clone(),
+        By::Route => or_dash(&r.route),
+        By::Source => node.to_string(),
+        By::Node => or_dash(&r.dest),
+        By::Edge => format!("{node} -> {}@{}", r.service, or_dash(&r.dest)),
+    }
+}
+
+/// Keeps the [`MAX_GROUPS`] busiest groups of an answer (an edge view of a large mesh has
+/// more); the least busy go first.
+fn cap_groups(held: &mut [StatsHeld]) {
+    let total: usize = held.iter().map(|h| h.groups.len()).sum();
+    if total <= MAX_GROUPS {
+        return;
+    }
+    let mut sizes: Vec<u64> = held.iter().flat_map(|h| h.groups.iter().map(|g| g.requests)).collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    let floor = sizes[MAX_GROUPS - 1];
+    let mut at_floor = MAX_GROUPS - sizes.iter().filter(|&&n| n > floor).count();
+    for h in held.iter_mut() {
+        h.groups.retain(|g| match g.requests.cmp(&floor) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Equal if at_floor > 0 => {
+                at_floor -= 1;
+                true
+            }
+            _ => false,
+        });
+    }
+}
+
+/// Of several nodes' answers for the same service (its owners), the one that covers the
+/// most of the window, then the one with the most requests: replicas hold the same rows,
+/// so merging them would count twice.
+pub fn pick(answers: impl IntoIterator<Item = StatsHeld>) -> Vec<StatsHeld> {
+    let mut best: BTreeMap<String, StatsHeld> = BTreeMap::new();
+    let weight = |h: &StatsHeld| (h.covered_ms, h.groups.iter().map(|g| g.requests).sum::<u64>());
+    for h in answers {
+        match best.get(&h.service) {
+            Some(b) if weight(b) >= weight(&h) => {}
+            _ => {
+                best.insert(h.service.clone(), h);
+            }
+        }
+    }
+    best.into_values().collect()
+}
+
+/// The rows of an answer: groups of the same name merged across services, busiest first;
+/// rates over the covered part of `window`.
+pub fn rows(held: &[StatsHeld], window: Duration) -> Vec<Row> {
+    let mut groups: BTreeMap<&str, Counts> = BTreeMap::new();
+    for g in held.iter().flat_map(|h| &h.groups) {
+        let c = groups.entry(&g.name).or_default();
+        c.requests += g.requests;
+        c.errors += g.errors;
+        c.latency.merge(&Histogram::from_sparse(&g.latency));
+        c.tcp_open += g.tcp_open;
+    }
+    let covered_ms = held.iter().map(|h| h.covered_ms).max().unwrap_or(0);
+    let secs = (covered_ms.min(window.as_millis() as u64) as f64 / 1000.0).max(1e-3);
+    let ms = |q: f64, h: &Histogram| h.quantile(q).map(|d| d.as_secs_f64() * 1000.0);
+    let mut rows: Vec<Row> = groups
+        .into_iter()
+        .filter(|(_, c)| c.requests > 0 || c.tcp_open > 0)
+        .map(|(name, c)| Row {
+            name: name.to_string(),
+            requests: c.requests,
+            errors: c.errors,
+            success: (c.requests > 0).then(|| 1.0 - c.errors as f64 / c.requests as f64),
+            rps: c.requests as f64 / secs,
+            p50_ms: ms(0.5, &c.latency),
+            p95_ms: ms(0.95, &c.latency),
+            p99_ms: ms(0.99, &c.latency),
+            tcp_open: c.tcp_open,
+        })
+        .collect();
+    rows.sort_by(|a, b| b.requests.cmp(&a.requests).then(a.name.cmp(&b.name)));
+    rows
+}
+
+/// Per service, the points of a series answer in time order.
+pub fn points(held: &[StatsHeld]) -> BTreeMap<String, Vec<Point>> {
+    let ms = |q: f64, h: &Histogram| h.quantile(q).map(|d| d.as_secs_f64() * 1000.0);
+    held.iter()
+        .map(|h| {
+            let mut groups: Vec<&StatsGroup> = h.groups.iter().collect();
+            groups.sort_by_key(|g| g.start_ms);
+            let points = groups
+                .into_iter()
+                .map(|g| {
+                    let latency = Histogram::from_sparse(&g.latency);
+                    Point {
+                        start_ms: g.start_ms,
+                        requests: g.requests,
+                        errors: g.errors,
+                        rps: g.requests as f64 * 1000.0 / f64::from(g.len_ms.max(1)),
+                        p50_ms: ms(0.5, &latency),
+                        p99_ms: ms(0.99, &latency),
+                    }
+                })
+                .collect();
+            (h.service.clone(), points)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -456,6 +546,60 @@ mod tests {
         m.add("n2", digest(2_000, &[("db", "n3", 1, 0, 1)]));
         let rows = m.query(Some("db"), By::Service, Duration::from_secs(10), 3_000);
         assert_eq!((rows[0].tcp_open, rows[0].requests), (2, 1));
+    }
+
+    #[test]
+    fn answers_from_owners_merge_without_counting_replicas_twice() {
+        // Two owners of web hold the same rows; the newer one holds only the last interval.
+        let (mut full, mut fresh, mut db) = (
+            MeshStats::new(Duration::from_secs(60)),
+            MeshStats::new(Duration::from_secs(60)),
+            MeshStats::new(Duration::from_secs(60)),
+        );
+        full.add("n1", digest(10_000, &[("web", "n3", 90, 10, 2)]));
+        full.add("n1", digest(11_000, &[("web", "n3", 100, 0, 2)]));
+        fresh.add("n1", digest(11_000, &[("web", "n3", 100, 0, 2)]));
+        db.add("n1", digest(11_000, &[("db", "n3", 5, 0, 1)]));
+        let window = Duration::from_secs(10);
+        let ask = |m: &MeshStats, by| m.held(None, by, window, 12_000, false);
+        let mut answers = ask(&fresh, By::Node);
+        answers.extend(ask(&full, By::Node));
+        answers.extend(ask(&db, By::Node));
+        let held = pick(answers);
+        assert_eq!(held.len(), 2, "one answer per service");
+        let rows = rows(&held, window);
+        let got: Vec<(&str, u64, u64)> = rows.iter().map(|r| (r.name.as_str(), r.requests, r.errors)).collect();
+        assert_eq!(got, [("n3", 205, 10)], "web from the owner holding both intervals, plus db, merged by node");
+        assert!((rows[0].rps - 102.5).abs() < 1e-9, "over the 2 s covered: {}", rows[0].rps);
+        // A series answer gives the same points as the store it came from.
+        assert_eq!(points(&pick(full.held(None, By::Service, window, 12_000, true))), full.series(window, 12_000));
+    }
+
+    #[test]
+    fn an_answer_keeps_its_busiest_groups() {
+        let mut m = MeshStats::new(Duration::from_secs(60));
+        let row = |i: usize| StatsRow {
+            service: "web".into(),
+            route: String::new(),
+            dest: format!("n{i}"),
+            requests: 1 + (i % 3) as u64,
+            errors: 0,
+            latency: vec![(3, 1)],
+            tcp_open: 0,
+        };
+        let rows: Vec<StatsRow> = (0..MAX_GROUPS + 100).map(row).collect();
+        // Spread over sources so no digest passes the row bound.
+        for (k, chunk) in rows.chunks(MAX_ROWS).enumerate() {
+            m.add(&format!("src{k}"), StatsDigest { start_ms: 10_000, len_ms: 1000, rows: chunk.to_vec() });
+        }
+        let held = m.held(Some("web"), By::Edge, Duration::from_secs(10), 12_000, false);
+        let groups: Vec<u64> = held.iter().flat_map(|h| h.groups.iter().map(|g| g.requests)).collect();
+        assert_eq!(groups.len(), MAX_GROUPS);
+        assert_eq!(
+            groups.iter().filter(|&&n| n == 3).count(),
+            (0..MAX_GROUPS + 100).filter(|i| i % 3 == 2).count(),
+            "every busiest group kept"
+        );
     }
 
     #[test]
