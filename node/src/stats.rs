@@ -115,14 +115,7 @@ impl Stats {
         series: bool,
     ) -> Answer<Vec<StatsHeld>> {
         let me = members.identity.name.clone();
-        let alive: Vec<(String, SocketAddr)> = members
-            .list()
-            .await
-            .into_iter()
-            .filter(|m| m.state == MemberState::Alive || m.id.name == me)
-            .map(|m| (m.id.name.clone(), m.id.addr))
-            .collect();
-        let names: Vec<String> = alive.iter().map(|(n, _)| n.clone()).collect();
+        let (alive, names) = alive(members).await;
         let targets: Vec<&str> = match service {
             Some(s) => owners::owners(s, &names),
             None => names.iter().map(String::as_str).collect(),
@@ -218,14 +211,7 @@ pub async fn run(stats: Arc<Stats>, members: Members, transport: Arc<Transport>,
         tokio::select! {
             _ = tick.tick() => {
                 let digest = stats.close();
-                let alive: Vec<(String, SocketAddr)> = members
-                    .list()
-                    .await
-                    .into_iter()
-                    .filter(|m| m.state == MemberState::Alive || m.id.name == me)
-                    .map(|m| (m.id.name.clone(), m.id.addr))
-                    .collect();
-                let names: Vec<String> = alive.iter().map(|(n, _)| n.clone()).collect();
+                let (alive, names) = alive(&members).await;
                 stats.mesh.lock().expect("mesh stats lock").retain_nodes(|n| names.iter().any(|a| a == n));
                 for (owner, part) in owners::split(&digest, &names) {
                     if owner == me {
@@ -243,6 +229,21 @@ pub async fn run(stats: Arc<Stats>, members: Members, transport: Arc<Transport>,
             }
         }
     }
+}
+
+/// The members that may own figures (this node and the live ones), with their addresses,
+/// and their names alone.
+async fn alive(members: &Members) -> (Vec<(String, SocketAddr)>, Vec<String>) {
+    let me = &members.identity.name;
+    let alive: Vec<(String, SocketAddr)> = members
+        .list()
+        .await
+        .into_iter()
+        .filter(|m| m.state == MemberState::Alive || &m.id.name == me)
+        .map(|m| (m.id.name.clone(), m.id.addr))
+        .collect();
+    let names = alive.iter().map(|(n, _)| n.clone()).collect();
+    (alive, names)
 }
 
 /// A peer's digest part, question or answer.
