@@ -2104,10 +2104,26 @@ fn spans_of_every_hop_reach_an_otlp_receiver_and_a_hung_collector_costs_requests
         let r = trellis_tests::http::get(stuck_proxy, "web", &format!("/n{i}"), &[]);
         assert_eq!(r.status, 200, "request {i} through the agent with a hung collector");
     }
-    let m = c.node(2).api().get_text("/metrics").unwrap();
-    let ended = metric(&m, "trellis_trace_spans_total{result=\"ended\"}").unwrap();
-    let exported = metric(&m, "trellis_trace_spans_total{result=\"exported\"}").unwrap();
+    // Each export waits 2 s for the hung collector and fails; once the queue has drained
+    // that way, what failed is all that was ever held: the queue and one batch in flight.
+    let spans = |r: &str| {
+        let m = c.node(2).api().get_text("/metrics").unwrap();
+        metric(&m, &format!("trellis_trace_spans_total{{result=\"{r}\"}}")).unwrap()
+    };
+    let mut last = (f64::NAN, std::time::Instant::now());
+    let failed = c
+        .wait_until(Duration::from_secs(30), "the queue drained by failed exports", || {
+            let f = spans("failed");
+            if f != last.0 {
+                last = (f, std::time::Instant::now());
+            }
+            (f >= 8.0 && last.1.elapsed() > Duration::from_secs(5)).then_some(f)
+        })
+        .unwrap();
+    let (ended, exported) = (spans("ended"), spans("exported"));
+    println!("hung collector: {ended} spans ended, {failed} held and failed, {exported} exported, the rest dropped");
     assert!(ended >= 600.0 && exported == 0.0, "{ended} ended, {exported} exported");
+    assert!(failed <= 16.0 + 2.0 * 8.0, "at most the queue (16) and a batch (8) in flight were held: {failed}");
     let m = c.node(0).api().get_text("/metrics").unwrap();
     assert!(metric(&m, "trellis_trace_spans_total{result=\"exported\"}").unwrap() >= 4.0);
     std::thread::sleep(Duration::from_millis(500));
