@@ -47,6 +47,8 @@ pub struct AgentHandle {
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
     /// The span exporter, when traces are on.
     pub spans: Option<Arc<crate::spans::Spans>>,
+    /// The DNS interface's address (None when off) and its counters.
+    pub dns: (Option<std::net::SocketAddr>, Arc<crate::dns::DnsStats>),
     /// Mesh-wide metrics (`/v1/stats`).
     pub stats: Arc<crate::stats::Stats>,
 }
@@ -166,6 +168,10 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
     tokio::spawn(crate::stats::run(stats.clone(), members.clone(), transport.clone(), stats_rx));
     let access_log = cfg.access_log.as_ref().map(crate::access_log::AccessLog::start).transpose()?;
     let spans = cfg.traces.as_ref().map(|t| crate::spans::Spans::start(t, &cfg.name)).transpose()?;
+    let dns = match cfg.dns {
+        Some((addr, explicit)) => crate::dns::bind(addr, explicit)?,
+        None => None,
+    };
     let view = MeshView::new(
         crate::mesh::view::Inputs {
             members: members.clone(),
@@ -180,6 +186,12 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         forward.clone(),
     );
     tokio::spawn(view.clone().serve_streams(streams));
+    let dns_stats = Arc::new(crate::dns::DnsStats::default());
+    let dns_addr = dns.as_ref().and_then(|(udp, _)| udp.local_addr().ok());
+    if let Some((udp, tcp)) = dns {
+        tracing::info!(listen = ?dns_addr, "DNS interface (UDP and TCP) for the trellis domain");
+        tokio::spawn(crate::dns::serve(view.clone(), dns_stats.clone(), udp, tcp));
+    }
     let fwd = Forwarder::new(view);
     if let Some((_, listener)) = proxy.and_then(|mut v| v.pop()) {
         tracing::info!(listen = %listener.local_addr()?, "http proxy listener");
@@ -206,6 +218,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         access_log,
         spans,
         stats,
+        dns: (dns_addr, dns_stats),
     })
 }
 

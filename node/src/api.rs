@@ -100,6 +100,7 @@ async fn agent_self(State(a): State<AgentHandle>) -> Json<serde_json::Value> {
         "tls_dir": a.files.tls_dir,
         "data_dir": a.files.data_dir,
         "config": a.files.config,
+        "dns_addr": a.dns.0,
     }))
 }
 
@@ -283,6 +284,20 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
             &[("ended", ended), ("exported", sent), ("failed", failed)],
         );
     }
+    let d = &a.dns.1;
+    e.labelled(
+        "counter",
+        "trellis_dns_queries_total",
+        "DNS queries answered, by answer code (bad: malformed or unsupported; truncated: cut for UDP, asked again over TCP).",
+        "rcode",
+        &[
+            ("noerror", d.noerror.load(Relaxed)),
+            ("nxdomain", d.nxdomain.load(Relaxed)),
+            ("refused", d.refused.load(Relaxed)),
+            ("bad", d.bad.load(Relaxed)),
+            ("truncated", d.truncated.load(Relaxed)),
+        ],
+    );
     let digests = "Peers' mesh-wide stats digests, kept or refused as malformed.";
     let (kept, refused_digests) = (a.stats.digests_in.load(Relaxed), a.stats.digests_refused.load(Relaxed));
     e.labelled(

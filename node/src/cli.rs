@@ -62,6 +62,18 @@ pub enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Ask this agent's DNS interface, as an application would: `web.service.trellis`,
+    /// `v2.web.service.trellis` (a subset), `_web._tcp.service.trellis` (SRV),
+    /// `node2.node.trellis`.
+    Dns {
+        name: String,
+        /// A, AAAA, SRV or ANY.
+        #[arg(short = 't', long = "type", default_value = "A")]
+        rtype: String,
+        /// Ask over TCP instead of UDP.
+        #[arg(long)]
+        tcp: bool,
+    },
     /// The mesh's golden metrics from every agent: success rate, requests per second, latency
     /// p50/p95/p99 and open TCP connections, by service (or route, source node, answering node).
     Stat {
@@ -293,6 +305,7 @@ pub fn main() -> i32 {
         Command::Stat { service, by, window, output } => {
             crate::client_stat::stat(cli.http_addr, service.as_deref(), &by, &window, output)
         }
+        Command::Dns { name, rtype, tcp } => crate::client_dns::run(cli.http_addr, &name, &rtype, tcp),
         Command::Top { window, every, count } => crate::client_stat::top(cli.http_addr, &window, every, count),
         Command::Validate { file } => validate(&file),
         Command::Check(args) => check(cli.http_addr, &args),

@@ -50,6 +50,8 @@ pub struct AgentConfig {
     pub access_log: Option<crate::access_log::AccessLogConfig>,
     /// Span export, when on.
     pub traces: Option<crate::spans::TracesConfig>,
+    /// The DNS interface's address, and whether the operator chose it; None when off.
+    pub dns: Option<(SocketAddr, bool)>,
 }
 
 /// The config file: every field optional, unknown keys refused.
@@ -90,6 +92,8 @@ pub struct FileConfig {
     pub access_log: Option<crate::access_log::AccessLogConfig>,
     /// Spans of proxied requests over OTLP/HTTP; see [`crate::spans::TracesConfig`].
     pub traces: Option<crate::spans::TracesConfig>,
+    /// The DNS interface; see [`crate::dns::DnsConfig`].
+    pub dns: Option<crate::dns::DnsConfig>,
 }
 
 /// Timing settings that override the profile's.

@@ -123,6 +123,7 @@ Try, from another shell:
   # 2. What the mesh saw: the catalog, every agent's requests merged, the dashboard at http://{api}/ui
   {exe} services
   {exe} stat {SERVICE} --by node
+  {exe} dns {SERVICE}.service.trellis        # what node1's DNS interface answers (SRV: -t SRV)
   # 3. Policy on any node takes effect everywhere: deny /admin/* on {SERVICE}, see the 403, undo it
   {exe} policy apply -f {file}
   curl -s -i -H 'Host: {SERVICE}' http://{proxy}/admin/users | head -1

@@ -18,12 +18,14 @@ pub mod api_types;
 pub mod check;
 pub mod cli;
 pub mod client;
+pub mod client_dns;
 pub mod client_services;
 pub mod client_stat;
 pub mod config;
 pub mod dashboard;
 pub mod dev;
 pub mod dev_demo;
+pub mod dns;
 pub mod enroll;
 pub mod faults;
 /// Entry points for the fuzz targets (`fuzz/`); not in a normal build.

@@ -104,7 +104,7 @@ pub fn diff(
     plan.services_removed =
         old_services.keys().filter(|id| !new_services.contains_key(*id)).map(|s| (*s).clone()).collect();
     plan.new_seeds = new.join.iter().filter(|s| !old.join.contains(s)).copied().collect();
-    let restart_only: [(&'static str, bool); 14] = [
+    let restart_only: [(&'static str, bool); 15] = [
         ("name", old.name != new.name),
         ("bind", old.bind != new.bind),
         ("advertise", old.advertise != new.advertise),
@@ -117,6 +117,7 @@ pub fn diff(
         ("upstreams", old.upstreams != new.upstreams),
         ("access_log", old.access_log != new.access_log),
         ("traces", old.traces != new.traces),
+        ("dns", old.dns != new.dns),
         ("proxy", old.proxy != new.proxy),
         ("api_tokens_file/api_allowed_hosts", format!("{:?}", old.api_access) != format!("{:?}", new.api_access)),
     ];

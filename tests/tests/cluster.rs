@@ -696,6 +696,11 @@ fn dev_shows_a_call_across_the_mesh_and_its_agents_stop_with_it() {
         let requests_seen = out.lines().filter(|l| l.starts_with("node2 ") || l.starts_with("node3 ")).count();
         requests_seen == 2
     });
+    // The printed `dns` line: node1's DNS interface answers both instances' addresses.
+    let dns = printed.lines().find(|l| l.contains(" dns web.service.trellis")).expect("a dns command to try");
+    let args: Vec<&str> = dns.split('#').next().unwrap().split_whitespace().skip(1).collect();
+    let out = trellis("127.0.0.2:8500", &args);
+    assert!(out.contains("NOERROR") && out.contains("web.service.trellis.\t5\tA\t"), "{out}");
     // 2. The catalog CLI: the demo service, then an instance registered from a file and removed.
     let api = "127.0.0.2:8500";
     let services = trellis(api, &["services"]);

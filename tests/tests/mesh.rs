@@ -2131,3 +2131,106 @@ fn spans_of_every_hop_reach_an_otlp_receiver_and_a_hung_collector_costs_requests
     assert_eq!(quiet, 0, "an unsampled trace exports nothing");
     drop(hung);
 }
+
+#[test]
+fn dns_answers_healthy_instances_subsets_and_nodes_and_truncates_over_udp() {
+    use hickory_proto::op::ResponseCode;
+    use hickory_proto::rr::{RData, RecordType};
+    use trellis_node::client_dns::query;
+    let mut c = Cluster::start(ClusterSpec { nodes: 3, ..Default::default() }).unwrap();
+    let all = [0, 1, 2];
+    let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&all, &alive, Duration::from_secs(15)).unwrap();
+    let dns: SocketAddr =
+        c.node(0).api().get_json("/v1/agent/self").unwrap()["dns_addr"].as_str().unwrap().parse().unwrap();
+    assert_eq!(dns.port(), 8600, "Consul's port, on the agent's loopback address");
+    // Three instances of web (addresses only answered, never dialled), one failing its check.
+    let closed = free_port();
+    for (node, id, ip, port, version, check) in [
+        (1, "web-1", "127.0.10.1", 8080, "v1", false),
+        (2, "web-2", "127.0.10.2", 8081, "v2", false),
+        (2, "web-3", "127.0.10.3", closed, "v1", true),
+    ] {
+        let mut body = json!({"service": "web", "address": ip, "port": port, "labels": {"version": version}});
+        if check {
+            body["check"] = json!({"http": "/healthz", "interval": "200ms", "timeout": "150ms", "rise": 1, "fall": 1});
+        }
+        let (s, v) = c.node(node).api().put_json(&format!("/v1/agent/services/{id}"), &body).unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    let (s, v) = c
+        .node(0)
+        .api()
+        .put_json("/v1/policy/subsets/v2", &json!({"service": "web", "labels": {"version": "v2"}}))
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    let addrs = |name: &str, t: RecordType, tcp: bool| -> (ResponseCode, Vec<String>) {
+        let m = query(dns, name, t, tcp).unwrap();
+        let mut v: Vec<String> = m.answers.iter().map(|r| r.data.to_string()).collect();
+        v.sort();
+        (m.metadata.response_code, v)
+    };
+    // web-3 is critical once its check has failed: answers hold web-1 and web-2 only.
+    c.wait_until(Duration::from_secs(15), "web's healthy instances in DNS", || {
+        (addrs("web.service.trellis", RecordType::A, false).1 == ["127.0.10.1", "127.0.10.2"]).then_some(())
+    })
+    .unwrap();
+    assert_eq!(
+        addrs("WEB.Service.Trellis.", RecordType::A, true).1,
+        ["127.0.10.1", "127.0.10.2"],
+        "over TCP, any case"
+    );
+    assert_eq!(addrs("v2.web.service.trellis", RecordType::A, false).1, ["127.0.10.2"], "a subset");
+    assert_eq!(addrs("web-1.web.service.trellis", RecordType::A, false).1, ["127.0.10.1"], "an instance");
+    let srv = query(dns, "_web._tcp.service.trellis", RecordType::SRV, false).unwrap();
+    let mut targets: Vec<(u16, String)> = srv
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::SRV(s) => Some((s.port, s.target.to_string())),
+            _ => None,
+        })
+        .collect();
+    targets.sort();
+    assert_eq!(targets, [(8080, "7f000a01.addr.trellis.".to_string()), (8081, "7f000a02.addr.trellis.".to_string())]);
+    let extra: Vec<String> = srv.additionals.iter().map(|r| format!("{} {}", r.name, r.data)).collect();
+    assert!(extra.contains(&"7f000a01.addr.trellis. 127.0.10.1".to_string()), "{extra:?}");
+    let node2 = format!("{}.node.trellis", c.node(2).name);
+    assert_eq!(addrs(&node2, RecordType::A, false).1, [c.node(2).peer_addr.ip().to_string()]);
+    assert_eq!(addrs("db.service.trellis", RecordType::A, false).0, ResponseCode::NXDomain);
+    assert_eq!(addrs("example.com", RecordType::A, false).0, ResponseCode::Refused, "never recursing");
+
+    // 120 instances do not fit in 1232 bytes: UDP says so (TC, no records), TCP has them all.
+    for i in 0..120 {
+        let body = json!({"service": "big", "address": format!("127.0.20.{}", i + 1), "port": 80});
+        let (s, v) = c.node(1).api().put_json(&format!("/v1/agent/services/big-{i}"), &body).unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    let big = c
+        .wait_until(Duration::from_secs(15), "120 instances over TCP", || {
+            let m = query(dns, "big.service.trellis", RecordType::A, true).ok()?;
+            (m.answers.len() == 120).then_some(m)
+        })
+        .unwrap();
+    assert!(!big.metadata.truncation);
+    let udp = query(dns, "big.service.trellis", RecordType::A, false).unwrap();
+    assert!(udp.metadata.truncation && udp.answers.is_empty(), "UDP answer cut to its header");
+
+    // The CLI, as an operator asks it.
+    let out = std::process::Command::new(trellis_chaos::cluster::trellis_bin())
+        .args(["dns", "big.service.trellis", "--http-addr", &c.node(0).api_addr.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("after a truncated UDP answer") && text.matches("127.0.20.").count() == 120, "{text}");
+
+    // web-2's node crashes: once it is down, its instance leaves the answers.
+    c.kill(2);
+    c.wait_until(Duration::from_secs(20), "web-2 gone from DNS", || {
+        (addrs("web.service.trellis", RecordType::A, false).1 == ["127.0.10.1"]).then_some(())
+    })
+    .unwrap();
+    let m = c.node(0).api().get_text("/metrics").unwrap();
+    assert!(metric(&m, "trellis_dns_queries_total{rcode=\"truncated\"}").unwrap() >= 2.0);
+    assert!(metric(&m, "trellis_dns_queries_total{rcode=\"refused\"}").unwrap() >= 1.0);
+}

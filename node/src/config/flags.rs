@@ -74,6 +74,10 @@ pub struct AgentArgs {
     /// http://127.0.0.1:4318 (the `[traces]` config section sets sampling and batching).
     #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// DNS interface address, UDP and TCP (default: port 8600 on the API's loopback address;
+    /// `[dns] enabled = false` turns it off).
+    #[arg(long, value_name = "ADDR")]
+    pub dns: Option<SocketAddr>,
     /// Test only: drop this share (0..1) of outgoing peer messages.
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
@@ -252,6 +256,7 @@ impl AgentArgs {
             config_source: config_path,
             access_log,
             traces,
+            dns: crate::dns::resolve(file.dns.as_ref(), self.dns, api),
         };
         Ok((cfg, log_level))
     }
@@ -272,6 +277,7 @@ impl AgentArgs {
             ("proxy", "--proxy", self.proxy.is_some()),
             ("api_tokens_file", "--api-tokens-file", self.api_tokens_file.is_some()),
             ("traces.endpoint", "--otlp-endpoint", self.otlp_endpoint.is_some()),
+            ("dns.bind", "--dns", self.dns.is_some()),
         ];
         for (field, flag, given) in set {
             if given {

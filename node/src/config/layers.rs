@@ -85,6 +85,8 @@ const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("traces.max_batch", EnvKind::Int),
     ("traces.delay", EnvKind::Str),
     ("traces.timeout", EnvKind::Str),
+    ("dns.enabled", EnvKind::Bool),
+    ("dns.bind", EnvKind::Str),
 ];
 
 /// Where a setting came from.

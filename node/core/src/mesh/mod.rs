@@ -7,6 +7,7 @@ pub mod authz;
 pub mod balance;
 pub mod catalog;
 pub mod circuit;
+pub mod dns;
 pub mod hashing;
 pub mod headers;
 pub mod locality;

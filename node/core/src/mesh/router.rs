@@ -42,6 +42,16 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    /// The `subsets/<name>` policy, when there is one.
+    pub fn subset_named(&self, name: &str) -> Option<&Subset> {
+        self.subsets.get(name)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn insert_subset(&mut self, name: &str, s: Subset) {
+        self.subsets.insert(name.to_string(), s);
+    }
+
     pub fn from_store(store: &PolicyStore) -> RouteTable {
         let mut t = RouteTable::default();
         let kinds = [Kind::Routes, Kind::Splits, Kind::Subsets];
