@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod dns_bench;
 pub mod flood_bench;
 pub mod haproxy;
 pub mod http;

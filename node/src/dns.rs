@@ -205,6 +205,35 @@ fn record(r: &Rec, question: Option<&Name>) -> Option<Record> {
     })
 }
 
+/// The request path over a small fixed catalog (two instances, one IPv6, on a live node),
+/// for the fuzz target.
+#[cfg(any(test, feature = "fuzz"))]
+pub fn fuzz_respond(data: &[u8]) {
+    use trellis_core::mesh::catalog::InstanceView;
+    use trellis_core::policy::model::{Health, Instance, Protocol};
+    let instance = |id: &str, ip: &str| InstanceView {
+        name: format!("{id}@n1"),
+        instance: Instance {
+            service: "web".into(),
+            node: "n1".into(),
+            address: ip.parse().expect("literal"),
+            port: 8080,
+            protocol: Protocol::Http,
+            labels: Default::default(),
+            weight: 1,
+            check: None,
+            health: Health::Passing,
+        },
+    };
+    let snap = Snapshot {
+        instances: vec![instance("web-1", "10.0.0.1"), instance("web-2", "fd00::2")],
+        ..Snapshot::default()
+    };
+    let alive: AliveMembers =
+        [("n1".to_string(), ("10.0.0.9:7946".parse().expect("literal"), Default::default()))].into();
+    let _ = respond(&(Arc::new(snap), Arc::new(alive)), &DnsStats::default(), data, true);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

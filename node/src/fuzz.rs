@@ -32,6 +32,12 @@ pub fn config_file(data: &[u8]) {
     }
 }
 
+/// A DNS query, as bytes from any client, through the DNS interface's request path (parse,
+/// answer from a catalog with instances and a subset, encode, truncate).
+pub fn dns_query(data: &[u8]) {
+    crate::dns::fuzz_respond(data);
+}
+
 /// A request's Host, method, path, query and headers through the proxy's routing, against
 /// a route table of regex, prefix and header matches.
 pub fn proxy_request(data: &[u8]) {
@@ -167,6 +173,7 @@ mod tests {
                 "config" => config_file,
                 "proxy_request" => proxy_request,
                 "writer_proof" => writer_proof,
+                "dns" => dns_query,
                 other => panic!("fuzz/seeds/{other}: no such fuzz target"),
             };
             for f in std::fs::read_dir(&target).unwrap() {

@@ -2180,6 +2180,26 @@ fn dns_answers_healthy_instances_subsets_and_nodes_and_truncates_over_udp() {
         ["127.0.10.1", "127.0.10.2"],
         "over TCP, any case"
     );
+    // dig, as an operator asks (`.ci/run` installs dnsutils).
+    let dig = |args: &[&str]| -> String {
+        let out = std::process::Command::new("dig")
+            .args([&format!("@{}", dns.ip()), "-p", &dns.port().to_string()])
+            .args(args)
+            .output()
+            .expect("dig (apt-get install dnsutils)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let short = |args: &[&str]| -> String {
+        let mut v: Vec<String> = dig(&[args, &["+short"]].concat()).lines().map(str::to_string).collect();
+        v.sort();
+        v.join("\n")
+    };
+    assert_eq!(short(&["web.service.trellis"]), "127.0.10.1\n127.0.10.2");
+    assert_eq!(
+        short(&["web.service.trellis", "SRV"]),
+        "1 1 8080 7f000a01.addr.trellis.\n1 1 8081 7f000a02.addr.trellis."
+    );
+    assert!(dig(&["db.service.trellis"]).contains("status: NXDOMAIN"));
     assert_eq!(addrs("v2.web.service.trellis", RecordType::A, false).1, ["127.0.10.2"], "a subset");
     assert_eq!(addrs("web-1.web.service.trellis", RecordType::A, false).1, ["127.0.10.1"], "an instance");
     let srv = query(dns, "_web._tcp.service.trellis", RecordType::SRV, false).unwrap();

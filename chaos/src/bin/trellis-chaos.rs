@@ -64,6 +64,19 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// The DNS interface against dnsmasq (dnsperf, one core each), and how fast a dead
+    /// instance leaves the answers.
+    BenchDns {
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+        /// Queries per second of the latency runs.
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        /// Interleaved turns per server.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// An agent's RSS and fds idle, under client connection floods and a peer stream flood.
     BenchFlood {
         /// TCP connections held open against the proxy and the API (capped by `ulimit -n`).
@@ -118,6 +131,9 @@ fn main() -> anyhow::Result<()> {
                 reps,
                 only,
             })
+        }
+        Cmd::BenchDns { secs, rate, reps } => {
+            trellis_chaos::dns_bench::run(trellis_chaos::dns_bench::Options { secs, rate, reps: reps.max(1) })
         }
         Cmd::BenchFlood { connections, slow, stream_secs } => {
             trellis_chaos::flood_bench::run(connections, slow, stream_secs)
