@@ -146,6 +146,12 @@ fn dashboard_in_headless_chromium_shows_members_services_and_traffic() {
         (t["services"]["web"]["count"].as_u64()? > 10).then_some(())
     })
     .unwrap();
+    // The chart draws a line once the owners of web's figures hold two closed intervals.
+    c.wait_until(Duration::from_secs(15), "two intervals of web in the mesh-wide series", || {
+        let s = api.get_json("/v1/stats/series?window=15m").ok()?;
+        (s["services"]["web"].as_array()?.len() >= 2).then_some(())
+    })
+    .unwrap();
 
     let url = format!("http://{}/ui", c.node(0).api_addr);
     let profile = c.root().join("chromium-profile");
