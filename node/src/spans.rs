@@ -72,7 +72,9 @@ fn timeout() -> Duration {
 impl TracesConfig {
     /// The defaults, exporting to `endpoint` (the `--otlp-endpoint` flag).
     pub fn to(endpoint: &str) -> TracesConfig {
-        let mut c: TracesConfig = toml::from_str(&format!("endpoint = {endpoint:?}")).expect("defaults");
+        // The defaults come from an empty endpoint; the flag's text is set after, never parsed
+        // as TOML (a control character in it would not be valid TOML).
+        let mut c: TracesConfig = toml::from_str("endpoint = \"\"").expect("every other field has a default");
         c.endpoint = endpoint.to_string();
         c
     }
@@ -398,6 +400,10 @@ mod tests {
         let e = TracesConfig::to("https://c:4318").check().unwrap_err();
         assert!(e.starts_with("traces.endpoint:") && e.contains("http://"), "{e}");
         assert!(TracesConfig::to("http://").check().unwrap_err().contains("names no host"));
+        // Whatever the flag carries is an error to report, never a panic.
+        for odd in ["\u{1}", "http://c:1/\u{7f}", "\"quoted\"", "\\"] {
+            assert_eq!(TracesConfig::to(odd).endpoint, odd);
+        }
     }
 
     #[test]
