@@ -373,6 +373,50 @@ def get(url, headers=None, data=None, method=None):
         return r.status, r.read().decode()
 
 
+def check_resolvers(ip, tmp):
+    """deploy/dns: each file sends the trellis domain to 127.0.0.1:8600, the agent's default
+    DNS address; the dnsmasq file, run by a real dnsmasq (where installed) against the agent
+    of `real_metrics` (listening on its own loopback address), answers web.service.trellis."""
+    import configparser
+    dns_dir = DEPLOY / "dns"
+    resolved = configparser.ConfigParser()
+    resolved.read(dns_dir / "resolved-trellis.conf")
+    check(resolved.get("Resolve", "DNS", fallback="") == "127.0.0.1:8600"
+          and resolved.get("Resolve", "Domains", fallback="") == "~trellis",
+          "dns: the systemd-resolved drop-in routes ~trellis to 127.0.0.1:8600")
+    unbound = (dns_dir / "unbound-trellis.conf").read_text()
+    check("stub-addr: 127.0.0.1@8600" in unbound and 'name: "trellis"' in unbound,
+          "dns: the unbound stub zone for trellis points at 127.0.0.1@8600")
+    dnsmasq_conf = (dns_dir / "dnsmasq-trellis.conf").read_text()
+    check("server=/trellis/127.0.0.1#8600" in dnsmasq_conf, "dns: the dnsmasq file forwards /trellis/ to 127.0.0.1#8600")
+    check("8600" in trellis("agent", "--help").stdout, "dns: `trellis agent --help` documents port 8600 as the default")
+    dnsmasq, dig = shutil.which("dnsmasq"), shutil.which("dig")
+    if not dnsmasq or not dig:
+        print("skip  dnsmasq forwarding to a real agent (dnsmasq or dig is not installed here)")
+        return
+    conf = f"{tmp}/dnsmasq.conf"
+    Path(conf).write_text(dnsmasq_conf.replace("127.0.0.1#8600", f"{ip}#8600"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.bind((ip, 0))
+        port = u.getsockname()[1]
+    proc = subprocess.Popen([dnsmasq, "-k", f"--conf-file={conf}", "--no-resolv", "--no-hosts", "--bind-interfaces",
+                             f"--listen-address={ip}", f"--port={port}", "--user=root", "--pid-file="],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        answer = ""
+        for _ in range(50):
+            r = subprocess.run([dig, f"@{ip}", "-p", str(port), "web.service.trellis", "+short", "+time=1", "+tries=1"],
+                               capture_output=True, text=True, timeout=10)
+            answer = r.stdout.strip()
+            if answer == ip:
+                break
+            time.sleep(0.1)
+        check(answer == ip, f"dns: dnsmasq with deploy/dns/dnsmasq-trellis.conf answers web.service.trellis from the agent ({answer!r})")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def real_metrics():
     """/metrics of a real agent after one proxied HTTP request to a local instance."""
     ip = free_ip()
@@ -427,6 +471,7 @@ def real_metrics():
             if all(w in text for w in wanted):
                 break
             time.sleep(0.1)
+        check_resolvers(ip, tmp)
         return text
     finally:
         if agent:

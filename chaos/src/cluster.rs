@@ -219,6 +219,16 @@ fn subnet(pid: u32, k: u32) -> (u8, u8) {
     ((idx / 256 + 1) as u8, (idx % 256) as u8)
 }
 
+/// Node `i`'s block of virtual service addresses: agents sharing a host need one each,
+/// inside the cluster's own subnet so parallel clusters never meet. The top half of the
+/// /24 holds eight /28s (14 addresses each); nodes past the eighth have none.
+pub fn virtual_range(subnet: (u8, u8), i: usize) -> String {
+    if i >= 8 {
+        return "off".into();
+    }
+    format!("127.{}.{}.{}/28", subnet.0, subnet.1, 128 + 16 * i)
+}
+
 fn node_ip(subnet: (u8, u8), i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, subnet.0, subnet.1, i as u8 + 2)
 }
@@ -428,7 +438,8 @@ impl Cluster {
             .arg("--data-dir")
             .arg(&n.data_dir)
             .arg("--tls-dir")
-            .arg(&n.tls_dir);
+            .arg(&n.tls_dir)
+            .args(["--virtual-range", &virtual_range(self.subnet, i)]);
         for j in &n.join {
             cmd.args(["--join", &j.to_string()]);
         }

@@ -49,6 +49,8 @@ pub struct AgentHandle {
     pub spans: Option<Arc<crate::spans::Spans>>,
     /// The DNS interface's address (None when off) and its counters.
     pub dns: (Option<std::net::SocketAddr>, Arc<crate::dns::DnsStats>),
+    /// The virtual address range (None when off) and the addresses given.
+    pub vips: (Option<trellis_core::mesh::vip::Range>, watch::Receiver<Arc<trellis_core::mesh::vip::Published>>),
     /// Mesh-wide metrics (`/v1/stats`).
     pub stats: Arc<crate::stats::Stats>,
 }
@@ -172,6 +174,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         Some((addr, explicit)) => crate::dns::bind(addr, explicit)?,
         None => None,
     };
+    let (vips_tx, vips) = watch::channel(Arc::default());
     let view = MeshView::new(
         crate::mesh::view::Inputs {
             members: members.clone(),
@@ -182,6 +185,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
             access_log: access_log.clone(),
             spans: spans.clone(),
             stats: stats.clone(),
+            vips: vips.clone(),
         },
         forward.clone(),
     );
@@ -197,6 +201,8 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         tracing::info!(listen = %listener.local_addr()?, "http proxy listener");
         tokio::spawn(crate::mesh::http::serve(fwd.clone(), listener, cfg.limits.clone(), clients.proxy.clone()));
     }
+    let gate = clients.virtual_addrs.clone();
+    crate::mesh::vips::start(fwd.clone(), cfg.virtual_range, &cfg.data_dir, cfg.limits.clone(), gate, vips_tx);
     for (service, listener) in upstreams {
         tracing::info!(%service, listen = %listener.local_addr()?, "upstream listener");
         let gate = clients.upstreams[&service].clone();
@@ -219,6 +225,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         spans,
         stats,
         dns: (dns_addr, dns_stats),
+        vips: (cfg.virtual_range, vips),
     })
 }
 

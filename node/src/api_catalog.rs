@@ -1,4 +1,5 @@
-//! `/v1/agent/services` (instances on this node) and `/v1/catalog` (instances everywhere).
+//! `/v1/agent/services` (instances on this node), `/v1/catalog` (instances everywhere)
+//! and `/v1/agent/virtual-addresses` (this host's addresses for services).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -22,6 +23,19 @@ pub fn routes() -> Routes<AgentHandle> {
         .delete("/v1/agent/services/{id}", deregister)
         .get("/v1/catalog/services", all_services)
         .get("/v1/catalog/services/{name}", one_service)
+        .get("/v1/agent/virtual-addresses", virtual_addresses)
+}
+
+/// This host's virtual service addresses: the range, and per service its address and
+/// ports (with why a port is not listening, when it is not).
+async fn virtual_addresses(State(a): State<AgentHandle>) -> Json<Value> {
+    let published = a.vips.1.borrow().clone();
+    let services: BTreeMap<&String, Value> = published
+        .addresses
+        .iter()
+        .map(|(svc, ip)| (svc, json!({"address": ip, "ports": published.ports.get(svc).cloned().unwrap_or_default()})))
+        .collect();
+    Json(json!({"range": a.vips.0.map(|r| r.to_string()), "services": services}))
 }
 
 fn key(a: &AgentHandle, id: &str) -> Key {

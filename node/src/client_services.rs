@@ -12,13 +12,23 @@ use crate::client::Output;
 /// `trellis services`: one row per service, or the catalog as JSON.
 pub fn list(api: SocketAddr, output: Output) -> anyhow::Result<()> {
     let catalog: Value = serde_json::from_str(&crate::client::get(api, "/v1/catalog/services")?)?;
-    crate::client::show(&catalog, output, table)
+    if output == Output::Json {
+        return crate::client::show(&catalog, output, |c| table(c, &Value::Null));
+    }
+    // An older agent has no virtual addresses to show.
+    let vips = crate::client::get(api, "/v1/agent/virtual-addresses")
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .unwrap_or(Value::Null);
+    print!("{}", table(&catalog, &vips));
+    Ok(())
 }
 
 /// Rows of SERVICE, HEALTHY/TOTAL (instances on live nodes that get traffic: passing or not
-/// checked yet), PROTOCOLS and NODES.
-pub fn table(catalog: &Value) -> String {
-    let mut out = format!("{:<24} {:<9} {:<16} NODES\n", "SERVICE", "HEALTHY", "PROTOCOLS");
+/// checked yet), PROTOCOLS, the virtual address on this host (`address:port,...`, a port
+/// not listening marked `!`) and NODES.
+pub fn table(catalog: &Value, vips: &Value) -> String {
+    let mut out = format!("{:<24} {:<9} {:<16} {:<28} NODES\n", "SERVICE", "HEALTHY", "PROTOCOLS", "VIRTUAL");
     for (service, instances) in catalog.as_object().into_iter().flatten() {
         let list = instances.as_array().map(Vec::as_slice).unwrap_or_default();
         let healthy = list.iter().filter(|i| i["health"] != "critical").count();
@@ -27,9 +37,22 @@ pub fn table(catalog: &Value) -> String {
             s.into_iter().collect::<Vec<_>>().join(",")
         };
         let count = format!("{healthy}/{}", list.len());
-        out.push_str(&format!("{service:<24} {count:<9} {:<16} {}\n", set("protocol"), set("node")));
+        let v = virtual_of(&vips["services"][service]);
+        out.push_str(&format!("{service:<24} {count:<9} {:<16} {v:<28} {}\n", set("protocol"), set("node")));
     }
     out
+}
+
+/// `127.100.4.2:8080,9090!` (`!`: not listening, see `/v1/agent/virtual-addresses`), or `-`.
+fn virtual_of(v: &Value) -> String {
+    let Some(addr) = v["address"].as_str() else { return "-".into() };
+    let ports: Vec<String> = v["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| format!("{}{}", p["port"], if p["error"].is_string() { "!" } else { "" }))
+        .collect();
+    format!("{addr}:{}", ports.join(","))
 }
 
 /// `trellis services register -f FILE`: every instance in the file is checked first, then
@@ -136,10 +159,13 @@ mod tests {
                 {"protocol": "http", "node": "n2", "health": "unknown"},
             ],
         });
-        let t = table(&catalog);
+        let vips = serde_json::json!({"range": "127.100.0.0/16", "services": {
+            "web": {"address": "127.100.4.2", "ports": [{"port": 8080}, {"port": 9090, "error": "in use"}]},
+        }});
+        let t = table(&catalog, &vips);
         let rows: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
-        assert_eq!(rows[0], ["SERVICE", "HEALTHY", "PROTOCOLS", "NODES"]);
-        assert_eq!(rows[1], ["api", "1/1", "grpc", "n1"]);
-        assert_eq!(rows[2], ["web", "2/3", "http", "n2,n3"]);
+        assert_eq!(rows[0], ["SERVICE", "HEALTHY", "PROTOCOLS", "VIRTUAL", "NODES"]);
+        assert_eq!(rows[1], ["api", "1/1", "grpc", "-", "n1"]);
+        assert_eq!(rows[2], ["web", "2/3", "http", "127.100.4.2:8080,9090!", "n2,n3"]);
     }
 }

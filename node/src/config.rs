@@ -52,6 +52,8 @@ pub struct AgentConfig {
     pub traces: Option<crate::spans::TracesConfig>,
     /// The DNS interface's address, and whether the operator chose it; None when off.
     pub dns: Option<(SocketAddr, bool)>,
+    /// Where virtual service addresses come from; None when off.
+    pub virtual_range: Option<trellis_core::mesh::vip::Range>,
 }
 
 /// The config file: every field optional, unknown keys refused.
@@ -94,6 +96,8 @@ pub struct FileConfig {
     pub traces: Option<crate::spans::TracesConfig>,
     /// The DNS interface; see [`crate::dns::DnsConfig`].
     pub dns: Option<crate::dns::DnsConfig>,
+    /// Virtual service addresses; see [`crate::mesh::vips::VipConfig`].
+    pub virtual_addresses: Option<crate::mesh::vips::VipConfig>,
 }
 
 /// Timing settings that override the profile's.

@@ -121,6 +121,8 @@ impl Agents {
             cmd.args(["agent", "--name", &name, "--profile", "fast", "--stop-with-stdin"])
                 .args(["--bind", &addr(i, 7946).to_string(), "--api", &addr(i, 8500).to_string()])
                 .args(["--proxy", &addr(i, 15001).to_string()])
+                // Each agent on this host gets its own block of virtual service addresses.
+                .args(["--virtual-range", &format!("127.{}.0.0/16", 100 + i)])
                 .args(["--label", &format!("zone=dev-{}", (b'a' + i % 3) as char)])
                 .arg("--data-dir")
                 .arg(node_dir.join("data"))

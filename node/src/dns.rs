@@ -123,15 +123,16 @@ async fn serve_tcp(view: Arc<MeshView>, stats: Arc<DnsStats>, tcp: TcpListener) 
     }
 }
 
-/// What answers are made from: the policy view and the live members, as this agent sees them.
-type Catalog = (Arc<Snapshot>, Arc<AliveMembers>);
+/// What answers are made from: the policy view, the live members and this host's virtual
+/// addresses, as this agent sees them.
+type Catalog = (Arc<Snapshot>, Arc<AliveMembers>, Arc<trellis_core::mesh::vip::Published>);
 
 fn catalog(view: &MeshView) -> Catalog {
-    (view.snapshot(), view.node.members.alive.borrow().clone())
+    (view.snapshot(), view.node.members.alive.borrow().clone(), view.node.vips.borrow().clone())
 }
 
 /// The answer to one query message; None when it is not even a DNS header.
-fn respond((snap, alive): &Catalog, stats: &DnsStats, query: &[u8], udp: bool) -> Option<Vec<u8>> {
+fn respond((snap, alive, vips): &Catalog, stats: &DnsStats, query: &[u8], udp: bool) -> Option<Vec<u8>> {
     let q = match Message::from_vec(query) {
         Ok(q) => q,
         Err(_) => {
@@ -161,7 +162,7 @@ fn respond((snap, alive): &Catalog, stats: &DnsStats, query: &[u8], udp: bool) -
         RecordType::ANY => Want::Any,
         _ => Want::Other,
     };
-    let a = dns::answer(&question.name().to_ascii(), want, snap, alive, rand::random());
+    let a = dns::answer(&question.name().to_ascii(), want, snap, alive, &vips.addresses, rand::random());
     out.metadata.response_code = match a.code {
         Code::NoError => ResponseCode::NoError,
         Code::NxDomain => ResponseCode::NXDomain,
@@ -223,6 +224,7 @@ pub fn fuzz_respond(data: &[u8]) {
             weight: 1,
             check: None,
             health: Health::Passing,
+            run_as: None,
         },
     };
     let snap = Snapshot {
@@ -231,7 +233,11 @@ pub fn fuzz_respond(data: &[u8]) {
     };
     let alive: AliveMembers =
         [("n1".to_string(), ("10.0.0.9:7946".parse().expect("literal"), Default::default()))].into();
-    let _ = respond(&(Arc::new(snap), Arc::new(alive)), &DnsStats::default(), data, true);
+    let vips = trellis_core::mesh::vip::Published {
+        addresses: [("web".to_string(), std::net::Ipv4Addr::new(127, 100, 0, 7))].into(),
+        ports: Default::default(),
+    };
+    let _ = respond(&(Arc::new(snap), Arc::new(alive), Arc::new(vips)), &DnsStats::default(), data, true);
 }
 
 #[cfg(test)]
@@ -241,7 +247,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn empty() -> Catalog {
-        (Arc::new(Snapshot::default()), Arc::new(AliveMembers::new()))
+        (Arc::new(Snapshot::default()), Arc::new(AliveMembers::new()), Arc::default())
     }
 
     #[test]

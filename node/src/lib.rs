@@ -44,6 +44,7 @@ pub mod policy_writer;
 pub mod ratelimit;
 pub mod reload;
 pub mod run;
+pub mod socket_owner;
 pub mod spans;
 pub mod stats;
 pub mod transport;

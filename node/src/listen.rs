@@ -136,17 +136,28 @@ pub struct ClientGates {
     pub api: Arc<ConnGate>,
     /// One per `--upstream` listener, by service.
     pub upstreams: BTreeMap<String, Arc<ConnGate>>,
+    /// Shared by every virtual service address's listeners.
+    pub virtual_addrs: Arc<ConnGate>,
 }
 
 impl ClientGates {
     pub fn new<'a>(limits: &Limits, upstreams: impl IntoIterator<Item = &'a str>) -> Arc<ClientGates> {
         let upstreams = upstreams.into_iter().map(|s| (s.to_string(), ConnGate::for_clients(limits))).collect();
-        Arc::new(ClientGates { proxy: ConnGate::for_clients(limits), api: ConnGate::for_clients(limits), upstreams })
+        Arc::new(ClientGates {
+            proxy: ConnGate::for_clients(limits),
+            api: ConnGate::for_clients(limits),
+            upstreams,
+            virtual_addrs: ConnGate::for_clients(limits),
+        })
     }
 
-    /// Every gate with its metrics label: `proxy`, `api`, `upstream:<service>`.
+    /// Every gate with its metrics label: `proxy`, `api`, `virtual`, `upstream:<service>`.
     pub fn labelled(&self) -> Vec<(String, &Arc<ConnGate>)> {
-        let fixed = [("proxy".to_string(), &self.proxy), ("api".to_string(), &self.api)];
+        let fixed = [
+            ("proxy".to_string(), &self.proxy),
+            ("api".to_string(), &self.api),
+            ("virtual".to_string(), &self.virtual_addrs),
+        ];
         fixed.into_iter().chain(self.upstreams.iter().map(|(s, g)| (format!("upstream:{s}"), g))).collect()
     }
 }

@@ -84,6 +84,14 @@ fn a_tcp_echo_on_another_node_carries_100_mib_intact() {
     let mut line = [0u8; 3];
     s.read_exact(&mut line).unwrap();
     assert_eq!(&line, b"n2\n");
+    echo_100_mib(s);
+    let m = c.node(2).api().get_text("/metrics").unwrap();
+    assert!(metric(&m, "trellis_forward_inbound_total").unwrap() >= 1.0);
+}
+
+/// Sends 100 MiB of pseudo-random bytes through `s` (an echo behind the mesh) and checks
+/// every byte comes back, in order.
+fn echo_100_mib(mut s: TcpStream) {
     const TOTAL: usize = 100 << 20;
     let mut w = s.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
@@ -119,8 +127,6 @@ fn a_tcp_echo_on_another_node_carries_100_mib_intact() {
     println!("100 MiB echoed through the mesh in {:?}", start.elapsed());
     assert_eq!(got, TOTAL);
     assert_eq!(sum, sent, "echoed bytes differ from the sent bytes");
-    let m = c.node(2).api().get_text("/metrics").unwrap();
-    assert!(metric(&m, "trellis_forward_inbound_total").unwrap() >= 1.0);
 }
 
 #[test]
@@ -2253,4 +2259,90 @@ fn dns_answers_healthy_instances_subsets_and_nodes_and_truncates_over_udp() {
     let m = c.node(0).api().get_text("/metrics").unwrap();
     assert!(metric(&m, "trellis_dns_queries_total{rcode=\"truncated\"}").unwrap() >= 2.0);
     assert!(metric(&m, "trellis_dns_queries_total{rcode=\"refused\"}").unwrap() >= 1.0);
+}
+
+/// An unchanged application finds services by name: `web.trellis` resolves through the
+/// agent's DNS to a virtual address where the agent listens on the service's ports; HTTP
+/// goes through the L7 path, a `tcp` service's bytes through unchanged. Two services on one
+/// host are told apart by the Unix user they run as, so `svc:batch -> db deny` refuses
+/// batch's calls and lets frontend's through.
+#[test]
+fn virtual_addresses_carry_http_and_tcp_and_callers_are_known_by_service() {
+    let c = three_agents(vec![]);
+    let (web, _) = stoppable_http_server("hello from web");
+    let (db, _) = stoppable_http_server("db rows");
+    let echo = echo_server("n1");
+    let instance = |service: &str, a: SocketAddr, protocol: &str| json!({"service": service, "address": a.ip().to_string(), "port": a.port(), "protocol": protocol});
+    put(&c, 0, "/v1/policy/services/web", json!({"ports": [8080]}));
+    put(&c, 0, "/v1/policy/services/echo", json!({"protocol": "tcp"}));
+    put(&c, 2, "/v1/agent/services/web-1", instance("web", web, "http"));
+    put(&c, 2, "/v1/agent/services/db-1", instance("db", db, "http"));
+    put(&c, 1, "/v1/agent/services/echo-1", instance("echo", echo, "tcp"));
+    // Two callers on node 0, never called themselves: frontend runs as root, batch as nobody.
+    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    for (id, service, user) in [("frontend-1", "frontend", "root"), ("batch-1", "batch", "65534")] {
+        let mut body = instance(service, closed, "http");
+        body["run_as"] = json!(user);
+        put(&c, 0, &format!("/v1/agent/services/{id}"), body);
+    }
+    put(&c, 1, "/v1/policy/intentions/batch-db", json!({"source": "svc:batch", "destination": "db", "action": "deny"}));
+
+    let api = c.node(0).api();
+    let dns = api.get_json("/v1/agent/self").unwrap()["dns_addr"].as_str().unwrap().to_string();
+    let dns: SocketAddr = dns.parse().unwrap();
+    let vips = c
+        .wait_until(Duration::from_secs(15), "virtual addresses for web, echo and db", || {
+            let v = api.get_json("/v1/agent/virtual-addresses").ok()?;
+            let listening = |svc: &str, port: u16| v["services"][svc]["ports"] == json!([{ "port": port }]);
+            (listening("web", 8080) && listening("echo", echo.port()) && listening("db", db.port())).then_some(v)
+        })
+        .unwrap();
+    // dig, as an application's resolver would ask.
+    let dig = |name: &str| -> String {
+        let out = std::process::Command::new("dig")
+            .args([&format!("@{}", dns.ip()), "-p", &dns.port().to_string(), name, "+short"])
+            .output()
+            .expect("dig (apt-get install dnsutils)");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let web_ip = dig("web.trellis");
+    assert_eq!(web_ip, vips["services"]["web"]["address"], "DNS answers the virtual address");
+    assert!(web_ip.starts_with(&format!("127.{}.", c.node(0).peer_addr.ip().to_string().split('.').nth(1).unwrap())));
+
+    // curl, unchanged, with the name resolved from dig's answer.
+    let curl = |uid: Option<u32>, url: &str, host_port: &str, ip: &str| -> (String, String) {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-s", "-m", "10", "-o", "-", "-w", "\n%{http_code}", "--resolve", &format!("{host_port}:{ip}"), url]);
+        if let Some(uid) = uid {
+            std::os::unix::process::CommandExt::uid(&mut cmd, uid);
+        }
+        let out = cmd.output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.to_string(), body.to_string())
+    };
+    let got = curl(None, "http://web.trellis:8080/", "web.trellis:8080", &web_ip);
+    assert_eq!(got, ("200".into(), "hello from web".into()), "an instance on another node, through the L7 path");
+
+    // 100 MiB of TCP through echo's virtual address, to an instance on node 1.
+    let echo_ip: std::net::IpAddr = dig("echo.trellis").parse().unwrap();
+    let mut s = TcpStream::connect((echo_ip, echo.port())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut line = [0u8; 3];
+    s.read_exact(&mut line).unwrap();
+    assert_eq!(&line, b"n1\n");
+    echo_100_mib(s);
+
+    // Callers known by service: root's processes are frontend, nobody's are batch.
+    let db_ip = dig("db.trellis");
+    let db_url = format!("http://db.trellis:{}/", db.port());
+    let db_host = format!("db.trellis:{}", db.port());
+    c.wait_until(Duration::from_secs(10), "the intention on node 0", || {
+        (curl(Some(65534), &db_url, &db_host, &db_ip).0 == "403").then_some(())
+    })
+    .unwrap();
+    assert_eq!(curl(None, &db_url, &db_host, &db_ip), ("200".into(), "db rows".into()), "frontend's call passes");
+    assert_eq!(curl(Some(65534), &db_url, &db_host, &db_ip).0, "403", "batch's call is refused");
+    // The deny is batch's alone: node 0 itself (an unrecognised user) still gets through.
+    assert_eq!(curl(Some(4242), &db_url, &db_host, &db_ip).0, "200");
 }

@@ -78,6 +78,10 @@ pub struct AgentArgs {
     /// `[dns] enabled = false` turns it off).
     #[arg(long, value_name = "ADDR")]
     pub dns: Option<SocketAddr>,
+    /// Loopback block virtual service addresses come from (default 127.100.0.0/16; `off`
+    /// or `[virtual_addresses] enabled = false` turns them off).
+    #[arg(long, value_name = "CIDR")]
+    pub virtual_range: Option<String>,
     /// Test only: drop this share (0..1) of outgoing peer messages.
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
@@ -214,6 +218,12 @@ impl AgentArgs {
         if let Some(Err(e)) = traces.as_ref().map(crate::spans::TracesConfig::check) {
             problems.push(e);
         }
+        let virtual_range =
+            crate::mesh::vips::VipConfig::resolve(file.virtual_addresses.as_ref(), self.virtual_range.as_deref())
+                .unwrap_or_else(|e| {
+                    problems.push(e);
+                    None
+                });
         let log_level = self.log_level.clone().or(file.log_level.clone());
         if let Some(level) = &log_level {
             if let Err(e) = log_filter(level) {
@@ -257,6 +267,7 @@ impl AgentArgs {
             access_log,
             traces,
             dns: crate::dns::resolve(file.dns.as_ref(), self.dns, api),
+            virtual_range,
         };
         Ok((cfg, log_level))
     }
@@ -278,6 +289,7 @@ impl AgentArgs {
             ("api_tokens_file", "--api-tokens-file", self.api_tokens_file.is_some()),
             ("traces.endpoint", "--otlp-endpoint", self.otlp_endpoint.is_some()),
             ("dns.bind", "--dns", self.dns.is_some()),
+            ("virtual_addresses.range", "--virtual-range", self.virtual_range.is_some()),
         ];
         for (field, flag, given) in set {
             if given {

@@ -87,6 +87,8 @@ const ENV_KEYS: &[(&str, EnvKind)] = &[
     ("traces.timeout", EnvKind::Str),
     ("dns.enabled", EnvKind::Bool),
     ("dns.bind", EnvKind::Str),
+    ("virtual_addresses.enabled", EnvKind::Bool),
+    ("virtual_addresses.range", EnvKind::Str),
 ];
 
 /// Where a setting came from.

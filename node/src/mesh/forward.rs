@@ -170,6 +170,7 @@ impl Forwarder {
             node: inst.instance.node.clone(),
             addr: SocketAddr::new(inst.instance.address, inst.instance.port),
             peer: if local { None } else { Some(alive[&inst.instance.node].0) },
+            caller: None,
             connect_timeout: snap.services.get(service).map_or(super::io::CONNECT_TIMEOUT, |s| s.connect_timeout),
             outlier_detection: od,
             circuit_breaker: snap.services.get(service).map(|s| s.circuit_breaker.clone()).unwrap_or_default(),
@@ -259,8 +260,8 @@ impl Forwarder {
     ) -> Result<(Response<Incoming>, Option<Reuse>), SendError> {
         let mut waiting = None;
         loop {
-            let idle =
-                self.pool.lock().expect("pool lock").take(&pick.name, Instant::now(), instance_http::Sender::is_open);
+            let key = pick.pool_key();
+            let idle = self.pool.lock().expect("pool lock").take(&key, Instant::now(), instance_http::Sender::is_open);
             let reused = idle.is_some();
             let mut sender = match idle {
                 Some(s) => s,
@@ -279,14 +280,14 @@ impl Forwarder {
             }
             drop(waiting.take());
             let shared = sender.shared().map(|again| {
-                self.pool.lock().expect("pool lock").put(&pick.name, again, Instant::now());
+                self.pool.lock().expect("pool lock").put(&key, again, Instant::now());
             });
             match sender.send(req, authority).await {
                 Ok(resp) => {
                     self.stats.pool_reused.fetch_add(u64::from(reused), Relaxed);
                     let reuse = shared.is_none().then(|| Reuse {
                         sender,
-                        name: pick.name.clone(),
+                        name: key.to_string(),
                         give_back: self.give_back.clone(),
                     });
                     return Ok((resp, reuse));
@@ -346,9 +347,10 @@ impl Forwarder {
     /// [`MeshView::inbound`] as a peer's stream would be, with this node as the caller.
     async fn local(&self, service: &str, pick: &Pick) -> Result<Io, OpenError> {
         let (near, mut far) = tokio::io::duplex(LOCAL_PIPE);
-        let (view, caller) = (self.view.clone(), self.view.node.spiffe_id.clone());
+        let view = self.view.clone();
         tokio::spawn(async move {
-            if let Err(e) = view.inbound(&caller, &mut far).await {
+            let me = (view.node.members.identity.name.as_str(), view.node.spiffe_id.as_str());
+            if let Err(e) = view.inbound(me, &mut far).await {
                 tracing::debug!(error = %e, "local inbound stream failed");
             }
         });
@@ -364,7 +366,11 @@ impl Forwarder {
     ) -> Result<Io, OpenError> {
         let open = async {
             let mut io = stream.await?;
-            io.write_all(&ForwardOpen { service: service.into(), instance: pick.name.clone() }.encode()).await?;
+            let caller_service = pick.caller.as_deref().map(String::from);
+            io.write_all(
+                &ForwardOpen { service: service.into(), instance: pick.name.clone(), caller_service }.encode(),
+            )
+            .await?;
             let status = ForwardStatus::from_byte(io.read_u8().await?);
             anyhow::Ok((status, io))
         };
@@ -402,9 +408,23 @@ pub struct Pick {
     pub addr: SocketAddr,
     /// The instance's agent, when it is not this one.
     pub peer: Option<SocketAddr>,
+    /// The calling service, when this node recognised the client (see `callers`): named in
+    /// the stream header, so streams are pooled per calling service.
+    pub caller: Option<Arc<str>>,
     /// The service's settings as of the pick, so the request's later steps need not look
     /// at policy again.
     pub connect_timeout: Duration,
     pub outlier_detection: trellis_core::policy::model::OutlierDetection,
     pub circuit_breaker: trellis_core::policy::model::CircuitBreaker,
+}
+
+impl Pick {
+    /// The idle pool's key: a stream's header names its calling service, so a pooled
+    /// connection is only reused for the same one.
+    pub fn pool_key(&self) -> std::borrow::Cow<'_, str> {
+        match &self.caller {
+            Some(svc) => format!("{}|{svc}", self.name).into(),
+            None => self.name.as_str().into(),
+        }
+    }
 }

@@ -55,9 +55,10 @@ pub async fn serve_connection(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let _ = tcp.set_nodelay(true);
     let client = tcp.peer_addr().ok();
+    let caller = fwd.caller_of(&tcp);
     let svc = hyper::service::service_fn(move |req| {
         first.seen();
-        proxy(fwd.clone(), req, fixed.clone(), client)
+        proxy(fwd.clone(), req, (fixed.clone(), caller.clone()), client)
     });
     // A malformed request gets hyper's 400 and closes only this connection.
     builder.serve_connection(TokioIo::new(tcp), svc).await
@@ -95,11 +96,12 @@ pub fn service_of(host: &str) -> &str {
 pub(crate) type InBody = Counted<Incoming>;
 
 /// Every request is counted, the proxy's own refusals included, and leaves with this hop's
-/// request id and trace context.
+/// request id and trace context. `fixed` is the listener's service, `caller` the calling
+/// service the connection was recognised as.
 async fn proxy(
     fwd: Arc<Forwarder>,
     req: Request<Incoming>,
-    fixed: Option<Arc<str>>,
+    (fixed, caller): (Option<Arc<str>>, Option<Arc<str>>),
     client: Option<std::net::SocketAddr>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
@@ -111,7 +113,7 @@ async fn proxy(
     let received = log.map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let mut req = req.map(|b| Counted::new(b, received.clone()));
     let mut span = None;
-    let (label, route, line, resp) = match Target::of(&snap, &req, fixed.as_deref()) {
+    let (label, route, line, resp) = match Target::of(&snap, &req, fixed.as_deref(), caller) {
         Some(target) => {
             let route = target.resolved.route.clone();
             let service = &target.resolved.service;
@@ -194,12 +196,19 @@ struct Target<'a> {
     h2: bool,
     /// The hash of the service's `lb.hash_header`, when the request carries it.
     hash: Option<u64>,
+    /// The calling service, when the client was recognised as one.
+    caller: Option<Arc<str>>,
 }
 
 impl<'a> Target<'a> {
     /// Routes `req` (by `fixed`, the service of a per-upstream listener, or by its host);
     /// None when it names no service.
-    fn of(snap: &'a Snapshot, req: &Request<InBody>, fixed: Option<&str>) -> Option<Target<'a>> {
+    fn of(
+        snap: &'a Snapshot,
+        req: &Request<InBody>,
+        fixed: Option<&str>,
+        caller: Option<Arc<str>>,
+    ) -> Option<Target<'a>> {
         // HTTP/2 clients send `:authority` (in the URI) instead of a Host header.
         let host = req
             .headers()
@@ -226,7 +235,7 @@ impl<'a> Target<'a> {
             .get(&resolved.service)
             .and_then(|s| s.lb.hash_header.as_deref())
             .and_then(|name| Some(trellis_core::mesh::hashing::key_hash(req.headers().get(name)?.as_bytes())));
-        Some(Target { snap, resolved, authority, h2, hash })
+        Some(Target { snap, resolved, authority, h2, hash, caller })
     }
 
     /// The service's settings (the defaults when policy names none).
@@ -456,10 +465,11 @@ async fn once(
     tried: &mut Vec<String>,
 ) -> Result<Response<Body>, Failure> {
     let resolved = &t.resolved;
-    let (pick, in_flight) = match fwd.pick(t.snap, &resolved.service, &resolved.labels, t.hash, tried) {
+    let (mut pick, in_flight) = match fwd.pick(t.snap, &resolved.service, &resolved.labels, t.hash, tried) {
         Ok(p) => p,
         Err(e) => return Err(Failure::Final(error(StatusCode::SERVICE_UNAVAILABLE, "no_instance", e.to_string()))),
     };
+    pick.caller = t.caller.clone();
     let started = Instant::now();
     let sent = fwd.request(&resolved.service, &pick, req, &t.authority, t.h2);
     // A request to another node ends when that node is declared down or leaves, rather

@@ -26,7 +26,7 @@ use crate::transport::BiStream;
 use std::time::Instant;
 use tokio::sync::mpsc;
 use trellis_core::mesh::access_log::{Entry, Side};
-use trellis_core::mesh::authz::{self, HttpRequest};
+use trellis_core::mesh::authz::{self, Caller, HttpRequest};
 use trellis_core::mesh::catalog::{InstanceView, Snapshot};
 use trellis_core::policy::model::{Action, Health, Protocol};
 
@@ -55,8 +55,10 @@ impl MeshView {
         self.node.spans.is_some() || self.node.access_log.as_ref().is_some_and(|l| l.wants(service))
     }
 
-    /// Serves one stream to a local instance for `caller` (a SPIFFE id).
-    pub async fn inbound<S: Duplex>(self: &Arc<Self>, caller: &str, io: &mut S) -> anyhow::Result<Ended> {
+    /// Serves one stream to a local instance for the node `from` (its name and SPIFFE id:
+    /// a peer's, or this node's own). The calling service the header names counts only
+    /// when that node hosts an instance of it (`callers::may_claim`).
+    pub async fn inbound<S: Duplex>(self: &Arc<Self>, from: (&str, &str), io: &mut S) -> anyhow::Result<Ended> {
         let within = self.node.transport.limits.stream_read_timeout;
         let Ok(header) = tokio::time::timeout(within, read_header(io)).await else {
             return Ok(Ended::HeaderTimeout);
@@ -69,6 +71,8 @@ impl MeshView {
             }
         };
         let snap = self.snapshot();
+        let caller = caller_of(&snap, from, open.caller_service.as_deref());
+        let caller = &caller;
         let Some(target) = local_target(&snap, &self.node.members.identity.name, &open).cloned() else {
             io.write_all(&[ForwardStatus::UnknownInstance as u8]).await?;
             anyhow::bail!("no local instance {}", open.instance);
@@ -102,7 +106,7 @@ impl MeshView {
     /// stream stand as it is.
     async fn copy_while_allowed<S: Duplex>(
         self: &Arc<Self>,
-        caller: &str,
+        caller: &Caller,
         service: &str,
         target: &InstanceView,
         io: &mut S,
@@ -143,7 +147,7 @@ impl MeshView {
     /// Serves the stream as HTTP in the instance's protocol, deciding each request.
     async fn serve_requests<S: Duplex>(
         self: &Arc<Self>,
-        caller: &str,
+        caller: &Caller,
         service: &str,
         target: &InstanceView,
         io: &mut S,
@@ -152,7 +156,7 @@ impl MeshView {
         let h2 = instance_http::is_h2(self.snapshot().protocol_of(service));
         let sender = instance_http::handshake(Box::new(up), h2).await?;
         let fwd = self.clone();
-        let (caller, service): (Arc<str>, Arc<str>) = (caller.into(), service.into());
+        let (caller, service): (Arc<Caller>, Arc<str>) = (Arc::new(caller.clone()), service.into());
         let instance = Arc::new(Instance {
             name: target.name.clone(),
             sender: tokio::sync::Mutex::new(sender),
@@ -217,7 +221,7 @@ impl Instance {
 /// One request on an inbound HTTP stream: decided, then sent to the instance.
 async fn request(
     fwd: Arc<MeshView>,
-    caller: Arc<str>,
+    caller: Arc<Caller>,
     service: Arc<str>,
     instance: Arc<Instance>,
     mut req: Request<Incoming>,
@@ -254,7 +258,7 @@ async fn request(
 /// One request's decision by the intentions, then its trip to the instance.
 async fn decide_and_send(
     fwd: &MeshView,
-    caller: &str,
+    caller: &Caller,
     service: &str,
     instance: &Instance,
     req: Request<Counted<Incoming>>,
@@ -313,8 +317,23 @@ fn local_target<'a>(snap: &'a Snapshot, me: &str, open: &ForwardOpen) -> Option<
 }
 
 /// The decision for a whole stream (no request to look into).
-fn stream_decision(snap: &Snapshot, caller: &str, service: &str) -> Action {
+fn stream_decision(snap: &Snapshot, caller: &Caller, service: &str) -> Action {
     authz::decide(snap.intentions.iter(), snap.intention_default, caller, service, None)
+}
+
+/// The caller of a stream from node `(name, spiffe id)`: with the service its header
+/// claims when that node hosts an instance of it, else the node alone (and the refused
+/// claim is logged: an agent that claims services it does not host is misconfigured or
+/// worse).
+fn caller_of(snap: &Snapshot, (name, spiffe): (&str, &str), claimed: Option<&str>) -> Caller {
+    let service = claimed.filter(|s| {
+        let ok = trellis_core::mesh::callers::may_claim(snap, name, s);
+        if !ok {
+            tracing::warn!(node = %name, service = %s, "a peer claimed a calling service it hosts no instance of; treated as the node alone");
+        }
+        ok
+    });
+    Caller { node: spiffe.into(), service: service.map(Into::into) }
 }
 
 /// Must this instance's streams be served request by request: decided by L7 intentions,
@@ -354,9 +373,9 @@ impl MeshView {
     /// a stream that must end early is reset with a code saying why.
     async fn server(self: &Arc<Self>, s: BiStream) -> anyhow::Result<()> {
         let BiStream { peer_name, send, recv, .. } = s;
-        let caller = self.node.members.spiffe_of(&peer_name);
+        let spiffe = self.node.members.spiffe_of(&peer_name);
         let mut quic = tokio::io::join(recv, send);
-        let code = match self.inbound(&caller, &mut quic).await? {
+        let code = match self.inbound((&peer_name, &spiffe), &mut quic).await? {
             Ended::Done => return Ok(()),
             Ended::Denied => DENIED_CODE,
             Ended::Gone => GONE_CODE,

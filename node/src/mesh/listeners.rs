@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 use trellis_core::mesh::access_log::Side;
+use trellis_core::mesh::callers;
 use trellis_core::mesh::circuit::SlotKind;
 
 use crate::access_log::TcpLine;
@@ -50,14 +51,31 @@ impl Forwarder {
         .await
     }
 
+    /// The service a local client connection calls for: the one whose instances on this
+    /// node run as the connection's owner (`run_as`), looked up only when some instance
+    /// here declares a user. None when unknown: the caller is then this node alone.
+    pub(crate) fn caller_of(&self, tcp: &TcpStream) -> Option<Arc<str>> {
+        let snap = self.snapshot();
+        let me = &self.view.node.members.identity.name;
+        if !callers::any_declared(&snap, me) {
+            return None;
+        }
+        let (client, server) = (tcp.peer_addr().ok()?, tcp.local_addr().ok()?);
+        let uid = crate::socket_owner::uid_of(client, server)
+            .inspect_err(|e| tracing::debug!(%client, error = %e, "owner of a client connection not found"))
+            .ok()?;
+        callers::service_of_uid(&snap, me, uid, crate::socket_owner::uid_of_user).map(Into::into)
+    }
+
     /// Carries one TCP client; it is closed when the instance's node goes away, rather
     /// than when QUIC's idle timeout notices.
     pub(crate) async fn client(&self, service: &str, mut tcp: TcpStream) -> anyhow::Result<()> {
         let source = tcp.peer_addr().map_or_else(|_| "-".into(), |a| a.to_string());
         let mut line = TcpLine::start(self.view.node.access_log.as_ref(), Side::Outbound, source, service);
-        let (pick, in_flight) = self
+        let (mut pick, in_flight) = self
             .pick(&self.snapshot(), service, &BTreeMap::new(), None, &mut Vec::new())
             .inspect_err(|_| line.iter_mut().for_each(|l| l.failed("no_instance")))?;
+        pick.caller = self.caller_of(&tcp);
         if let Some(l) = &mut line {
             l.instance(&pick.name, pick.addr);
         }

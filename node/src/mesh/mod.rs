@@ -12,3 +12,4 @@ pub mod instance_http;
 pub mod io;
 pub mod listeners;
 pub mod view;
+pub mod vips;

@@ -26,6 +26,8 @@ pub struct Inputs {
     pub spans: Option<Arc<crate::spans::Spans>>,
     /// Mesh-wide metrics: this node's requests are recorded here.
     pub stats: Arc<crate::stats::Stats>,
+    /// This host's virtual service addresses, as their manager last published them.
+    pub vips: tokio::sync::watch::Receiver<Arc<trellis_core::mesh::vip::Published>>,
 }
 
 #[derive(Debug, Default)]

@@ -4,7 +4,9 @@
 //!
 //! Precedence, most specific first (as Consul orders intentions and then their L7
 //! permissions):
-//! 1. an exact source beats `*`;
+//! 1. a named source (the calling node, or the calling service as `svc:<name>`) beats `*`;
+//!    a node and a service rank alike, so between an allow of one and a deny of the
+//!    other the deny wins (a node's deny covers every service it vouches for);
 //! 2. then the path rule: an exact path beats a prefix, a longer prefix a shorter one,
 //!    and any path rule beats none;
 //! 3. then an intention naming methods beats one that does not;
@@ -19,6 +21,29 @@
 use crate::policy::model::{Action, Intention, ValueMatch};
 
 use super::headers::Headers;
+
+/// Who calls: the node (the SPIFFE id of its certificate, or this node's own for local
+/// callers) and, when the calling agent recognised it, the calling service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub node: std::sync::Arc<str>,
+    pub service: Option<std::sync::Arc<str>>,
+}
+
+impl Caller {
+    pub fn node(node: &str) -> Caller {
+        Caller { node: node.into(), service: None }
+    }
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.service {
+            Some(s) => write!(f, "{}{s}@{}", crate::policy::model::SERVICE_SOURCE, self.node),
+            None => f.write_str(&self.node),
+        }
+    }
+}
 
 /// What an L7 decision sees of an HTTP request.
 pub struct HttpRequest<'a> {
@@ -40,7 +65,7 @@ struct Rank {
 pub fn decide<'a>(
     intentions: impl Iterator<Item = &'a Intention>,
     default: Action,
-    caller: &str,
+    caller: &Caller,
     service: &str,
     req: Option<&HttpRequest>,
 ) -> Action {
@@ -63,10 +88,12 @@ pub fn has_l7<'a>(mut intentions: impl Iterator<Item = &'a Intention>, service: 
 }
 
 /// The rank of `i` for this request, or None when it does not apply.
-fn rank(i: &Intention, caller: &str, req: Option<&HttpRequest>, path: Option<&str>) -> Option<Rank> {
+fn rank(i: &Intention, caller: &Caller, req: Option<&HttpRequest>, path: Option<&str>) -> Option<Rank> {
+    let by_service = |svc: &str| caller.service.as_deref() == Some(svc);
     let source = match i.source.as_str() {
-        s if s == caller => 2,
         "*" => 1,
+        s if s == &*caller.node => 2,
+        s if s.strip_prefix(crate::policy::model::SERVICE_SOURCE).is_some_and(by_service) => 2,
         _ => return None,
     };
     let (req, path) = match (req, path) {
@@ -193,24 +220,24 @@ mod tests {
     }
 
     fn on(list: &[Intention], default: Action, method: &str, path: &str) -> Action {
-        decide(list.iter(), default, "spiffe://c/node/a", "web", Some(&http(method, path)))
+        decide(list.iter(), default, &Caller::node("spiffe://c/node/a"), "web", Some(&http(method, path)))
     }
 
     #[test]
     fn exact_source_beats_wildcard_and_deny_beats_allow_at_equal_rank() {
         let me = "spiffe://c/node/a";
         let list = [i("*", "web", Action::Deny), i(me, "web", Action::Allow)];
-        assert_eq!(decide(list.iter(), Action::Deny, me, "web", None), Action::Allow);
-        assert_eq!(decide(list.iter(), Action::Allow, "spiffe://c/node/b", "web", None), Action::Deny);
+        assert_eq!(decide(list.iter(), Action::Deny, &Caller::node(me), "web", None), Action::Allow);
+        assert_eq!(decide(list.iter(), Action::Allow, &Caller::node("spiffe://c/node/b"), "web", None), Action::Deny);
         let both = [i(me, "web", Action::Allow), i(me, "web", Action::Deny)];
-        assert_eq!(decide(both.iter(), Action::Allow, me, "web", None), Action::Deny);
+        assert_eq!(decide(both.iter(), Action::Allow, &Caller::node(me), "web", None), Action::Deny);
     }
 
     #[test]
     fn no_match_falls_back_to_the_default() {
         let list = [i("*", "db", Action::Deny)];
-        assert_eq!(decide(list.iter(), Action::Allow, "x", "web", None), Action::Allow);
-        assert_eq!(decide(list.iter(), Action::Deny, "x", "web", None), Action::Deny);
+        assert_eq!(decide(list.iter(), Action::Allow, &Caller::node("x"), "web", None), Action::Allow);
+        assert_eq!(decide(list.iter(), Action::Deny, &Caller::node("x"), "web", None), Action::Deny);
     }
 
     #[test]
@@ -269,7 +296,13 @@ mod tests {
         let both = h(&[("X-Env", "prod"), ("x-user", "bot-7")]);
         let one = h(&[("x-env", "prod"), ("x-user", "alice")]);
         let r = |headers| {
-            decide(list.iter(), Action::Allow, "c", "web", Some(&HttpRequest { method: "GET", path: "/", headers }))
+            decide(
+                list.iter(),
+                Action::Allow,
+                &Caller::node("c"),
+                "web",
+                Some(&HttpRequest { method: "GET", path: "/", headers }),
+            )
         };
         assert_eq!(r(&both), Action::Deny);
         assert_eq!(r(&one), Action::Allow);
@@ -278,10 +311,27 @@ mod tests {
     #[test]
     fn on_an_opaque_stream_l7_denies_fail_closed_and_l7_allows_do_not_apply() {
         let deny = [l7(Action::Deny, &["/admin"], &[])];
-        assert_eq!(decide(deny.iter(), Action::Allow, "c", "web", None), Action::Deny);
+        assert_eq!(decide(deny.iter(), Action::Allow, &Caller::node("c"), "web", None), Action::Deny);
         let allow = [l7(Action::Allow, &["/public"], &[])];
-        assert_eq!(decide(allow.iter(), Action::Deny, "c", "web", None), Action::Deny);
+        assert_eq!(decide(allow.iter(), Action::Deny, &Caller::node("c"), "web", None), Action::Deny);
         assert!(has_l7(deny.iter(), "web") && !has_l7(deny.iter(), "db"));
+    }
+
+    #[test]
+    fn a_calling_service_is_named_by_svc_and_a_node_deny_still_wins() {
+        let web = Caller { node: "spiffe://c/node/a".into(), service: Some("web".into()) };
+        let batch = Caller { service: Some("batch".into()), ..web.clone() };
+        let list = [i("svc:batch", "db", Action::Deny), i("*", "db", Action::Allow)];
+        assert_eq!(decide(list.iter(), Action::Deny, &batch, "db", None), Action::Deny);
+        assert_eq!(decide(list.iter(), Action::Deny, &web, "db", None), Action::Allow);
+        assert_eq!(decide(list.iter(), Action::Deny, &Caller::node("spiffe://c/node/a"), "db", None), Action::Allow);
+        // Allowing a service does not undo a deny of the node that vouches for it.
+        let list = [i("svc:web", "db", Action::Allow), i("spiffe://c/node/a", "db", Action::Deny)];
+        assert_eq!(decide(list.iter(), Action::Allow, &web, "db", None), Action::Deny);
+        // Only the recognised service matches: an unrecognised caller is its node alone.
+        let list = [i("svc:web", "db", Action::Allow)];
+        assert_eq!(decide(list.iter(), Action::Deny, &Caller::node("spiffe://c/node/a"), "db", None), Action::Deny);
+        assert_eq!(web.to_string(), "svc:web@spiffe://c/node/a");
     }
 
     #[test]

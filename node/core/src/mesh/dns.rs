@@ -8,11 +8,13 @@
 //! - `<subset>.<service>.service.trellis`: the instances a `subsets/<subset>` policy
 //!   selects; `<id>.<service>.service.trellis`: the instance(s) registered with that id.
 //! - `<node>.node.trellis`: a live node's address.
+//! - `<service>.trellis`: the service's virtual address on this host (see `vip`).
 //! - Other names in the domain: NXDOMAIN; names outside it: REFUSED.
 //!
 //! The wire format is the shell's (hickory); here are only names, records and codes.
 
-use std::net::IpAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
 
 use super::catalog::{InstanceView, Snapshot};
 use crate::membership::AliveMembers;
@@ -71,11 +73,20 @@ enum Name<'a> {
     },
     Node(&'a str),
     Addr(&'a str),
+    Virtual(&'a str),
 }
 
 /// The answer to `name` (any case, with or without the root dot) for `want`. `seed`
-/// shuffles the addresses (the shell draws it per query).
-pub fn answer(name: &str, want: Want, snap: &Snapshot, alive: &AliveMembers, seed: u64) -> Answer {
+/// shuffles the addresses (the shell draws it per query); `vips` are this host's virtual
+/// service addresses.
+pub fn answer(
+    name: &str,
+    want: Want,
+    snap: &Snapshot,
+    alive: &AliveMembers,
+    vips: &BTreeMap<String, Ipv4Addr>,
+    seed: u64,
+) -> Answer {
     let lower = name.trim_end_matches('.').to_ascii_lowercase();
     let Some(rest) = lower.strip_suffix(DOMAIN).filter(|r| r.is_empty() || r.ends_with('.')) else {
         return Answer::code(Code::Refused);
@@ -85,6 +96,10 @@ pub fn answer(name: &str, want: Want, snap: &Snapshot, alive: &AliveMembers, see
         Some(Name::Service { service, within }) => service_answer(&lower, service, within, want, snap, alive, seed),
         Some(Name::Node(node)) => match alive.get(node) {
             Some((addr, _)) => addresses(&lower, [addr.ip()].into_iter(), want),
+            None => Answer::code(Code::NxDomain),
+        },
+        Some(Name::Virtual(service)) => match vips.get(service) {
+            Some(ip) => addresses(&lower, [IpAddr::V4(*ip)].into_iter(), want),
             None => Answer::code(Code::NxDomain),
         },
         Some(Name::Addr(hex)) => match parse_hex_ip(hex) {
@@ -99,6 +114,7 @@ pub fn answer(name: &str, want: Want, snap: &Snapshot, alive: &AliveMembers, see
 fn read<'a>(labels: &[&'a str]) -> Option<Name<'a>> {
     match labels {
         [node, "node"] => Some(Name::Node(node)),
+        [service] => Some(Name::Virtual(service)),
         [hex, "addr"] => Some(Name::Addr(hex)),
         [service, "service"] => Some(Name::Service { service, within: None }),
         [srv, proto, "service"] if proto.starts_with('_') => {
@@ -208,8 +224,10 @@ fn parse_hex_ip(hex: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use crate::policy::model::{Instance, Protocol, Subset};
-    use std::collections::BTreeMap;
+
+    static NO_VIPS: BTreeMap<String, Ipv4Addr> = BTreeMap::new();
 
     fn instance(id: &str, node: &str, ip: &str, port: u16, version: &str, health: Health) -> InstanceView {
         InstanceView {
@@ -224,6 +242,7 @@ mod tests {
                 weight: 1,
                 check: None,
                 health,
+                run_as: None,
             },
         }
     }
@@ -267,12 +286,12 @@ mod tests {
     #[test]
     fn a_service_answers_its_healthy_instances_on_live_nodes() {
         let (snap, alive) = mesh();
-        let a = answer("WEB.service.trellis.", Want::A, &snap, &alive, 7);
+        let a = answer("WEB.service.trellis.", Want::A, &snap, &alive, &NO_VIPS, 7);
         assert_eq!(a.code, Code::NoError);
         // web-3's node is down, web-4 is critical, web-5 is IPv6.
         assert_eq!(ips(&a), ["10.0.0.1", "10.0.0.2"]);
-        assert_eq!(ips(&answer("web.service.trellis", Want::Aaaa, &snap, &alive, 7)), ["fd00::5"]);
-        let srv = answer("_web._tcp.service.trellis", Want::Srv, &snap, &alive, 7);
+        assert_eq!(ips(&answer("web.service.trellis", Want::Aaaa, &snap, &alive, &NO_VIPS, 7)), ["fd00::5"]);
+        let srv = answer("_web._tcp.service.trellis", Want::Srv, &snap, &alive, &NO_VIPS, 7);
         assert_eq!(
             ips(&srv),
             [
@@ -282,18 +301,21 @@ mod tests {
             ]
         );
         assert_eq!(srv.additional.len(), 3, "each target's address rides along");
-        let target = answer("0a000002.addr.trellis", Want::A, &snap, &alive, 0);
+        let target = answer("0a000002.addr.trellis", Want::A, &snap, &alive, &NO_VIPS, 0);
         assert_eq!(ips(&target), ["10.0.0.2"]);
     }
 
     #[test]
     fn subsets_instances_and_nodes_have_names_too() {
         let (snap, alive) = mesh();
-        assert_eq!(ips(&answer("v2.web.service.trellis", Want::Any, &snap, &alive, 1)), ["10.0.0.2", "fd00::5"]);
-        assert_eq!(ips(&answer("web-1.web.service.trellis", Want::A, &snap, &alive, 1)), ["10.0.0.1"]);
-        let critical = answer("web-4.web.service.trellis", Want::A, &snap, &alive, 1);
+        assert_eq!(
+            ips(&answer("v2.web.service.trellis", Want::Any, &snap, &alive, &NO_VIPS, 1)),
+            ["10.0.0.2", "fd00::5"]
+        );
+        assert_eq!(ips(&answer("web-1.web.service.trellis", Want::A, &snap, &alive, &NO_VIPS, 1)), ["10.0.0.1"]);
+        let critical = answer("web-4.web.service.trellis", Want::A, &snap, &alive, &NO_VIPS, 1);
         assert_eq!((critical.code, critical.answers.len()), (Code::NoError, 0), "registered, not serving");
-        assert_eq!(ips(&answer("n2.node.trellis", Want::A, &snap, &alive, 1)), ["192.168.1.2"]);
+        assert_eq!(ips(&answer("n2.node.trellis", Want::A, &snap, &alive, &NO_VIPS, 1)), ["192.168.1.2"]);
     }
 
     #[test]
@@ -302,11 +324,21 @@ mod tests {
         for name in
             ["db.service.trellis", "n3.node.trellis", "web-9.web.service.trellis", "x.trellis", "zz.addr.trellis"]
         {
-            assert_eq!(answer(name, Want::A, &snap, &alive, 1).code, Code::NxDomain, "{name}");
+            assert_eq!(answer(name, Want::A, &snap, &alive, &NO_VIPS, 1).code, Code::NxDomain, "{name}");
         }
         for name in ["example.com", "web.service.consul", "nottrellis"] {
-            assert_eq!(answer(name, Want::A, &snap, &alive, 1).code, Code::Refused, "{name}");
+            assert_eq!(answer(name, Want::A, &snap, &alive, &NO_VIPS, 1).code, Code::Refused, "{name}");
         }
+    }
+
+    #[test]
+    fn a_service_name_in_the_domain_answers_its_virtual_address() {
+        let (snap, alive) = mesh();
+        let vips = BTreeMap::from([("web".to_string(), Ipv4Addr::new(127, 100, 4, 2))]);
+        assert_eq!(ips(&answer("web.trellis.", Want::A, &snap, &alive, &vips, 1)), ["127.100.4.2"]);
+        let v6 = answer("web.trellis", Want::Aaaa, &snap, &alive, &vips, 1);
+        assert_eq!((v6.code, v6.answers.len()), (Code::NoError, 0), "no IPv6 virtual address: NODATA");
+        assert_eq!(answer("db.trellis", Want::A, &snap, &alive, &vips, 1).code, Code::NxDomain);
     }
 
     #[test]
@@ -315,9 +347,11 @@ mod tests {
         alive.insert("n3".into(), ("192.168.1.3:7946".parse().unwrap(), BTreeMap::new()));
         snap.instances.retain(|i| i.instance.address.is_ipv4() && i.instance.health != Health::Critical);
         let firsts: std::collections::BTreeSet<String> = (0..50u64)
-            .map(|seed| match &answer("web.service.trellis", Want::A, &snap, &alive, seed * 7919).answers[0] {
-                Rec::Addr { ip, .. } => ip.to_string(),
-                other => panic!("{other:?}"),
+            .map(|seed| {
+                match &answer("web.service.trellis", Want::A, &snap, &alive, &NO_VIPS, seed * 7919).answers[0] {
+                    Rec::Addr { ip, .. } => ip.to_string(),
+                    other => panic!("{other:?}"),
+                }
             })
             .collect();
         assert_eq!(firsts.len(), 3, "every instance comes first sometimes: {firsts:?}");

@@ -5,6 +5,7 @@
 pub mod access_log;
 pub mod authz;
 pub mod balance;
+pub mod callers;
 pub mod catalog;
 pub mod circuit;
 pub mod dns;
@@ -19,3 +20,4 @@ pub mod round_robin;
 pub mod router;
 pub mod trace;
 pub mod traffic;
+pub mod vip;

@@ -310,7 +310,13 @@ pub struct Service {
     pub circuit_breaker: CircuitBreaker,
     pub outlier_detection: OutlierDetection,
     pub health_check: HealthCheckDefaults,
+    /// The ports the service's virtual address listens on (`web.trellis:8080`); when
+    /// empty, the ports its instances registered.
+    pub ports: Vec<u16>,
 }
+
+/// Most ports one service's virtual address listens on: a bound on listeners per service.
+pub const MAX_SERVICE_PORTS: usize = 16;
 
 impl Default for Service {
     fn default() -> Self {
@@ -323,6 +329,7 @@ impl Default for Service {
             circuit_breaker: CircuitBreaker::default(),
             outlier_detection: OutlierDetection::default(),
             health_check: HealthCheckDefaults::default(),
+            ports: Vec::new(),
         }
     }
 }
@@ -429,13 +436,17 @@ pub enum Action {
     Deny,
 }
 
+/// The prefix of an intention source naming a calling service rather than a node.
+pub const SERVICE_SOURCE: &str = "svc:";
+
 /// Who may call a service. `paths`, `methods` and `headers` narrow it to some HTTP
 /// requests (L7): each list that is given must match (any of its paths, any of its
 /// methods, all of its headers). Precedence is in [`crate::mesh::authz`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Intention {
-    /// Caller identity (`spiffe://<cluster>/node/<name>`) or `*`.
+    /// Caller identity (`spiffe://<cluster>/node/<name>`), a calling service (`svc:web`,
+    /// see [`Instance::run_as`]) or `*`.
     pub source: String,
     pub destination: String,
     pub action: Action,
@@ -478,6 +489,10 @@ pub struct Instance {
     /// traffic; unknown ones (not checked yet, or no check) do.
     #[serde(default)]
     pub health: Health,
+    /// The Unix user (name or uid) the instance runs as: local connections from that
+    /// user's processes are calls by this service (`svc:<service>` in intentions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<String>,
 }
 
 fn one() -> u32 {
@@ -717,6 +732,16 @@ impl Object {
                 };
                 validate_timing(&format!("{p}.health_check"), &t)?;
                 validate_breaker(&format!("{p}.circuit_breaker"), &s.circuit_breaker)?;
+                if s.ports.len() > MAX_SERVICE_PORTS {
+                    return Err(err(
+                        format!("{p}.ports"),
+                        format!("{} ports given, at most {MAX_SERVICE_PORTS}", s.ports.len()),
+                        "list the ports clients dial",
+                    ));
+                }
+                if let Some(i) = s.ports.iter().position(|&port| port == 0) {
+                    return Err(err(format!("{p}.ports[{i}]"), "port 0 is not a port", "e.g. 8080"));
+                }
                 if matches!(s.lb.policy, LbPolicy::RingHash | LbPolicy::Maglev) && s.lb.hash_header.is_none() {
                     return Err(err(
                         format!("{p}.lb.hash_header"),
@@ -797,11 +822,19 @@ impl Object {
             Object::Intention(i) => {
                 need(format!("{p}.destination"), &i.destination, "destination")?;
                 validate_l7(p, i)?;
-                if i.source != "*" && !i.source.starts_with("spiffe://") {
+                let svc = i.source.strip_prefix(SERVICE_SOURCE);
+                if svc.is_some_and(|s| validate_name(Kind::Services, s).is_err()) {
+                    return Err(err(
+                        format!("{p}.source"),
+                        format!("{:?} does not name a service", i.source),
+                        "use svc:<service>, e.g. \"svc:web\"",
+                    ));
+                }
+                if i.source != "*" && svc.is_none() && !i.source.starts_with("spiffe://") {
                     return Err(err(
                         format!("{p}.source"),
                         format!("{:?} is not an identity", i.source),
-                        "use \"*\" or spiffe://<cluster>/node/<name>",
+                        "use \"*\", svc:<service> or spiffe://<cluster>/node/<name>",
                     ));
                 }
                 Ok(())
@@ -832,6 +865,18 @@ impl Object {
                 if !(1..=1000).contains(&i.weight) {
                     return Err(err(format!("{p}.weight"), "must be within 1..1000", ""));
                 }
+                if let Some(user) = &i.run_as {
+                    let ok = !user.is_empty()
+                        && user.len() <= 32
+                        && user.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+                    if !ok {
+                        return Err(err(
+                            format!("{p}.run_as"),
+                            format!("{user:?} is not a Unix user name or uid"),
+                            "e.g. \"www-data\" or \"1001\"",
+                        ));
+                    }
+                }
                 Ok(())
             }
         }
@@ -851,6 +896,26 @@ pub fn instance_node(name: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_sources_ports_and_run_as_are_checked_and_name_the_field() {
+        let intention = |source: &str| format!(r#"{{"source": "{source}", "destination": "db", "action": "deny"}}"#);
+        assert!(parse(Kind::Intentions, "x", intention("svc:batch").as_bytes()).is_ok());
+        let e = parse(Kind::Intentions, "x", intention("svc:").as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("source") && e.to_string().contains("svc:<service>"), "{e}");
+        let e = parse(Kind::Intentions, "x", intention("batch").as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("svc:<service>"), "{e}");
+        assert!(parse(Kind::Services, "web", br#"{"ports": [8080, 9090]}"#).is_ok());
+        let e = parse(Kind::Services, "web", br#"{"ports": [8080, 0]}"#).unwrap_err();
+        assert!(e.to_string().contains("ports[1]"), "{e}");
+        let many = format!(r#"{{"ports": {:?}}}"#, (1..=17).collect::<Vec<u16>>());
+        assert!(parse(Kind::Services, "web", many.as_bytes()).unwrap_err().to_string().contains("at most 16"));
+        let inst =
+            |run_as: &str| format!(r#"{{"service": "web", "address": "127.0.0.1", "port": 80, "run_as": "{run_as}"}}"#);
+        assert!(parse(Kind::Instances, "w@n", inst("www-data").as_bytes()).is_ok());
+        let e = parse(Kind::Instances, "w@n", inst("a b").as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("run_as"), "{e}");
+    }
 
     #[test]
     fn smallest_useful_objects_parse_with_defaults() {
