@@ -41,7 +41,7 @@ pub async fn serve(
             first.seen();
             hyper::service::Service::call(&tower, req)
         });
-        async move { builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc).await }
+        async move { builder.auto.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc).await }
     });
     tokio::select! {
         _ = accept => {}

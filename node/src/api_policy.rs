@@ -1,4 +1,5 @@
-//! `/v1/policy`: read, write and delete policy objects; check-and-set; blocking reads.
+//! `/v1/policy`: read, write and delete policy objects; check-and-set; blocking reads;
+//! each object's recent versions (`?history`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -123,6 +124,9 @@ async fn get_one(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let key = Key { kind: kind_of(&kind)?, name };
+    if q.contains_key("history") {
+        return history(&a, &key).await;
+    }
     let index = wait_past(&a, &q).await?;
     let store = a.policy.store.lock().expect("policy lock");
     match store.get(&key) {
@@ -132,6 +136,41 @@ async fn get_one(
             format!("create it with PUT /v1/policy/{}/{}", key.kind, key.name),
         )),
     }
+}
+
+/// `?history`: the versions this agent installed, newest first, each with its writer (the
+/// member whose id wrote it; the id in hex when no member has it now) and time.
+async fn history(a: &AgentHandle, key: &Key) -> Result<Response, ApiError> {
+    let mut names: HashMap<u64, String> = HashMap::new();
+    for m in a.members.list().await {
+        names.insert(trellis_core::policy::store::fnv64(&[m.id.name.as_bytes()]), m.id.name);
+    }
+    let store = a.policy.store.lock().expect("policy lock");
+    let versions: Vec<Value> = store
+        .history(key)
+        .rev()
+        .map(|p| {
+            let at_ms = p.version.hlc >> 16;
+            let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
+                .ok()
+                .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
+            json!({
+                "version": p.version.token(),
+                "written_at": at,
+                "writer": names.get(&p.version.node).cloned().unwrap_or_else(|| format!("{:x}", p.version.node)),
+                "deleted": p.body.is_none(),
+                "body": p.body.as_deref().and_then(|b| serde_json::from_str::<Value>(b).ok()),
+            })
+        })
+        .collect();
+    if versions.is_empty() {
+        return Err(ApiError::not_found(
+            format!("{}.{} has no history on this agent", key.kind, key.name),
+            "list objects with GET /v1/policy",
+        ));
+    }
+    let current = store.get(key).map(|r| r.marker.token());
+    Ok(with_index(store.index(), json!({"kind": key.kind, "name": key.name, "current": current, "versions": versions})))
 }
 
 fn cas_of(q: &HashMap<String, String>) -> Result<Option<Version>, ApiError> {

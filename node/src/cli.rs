@@ -218,6 +218,21 @@ pub enum PolicyCommand {
     },
     /// Delete one object.
     Delete { kind: String, name: String },
+    /// The object's recent versions on this agent, newest first (`*`: the current one).
+    History {
+        kind: String,
+        name: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Write an earlier version's content again, as a new version (a delete, if it was one).
+    Revert {
+        kind: String,
+        name: String,
+        /// The version to go back to, as `policy history` lists it.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 /// `trellis validate FILE|DIR`: the agent's own start-up config checks, nothing started.
@@ -318,6 +333,12 @@ pub fn main() -> i32 {
         }
         Command::Policy(PolicyCommand::Delete { kind, name }) => {
             crate::client::policy_delete(cli.http_addr, &kind, &name)
+        }
+        Command::Policy(PolicyCommand::History { kind, name, output }) => {
+            crate::client_history::history(cli.http_addr, &kind, &name, output)
+        }
+        Command::Policy(PolicyCommand::Revert { kind, name, to }) => {
+            crate::client_history::revert(cli.http_addr, &kind, &name, &to)
         }
     };
     match res {

@@ -25,6 +25,8 @@ pub struct Demo {
     pub api: SocketAddr,
     pub instances: Vec<(String, SocketAddr)>,
     pub deny_file: PathBuf,
+    /// Node 1's virtual address for the service (`web.trellis`), once it listens.
+    pub vip: Option<SocketAddr>,
 }
 
 /// Node i's address on `port` (the dev cluster's layout).
@@ -45,9 +47,27 @@ pub fn start(rt: &tokio::runtime::Runtime, dir: &Path, nodes: u8, addr: Addr) ->
     }
     let deny_file = dir.join(format!("{DENY_NAME}.toml"));
     std::fs::write(&deny_file, deny_policy())?;
-    let demo = Demo { proxy: addr(0, 15001), api: addr(0, 8500), instances, deny_file };
+    let mut demo = Demo { proxy: addr(0, 15001), api: addr(0, 8500), instances, deny_file, vip: None };
     wait_answered(demo.proxy, Duration::from_secs(20))?;
+    demo.vip = virtual_address(demo.api, Duration::from_secs(5));
     Ok(demo)
+}
+
+/// Where node 1 listens for the service as `web.trellis`, when it does within `within`.
+fn virtual_address(api: SocketAddr, within: Duration) -> Option<SocketAddr> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        let v: Option<serde_json::Value> =
+            crate::client::get(api, "/v1/agent/virtual-addresses").ok().and_then(|t| serde_json::from_str(&t).ok());
+        let web = v.as_ref().map(|v| &v["services"][SERVICE]);
+        let ip = web.and_then(|w| w["address"].as_str()?.parse::<std::net::IpAddr>().ok());
+        let listening = web.and_then(|w| w["ports"].as_array()).is_some_and(|p| p.iter().any(|p| p["port"] == PORT));
+        if let (Some(ip), true) = (ip, listening) {
+            return Some(SocketAddr::new(ip, PORT));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
 }
 
 /// `PUT /v1/agent/services/{id}` on the instance's own node, with an HTTP check.
@@ -119,7 +139,7 @@ Demo service `{SERVICE}` (an HTTP echo): {instances}, registered with a health c
 Try, from another shell:
   export TRELLIS_HTTP_ADDR={api}
   # 1. A call by name through node1's proxy{across}
-  curl -s -H 'Host: {SERVICE}' http://{proxy}/hello
+  curl -s -H 'Host: {SERVICE}' http://{proxy}/hello{vip}
   # 2. What the mesh saw: the catalog, every agent's requests merged, the dashboard at http://{api}/ui
   {exe} services
   {exe} stat {SERVICE} --by node
@@ -130,6 +150,10 @@ Try, from another shell:
   {exe} policy delete intentions {DENY_NAME}
 ",
         instances = instances.join(", "),
+        vip = d.vip.map_or(String::new(), |v| format!(
+            "\n  # ... or as an unchanged app: {SERVICE}.trellis is node1's virtual address for it (DNS: {exe} dns {SERVICE}.trellis)\n  curl -s --resolve {SERVICE}.trellis:{PORT}:{} http://{SERVICE}.trellis:{PORT}/hello",
+            v.ip()
+        )),
         across =
             if d.instances.len() > 1 { "; an instance on another node answers (again: the other one)" } else { "" },
     )

@@ -162,10 +162,16 @@ impl ClientGates {
     }
 }
 
-/// An HTTP/1.1 + HTTP/2 connection builder with the header read deadline set (hyper only
-/// enforces it when it has a timer).
-/// The HTTP/1 + HTTP/2 server side of one client connection.
-pub type HttpBuilder = hyper_util::server::conn::auto::Builder<TokioExecutor>;
+/// The server side of client connections, with the header read deadline set (hyper only
+/// enforces it when it has a timer): `auto` tells HTTP/1 from HTTP/2 itself; `h1` serves the
+/// HTTP/1 connections the proxy parks between requests (`parked`).
+pub struct HttpBuilder {
+    pub auto: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    pub h1: hyper::server::conn::http1::Builder,
+    /// How long a parked HTTP/1 connection may wait for its next request: hyper's header
+    /// read deadline, which it also applies to an idle keep-alive connection.
+    pub idle: Duration,
+}
 
 /// Accepts HTTP clients of `listener` within `gate`'s caps and the header deadline of
 /// `limits`; `serve` gets each connection with the one builder all of them share.
@@ -179,10 +185,12 @@ where
 }
 
 pub fn http_builder(limits: &Limits) -> HttpBuilder {
-    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    b.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
-    b.http2().timer(TokioTimer::new());
-    b
+    let mut auto = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    auto.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    auto.http2().timer(TokioTimer::new());
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    HttpBuilder { auto, h1, idle: limits.header_read_timeout }
 }
 
 /// Told by the service when a connection's first request has arrived. Until then the

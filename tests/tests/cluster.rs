@@ -704,10 +704,18 @@ fn dev_shows_a_call_across_the_mesh_and_its_agents_stop_with_it() {
     // 2. The catalog CLI: the demo service, then an instance registered from a file and removed.
     let api = "127.0.0.2:8500";
     let services = trellis(api, &["services"]);
-    assert!(
-        services.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["web", "2/2", "http", "node2,node3"]),
-        "{services}"
-    );
+    let row = services.lines().map(|l| l.split_whitespace().collect::<Vec<_>>()).find(|r| r.first() == Some(&"web"));
+    let row = row.unwrap_or_else(|| panic!("{services}"));
+    assert_eq!([row[0], row[1], row[2], row[4]], ["web", "2/2", "http", "node2,node3"], "{services}");
+    assert!(row[3].starts_with("127.100.") && row[3].ends_with(":9080"), "web's virtual address: {services}");
+    // The printed call as an unchanged app makes it: web.trellis, resolved to node1's virtual address.
+    let resolve = printed.lines().find(|l| l.contains("--resolve web.trellis")).expect("a call by virtual address");
+    let vip = resolve.split_whitespace().skip_while(|w| *w != "--resolve").nth(1).unwrap();
+    let vip: std::net::SocketAddr =
+        vip.trim_start_matches("web.trellis:9080:").parse::<std::net::IpAddr>().map(|ip| (ip, 9080).into()).unwrap();
+    assert_eq!(vip.to_string(), row[3]);
+    let answer = trellis_tests::http::get(vip, "web.trellis:9080", "/hello", &[]).text();
+    assert!(answer.starts_with("web-") && answer.contains(" answered GET /hello"), "{answer}");
     let file = dir.join("api.yaml");
     std::fs::write(&file, "api-1:\n  service: api\n  address: 127.0.0.2\n  port: 9\n  protocol: http2\n").unwrap();
     assert!(trellis(api, &["services", "register", "-f", file.to_str().unwrap()]).contains("registered api-1@node1"));

@@ -273,3 +273,53 @@ fn blocking_read_returns_when_the_state_moves() {
     assert_eq!(v["objects"][0]["name"], "web");
     println!("blocking read returned after {took:?}");
 }
+
+#[test]
+fn history_lists_the_last_versions_and_revert_writes_an_old_one_again() {
+    let mut c = cluster(2);
+    let versions: Vec<String> = (1..=12)
+        .map(|i| {
+            let v = put(&c, 0, "/v1/policy/services/web", json!({"timeout": format!("{i}s")}));
+            v["version"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let history = |c: &Cluster| c.node(0).api().get_json("/v1/policy/services/web?history").unwrap();
+    let h = history(&c);
+    let listed: Vec<String> =
+        h["versions"].as_array().unwrap().iter().map(|v| v["version"].as_str().unwrap().into()).collect();
+    let newest_first: Vec<String> = versions.iter().rev().cloned().collect();
+    assert_eq!(listed, newest_first, "every version, newest first");
+    assert_eq!(h["current"], versions[11].as_str());
+    assert_eq!(h["versions"][0]["writer"], c.node(0).name.as_str());
+    assert_eq!(h["versions"][9]["body"]["timeout"], "3s");
+    assert!(h["versions"][0]["written_at"].as_str().unwrap().starts_with("20"), "{}", h["versions"][0]);
+
+    let cli = |args: &[&str]| {
+        std::process::Command::new(trellis_chaos::cluster::trellis_bin())
+            .args(args)
+            .args(["--http-addr", &c.node(0).api_addr.to_string()])
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["policy", "revert", "services", "web", "--to", &versions[2]]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let now = c.node(0).api().get_json("/v1/policy/services/web").unwrap();
+    assert_eq!(now["body"]["timeout"], "3s", "the old content is back");
+    assert!(!versions.contains(&now["version"].as_str().unwrap().to_string()), "as a new version");
+    let out = cli(&["policy", "revert", "services", "web", "--to", "1.ff"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--to"), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&cli(&["policy", "history", "services", "web"]).stdout).into_owned();
+    assert_eq!(table.lines().count(), 14, "a header and 13 versions:\n{table}");
+    assert!(table.lines().nth(1).unwrap().contains('*'), "the current version is marked:\n{table}");
+
+    // The log keeps them across a restart (until it is compacted past 1 MiB).
+    c.kill(0);
+    c.restart(0).unwrap();
+    let h = c
+        .wait_until(Duration::from_secs(15), "the agent back", || {
+            c.node(0).api().get_json("/v1/policy/services/web?history").ok()
+        })
+        .unwrap();
+    assert_eq!(h["versions"].as_array().unwrap().len(), 13);
+}

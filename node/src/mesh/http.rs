@@ -11,7 +11,6 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::access_log::{Counted, Logged, Pending};
@@ -56,12 +55,12 @@ pub async fn serve_connection(
     let _ = tcp.set_nodelay(true);
     let client = tcp.peer_addr().ok();
     let caller = fwd.caller_of(&tcp);
-    let svc = hyper::service::service_fn(move |req| {
+    let svc = move |req| {
         first.seen();
         proxy(fwd.clone(), req, (fixed.clone(), caller.clone()), client)
-    });
+    };
     // A malformed request gets hyper's 400 and closes only this connection.
-    builder.serve_connection(TokioIo::new(tcp), svc).await
+    crate::parked::serve(tcp, &builder, svc).await
 }
 
 /// 429 with the limit, what is left here and when to come back, in the headers of the

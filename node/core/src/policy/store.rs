@@ -79,6 +79,18 @@ impl Key {
     }
 }
 
+/// One version of an object as this store installed it: what `?history` lists and
+/// `policy revert` writes again. A `None` body is a delete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Past {
+    pub version: Version,
+    pub body: Option<String>,
+}
+
+/// Versions kept per object, newest last: enough to undo a run of edits, bounded so a
+/// busy object costs at most this many bodies.
+pub const MAX_HISTORY: usize = 16;
+
 /// A concurrent version that lost.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Conflict {
@@ -157,6 +169,8 @@ pub struct PolicyStore {
     hlc: Hlc,
     objects: BTreeMap<Key, Register>,
     conflicts: BTreeMap<Key, Vec<Conflict>>,
+    /// The last versions installed here, per object (see [`Past`]).
+    history: BTreeMap<Key, std::collections::VecDeque<Past>>,
     buckets: Vec<u64>,
     /// Bumped on every change; blocking reads wait on it.
     index: u64,
@@ -180,6 +194,7 @@ impl PolicyStore {
             hlc: Hlc::default(),
             objects: BTreeMap::new(),
             conflicts: BTreeMap::new(),
+            history: BTreeMap::new(),
             buckets: vec![0; BUCKETS],
             index: 0,
             dirty: Vec::new(),
@@ -217,6 +232,13 @@ impl PolicyStore {
 
     pub fn conflicts(&self, key: &Key) -> &[Conflict] {
         self.conflicts.get(key).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The versions of `key` this store installed, oldest first (at most [`MAX_HISTORY`]):
+    /// local writes and peers' versions as they arrived. A version a peer replaced before
+    /// it reached this node is not among them; the node it was written on has it.
+    pub fn history(&self, key: &Key) -> impl DoubleEndedIterator<Item = &Past> {
+        self.history.get(key).into_iter().flatten()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&Key, &Register)> {
@@ -286,6 +308,11 @@ impl PolicyStore {
             self.buckets[b] ^= entry_hash(&key, old);
         }
         self.buckets[b] ^= entry_hash(&key, &reg);
+        let past = self.history.entry(key.clone()).or_default();
+        past.push_back(Past { version: reg.marker, body: reg.val.body.clone() });
+        if past.len() > MAX_HISTORY {
+            past.pop_front();
+        }
         self.dirty.push((key.clone(), reg.clone()));
         self.index += 1;
         self.installed_at.insert(key.clone(), self.index);
@@ -320,6 +347,7 @@ impl PolicyStore {
             if let Some(old) = self.objects.remove(k) {
                 self.buckets[bucket_of(k)] ^= entry_hash(k, &old);
                 self.installed_at.remove(k);
+                self.history.remove(k);
             }
         }
         if !due.is_empty() {

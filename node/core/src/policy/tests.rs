@@ -91,6 +91,32 @@ fn delete_is_a_tombstone_that_beats_older_writes() {
 }
 
 #[test]
+fn history_keeps_the_last_versions_with_deletes_and_a_peers_arrivals() {
+    let (mut a, mut b) = (PolicyStore::new("a"), PolicyStore::new("b"));
+    for i in 1..=20u64 {
+        let w = write(&mut a, 1000 * i, "web", &format!("{i}s"));
+        apply(&mut b, 1000 * i, &w);
+    }
+    let timeouts = |s: &PolicyStore| -> Vec<String> {
+        s.history(&key("web")).map(|p| p.body.clone().unwrap_or_else(|| "deleted".into())).collect()
+    };
+    let kept = timeouts(&a);
+    assert_eq!(kept.len(), store::MAX_HISTORY, "bounded");
+    assert!(kept[0].contains("\"5s\"") && kept.last().unwrap().contains("\"20s\""), "oldest first: {kept:?}");
+    assert_eq!(timeouts(&b), kept, "a peer that saw every version keeps the same history");
+    let versions: Vec<Version> = a.history(&key("web")).map(|p| p.version).collect();
+    assert!(versions.windows(2).all(|w| w[0] < w[1]));
+    let del = a.prepare(30_000, &key("web"), None, None).unwrap();
+    a.commit(key("web"), del);
+    assert_eq!(timeouts(&a).last().unwrap(), "deleted");
+    // A stale version from a peer changes nothing, so it is not history.
+    let old = store::to_wire(&key("web"), &b.get(&key("web")).unwrap().clone());
+    let before = timeouts(&a);
+    apply(&mut a, 30_000, &old);
+    assert_eq!(timeouts(&a), before);
+}
+
+#[test]
 fn check_and_set_refuses_a_stale_version() {
     let mut a = PolicyStore::new("a");
     let w1 = write(&mut a, 1000, "web", "1s");

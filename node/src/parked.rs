@@ -1,0 +1,310 @@
+//! Client HTTP/1 connections that hold no buffers while idle. hyper keeps an 8 KiB read
+//! buffer, an 8 KiB write buffer and the slot of the service's future for a connection's
+//! whole life: with many idle keep-alive clients that was most of the agent's memory
+//! (36 KiB per connection against HAProxy's 0.5, which returns buffers to a pool when a
+//! connection goes idle). Here hyper serves until a response has gone out; then its state
+//! is dropped and the bare socket parked until the client sends again, when a new one
+//! starts with whatever bytes hyper had read ahead. HTTP/2 (told by its preface) keeps one
+//! hyper connection: its streams share it.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http_body_util::combinators::BoxBody;
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The proxy's response body.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// The HTTP/2 connection preface's first bytes; no HTTP/1 method starts like it.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+/// Serves one client connection with `svc`, parking it between HTTP/1 requests.
+pub async fn serve<S, F>(tcp: TcpStream, builder: &crate::listen::HttpBuilder, svc: S) -> Result<(), BoxError>
+where
+    S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + Unpin + 'static,
+    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    // Until the first bytes, a connection costs this task and its socket only.
+    tcp.readable().await?;
+    let mut head = [0u8; PREFACE.len()];
+    let n = tcp.peek(&mut head).await?;
+    if n == 0 {
+        return Ok(());
+    }
+    if PREFACE.starts_with(&head[..n]) {
+        let svc = hyper::service::service_fn(svc);
+        return builder.auto.serve_connection(TokioIo::new(tcp), svc).await;
+    }
+    let (mut tcp, mut ahead) = (tcp, Bytes::new());
+    loop {
+        let done = Arc::new(Done::default());
+        let io = TokioIo::new(Rewind { io: tcp, ahead });
+        let mut conn = builder.h1.serve_connection(io, Ended(svc.clone(), done.clone()));
+        loop {
+            tokio::select! {
+                r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => { r?; break }
+                _ = done.ended.notified() => Pin::new(&mut conn).graceful_shutdown(),
+            }
+        }
+        let parts = conn.into_parts();
+        let Rewind { io, ahead: unread } = parts.io.into_inner();
+        tcp = io;
+        ahead = if unread.is_empty() { parts.read_buf } else { [unread, parts.read_buf].concat().into() };
+        if done.close.load(Relaxed) {
+            let _ = tcp.shutdown().await;
+            return Ok(());
+        }
+        if ahead.is_empty() {
+            // As hyper would, an idle keep-alive connection gets the header read deadline.
+            let Ok(ready) = tokio::time::timeout(builder.idle, tcp.readable()).await else {
+                return Ok(());
+            };
+            ready?;
+            if tcp.peek(&mut [0u8; 1]).await? == 0 {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// What one hyper connection's requests tell the loop.
+#[derive(Default)]
+struct Done {
+    /// A response body has gone out: the connection may stop after it.
+    ended: Notify,
+    /// The client asked to close (`Connection: close`, or HTTP/1.0 without keep-alive).
+    close: AtomicBool,
+}
+
+/// `svc`, with each response's end signalled to the loop. Its futures are boxed, which
+/// `poll_without_shutdown` needs and which frees their slot between requests.
+#[derive(Clone)]
+struct Ended<S>(S, Arc<Done>);
+
+impl<S, F> hyper::service::Service<Request<Incoming>> for Ended<S>
+where
+    S: Fn(Request<Incoming>) -> F,
+    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    type Response = Response<EndBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<EndBody>, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        if wants_close(&req) {
+            self.1.close.store(true, Relaxed);
+        }
+        let (fut, done) = ((self.0)(req), self.1.clone());
+        Box::pin(async move {
+            let resp = fut.await?;
+            Ok(resp.map(|body| EndBody { body, done: Some(done) }))
+        })
+    }
+}
+
+fn wants_close<B>(req: &Request<B>) -> bool {
+    let says = |token: &str| {
+        req.headers()
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
+    };
+    match req.version() {
+        hyper::Version::HTTP_10 => !says("keep-alive"),
+        _ => says("close"),
+    }
+}
+
+/// A response body that tells the loop when it has ended (or was dropped unfinished).
+pub struct EndBody {
+    body: Body,
+    done: Option<Arc<Done>>,
+}
+
+impl EndBody {
+    fn end(&mut self) {
+        if let Some(d) = self.done.take() {
+            d.ended.notify_one();
+        }
+    }
+}
+
+impl Drop for EndBody {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+impl hyper::body::Body for EndBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) {
+            self.end();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A socket with bytes already read from it in front.
+struct Rewind {
+    io: TcpStream,
+    ahead: Bytes,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if !self.ahead.is_empty() {
+            let n = self.ahead.len().min(buf.remaining());
+            buf.put_slice(&self.ahead[..n]);
+            self.ahead.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    /// An echo of the request's path, served by `serve` on a real socket.
+    fn server() -> std::net::SocketAddr {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            rt.block_on(async move {
+                let builder = Arc::new(crate::listen::http_builder(&crate::limits::Limits::default()));
+                loop {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    let builder = builder.clone();
+                    tokio::spawn(async move {
+                        let _ = serve(tcp, &builder, path_echo).await;
+                    });
+                }
+            })
+        });
+        addr
+    }
+
+    async fn path_echo(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        use http_body_util::BodyExt;
+        let body = http_body_util::Full::new(Bytes::from(req.uri().path().to_string()));
+        Ok(Response::new(body.map_err(|e| match e {}).boxed()))
+    }
+
+    fn get(path: &str, extra: &str) -> String {
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n")
+    }
+
+    /// Reads one response with a Content-Length body; returns its body.
+    fn read_response(s: &mut std::net::TcpStream) -> String {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+            .unwrap();
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).unwrap();
+        assert!(!head.to_ascii_lowercase().contains("connection: close"), "{head}");
+        String::from_utf8(body).unwrap()
+    }
+
+    #[test]
+    fn a_parked_connection_serves_again_keeps_pipelined_requests_in_order_and_closes_when_asked() {
+        let addr = server();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Idle gaps between requests on one connection.
+        for path in ["/a", "/b", "/c"] {
+            s.write_all(get(path, "").as_bytes()).unwrap();
+            assert_eq!(read_response(&mut s), path);
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        // Three requests in one write: the ones hyper read ahead are served next, in order.
+        s.write_all(format!("{}{}{}", get("/1", ""), get("/2", ""), get("/3", "")).as_bytes()).unwrap();
+        for path in ["/1", "/2", "/3"] {
+            assert_eq!(read_response(&mut s), path);
+        }
+        // A request split across writes, with a pause inside its headers.
+        s.write_all(b"GET /split HTTP/1.1\r\nHo").unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        s.write_all(b"st: x\r\n\r\n").unwrap();
+        assert_eq!(read_response(&mut s), "/split");
+        // `Connection: close`: the answer, then the server closes.
+        s.write_all(get("/last", "Connection: close\r\n").as_bytes()).unwrap();
+        let mut rest = String::new();
+        s.read_to_string(&mut rest).unwrap();
+        assert!(rest.ends_with("/last"), "{rest}");
+        // HTTP/1.0 without keep-alive is closed too.
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /old HTTP/1.0\r\n\r\n").unwrap();
+        let mut all = String::new();
+        s.read_to_string(&mut all).unwrap();
+        assert!(all.starts_with("HTTP/1.0 200") && all.ends_with("/old"), "{all}");
+        // A client that connects and leaves costs nothing and breaks nothing.
+        drop(std::net::TcpStream::connect(addr).unwrap());
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(get("/after", "").as_bytes()).unwrap();
+        assert_eq!(read_response(&mut s), "/after");
+    }
+}
