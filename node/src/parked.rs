@@ -45,23 +45,30 @@ where
     }
     if PREFACE.starts_with(&head[..n]) {
         let svc = hyper::service::service_fn(svc);
-        return builder.auto.serve_connection(TokioIo::new(tcp), svc).await;
+        // Boxed, like the HTTP/1 state below: a future holds room for its largest state.
+        return Box::pin(builder.auto.serve_connection(TokioIo::new(tcp), svc)).await;
     }
     let (mut tcp, mut ahead) = (tcp, Bytes::new());
     loop {
         let done = Arc::new(Done::default());
         let io = TokioIo::new(Rewind { io: tcp, ahead });
-        let mut conn = builder.h1.serve_connection(io, Ended(svc.clone(), done.clone()));
+        // On the heap, so that a parked connection's task does not keep room for it.
+        let mut conn = Box::new(builder.h1.serve_connection(io, Ended(svc.clone(), done.clone())));
         loop {
             tokio::select! {
                 r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => { r?; break }
-                _ = done.ended.notified() => Pin::new(&mut conn).graceful_shutdown(),
+                _ = done.ended.notified() => Pin::new(&mut *conn).graceful_shutdown(),
             }
         }
-        let parts = conn.into_parts();
+        let parts = (*conn).into_parts();
         let Rewind { io, ahead: unread } = parts.io.into_inner();
         tcp = io;
-        ahead = if unread.is_empty() { parts.read_buf } else { [unread, parts.read_buf].concat().into() };
+        // An empty `Bytes` may still hold hyper's whole read buffer: keep only real bytes.
+        ahead = match (unread.is_empty(), parts.read_buf.is_empty()) {
+            (true, true) => Bytes::new(),
+            (true, false) => Bytes::copy_from_slice(&parts.read_buf),
+            _ => [unread, parts.read_buf].concat().into(),
+        };
         if done.close.load(Relaxed) {
             let _ = tcp.shutdown().await;
             return Ok(());
@@ -180,6 +187,9 @@ impl AsyncRead for Rewind {
             let n = self.ahead.len().min(buf.remaining());
             buf.put_slice(&self.ahead[..n]);
             self.ahead.advance(n);
+            if self.ahead.is_empty() {
+                self.ahead = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.io).poll_read(cx, buf)
