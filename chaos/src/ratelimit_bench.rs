@@ -127,8 +127,15 @@ fn pct(v: &[u64], p: f64) -> u64 {
 fn decision_cost() {
     const N: usize = 2_000_000;
     println!("\nDecision cost on the request path, one thread, {N} decisions each");
-    let spec =
-        |per: Per| LimitSpec { name: "web".into(), service: "web".into(), route: None, rate: 1e12, burst: 1e12, per };
+    let spec = |per: Per| LimitSpec {
+        name: "web".into(),
+        service: "web".into(),
+        route: None,
+        rate: 1e12,
+        burst: 1e12,
+        per,
+        max_delay: None,
+    };
     let (timer, _) = time_calls(N, || {});
     let t0 = Instant::now();
     let mut bucket = TokenBucket::new(t0, 1e12, 1e12, 1e12);

@@ -28,9 +28,17 @@ async fn one(State(a): State<AgentHandle>, Path(name): Path<String>) -> Result<J
 /// limit object, never per key value) and the bytes limiting costs.
 pub fn metrics(a: &AgentHandle, e: &mut Exposition) {
     let (counts, bytes, refused_peer) = a.ratelimits.metrics();
-    let admitted: Vec<(&str, u64)> = counts.iter().map(|(n, ok, _)| (n.as_str(), *ok)).collect();
-    let refused: Vec<(&str, u64)> = counts.iter().map(|(n, _, no)| (n.as_str(), *no)).collect();
+    let admitted: Vec<(&str, u64)> = counts.iter().map(|(n, c)| (n.as_str(), c.admitted)).collect();
+    let refused: Vec<(&str, u64)> = counts.iter().map(|(n, c)| (n.as_str(), c.refused)).collect();
+    let delayed: Vec<(&str, u64)> = counts.iter().map(|(n, c)| (n.as_str(), c.delayed)).collect();
     e.labelled("counter", "trellis_ratelimit_admitted_total", "Requests admitted by each limit.", "limit", &admitted);
+    e.labelled(
+        "counter",
+        "trellis_ratelimit_delayed_total",
+        "Requests a delay-mode limit admitted after a wait for their token (also counted as admitted).",
+        "limit",
+        &delayed,
+    );
     e.labelled(
         "counter",
         "trellis_ratelimit_refused_total",

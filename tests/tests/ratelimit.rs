@@ -263,3 +263,51 @@ fn a_two_three_partition_keeps_each_side_within_its_documented_share() {
     }
     assert!((90.0..=110.0).contains(&healed), "after the heal: {healed:.1}/s");
 }
+
+/// Delay mode shapes instead of refusing: requests over the rate wait for their token, at
+/// most `max_delay`, so the admitted rate is the limit and no admitted request waited
+/// longer than that; past it, 429.
+#[test]
+fn delay_mode_keeps_the_admitted_rate_and_the_wait_within_max_delay() {
+    let limit = json!({"service": "web", "requests_per_second": 20, "burst": 4, "mode": "delay", "max_delay": "500ms"});
+    let (c, p) = limited_mesh(limit, &[0]);
+    let proxy = p[0];
+    // Twelve closed-loop clients on node 0 for 6 s: far over 20/s.
+    let t0 = Instant::now();
+    let results: Vec<(Duration, Duration, u16)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..12)
+            .map(|_| {
+                scope.spawn(move || {
+                    let mut out = Vec::new();
+                    while t0.elapsed() < Duration::from_secs(6) {
+                        let start = Instant::now();
+                        let r = http::get(proxy, "web", "/", &[]);
+                        out.push((start - t0, start.elapsed(), r.status));
+                        if r.status == 429 {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+    });
+    let in_window =
+        |status: u16| results.iter().filter(|(at, _, s)| *s == status && *at >= Duration::from_secs(2)).count();
+    let admitted_per_s = in_window(200) as f64 / 4.0;
+    let waited: Vec<Duration> = results.iter().filter(|(_, _, s)| *s == 200).map(|(_, took, _)| *took).collect();
+    let longest = waited.iter().max().copied().unwrap_or_default();
+    let shaped = waited.iter().filter(|t| **t >= Duration::from_millis(100)).count();
+    println!(
+        "admitted {admitted_per_s:.1}/s, refused {} in the window, {shaped} admitted after a wait, longest {longest:?}",
+        in_window(429)
+    );
+    assert!((16.0..=24.0).contains(&admitted_per_s), "admitted {admitted_per_s:.1}/s for a limit of 20/s");
+    assert!(shaped > 20, "requests over the rate wait for a token rather than being refused at once");
+    assert!(in_window(429) > 0, "past max_delay, requests are refused");
+    // max_delay, plus what a debug build on a busy 2-core machine adds to a request.
+    assert!(longest <= Duration::from_millis(500 + 400), "an admitted request waited {longest:?}");
+    let m = c.node(0).api().get_text("/metrics").unwrap();
+    assert!(metric(&m, "trellis_ratelimit_delayed_total{limit=\"web\"}").unwrap() > 20.0);
+}

@@ -177,8 +177,11 @@ struct Attempts(u32);
 /// in [`Target::of`]; authorization runs at the destination ([`super::inbound`]), for local
 /// and remote instances alike. Each layer may answer in the instance's place.
 async fn stack(fwd: &Forwarder, t: &Target<'_>, mut req: Request<InBody>) -> Response<Body> {
-    if let Err(refusal) = rate_limit(fwd, t, req.headers()) {
-        return too_many_requests(&refusal);
+    match rate_limit(fwd, t, req.headers()) {
+        Err(refusal) => return too_many_requests(&refusal),
+        // A delay-mode limit over its rate: the request waits for its reserved token.
+        Ok(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
+        Ok(_) => {}
     }
     t.rewrite(&mut req);
     circuit(fwd, t, timeout(fwd, t, attempts(fwd, t, req))).await
@@ -293,7 +296,7 @@ fn rate_limit(
     fwd: &Forwarder,
     t: &Target<'_>,
     headers: &hyper::HeaderMap,
-) -> Result<(), trellis_core::ratelimit::limiter::Refusal> {
+) -> Result<Duration, trellis_core::ratelimit::limiter::Refusal> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let node = &fwd.view.node;
     node.ratelimits.check(&t.resolved.service, t.resolved.route.as_deref(), header, &node.spiffe_id)

@@ -45,14 +45,14 @@ impl RateLimits {
         route: Option<&str>,
         header: impl Fn(&str) -> Option<&'a str>,
         caller: &str,
-    ) -> Result<(), Refusal> {
+    ) -> Result<std::time::Duration, Refusal> {
         let mut l = self.limiter.lock().expect("limiter lock");
         if !l.has_limits() {
-            return Ok(());
+            return Ok(std::time::Duration::ZERO);
         }
         let keys = l.keys_for(service, route, header, caller);
         if keys.is_empty() {
-            return Ok(());
+            return Ok(std::time::Duration::ZERO);
         }
         l.decide(Instant::now(), &keys)
     }
@@ -61,10 +61,11 @@ impl RateLimits {
         self.limiter.lock().expect("limiter lock").view(Instant::now())
     }
 
-    /// (limit, admitted, refused) totals, bytes sent, and peer report entries refused.
-    pub fn metrics(&self) -> (Vec<(String, u64, u64)>, u64, u64) {
+    /// Per limit, its counts (admitted, refused, delayed); bytes sent; peer report entries
+    /// refused.
+    pub fn metrics(&self) -> (Vec<(String, trellis_core::ratelimit::limiter::Counts)>, u64, u64) {
         let l = self.limiter.lock().expect("limiter lock");
-        let counts = l.counts().iter().map(|(n, c)| (n.clone(), c.admitted, c.refused)).collect();
+        let counts = l.counts().iter().map(|(n, c)| (n.clone(), c.clone())).collect();
         (counts, l.bytes_out(), l.refused_reports() + self.refused_msgs.load(Relaxed))
     }
 
@@ -101,6 +102,7 @@ pub fn specs(store: &PolicyStore) -> Vec<LimitSpec> {
                 rate: rl.requests_per_second,
                 burst: rl.burst.map(f64::from).unwrap_or_else(|| LimitSpec::default_burst(rl.requests_per_second)),
                 per,
+                max_delay: (rl.mode == model::LimitMode::Delay).then_some(rl.max_delay).flatten(),
             })
         })
         .collect()

@@ -426,7 +426,26 @@ pub struct RateLimit {
     /// `header:<name>` or `caller`: one bucket per value instead of one for all.
     #[serde(default)]
     pub per: Option<String>,
+    /// `reject` (429 at once) or `delay`: a request over the limit waits for its token, up
+    /// to `max_delay`, smoothing bursts into the rate (traffic shaping).
+    #[serde(default)]
+    pub mode: LimitMode,
+    /// The longest a `delay` request waits before it is refused after all.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub max_delay: Option<Duration>,
 }
+
+/// What a rate limit does with a request over it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitMode {
+    #[default]
+    Reject,
+    Delay,
+}
+
+/// The longest `max_delay`: a request held longer is better refused and retried.
+pub const MAX_LIMIT_DELAY: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -809,6 +828,26 @@ impl Object {
                 if !(r.requests_per_second.is_finite() && r.requests_per_second > 0.0) {
                     return Err(err(format!("{p}.requests_per_second"), "must be a number above zero", "e.g. 1000"));
                 }
+                match (r.mode, r.max_delay) {
+                    (LimitMode::Delay, None) => {
+                        return Err(err(format!("{p}.max_delay"), "delay mode needs max_delay", "e.g. \"500ms\""));
+                    }
+                    (LimitMode::Reject, Some(_)) => {
+                        return Err(err(
+                            format!("{p}.max_delay"),
+                            "max_delay applies to delay mode only",
+                            "set mode = \"delay\", or drop max_delay",
+                        ));
+                    }
+                    (_, Some(d)) if d.is_zero() || d > MAX_LIMIT_DELAY => {
+                        return Err(err(
+                            format!("{p}.max_delay"),
+                            "must be above zero and at most 30s",
+                            "e.g. \"500ms\"",
+                        ));
+                    }
+                    _ => {}
+                }
                 match r.per.as_deref() {
                     None | Some("caller") => Ok(()),
                     Some(h) if h.strip_prefix("header:").is_some_and(|n| !n.is_empty()) => Ok(()),
@@ -915,6 +954,22 @@ mod tests {
         assert!(parse(Kind::Instances, "w@n", inst("www-data").as_bytes()).is_ok());
         let e = parse(Kind::Instances, "w@n", inst("a b").as_bytes()).unwrap_err();
         assert!(e.to_string().contains("run_as"), "{e}");
+    }
+
+    #[test]
+    fn delay_mode_needs_a_bounded_max_delay() {
+        let rl = |extra: &str| format!(r#"{{"service": "web", "requests_per_second": 10{extra}}}"#);
+        assert!(parse(Kind::Ratelimits, "x", rl(r#", "mode": "delay", "max_delay": "500ms""#).as_bytes()).is_ok());
+        for (extra, want) in [
+            (r#", "mode": "delay""#, "needs max_delay"),
+            (r#", "max_delay": "1s""#, "delay mode only"),
+            (r#", "mode": "delay", "max_delay": "31s""#, "at most 30s"),
+            (r#", "mode": "delay", "max_delay": "0s""#, "above zero"),
+        ] {
+            let e = parse(Kind::Ratelimits, "x", rl(extra).as_bytes()).unwrap_err().to_string();
+            assert!(e.contains("max_delay") && e.contains(want), "{extra}: {e}");
+        }
+        assert!(parse(Kind::Ratelimits, "x", rl(r#", "mode": "queue""#).as_bytes()).is_err());
     }
 
     #[test]

@@ -58,6 +58,22 @@ impl TokenBucket {
         self.tokens >= 1.0
     }
 
+    /// How long until a token is there (zero when one is); None when none ever comes.
+    pub fn wait(&mut self, now: Instant) -> Option<Duration> {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            return Some(Duration::ZERO);
+        }
+        (self.rate > 0.0).then(|| Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+    }
+
+    /// Takes the next token, now or in the future: the bucket may go below zero, so each
+    /// later reservation waits behind this one and the admitted rate stays the rate.
+    pub fn reserve(&mut self, now: Instant) {
+        self.refill(now);
+        self.tokens -= 1.0;
+    }
+
     /// Takes one token if there is one.
     pub fn take(&mut self, now: Instant) -> Verdict {
         self.refill(now);
@@ -92,6 +108,24 @@ mod tests {
         assert_eq!((0..20).filter(|_| b.take(t1).admitted).count(), 5);
         let t2 = t1 + Duration::from_millis(500);
         assert_eq!((0..20).filter(|_| b.take(t2).admitted).count(), 5);
+    }
+
+    #[test]
+    fn reservations_queue_behind_each_other_at_the_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(t0, 10.0, 2.0, 2.0);
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            waits.push(b.wait(t0).unwrap());
+            b.reserve(t0);
+        }
+        let ms: Vec<u128> = waits.iter().map(|w| w.as_millis()).collect();
+        assert_eq!(ms, [0, 0, 100, 200, 300, 400], "the burst at once, then one per 100 ms");
+        // Half a second later the debt is paid down by five tokens.
+        assert_eq!(b.wait(t0 + Duration::from_millis(500)).unwrap().as_millis(), 0);
+        let mut zero = TokenBucket::new(t0, 0.0, 1.0, 1.0);
+        zero.reserve(t0);
+        assert_eq!(zero.wait(t0), None, "no rate, no token ever");
     }
 
     #[test]

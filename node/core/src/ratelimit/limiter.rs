@@ -31,6 +31,8 @@ pub struct LimitSpec {
     pub rate: f64,
     pub burst: f64,
     pub per: Per,
+    /// Delay mode: a request over the limit may wait this long for its token.
+    pub max_delay: Option<Duration>,
 }
 
 impl LimitSpec {
@@ -77,6 +79,8 @@ struct KeyState {
 pub struct Counts {
     pub admitted: u64,
     pub refused: u64,
+    /// Admitted after waiting for a token (delay mode).
+    pub delayed: u64,
 }
 
 pub struct Limiter {
@@ -162,16 +166,28 @@ impl Limiter {
 
     /// Decides one request against every limit that applies; takes a token from each only
     /// when all admit.
-    pub fn decide(&mut self, now: Instant, keys: &[(LimitKey, String)]) -> Result<(), Refusal> {
+    /// Admits the request now (`Ok(ZERO)`), after a wait (`Ok(wait)`: delay-mode limits
+    /// over their rate, each wait within its `max_delay`), or refuses it.
+    pub fn decide(&mut self, now: Instant, keys: &[(LimitKey, String)]) -> Result<Duration, Refusal> {
         let mut refusal = None;
+        let mut wait = Duration::ZERO;
         for (key, label) in keys {
             let key = self.track(now, key, label);
+            let max_delay = self.limits[&key.limit].max_delay;
             let state = self.keys.get_mut(&key).expect("tracked");
             state.offered_tick += 1;
             state.last_active = now;
-            if refusal.is_none() && !state.bucket.check(now) {
-                let spec = &self.limits[&key.limit];
-                refusal = Some(Refusal { limit: key.limit.clone(), rate: spec.rate, verdict: state.bucket.take(now) });
+            if refusal.is_some() {
+                continue;
+            }
+            match (state.bucket.wait(now), max_delay) {
+                (Some(w), _) if w.is_zero() => {}
+                (Some(w), Some(max)) if w <= max => wait = wait.max(w),
+                _ => {
+                    let spec = &self.limits[&key.limit];
+                    refusal =
+                        Some(Refusal { limit: key.limit.clone(), rate: spec.rate, verdict: state.bucket.take(now) });
+                }
             }
         }
         if let Some(r) = refusal {
@@ -181,12 +197,14 @@ impl Limiter {
         for (key, _) in keys {
             let key = if self.keys.contains_key(key) { key.clone() } else { overflow(key) };
             if let Some(state) = self.keys.get_mut(&key) {
-                state.bucket.take(now);
+                state.bucket.reserve(now);
                 state.admitted_tick += 1;
             }
-            self.counts.entry(key.limit).or_default().admitted += 1;
+            let counts = self.counts.entry(key.limit).or_default();
+            counts.admitted += 1;
+            counts.delayed += u64::from(!wait.is_zero());
         }
-        Ok(())
+        Ok(wait)
     }
 
     /// The key's state, created on first sight with the fallback share.
@@ -523,6 +541,7 @@ mod tests {
             rate: 100.0,
             burst: 10.0,
             per: Per::Header("x-user".into()),
+            max_delay: None,
         };
         l.set_limits(vec![spec]);
         l.set_members(Instant::now(), [("b", Alive), ("c", Alive)]);
@@ -531,6 +550,38 @@ mod tests {
 
     fn report(value: u64) -> RateLimitMsg {
         RateLimitMsg::Report(vec![Demand { key: LimitKey { limit: "web".into(), value }, offered: 5.0, admitted: 5.0 }])
+    }
+
+    #[test]
+    fn delay_mode_queues_requests_up_to_max_delay_and_refuses_past_it() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new("a", ExchangeTiming::default());
+        let spec = |name: &str, max_delay| LimitSpec {
+            name: name.into(),
+            service: name.into(),
+            route: None,
+            rate: 10.0,
+            burst: 2.0,
+            per: Per::All,
+            max_delay,
+        };
+        l.set_limits(vec![spec("shaped", Some(Duration::from_millis(500))), spec("strict", None)]);
+        let shaped = l.keys_for("shaped", None, |_| None, "c");
+        let waits: Vec<Option<u128>> = (0..9).map(|_| l.decide(t0, &shaped).ok().map(|w| w.as_millis())).collect();
+        // The burst at once, then one token per 100 ms, queued up to 500 ms; then 429s.
+        assert_eq!(waits, [Some(0), Some(0), Some(100), Some(200), Some(300), Some(400), Some(500), None, None]);
+        assert_eq!(
+            (l.counts()["shaped"].admitted, l.counts()["shaped"].delayed, l.counts()["shaped"].refused),
+            (7, 5, 2)
+        );
+        // A second later the queue has drained: one second admits ten, as the rate says.
+        let t1 = t0 + Duration::from_millis(1500);
+        let admitted = (0..30).filter(|_| l.decide(t1, &shaped).is_ok()).count();
+        assert_eq!(admitted, 7, "the burst refilled (2) and 500 ms of queue (5)");
+        // Reject mode is unchanged: no waits, ever.
+        let strict = l.keys_for("strict", None, |_| None, "c");
+        let strict_waits: Vec<bool> = (0..4).map(|_| l.decide(t0, &strict).is_ok_and(|w| w.is_zero())).collect();
+        assert_eq!(strict_waits, [true, true, false, false]);
     }
 
     #[test]

@@ -99,6 +99,7 @@ impl Sim {
             rate: cfg.rate,
             burst: cfg.burst,
             per: cfg.per.clone(),
+            max_delay: None,
         };
         let nodes = names
             .iter()
