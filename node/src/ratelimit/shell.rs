@@ -65,7 +65,7 @@ impl RateLimits {
     /// refused.
     pub fn metrics(&self) -> (Vec<(String, trellis_core::ratelimit::limiter::Counts)>, u64, u64) {
         let l = self.limiter.lock().expect("limiter lock");
-        let counts = l.counts().iter().map(|(n, c)| (n.clone(), c.clone())).collect();
+        let counts = l.counts().iter().map(|(n, c)| (n.clone(), *c)).collect();
         (counts, l.bytes_out(), l.refused_reports() + self.refused_msgs.load(Relaxed))
     }
 
