@@ -72,15 +72,31 @@ impl Reply {
 
 /// One GET to `to` with `Host: host` and `extra` headers, on a new connection.
 pub fn get(to: SocketAddr, host: &str, path: &str, extra: &[(&str, &str)], timeout: Duration) -> Option<Reply> {
+    send(to, ("GET", host, path), extra, None, timeout)
+}
+
+/// One request of `method` with `body` (sent with its Content-Length) when given.
+pub fn send(
+    to: SocketAddr,
+    (method, host, path): (&str, &str, &str),
+    extra: &[(&str, &str)],
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Option<Reply> {
     let mut s = TcpStream::connect(to).ok()?;
     let _ = s.set_nodelay(true);
     s.set_read_timeout(Some(timeout)).ok()?;
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     for (k, v) in extra {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).ok()?;
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body.unwrap_or_default());
+    s.write_all(&bytes).ok()?;
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     let split = out.windows(4).position(|w| w == b"\r\n\r\n")?;

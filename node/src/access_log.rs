@@ -373,12 +373,20 @@ impl Drop for TcpLine {
 pub struct Counted<B> {
     inner: B,
     bytes: Option<Arc<AtomicU64>>,
+    /// A mirrored request's copy of the body, fed as frames pass.
+    tee: Option<crate::mesh::tee::Tee>,
 }
 
 impl<B> Counted<B> {
     /// Counts into `bytes` when given; otherwise only passes frames through.
     pub fn new(inner: B, bytes: Option<Arc<AtomicU64>>) -> Counted<B> {
-        Counted { inner, bytes }
+        Counted { inner, bytes, tee: None }
+    }
+
+    /// Also shares every data frame with `tee`.
+    pub fn teed(mut self, tee: Option<crate::mesh::tee::Tee>) -> Counted<B> {
+        self.tee = tee;
+        self
     }
 }
 
@@ -388,10 +396,28 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let (Poll::Ready(Some(Ok(f))), Some(n)) = (&r, &self.bytes) {
-            if let Some(d) = f.data_ref() {
-                n.fetch_add(d.len() as u64, Relaxed);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    if let Some(n) = &self.bytes {
+                        n.fetch_add(d.len() as u64, Relaxed);
+                    }
+                    let end = self.inner.is_end_stream();
+                    if let Some(t) = &mut self.tee {
+                        t.push(d);
+                        // A body of known length may not be polled past its last frame.
+                        if end {
+                            t.finish();
+                        }
+                    }
+                }
             }
+            Poll::Ready(None) => {
+                if let Some(t) = &mut self.tee {
+                    t.finish();
+                }
+            }
+            _ => {}
         }
         r
     }

@@ -333,6 +333,14 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         "Retries not taken because the retry budget was spent.",
         f.budget_exhausted.load(Relaxed),
     );
+    let m = &f.mirror;
+    e.labelled(
+        "counter",
+        "trellis_mirror_requests_total",
+        "Mirrored copies of requests: answered by the mirror subset, failed (no instance or no answer in time), skipped (body over 1 MiB, or the client went away).",
+        "result",
+        &[("sent", m.sent.load(Relaxed)), ("failed", m.failed.load(Relaxed)), ("skipped", m.skipped.load(Relaxed))],
+    );
     e.counter(
         "trellis_forward_no_instance_total",
         "Connections with no live instance to go to.",

@@ -178,6 +178,12 @@ pub mod http {
         })
     }
 
+    /// One POST of `body` through `proxy`; status 0 when the connection failed.
+    pub fn post(proxy: SocketAddr, host: &str, path: &str, body: &[u8]) -> Reply {
+        let no = Reply { status: 0, headers: String::new(), body: Vec::new() };
+        plain::send(proxy, ("POST", host, path), &[], Some(body), Duration::from_secs(10)).unwrap_or(no)
+    }
+
     /// One GET through `proxy` with `Host: host` and extra headers; status 0 when the
     /// connection failed.
     pub fn get(proxy: SocketAddr, host: &str, path: &str, extra: &[(&str, &str)]) -> Reply {

@@ -2346,3 +2346,110 @@ fn virtual_addresses_carry_http_and_tcp_and_callers_are_known_by_service() {
     // The deny is batch's alone: node 0 itself (an unrecognised user) still gets through.
     assert_eq!(curl(Some(4242), &db_url, &db_host, &db_ip).0, "200");
 }
+
+/// What a recording server saw: (path, body, x-trellis-mirror) per request.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>;
+
+/// A keep-alive HTTP/1.1 server that answers `body` after `delay`, recording each request
+/// as (path, body, x-trellis-mirror header).
+fn recording_server(body: &'static str, delay: Duration) -> (SocketAddr, Seen) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+                let mut w = s;
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    let header = |name: &str| {
+                        head.lines()
+                            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)))
+                            .map(|(_, v)| v.trim().to_string())
+                    };
+                    let len: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                    let mut req_body = vec![0u8; len];
+                    r.read_exact(&mut req_body).unwrap();
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let mirror = header("x-trellis-mirror").unwrap_or_default();
+                    log.lock().unwrap().push((path, String::from_utf8_lossy(&req_body).into_owned(), mirror));
+                    std::thread::sleep(delay);
+                    let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                    if w.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A route mirrors half its requests to a shadow subset: the shadow gets about that share,
+/// bodies included, marked as copies; the caller only ever sees the stable answer, and not
+/// the shadow's 300 ms either.
+#[test]
+fn a_route_mirrors_its_share_to_a_shadow_subset_without_the_caller_seeing_it() {
+    let (c, proxy) = proxy_mesh();
+    let (stable, _) = recording_server("stable", Duration::ZERO);
+    let (shadow, seen) = recording_server("shadow", Duration::from_millis(300));
+    for (node, id, at, version) in [(1, "web-1", stable, "v1"), (2, "web-2", shadow, "shadow")] {
+        let body = json!({"service": "web", "address": "127.0.0.1", "port": at.port(), "labels": {"version": version}});
+        put(&c, node, &format!("/v1/agent/services/{id}"), body);
+    }
+    put(&c, 0, "/v1/policy/subsets/v1", json!({"service": "web", "labels": {"version": "v1"}}));
+    put(&c, 0, "/v1/policy/subsets/shadow", json!({"service": "web", "labels": {"version": "shadow"}}));
+    let route =
+        json!({"service": "web", "destination": {"subset": "v1"}, "mirror": {"subset": "shadow", "percent": 50}});
+    put(&c, 0, "/v1/policy/routes/web-main", route);
+    c.wait_until(Duration::from_secs(15), "the route and both instances on node 0", || {
+        let p = c.node(0).api().get_json("/v1/policy/routes/web-main").ok()?;
+        let web = c.node(0).api().get_json("/v1/catalog/services/web").ok()?;
+        (p["body"]["mirror"]["percent"].as_f64() == Some(50.0) && web.as_array()?.len() == 2).then_some(())
+    })
+    .unwrap();
+    let mut slowest = Duration::ZERO;
+    for i in 0..120 {
+        let started = std::time::Instant::now();
+        let reply = if i % 6 == 0 {
+            trellis_tests::http::post(proxy, "web", &format!("/p{i}"), format!("payload-{i}").as_bytes())
+        } else {
+            trellis_tests::http::get(proxy, "web", &format!("/g{i}"), &[])
+        };
+        slowest = slowest.max(started.elapsed());
+        assert_eq!((reply.status, reply.text().as_str()), (200, "stable"), "request {i}");
+    }
+    assert!(slowest < Duration::from_millis(300), "a caller waited {slowest:?}: the mirror's 300 ms leaked");
+    let copies = c
+        .wait_until(Duration::from_secs(10), "every copy at the shadow", || {
+            let m = c.node(0).api().get_text("/metrics").ok()?;
+            let sent = metric(&m, "trellis_mirror_requests_total{result=\"sent\"}")?;
+            let failed = metric(&m, "trellis_mirror_requests_total{result=\"failed\"}")?;
+            let n = seen.lock().unwrap().len();
+            (sent as usize == n && failed == 0.0 && n > 0).then_some(n)
+        })
+        .unwrap();
+    println!("{copies} of 120 requests mirrored; slowest caller {slowest:?}");
+    assert!((40..=80).contains(&copies), "{copies} of 120 mirrored at 50%");
+    for (path, body, mirror) in seen.lock().unwrap().iter() {
+        assert_eq!(mirror, "shadow", "a copy is marked as one");
+        if let Some(i) = path.strip_prefix("/p") {
+            assert_eq!(body, &format!("payload-{i}"), "a mirrored body arrives whole");
+        } else {
+            assert!(body.is_empty());
+        }
+    }
+}

@@ -120,6 +120,8 @@ async fn proxy(
                 route: route.clone(),
                 ..l.begin(&req, &hop, Side::Outbound, source(client), service)
             });
+            let tee = mirror(&fwd, &target, &req);
+            req = req.map(|b| b.teed(tee));
             span = super::ids::hop_span(spans, &hop, Side::Outbound, &req, service).map(|mut s| {
                 s.attributes.push(opentelemetry::KeyValue::new("trellis.route", route.clone().unwrap_or_default()));
                 req.extensions_mut().insert(s.parent());
@@ -141,6 +143,22 @@ async fn proxy(
         }
         _ => resp,
     })
+}
+
+/// Sends a copy of the request to the route's mirror subset when this request falls in
+/// its share (see `mirror`); the tee its body feeds, if it has one.
+fn mirror(fwd: &Arc<Forwarder>, t: &Target<'_>, req: &Request<InBody>) -> Option<super::tee::Tee> {
+    let route = t.resolved.route.as_deref()?;
+    let (subset, labels) = t.snap.routes.mirror(route, rand::random::<f64>())?;
+    let copy = super::mirror::Copy {
+        service: t.resolved.service.clone(),
+        subset: subset.to_string(),
+        labels: labels.clone(),
+        authority: t.authority.clone(),
+        h2: t.h2,
+        timeout: t.timeout(),
+    };
+    super::mirror::start(fwd, req, copy)
 }
 
 fn source(client: Option<std::net::SocketAddr>) -> String {

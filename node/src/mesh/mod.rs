@@ -11,5 +11,7 @@ pub mod inbound;
 pub mod instance_http;
 pub mod io;
 pub mod listeners;
+pub mod mirror;
+pub mod tee;
 pub mod view;
 pub mod vips;

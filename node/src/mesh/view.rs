@@ -53,6 +53,8 @@ pub struct ForwardStats {
     pub budget_exhausted: AtomicU64,
     /// Proxied requests per service: status classes and latency.
     pub traffic: Mutex<trellis_core::mesh::traffic::Traffic>,
+    /// Mirrored copies of requests, by outcome.
+    pub mirror: super::tee::MirrorStats,
 }
 
 /// The data plane's shared state.

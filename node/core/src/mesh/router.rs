@@ -80,6 +80,16 @@ impl RouteTable {
         self.routes.iter().find(|(n, _)| n == name).map(|(_, r)| r)
     }
 
+    /// The labels of the subset a request on `route` is mirrored to, when `draw` (uniform
+    /// in [0, 1), drawn apart from the split's) falls within the route's mirror share and
+    /// the subset exists for the route's service.
+    pub fn mirror(&self, route: &str, draw: f64) -> Option<(&str, &BTreeMap<String, String>)> {
+        let r = self.route(route)?;
+        let m = r.mirror.as_ref().filter(|m| draw * 100.0 < m.percent)?;
+        let subset = self.subsets.get(&m.subset).filter(|s| s.service == r.service)?;
+        Some((m.subset.as_str(), &subset.labels))
+    }
+
     /// Resolves a request; `draw` is uniform in [0, 1) and picks a split backend.
     pub fn resolve(&self, req: &RequestInfo, draw: f64) -> Resolved {
         for (name, r) in self.routes.iter().filter(|(_, r)| r.service == req.service) {
@@ -223,6 +233,29 @@ mod tests {
             }
         }
         assert!((800..=1200).contains(&v2), "v2 got {v2} of 10000");
+    }
+
+    #[test]
+    fn a_mirror_takes_its_share_of_a_routes_requests_to_an_existing_subset_of_its_service() {
+        let route = |subset: &str, percent: u32| {
+            format!(
+                r#"{{"service": "web", "destination": {{"service": "web"}}, "mirror": {{"subset": "{subset}", "percent": {percent}}}}}"#
+            )
+        };
+        let (main, wrong) = (route("shadow", 25), route("other", 100));
+        let shadow = r#"{"service": "web", "labels": {"version": "v9"}}"#;
+        let other = r#"{"service": "db", "labels": {"version": "v9"}}"#;
+        let t = table(&[
+            (Kind::Subsets, "shadow", shadow),
+            (Kind::Subsets, "other", other),
+            (Kind::Routes, "main", &main),
+            (Kind::Routes, "wrong", &wrong),
+        ]);
+        let mirrored = (0..1000).filter(|i| t.mirror("main", *i as f64 / 1000.0).is_some()).count();
+        assert_eq!(mirrored, 250);
+        assert_eq!(t.mirror("main", 0.1).unwrap().1["version"], "v9");
+        assert!(t.mirror("wrong", 0.0).is_none(), "a subset of another service is not a mirror");
+        assert!(t.mirror("nope", 0.0).is_none());
     }
 
     #[test]

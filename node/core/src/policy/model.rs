@@ -395,6 +395,20 @@ pub struct Route {
     pub timeout: Option<Duration>,
     #[serde(default)]
     pub retry: Option<RetryPolicy>,
+    /// A copy of this share of the route's requests goes to a subset; its answers are
+    /// discarded, and the caller never waits for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+}
+
+/// Where a route's mirrored requests go, and how many.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    /// A `subsets/<name>` of the route's service.
+    pub subset: String,
+    /// Share of the route's requests mirrored, within (0, 100].
+    pub percent: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -783,6 +797,13 @@ impl Object {
             }
             Object::Route(r) => {
                 need(format!("{p}.service"), &r.service, "service")?;
+                if let Some(m) = &r.mirror {
+                    validate_name(Kind::Subsets, &m.subset)
+                        .map_err(|e| FieldError { path: format!("{p}.mirror.subset"), ..e })?;
+                    if !(m.percent > 0.0 && m.percent <= 100.0) {
+                        return Err(err(format!("{p}.mirror.percent"), "must be above 0 and at most 100", "e.g. 10"));
+                    }
+                }
                 let d = &r.destination;
                 let set = [&d.service, &d.subset, &d.split].iter().filter(|x| x.is_some()).count();
                 if set != 1 {
