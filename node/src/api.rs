@@ -63,6 +63,7 @@ pub fn routes() -> Routes<AgentHandle> {
         .merge(crate::api_policy::routes())
         .merge(crate::api_catalog::routes())
         .merge(crate::api_ratelimit::routes())
+        .merge(crate::api_rollouts::routes())
         .merge(crate::api_stats::routes())
         .merge(crate::api_openapi::routes())
         .merge(crate::dashboard::routes())
@@ -360,6 +361,7 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
     );
     traffic_metrics(&a, &mut e);
     crate::api_ratelimit::metrics(&a, &mut e);
+    crate::api_rollouts::metrics(&a, &mut e);
     crate::enroll::metrics(&a.transport, &a.lifecycle, &mut e);
     let started = std::time::SystemTime::now() - a.started.elapsed();
     crate::metrics_process::render(&mut e, &crate::metrics_process::read(), started, VERSION);

@@ -14,7 +14,7 @@ fn doc() -> Value {
 }
 
 /// Each policy kind and the schema in `components.schemas` that documents its body.
-const KIND_SCHEMAS: [(Kind, &str); 9] = [
+const KIND_SCHEMAS: [(Kind, &str); 11] = [
     (Kind::Services, "Service"),
     (Kind::Subsets, "Subset"),
     (Kind::Routes, "Route"),
@@ -24,6 +24,8 @@ const KIND_SCHEMAS: [(Kind, &str); 9] = [
     (Kind::Settings, "Settings"),
     (Kind::Instances, "Instance"),
     (Kind::Revocations, "Revocation"),
+    (Kind::Rollouts, "Rollout"),
+    (Kind::Rolloutstatus, "RolloutStatus"),
 ];
 
 fn served() -> BTreeSet<(String, String)> {

@@ -47,6 +47,9 @@ pub enum Command {
     /// Read and write cluster policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Progressive rollouts: start a canary, follow it, pause, resume, promote or abort it.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// Show cluster-wide rate limits: this node's share, what it admits, the cluster total.
     Ratelimits {
         /// One limit; all when omitted.
@@ -200,6 +203,26 @@ pub enum ServicesCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum RolloutCommand {
+    /// Start a canary: writes `rollouts/<name>`; the agent that owns it steps it.
+    Start(crate::client_rollouts::StartArgs),
+    /// Every rollout, or one with its timeline.
+    Status {
+        name: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Hold the current step.
+    Pause { name: String },
+    /// Go on from the current step (its interval starts again).
+    Resume { name: String },
+    /// 100% to the canary now.
+    Promote { name: String },
+    /// 100% to the stable subset now.
+    Abort { name: String },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum PolicyCommand {
     /// Write every object in a TOML or JSON file (`[kind.name]` tables).
     Apply {
@@ -233,6 +256,18 @@ pub enum PolicyCommand {
         #[arg(long)]
         to: String,
     },
+}
+
+fn rollout(api: SocketAddr, cmd: RolloutCommand) -> anyhow::Result<()> {
+    use crate::client_rollouts as r;
+    match cmd {
+        RolloutCommand::Start(args) => r::start(api, &args),
+        RolloutCommand::Status { name, output } => r::status(api, name.as_deref(), output),
+        RolloutCommand::Pause { name } => r::command(api, &name, "pause"),
+        RolloutCommand::Resume { name } => r::command(api, &name, "resume"),
+        RolloutCommand::Promote { name } => r::command(api, &name, "promote"),
+        RolloutCommand::Abort { name } => r::command(api, &name, "abort"),
+    }
 }
 
 /// `trellis validate FILE|DIR`: the agent's own start-up config checks, nothing started.
@@ -334,6 +369,7 @@ pub fn main() -> i32 {
         Command::Policy(PolicyCommand::Delete { kind, name }) => {
             crate::client::policy_delete(cli.http_addr, &kind, &name)
         }
+        Command::Rollout(cmd) => rollout(cli.http_addr, cmd),
         Command::Policy(PolicyCommand::History { kind, name, output }) => {
             crate::client_history::history(cli.http_addr, &kind, &name, output)
         }

@@ -59,6 +59,11 @@ pub fn put(addr: SocketAddr, path: &str, json: &str) -> anyhow::Result<String> {
     call(addr, "PUT", path, Some(json.to_string()))
 }
 
+/// `POST path` with a JSON body (none when empty) on the agent's API; the body of a 2xx answer.
+pub fn post(addr: SocketAddr, path: &str, json: &str) -> anyhow::Result<String> {
+    call(addr, "POST", path, (!json.is_empty()).then(|| json.to_string()))
+}
+
 /// `DELETE path` on the agent's API; the body of a 2xx answer.
 pub fn delete(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     call(addr, "DELETE", path, None)

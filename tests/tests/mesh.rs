@@ -2453,3 +2453,129 @@ fn a_route_mirrors_its_share_to_a_shadow_subset_without_the_caller_seeing_it() {
         }
     }
 }
+
+/// Rollouts decided by the agents: a canary failing 20% of its requests is cut at its
+/// first gate, a healthy one climbs every step to promotion, and when the agent driving it
+/// is killed mid-rollout another goes on from the same step, skipping and repeating none.
+#[test]
+fn rollouts_abort_a_failing_canary_and_promote_a_healthy_one_across_an_owners_death() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut c = Cluster::start(ClusterSpec {
+        nodes: 4,
+        node_args: vec![vec!["--proxy".into(), proxy.to_string()]],
+        ..Default::default()
+    })
+    .unwrap();
+    let all = [0, 1, 2, 3];
+    let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&all, &alive, Duration::from_secs(15)).unwrap();
+    // A healthy rollout whose driver is node 3, which hosts no instance: killing it costs
+    // the canary nothing, so any failure would be the takeover's.
+    let names: Vec<String> = all.iter().map(|&i| c.node(i).name.clone()).collect();
+    let good = (0..100)
+        .map(|i| format!("api-v2-{i}"))
+        .find(|n| trellis_core::rollout::owner(n, &names) == Some(names[3].as_str()))
+        .unwrap();
+    let hits = std::sync::Arc::new(AtomicU64::new(0));
+    let n = hits.clone();
+    let flaky = trellis_chaos::plain::serve(move |_| {
+        // Every fifth request fails: 20%.
+        if n.fetch_add(1, Ordering::Relaxed) % 5 == 4 {
+            (500, b"canary error".to_vec())
+        } else {
+            (200, b"web v2".to_vec())
+        }
+    });
+    let instances = [
+        (1, "web-1", trellis_tests::http::server("web v1"), "web", "v1"),
+        (2, "web-2", flaky, "web", "v2"),
+        (1, "api-1", trellis_tests::http::server("api v1"), "api", "v1"),
+        (2, "api-2", trellis_tests::http::server("api v2"), "api", "v2"),
+    ];
+    for (node, id, at, service, version) in instances {
+        let body =
+            json!({"service": service, "address": "127.0.0.1", "port": at.port(), "labels": {"version": version}});
+        put(&c, node, &format!("/v1/agent/services/{id}"), body);
+    }
+    for service in ["web", "api"] {
+        for v in ["v1", "v2"] {
+            put(
+                &c,
+                0,
+                &format!("/v1/policy/subsets/{service}-{v}"),
+                json!({"service": service, "labels": {"version": v}}),
+            );
+        }
+    }
+    c.wait_until(Duration::from_secs(15), "four instances on node 0", || {
+        let v = c.node(0).api().get_json("/v1/catalog/services").ok()?;
+        (v["web"].as_array()?.len() == 2 && v["api"].as_array()?.len() == 2).then_some(())
+    })
+    .unwrap();
+    // Load through node 0 on both services until the test ends (bounded: 60 s).
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            while !stop.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(60) {
+                for host in ["web", "api"] {
+                    trellis_tests::http::get(proxy, host, "/", &[]);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let analysis = json!({"min_success_rate": 95, "min_requests": 10});
+    let spec = |service: &str, steps: &[u32], interval: &str| {
+        json!({"service": service, "stable": format!("{service}-v1"), "canary": format!("{service}-v2"),
+               "steps": steps, "interval": interval, "analysis": analysis})
+    };
+    put(&c, 0, "/v1/policy/rollouts/web-v2", spec("web", &[20, 50, 100], "20s"));
+    put(&c, 0, &format!("/v1/policy/rollouts/{good}"), spec("api", &[20, 50, 100], "3s"));
+    let status =
+        |c: &Cluster, node: usize, name: &str| c.node(node).api().get_json(&format!("/v1/rollouts/{name}")).ok();
+
+    // The failing canary: aborted at its first gate, long before its 20 s interval ends.
+    let started = std::time::Instant::now();
+    let aborted = c
+        .wait_until(Duration::from_secs(15), "web-v2 aborted", || {
+            status(&c, 0, "web-v2").filter(|v| v["phase"] == "aborted")
+        })
+        .unwrap();
+    println!("web-v2 aborted after {:?}: {}", started.elapsed(), aborted["status"]["reason"]);
+    assert!(aborted["status"]["reason"].as_str().unwrap().contains("canary success"), "{aborted}");
+    let split = c.node(2).api().get_json("/v1/policy/splits/rollout-web-v2").unwrap();
+    assert_eq!(split["body"]["backends"][1]["weight"], 0, "100% stable again: {split}");
+    c.wait_until(Duration::from_secs(5), "web answered by v1 only", || {
+        (0..10).all(|_| trellis_tests::http::get(proxy, "web", "/", &[]).text().starts_with("web v1")).then_some(())
+    })
+    .unwrap();
+
+    // The healthy canary: its owner dies at the second step; another agent goes on.
+    c.wait_until(Duration::from_secs(20), "the good rollout at its second step", || {
+        status(&c, 0, &good).filter(|v| v["status"]["weight"] == 50)
+    })
+    .unwrap();
+    c.kill(3);
+    let done = c
+        .wait_until(Duration::from_secs(40), "the good rollout promoted", || {
+            status(&c, 0, &good).filter(|v| v["phase"] == "promoted")
+        })
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    assert_ne!(done["owner"], names[3].as_str(), "another agent drove it to the end");
+    let weights: Vec<u64> =
+        done["status"]["timeline"].as_array().unwrap().iter().map(|e| e["weight"].as_u64().unwrap()).collect();
+    assert_eq!(weights, [20, 50, 100, 100], "every step once, in order: {}", done["status"]["timeline"]);
+    // The timeline, as an operator reads it.
+    let out = std::process::Command::new(trellis_chaos::cluster::trellis_bin())
+        .args(["rollout", "status", &good, "--http-addr", &c.node(1).api_addr.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(text.contains("promoted") && text.contains("TIMELINE") && text.contains("gates passed"), "{text}");
+}

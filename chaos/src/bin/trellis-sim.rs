@@ -30,6 +30,9 @@ enum Cmd {
         loss_secs: u64,
         #[arg(long, default_value_t = 0.05)]
         loss: f64,
+        /// Joins and crashes measured per cluster size (the table shows median and worst).
+        #[arg(long, default_value_t = 5)]
+        trials: usize,
     },
     /// False downs over many seeds: one line per seed that had any.
     Sweep {
@@ -150,10 +153,7 @@ struct Row {
 }
 
 const SHARE: f64 = 0.9999;
-/// Joins and crashes measured per cluster size; the table shows their median and worst.
-const TRIALS: usize = 5;
-
-fn measure(n: usize, seed: u64, timing: &Timing, loss: f64, loss_secs: u64) -> Row {
+fn measure(n: usize, seed: u64, timing: &Timing, (loss, loss_secs): (f64, u64), trials: usize) -> Row {
     let wall = Instant::now();
     let mut sim = Sim::new(SimConfig::new(n, timing.clone(), seed));
     sim.join_all(0);
@@ -169,7 +169,7 @@ fn measure(n: usize, seed: u64, timing: &Timing, loss: f64, loss_secs: u64) -> R
     let bytes = sim.bytes_per_node_per_sec();
 
     let mut joins = Vec::new();
-    for _ in 0..TRIALS {
+    for _ in 0..trials {
         let newcomer = sim.add_node();
         joins.push(
             sim.run_until(Duration::from_secs(120), |s| s.fraction_knowing(newcomer, MemberState::Alive) >= SHARE),
@@ -179,8 +179,8 @@ fn measure(n: usize, seed: u64, timing: &Timing, loss: f64, loss_secs: u64) -> R
 
     // Each crash hits a cluster that has converged again after the previous one.
     let mut detects = Vec::new();
-    for k in 0..TRIALS {
-        let victim = 1 + k * (n - 1) / TRIALS;
+    for k in 0..trials {
+        let victim = 1 + k * (n - 1) / trials;
         sim.crash(victim);
         detects
             .push(sim.run_until(Duration::from_secs(300), |s| s.fraction_knowing(victim, MemberState::Down) >= SHARE));
@@ -226,11 +226,11 @@ fn ratio(ours: Option<f64>, (lo, hi): (f64, f64)) -> String {
     }
 }
 
-fn bench(sizes: Vec<usize>, seed: u64, timing: &TimingArgs, loss: f64, loss_secs: u64) {
+fn bench(sizes: Vec<usize>, seed: u64, timing: &TimingArgs, (loss, loss_secs): (f64, u64), trials: usize) {
     let t = timing.timing();
     println!("trellis-sim bench: {}, seed {seed}", timing.describe());
     println!("links 0.5-1 ms one way, lossless except the last column; 'at 99.99%' = of the other live nodes");
-    println!("join and crash: median (worst) of {TRIALS} trials; ratios on the median");
+    println!("join and crash: median (worst) of {trials} trials; ratios on the median");
     println!();
     println!(
         "| N | N staggered joins: 99.99% / all pairs see each other | one join known at 99.99% | vs Serf | crash Down at 99.99% | vs memberlist | gossip B/s per node | vs scalecube | false downs, {loss_secs} s at {:.0}% loss (suspicions) | wall |",
@@ -247,7 +247,7 @@ fn bench(sizes: Vec<usize>, seed: u64, timing: &TimingArgs, loss: f64, loss_secs
     );
     let mut rows = Vec::new();
     for n in sizes {
-        let r = measure(n, seed, &t, loss, loss_secs);
+        let r = measure(n, seed, &t, (loss, loss_secs), trials);
         let (join, _) = median_max(&r.joins);
         let (detect, _) = median_max(&r.detects);
         println!(
@@ -271,7 +271,7 @@ fn bench(sizes: Vec<usize>, seed: u64, timing: &TimingArgs, loss: f64, loss_secs
         rows.push(r);
     }
     println!();
-    println!("targets, on the worst of {TRIALS} trials: detection < {} s, join known everywhere < {} s, <= {} B/s per node up to N = 200, no false downs", target::DETECT_S, target::CONVERGE_S, target::BYTES_UP_TO_200);
+    println!("targets, on the worst of {trials} trials: detection < {} s, join known everywhere < {} s, <= {} B/s per node up to N = 200, no false downs", target::DETECT_S, target::CONVERGE_S, target::BYTES_UP_TO_200);
     for r in &rows {
         let mut missed = Vec::new();
         let (_, detect) = median_max(&r.detects);
@@ -369,7 +369,9 @@ fn bench_policy(sizes: Vec<usize>, seed: u64, writes: usize) {
 
 fn main() {
     match Cli::parse().cmd {
-        Cmd::Bench { sizes, seed, timing, loss_secs, loss } => bench(sizes, seed, &timing, loss, loss_secs),
+        Cmd::Bench { sizes, seed, timing, loss_secs, loss, trials } => {
+            bench(sizes, seed, &timing, (loss, loss_secs), trials.max(1))
+        }
         Cmd::Sweep { nodes, loss, seeds, secs, timing } => sweep(nodes, loss, seeds, secs, &timing),
         Cmd::BenchPolicy { sizes, seed, writes } => bench_policy(sizes, seed, writes),
         Cmd::BenchRatelimit { seeds } => trellis_chaos::ratelimit_bench::run(seeds),

@@ -12,4 +12,5 @@ pub mod membership;
 pub mod mesh;
 pub mod policy;
 pub mod ratelimit;
+pub mod rollout;
 pub mod stats;

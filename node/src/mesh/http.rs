@@ -112,9 +112,11 @@ async fn proxy(
     let received = log.map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let mut req = req.map(|b| Counted::new(b, received.clone()));
     let mut span = None;
+    let mut subset = None;
     let (label, route, line, resp) = match Target::of(&snap, &req, fixed.as_deref(), caller) {
         Some(target) => {
             let route = target.resolved.route.clone();
+            subset.clone_from(&target.resolved.subset);
             let service = &target.resolved.service;
             let line = log.filter(|l| l.wants(service)).map(|l| Entry {
                 route: route.clone(),
@@ -135,7 +137,8 @@ async fn proxy(
             ("_other", None, line, resp)
         }
     };
-    record(&fwd, label, route.as_deref().unwrap_or(""), &resp, started.elapsed());
+    let route = trellis_core::stats::route_key(route.as_deref().unwrap_or(""), subset.as_deref());
+    record(&fwd, label, &route, &resp, started.elapsed());
     let resp = super::ids::traced(resp, span);
     Ok(match (line, log, received) {
         (Some(entry), Some(log), Some(received)) => {

@@ -30,6 +30,9 @@ pub struct Resolved {
     pub route: Option<String>,
     /// (matched prefix, replacement) when the route rewrites.
     pub rewrite: Option<(String, String)>,
+    /// The subset the request went to, when a route or split named one: the mesh-wide
+    /// figures of a canary against its stable subset come from it.
+    pub subset: Option<String>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -107,18 +110,25 @@ impl RouteTable {
     }
 
     fn plain(&self, service: &str) -> Resolved {
-        Resolved { service: service.into(), labels: BTreeMap::new(), route: None, rewrite: None }
+        Resolved { service: service.into(), labels: BTreeMap::new(), route: None, rewrite: None, subset: None }
     }
 
     fn subset(&self, name: &str, fallback: &str) -> Resolved {
         match self.subsets.get(name) {
-            Some(s) => Resolved { service: s.service.clone(), labels: s.labels.clone(), route: None, rewrite: None },
+            Some(s) => Resolved {
+                service: s.service.clone(),
+                labels: s.labels.clone(),
+                route: None,
+                rewrite: None,
+                subset: Some(name.to_string()),
+            },
             // A destination naming a missing subset goes nowhere rather than everywhere.
             None => Resolved {
                 service: fallback.into(),
                 labels: [("trellis.missing-subset".to_string(), name.to_string())].into(),
                 route: None,
                 rewrite: None,
+                subset: None,
             },
         }
     }

@@ -5,6 +5,7 @@
 
 pub mod hlc;
 pub mod model;
+pub mod rollout;
 pub mod store;
 pub mod sync;
 #[cfg(test)]

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::rollout::{self, Rollout, RolloutStatus};
+
 /// The kinds of policy objects, as they appear in API paths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -22,6 +24,10 @@ pub enum Kind {
     Instances,
     /// Revoked node identities, by node name: refused at every handshake.
     Revocations,
+    /// Progressive rollouts (canaries), as the operator asks for them.
+    Rollouts,
+    /// Where each rollout is, written by the agent driving it (and operators' commands).
+    Rolloutstatus,
 }
 
 impl Kind {
@@ -30,7 +36,7 @@ impl Kind {
         self == Kind::Instances
     }
 
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Services,
         Kind::Subsets,
         Kind::Routes,
@@ -40,6 +46,8 @@ impl Kind {
         Kind::Settings,
         Kind::Instances,
         Kind::Revocations,
+        Kind::Rollouts,
+        Kind::Rolloutstatus,
     ];
 
     /// Kinds whose writer matters, so their versions carry a signed writer proof: a node's
@@ -59,6 +67,8 @@ impl Kind {
             Kind::Settings => "settings",
             Kind::Instances => "instances",
             Kind::Revocations => "revocations",
+            Kind::Rollouts => "rollouts",
+            Kind::Rolloutstatus => "rolloutstatus",
         }
     }
 
@@ -66,7 +76,7 @@ impl Kind {
         Kind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| FieldError {
             path: "kind".into(),
             message: format!("unknown policy kind {s:?}"),
-            fix: "use one of services, subsets, routes, splits, ratelimits, intentions, settings, revocations".into(),
+            fix: "use one of services, subsets, routes, splits, ratelimits, intentions, settings, revocations, rollouts, rolloutstatus".into(),
         })
     }
 }
@@ -645,6 +655,8 @@ pub enum Object {
     Settings(Settings),
     Instance(Instance),
     Revocation(Revocation),
+    Rollout(Rollout),
+    RolloutStatus(RolloutStatus),
 }
 
 fn parse_as<T: serde::de::DeserializeOwned>(prefix: &str, json: &[u8]) -> Result<T, FieldError> {
@@ -674,6 +686,8 @@ pub fn parse(kind: Kind, name: &str, json: &[u8]) -> Result<Object, FieldError> 
         Kind::Settings => Object::Settings(parse_as(&p, json)?),
         Kind::Instances => Object::Instance(parse_as(&p, json)?),
         Kind::Revocations => Object::Revocation(parse_as(&p, json)?),
+        Kind::Rollouts => Object::Rollout(parse_as(&p, json)?),
+        Kind::Rolloutstatus => Object::RolloutStatus(parse_as(&p, json)?),
     };
     obj.validate(&p)?;
     Ok(obj)
@@ -900,6 +914,8 @@ impl Object {
                 Ok(())
             }
             Object::Settings(_) => Ok(()),
+            Object::Rollout(r) => validate_rollout(p, r),
+            Object::RolloutStatus(s) => validate_rollout_status(p, s),
             Object::Revocation(r) => {
                 if r.reason.as_ref().is_some_and(|s| s.len() > MAX_REASON_LEN || s.chars().any(char::is_control)) {
                     return Err(err(
@@ -941,6 +957,65 @@ impl Object {
             }
         }
     }
+}
+
+fn validate_rollout(p: &str, r: &Rollout) -> Result<(), FieldError> {
+    for (field, name) in [("service", &r.service), ("stable", &r.stable), ("canary", &r.canary)] {
+        let kind = if field == "service" { Kind::Services } else { Kind::Subsets };
+        validate_name(kind, name).map_err(|e| FieldError { path: format!("{p}.{field}"), ..e })?;
+    }
+    if r.stable == r.canary {
+        return Err(err(format!("{p}.canary"), "the canary is the stable subset", "name two subsets"));
+    }
+    let rising = r.steps.windows(2).all(|w| w[0] < w[1]);
+    let bounded = r.steps.iter().all(|w| (1..=100).contains(w));
+    if r.steps.is_empty() || r.steps.len() > rollout::MAX_STEPS || !rising || !bounded {
+        return Err(err(
+            format!("{p}.steps"),
+            format!("steps must be 1 to {} rising weights within 1..100", rollout::MAX_STEPS),
+            "e.g. [5, 25, 50, 100]",
+        ));
+    }
+    if r.interval < Duration::from_secs(1) || r.interval > Duration::from_secs(24 * 3600) {
+        return Err(err(format!("{p}.interval"), "must be within 1s..24h", "e.g. \"1m\""));
+    }
+    let a = &r.analysis;
+    let pct = |v: f64| v.is_finite() && (0.0..=100.0).contains(&v);
+    if !pct(a.min_success_rate) {
+        return Err(err(format!("{p}.analysis.min_success_rate"), "must be within 0..100", "e.g. 99"));
+    }
+    if a.max_success_drop.is_some_and(|d| !pct(d)) {
+        return Err(err(format!("{p}.analysis.max_success_drop"), "must be within 0..100", "e.g. 1"));
+    }
+    if a.max_p99.is_some_and(|d| d.is_zero()) {
+        return Err(err(format!("{p}.analysis.max_p99"), "must be above zero", "e.g. \"500ms\""));
+    }
+    if a.min_requests == 0 {
+        return Err(err(format!("{p}.analysis.min_requests"), "must be at least 1", "e.g. 20"));
+    }
+    Ok(())
+}
+
+fn validate_rollout_status(p: &str, s: &RolloutStatus) -> Result<(), FieldError> {
+    if s.weight > 100 || s.step as usize >= rollout::MAX_STEPS {
+        return Err(err(format!("{p}.weight"), "weight within 0..100 and step below 20", ""));
+    }
+    if s.members.len() > 4096 || s.members.iter().any(|m| m.is_empty() || m.len() > 63) {
+        return Err(err(format!("{p}.members"), "at most 4096 node names", ""));
+    }
+    let long = |s: &str| s.len() > rollout::MAX_TEXT || s.chars().any(char::is_control);
+    if long(&s.reason) || s.timeline.len() > rollout::MAX_EVENTS || s.timeline.iter().any(|e| long(&e.note)) {
+        return Err(err(
+            format!("{p}.timeline"),
+            format!(
+                "at most {} events; reasons and notes of at most {} printable bytes",
+                rollout::MAX_EVENTS,
+                rollout::MAX_TEXT
+            ),
+            "",
+        ));
+    }
+    Ok(())
 }
 
 /// The object name of instance `id` registered on `node`.
@@ -991,6 +1066,34 @@ mod tests {
             assert!(e.contains("max_delay") && e.contains(want), "{extra}: {e}");
         }
         assert!(parse(Kind::Ratelimits, "x", rl(r#", "mode": "queue""#).as_bytes()).is_err());
+    }
+
+    #[test]
+    fn rollouts_and_their_status_are_checked_field_by_field() {
+        let ok = r#"{"service": "web", "stable": "v1", "canary": "v2", "steps": [5, 50, 100], "interval": "30s"}"#;
+        let Object::Rollout(r) = parse(Kind::Rollouts, "web-v2", ok.as_bytes()).unwrap() else { panic!() };
+        assert_eq!((r.analysis.min_success_rate, r.analysis.min_requests), (99.0, 20), "default gates");
+        for (bad, field) in [
+            (ok.replace("[5, 50, 100]", "[50, 5]"), "steps"),
+            (ok.replace("[5, 50, 100]", "[]"), "steps"),
+            (ok.replace("[5, 50, 100]", "[5, 101]"), "steps"),
+            (ok.replace("\"v2\"", "\"v1\""), "canary"),
+            (ok.replace("30s", "10ms"), "interval"),
+            (ok.replace("}", r#", "analysis": {"min_requests": 0}}"#), "analysis.min_requests"),
+            (ok.replace("}", r#", "analysis": {"min_success_rate": 101}}"#), "analysis.min_success_rate"),
+            (ok.replace("}", r#", "analysis": {"max_p99": "0s"}}"#), "analysis.max_p99"),
+        ] {
+            let e = parse(Kind::Rollouts, "web-v2", bad.as_bytes()).unwrap_err();
+            assert_eq!(e.path, format!("rollouts.web-v2.{field}"), "{bad}: {e}");
+        }
+        let status = |weight: u32| {
+            format!(
+                r#"{{"phase": "progressing", "step": 0, "weight": {weight}, "step_started_ms": 1, "failures": 0, "members": ["a"]}}"#
+            )
+        };
+        assert!(parse(Kind::Rolloutstatus, "web-v2", status(5).as_bytes()).is_ok());
+        assert!(parse(Kind::Rolloutstatus, "web-v2", status(101).as_bytes()).is_err());
+        assert!(parse(Kind::Rolloutstatus, "web-v2", br#"{"phase": "done"}"#).is_err());
     }
 
     #[test]

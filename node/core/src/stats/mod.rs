@@ -180,6 +180,8 @@ pub enum By {
     Node,
     /// Calling node, service and answering node: one path through the mesh (`trellis top`).
     Edge,
+    /// The subset the request went to (`-`: none); a rollout's canary against its stable.
+    Subset,
 }
 
 impl By {
@@ -190,6 +192,7 @@ impl By {
             By::Source => "source",
             By::Node => "node",
             By::Edge => "edge",
+            By::Subset => "subset",
         }
     }
 
@@ -200,6 +203,7 @@ impl By {
             "source" => Some(By::Source),
             "node" => Some(By::Node),
             "edge" => Some(By::Edge),
+            "subset" => Some(By::Subset),
             _ => None,
         }
     }
@@ -328,12 +332,23 @@ impl MeshStats {
     }
 }
 
+/// The route dimension of a row: the route's name, then `#<subset>` when the request went
+/// to a subset and both fit the wire's name length (older agents see one more route name).
+pub fn route_key<'a>(route: &'a str, subset: Option<&str>) -> std::borrow::Cow<'a, str> {
+    match subset {
+        Some(s) if route.len() + 1 + s.len() <= trellis_proto::limits::MAX_NAME_LEN => format!("{route}#{s}").into(),
+        _ => route.into(),
+    }
+}
+
 /// A row's group under `by`, from `node`'s digest.
 fn group_name(by: By, node: &str, r: &StatsRow) -> String {
     let or_dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+    let (route, subset) = r.route.split_once('#').unwrap_or((&r.route, ""));
     match by {
         By::Service => r.service.clone(),
-        By::Route => or_dash(&r.route),
+        By::Route => or_dash(route),
+        By::Subset => or_dash(subset),
         By::Source => node.to_string(),
         By::Node => or_dash(&r.dest),
         By::Edge => format!("{node} -> {}@{}", r.service, or_dash(&r.dest)),

@@ -1,0 +1,298 @@
+//! Progressive rollouts decided by the agents, with no controller: every agent computes
+//! the same owner for a rollout from the members it sees, and the owner steps it with
+//! ordinary policy writes (the split's weights and the rollout's status), so when it dies
+//! the next owner continues from the replicated status: the step is in the status, never
+//! in the owner's memory, so none is skipped or repeated.
+//!
+//! Partitions: advancing needs all but at most one of the members alive at the start
+//! ([`quorum`]). Two disjoint sides of a partition cannot both see that many (for three
+//! members or more), so at most one side advances; any side may abort, which only moves
+//! towards the safe state. A side that cannot advance writes nothing, so after the heal the
+//! status of the side that acted holds everywhere.
+//!
+//! Gates are judged on the mesh-wide figures of the step's interval, canary against stable.
+//! Too few canary requests is reported as "insufficient samples n of N" and is never a
+//! failure; a failing gate is acted on as soon as enough samples show it, not at the end
+//! of the interval.
+
+use std::time::Duration;
+
+use crate::policy::model::{Backend, Split};
+use crate::policy::rollout::{Analysis, Event, Phase, Rollout, RolloutStatus, MAX_EVENTS};
+
+/// One subset's requests over the step so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Window {
+    pub requests: u64,
+    pub errors: u64,
+    pub p99: Option<Duration>,
+}
+
+impl Window {
+    /// Success rate in percent; None without requests.
+    pub fn success(&self) -> Option<f64> {
+        (self.requests > 0)
+            .then(|| 100.0 * (self.requests - self.errors.min(self.requests)) as f64 / self.requests as f64)
+    }
+}
+
+/// The canary's and the stable subset's figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Figures {
+    pub canary: Window,
+    pub stable: Window,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    Pass,
+    Fail(String),
+    Insufficient(String),
+}
+
+/// The gates on `f`.
+pub fn verdict(a: &Analysis, f: &Figures) -> Verdict {
+    let c = &f.canary;
+    if c.requests < a.min_requests {
+        return Verdict::Insufficient(format!("insufficient samples {} of {}", c.requests, a.min_requests));
+    }
+    let success = c.success().unwrap_or(0.0);
+    if success < a.min_success_rate {
+        return Verdict::Fail(format!("canary success {success:.1}% below {}%", a.min_success_rate));
+    }
+    if let (Some(drop), Some(stable)) = (a.max_success_drop, f.stable.success()) {
+        if stable - success > drop {
+            return Verdict::Fail(format!(
+                "canary success {success:.1}% is {:.1} points below stable's {stable:.1}%",
+                stable - success
+            ));
+        }
+    }
+    if let (Some(max), Some(p99)) = (a.max_p99, c.p99) {
+        if p99 > max {
+            return Verdict::Fail(format!("canary p99 {} ms above {} ms", p99.as_millis(), max.as_millis()));
+        }
+    }
+    Verdict::Pass
+}
+
+/// May the owner advance? All but at most one of the members at the start are alive (all
+/// of them below three members).
+pub fn quorum(at_start: &[String], alive: &[String]) -> bool {
+    let missing = at_start.iter().filter(|m| !alive.contains(m)).count();
+    missing == 0 || (at_start.len() >= 3 && missing <= 1)
+}
+
+/// The agent that drives rollout `name`: highest rendezvous score among `alive`.
+pub fn owner<'a>(name: &str, alive: &'a [String]) -> Option<&'a str> {
+    alive.iter().max_by_key(|m| crate::policy::store::fnv64(&[name.as_bytes(), b"/", m.as_bytes()])).map(String::as_str)
+}
+
+/// The split a rollout keeps for its service at `weight` percent to the canary.
+pub fn split(r: &Rollout, weight: u32) -> Split {
+    let backend = |subset: &str, weight: u32| Backend { service: None, subset: Some(subset.to_string()), weight };
+    Split { service: r.service.clone(), backends: vec![backend(&r.stable, 100 - weight), backend(&r.canary, weight)] }
+}
+
+/// The next status of rollout `r`, or None when nothing is to be written now. `figures`
+/// cover the current step's interval so far; `alive` are the members this agent sees.
+pub fn decide(
+    r: &Rollout,
+    status: Option<&RolloutStatus>,
+    now_ms: u64,
+    figures: &Figures,
+    alive: &[String],
+) -> Option<RolloutStatus> {
+    let Some(s) = status else {
+        let mut s = RolloutStatus {
+            phase: Phase::Progressing,
+            step: 0,
+            weight: r.steps[0],
+            step_started_ms: now_ms,
+            failures: 0,
+            reason: String::new(),
+            members: alive.to_vec(),
+            timeline: Vec::new(),
+        };
+        note(&mut s, now_ms, format!("started: {}% to {}", r.steps[0], r.canary));
+        return Some(s);
+    };
+    if s.phase != Phase::Progressing {
+        return None;
+    }
+    let mut next = s.clone();
+    let elapsed = Duration::from_millis(now_ms.saturating_sub(s.step_started_ms));
+    match verdict(&r.analysis, figures) {
+        Verdict::Fail(why) => {
+            next.failures += 1;
+            if next.failures > r.analysis.failures_allowed {
+                abort(&mut next, now_ms, format!("gate failed: {why}"));
+            } else {
+                next.step_started_ms = now_ms;
+                next.reason =
+                    format!("gate failed ({} of {} tolerated): {why}", next.failures, r.analysis.failures_allowed);
+                let reason = next.reason.clone();
+                note(&mut next, now_ms, reason);
+            }
+            Some(next)
+        }
+        _ if elapsed < r.interval => None,
+        Verdict::Insufficient(why) => {
+            // Waits for traffic; written only when the reason changes, not every tick.
+            (s.reason != why).then(|| {
+                next.reason = why;
+                next
+            })
+        }
+        Verdict::Pass if !quorum(&s.members, alive) => None,
+        Verdict::Pass => {
+            let step = s.step as usize + 1;
+            next.step_started_ms = now_ms;
+            next.reason = "gates passed".into();
+            match r.steps.get(step) {
+                Some(&w) => {
+                    next.step = step as u32;
+                    next.weight = w;
+                    note(&mut next, now_ms, format!("gates passed: step {} at {w}%", step + 1));
+                }
+                None => {
+                    next.phase = Phase::Promoted;
+                    next.weight = 100;
+                    note(&mut next, now_ms, "gates passed: promoted, 100% to the canary".into());
+                }
+            }
+            Some(next)
+        }
+    }
+}
+
+/// Back to 100% stable, for `why`.
+pub fn abort(s: &mut RolloutStatus, now_ms: u64, why: String) {
+    s.phase = Phase::Aborted;
+    s.weight = 0;
+    s.reason = why.clone();
+    note(s, now_ms, format!("aborted: {why}"));
+}
+
+/// Adds an event to the timeline, dropping the oldest past [`MAX_EVENTS`].
+pub fn note(s: &mut RolloutStatus, at_ms: u64, note: String) {
+    s.timeline.push(Event { at_ms, phase: s.phase, step: s.step, weight: s.weight, note });
+    if s.timeline.len() > MAX_EVENTS {
+        s.timeline.remove(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rollout() -> Rollout {
+        Rollout {
+            service: "web".into(),
+            stable: "v1".into(),
+            canary: "v2".into(),
+            steps: vec![10, 50, 100],
+            interval: Duration::from_secs(10),
+            analysis: Analysis { min_success_rate: 99.0, min_requests: 50, ..Analysis::default() },
+        }
+    }
+
+    fn members(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("n{i}")).collect()
+    }
+
+    fn figures(requests: u64, errors: u64) -> Figures {
+        Figures {
+            canary: Window { requests, errors, p99: Some(Duration::from_millis(20)) },
+            stable: Window { requests: 1000, errors: 1, p99: Some(Duration::from_millis(20)) },
+        }
+    }
+
+    #[test]
+    fn a_healthy_canary_climbs_each_step_at_the_end_of_its_interval_then_is_promoted() {
+        let (r, alive) = (rollout(), members(3));
+        let mut s = decide(&r, None, 0, &Figures::default(), &alive).unwrap();
+        assert_eq!((s.phase, s.weight), (Phase::Progressing, 10));
+        let good = figures(200, 0);
+        assert_eq!(decide(&r, Some(&s), 9_000, &good, &alive), None, "not before the interval ends");
+        for (at, weight) in [(10_000, 50), (20_000, 100)] {
+            s = decide(&r, Some(&s), at, &good, &alive).unwrap();
+            assert_eq!(s.weight, weight);
+        }
+        assert_eq!(s.phase, Phase::Progressing, "100% is still a step to watch");
+        s = decide(&r, Some(&s), 30_000, &good, &alive).unwrap();
+        assert_eq!((s.phase, s.weight), (Phase::Promoted, 100));
+        let notes: Vec<&str> = s.timeline.iter().map(|e| e.note.as_str()).collect();
+        assert_eq!(notes.len(), 4, "{notes:?}");
+        assert_eq!(decide(&r, Some(&s), 40_000, &good, &alive), None, "promoted is final");
+    }
+
+    #[test]
+    fn too_few_samples_wait_and_are_never_a_failure() {
+        let (r, alive) = (rollout(), members(3));
+        let s = decide(&r, None, 0, &Figures::default(), &alive).unwrap();
+        let waiting = decide(&r, Some(&s), 60_000, &figures(12, 12), &alive).unwrap();
+        assert_eq!((waiting.phase, waiting.weight, waiting.failures), (Phase::Progressing, 10, 0));
+        assert_eq!(waiting.reason, "insufficient samples 12 of 50");
+        assert_eq!(decide(&r, Some(&waiting), 61_000, &figures(12, 12), &alive), None, "no rewrite of the same reason");
+    }
+
+    #[test]
+    fn a_broken_canary_is_cut_at_once_and_a_tolerated_failure_restarts_the_step() {
+        let (mut r, alive) = (rollout(), members(3));
+        let s = decide(&r, None, 0, &Figures::default(), &alive).unwrap();
+        let bad = figures(100, 20);
+        let cut = decide(&r, Some(&s), 2_000, &bad, &alive).unwrap();
+        assert_eq!((cut.phase, cut.weight), (Phase::Aborted, 0), "before the interval ends");
+        assert!(cut.reason.contains("canary success 80.0% below 99%"), "{}", cut.reason);
+        r.analysis.failures_allowed = 1;
+        let once = decide(&r, Some(&s), 2_000, &bad, &alive).unwrap();
+        assert_eq!((once.phase, once.failures, once.step_started_ms), (Phase::Progressing, 1, 2_000));
+        let twice = decide(&r, Some(&once), 3_000, &bad, &alive).unwrap();
+        assert_eq!(twice.phase, Phase::Aborted);
+        assert_eq!(split(&r, twice.weight).backends.iter().map(|b| b.weight).collect::<Vec<_>>(), [100, 0]);
+    }
+
+    #[test]
+    fn stable_comparison_and_latency_gates() {
+        let mut a = rollout().analysis;
+        a.max_success_drop = Some(0.5);
+        a.max_p99 = Some(Duration::from_millis(100));
+        let mut f = figures(1000, 9);
+        f.stable.errors = 0;
+        assert!(matches!(verdict(&a, &f), Verdict::Fail(w) if w.contains("points below stable")));
+        let mut f = figures(1000, 0);
+        f.canary.p99 = Some(Duration::from_millis(250));
+        assert!(matches!(verdict(&a, &f), Verdict::Fail(w) if w.contains("p99 250 ms")));
+        assert_eq!(verdict(&a, &figures(1000, 2)), Verdict::Pass);
+    }
+
+    #[test]
+    fn no_side_of_a_two_three_partition_can_advance_but_either_may_abort() {
+        let (r, all) = (rollout(), members(5));
+        let s = decide(&r, None, 0, &Figures::default(), &all).unwrap();
+        let (two, three) = (all[..2].to_vec(), all[2..].to_vec());
+        for side in [&two, &three] {
+            assert_eq!(decide(&r, Some(&s), 10_000, &figures(500, 0), side), None, "{side:?} must not advance");
+            assert_eq!(decide(&r, Some(&s), 10_000, &figures(500, 100), side).unwrap().phase, Phase::Aborted);
+        }
+        // One member crashed (the owner, say): the other four go on.
+        assert_eq!(decide(&r, Some(&s), 10_000, &figures(500, 0), &all[1..]).unwrap().weight, 50);
+        assert!(quorum(&members(2), &members(2)) && !quorum(&members(2), &members(1)));
+    }
+
+    #[test]
+    fn every_agent_computes_the_same_owner_and_a_dead_owner_is_replaced() {
+        let all = members(7);
+        let owner = owner("web-v2", &all).unwrap().to_string();
+        let mut shuffled = all.clone();
+        shuffled.reverse();
+        assert_eq!(super::owner("web-v2", &shuffled), Some(owner.as_str()));
+        let rest: Vec<String> = all.iter().filter(|m| **m != owner).cloned().collect();
+        let next = super::owner("web-v2", &rest).unwrap();
+        assert_ne!(next, owner);
+        let owners: std::collections::BTreeSet<&str> =
+            (0..50).filter_map(|i| super::owner(&format!("r{i}"), &all)).collect();
+        assert!(owners.len() >= 5, "rollouts spread over the agents: {owners:?}");
+    }
+}

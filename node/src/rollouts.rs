@@ -1,0 +1,197 @@
+//! The rollouts' shell: every agent ticks, and for each rollout it owns (see
+//! `trellis_core::rollout::owner`) asks the mesh for the step's figures by subset, lets the
+//! core decide, and writes the split and the status as ordinary policy. Operators' commands
+//! (pause, resume, promote, abort) are writes of the status from any agent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use trellis_core::membership::MemberState;
+use trellis_core::policy::model::Object;
+use trellis_core::policy::rollout::{Phase, Rollout, RolloutStatus};
+use trellis_core::policy::{Key, Kind};
+use trellis_core::rollout::{self, Figures, Window};
+use trellis_core::stats::By;
+
+use crate::membership::Members;
+use crate::policy_writer::PolicyWriter;
+use crate::stats::Stats;
+use crate::transport::Transport;
+
+/// How often an owner looks at its rollouts.
+const TICK: Duration = Duration::from_millis(500);
+
+/// What a rollout's owner needs.
+pub struct Driver {
+    pub writer: PolicyWriter,
+    pub stats: Arc<Stats>,
+    pub members: Members,
+    pub transport: Arc<Transport>,
+}
+
+/// Runs until the agent stops.
+pub async fn run(d: Driver) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let alive = alive(&d.members).await;
+        for (name, spec, status) in all(&d.writer) {
+            if rollout::owner(&name, &alive) != Some(d.members.identity.name.as_str()) {
+                continue;
+            }
+            if let Err(e) = step(&d, &name, &spec, status.as_ref(), &alive).await {
+                tracing::warn!(rollout = %name, error = %e, "rollout step not written");
+            }
+        }
+    }
+}
+
+/// One tick of one owned rollout: the split kept at the status's weight, then the next
+/// status when the core has one.
+async fn step(
+    d: &Driver,
+    name: &str,
+    spec: &Rollout,
+    status: Option<&RolloutStatus>,
+    alive: &[String],
+) -> anyhow::Result<()> {
+    let now = crate::policy::now_ms();
+    let figures = match status {
+        Some(s) if s.phase == Phase::Progressing => figures(d, spec, now.saturating_sub(s.step_started_ms)).await,
+        _ => Figures::default(),
+    };
+    let next = rollout::decide(spec, status, now, &figures, alive);
+    if let Some(s) = next.as_ref().or(status) {
+        keep_split(&d.writer, name, spec, s.weight).await?;
+    }
+    if let Some(s) = next {
+        let last = s.timeline.last().map(|e| e.note.clone()).unwrap_or_default();
+        write_status(&d.writer, name, &s).await?;
+        tracing::info!(rollout = %name, phase = ?s.phase, weight = s.weight, reason = %s.reason, event = %last, "rollout");
+    }
+    Ok(())
+}
+
+/// The canary's and the stable subset's requests over the last `since_ms` (at least one
+/// stats interval), from the service's stats owners.
+async fn figures(d: &Driver, spec: &Rollout, since_ms: u64) -> Figures {
+    let window = Duration::from_millis(since_ms).max(d.stats.interval);
+    let rows = d.stats.query((&d.members, &d.transport), Some(&spec.service), By::Subset, window).await.figures;
+    let of = |subset: &str| {
+        rows.iter().find(|r| r.name == subset).map_or(Window::default(), |r| Window {
+            requests: r.requests,
+            errors: r.errors,
+            p99: r.p99_ms.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
+        })
+    };
+    Figures { canary: of(&spec.canary), stable: of(&spec.stable) }
+}
+
+/// Writes the rollout's split when it is not already at `weight`.
+pub async fn keep_split(w: &PolicyWriter, name: &str, spec: &Rollout, weight: u32) -> anyhow::Result<()> {
+    let key = Key { kind: Kind::Splits, name: split_name(name) };
+    let want = rollout::split(spec, weight);
+    let current = w.policy.store.lock().expect("policy lock").objects(Kind::Splits).find_map(|(k, o)| match o {
+        Object::Split(s) if k.name == key.name => Some(s),
+        _ => None,
+    });
+    if current.as_ref() != Some(&want) {
+        w.write(key, Some(serde_json::to_vec(&want)?), None).await?;
+    }
+    Ok(())
+}
+
+/// The split a rollout writes for its service.
+pub fn split_name(rollout: &str) -> String {
+    format!("rollout-{rollout}")
+}
+
+pub async fn write_status(w: &PolicyWriter, name: &str, s: &RolloutStatus) -> anyhow::Result<()> {
+    let key = Key { kind: Kind::Rolloutstatus, name: name.to_string() };
+    w.write(key, Some(serde_json::to_vec(s)?), None).await?;
+    Ok(())
+}
+
+/// Every rollout with its status, if any.
+pub fn all(w: &PolicyWriter) -> Vec<(String, Rollout, Option<RolloutStatus>)> {
+    let store = w.policy.store.lock().expect("policy lock");
+    let statuses: std::collections::BTreeMap<String, RolloutStatus> = store
+        .objects(Kind::Rolloutstatus)
+        .filter_map(|(k, o)| match o {
+            Object::RolloutStatus(s) => Some((k.name.clone(), s)),
+            _ => None,
+        })
+        .collect();
+    store
+        .objects(Kind::Rollouts)
+        .filter_map(|(k, o)| match o {
+            Object::Rollout(r) => Some((k.name.clone(), r, statuses.get(&k.name).cloned())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Members alive as this agent sees them (itself included), sorted.
+pub async fn alive(members: &Members) -> Vec<String> {
+    let me = &members.identity.name;
+    let mut names: Vec<String> = members
+        .list()
+        .await
+        .into_iter()
+        .filter(|m| m.state == MemberState::Alive || &m.id.name == me)
+        .map(|m| m.id.name)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// An operator's command on a rollout, written from this agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Pause,
+    Resume,
+    Promote,
+    Abort,
+}
+
+impl Command {
+    pub fn parse(s: &str) -> Option<Command> {
+        match s {
+            "pause" => Some(Command::Pause),
+            "resume" => Some(Command::Resume),
+            "promote" => Some(Command::Promote),
+            "abort" => Some(Command::Abort),
+            _ => None,
+        }
+    }
+}
+
+/// Applies `cmd` to the status: the next status, or why it does not apply.
+pub fn command(cmd: Command, s: &RolloutStatus, now_ms: u64) -> Result<RolloutStatus, String> {
+    let mut next = s.clone();
+    match (cmd, s.phase) {
+        (_, Phase::Promoted | Phase::Aborted) => {
+            return Err(format!("the rollout is {:?} already", s.phase).to_lowercase())
+        }
+        (Command::Pause, Phase::Progressing) => next.phase = Phase::Paused,
+        (Command::Resume, Phase::Paused) => {
+            next.phase = Phase::Progressing;
+            next.step_started_ms = now_ms;
+        }
+        (Command::Pause | Command::Resume, _) => return Err(format!("the rollout is {:?}", s.phase).to_lowercase()),
+        (Command::Promote, _) => {
+            next.phase = Phase::Promoted;
+            next.weight = 100;
+        }
+        (Command::Abort, _) => {
+            rollout::abort(&mut next, now_ms, "aborted by the operator".into());
+            return Ok(next);
+        }
+    }
+    next.reason = format!("{cmd:?} by the operator").to_lowercase();
+    let reason = next.reason.clone();
+    rollout::note(&mut next, now_ms, reason);
+    Ok(next)
+}
