@@ -14,6 +14,7 @@ pub mod otlp;
 pub mod plain;
 pub mod procs;
 pub mod ratelimit_bench;
+pub mod rollout_bench;
 pub mod runner;
 pub mod sim;
 pub mod stats_bench;

@@ -346,7 +346,7 @@ mod tests {
         let args = flags::AgentArgs { config: Some(p.clone()), ..Default::default() };
         let err = args.resolve_with(&[], None).unwrap_err().to_string();
         let want = format!(
-            "{}: line 4, field `timing.probe_rtt` (found `probe_rtt = \"3s\"`): timing.probe_rtt (3s) must be shorter than timing.probe_period (1s); fix: change line 4 of {}",
+            "{}: line 4, field `timing.probe_rtt` (found `probe_rtt = \"3s\"`): timing.probe_rtt (3s) must be shorter than timing.probe_period (500ms); fix: change line 4 of {}",
             p.display(),
             p.display()
         );

@@ -62,7 +62,10 @@ async fn step(
         _ => Figures::default(),
     };
     let next = rollout::decide(spec, status, now, &figures, alive);
-    if let Some(s) = next.as_ref().or(status) {
+    // Kept while the rollout runs (a new owner repairs a step whose split was not written);
+    // once promoted or aborted, the split is the operator's to keep or delete.
+    let running = status.filter(|s| matches!(s.phase, Phase::Progressing | Phase::Paused));
+    if let Some(s) = next.as_ref().or(running) {
         keep_split(&d.writer, name, spec, s.weight).await?;
     }
     if let Some(s) = next {
@@ -73,10 +76,16 @@ async fn step(
     Ok(())
 }
 
-/// The canary's and the stable subset's requests over the last `since_ms` (at least one
-/// stats interval), from the service's stats owners.
+/// The canary's and the stable subset's requests since the step started, from the
+/// service's stats owners. Only digests that began after the start count (a query's window
+/// takes every digest that ended within it, and the one that ended first may have begun
+/// before the step: with the previous rollout's errors, say), so nothing before one stats
+/// interval has passed.
 async fn figures(d: &Driver, spec: &Rollout, since_ms: u64) -> Figures {
-    let window = Duration::from_millis(since_ms).max(d.stats.interval);
+    let window = Duration::from_millis(since_ms).saturating_sub(d.stats.interval);
+    if window.is_zero() {
+        return Figures::default();
+    }
     let rows = d.stats.query((&d.members, &d.transport), Some(&spec.service), By::Subset, window).await.figures;
     let of = |subset: &str| {
         rows.iter().find(|r| r.name == subset).map_or(Window::default(), |r| Window {

@@ -77,6 +77,12 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
+    /// How long a canary failing 5% of its requests at 2 requests/s serves after its first
+    /// error, against Flagger's and Argo Rollouts' documented rollback times.
+    BenchRollback {
+        #[arg(long, default_value_t = 3)]
+        trials: usize,
+    },
     /// An agent's RSS and fds idle, under client connection floods and a peer stream flood.
     BenchFlood {
         /// TCP connections held open against the proxy and the API (capped by `ulimit -n`).
@@ -135,6 +141,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::BenchDns { secs, rate, reps } => {
             trellis_chaos::dns_bench::run(trellis_chaos::dns_bench::Options { secs, rate, reps: reps.max(1) })
         }
+        Cmd::BenchRollback { trials } => trellis_chaos::rollout_bench::run(trials.max(1)),
         Cmd::BenchFlood { connections, slow, stream_secs } => {
             trellis_chaos::flood_bench::run(connections, slow, stream_secs)
         }

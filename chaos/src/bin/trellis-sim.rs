@@ -134,7 +134,7 @@ mod anchor {
 
 /// What Trellis membership aims for.
 mod target {
-    pub const DETECT_S: f64 = 10.0;
+    pub const DETECT_S: f64 = 8.0;
     pub const CONVERGE_S: f64 = 3.0;
     pub const BYTES_UP_TO_200: f64 = 1000.0;
 }
