@@ -323,3 +323,77 @@ fn history_lists_the_last_versions_and_revert_writes_an_old_one_again() {
         .unwrap();
     assert_eq!(h["versions"].as_array().unwrap().len(), 13);
 }
+
+/// A 2|3 partition in the middle of a rollout: neither side advances it (each sees too few
+/// of the members it started with), and after the heal it goes on to one outcome that
+/// every node holds.
+#[test]
+fn no_side_of_a_two_three_partition_advances_a_rollout_and_one_outcome_holds_after_the_heal() {
+    let proxy =
+        format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let node_args = vec![vec![], vec![], vec![], vec!["--proxy".to_string(), proxy.clone()]];
+    let c = Cluster::start(ClusterSpec {
+        nodes: 5,
+        node_args,
+        extra_args: vec!["--fault-injection".into()],
+        ..Default::default()
+    })
+    .unwrap();
+    let all: Vec<usize> = (0..5).collect();
+    let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
+    c.wait_all_see(&all, &alive, Duration::from_secs(15)).unwrap();
+    // Everything the rollout judges lives on the three side: instances on 2 and 4, load via 3.
+    for (node, id, v) in [(4, "api-1", "v1"), (2, "api-2", "v2")] {
+        let at = trellis_tests::http::server(v);
+        put(
+            &c,
+            node,
+            &format!("/v1/agent/services/{id}"),
+            json!({"service": "api", "address": "127.0.0.1", "port": at.port(), "labels": {"version": v}}),
+        );
+        put(&c, 0, &format!("/v1/policy/subsets/{v}"), json!({"service": "api", "labels": {"version": v}}));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, proxy) = (stop.clone(), proxy.parse().unwrap());
+        std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(90) {
+                trellis_tests::http::get(proxy, "api", "/", &[]);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let spec = json!({"service": "api", "stable": "v1", "canary": "v2", "steps": [20, 50, 100], "interval": "4s",
+                      "analysis": {"min_success_rate": 95, "min_requests": 5}});
+    put(&c, 0, "/v1/policy/rollouts/api-v2", spec);
+    let status = |i: usize| c.node(i).api().get_json("/v1/policy/rolloutstatus/api-v2").ok().map(|v| v["body"].clone());
+    c.wait_until(Duration::from_secs(10), "the rollout started", || status(0).filter(|s| s["weight"] == 20)).unwrap();
+    let (a, b) = ([0, 1], [2, 3, 4]);
+    for i in a {
+        block(&c, i, &b);
+    }
+    for i in b {
+        block(&c, i, &a);
+    }
+    // Four intervals of passing gates on the three side: still at the first step everywhere.
+    std::thread::sleep(Duration::from_secs(16));
+    for i in all.iter().copied() {
+        let s = status(i).unwrap();
+        assert_eq!((s["weight"].as_u64(), s["phase"].as_str()), (Some(20), Some("progressing")), "node {i}: {s}");
+    }
+    for i in all.iter().copied() {
+        block(&c, i, &[]);
+    }
+    c.wait_until(Duration::from_secs(60), "promoted on every node", || {
+        all.iter().all(|&i| status(i).is_some_and(|s| s["phase"] == "promoted")).then_some(())
+    })
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.join().unwrap();
+    let outcomes: Vec<Value> = all.iter().map(|&i| status(i).unwrap()).collect();
+    assert!(outcomes.windows(2).all(|w| w[0] == w[1]), "one status everywhere: {outcomes:?}");
+    let weights: Vec<u64> =
+        outcomes[0]["timeline"].as_array().unwrap().iter().map(|e| e["weight"].as_u64().unwrap()).collect();
+    assert_eq!(weights, [20, 50, 100, 100], "each step once: {}", outcomes[0]["timeline"]);
+}
