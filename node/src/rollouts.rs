@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use trellis_core::membership::MemberState;
 use trellis_core::policy::model::Object;
 use trellis_core::policy::rollout::{Phase, Rollout, RolloutStatus};
 use trellis_core::policy::{Key, Kind};
 use trellis_core::rollout::{self, Figures, Window};
+pub use trellis_core::rollout::{command, Command};
 use trellis_core::stats::By;
 
 use crate::membership::Members;
@@ -143,64 +143,8 @@ pub fn all(w: &PolicyWriter) -> Vec<(String, Rollout, Option<RolloutStatus>)> {
 
 /// Members alive as this agent sees them (itself included), sorted.
 pub async fn alive(members: &Members) -> Vec<String> {
-    let me = &members.identity.name;
-    let mut names: Vec<String> = members
-        .list()
-        .await
-        .into_iter()
-        .filter(|m| m.state == MemberState::Alive || &m.id.name == me)
-        .map(|m| m.id.name)
-        .collect();
+    let mut names = crate::stats::alive(members).await.1;
     names.sort();
     names.dedup();
     names
-}
-
-/// An operator's command on a rollout, written from this agent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Command {
-    Pause,
-    Resume,
-    Promote,
-    Abort,
-}
-
-impl Command {
-    pub fn parse(s: &str) -> Option<Command> {
-        match s {
-            "pause" => Some(Command::Pause),
-            "resume" => Some(Command::Resume),
-            "promote" => Some(Command::Promote),
-            "abort" => Some(Command::Abort),
-            _ => None,
-        }
-    }
-}
-
-/// Applies `cmd` to the status: the next status, or why it does not apply.
-pub fn command(cmd: Command, s: &RolloutStatus, now_ms: u64) -> Result<RolloutStatus, String> {
-    let mut next = s.clone();
-    match (cmd, s.phase) {
-        (_, Phase::Promoted | Phase::Aborted) => {
-            return Err(format!("the rollout is {:?} already", s.phase).to_lowercase())
-        }
-        (Command::Pause, Phase::Progressing) => next.phase = Phase::Paused,
-        (Command::Resume, Phase::Paused) => {
-            next.phase = Phase::Progressing;
-            next.step_started_ms = now_ms;
-        }
-        (Command::Pause | Command::Resume, _) => return Err(format!("the rollout is {:?}", s.phase).to_lowercase()),
-        (Command::Promote, _) => {
-            next.phase = Phase::Promoted;
-            next.weight = 100;
-        }
-        (Command::Abort, _) => {
-            rollout::abort(&mut next, now_ms, "aborted by the operator".into());
-            return Ok(next);
-        }
-    }
-    next.reason = format!("{cmd:?} by the operator").to_lowercase();
-    let reason = next.reason.clone();
-    rollout::note(&mut next, now_ms, reason);
-    Ok(next)
 }

@@ -231,9 +231,9 @@ pub async fn run(stats: Arc<Stats>, members: Members, transport: Arc<Transport>,
     }
 }
 
-/// The members that may own figures (this node and the live ones), with their addresses,
-/// and their names alone.
-async fn alive(members: &Members) -> (Vec<(String, SocketAddr)>, Vec<String>) {
+/// The members that may own figures, or drive a rollout (this node and the live ones),
+/// with their addresses, and their names alone.
+pub async fn alive(members: &Members) -> (Vec<(String, SocketAddr)>, Vec<String>) {
     let me = &members.identity.name;
     let alive: Vec<(String, SocketAddr)> = members
         .list()

@@ -182,6 +182,55 @@ pub fn note(s: &mut RolloutStatus, at_ms: u64, note: String) {
     }
 }
 
+/// An operator's command on a rollout (the shell writes the resulting status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Pause,
+    Resume,
+    Promote,
+    Abort,
+}
+
+impl Command {
+    pub fn parse(s: &str) -> Option<Command> {
+        match s {
+            "pause" => Some(Command::Pause),
+            "resume" => Some(Command::Resume),
+            "promote" => Some(Command::Promote),
+            "abort" => Some(Command::Abort),
+            _ => None,
+        }
+    }
+}
+
+/// Applies `cmd` to the status: the next status, or why it does not apply.
+pub fn command(cmd: Command, s: &RolloutStatus, now_ms: u64) -> Result<RolloutStatus, String> {
+    let mut next = s.clone();
+    match (cmd, s.phase) {
+        (_, Phase::Promoted | Phase::Aborted) => {
+            return Err(format!("the rollout is {:?} already", s.phase).to_lowercase())
+        }
+        (Command::Pause, Phase::Progressing) => next.phase = Phase::Paused,
+        (Command::Resume, Phase::Paused) => {
+            next.phase = Phase::Progressing;
+            next.step_started_ms = now_ms;
+        }
+        (Command::Pause | Command::Resume, _) => return Err(format!("the rollout is {:?}", s.phase).to_lowercase()),
+        (Command::Promote, _) => {
+            next.phase = Phase::Promoted;
+            next.weight = 100;
+        }
+        (Command::Abort, _) => {
+            abort(&mut next, now_ms, "aborted by the operator".into());
+            return Ok(next);
+        }
+    }
+    next.reason = format!("{cmd:?} by the operator").to_lowercase();
+    let reason = next.reason.clone();
+    note(&mut next, now_ms, reason);
+    Ok(next)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +328,25 @@ mod tests {
         // One member crashed (the owner, say): the other four go on.
         assert_eq!(decide(&r, Some(&s), 10_000, &figures(500, 0), &all[1..]).unwrap().weight, 50);
         assert!(quorum(&members(2), &members(2)) && !quorum(&members(2), &members(1)));
+    }
+
+    #[test]
+    fn operator_commands_move_only_a_running_rollout() {
+        let (r, alive) = (rollout(), members(3));
+        let s = decide(&r, None, 0, &Figures::default(), &alive).unwrap();
+        let paused = command(Command::Pause, &s, 5).unwrap();
+        assert_eq!(paused.phase, Phase::Paused);
+        assert_eq!(decide(&r, Some(&paused), 60_000, &figures(500, 0), &alive), None, "a paused rollout stays");
+        let resumed = command(Command::Resume, &paused, 70).unwrap();
+        assert_eq!((resumed.phase, resumed.step_started_ms), (Phase::Progressing, 70), "its interval starts again");
+        assert!(command(Command::Resume, &resumed, 80).is_err(), "not paused");
+        let promoted = command(Command::Promote, &resumed, 90).unwrap();
+        assert_eq!((promoted.phase, promoted.weight), (Phase::Promoted, 100));
+        assert!(command(Command::Abort, &promoted, 95).unwrap_err().contains("promoted"));
+        let aborted = command(Command::Abort, &paused, 99).unwrap();
+        assert_eq!((aborted.phase, aborted.weight), (Phase::Aborted, 0));
+        assert_eq!(Command::parse("abort"), Some(Command::Abort));
+        assert_eq!(Command::parse("rollback"), None);
     }
 
     #[test]

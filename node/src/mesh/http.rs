@@ -160,6 +160,7 @@ fn mirror(fwd: &Arc<Forwarder>, t: &Target<'_>, req: &Request<InBody>) -> Option
         authority: t.authority.clone(),
         h2: t.h2,
         timeout: t.timeout(),
+        caller: t.caller.clone(),
     };
     super::mirror::start(fwd, req, copy)
 }

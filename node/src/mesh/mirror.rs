@@ -25,6 +25,8 @@ pub struct Copy {
     pub authority: String,
     pub h2: bool,
     pub timeout: Duration,
+    /// The calling service of the original request: intentions judge the copy as it.
+    pub caller: Option<Arc<str>>,
 }
 
 /// Starts mirroring `req`: returns the tee its body must feed, or None when it has no
@@ -52,10 +54,11 @@ async fn send(
         stats.skipped.fetch_add(1, Relaxed);
         return;
     };
-    let Ok((pick, _in_flight)) = fwd.pick(&fwd.snapshot(), &c.service, &c.labels, None, &mut Vec::new()) else {
+    let Ok((mut pick, _in_flight)) = fwd.pick(&fwd.snapshot(), &c.service, &c.labels, None, &mut Vec::new()) else {
         stats.failed.fetch_add(1, Relaxed);
         return;
     };
+    pick.caller = c.caller;
     // The instance can tell a copy from a real request.
     headers.insert("x-trellis-mirror", hyper::header::HeaderValue::from_str(&c.subset).expect("a subset name"));
     let mut req = Request::builder()
