@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::http::Api;
+use crate::netns::Net as Netns;
 
 /// Peer and API ports; every node has its own loopback address, so these never clash.
 pub const PEER_PORT: u16 = 7946;
@@ -37,8 +38,12 @@ pub struct ClusterSpec {
     pub seed_index: usize,
     /// Extra flags for every agent.
     pub extra_args: Vec<String>,
-    /// Extra flags per node (may be shorter than `nodes`).
+    /// Extra flags per node (may be shorter than `nodes`); `{ip}` in them stands for the
+    /// node's address.
     pub node_args: Vec<Vec<String>>,
+    /// Each agent in its own network namespace on a bridge (see [`crate::netns`]) instead of
+    /// on its own loopback address.
+    pub netns: bool,
 }
 
 impl Default for ClusterSpec {
@@ -50,6 +55,7 @@ impl Default for ClusterSpec {
             seed_index: 0,
             extra_args: vec![],
             node_args: vec![],
+            netns: false,
         }
     }
 }
@@ -108,6 +114,10 @@ pub struct Cluster {
     nodes: Vec<NodeHandle>,
     profile: String,
     extra_args: Vec<String>,
+    /// Dropped after the agents (field order), so no namespace is deleted under a process.
+    net: Option<Netns>,
+    /// The write token of every API, in namespace mode.
+    token: Option<String>,
 }
 
 /// The `trellis` binary; panics with the reason if there is none (see [`try_trellis_bin`]).
@@ -234,12 +244,13 @@ fn node_ip(subnet: (u8, u8), i: usize) -> Ipv4Addr {
 }
 
 /// Whether no other process (another test binary, a `trellis-chaos up`, agents orphaned by a
-/// crashed run) holds the first few node addresses of `subnet`.
+/// crashed run) holds the first few node addresses of `subnet` or its namespace bridge.
 fn subnet_is_free(subnet: (u8, u8)) -> bool {
-    (0..5).all(|i| {
-        let ip = IpAddr::V4(node_ip(subnet, i));
-        TcpListener::bind((ip, API_PORT)).is_ok() && UdpSocket::bind((ip, PEER_PORT)).is_ok()
-    })
+    !Netns::taken(subnet)
+        && (0..5).all(|i| {
+            let ip = IpAddr::V4(node_ip(subnet, i));
+            TcpListener::bind((ip, API_PORT)).is_ok() && UdpSocket::bind((ip, PEER_PORT)).is_ok()
+        })
 }
 
 /// A subnet no cluster of this process has used and no other process seems to be using.
@@ -308,9 +319,19 @@ impl Cluster {
             nodes: vec![],
             profile: spec.profile,
             extra_args: spec.extra_args,
+            net: None,
+            token: None,
         };
+        if spec.netns {
+            c.net = Some(Netns::create(c.subnet)?);
+            // Off loopback, an agent's API needs a token (the secure default holds in tests too).
+            let token = format!("{:032x}", rand::random::<u128>());
+            std::fs::write(c.root.join("api-tokens"), format!("write:{token}\n"))?;
+            c.extra_args.extend(["--api-tokens-file".into(), path_arg(&c.root.join("api-tokens"))?.to_string()]);
+            c.token = Some(token);
+        }
         run_cli(&["ca", "init", "--dir", path_arg(&c.ca_dir)?])?;
-        let seed = SocketAddr::new(IpAddr::V4(node_ip(c.subnet, spec.seed_index)), PEER_PORT);
+        let seed = SocketAddr::new(IpAddr::V4(c.ip_of(spec.seed_index)), PEER_PORT);
         // Indices are fixed by the spec, so create every handle before starting anyone.
         for i in 0..spec.nodes {
             let join = if i == spec.seed_index { vec![] } else { vec![seed] };
@@ -328,6 +349,22 @@ impl Cluster {
             c.wait_healthy(i)?;
         }
         Ok(c)
+    }
+
+    /// Node `i`'s address: in its namespace, or on loopback.
+    fn ip_of(&self, i: usize) -> Ipv4Addr {
+        self.net.as_ref().map_or_else(|| node_ip(self.subnet, i), |n| n.node_ip(i))
+    }
+
+    /// The namespaces, in namespace mode.
+    pub fn net(&self) -> Option<&Netns> {
+        self.net.as_ref()
+    }
+
+    /// Where the harness's test servers listen so every agent reaches them: the bridge's
+    /// address in namespace mode, else localhost.
+    pub fn host_ip(&self) -> Ipv4Addr {
+        self.net.as_ref().map_or(Ipv4Addr::LOCALHOST, |n| n.host_ip())
     }
 
     pub fn ca_dir(&self) -> &Path {
@@ -406,7 +443,13 @@ impl Cluster {
                 t
             }
         };
-        let ip = IpAddr::V4(node_ip(self.subnet, i));
+        if let Some(net) = &mut self.net {
+            net.add_node(i)?;
+        }
+        let ip = IpAddr::V4(self.ip_of(i));
+        if let Some(token) = &self.token {
+            crate::http::register_token(SocketAddr::new(ip, API_PORT), token);
+        }
         self.nodes.push(NodeHandle {
             name: name.into(),
             peer_addr: SocketAddr::new(ip, PEER_PORT),
@@ -432,7 +475,11 @@ impl Cluster {
         let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log_path)?;
         // Restarts append to the same log; mark where each run begins.
         writeln!(log, "=== trellis-chaos: start #{} of {} ===", n.starts, n.name)?;
-        let mut cmd = Command::new(&bin);
+        let ip = n.peer_addr.ip().to_string();
+        let mut cmd = match &self.net {
+            Some(net) => net.command(i, &bin),
+            None => Command::new(&bin),
+        };
         cmd.args(["agent", "--name", &n.name, "--profile", profile])
             .args(["--bind", &n.peer_addr.to_string(), "--api", &n.api_addr.to_string()])
             .arg("--data-dir")
@@ -447,7 +494,7 @@ impl Cluster {
             cmd.args(["--label", &format!("{k}={v}")]);
         }
         cmd.args(&self.extra_args)
-            .args(&n.args)
+            .args(n.args.iter().map(|a| a.replace("{ip}", &ip)))
             .env_remove("TRELLIS_HTTP_ADDR")
             // Plain text in the log files that error messages quote.
             .env("NO_COLOR", "1")
@@ -486,9 +533,15 @@ impl Cluster {
         anyhow::bail!("{failure}\n--- last 30 lines of {} ---\n{}", n.log_path.display(), self.log_tail(i, 30))
     }
 
+    /// Signals node `i`'s agent, or in namespace mode every process of its namespace (a
+    /// whole host frozen or resumed).
     fn signal(&self, i: usize, sig: &str) {
-        if let Some(pid) = self.nodes[i].pid() {
+        let pids = match (&self.net, sig) {
+            (Some(net), "-STOP" | "-CONT") => net.pids(i),
             // The child is never reaped before kill/stop, so this pid is still ours.
+            _ => self.nodes[i].pid().into_iter().collect(),
+        };
+        for pid in pids {
             let _ = Command::new("kill").args([sig, &pid.to_string()]).stderr(Stdio::null()).status();
         }
     }

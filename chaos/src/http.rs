@@ -1,7 +1,9 @@
 //! A small blocking JSON client for agent APIs. Non-2xx answers are returned, not raised,
 //! so tests can assert on them; short timeouts keep a dead or paused agent from hanging a test.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -14,6 +16,19 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Api {
     base: String,
     agent: ureq::Agent,
+    token: Option<String>,
+}
+
+/// API tokens by address: an agent whose API is off loopback (namespace mode) needs one, and
+/// every client of this process made for that address sends it.
+fn tokens() -> &'static Mutex<HashMap<SocketAddr, String>> {
+    static TOKENS: OnceLock<Mutex<HashMap<SocketAddr, String>>> = OnceLock::new();
+    TOKENS.get_or_init(Mutex::default)
+}
+
+/// From now on, clients of `addr` send `token` as a bearer token.
+pub fn register_token(addr: SocketAddr, token: &str) {
+    tokens().lock().unwrap_or_else(|e| e.into_inner()).insert(addr, token.to_string());
 }
 
 impl Api {
@@ -25,7 +40,15 @@ impl Api {
             .proxy(None)
             .build()
             .into();
-        Api { base: format!("http://{addr}"), agent }
+        let token = tokens().lock().unwrap_or_else(|e| e.into_inner()).get(&addr).cloned();
+        Api { base: format!("http://{addr}"), agent, token }
+    }
+
+    fn auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(t) => req.header("authorization", format!("Bearer {t}")),
+            None => req,
+        }
     }
 
     /// `http://ip:port`, for error messages and hand-built URLs.
@@ -38,7 +61,7 @@ impl Api {
     }
 
     fn get(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
-        let req = self.agent.get(self.url(path));
+        let req = self.auth(self.agent.get(self.url(path)));
         match blocking_wait(path) {
             // A blocking read may legitimately hold the answer back for its whole `wait`.
             Some(wait) => req.config().timeout_global(Some(wait + REQUEST_TIMEOUT)).build(),
@@ -82,17 +105,17 @@ impl Api {
 
     /// POST a body verbatim (for malformed-input tests).
     pub fn post_raw(&self, path: &str, body: &str) -> anyhow::Result<(u16, Value)> {
-        let req = self.agent.post(self.url(path)).header("content-type", "application/json");
+        let req = self.auth(self.agent.post(self.url(path))).header("content-type", "application/json");
         Self::finish("POST", path, req.send(body))
     }
 
     pub fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-        let req = self.agent.put(self.url(path)).header("content-type", "application/json");
+        let req = self.auth(self.agent.put(self.url(path))).header("content-type", "application/json");
         Self::finish("PUT", path, req.send(body.to_string()))
     }
 
     pub fn delete(&self, path: &str) -> anyhow::Result<(u16, Value)> {
-        Self::finish("DELETE", path, self.agent.delete(self.url(path)).call())
+        Self::finish("DELETE", path, self.auth(self.agent.delete(self.url(path))).call())
     }
 
     /// `GET /v1/members`.

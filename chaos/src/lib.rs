@@ -8,6 +8,7 @@ pub mod haproxy;
 pub mod http;
 pub mod loadgen;
 pub mod mesh_bench;
+pub mod netns;
 pub mod nginx;
 pub mod oha;
 pub mod otlp;

@@ -35,7 +35,15 @@ pub fn respond(s: &mut TcpStream, status: u16, body: &[u8]) {
 /// A server on 127.0.0.1 answering each request with `handler(head)`; a thread per
 /// connection.
 pub fn serve(handler: impl Fn(&str) -> (u16, Vec<u8>) + Send + Sync + 'static) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a test server");
+    serve_at(std::net::Ipv4Addr::LOCALHOST, handler)
+}
+
+/// [`serve`] on a port of `ip`.
+pub fn serve_at(
+    ip: std::net::Ipv4Addr,
+    handler: impl Fn(&str) -> (u16, Vec<u8>) + Send + Sync + 'static,
+) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).expect("bind a test server");
     let addr = l.local_addr().expect("local addr");
     let handler = Arc::new(handler);
     std::thread::spawn(move || {

@@ -6,10 +6,12 @@
 //! seed: random faults and the nodes policy writes go to come from it, so a seed replays the
 //! same fault schedule.
 
+pub mod history;
+mod soak;
 mod timeline;
 
 use std::collections::{BTreeSet, HashSet};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +24,10 @@ use serde_json::{json, Value};
 
 use crate::cluster::{Cluster, ClusterSpec};
 use crate::http::Api;
+use crate::netns;
 use crate::plain;
+use history::{Kind, Op, Outcome};
+use trellis_core::policy::store::Version;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,6 +50,10 @@ pub struct Scenario {
     pub random: Option<RandomFaults>,
     #[serde(default)]
     pub invariants: Invariants,
+    /// When set, every node's RSS, open fds, tasks and QUIC connections are sampled this
+    /// often (for soaks: `resources.csv`, `resources.svg` and an RSS fit in the report).
+    #[serde(default, with = "humantime_serde")]
+    pub sample_every: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -79,7 +88,30 @@ pub enum FaultKind {
     Heal,
     Wipe,
     Join,
+    /// Cut off from everyone: in namespace mode the node's link goes down (the harness loses
+    /// it too), else the agent drops every peer.
+    Isolate,
+    /// The agent answers policy writes 200 and stores nothing: a deliberately broken node,
+    /// so the history checker's failure can be seen (not in the library).
+    DropWrites,
 }
+
+/// Where faults happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Agents on loopback addresses; partitions, loss and isolation by the agents' own
+    /// fault control (`--fault-injection`).
+    Agent,
+    /// Each agent in its own network namespace on a bridge; partitions, loss and isolation
+    /// by nftables and link state in the kernel, freezes of the whole namespace.
+    Netns,
+}
+
+/// Policy objects the workload writes and reads: few, so writes on different nodes
+/// overwrite each other and the merge rule decides.
+const KEYS: usize = 6;
+/// Every agent's proxy listener port, on the agent's own address.
+const PROXY_PORT: u16 = 18080;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,6 +149,9 @@ pub struct Invariants {
     #[serde(with = "humantime_serde")]
     pub policy_bound: Duration,
     pub max_rss_mib: f64,
+    /// The most RSS may grow per hour, from a least-squares fit of each node's run after a
+    /// warm-up of a tenth of the duration; judged on runs covering half the duration or more.
+    pub max_rss_growth_mib_per_hour: Option<f64>,
 }
 
 impl Default for Invariants {
@@ -126,6 +161,7 @@ impl Default for Invariants {
             membership_bound: Duration::from_secs(20),
             policy_bound: Duration::from_secs(20),
             max_rss_mib: 200.0,
+            max_rss_growth_mib_per_hour: None,
         }
     }
 }
@@ -166,9 +202,12 @@ impl Scenario {
                 let undo = match kind {
                     FaultKind::Kill | FaultKind::Wipe => Some(FaultKind::Restart),
                     FaultKind::Pause => Some(FaultKind::Resume),
-                    FaultKind::Partition | FaultKind::OneWay | FaultKind::Loss | FaultKind::Delay => {
-                        Some(FaultKind::Heal)
-                    }
+                    FaultKind::Partition
+                    | FaultKind::OneWay
+                    | FaultKind::Loss
+                    | FaultKind::Delay
+                    | FaultKind::Isolate
+                    | FaultKind::DropWrites => Some(FaultKind::Heal),
                     _ => None,
                 };
                 if let Some(undo) = undo {
@@ -212,6 +251,8 @@ pub struct Report {
     pub membership_converged_s: Option<f64>,
     pub policy_converged_s: Option<f64>,
     pub max_rss_mib: f64,
+    /// RSS growth per node run, when resources were sampled.
+    pub rss_growth: Vec<soak::Growth>,
     pub checks: Vec<Check>,
     /// Per second: (second, success rate, p99 latency in ms, members node 0 sees alive).
     pub timeline: Vec<(u64, f64, f64, usize)>,
@@ -223,13 +264,9 @@ impl Report {
     }
 }
 
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port")
-}
-
 /// An HTTP server that answers `<name> <path>`, so a wrong answer is seen.
-fn echo_server(name: String) -> SocketAddr {
-    plain::serve(move |head| (200, format!("{name} {}", plain::path_of(head)).into_bytes()))
+fn echo_server(ip: std::net::Ipv4Addr, name: String) -> SocketAddr {
+    plain::serve_at(ip, move |head| (200, format!("{name} {}", plain::path_of(head)).into_bytes()))
 }
 
 /// The body of a 200 through the proxy, or None.
@@ -267,6 +304,71 @@ fn judge_limit(mut r: Report, limit: f64, admitted: &[u64]) -> Report {
     r
 }
 
+/// Scrapes one node's `/metrics` every `every` until `stop`; a node that does not answer
+/// (killed, paused) leaves a gap. The process start time tells one run from the next.
+fn sample_resources(
+    node: usize,
+    api: SocketAddr,
+    every: Duration,
+    t0: Instant,
+    stop: &AtomicBool,
+    out: &Mutex<Vec<soak::Sample>>,
+) {
+    let mut due = t0;
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok(text) = Api::new(api).get_text("/metrics") {
+            let run = soak::metric(&text, "process_start_time_seconds").unwrap_or(0.0) as u32;
+            if let Some(s) = soak::from_metrics(&text, t0.elapsed().as_secs_f64(), node, run) {
+                out.lock().unwrap().push(s);
+            }
+        }
+        due += every;
+        while Instant::now() < due && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200).min(every));
+        }
+    }
+}
+
+/// The RSS fit of every long enough node run against the scenario's bound; writes the
+/// samples and their picture next to the report.
+fn judge_growth(mut r: Report, scenario: &Scenario, samples: &[soak::Sample], out: &Path) -> anyhow::Result<Report> {
+    if scenario.sample_every.is_none() {
+        return Ok(r);
+    }
+    let secs = scenario.duration.as_secs_f64();
+    r.rss_growth = soak::growth(samples, (secs / 10.0).max(60.0), secs / 2.0);
+    std::fs::write(out.join("resources.csv"), soak::csv(samples))?;
+    let title = format!(
+        "{} (seed {}): resources per node, sampled every {:?}",
+        r.scenario,
+        r.seed,
+        scenario.sample_every.unwrap_or_default()
+    );
+    std::fs::write(out.join("resources.svg"), soak::svg(&title, samples, &r.rss_growth))?;
+    if let Some(bound) = scenario.invariants.max_rss_growth_mib_per_hour {
+        let worst = r.rss_growth.iter().max_by(|a, b| a.mib_per_hour.total_cmp(&b.mib_per_hour));
+        let fits: Vec<String> = r
+            .rss_growth
+            .iter()
+            .map(|g| {
+                format!(
+                    "n{} {:+.2} MiB/h ({:.1}->{:.1} over {:.0} s)",
+                    g.node, g.mib_per_hour, g.first_mib, g.last_mib, g.span_s
+                )
+            })
+            .collect();
+        r.checks.push(Check {
+            name: "RSS does not keep growing".into(),
+            ok: !r.rss_growth.is_empty() && worst.is_none_or(|g| g.mib_per_hour <= bound),
+            detail: format!(
+                "bound {bound} MiB/h; fits after warm-up: {}",
+                if fits.is_empty() { "none long enough".into() } else { fits.join(", ") }
+            ),
+        });
+    }
+    Ok(r)
+}
+
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -277,41 +379,77 @@ fn rss_mib(pid: u32) -> f64 {
         / 1024.0
 }
 
-/// Runs `scenario` with `seed`; writes report.json and timeline.svg into `out`.
-pub fn run(scenario: &Scenario, seed: u64, out: &Path) -> anyhow::Result<Report> {
+/// Milliseconds since `t0`.
+fn ms(t0: Instant) -> u64 {
+    t0.elapsed().as_millis() as u64
+}
+
+/// One policy write of the workload on `api`, recorded with its outcome.
+fn write_op(api: SocketAddr, node: usize, key: String, value: String, t0: Instant) -> Op {
+    let start_ms = ms(t0);
+    let body = json!({"service": "echo", "labels": {"write": value}});
+    let outcome = match Api::new(api).put_json(&format!("/v1/policy/subsets/{key}"), &body) {
+        Ok((200, v)) => v["version"].as_str().and_then(Version::parse_token).map_or(Outcome::Unknown, Outcome::Acked),
+        Ok((status, _)) => Outcome::Refused(status),
+        Err(_) => Outcome::Unknown,
+    };
+    Op { node, start_ms, end_ms: ms(t0), key, kind: Kind::Write { value, outcome } }
+}
+
+/// What `api` holds for `key`: Some(None) for no such object, None when it did not answer.
+fn read_key(api: SocketAddr, key: &str) -> Option<Option<(Version, String)>> {
+    match Api::new(api).get_json(&format!("/v1/policy/subsets/{key}")) {
+        Ok(v) => {
+            let version = v["version"].as_str().and_then(Version::parse_token)?;
+            let value = v["body"]["labels"]["write"].as_str()?.to_string();
+            Some(Some((version, value)))
+        }
+        Err(e) if e.to_string().contains(": 404 ") => Some(None),
+        Err(_) => None,
+    }
+}
+
+/// Runs `scenario` with `seed`, faults injected as `mode` says; writes report.json,
+/// history.json and timeline.svg into `out`.
+pub fn run(scenario: &Scenario, seed: u64, out: &Path, mode: Mode) -> anyhow::Result<Report> {
     std::fs::create_dir_all(out)?;
     let schedule = scenario.schedule(seed);
     println!(
-        "scenario {} seed {seed}: {} nodes, {:?}, {} faults",
+        "scenario {} seed {seed} ({mode:?} mode): {} nodes, {:?}, {} faults",
         scenario.name,
         scenario.nodes,
         scenario.duration,
         schedule.len()
     );
     // Every node has a proxy: node 0's carries the checked traffic, all carry limited load.
-    let proxies: Vec<SocketAddr> = (0..scenario.nodes).map(|_| free_addr()).collect();
-    let proxy = proxies[0];
-    let node_args: Vec<Vec<String>> = proxies.iter().map(|p| vec!["--proxy".to_string(), p.to_string()]).collect();
+    let proxy_arg = vec!["--proxy".to_string(), format!("{{ip}}:{PROXY_PORT}")];
     let spec = ClusterSpec {
         nodes: scenario.nodes,
         profile: scenario.profile.clone(),
         extra_args: vec!["--fault-injection".into()],
-        node_args,
+        node_args: vec![proxy_arg; scenario.nodes],
+        netns: mode == Mode::Netns,
         ..Default::default()
     };
     let mut c = Cluster::start(spec)?;
+    let proxies: Vec<SocketAddr> =
+        (0..scenario.nodes).map(|i| SocketAddr::new(c.node(i).peer_addr.ip(), PROXY_PORT)).collect();
+    let proxy = proxies[0];
+    let mut net = c.net().map(|_| netns::Faults::new(c.nodes().iter().map(|n| ip4(n.peer_addr)).collect()));
     let all: Vec<usize> = (0..scenario.nodes).collect();
     let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
     c.wait_all_see(&all, &alive, Duration::from_secs(30))?;
     let mut instance_names = HashSet::new();
     for i in 0..scenario.nodes {
         let name = format!("echo-{i}");
-        let srv = echo_server(format!("{name}@{}", c.node(i).name));
+        // Test servers listen where every agent reaches them: the bridge in namespace mode.
+        let srv = echo_server(c.host_ip(), format!("{name}@{}", c.node(i).name));
         instance_names.insert(format!("{name}@{}", c.node(i).name));
-        let body = json!({"service": "echo", "address": "127.0.0.1", "port": srv.port()});
+        let address = c.host_ip().to_string();
+        let body = json!({"service": "echo", "address": address, "port": srv.port()});
         let (s, v) = c.node(i).api().put_json(&format!("/v1/agent/services/{name}"), &body)?;
         anyhow::ensure!(s == 200, "register {name}: {v}");
-        let body = json!({"service": "limited", "address": "127.0.0.1", "port": srv.port()});
+        let body = json!({"service": "limited", "address": address, "port": srv.port()});
         let (s, v) = c.node(i).api().put_json(&format!("/v1/agent/services/limited-{i}"), &body)?;
         anyhow::ensure!(s == 200, "register limited-{i}: {v}");
     }
@@ -330,10 +468,11 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path) -> anyhow::Result<Report>
     let stop = Arc::new(AtomicBool::new(false));
     let faulted: Arc<Mutex<BTreeSet<usize>>> = Arc::default();
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
-    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let ops: Arc<Mutex<Vec<Op>>> = Arc::default();
     let members_seen: Arc<Mutex<Vec<(u64, usize)>>> = Arc::default();
     let limited: Arc<Mutex<Vec<u64>>> = Arc::default();
     let apis: Vec<SocketAddr> = all.iter().map(|&i| c.node(i).api_addr).collect();
+    let resources: Arc<Mutex<Vec<soak::Sample>>> = Arc::default();
     let mut max_rss = 0.0f64;
     std::thread::scope(|s| -> anyhow::Result<()> {
         // HTTP traffic through node 0, open loop.
@@ -384,9 +523,9 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path) -> anyhow::Result<Report>
                 });
             }
         }
-        // Policy writes on random live nodes; each 200 is recorded.
+        // Policy writes of a few keys on random live nodes, every one recorded with its answer.
         {
-            let (stop, faulted, acked, apis) = (stop.clone(), faulted.clone(), acked.clone(), apis.clone());
+            let (stop, faulted, ops, apis) = (stop.clone(), faulted.clone(), ops.clone(), apis.clone());
             let every = Duration::from_secs_f64(1.0 / scenario.workload.policy_writes_per_sec.max(0.01));
             s.spawn(move || {
                 let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed);
@@ -395,14 +534,37 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path) -> anyhow::Result<Report>
                     std::thread::sleep(every);
                     let live: Vec<usize> = (0..apis.len()).filter(|i| !faulted.lock().unwrap().contains(i)).collect();
                     let node = live[rng.random_range(0..live.len())];
-                    let name = format!("w-{k}");
-                    let body = json!({"service": "echo", "labels": {"write": name}});
-                    if let Ok((200, _)) = Api::new(apis[node]).put_json(&format!("/v1/policy/subsets/{name}"), &body) {
-                        acked.lock().unwrap().push(name);
-                    }
+                    let key = format!("h-{}", rng.random_range(0..KEYS));
+                    let op = write_op(apis[node], node, key, format!("w-{k}"), t0);
+                    ops.lock().unwrap().push(op);
                     k += 1;
                 }
             });
+        }
+        // Reads of those keys on every live node, one reader per node, recorded with what they saw.
+        for (node, &api) in apis.iter().enumerate() {
+            let (stop, faulted, ops) = (stop.clone(), faulted.clone(), ops.clone());
+            s.spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(seed ^ node as u64);
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(250));
+                    if faulted.lock().unwrap().contains(&node) {
+                        continue;
+                    }
+                    let key = format!("h-{}", rng.random_range(0..KEYS));
+                    let start_ms = ms(t0);
+                    if let Some(seen) = read_key(api, &key) {
+                        ops.lock().unwrap().push(Op { node, start_ms, end_ms: ms(t0), key, kind: Kind::Read { seen } });
+                    }
+                }
+            });
+        }
+        // Resources of every node, when the scenario asks.
+        if let Some(every) = scenario.sample_every {
+            for (node, &api) in apis.iter().enumerate() {
+                let (stop, resources) = (stop.clone(), resources.clone());
+                s.spawn(move || sample_resources(node, api, every, t0, &stop, &resources));
+            }
         }
         // Members node 0 sees alive, every second.
         {
@@ -424,19 +586,27 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path) -> anyhow::Result<Report>
                 std::thread::sleep(wait);
             }
             println!("{:>6.1}s {:?} {:?}", t0.elapsed().as_secs_f64(), f.kind, f.nodes);
-            apply(&mut c, f, &faulted)?;
+            if f.kind == FaultKind::Wipe {
+                let at = ms(t0);
+                let wiped = f.nodes.iter().map(|&node| Op {
+                    node,
+                    start_ms: at,
+                    end_ms: at,
+                    key: String::new(),
+                    kind: Kind::Wipe,
+                });
+                ops.lock().unwrap().extend(wiped);
+            }
+            apply(&mut c, f, &faulted, net.as_mut())?;
             max_rss = max_rss.max(all.iter().filter_map(|&i| c.node(i).pid()).map(rss_mib).fold(0.0, f64::max));
         }
         if let Some(wait) = (t0 + scenario.duration).checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
         // Undo what is left, then let the cluster settle under traffic.
+        let heal = Fault { at: Duration::ZERO, kind: FaultKind::Heal, nodes: vec![0], rate: None, delay_ms: None };
+        apply(&mut c, &heal, &faulted, net.as_mut())?;
         for i in 1..scenario.nodes {
-            apply(
-                &mut c,
-                &Fault { at: Duration::ZERO, kind: FaultKind::Heal, nodes: vec![i], rate: None, delay_ms: None },
-                &faulted,
-            )?;
             if c.node(i).is_paused() {
                 c.resume(i);
             }
@@ -450,53 +620,49 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path) -> anyhow::Result<Report>
         Ok(())
     })?;
     max_rss = max_rss.max(all.iter().filter_map(|&i| c.node(i).pid()).map(rss_mib).fold(0.0, f64::max));
-    let report = judge(
-        scenario,
-        seed,
-        &c,
-        schedule,
-        t0,
-        &samples.lock().unwrap(),
-        &acked.lock().unwrap(),
-        &members_seen.lock().unwrap(),
-        max_rss,
-    );
+    let ops = std::mem::take(&mut *ops.lock().unwrap());
+    let report =
+        judge(scenario, seed, &c, schedule, t0, &samples.lock().unwrap(), &ops, &members_seen.lock().unwrap(), max_rss);
     let report = judge_limit(report, limit, &limited.lock().unwrap());
+    let report = judge_growth(report, scenario, &resources.lock().unwrap(), out)?;
     std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(out.join("history.json"), serde_json::to_string(&ops)?)?;
     std::fs::write(out.join("timeline.svg"), timeline::svg(&report))?;
     print!("{}", summary(&report));
     println!("report: {}", out.join("report.json").display());
     Ok(report)
 }
 
-fn apply(c: &mut Cluster, f: &Fault, faulted: &Mutex<BTreeSet<usize>>) -> anyhow::Result<()> {
+fn ip4(addr: SocketAddr) -> std::net::Ipv4Addr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
+    }
+}
+
+/// Applies one fault: processes are killed, paused and restarted here; the network faults
+/// go to the kernel (`net`, namespace mode) or to the agents' fault control.
+fn apply(
+    c: &mut Cluster,
+    f: &Fault,
+    faulted: &Mutex<BTreeSet<usize>>,
+    net: Option<&mut netns::Faults>,
+) -> anyhow::Result<()> {
     let n = c.len();
-    let fault = |c: &Cluster, i: usize, body: Value| -> anyhow::Result<()> {
-        if c.node(i).is_running() && !c.node(i).is_paused() {
-            let (s, v) = c.node(i).api().post_json("/v1/fault", &body)?;
-            anyhow::ensure!(s == 200, "fault on node {i}: {v}");
-        }
-        Ok(())
-    };
-    let addrs = |c: &Cluster, nodes: &[usize]| -> Vec<String> {
-        nodes.iter().map(|&i| c.node(i).peer_addr.to_string()).collect()
-    };
-    for &i in f.nodes.iter().filter(|i| **i < n) {
+    let nodes: Vec<usize> = f.nodes.iter().copied().filter(|i| *i < n).collect();
+    for &i in &nodes {
         match f.kind {
-            FaultKind::Kill => {
+            FaultKind::Kill | FaultKind::Wipe => {
                 faulted.lock().unwrap().insert(i);
                 c.kill(i);
-            }
-            FaultKind::Wipe => {
-                faulted.lock().unwrap().insert(i);
-                c.kill(i);
-                let _ = std::fs::remove_dir_all(&c.node(i).data_dir);
+                if f.kind == FaultKind::Wipe {
+                    let _ = std::fs::remove_dir_all(&c.node(i).data_dir);
+                }
             }
             FaultKind::Restart => {
                 c.restart(i)?;
                 faulted.lock().unwrap().remove(&i);
             }
-            FaultKind::Join => {}
             FaultKind::Pause => {
                 faulted.lock().unwrap().insert(i);
                 c.pause(i);
@@ -505,14 +671,10 @@ fn apply(c: &mut Cluster, f: &Fault, faulted: &Mutex<BTreeSet<usize>>) -> anyhow
                 c.resume(i);
                 faulted.lock().unwrap().remove(&i);
             }
-            FaultKind::Loss => fault(c, i, json!({"drop_rate": f.rate.unwrap_or(0.1)}))?,
-            FaultKind::Delay => fault(c, i, json!({"delay_ms": f.delay_ms.unwrap_or(100)}))?,
-            FaultKind::Heal => {
-                for j in 0..n {
-                    fault(c, j, json!({}))?;
-                }
-            }
-            FaultKind::Partition | FaultKind::OneWay => {}
+            FaultKind::DropWrites => agent_fault(c, i, json!({"drop_writes": true}))?,
+            // Delay stays in the transport in both modes: this kernel has no netem.
+            FaultKind::Delay => agent_fault(c, i, json!({"delay_ms": f.delay_ms.unwrap_or(100)}))?,
+            _ => {}
         }
     }
     if f.kind == FaultKind::Join {
@@ -524,22 +686,96 @@ fn apply(c: &mut Cluster, f: &Fault, faulted: &Mutex<BTreeSet<usize>>) -> anyhow
             c.add_node(&name, &seed)?;
         }
     }
-    if matches!(f.kind, FaultKind::Partition | FaultKind::OneWay) {
-        let side: Vec<usize> = f.nodes.iter().copied().filter(|i| *i < n).collect();
-        let rest: Vec<usize> = (0..n).filter(|i| !side.contains(i)).collect();
-        // A partition drops both ways; one way drops only what the side sends.
-        if f.kind == FaultKind::Partition {
-            for &i in &side {
-                fault(c, i, json!({"block": addrs(c, &rest)}))?;
-            }
-            for &i in &rest {
-                fault(c, i, json!({"block": addrs(c, &side)}))?;
-            }
-        } else {
-            for &i in &side {
-                fault(c, i, json!({"block_out": addrs(c, &rest)}))?;
+    match net {
+        Some(net) => apply_in_kernel(c, f, &nodes, faulted, net),
+        None => apply_in_agents(c, f, &nodes),
+    }
+}
+
+/// `body` to node `i`'s fault control, if it runs.
+fn agent_fault(c: &Cluster, i: usize, body: Value) -> anyhow::Result<()> {
+    if c.node(i).is_running() && !c.node(i).is_paused() {
+        let (s, v) = c.node(i).api().post_json("/v1/fault", &body)?;
+        anyhow::ensure!(s == 200, "fault on node {i}: {v}");
+    }
+    Ok(())
+}
+
+/// Partitions, loss and isolation through the agents' own fault control.
+fn apply_in_agents(c: &Cluster, f: &Fault, side: &[usize]) -> anyhow::Result<()> {
+    let n = c.len();
+    let addrs = |nodes: &[usize]| -> Vec<String> { nodes.iter().map(|&i| c.node(i).peer_addr.to_string()).collect() };
+    let rest: Vec<usize> = (0..n).filter(|i| !side.contains(i)).collect();
+    match f.kind {
+        FaultKind::Loss => {
+            for &i in side {
+                agent_fault(c, i, json!({"drop_rate": f.rate.unwrap_or(0.1)}))?;
             }
         }
+        FaultKind::Heal => {
+            for j in 0..n {
+                agent_fault(c, j, json!({}))?;
+            }
+        }
+        // A partition drops both ways; one way drops only what the side sends.
+        FaultKind::Partition | FaultKind::Isolate => {
+            for &i in side {
+                agent_fault(c, i, json!({"block": addrs(&rest)}))?;
+            }
+            for &i in &rest {
+                agent_fault(c, i, json!({"block": addrs(side)}))?;
+            }
+        }
+        FaultKind::OneWay => {
+            for &i in side {
+                agent_fault(c, i, json!({"block_out": addrs(&rest)}))?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Partitions and loss as nftables drops in the namespaces, isolation as the link going
+/// down, heal as every rule removed and every link up.
+fn apply_in_kernel(
+    c: &Cluster,
+    f: &Fault,
+    side: &[usize],
+    faulted: &Mutex<BTreeSet<usize>>,
+    state: &mut netns::Faults,
+) -> anyhow::Result<()> {
+    let net = c.net().expect("namespace mode");
+    match f.kind {
+        FaultKind::Partition => state.partition(side),
+        FaultKind::OneWay => state.one_way(side),
+        FaultKind::Loss => {
+            for &i in side {
+                state.loss(i, (f.rate.unwrap_or(0.1) * 100.0).round().clamp(0.0, 100.0) as u8);
+            }
+        }
+        FaultKind::Isolate => {
+            for &i in side {
+                // The harness cannot reach it either: keep the workload off it.
+                faulted.lock().unwrap().insert(i);
+                net.set_link(i, false)?;
+            }
+            return Ok(());
+        }
+        FaultKind::Heal => {
+            state.heal();
+            for i in 0..c.len() {
+                net.set_link(i, true)?;
+                if c.node(i).is_running() && !c.node(i).is_paused() {
+                    faulted.lock().unwrap().remove(&i);
+                }
+                agent_fault(c, i, json!({}))?;
+            }
+        }
+        _ => return Ok(()),
+    }
+    for i in 0..c.len() {
+        net.apply(i, state.rules(i))?;
     }
     Ok(())
 }
@@ -552,7 +788,7 @@ fn judge(
     schedule: Vec<Fault>,
     t0: Instant,
     samples: &[Sample],
-    acked: &[String],
+    ops: &[Op],
     members_seen: &[(u64, usize)],
     max_rss: f64,
 ) -> Report {
@@ -574,7 +810,8 @@ fn judge(
             inv.membership_bound
         ),
     });
-    // Policy: identical everywhere, every acknowledged write present.
+    // Policy: identical everywhere, and the history of writes and reads one that correct
+    // replicas under the merge rule may produce.
     let start = Instant::now();
     let versions = |v: &Value| -> Vec<String> {
         v["objects"]
@@ -585,32 +822,40 @@ fn judge(
     let same = c.wait_until(inv.policy_bound, "identical policy", || {
         let snaps: Vec<Value> =
             all.iter().map(|&i| c.node(i).api().get_json("/v1/policy").ok()).collect::<Option<_>>()?;
-        snaps
-            .iter()
-            .all(|s| s["root"] == snaps[0]["root"] && versions(s) == versions(&snaps[0]))
-            .then(|| snaps[0].clone())
+        snaps.iter().all(|s| s["root"] == snaps[0]["root"] && versions(s) == versions(&snaps[0])).then_some(())
     });
     let policy_s = same.as_ref().ok().map(|_| start.elapsed().as_secs_f64());
-    let missing: Vec<&String> = match &same {
-        Ok(snap) => {
-            let names: HashSet<String> = snap["objects"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|o| o["name"].as_str().map(String::from))
-                .collect();
-            acked.iter().filter(|w| !names.contains(*w)).collect()
-        }
-        Err(_) => acked.iter().collect(),
-    };
     checks.push(Check {
-        name: "every acknowledged policy write is on every node, and all nodes are identical".into(),
-        ok: same.is_ok() && missing.is_empty(),
+        name: "all nodes hold identical policy".into(),
+        ok: same.is_ok(),
+        detail: format!("identical after {policy_s:?} (bound {:?})", inv.policy_bound),
+    });
+    let mut finals = history::Finals::new();
+    for &i in &all {
+        for k in 0..KEYS {
+            let key = format!("h-{k}");
+            if let Some(held) = read_key(c.node(i).api_addr, &key) {
+                finals.insert((i, key), held);
+            }
+        }
+    }
+    let violations = history::check(ops, &finals);
+    let writes = ops.iter().filter(|o| matches!(o.kind, Kind::Write { .. })).count();
+    let reads = ops.iter().filter(|o| matches!(o.kind, Kind::Read { .. })).count();
+    checks.push(Check {
+        name: "no acknowledged write lost, the merge rule's state everywhere, monotonic reads".into(),
+        ok: violations.is_empty() && finals.len() == all.len() * KEYS,
         detail: format!(
-            "{} writes acknowledged, {} missing, identical after {:?}",
-            acked.len(),
-            missing.len(),
-            policy_s
+            "{writes} writes ({} acknowledged), {reads} reads, {} of {} settled keys read; {} violations{}",
+            acked_writes(ops),
+            finals.len(),
+            all.len() * KEYS,
+            violations.len(),
+            if violations.is_empty() {
+                String::new()
+            } else {
+                format!(", first: {}", history::describe(&violations, 3))
+            }
         ),
     });
     // Traffic.
@@ -660,13 +905,18 @@ fn judge(
         requests: samples.len(),
         succeeded: ok,
         wrong,
-        writes_acked: acked.len(),
+        writes_acked: acked_writes(ops),
         membership_converged_s: membership_s,
         policy_converged_s: policy_s,
         max_rss_mib: max_rss,
+        rss_growth: vec![],
         checks,
         timeline,
     }
+}
+
+fn acked_writes(ops: &[Op]) -> usize {
+    ops.iter().filter(|o| matches!(o.kind, Kind::Write { outcome: Outcome::Acked(_), .. })).count()
 }
 
 pub fn summary(r: &Report) -> String {

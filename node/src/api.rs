@@ -196,6 +196,12 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         stats.identity_mismatches,
     );
     e.gauge("trellis_quic_connections", "Open peer connections.", a.transport.connections() as f64);
+    let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    e.gauge(
+        "trellis_runtime_tasks",
+        "Tasks alive on the agent's async runtime (a leak shows as growth).",
+        tasks as f64,
+    );
     quic_metrics(&mut e, &a.transport.quic_totals());
     e.counter("trellis_quic_dials_total", "Outgoing peer connection attempts.", t.dials.load(Relaxed));
     e.counter(
@@ -514,6 +520,9 @@ struct FaultRequest {
     /// Added to every outgoing peer message.
     #[serde(default)]
     delay_ms: u64,
+    /// Acknowledge policy writes without storing them (to show the history checker fails).
+    #[serde(default)]
+    drop_writes: bool,
 }
 
 /// `POST /v1/fault`: test-only loss and partitions, served only with `--fault-injection`.
@@ -535,6 +544,7 @@ async fn set_faults(State(a): State<AgentHandle>, body: Bytes) -> Result<Json<se
     f.blocked = req.block.into_iter().collect();
     f.blocked_out = req.block_out.into_iter().collect();
     f.delay = std::time::Duration::from_millis(req.delay_ms.min(60_000));
+    f.drop_writes = req.drop_writes;
     Ok(Json(
         serde_json::json!({"drop_rate": f.drop_rate, "blocked": f.blocked.len(), "blocked_out": f.blocked_out.len()}),
     ))

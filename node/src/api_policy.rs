@@ -198,6 +198,17 @@ async fn write(a: AgentHandle, key: Key, body: Option<Bytes>, cas: Option<Versio
     if let Some(b) = &body {
         refuse_l7_on_tcp(&a, &key, b)?;
     }
+    if a.transport.faults.as_ref().is_some_and(|f| f.lock().expect("faults lock").drop_writes) {
+        // The broken agent of the chaos checker's own test: a made-up version, nothing stored.
+        let hlc = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
+            as u64)
+            << 16;
+        let version = Version { hlc, node: 0 }.token();
+        return Ok(with_index(
+            *a.policy.index.borrow(),
+            json!({"kind": key.kind, "name": key.name, "version": version}),
+        ));
+    }
     let res = a.writer.write(key.clone(), body.map(|b| b.to_vec()), cas).await;
     let entry = res.map_err(|e| match e {
         WriteError::Store(StoreError::Invalid(f)) => bad(f),

@@ -16,4 +16,7 @@ pub struct Faults {
     pub blocked_out: std::collections::HashSet<SocketAddr>,
     /// Added to every outgoing peer message (this kernel has no `tc netem`).
     pub delay: std::time::Duration,
+    /// A deliberately broken agent for the chaos history checker: policy writes are answered
+    /// 200 with a version but never stored.
+    pub drop_writes: bool,
 }

@@ -106,6 +106,10 @@ enum Cmd {
         /// Where reports and timelines go.
         #[arg(long, default_value = "chaos-reports")]
         out: std::path::PathBuf,
+        /// Each agent in its own network namespace, faults made by the kernel (nftables drops,
+        /// links down, whole-namespace freezes); needs root, `ip` and `nft`.
+        #[arg(long)]
+        netns: bool,
     },
     /// Measure policy propagation and catch-up on real agents.
     BenchPolicy {
@@ -145,11 +149,19 @@ fn main() -> anyhow::Result<()> {
         Cmd::BenchFlood { connections, slow, stream_secs } => {
             trellis_chaos::flood_bench::run(connections, slow, stream_secs)
         }
-        Cmd::Run { scenarios, seed, out } => run_scenarios(&scenarios, seed, &out),
+        Cmd::Run { scenarios, seed, out, netns } => {
+            let mode = if netns { trellis_chaos::runner::Mode::Netns } else { trellis_chaos::runner::Mode::Agent };
+            run_scenarios(&scenarios, seed, &out, mode)
+        }
     }
 }
 
-fn run_scenarios(names: &[String], seed: Option<u64>, out: &std::path::Path) -> anyhow::Result<()> {
+fn run_scenarios(
+    names: &[String],
+    seed: Option<u64>,
+    out: &std::path::Path,
+    mode: trellis_chaos::runner::Mode,
+) -> anyhow::Result<()> {
     use trellis_chaos::runner::{library, run, Scenario};
     let paths: Vec<std::path::PathBuf> =
         if names == ["all"] { library() } else { names.iter().map(std::path::PathBuf::from).collect() };
@@ -158,7 +170,7 @@ fn run_scenarios(names: &[String], seed: Option<u64>, out: &std::path::Path) -> 
     let mut failed = Vec::new();
     for p in paths {
         let scenario = Scenario::load(&p)?;
-        let report = run(&scenario, seed, &out.join(&scenario.name))?;
+        let report = run(&scenario, seed, &out.join(&scenario.name), mode)?;
         if !report.passed() {
             failed.push(scenario.name);
         }
