@@ -170,7 +170,9 @@ fn locate_or_build() -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("trellis-chaos: building {} (missing or older than node/ and proto/)", bin.display());
     let out = Command::new(cargo)
-        .args(["build", "-p", "trellis-node", "--bin", "trellis"])
+        // The feature the workspace build unifies in: the harness's faults need it, and the
+        // same features mean the same artifact as `cargo build --workspace`.
+        .args(["build", "-p", "trellis-node", "--bin", "trellis", "--features", "fault-injection"])
         .current_dir(&workspace)
         .stdin(Stdio::null())
         .output();
@@ -186,7 +188,7 @@ fn locate_or_build() -> anyhow::Result<PathBuf> {
         return Ok(bin);
     }
     anyhow::bail!(
-        "no trellis binary at {} and `cargo build -p trellis-node --bin trellis` failed \
+        "no trellis binary at {} and `cargo build -p trellis-node --bin trellis --features fault-injection` failed \
          (set TRELLIS_BIN to use another one):\n{why}",
         bin.display()
     )

@@ -59,6 +59,12 @@ impl Faults {
         Faults { ips, rules }
     }
 
+    /// A node that joined later, with nothing dropped yet.
+    pub fn add(&mut self, ip: Ipv4Addr) {
+        self.ips.push(ip);
+        self.rules.push(Rules::default());
+    }
+
     pub fn rules(&self, i: usize) -> &Rules {
         &self.rules[i]
     }

@@ -646,7 +646,7 @@ fn apply(
     c: &mut Cluster,
     f: &Fault,
     faulted: &Mutex<BTreeSet<usize>>,
-    net: Option<&mut netns::Faults>,
+    mut net: Option<&mut netns::Faults>,
 ) -> anyhow::Result<()> {
     let n = c.len();
     let nodes: Vec<usize> = f.nodes.iter().copied().filter(|i| *i < n).collect();
@@ -683,7 +683,10 @@ fn apply(
         let seed = [c.node(0).peer_addr];
         for k in 0..count {
             let name = format!("j{}-{k}", f.at.as_millis());
-            c.add_node(&name, &seed)?;
+            let i = c.add_node(&name, &seed)?;
+            if let Some(state) = net.as_deref_mut() {
+                state.add(ip4(c.node(i).peer_addr));
+            }
         }
     }
     match net {

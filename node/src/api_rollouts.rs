@@ -11,7 +11,7 @@ use crate::api_error::ApiError;
 use crate::api_routes::Routes;
 use crate::metrics::Exposition;
 use crate::rollouts::{self, Command};
-use trellis_core::policy::rollout::{Rollout, RolloutStatus};
+use trellis_core::policy::rollout::{Phase, Rollout, RolloutStatus};
 
 pub fn routes() -> Routes<AgentHandle> {
     Routes::new()
@@ -20,9 +20,22 @@ pub fn routes() -> Routes<AgentHandle> {
         .post("/v1/rollouts/{name}/{command}", command)
 }
 
-fn view(name: &str, spec: &Rollout, status: Option<&RolloutStatus>, alive: &[String]) -> Value {
+/// The current step's figures so far, as the owner judges them (mesh-wide), while it runs.
+async fn figures(a: &AgentHandle, spec: &Rollout, status: Option<&RolloutStatus>) -> Value {
+    let Some(s) = status.filter(|s| s.phase == Phase::Progressing) else { return Value::Null };
+    let sources = rollouts::Sources { stats: &a.stats, members: &a.members, transport: &a.transport };
+    let f = rollouts::step_figures(sources, spec, s, crate::policy::now_ms()).await;
+    let window = |w: &trellis_core::rollout::Window| {
+        json!({"requests": w.requests, "errors": w.errors, "success_rate": w.success(),
+               "p99_ms": w.p99.map(|d| d.as_secs_f64() * 1000.0)})
+    };
+    json!({"canary": window(&f.canary), "stable": window(&f.stable)})
+}
+
+fn view(name: &str, spec: &Rollout, status: Option<&RolloutStatus>, alive: &[String], figures: Value) -> Value {
     let phase = status.map_or_else(|| json!("pending"), |s| json!(s.phase));
     json!({
+        "figures": figures,
         "name": name,
         "phase": phase,
         "owner": trellis_core::rollout::owner(name, alive),
@@ -34,7 +47,12 @@ fn view(name: &str, spec: &Rollout, status: Option<&RolloutStatus>, alive: &[Str
 
 async fn all(State(a): State<AgentHandle>) -> Json<Vec<Value>> {
     let alive = rollouts::alive(&a.members).await;
-    Json(rollouts::all(&a.writer).iter().map(|(n, r, s)| view(n, r, s.as_ref(), &alive)).collect())
+    let mut out = Vec::new();
+    for (n, r, s) in rollouts::all(&a.writer) {
+        let f = figures(&a, &r, s.as_ref()).await;
+        out.push(view(&n, &r, s.as_ref(), &alive, f));
+    }
+    Json(out)
 }
 
 fn find(a: &AgentHandle, name: &str) -> Result<(Rollout, Option<RolloutStatus>), ApiError> {
@@ -46,7 +64,8 @@ fn find(a: &AgentHandle, name: &str) -> Result<(Rollout, Option<RolloutStatus>),
 async fn one(State(a): State<AgentHandle>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
     let (spec, status) = find(&a, &name)?;
     let alive = rollouts::alive(&a.members).await;
-    Ok(Json(view(&name, &spec, status.as_ref(), &alive)))
+    let f = figures(&a, &spec, status.as_ref()).await;
+    Ok(Json(view(&name, &spec, status.as_ref(), &alive, f)))
 }
 
 /// `pause`, `resume`, `promote` or `abort`: a write of the status (and for promote and
@@ -80,7 +99,7 @@ async fn command(
     rollouts::keep_split(&a.writer, &name, &spec, next.weight).await.map_err(failed)?;
     rollouts::write_status(&a.writer, &name, &next).await.map_err(failed)?;
     let alive = rollouts::alive(&a.members).await;
-    Ok(Json(view(&name, &spec, Some(&next), &alive)))
+    Ok(Json(view(&name, &spec, Some(&next), &alive, Value::Null)))
 }
 
 /// `trellis_rollout_canary_weight{rollout}`: the canary's weight as the status says.

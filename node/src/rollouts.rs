@@ -36,8 +36,13 @@ pub async fn run(d: Driver) {
     loop {
         tick.tick().await;
         let alive = alive(&d.members).await;
+        let known = known(&d.members).await;
         for (name, spec, status) in all(&d.writer) {
             if rollout::owner(&name, &alive) != Some(d.members.identity.name.as_str()) {
+                continue;
+            }
+            if status.is_none() && !rollout::may_start(alive.len(), known) {
+                tracing::debug!(rollout = %name, alive = alive.len(), known, "not started: most members out of view");
                 continue;
             }
             if let Err(e) = step(&d, &name, &spec, status.as_ref(), &alive).await {
@@ -58,7 +63,7 @@ async fn step(
 ) -> anyhow::Result<()> {
     let now = crate::policy::now_ms();
     let figures = match status {
-        Some(s) if s.phase == Phase::Progressing => figures(d, spec, now.saturating_sub(s.step_started_ms)).await,
+        Some(s) if s.phase == Phase::Progressing => step_figures(d.into(), spec, s, now).await,
         _ => Figures::default(),
     };
     let next = rollout::decide(spec, status, now, &figures, alive);
@@ -76,17 +81,31 @@ async fn step(
     Ok(())
 }
 
+/// Where the mesh-wide figures come from: the agent's stats and its peers.
+pub struct Sources<'a> {
+    pub stats: &'a Stats,
+    pub members: &'a Members,
+    pub transport: &'a Arc<Transport>,
+}
+
+impl<'a> From<&'a Driver> for Sources<'a> {
+    fn from(d: &'a Driver) -> Self {
+        Sources { stats: &d.stats, members: &d.members, transport: &d.transport }
+    }
+}
+
 /// The canary's and the stable subset's requests since the step started, from the
 /// service's stats owners. Only digests that began after the start count (a query's window
 /// takes every digest that ended within it, and the one that ended first may have begun
 /// before the step: with the previous rollout's errors, say), so nothing before one stats
 /// interval has passed.
-async fn figures(d: &Driver, spec: &Rollout, since_ms: u64) -> Figures {
-    let window = Duration::from_millis(since_ms).saturating_sub(d.stats.interval);
+pub async fn step_figures(d: Sources<'_>, spec: &Rollout, s: &RolloutStatus, now_ms: u64) -> Figures {
+    let since = Duration::from_millis(now_ms.saturating_sub(s.step_started_ms));
+    let window = since.saturating_sub(d.stats.interval);
     if window.is_zero() {
         return Figures::default();
     }
-    let rows = d.stats.query((&d.members, &d.transport), Some(&spec.service), By::Subset, window).await.figures;
+    let rows = d.stats.query((d.members, d.transport), Some(&spec.service), By::Subset, window).await.figures;
     let of = |subset: &str| {
         rows.iter().find(|r| r.name == subset).map_or(Window::default(), |r| Window {
             requests: r.requests,
@@ -142,6 +161,21 @@ pub fn all(w: &PolicyWriter) -> Vec<(String, Rollout, Option<RolloutStatus>)> {
 }
 
 /// Members alive as this agent sees them (itself included), sorted.
+/// How many members this agent knows of, in any state but left (itself included).
+async fn known(members: &Members) -> usize {
+    let mut names: Vec<String> = members
+        .list()
+        .await
+        .into_iter()
+        .filter(|m| m.state != trellis_core::membership::MemberState::Left)
+        .map(|m| m.id.name)
+        .collect();
+    names.push(members.identity.name.clone());
+    names.sort();
+    names.dedup();
+    names.len()
+}
+
 pub async fn alive(members: &Members) -> Vec<String> {
     let mut names = crate::stats::alive(members).await.1;
     names.sort();

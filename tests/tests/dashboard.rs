@@ -107,19 +107,31 @@ fn dashboard_in_headless_chromium_shows_members_services_and_traffic() {
         let (s, v) = c.node(node).api().put_json(&format!("/v1/agent/services/web-{node}"), &body).unwrap();
         assert_eq!(s, 200, "{v}");
     }
+    // The canary's instance, for the rollout below.
+    let canary = trellis_tests::http::server("hello from v2");
+    let body = json!({"service": "web", "address": "127.0.0.1", "port": canary.port(), "labels": {"version": "v2"}});
+    let (s, v) = c.node(2).api().put_json("/v1/agent/services/web-v2", &body).unwrap();
+    assert_eq!(s, 200, "{v}");
     let api = c.node(0).api();
     for (path, body) in [
         ("/v1/policy/services/web", json!({"protocol": "http", "lb": {"policy": "least_request"}, "timeout": "2s"})),
         ("/v1/policy/subsets/v1", json!({"service": "web", "labels": {"version": "v1"}})),
         ("/v1/policy/ratelimits/web", json!({"service": "web", "requests_per_second": 500, "burst": 50})),
         ("/v1/policy/intentions/web-any", json!({"source": "*", "destination": "web", "action": "allow"})),
+        // A canary at its first step, judged only at the end of the hour-long interval.
+        ("/v1/policy/subsets/v2", json!({"service": "web", "labels": {"version": "v2"}})),
+        (
+            "/v1/policy/rollouts/web-v2",
+            json!({"service": "web", "stable": "v1", "canary": "v2", "steps": [10, 50], "interval": "1h",
+                   "analysis": {"min_success_rate": 99.5, "min_requests": 50}}),
+        ),
     ] {
         let (s, v) = api.put_json(path, &body).unwrap();
         assert_eq!(s, 200, "{path}: {v}");
     }
-    c.wait_until(Duration::from_secs(10), "both instances in node 0's catalog", || {
+    c.wait_until(Duration::from_secs(10), "the three instances in node 0's catalog", || {
         let v = api.get_json("/v1/catalog/services/web").ok()?;
-        (v.as_array()?.len() == 2).then_some(())
+        (v.as_array()?.len() == 3).then_some(())
     })
     .unwrap();
 
@@ -153,6 +165,12 @@ fn dashboard_in_headless_chromium_shows_members_services_and_traffic() {
     })
     .unwrap();
 
+    c.wait_until(Duration::from_secs(15), "the rollout started by its owner", || {
+        let r = api.get_json("/v1/rollouts/web-v2").ok()?;
+        (r["phase"] == "progressing").then_some(())
+    })
+    .unwrap();
+
     let url = format!("http://{}/ui", c.node(0).api_addr);
     let profile = c.root().join("chromium-profile");
     let t = Instant::now();
@@ -179,14 +197,25 @@ fn dashboard_in_headless_chromium_shows_members_services_and_traffic() {
     let chart = dom.split("data-chart=\"web-rps\"").nth(1).unwrap_or_else(|| panic!("no rps chart:\n{dom}"));
     let points = chart.split("points=\"").nth(1).and_then(|p| p.split('"').next()).unwrap_or("");
     assert!(points.split_whitespace().count() >= 2, "a line needs two points: {points:?}");
-    for kind in ["services", "subsets", "ratelimits", "intentions"] {
+    // The rollout: its phase, its steps with the current one marked, its gates and timeline.
+    let rollout = dom.split("data-rollout=\"web-v2\"").nth(1).unwrap_or_else(|| panic!("no rollout:\n{dom}"));
+    let rollout = rollout.split("data-rollout=").next().unwrap_or(rollout);
+    assert!(rollout.starts_with(" data-phase=\"progressing\""), "{rollout}");
+    assert!(rollout.contains("class=\"chip step now\" data-step=\"0\">step 1: 10 %"), "{rollout}");
+    assert!(rollout.contains("step 2: 50 %") && rollout.contains("success ≥ 99.5 %"), "{rollout}");
+    assert!(rollout.contains("data-event="), "no timeline events: {rollout}");
+    // The step's mesh-wide figures so far, both subsets.
+    assert!(rollout.contains("this step so far") && rollout.contains("data-subset=\"canary\""), "{rollout}");
+    let canary = api.get_json("/v1/rollouts/web-v2").unwrap();
+    assert!(canary["figures"]["stable"]["requests"].as_u64().is_some(), "{canary}");
+    for kind in ["services", "subsets", "ratelimits", "intentions", "rollouts"] {
         assert!(dom.contains(&format!("data-kind=\"{kind}\"")), "policy kind {kind} missing:\n{dom}");
     }
 
     let shot = artifacts_dir().join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
     let t = Instant::now();
-    run_chromium(&url, &[format!("--screenshot={}", shot.display()), "--window-size=1280,900".into()], &profile);
+    run_chromium(&url, &[format!("--screenshot={}", shot.display()), "--window-size=1280,1500".into()], &profile);
     let shot_took = t.elapsed();
     stop.store(true, Ordering::Relaxed);
     let requests = load.join().unwrap();

@@ -352,6 +352,7 @@ fn no_side_of_a_two_three_partition_advances_a_rollout_and_one_outcome_holds_aft
             json!({"service": "api", "address": "127.0.0.1", "port": at.port(), "labels": {"version": v}}),
         );
         put(&c, 0, &format!("/v1/policy/subsets/{v}"), json!({"service": "api", "labels": {"version": v}}));
+        put(&c, 0, &format!("/v1/policy/subsets/late-{v}"), json!({"service": "late", "labels": {"version": v}}));
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
@@ -376,8 +377,24 @@ fn no_side_of_a_two_three_partition_advances_a_rollout_and_one_outcome_holds_aft
     for i in b {
         block(&c, i, &a);
     }
+    // A rollout written on the two side once it sees the others gone: a minority may not
+    // start one (else each side would start it with its own members and could advance).
+    let late_status =
+        |i: usize| c.node(i).api().get_json("/v1/policy/rolloutstatus/late-v2").ok().map(|v| v["body"].clone());
+    let started = std::time::Instant::now();
+    c.wait_until(Duration::from_secs(15), "node 0 sees only its own side alive", || {
+        let m = c.node(0).api().members().ok()?;
+        (m.iter().filter(|x| x["state"] == "alive").count() == 2).then_some(())
+    })
+    .unwrap();
+    let late = json!({"service": "late", "stable": "late-v1", "canary": "late-v2", "steps": [50], "interval": "1h"});
+    put(&c, 0, "/v1/policy/rollouts/late-v2", late);
+    std::thread::sleep(Duration::from_secs(3));
+    for i in a {
+        assert!(late_status(i).is_none(), "node {i}: a two-of-five side started a rollout: {:?}", late_status(i));
+    }
     // Four intervals of passing gates on the three side: still at the first step everywhere.
-    std::thread::sleep(Duration::from_secs(16));
+    std::thread::sleep(Duration::from_secs(16).saturating_sub(started.elapsed()));
     for i in all.iter().copied() {
         let s = status(i).unwrap();
         assert_eq!((s["weight"].as_u64(), s["phase"].as_str()), (Some(20), Some("progressing")), "node {i}: {s}");
@@ -387,6 +404,11 @@ fn no_side_of_a_two_three_partition_advances_a_rollout_and_one_outcome_holds_aft
     }
     c.wait_until(Duration::from_secs(60), "promoted on every node", || {
         all.iter().all(|&i| status(i).is_some_and(|s| s["phase"] == "promoted")).then_some(())
+    })
+    .unwrap();
+    // After the heal the whole cluster is in view: the late rollout starts, once.
+    c.wait_until(Duration::from_secs(20), "the late rollout started everywhere", || {
+        all.iter().all(|&i| late_status(i).is_some_and(|s| s["phase"] == "progressing")).then_some(())
     })
     .unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -40,6 +40,10 @@ enum Cmd {
         /// Seconds of 5% loss for the false-positive figure.
         #[arg(long, default_value_t = 60)]
         loss_secs: u64,
+        /// Each agent in its own network namespace; the loss is nftables dropping 5% of the
+        /// UDP every namespace receives (needs root, `ip`, `nft`).
+        #[arg(long)]
+        netns: bool,
     },
     /// The data plane against a direct connection and HAProxy: fixed-rate latency,
     /// throughput, CPU, RSS, bulk TCP (chaos/bench-mesh.sh runs it).
@@ -129,7 +133,9 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Up { nodes, profile } => up(nodes, profile),
-        Cmd::BenchMembers { nodes, profile, steady_secs, loss_secs } => bench(nodes, profile, steady_secs, loss_secs),
+        Cmd::BenchMembers { nodes, profile, steady_secs, loss_secs, netns } => {
+            bench(nodes, profile, steady_secs, loss_secs, netns)
+        }
         Cmd::BenchPolicy { nodes, profile, writes, catch_up } => bench_policy(nodes, profile, writes, catch_up),
         Cmd::BenchMesh { secs, rates, bulk_mib, open_conns, reps, only } => {
             let reps = reps.max(1);
@@ -288,13 +294,14 @@ fn metric(text: &str, name: &str) -> Option<f64> {
     })
 }
 
-fn bench(n: usize, profile: String, steady: u64, loss: u64) -> anyhow::Result<()> {
+fn bench(n: usize, profile: String, steady: u64, loss: u64, netns: bool) -> anyhow::Result<()> {
     let all: Vec<usize> = (0..n).collect();
     let start = Instant::now();
-    let mut c = Cluster::start(ClusterSpec { nodes: n, profile: profile.clone(), ..Default::default() })?;
+    let mut c = Cluster::start(ClusterSpec { nodes: n, profile: profile.clone(), netns, ..Default::default() })?;
     let everyone: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
-    let formed = c.wait_all_see(&all, &everyone, Duration::from_secs(120))?;
-    println!("profile {profile}, {n} agents on loopback (2-core machine)");
+    let formed = c.wait_all_see(&all, &everyone, Duration::from_secs(180))?;
+    let place = if netns { "each in its own network namespace" } else { "on loopback" };
+    println!("profile {profile}, {n} agents {place} (2-core machine)");
     println!(
         "cluster formed (all {n} see all alive) {:.2} s after the last agent answered, {:.1} s after launch",
         formed.as_secs_f64(),
@@ -317,13 +324,17 @@ fn bench(n: usize, profile: String, steady: u64, loss: u64) -> anyhow::Result<()
     println!("kill -9 declared down by all {n}: {:.2} s", t.as_secs_f64());
     drop(c);
 
-    let mut c = Cluster::start(ClusterSpec {
-        nodes: n,
-        profile: profile.clone(),
-        extra_args: vec!["--fault-drop-rate".into(), "0.05".into()],
-        ..Default::default()
-    })?;
-    c.wait_all_see(&all, &everyone, Duration::from_secs(120))?;
+    // The loss: in the kernel (5% of the UDP each namespace receives), or by the agents.
+    let extra_args = if netns { vec![] } else { vec!["--fault-drop-rate".into(), "0.05".into()] };
+    let c =
+        Cluster::start(ClusterSpec { nodes: n, profile: profile.clone(), extra_args, netns, ..Default::default() })?;
+    c.wait_all_see(&all, &everyone, Duration::from_secs(180))?;
+    if let Some(net) = c.net() {
+        let five = trellis_chaos::netns::Rules { loss_from: [(None, 5)].into(), ..Default::default() };
+        for i in 0..n {
+            net.apply(i, &five)?;
+        }
+    }
     let s0 = total(&c, &all, "trellis_suspicions_raised_total");
     let mut downs = 0.0f64;
     let t0 = Instant::now();
@@ -332,11 +343,11 @@ fn bench(n: usize, profile: String, steady: u64, loss: u64) -> anyhow::Result<()
         downs = downs.max(total(&c, &all, "trellis_members{state=\"down\"}"));
     }
     let s1 = total(&c, &all, "trellis_suspicions_raised_total");
+    let what = if netns { "inbound peer packets dropped by nftables" } else { "outgoing peer messages" };
     println!(
-        "5% loss of outgoing peer messages for {loss} s: {} suspicions raised, max (viewer, member) pairs down at once: {downs}",
+        "5% loss of {what} for {loss} s: {} suspicions raised, max (viewer, member) pairs down at once: {downs}",
         s1 - s0
     );
-    c.stop(0);
     Ok(())
 }
 

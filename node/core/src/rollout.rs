@@ -83,6 +83,14 @@ pub fn quorum(at_start: &[String], alive: &[String]) -> bool {
     missing == 0 || (at_start.len() >= 3 && missing <= 1)
 }
 
+/// May a rollout start on this side? Only with most of the members known (alive, suspect
+/// or down, not left) in view. Two sides of a partition that each started it would each hold
+/// their own starting members, and each side's [`quorum`] would then let it advance; a
+/// majority start means at most one side starts.
+pub fn may_start(alive: usize, known: usize) -> bool {
+    alive * 2 > known
+}
+
 /// The agent that drives rollout `name`: highest rendezvous score among `alive`.
 pub fn owner<'a>(name: &str, alive: &'a [String]) -> Option<&'a str> {
     alive.iter().max_by_key(|m| crate::policy::store::fnv64(&[name.as_bytes(), b"/", m.as_bytes()])).map(String::as_str)
@@ -314,6 +322,15 @@ mod tests {
         f.canary.p99 = Some(Duration::from_millis(250));
         assert!(matches!(verdict(&a, &f), Verdict::Fail(w) if w.contains("p99 250 ms")));
         assert_eq!(verdict(&a, &figures(1000, 2)), Verdict::Pass);
+    }
+
+    #[test]
+    fn only_a_side_that_sees_most_known_members_may_start_a_rollout() {
+        // Five known: the side of three may start, the side of two may not; an even split of
+        // four starts on neither side.
+        assert!(may_start(3, 5) && !may_start(2, 5));
+        assert!(!may_start(2, 4) && may_start(3, 4));
+        assert!(may_start(1, 1), "a lone agent starts its own rollouts");
     }
 
     #[test]

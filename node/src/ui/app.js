@@ -202,6 +202,48 @@ function renderPolicy(policy) {
   return n;
 }
 
+// The gates of a rollout's analysis, as the operator wrote them.
+function gates(a) {
+  const out = ["success ≥ " + a.min_success_rate + " %"];
+  if (a.max_success_drop !== null && a.max_success_drop !== undefined) out.push("≤ " + a.max_success_drop + " points below stable");
+  if (a.max_p99) out.push("p99 ≤ " + a.max_p99);
+  out.push("≥ " + a.min_requests + " requests", a.failures_allowed + " failures allowed");
+  return out;
+}
+
+// One subset's figures in the current step, mesh-wide.
+function figure(name, w) {
+  const rate = w.success_rate === null ? "–" : w.success_rate.toFixed(2) + " % ok";
+  const p99 = w.p99_ms === null ? "–" : fmtSecs(w.p99_ms / 1000);
+  return el("span", { "data-subset": name }, el("b", {}, name), " " + w.requests + " requests, " + rate + ", p99 " + p99);
+}
+
+function renderRollouts(list) {
+  const box = document.getElementById("rollouts");
+  box.replaceChildren(...(list.length ? list.map((r) => {
+    const st = r.status || {}, spec = r.spec;
+    const steps = spec.steps.map((w, i) => el("span", {
+      class: "chip step" + (r.status && i === st.step && st.phase !== "promoted" && st.phase !== "aborted" ? " now" : ""),
+      "data-step": i }, "step " + (i + 1) + ": " + w + " %"));
+    const events = (st.timeline || []).slice().reverse().map((e) =>
+      el("tr", { "data-event": e.at_ms }, el("td", {}, new Date(e.at_ms).toLocaleTimeString()), el("td", {}, pill(e.phase)),
+        el("td", { class: "num" }, e.step + 1), el("td", { class: "num" }, e.weight + " %"), el("td", {}, e.note)));
+    const table = el("table", { class: "timeline" }, el("thead", {}, el("tr", {}, el("th", {}, "time"), el("th", {}, "phase"),
+      el("th", { class: "num" }, "step"), el("th", { class: "num" }, "canary"), el("th", {}, "verdict or command"))), el("tbody"));
+    fill(table.querySelector("tbody"), events, 5, "not started yet");
+    return el("div", { class: "rollout", "data-rollout": r.name, "data-phase": r.phase },
+      el("div", {}, el("b", {}, r.name), " · ", spec.service, ": ", spec.stable, " → ", spec.canary, " ", pill(r.phase),
+        " canary at " + (r.status ? st.weight : 0) + " % · every " + spec.interval + " · driven by " + (r.owner || "–")),
+      el("div", {}, ...steps),
+      el("div", { class: "muted" }, "gates: " + gates(spec.analysis).join(" · ")),
+      r.figures ? el("div", { class: "figures", "data-figures": r.name }, "this step so far: ",
+        figure("canary", r.figures.canary), " · ", figure("stable", r.figures.stable)) : "",
+      st.reason ? el("div", { class: "reason" }, st.reason) : "",
+      table);
+  }) : [el("div", { class: "empty" }, "no rollouts")]));
+  document.getElementById("rollouts-count").textContent = list.length;
+}
+
 function renderRateLimits(limits) {
   const rows = limits.map((l) => {
     const here = l.keys.reduce((s, k) => s + k.admitted, 0);
@@ -232,9 +274,9 @@ function setStatus(kind, text) {
 
 async function poll() {
   try {
-    const [self, members, catalog, policy, traffic, limits, series, recent] = await Promise.all(
+    const [self, members, catalog, policy, traffic, limits, series, recent, rollouts] = await Promise.all(
       ["/v1/agent/self", "/v1/members", "/v1/catalog/services", "/v1/policy", "/v1/agent/traffic", "/v1/ratelimits",
-        "/v1/stats/series?window=15m", "/v1/agent/errors"].map(api));
+        "/v1/stats/series?window=15m", "/v1/agent/errors", "/v1/rollouts"].map(api));
     // The agent's own clock: right even when this tab is throttled or runs in virtual time.
     const now = traffic.uptime_ms;
     const r = rates(previous && previous.traffic, traffic, previous ? (now - previous.at) / 1000 : 0);
@@ -248,6 +290,7 @@ async function poll() {
     renderRateLimits(limits);
     renderMesh(series);
     renderErrors(recent);
+    renderRollouts(rollouts);
     const total = Object.values(r).reduce((s, t) => s + (t.rps || 0), 0);
     renderSummary([["members alive", ms.filter((m) => m.state === "alive").length + " / " + ms.length],
       ["service instances", instances], ["requests / s (this proxy)", previous && r ? fmtRate(total) : "–"],
