@@ -10,6 +10,12 @@
 //! `eth0`. Drops are made on input only: an output drop makes `sendto` fail with EPERM, which
 //! no real network does.
 //!
+//! Neighbours are static: every namespace gets a permanent ARP entry for every other node
+//! and the bridge, from MAC addresses fixed by the node's index. The kernel's neighbour table
+//! is shared by all namespaces (`gc_thresh3`, 1024 entries by default) and a full mesh of 50
+//! namespaces needs 2450 entries; dynamic entries past the limit fail with "neighbor table
+//! overflow" and the agents' sends with ENOBUFS, while permanent ones are exempt.
+//!
 //! [`Rules`] and [`Faults`] are plain data (what each namespace drops, from the faults in
 //! force), tested without a kernel; [`Net`] only runs `ip` and `nft`.
 
@@ -137,11 +143,36 @@ fn overlaps_host_route(routes: &str, net: Ipv4Addr) -> bool {
     })
 }
 
+/// A locally administered MAC for host number `host` of 10.A.B.0/24.
+fn mac(net: (u8, u8), host: u8) -> String {
+    format!("02:00:0a:{:02x}:{:02x}:{host:02x}", net.0, net.1)
+}
+
+/// `ip -batch` lines giving `dev` permanent entries for `hosts` of 10.A.B.0/24.
+fn neighbour_lines(net: (u8, u8), hosts: impl Iterator<Item = u8>, dev: &str) -> String {
+    hosts
+        .map(|h| format!("neigh replace 10.{}.{}.{h} lladdr {} dev {dev} nud permanent\n", net.0, net.1, mac(net, h)))
+        .collect()
+}
+
 /// A bridge and one namespace per node; removed on drop.
 pub struct Net {
     prefix: String,
     net: (u8, u8),
     nodes: usize,
+}
+
+/// `ip [-n ns] -batch -` with `lines` on stdin.
+fn ip_batch(ns: Option<&str>, lines: &str) -> anyhow::Result<()> {
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = ns {
+        cmd.args(["-n", ns]);
+    }
+    let mut child = cmd.args(["-batch", "-"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    child.stdin.take().expect("piped").write_all(lines.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "ip -batch in {ns:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    Ok(())
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -168,7 +199,7 @@ impl Net {
             net.1
         );
         let br = n.bridge();
-        ip(&["link", "add", &br, "type", "bridge"])?;
+        ip(&["link", "add", &br, "address", &mac(net, 1), "type", "bridge"])?;
         ip(&["addr", "add", &format!("{}/24", n.host_ip()), "dev", &br])?;
         ip(&["link", "set", &br, "up"])?;
         Ok(n)
@@ -200,11 +231,39 @@ impl Net {
         let (ns, veth) = (self.ns(i), format!("{}v{i}", self.prefix));
         ip(&["netns", "add", &ns])?;
         self.nodes = self.nodes.max(i + 1);
-        ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        let host = i as u8 + 2;
+        ip(&[
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "address",
+            &mac(self.net, host),
+            "netns",
+            &ns,
+        ])?;
         ip(&["link", "set", &veth, "master", &self.bridge(), "up"])?;
         ip(&["-n", &ns, "addr", "add", &format!("{}/24", self.node_ip(i)), "dev", "eth0"])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &ns, "link", "set", "lo", "up"])
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        self.neighbours(i)?;
+        // Everyone already there, and the host, learn the newcomer.
+        let line = neighbour_lines(self.net, std::iter::once(host), "eth0");
+        for j in 0..i {
+            ip_batch(Some(&self.ns(j)), &line)?;
+        }
+        ip_batch(None, &neighbour_lines(self.net, std::iter::once(host), &self.bridge()))
+    }
+
+    /// Namespace `i`'s permanent entries for the bridge and every other node (again after its
+    /// link comes back up: taking a link down flushes them).
+    fn neighbours(&self, i: usize) -> anyhow::Result<()> {
+        let others = (0..self.nodes).filter(|&j| j != i).map(|j| j as u8 + 2);
+        ip_batch(Some(&self.ns(i)), &neighbour_lines(self.net, std::iter::once(1).chain(others), "eth0"))
     }
 
     /// `program` to be run inside namespace `i` (`ip netns exec` execs it: same pid).
@@ -216,7 +275,11 @@ impl Net {
 
     /// Node `i`'s link up or down (down: it hears and reaches no one, the harness included).
     pub fn set_link(&self, i: usize, up: bool) -> anyhow::Result<()> {
-        ip(&["-n", &self.ns(i), "link", "set", "eth0", if up { "up" } else { "down" }])
+        ip(&["-n", &self.ns(i), "link", "set", "eth0", if up { "up" } else { "down" }])?;
+        if up {
+            self.neighbours(i)?;
+        }
+        Ok(())
     }
 
     /// Replaces namespace `i`'s drop rules.
@@ -286,6 +349,17 @@ mod tests {
         assert!(text.contains("ip saddr 10.1.2.3 meta l4proto udp numgen random mod 100 < 10 drop"), "{text}");
         assert!(ruleset(f.rules(1)).contains("iifname \"eth0\" meta l4proto udp numgen random mod 100 < 10 drop"));
         assert!(!text.contains("output"), "drops on output fail sendto with EPERM");
+    }
+
+    #[test]
+    fn neighbours_are_permanent_with_macs_from_the_index() {
+        assert_eq!(mac((10, 200), 2), "02:00:0a:0a:c8:02");
+        let lines = neighbour_lines((10, 200), [1, 3].into_iter(), "eth0");
+        assert_eq!(
+            lines,
+            "neigh replace 10.10.200.1 lladdr 02:00:0a:0a:c8:01 dev eth0 nud permanent\n\
+             neigh replace 10.10.200.3 lladdr 02:00:0a:0a:c8:03 dev eth0 nud permanent\n"
+        );
     }
 
     #[test]
