@@ -36,11 +36,31 @@ impl Window {
     }
 }
 
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} req", self.requests)?;
+        if let Some(ok) = self.success() {
+            write!(f, ", {ok:.1}% ok")?;
+        }
+        if let Some(p99) = self.p99 {
+            write!(f, ", p99 {} ms", p99.as_millis())?;
+        }
+        Ok(())
+    }
+}
+
 /// The canary's and the stable subset's figures.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Figures {
     pub canary: Window,
     pub stable: Window,
+}
+
+impl std::fmt::Display for Figures {
+    /// What a step's verdict was judged on, for its timeline event.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "canary {}; stable {}", self.canary, self.stable)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -134,11 +154,13 @@ pub fn decide(
         Verdict::Fail(why) => {
             next.failures += 1;
             if next.failures > r.analysis.failures_allowed {
-                abort(&mut next, now_ms, format!("gate failed: {why}"));
+                abort(&mut next, now_ms, format!("gate failed: {why} ({figures})"));
             } else {
                 next.step_started_ms = now_ms;
-                next.reason =
-                    format!("gate failed ({} of {} tolerated): {why}", next.failures, r.analysis.failures_allowed);
+                next.reason = format!(
+                    "gate failed ({} of {} tolerated): {why} ({figures})",
+                    next.failures, r.analysis.failures_allowed
+                );
                 let reason = next.reason.clone();
                 note(&mut next, now_ms, reason);
             }
@@ -161,12 +183,12 @@ pub fn decide(
                 Some(&w) => {
                     next.step = step as u32;
                     next.weight = w;
-                    note(&mut next, now_ms, format!("gates passed: step {} at {w}%", step + 1));
+                    note(&mut next, now_ms, format!("gates passed ({figures}): step {} at {w}%", step + 1));
                 }
                 None => {
                     next.phase = Phase::Promoted;
                     next.weight = 100;
-                    note(&mut next, now_ms, "gates passed: promoted, 100% to the canary".into());
+                    note(&mut next, now_ms, format!("gates passed ({figures}): promoted, 100% to the canary"));
                 }
             }
             Some(next)
@@ -281,6 +303,10 @@ mod tests {
         assert_eq!((s.phase, s.weight), (Phase::Promoted, 100));
         let notes: Vec<&str> = s.timeline.iter().map(|e| e.note.as_str()).collect();
         assert_eq!(notes.len(), 4, "{notes:?}");
+        // Each step's event carries the figures it was judged on, for the timeline and dashboard.
+        let step =
+            "gates passed (canary 200 req, 100.0% ok, p99 20 ms; stable 1000 req, 99.9% ok, p99 20 ms): step 2 at 50%";
+        assert_eq!(notes[1], step);
         assert_eq!(decide(&r, Some(&s), 40_000, &good, &alive), None, "promoted is final");
     }
 
@@ -301,7 +327,7 @@ mod tests {
         let bad = figures(100, 20);
         let cut = decide(&r, Some(&s), 2_000, &bad, &alive).unwrap();
         assert_eq!((cut.phase, cut.weight), (Phase::Aborted, 0), "before the interval ends");
-        assert!(cut.reason.contains("canary success 80.0% below 99%"), "{}", cut.reason);
+        assert!(cut.reason.contains("canary success 80.0% below 99% (canary 100 req, 80.0% ok"), "{}", cut.reason);
         r.analysis.failures_allowed = 1;
         let once = decide(&r, Some(&s), 2_000, &bad, &alive).unwrap();
         assert_eq!((once.phase, once.failures, once.step_started_ms), (Phase::Progressing, 1, 2_000));
