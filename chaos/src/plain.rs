@@ -111,5 +111,12 @@ pub fn send(
     let head = String::from_utf8_lossy(&out[..split]).into_owned();
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     let headers = head.lines().skip(1).map(|l| l.to_ascii_lowercase()).collect::<Vec<_>>().join("\n");
-    Some(Reply { status, headers, body: out[split + 4..].to_vec() })
+    let body = out[split + 4..].to_vec();
+    // A body cut short of its Content-Length (the connection reset or timed out mid-body) is
+    // a failed request, as any HTTP client would report it, not an answer.
+    let declared = headers.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok());
+    if declared.is_some_and(|len: usize| body.len() < len) {
+        return None;
+    }
+    Some(Reply { status, headers, body })
 }

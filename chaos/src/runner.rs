@@ -230,6 +230,14 @@ struct Sample {
     latency_us: u64,
 }
 
+/// A complete answer with the wrong content: what was asked and what came back.
+#[derive(Debug, Clone, Serialize)]
+pub struct WrongAnswer {
+    pub at_ms: u64,
+    pub path: String,
+    pub body: String,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Check {
     pub name: String,
@@ -247,6 +255,8 @@ pub struct Report {
     pub requests: usize,
     pub succeeded: usize,
     pub wrong: usize,
+    /// The first wrong answers, for diagnosis.
+    pub wrong_answers: Vec<WrongAnswer>,
     pub writes_acked: usize,
     pub membership_converged_s: Option<f64>,
     pub policy_converged_s: Option<f64>,
@@ -468,6 +478,7 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path, mode: Mode) -> anyhow::Re
     let stop = Arc::new(AtomicBool::new(false));
     let faulted: Arc<Mutex<BTreeSet<usize>>> = Arc::default();
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
+    let wrong_answers: Arc<Mutex<Vec<WrongAnswer>>> = Arc::default();
     let ops: Arc<Mutex<Vec<Op>>> = Arc::default();
     let members_seen: Arc<Mutex<Vec<(u64, usize)>>> = Arc::default();
     let limited: Arc<Mutex<Vec<u64>>> = Arc::default();
@@ -478,7 +489,8 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path, mode: Mode) -> anyhow::Re
         // HTTP traffic through node 0, open loop.
         let rate = scenario.workload.http_rps;
         for w in 0..4u32 {
-            let (stop, samples, names) = (stop.clone(), samples.clone(), instance_names.clone());
+            let (stop, samples, names, wrongs) =
+                (stop.clone(), samples.clone(), instance_names.clone(), wrong_answers.clone());
             s.spawn(move || {
                 let gap = Duration::from_secs_f64(4.0 / rate.max(0.1));
                 let mut due = t0 + gap * w / 4;
@@ -496,6 +508,11 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path, mode: Mode) -> anyhow::Re
                     });
                     let at_ms = due.saturating_duration_since(t0).as_millis() as u64;
                     let latency_us = started.elapsed().as_micros() as u64;
+                    if let Some(body) = body.as_ref().filter(|_| wrong) {
+                        let answer = WrongAnswer { at_ms, path: path.clone(), body: body.chars().take(200).collect() };
+                        eprintln!("wrong answer: {answer:?}");
+                        wrongs.lock().unwrap().push(answer);
+                    }
                     samples.lock().unwrap().push(Sample { at_ms, ok: body.is_some() && !wrong, wrong, latency_us });
                     due += gap;
                     k += 4;
@@ -623,7 +640,13 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path, mode: Mode) -> anyhow::Re
     let ops = std::mem::take(&mut *ops.lock().unwrap());
     let report =
         judge(scenario, seed, &c, schedule, t0, &samples.lock().unwrap(), &ops, &members_seen.lock().unwrap(), max_rss);
-    let report = judge_limit(report, limit, &limited.lock().unwrap());
+    let mut report = judge_limit(report, limit, &limited.lock().unwrap());
+    report.wrong_answers = wrong_answers.lock().unwrap().iter().take(20).cloned().collect();
+    if let (Some(first), Some(check)) =
+        (report.wrong_answers.first(), report.checks.iter_mut().find(|c| c.name == "no wrong or corrupt response"))
+    {
+        check.detail += &format!("; first at {} ms: asked {}, got {:?}", first.at_ms, first.path, first.body);
+    }
     let report = judge_growth(report, scenario, &resources.lock().unwrap(), out)?;
     std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
     std::fs::write(out.join("history.json"), serde_json::to_string(&ops)?)?;
@@ -908,6 +931,7 @@ fn judge(
         requests: samples.len(),
         succeeded: ok,
         wrong,
+        wrong_answers: vec![],
         writes_acked: acked_writes(ops),
         membership_converged_s: membership_s,
         policy_converged_s: policy_s,
