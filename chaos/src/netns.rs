@@ -31,6 +31,8 @@ pub struct Rules {
     pub blocked_from: BTreeSet<Ipv4Addr>,
     /// Percent of inbound UDP dropped per source; `None` as the key means every source.
     pub loss_from: BTreeMap<Option<Ipv4Addr>, u8>,
+    /// Ports whose inbound packets (UDP and TCP) are all dropped.
+    pub blocked_ports: BTreeSet<u16>,
 }
 
 /// The nftables ruleset for `rules`: one table, replaced whole on every change.
@@ -41,6 +43,10 @@ pub fn ruleset(rules: &Rules) -> String {
     if !rules.blocked_from.is_empty() {
         let set: Vec<String> = rules.blocked_from.iter().map(Ipv4Addr::to_string).collect();
         lines.push(format!("    iifname \"eth0\" ip saddr {{ {} }} drop", set.join(", ")));
+    }
+    if !rules.blocked_ports.is_empty() {
+        let set: Vec<String> = rules.blocked_ports.iter().map(u16::to_string).collect();
+        lines.push(format!("    iifname \"eth0\" meta l4proto {{ tcp, udp }} th dport {{ {} }} drop", set.join(", ")));
     }
     for (from, pct) in &rules.loss_from {
         let source = from.map(|ip| format!("ip saddr {ip} ")).unwrap_or_default();
@@ -108,6 +114,11 @@ impl Faults {
         for j in self.others(&[i]) {
             self.rules[j].loss_from.insert(Some(ip), pct);
         }
+    }
+
+    /// Node `i` drops whatever arrives on `port`.
+    pub fn block_port(&mut self, i: usize, port: u16) {
+        self.rules[i].blocked_ports.insert(port);
     }
 
     pub fn heal(&mut self) {
@@ -349,6 +360,9 @@ mod tests {
         assert!(text.contains("ip saddr 10.1.2.3 meta l4proto udp numgen random mod 100 < 10 drop"), "{text}");
         assert!(ruleset(f.rules(1)).contains("iifname \"eth0\" meta l4proto udp numgen random mod 100 < 10 drop"));
         assert!(!text.contains("output"), "drops on output fail sendto with EPERM");
+        f.block_port(2, 7946);
+        let text = ruleset(f.rules(2));
+        assert!(text.contains("iifname \"eth0\" meta l4proto { tcp, udp } th dport { 7946 } drop"), "{text}");
     }
 
     #[test]

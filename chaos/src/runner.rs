@@ -91,6 +91,9 @@ pub enum FaultKind {
     /// Cut off from everyone: in namespace mode the node's link goes down (the harness loses
     /// it too), else the agent drops every peer.
     Isolate,
+    /// Everything arriving on one port (`port`, UDP and TCP) is dropped: namespace mode only
+    /// (the peer port cuts the node off its peers while its API and proxy still answer).
+    BlockPort,
     /// The agent answers policy writes 200 and stores nothing: a deliberately broken node,
     /// so the history checker's failure can be seen (not in the library).
     DropWrites,
@@ -128,6 +131,9 @@ pub struct Fault {
     /// For `delay`: milliseconds added to each peer message.
     #[serde(default)]
     pub delay_ms: Option<u64>,
+    /// For `block_port`: the port whose inbound packets (UDP and TCP) the nodes drop.
+    #[serde(default)]
+    pub port: Option<u16>,
 }
 
 /// Faults drawn from the seed: one every `every`, of the given kinds, on random nodes
@@ -198,7 +204,8 @@ impl Scenario {
             while t + r.every / 2 < self.duration && !r.kinds.is_empty() {
                 let kind = r.kinds[rng.random_range(0..r.kinds.len())];
                 let nodes = vec![rng.random_range(1..self.nodes)];
-                all.push(Fault { at: t, kind, nodes: nodes.clone(), rate: Some(0.1), delay_ms: Some(100) });
+                let port = Some(crate::cluster::PEER_PORT);
+                all.push(Fault { at: t, kind, nodes: nodes.clone(), rate: Some(0.1), delay_ms: Some(100), port });
                 let undo = match kind {
                     FaultKind::Kill | FaultKind::Wipe => Some(FaultKind::Restart),
                     FaultKind::Pause => Some(FaultKind::Resume),
@@ -207,11 +214,12 @@ impl Scenario {
                     | FaultKind::Loss
                     | FaultKind::Delay
                     | FaultKind::Isolate
+                    | FaultKind::BlockPort
                     | FaultKind::DropWrites => Some(FaultKind::Heal),
                     _ => None,
                 };
                 if let Some(undo) = undo {
-                    all.push(Fault { at: t + r.every / 2, kind: undo, nodes, rate: None, delay_ms: None });
+                    all.push(Fault { at: t + r.every / 2, kind: undo, nodes, rate: None, delay_ms: None, port: None });
                 }
                 t += r.every;
             }
@@ -441,6 +449,9 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path, mode: Mode) -> anyhow::Re
         netns: mode == Mode::Netns,
         ..Default::default()
     };
+    if mode == Mode::Agent && schedule.iter().any(|f| f.kind == FaultKind::BlockPort) {
+        anyhow::bail!("{}: block_port drops packets in the kernel; run it with --netns", scenario.name);
+    }
     let mut c = Cluster::start(spec)?;
     let proxies: Vec<SocketAddr> =
         (0..scenario.nodes).map(|i| SocketAddr::new(c.node(i).peer_addr.ip(), PROXY_PORT)).collect();
@@ -621,7 +632,8 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path, mode: Mode) -> anyhow::Re
             std::thread::sleep(wait);
         }
         // Undo what is left, then let the cluster settle under traffic.
-        let heal = Fault { at: Duration::ZERO, kind: FaultKind::Heal, nodes: vec![0], rate: None, delay_ms: None };
+        let heal =
+            Fault { at: Duration::ZERO, kind: FaultKind::Heal, nodes: vec![0], rate: None, delay_ms: None, port: None };
         apply(&mut c, &heal, &faulted, net.as_mut())?;
         for i in 1..scenario.nodes {
             if c.node(i).is_paused() {
@@ -775,6 +787,10 @@ fn apply_in_kernel(
     match f.kind {
         FaultKind::Partition => state.partition(side),
         FaultKind::OneWay => state.one_way(side),
+        FaultKind::BlockPort => {
+            let port = f.port.ok_or_else(|| anyhow::anyhow!("block_port needs `port`"))?;
+            side.iter().for_each(|&i| state.block_port(i, port));
+        }
         FaultKind::Loss => {
             for &i in side {
                 state.loss(i, (f.rate.unwrap_or(0.1) * 100.0).round().clamp(0.0, 100.0) as u8);

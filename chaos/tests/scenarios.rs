@@ -60,6 +60,22 @@ fn ten_percent_packet_loss_in_the_kernel_keeps_every_invariant() {
 }
 
 #[test]
+fn a_blocked_peer_port_in_the_kernel_keeps_every_invariant() {
+    let mode = kernel();
+    if mode == Mode::Agent {
+        // The fault exists only in the kernel; the runner refuses it without namespaces.
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/netns-only/peer-port-blocked.toml");
+        let err = run(&Scenario::load(&path).unwrap(), 42, &std::env::temp_dir(), mode).unwrap_err();
+        assert!(err.to_string().contains("--netns"), "{err}");
+        return;
+    }
+    let report = run_scenario("netns-only/peer-port-blocked", mode);
+    assert!(report.passed(), "{}", summary(&report));
+    let seen: Vec<usize> = report.timeline.iter().map(|t| t.3).collect();
+    assert!(seen.contains(&3), "node 0 never saw node 2 go: {seen:?}");
+}
+
+#[test]
 fn short_random_faults_through_the_agents_keep_every_invariant() {
     scenario("short-random", Mode::Agent);
 }
