@@ -168,12 +168,6 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
     tokio::spawn(crate::mesh::health::run(writer.clone()));
     let stats = crate::stats::Stats::new(stats_interval(cfg.profile));
     tokio::spawn(crate::stats::run(stats.clone(), members.clone(), transport.clone(), stats_rx));
-    tokio::spawn(crate::rollouts::run(crate::rollouts::Driver {
-        writer: writer.clone(),
-        stats: stats.clone(),
-        members: members.clone(),
-        transport: transport.clone(),
-    }));
     let access_log = cfg.access_log.as_ref().map(crate::access_log::AccessLog::start).transpose()?;
     let spans = cfg.traces.as_ref().map(|t| crate::spans::Spans::start(t, &cfg.name)).transpose()?;
     let dns = match cfg.dns {
@@ -196,6 +190,13 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         forward.clone(),
     );
     tokio::spawn(view.clone().serve_streams(streams));
+    tokio::spawn(crate::rollouts::run(crate::rollouts::Driver {
+        writer: writer.clone(),
+        stats: stats.clone(),
+        members: members.clone(),
+        transport: transport.clone(),
+        view: view.clone(),
+    }));
     let dns_stats = Arc::new(crate::dns::DnsStats::default());
     let dns_addr = dns.as_ref().and_then(|(udp, _)| udp.local_addr().ok());
     if let Some((udp, tcp)) = dns {

@@ -27,12 +27,16 @@ pub struct Driver {
     pub stats: Arc<Stats>,
     pub members: Members,
     pub transport: Arc<Transport>,
+    /// The catalog the data plane routes by: a rollout starts once its canary serves there.
+    pub view: Arc<crate::mesh::view::MeshView>,
 }
 
 /// Runs until the agent stops.
 pub async fn run(d: Driver) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Why each rollout has not started, as last logged (logged again only when it changes).
+    let mut waiting: std::collections::HashMap<String, String> = Default::default();
     loop {
         tick.tick().await;
         let alive = alive(&d.members).await;
@@ -41,9 +45,21 @@ pub async fn run(d: Driver) {
             if rollout::owner(&name, &alive) != Some(d.members.identity.name.as_str()) {
                 continue;
             }
-            if status.is_none() && !rollout::may_start(alive.len(), known) {
-                tracing::debug!(rollout = %name, alive = alive.len(), known, "not started: most members out of view");
-                continue;
+            if status.is_none() {
+                let ready = if rollout::may_start(alive.len(), known) {
+                    let alive_members = d.view.node.members.alive.borrow().clone();
+                    rollout::canary_ready(&spec, &d.view.snapshot(), &alive_members)
+                } else {
+                    Err(format!("{} of {known} members in view; waiting for most", alive.len()))
+                };
+                if let Err(why) = ready {
+                    if waiting.get(&name) != Some(&why) {
+                        tracing::info!(rollout = %name, reason = %why, "rollout not started");
+                        waiting.insert(name, why);
+                    }
+                    continue;
+                }
+                waiting.remove(&name);
             }
             if let Err(e) = step(&d, &name, &spec, status.as_ref(), &alive).await {
                 tracing::warn!(rollout = %name, error = %e, "rollout step not written");

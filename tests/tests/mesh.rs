@@ -2513,6 +2513,21 @@ fn rollouts_abort_a_failing_canary_and_promote_a_healthy_one_across_an_owners_de
         (v["web"].as_array()?.len() == 2 && v["api"].as_array()?.len() == 2).then_some(())
     })
     .unwrap();
+    // A rollout whose canary has no instance yet waits (its first step would send requests to
+    // nothing), then starts once one serves.
+    for v in ["v1", "v2"] {
+        put(&c, 0, &format!("/v1/policy/subsets/idle-{v}"), json!({"service": "idle", "labels": {"version": v}}));
+    }
+    let idle = json!({"service": "idle", "stable": "idle-v1", "canary": "idle-v2", "steps": [50], "interval": "1h"});
+    put(&c, 0, "/v1/policy/rollouts/idle-v2", idle);
+    std::thread::sleep(Duration::from_secs(2));
+    let phase = || c.node(0).api().get_json("/v1/rollouts/idle-v2").ok().map(|v| v["phase"].clone());
+    assert_eq!(phase(), Some(json!("pending")), "started with no canary instance");
+    let idle_v2 = trellis_tests::http::server("idle v2");
+    let body = json!({"service": "idle", "address": "127.0.0.1", "port": idle_v2.port(), "labels": {"version": "v2"}});
+    put(&c, 1, "/v1/agent/services/idle-2", body);
+    c.wait_until(Duration::from_secs(10), "the idle rollout started", || (phase()? == "progressing").then_some(()))
+        .unwrap();
     // Load through node 0 on both services until the test ends (bounded: 60 s).
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let load = {

@@ -354,6 +354,10 @@ fn no_side_of_a_two_three_partition_advances_a_rollout_and_one_outcome_holds_aft
         put(&c, 0, &format!("/v1/policy/subsets/{v}"), json!({"service": "api", "labels": {"version": v}}));
         put(&c, 0, &format!("/v1/policy/subsets/late-{v}"), json!({"service": "late", "labels": {"version": v}}));
     }
+    // The late rollout's canary serves on the two side, so only the side rule can hold it back.
+    let late = trellis_tests::http::server("late v2");
+    let body = json!({"service": "late", "address": "127.0.0.1", "port": late.port(), "labels": {"version": "v2"}});
+    put(&c, 0, "/v1/agent/services/late-2", body);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
         let (stop, proxy) = (stop.clone(), proxy.parse().unwrap());

@@ -103,6 +103,25 @@ pub fn quorum(at_start: &[String], alive: &[String]) -> bool {
     missing == 0 || (at_start.len() >= 3 && missing <= 1)
 }
 
+/// Is the canary serving? A rollout starts only once its canary subset has an instance on a
+/// live node that is not failing its health check: its first step would otherwise send its
+/// share of the service's requests to nothing (503 `no_instance`).
+pub fn canary_ready(
+    r: &Rollout,
+    snap: &crate::mesh::catalog::Snapshot,
+    alive: &crate::membership::AliveMembers,
+) -> Result<(), String> {
+    let subset = snap
+        .routes
+        .subset_named(&r.canary)
+        .filter(|s| s.service == r.service)
+        .ok_or_else(|| format!("waiting for subset {} of {}", r.canary, r.service))?;
+    match snap.instances_of(&r.service, alive, &subset.labels).next() {
+        Some(_) => Ok(()),
+        None => Err(format!("waiting for a serving instance of {} ({})", r.canary, r.service)),
+    }
+}
+
 /// May a rollout start on this side? Only with most of the members known (alive, suspect
 /// or down, not left) in view. Two sides of a partition that each started it would each hold
 /// their own starting members, and each side's [`quorum`] would then let it advance; a
@@ -348,6 +367,40 @@ mod tests {
         f.canary.p99 = Some(Duration::from_millis(250));
         assert!(matches!(verdict(&a, &f), Verdict::Fail(w) if w.contains("p99 250 ms")));
         assert_eq!(verdict(&a, &figures(1000, 2)), Verdict::Pass);
+    }
+
+    #[test]
+    fn a_rollout_waits_for_a_serving_canary_instance() {
+        use crate::mesh::catalog::{InstanceView, Snapshot};
+        use crate::policy::model::{Health, Instance, Protocol, Subset};
+        let r = rollout();
+        let canary = |health: Health| InstanceView {
+            name: "web-2@n1".into(),
+            instance: Instance {
+                service: "web".into(),
+                node: "n1".into(),
+                address: "10.0.0.2".parse().unwrap(),
+                port: 8080,
+                protocol: Protocol::Http,
+                labels: [("version".to_string(), "v2".to_string())].into(),
+                weight: 1,
+                check: None,
+                health,
+                run_as: None,
+            },
+        };
+        let alive: crate::membership::AliveMembers =
+            [("n1".to_string(), ("10.0.0.1:7946".parse().unwrap(), Default::default()))].into();
+        let mut snap = Snapshot::default();
+        assert_eq!(canary_ready(&r, &snap, &alive).unwrap_err(), "waiting for subset v2 of web");
+        let labels = [("version".to_string(), "v2".to_string())].into();
+        snap.routes.insert_subset("v2", Subset { service: "web".into(), labels });
+        assert_eq!(canary_ready(&r, &snap, &alive).unwrap_err(), "waiting for a serving instance of v2 (web)");
+        snap.instances.push(canary(Health::Critical));
+        assert!(canary_ready(&r, &snap, &alive).is_err(), "a failing instance does not serve");
+        snap.instances.push(canary(Health::Unknown));
+        assert_eq!(canary_ready(&r, &snap, &alive), Ok(()));
+        assert!(canary_ready(&r, &snap, &Default::default()).is_err(), "nor one on a node that is down");
     }
 
     #[test]
