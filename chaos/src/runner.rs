@@ -238,7 +238,8 @@ struct Sample {
     latency_us: u64,
 }
 
-/// A complete answer with the wrong content: what was asked and what came back.
+/// A failed request or a complete answer with the wrong content: what was asked and what
+/// came back (the status and body of a failure, or "no answer").
 #[derive(Debug, Clone, Serialize)]
 pub struct WrongAnswer {
     pub at_ms: u64,
@@ -263,7 +264,7 @@ pub struct Report {
     pub requests: usize,
     pub succeeded: usize,
     pub wrong: usize,
-    /// The first wrong answers, for diagnosis.
+    /// The first failed requests and wrong answers, for diagnosis.
     pub wrong_answers: Vec<WrongAnswer>,
     pub writes_acked: usize,
     pub membership_converged_s: Option<f64>,
@@ -285,11 +286,6 @@ impl Report {
 /// An HTTP server that answers `<name> <path>`, so a wrong answer is seen.
 fn echo_server(ip: std::net::Ipv4Addr, name: String) -> SocketAddr {
     plain::serve_at(ip, move |head| (200, format!("{name} {}", plain::path_of(head)).into_bytes()))
-}
-
-/// The body of a 200 through the proxy, or None.
-fn get(proxy: SocketAddr, path: &str) -> Option<String> {
-    plain::get(proxy, "echo", path, &[], Duration::from_secs(10)).filter(|r| r.status == 200).map(|r| r.text())
 }
 
 /// The status of one GET through a proxy, or None when the proxy could not be reached.
@@ -512,13 +508,21 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path, mode: Mode) -> anyhow::Re
                     }
                     let path = format!("/req-{k}");
                     let started = Instant::now();
-                    let body = get(proxy, &path);
+                    let reply = plain::get(proxy, "echo", &path, &[], Duration::from_secs(10));
+                    let body = reply.as_ref().filter(|r| r.status == 200).map(|r| r.text());
                     let wrong = body.as_ref().is_some_and(|b| {
                         let (inst, p) = b.split_once(' ').unwrap_or(("", ""));
                         p != path || !names.contains(inst)
                     });
                     let at_ms = due.saturating_duration_since(t0).as_millis() as u64;
                     let latency_us = started.elapsed().as_micros() as u64;
+                    if body.is_none() {
+                        // What a failed request got: its status and body, or no answer at all.
+                        let got = reply.map_or("no answer".into(), |r| format!("{} {}", r.status, r.text()));
+                        let failed = WrongAnswer { at_ms, path: path.clone(), body: got.chars().take(200).collect() };
+                        eprintln!("failed request: {failed:?}");
+                        wrongs.lock().unwrap().push(failed);
+                    }
                     if let Some(body) = body.as_ref().filter(|_| wrong) {
                         let answer = WrongAnswer { at_ms, path: path.clone(), body: body.chars().take(200).collect() };
                         eprintln!("wrong answer: {answer:?}");
@@ -654,10 +658,12 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path, mode: Mode) -> anyhow::Re
         judge(scenario, seed, &c, schedule, t0, &samples.lock().unwrap(), &ops, &members_seen.lock().unwrap(), max_rss);
     let mut report = judge_limit(report, limit, &limited.lock().unwrap());
     report.wrong_answers = wrong_answers.lock().unwrap().iter().take(20).cloned().collect();
-    if let (Some(first), Some(check)) =
-        (report.wrong_answers.first(), report.checks.iter_mut().find(|c| c.name == "no wrong or corrupt response"))
-    {
-        check.detail += &format!("; first at {} ms: asked {}, got {:?}", first.at_ms, first.path, first.body);
+    let traffic = ["idempotent requests succeed", "no wrong or corrupt response"];
+    for check in report.checks.iter_mut().filter(|c| !c.ok && traffic.contains(&c.name.as_str())) {
+        if let Some(first) = report.wrong_answers.first() {
+            check.detail +=
+                &format!("; first failed or wrong at {} ms: asked {}, got {:?}", first.at_ms, first.path, first.body);
+        }
     }
     let report = judge_growth(report, scenario, &resources.lock().unwrap(), out)?;
     std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
