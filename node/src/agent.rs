@@ -53,6 +53,8 @@ pub struct AgentHandle {
     pub vips: (Option<trellis_core::mesh::vip::Range>, watch::Receiver<Arc<trellis_core::mesh::vip::Published>>),
     /// Mesh-wide metrics (`/v1/stats`).
     pub stats: Arc<crate::stats::Stats>,
+    /// Rollout step figures, shared with the rollouts' driver.
+    pub rollout_figures: Arc<crate::rollouts::FiguresMemo>,
 }
 
 /// How often mesh-wide metrics are closed and sent: every second under the test profile,
@@ -190,12 +192,14 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         forward.clone(),
     );
     tokio::spawn(view.clone().serve_streams(streams));
+    let rollout_figures = Arc::new(crate::rollouts::FiguresMemo::default());
     tokio::spawn(crate::rollouts::run(crate::rollouts::Driver {
         writer: writer.clone(),
         stats: stats.clone(),
         members: members.clone(),
         transport: transport.clone(),
         view: view.clone(),
+        memo: rollout_figures.clone(),
     }));
     let dns_stats = Arc::new(crate::dns::DnsStats::default());
     let dns_addr = dns.as_ref().and_then(|(udp, _)| udp.local_addr().ok());
@@ -233,6 +237,7 @@ pub fn start(cfg: &AgentConfig, tls: &TlsMaterial) -> anyhow::Result<AgentHandle
         stats,
         dns: (dns_addr, dns_stats),
         vips: (cfg.virtual_range, vips),
+        rollout_figures,
     })
 }
 

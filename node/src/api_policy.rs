@@ -198,16 +198,8 @@ async fn write(a: AgentHandle, key: Key, body: Option<Bytes>, cas: Option<Versio
     if let Some(b) = &body {
         refuse_l7_on_tcp(&a, &key, b)?;
     }
-    if a.transport.faults.as_ref().is_some_and(|f| f.lock().expect("faults lock").drop_writes) {
-        // The broken agent of the chaos checker's own test: a made-up version, nothing stored.
-        let hlc = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
-            as u64)
-            << 16;
-        let version = Version { hlc, node: 0 }.token();
-        return Ok(with_index(
-            *a.policy.index.borrow(),
-            json!({"kind": key.kind, "name": key.name, "version": version}),
-        ));
+    if let Some(made_up) = dropped_write(&a, &key) {
+        return Ok(made_up);
     }
     let res = a.writer.write(key.clone(), body.map(|b| b.to_vec()), cas).await;
     let entry = res.map_err(|e| match e {
@@ -273,4 +265,21 @@ async fn delete_one(
     }
     let cas = cas_of(&q)?;
     write(a, key, None, cas).await
+}
+
+/// The broken agent of the chaos checker's own test (fault `drop_writes`): an answer with a
+/// made-up version, and nothing stored. Compiled only into the harness's builds.
+#[cfg(feature = "fault-injection")]
+fn dropped_write(a: &AgentHandle, key: &Key) -> Option<Response> {
+    if !a.transport.faults.as_ref().is_some_and(|f| f.lock().expect("faults lock").drop_writes) {
+        return None;
+    }
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+    let version = Version { hlc: (ms as u64) << 16, node: 0 }.token();
+    Some(with_index(*a.policy.index.borrow(), json!({"kind": key.kind, "name": key.name, "version": version})))
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn dropped_write(_: &AgentHandle, _: &Key) -> Option<Response> {
+    None
 }

@@ -21,10 +21,10 @@ pub fn routes() -> Routes<AgentHandle> {
 }
 
 /// The current step's figures so far, as the owner judges them (mesh-wide), while it runs.
-async fn figures(a: &AgentHandle, spec: &Rollout, status: Option<&RolloutStatus>) -> Value {
+async fn figures(a: &AgentHandle, name: &str, spec: &Rollout, status: Option<&RolloutStatus>) -> Value {
     let Some(s) = status.filter(|s| s.phase == Phase::Progressing) else { return Value::Null };
     let sources = rollouts::Sources { stats: &a.stats, members: &a.members, transport: &a.transport };
-    let f = rollouts::step_figures(sources, spec, s, crate::policy::now_ms()).await;
+    let f = a.rollout_figures.get(sources, name, spec, s, crate::policy::now_ms()).await;
     let window = |w: &trellis_core::rollout::Window| {
         json!({"requests": w.requests, "errors": w.errors, "success_rate": w.success(),
                "p99_ms": w.p99.map(|d| d.as_secs_f64() * 1000.0)})
@@ -49,7 +49,7 @@ async fn all(State(a): State<AgentHandle>) -> Json<Vec<Value>> {
     let alive = rollouts::alive(&a.members).await;
     let mut out = Vec::new();
     for (n, r, s) in rollouts::all(&a.writer) {
-        let f = figures(&a, &r, s.as_ref()).await;
+        let f = figures(&a, &n, &r, s.as_ref()).await;
         out.push(view(&n, &r, s.as_ref(), &alive, f));
     }
     Json(out)
@@ -64,7 +64,7 @@ fn find(a: &AgentHandle, name: &str) -> Result<(Rollout, Option<RolloutStatus>),
 async fn one(State(a): State<AgentHandle>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
     let (spec, status) = find(&a, &name)?;
     let alive = rollouts::alive(&a.members).await;
-    let f = figures(&a, &spec, status.as_ref()).await;
+    let f = figures(&a, &name, &spec, status.as_ref()).await;
     Ok(Json(view(&name, &spec, status.as_ref(), &alive, f)))
 }
 

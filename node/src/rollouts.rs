@@ -29,6 +29,29 @@ pub struct Driver {
     pub transport: Arc<Transport>,
     /// The catalog the data plane routes by: a rollout starts once its canary serves there.
     pub view: Arc<crate::mesh::view::MeshView>,
+    /// The step figures, shared with the API.
+    pub memo: Arc<FiguresMemo>,
+}
+
+/// The last step figures of each rollout, so the owner's ticks and any number of API
+/// readers (the dashboard polls every 1.5 s) cost at most one mesh-wide query per rollout
+/// per [`TICK`] on each agent.
+#[derive(Default)]
+pub struct FiguresMemo(std::sync::Mutex<std::collections::HashMap<String, (u64, std::time::Instant, Figures)>>);
+
+impl FiguresMemo {
+    /// The figures of rollout `name`'s current step: the memo's when it holds this step's,
+    /// younger than a tick; else asked of the mesh and kept.
+    pub async fn get(&self, d: Sources<'_>, name: &str, spec: &Rollout, s: &RolloutStatus, now_ms: u64) -> Figures {
+        let fresh =
+            |(step, at, _): &(u64, std::time::Instant, Figures)| *step == s.step_started_ms && at.elapsed() < TICK;
+        if let Some(hit) = self.0.lock().expect("memo lock").get(name).filter(|e| fresh(e)) {
+            return hit.2;
+        }
+        let f = step_figures(d, spec, s, now_ms).await;
+        self.0.lock().expect("memo lock").insert(name.to_string(), (s.step_started_ms, std::time::Instant::now(), f));
+        f
+    }
 }
 
 /// Runs until the agent stops.
@@ -39,20 +62,15 @@ pub async fn run(d: Driver) {
     let mut waiting: std::collections::HashMap<String, String> = Default::default();
     loop {
         tick.tick().await;
-        let alive = alive(&d.members).await;
-        let known = known(&d.members).await;
+        let (alive, known) = rollout::members_in_view(&d.members.identity.name, &d.members.list().await);
         for (name, spec, status) in all(&d.writer) {
             if rollout::owner(&name, &alive) != Some(d.members.identity.name.as_str()) {
                 continue;
             }
             if status.is_none() {
-                let ready = if rollout::may_start(alive.len(), known) {
-                    let alive_members = d.view.node.members.alive.borrow().clone();
-                    rollout::canary_ready(&spec, &d.view.snapshot(), &alive_members)
-                } else {
-                    Err(format!("{} of {known} members in view; waiting for most", alive.len()))
-                };
-                if let Err(why) = ready {
+                let alive_members = d.view.node.members.alive.borrow().clone();
+                let blocker = rollout::start_blocker(&spec, (alive.len(), known), &d.view.snapshot(), &alive_members);
+                if let Some(why) = blocker {
                     if waiting.get(&name) != Some(&why) {
                         tracing::info!(rollout = %name, reason = %why, "rollout not started");
                         waiting.insert(name, why);
@@ -79,7 +97,7 @@ async fn step(
 ) -> anyhow::Result<()> {
     let now = crate::policy::now_ms();
     let figures = match status {
-        Some(s) if s.phase == Phase::Progressing => step_figures(d.into(), spec, s, now).await,
+        Some(s) if s.phase == Phase::Progressing => d.memo.get(d.into(), name, spec, s, now).await,
         _ => Figures::default(),
     };
     let next = rollout::decide(spec, status, now, &figures, alive);
@@ -177,21 +195,6 @@ pub fn all(w: &PolicyWriter) -> Vec<(String, Rollout, Option<RolloutStatus>)> {
 }
 
 /// Members alive as this agent sees them (itself included), sorted.
-/// How many members this agent knows of, in any state but left (itself included).
-async fn known(members: &Members) -> usize {
-    let mut names: Vec<String> = members
-        .list()
-        .await
-        .into_iter()
-        .filter(|m| m.state != trellis_core::membership::MemberState::Left)
-        .map(|m| m.id.name)
-        .collect();
-    names.push(members.identity.name.clone());
-    names.sort();
-    names.dedup();
-    names.len()
-}
-
 pub async fn alive(members: &Members) -> Vec<String> {
     let mut names = crate::stats::alive(members).await.1;
     names.sort();

@@ -103,10 +103,42 @@ pub fn quorum(at_start: &[String], alive: &[String]) -> bool {
     missing == 0 || (at_start.len() >= 3 && missing <= 1)
 }
 
+/// The members as rollouts count them, from one membership list: the live ones' names
+/// (this agent included), sorted, and how many are known in any state but left.
+pub fn members_in_view(me: &str, members: &[crate::membership::MemberView]) -> (Vec<String>, usize) {
+    use crate::membership::MemberState;
+    let names = |keep: &dyn Fn(MemberState) -> bool| {
+        let mut v: Vec<String> =
+            members.iter().filter(|m| keep(m.state) || m.id.name == me).map(|m| m.id.name.clone()).collect();
+        v.push(me.to_string());
+        v.sort();
+        v.dedup();
+        v
+    };
+    let alive = names(&|s| s == MemberState::Alive);
+    let known = names(&|s| s != MemberState::Left).len();
+    (alive, known)
+}
+
+/// Why rollout `r` may not start on this side yet, or `None` once it may: most known members
+/// must be in view ([`may_start`]) and the canary must serve ([`canary_ready`]).
+pub fn start_blocker(
+    r: &Rollout,
+    in_view: (usize, usize),
+    snap: &crate::mesh::catalog::Snapshot,
+    alive: &crate::membership::AliveMembers,
+) -> Option<String> {
+    let (alive_n, known) = in_view;
+    if !may_start(alive_n, known) {
+        return Some(format!("{alive_n} of {known} members in view; waiting for most"));
+    }
+    canary_ready(r, snap, alive).err()
+}
+
 /// Is the canary serving? A rollout starts only once its canary subset has an instance on a
 /// live node that is not failing its health check: its first step would otherwise send its
 /// share of the service's requests to nothing (503 `no_instance`).
-pub fn canary_ready(
+fn canary_ready(
     r: &Rollout,
     snap: &crate::mesh::catalog::Snapshot,
     alive: &crate::membership::AliveMembers,
@@ -126,7 +158,7 @@ pub fn canary_ready(
 /// or down, not left) in view. Two sides of a partition that each started it would each hold
 /// their own starting members, and each side's [`quorum`] would then let it advance; a
 /// majority start means at most one side starts.
-pub fn may_start(alive: usize, known: usize) -> bool {
+fn may_start(alive: usize, known: usize) -> bool {
     alive * 2 > known
 }
 
@@ -410,6 +442,36 @@ mod tests {
         assert!(may_start(3, 5) && !may_start(2, 5));
         assert!(!may_start(2, 4) && may_start(3, 4));
         assert!(may_start(1, 1), "a lone agent starts its own rollouts");
+    }
+
+    #[test]
+    fn one_membership_list_gives_the_live_names_and_the_known_count() {
+        use crate::membership::{MemberState, MemberView};
+        let m = |name: &str, state| MemberView {
+            id: trellis_proto::NodeIdentity {
+                name: name.into(),
+                addr: "127.0.0.1:7946".parse().unwrap(),
+                generation: 1,
+                meta: Default::default(),
+            },
+            state,
+            incarnation: 0,
+        };
+        let list = [
+            m("b", MemberState::Alive),
+            m("c", MemberState::Suspect),
+            m("d", MemberState::Down),
+            m("e", MemberState::Left),
+        ];
+        let (alive, known) = members_in_view("a", &list);
+        assert_eq!(alive, ["a", "b"], "itself and the alive one, sorted");
+        assert_eq!(known, 4, "a, b, c and d: every state but left");
+        // Two of four in view: no start, with the reason; the canary is not even looked at.
+        let r = rollout();
+        let why = start_blocker(&r, (alive.len(), known), &Default::default(), &Default::default());
+        assert_eq!(why.as_deref(), Some("2 of 4 members in view; waiting for most"));
+        let why = start_blocker(&r, (3, 4), &Default::default(), &Default::default());
+        assert_eq!(why.as_deref(), Some("waiting for subset v2 of web"), "then the canary");
     }
 
     #[test]
