@@ -201,6 +201,7 @@ impl Net {
     /// The bridge `tr<A>x<B>br` holding 10.A.B.1/24.
     pub fn create(net: (u8, u8)) -> anyhow::Result<Net> {
         usable().map_err(anyhow::Error::msg)?;
+        // Made first: if a step below fails, dropping it removes what was made (see `Drop`).
         let n = Net { prefix: format!("tr{}x{}", net.0, net.1), net, nodes: 0 };
         let routes = String::from_utf8_lossy(&Command::new("ip").args(["-4", "route"]).output()?.stdout).into_owned();
         anyhow::ensure!(

@@ -91,9 +91,25 @@ pub fn send(
     body: Option<&[u8]>,
     timeout: Duration,
 ) -> Option<Reply> {
-    let mut s = TcpStream::connect(to).ok()?;
+    try_send(to, (method, host, path), extra, body, timeout).ok()
+}
+
+/// A GET that says why it failed: which step (connect, write, read) and the error, or
+/// what the answer lacked.
+pub fn try_get(to: SocketAddr, host: &str, path: &str, timeout: Duration) -> Result<Reply, String> {
+    try_send(to, ("GET", host, path), &[], None, timeout)
+}
+
+fn try_send(
+    to: SocketAddr,
+    (method, host, path): (&str, &str, &str),
+    extra: &[(&str, &str)],
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Reply, String> {
+    let mut s = TcpStream::connect(to).map_err(|e| format!("connect: {e}"))?;
     let _ = s.set_nodelay(true);
-    s.set_read_timeout(Some(timeout)).ok()?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| format!("socket: {e}"))?;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     for (k, v) in extra {
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -104,19 +120,23 @@ pub fn send(
     req.push_str("\r\n");
     let mut bytes = req.into_bytes();
     bytes.extend_from_slice(body.unwrap_or_default());
-    s.write_all(&bytes).ok()?;
+    s.write_all(&bytes).map_err(|e| format!("write: {e}"))?;
     let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let split = out.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let read = s.read_to_end(&mut out);
+    let cut = |what: &str| match &read {
+        Err(e) => format!("{what} after {} bytes (read: {e})", out.len()),
+        Ok(_) => format!("{what} after {} bytes (closed)", out.len()),
+    };
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| cut("no complete head"))?;
     let head = String::from_utf8_lossy(&out[..split]).into_owned();
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| cut("no status"))?;
     let headers = head.lines().skip(1).map(|l| l.to_ascii_lowercase()).collect::<Vec<_>>().join("\n");
     let body = out[split + 4..].to_vec();
     // A body cut short of its Content-Length (the connection reset or timed out mid-body) is
     // a failed request, as any HTTP client would report it, not an answer.
     let declared = headers.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok());
     if declared.is_some_and(|len: usize| body.len() < len) {
-        return None;
+        return Err(cut("body short of its content-length"));
     }
-    Some(Reply { status, headers, body })
+    Ok(Reply { status, headers, body })
 }

@@ -508,8 +508,8 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path, mode: Mode) -> anyhow::Re
                     }
                     let path = format!("/req-{k}");
                     let started = Instant::now();
-                    let reply = plain::get(proxy, "echo", &path, &[], Duration::from_secs(10));
-                    let body = reply.as_ref().filter(|r| r.status == 200).map(|r| r.text());
+                    let reply = plain::try_get(proxy, "echo", &path, Duration::from_secs(10));
+                    let body = reply.as_ref().ok().filter(|r| r.status == 200).map(|r| r.text());
                     let wrong = body.as_ref().is_some_and(|b| {
                         let (inst, p) = b.split_once(' ').unwrap_or(("", ""));
                         p != path || !names.contains(inst)
@@ -517,8 +517,12 @@ pub fn run(scenario: &Scenario, seed: u64, out: &Path, mode: Mode) -> anyhow::Re
                     let at_ms = due.saturating_duration_since(t0).as_millis() as u64;
                     let latency_us = started.elapsed().as_micros() as u64;
                     if body.is_none() {
-                        // What a failed request got: its status and body, or no answer at all.
-                        let got = reply.map_or("no answer".into(), |r| format!("{} {}", r.status, r.text()));
+                        // What a failed request got: its status and body, or why there was no
+                        // answer, and when.
+                        let got = match reply {
+                            Ok(r) => format!("{} {}", r.status, r.text()),
+                            Err(why) => format!("no answer in {} ms: {why}", latency_us / 1000),
+                        };
                         let failed = WrongAnswer { at_ms, path: path.clone(), body: got.chars().take(200).collect() };
                         eprintln!("failed request: {failed:?}");
                         wrongs.lock().unwrap().push(failed);
