@@ -113,11 +113,30 @@ where
         if wants_close(&req) {
             self.1.close.store(true, Relaxed);
         }
-        let (fut, done) = ((self.0)(req), self.1.clone());
-        Box::pin(async move {
-            let resp = fut.await?;
-            Ok(resp.map(|body| EndBody { body, done: Some(done) }))
-        })
+        Box::pin(Tagged { fut: (self.0)(req), done: Some(self.1.clone()) })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The service's future, with its response's body made to signal its end. A plain
+    /// struct: an `async move` block around `fut` would hold it twice, once as captured
+    /// and once as awaited (45 KB per request for the proxy's 22 KB future, measured with
+    /// `-Zprint-type-sizes`), and copy it between the two.
+    struct Tagged<F> {
+        #[pin]
+        fut: F,
+        done: Option<Arc<Done>>,
+    }
+}
+
+impl<F: Future<Output = Result<Response<Body>, Infallible>>> Future for Tagged<F> {
+    type Output = Result<Response<EndBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.fut.poll(cx))?;
+        let done = this.done.take();
+        Poll::Ready(Ok(resp.map(|body| EndBody { body, done })))
     }
 }
 

@@ -206,7 +206,10 @@ async fn stack(fwd: &Forwarder, t: &Target<'_>, mut req: Request<InBody>) -> Res
         Ok(_) => {}
     }
     t.rewrite(&mut req);
-    circuit(fwd, t, timeout(fwd, t, attempts(fwd, t, req))).await
+    // Each layer gets the next as a closure and makes its future where it awaits it: a
+    // future passed in by value is held twice by the layer's own (once as argument, once
+    // as awaited), so three layers made the request's future 8 times the attempt's.
+    circuit(fwd, t, || timeout(fwd, t, || attempts(fwd, t, req))).await
 }
 
 /// One request's target, computed once from one policy view: the service, route and split
@@ -341,10 +344,10 @@ fn record(fwd: &Forwarder, label: &str, route: &str, resp: &Response<Body>, took
 
 /// The circuit layer: at most `max_requests` in flight to the service from this node, and
 /// (when set) the error-rate breaker, which lets one probe through while open.
-async fn circuit(
+async fn circuit<F: std::future::Future<Output = Response<Body>>>(
     fwd: &Forwarder,
     t: &Target<'_>,
-    inner: impl std::future::Future<Output = Response<Body>>,
+    inner: impl FnOnce() -> F,
 ) -> Response<Body> {
     let service = &t.resolved.service;
     let cb = &t.service().circuit_breaker;
@@ -365,7 +368,7 @@ async fn circuit(
         );
         return error(StatusCode::SERVICE_UNAVAILABLE, "circuit_open", msg);
     }
-    let resp = inner.await;
+    let resp = inner().await;
     if rated {
         let (failed, probe) = (resp.status().is_server_error(), admit == Admit::Probe);
         fwd.breakers.lock().expect("breakers lock").record(Instant::now(), service, failed, probe, cb);
@@ -374,13 +377,13 @@ async fn circuit(
 }
 
 /// The whole-request timeout of the route, else the service.
-async fn timeout(
+async fn timeout<F: std::future::Future<Output = Response<Body>>>(
     fwd: &Forwarder,
     t: &Target<'_>,
-    inner: impl std::future::Future<Output = Response<Body>>,
+    inner: impl FnOnce() -> F,
 ) -> Response<Body> {
     let limit = t.timeout();
-    match tokio::time::timeout(limit, inner).await {
+    match tokio::time::timeout(limit, inner()).await {
         Ok(resp) => resp,
         Err(_) => {
             fwd.stats.timeouts.fetch_add(1, Relaxed);
@@ -428,16 +431,17 @@ async fn attempts_counted(fwd: &Forwarder, t: &Target<'_>, req: Request<InBody>,
         let Some(mut head) = head else { break };
         *made += 1;
         let span = trace.as_ref().map(|p| super::ids::attempt_span(p, attempt, &mut head.headers));
-        let one = once(fwd, t, Request::from_parts(head, body), &mut tried);
+        let req = Request::from_parts(head, body);
+        // `once` is made in each arm, where it is awaited, so that its future is held once.
         let result = match retry.per_try_timeout {
-            Some(limit) => match tokio::time::timeout(limit, one).await {
+            Some(limit) => match tokio::time::timeout(limit, once(fwd, t, req, &mut tried)).await {
                 Ok(r) => r,
                 Err(_) => {
                     let msg = format!("no answer within {limit:?}");
                     Err(Failure::Retry(error(StatusCode::GATEWAY_TIMEOUT, "per_try_timeout", msg), RetryOn::Timeout))
                 }
             },
-            None => one.await,
+            None => once(fwd, t, req, &mut tried).await,
         };
         if let (Some(span), Ok(r) | Err(Failure::Final(r) | Failure::Retry(r, _))) = (span, &result) {
             let picked = r.extensions().get::<Picked>().map(|p| (p.name.as_str(), p.addr));
