@@ -2,6 +2,7 @@
 //! its datagrams over the transport, wakes it at its deadlines, drives policy sync, and
 //! publishes the alive members. Everyone else reaches it through a [`Members`] handle.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +39,8 @@ pub struct Members {
     commands: mpsc::Sender<Command>,
     /// Alive members, republished by the membership task when they change.
     pub alive: watch::Receiver<Arc<AliveMembers>>,
+    /// Members not declared down nor gone (alive or suspect): requests in flight to them go on.
+    pub standing: watch::Receiver<Arc<HashSet<String>>>,
 }
 
 impl Members {
@@ -108,6 +111,7 @@ pub fn spawn(core: Membership, cluster_id: String, links: Links, publish: Vec<Po
     }
     let identity = core.identity().clone();
     let (alive_tx, alive) = watch::channel(Arc::new(trellis_core::membership::alive_members(&core.members())));
+    let (standing_tx, standing) = watch::channel(Arc::new(trellis_core::membership::standing_members(&core.members())));
     let shell = Shell {
         core,
         transport,
@@ -116,11 +120,12 @@ pub fn spawn(core: Membership, cluster_id: String, links: Links, publish: Vec<Po
         limits,
         stats,
         alive: alive_tx,
+        standing: standing_tx,
         alive_checked: Instant::now(),
         last_heard: Default::default(),
     };
     tokio::spawn(shell.run(inbound, cmd_rx));
-    Members { identity, cluster_id, commands, alive }
+    Members { identity, cluster_id, commands, alive, standing }
 }
 
 /// The agent task: the only owner of the membership core; it also drives policy sync.
@@ -133,6 +138,7 @@ struct Shell {
     limits: mpsc::Sender<Inbound>,
     stats: mpsc::Sender<Inbound>,
     alive: watch::Sender<Arc<AliveMembers>>,
+    standing: watch::Sender<Arc<HashSet<String>>>,
     /// When the alive set was last compared: suspicion ends no event, so it is also
     /// looked at every [`ALIVE_EVERY`].
     alive_checked: Instant,
@@ -311,14 +317,19 @@ impl Shell {
             return;
         }
         self.alive_checked = Instant::now();
-        let now = trellis_core::membership::alive_members(&self.core.members());
-        self.alive.send_if_modified(|cur| {
-            let changed = **cur != now;
-            if changed {
-                *cur = Arc::new(now);
-            }
-            changed
-        });
+        let members = self.core.members();
+        let (alive, standing) =
+            (trellis_core::membership::alive_members(&members), trellis_core::membership::standing_members(&members));
+        let (raised, cleared) =
+            trellis_core::membership::suspicions((&self.alive.borrow(), &self.standing.borrow()), (&alive, &standing));
+        for peer in raised {
+            tracing::info!(%peer, "member suspected: no new requests to it until cleared; those under way go on");
+        }
+        for peer in cleared {
+            tracing::info!(%peer, "member cleared of suspicion");
+        }
+        republish(&self.alive, alive);
+        republish(&self.standing, standing);
     }
 
     /// Sends what the core queued and handles its events; true when there were events.
@@ -366,4 +377,15 @@ fn log_event(ev: &MemberEvent) {
         MemberEvent::Isolated => tracing::warn!("no live members left; retrying seeds"),
         MemberEvent::Rejoined(id) => tracing::warn!(generation = id.generation, "we were declared down; rejoined"),
     }
+}
+
+/// Sends `now` on `tx` when it differs: readers are woken only on a real change.
+fn republish<T: PartialEq>(tx: &watch::Sender<Arc<T>>, now: T) {
+    tx.send_if_modified(|cur| {
+        let changed = **cur != now;
+        if changed {
+            *cur = Arc::new(now);
+        }
+        changed
+    });
 }

@@ -68,6 +68,8 @@ pub struct Forwarder {
     /// Alive members as the agent task last published them: read per request without
     /// a round trip to that task.
     alive: watch::Receiver<Arc<AliveMembers>>,
+    /// Members not declared down nor gone: in-flight requests end when theirs leaves it.
+    standing: watch::Receiver<Arc<std::collections::HashSet<String>>>,
     /// Idle HTTP connections to instances, reused across requests.
     pool: Arc<Mutex<IdlePool<instance_http::Sender>>>,
     balancer: Arc<Mutex<Balancer>>,
@@ -89,6 +91,7 @@ impl Forwarder {
         let (balancer, outliers) = (Arc::default(), Mutex::default());
         let (breakers, budgets) = (Arc::default(), Mutex::default());
         let alive = view.node.members.alive.clone();
+        let standing = view.node.members.standing.clone();
         let pool = Arc::new(Mutex::new(IdlePool::new(POOL_PER_INSTANCE, POOL_IDLE)));
         let freed = Arc::new(tokio::sync::Notify::new());
         let give_back = {
@@ -102,6 +105,7 @@ impl Forwarder {
             stats: view.stats.clone(),
             view,
             alive,
+            standing,
             pool,
             balancer,
             outliers,
@@ -309,15 +313,16 @@ impl Forwarder {
         }
     }
 
-    /// Resolves when `node` is no longer an alive member (declared down, or left).
+    /// Resolves when `node` is declared down or leaves. Not at a suspicion: requests under
+    /// way to a suspect node go on (see `standing_members`), new ones avoid it.
     pub fn node_gone(&self, node: &str) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let (mut alive, node) = (self.alive.clone(), node.to_string());
+        let (mut standing, node) = (self.standing.clone(), node.to_string());
         async move {
             loop {
-                if !alive.borrow_and_update().contains_key(&node) {
+                if !standing.borrow_and_update().contains(&node) {
                     return;
                 }
-                if alive.changed().await.is_err() {
+                if standing.changed().await.is_err() {
                     return std::future::pending().await;
                 }
             }

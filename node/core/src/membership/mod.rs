@@ -48,6 +48,35 @@ pub fn alive_members(members: &[MemberView]) -> AliveMembers {
         .collect()
 }
 
+/// Members neither declared down nor gone (alive or suspect): a request already in flight
+/// to one of them goes on. A suspicion is SWIM's question, often raised by a few lost
+/// packets and refuted within a probe period; new requests avoid the node meanwhile (it
+/// is not in [`alive_members`]), but cutting the ones under way lost answers at 10% loss.
+pub fn standing_members(members: &[MemberView]) -> std::collections::HashSet<String> {
+    members
+        .iter()
+        .filter(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect))
+        .map(|m| m.id.name.clone())
+        .collect()
+}
+
+/// Members that became suspect and members cleared of a suspicion between two looks, from
+/// the alive and standing sets of each: for the log, since foca reports neither.
+pub fn suspicions(
+    before: (&AliveMembers, &std::collections::HashSet<String>),
+    now: (&AliveMembers, &std::collections::HashSet<String>),
+) -> (Vec<String>, Vec<String>) {
+    let suspect = |(alive, standing): (&AliveMembers, &std::collections::HashSet<String>)| {
+        let mut v: Vec<String> = standing.iter().filter(|n| !alive.contains_key(*n)).cloned().collect();
+        v.sort();
+        v
+    };
+    let (was, is) = (suspect(before), suspect(now));
+    let raised = is.iter().filter(|n| !was.contains(n)).cloned().collect();
+    let cleared = was.iter().filter(|n| now.0.contains_key(*n)).cloned().collect();
+    (raised, cleared)
+}
+
 /// What changed in the member list, for logs and subscribers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemberEvent {

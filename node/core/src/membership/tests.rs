@@ -345,3 +345,28 @@ fn members_leaving_together_never_rejoin() {
     assert!(events.iter().all(|(_, e)| !matches!(e, MemberEvent::Rejoined(_))), "a leaver rejoined: {events:?}");
     assert!(events.iter().all(|(_, e)| !matches!(e, MemberEvent::Down(_))), "a leave read as a crash: {events:?}");
 }
+
+#[test]
+fn a_suspect_member_takes_no_new_requests_but_keeps_those_under_way() {
+    let view = |i: u8, state| MemberView { id: id(i), state, incarnation: 0 };
+    let members = [
+        view(1, MemberState::Alive),
+        view(2, MemberState::Suspect),
+        view(3, MemberState::Down),
+        view(4, MemberState::Left),
+    ];
+    let alive: std::collections::BTreeSet<String> = alive_members(&members).into_keys().collect();
+    let standing: std::collections::BTreeSet<String> = standing_members(&members).into_iter().collect();
+    assert_eq!(alive, [id(1).name].into(), "new requests: alive members only");
+    assert_eq!(standing, [id(1).name, id(2).name].into(), "requests in flight end at down or left, not suspect");
+
+    // n2 suspected, then cleared; n1 suspected, then declared down (not "cleared").
+    let before = [view(1, MemberState::Alive), view(2, MemberState::Alive)];
+    let during = [view(1, MemberState::Suspect), view(2, MemberState::Suspect)];
+    let after = [view(1, MemberState::Down), view(2, MemberState::Alive)];
+    let sets = |m: &[MemberView]| (alive_members(m), standing_members(m));
+    let (b, d, a) = (sets(&before), sets(&during), sets(&after));
+    let names = |v: &[u8]| v.iter().map(|&i| id(i).name).collect::<Vec<_>>();
+    assert_eq!(suspicions((&b.0, &b.1), (&d.0, &d.1)), (names(&[1, 2]), vec![]));
+    assert_eq!(suspicions((&d.0, &d.1), (&a.0, &a.1)), (vec![], names(&[2])));
+}
