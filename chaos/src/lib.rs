@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod dns_bench;
+pub mod dns_probe;
 pub mod flood_bench;
 pub mod haproxy;
 pub mod http;
