@@ -59,6 +59,12 @@ fn ten_percent_packet_loss_in_the_kernel_keeps_every_invariant() {
     scenario("loss-10pct", kernel());
 }
 
+/// Five loss onsets, each raising suspicions: none may cost a request under way (issue 22).
+#[test]
+fn loss_switched_on_and_off_in_the_kernel_costs_no_request_under_way() {
+    scenario("loss-flapping", kernel());
+}
+
 #[test]
 fn a_blocked_peer_port_in_the_kernel_keeps_every_invariant() {
     let mode = kernel();
