@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::cluster::{Cluster, ClusterSpec};
+use crate::dns_probe::{median, quantile, Probe};
 
 /// The name asked and the instances behind it.
 const NAME: &str = "web.service.trellis";
@@ -50,7 +51,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         (answers(trellis).len() == 2).then_some(())
     })?;
     let agent = c.node(0).pid().ok_or_else(|| anyhow::anyhow!("node 0 has no pid"))?;
-    pin(agent, 1)?;
+    crate::dns_probe::pin(agent, 1, true)?;
     let dnsmasq_addr = crate::procs::free("127.0.0.1")?;
     let _dnsmasq = Dnsmasq::start(dnsmasq_addr)?;
     anyhow::ensure!(answers(dnsmasq_addr).len() == 2, "dnsmasq does not answer both records");
@@ -73,11 +74,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         }
     }
     println!("{:<32} {:>10} {:>12} {:>12} {:>6}", "server", "qps", "p50 µs", "p99 µs", "lost");
-    let med = |t: &[Turn], f: fn(&Turn) -> f64| {
-        let mut v: Vec<f64> = t.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let med = |t: &[Turn], f: fn(&Turn) -> f64| median(t, f);
     for ((name, _), t) in servers.iter().zip(&turns) {
         let lost: u64 = t.iter().map(|x| x.lost).sum();
         println!(
@@ -126,17 +123,13 @@ fn probe_table(o: &Options, servers: &[(&str, SocketAddr)], dnsperf: &[Vec<Turn>
     let echo = crate::dns_probe::echo(1)?;
     let mut all = vec![("udp echo (the probe's floor)", echo)];
     all.extend_from_slice(servers);
-    let mut turns: Vec<Vec<crate::dns_probe::Probe>> = all.iter().map(|_| Vec::new()).collect();
+    let mut turns: Vec<Vec<Probe>> = all.iter().map(|_| Vec::new()).collect();
     for _ in 0..o.reps {
         for (i, (_, addr)) in all.iter().enumerate() {
             turns[i].push(crate::dns_probe::run(*addr, NAME, o.rate, o.secs, 0)?);
         }
     }
-    let med = |t: &[crate::dns_probe::Probe], q: f64| {
-        let mut v: Vec<f64> = t.iter().map(|p| p.pct(q)).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let med = |t: &[Probe], q: f64| median(t, |p| p.pct(q));
     println!(
         "\npaced probe at {} q/s, one query at a time, latency from each query's due time, µs (medians of {} turns)",
         o.rate, o.reps
@@ -146,11 +139,7 @@ fn probe_table(o: &Options, servers: &[(&str, SocketAddr)], dnsperf: &[Vec<Turn>
         let lost: u64 = t.iter().map(|p| p.lost).sum();
         println!("{name:<32} {:>10.1} {:>10.1} {:>10.1} {lost:>6}", med(t, 0.5), med(t, 0.99), med(t, 0.999));
     }
-    let p50_dnsperf = |i: usize| {
-        let mut v: Vec<f64> = dnsperf[i].iter().map(|t| t.p50).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let p50_dnsperf = |i: usize| median(&dnsperf[i], |t| t.p50);
     println!(
         "calibration: dnsmasq p50 {:.1} µs by dnsperf, {:.1} by the probe; trellis / dnsmasq p50 {:.2}x by dnsperf, {:.2}x by the probe",
         p50_dnsperf(1),
@@ -215,7 +204,7 @@ fn dnsperf_run(
         .map(|s| s * 1e6)
         .collect();
     lat.sort_by(f64::total_cmp);
-    let pct = |q: f64| if lat.is_empty() { f64::NAN } else { lat[((lat.len() - 1) as f64 * q) as usize] };
+    let pct = |q: f64| quantile(&lat, q);
     Ok(Turn { qps: field("Queries per second:"), p50: pct(0.5), p99: pct(0.99), lost: field("Queries lost:") as u64 })
 }
 
@@ -258,15 +247,6 @@ impl Drop for Dnsmasq {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn pin(pid: u32, core: u32) -> anyhow::Result<()> {
-    let ok = Command::new("taskset")
-        .args(["-a", "-cp", &core.to_string(), &pid.to_string()])
-        .stdout(Stdio::null())
-        .status()?;
-    anyhow::ensure!(ok.success(), "taskset could not pin pid {pid}");
-    Ok(())
 }
 
 fn which(bin: &str) -> anyhow::Result<String> {

@@ -20,11 +20,23 @@ pub struct Probe {
 impl Probe {
     /// The `q` quantile, µs.
     pub fn pct(&self, q: f64) -> f64 {
-        if self.lat_us.is_empty() {
-            return f64::NAN;
-        }
-        self.lat_us[((self.lat_us.len() - 1) as f64 * q) as usize]
+        quantile(&self.lat_us, q)
     }
+}
+
+/// The `q` quantile of `sorted` (NaN when empty).
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q) as usize]
+}
+
+/// The median of the turns' `figure`.
+pub fn median<T>(turns: &[T], figure: impl Fn(&T) -> f64) -> f64 {
+    let mut v: Vec<f64> = turns.iter().map(figure).collect();
+    v.sort_by(f64::total_cmp);
+    quantile(&v, 0.5)
 }
 
 /// Asks `to` for `name` A at `rate` queries per second for `secs`, from a thread pinned
@@ -99,12 +111,19 @@ fn wait_until(due: Instant) {
 /// Pins the calling thread (by its thread id, from `/proc/thread-self`) to `core`.
 fn pin_this_thread(core: u32) -> anyhow::Result<()> {
     let link = std::fs::read_link("/proc/thread-self")?;
-    let tid = link.file_name().and_then(|t| t.to_str()).ok_or_else(|| anyhow::anyhow!("no thread id"))?.to_string();
-    let ok = std::process::Command::new("taskset")
-        .args(["-cp", &core.to_string(), &tid])
-        .stdout(std::process::Stdio::null())
-        .status()?;
-    anyhow::ensure!(ok.success(), "taskset could not pin thread {tid}");
+    let tid = link.file_name().and_then(|t| t.to_str()).and_then(|t| t.parse().ok());
+    pin(tid.ok_or_else(|| anyhow::anyhow!("no thread id"))?, core, false)
+}
+
+/// Pins `id` to `core` with taskset: a thread, or with `all_threads` a process and every
+/// thread it has.
+pub fn pin(id: u32, core: u32, all_threads: bool) -> anyhow::Result<()> {
+    let mut cmd = std::process::Command::new("taskset");
+    if all_threads {
+        cmd.arg("-a");
+    }
+    let ok = cmd.args(["-cp", &core.to_string(), &id.to_string()]).stdout(std::process::Stdio::null()).status()?;
+    anyhow::ensure!(ok.success(), "taskset could not pin {id} to core {core}");
     Ok(())
 }
 
@@ -121,4 +140,17 @@ pub fn echo(core: u32) -> anyhow::Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_and_medians_read_the_sorted_figures() {
+        assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.5), 3.0);
+        assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.99), 4.0, "rounded down, as dnsperf's figures were");
+        assert!(quantile(&[], 0.5).is_nan());
+        assert_eq!(median(&[30.0, 10.0, 20.0], |x| *x), 20.0, "unsorted turns");
+    }
 }

@@ -194,10 +194,8 @@ pub fn all(w: &PolicyWriter) -> Vec<(String, Rollout, Option<RolloutStatus>)> {
         .collect()
 }
 
-/// Members alive as this agent sees them (itself included), sorted.
+/// Members alive as this agent sees them (itself included), sorted: the same list the
+/// owners' tick picks owners from, so the API names the owner that drives.
 pub async fn alive(members: &Members) -> Vec<String> {
-    let mut names = crate::stats::alive(members).await.1;
-    names.sort();
-    names.dedup();
-    names
+    rollout::members_in_view(&members.identity.name, &members.list().await).0
 }
