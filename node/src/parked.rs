@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -56,8 +56,17 @@ where
         let mut conn = Box::new(builder.h1.serve_connection(io, Ended(svc.clone(), done.clone())));
         loop {
             tokio::select! {
+                // An ended answer is seen before hyper reads on, so it stops while idle.
+                biased;
+                _ = done.ended.notified() => {
+                    // Stopping a busy connection (a request hyper read ahead, still being
+                    // answered) would send that answer with `Connection: close` and the
+                    // client would reconnect: wait for its end instead.
+                    if done.idle() {
+                        Pin::new(&mut *conn).graceful_shutdown();
+                    }
+                }
                 r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => { r?; break }
-                _ = done.ended.notified() => Pin::new(&mut *conn).graceful_shutdown(),
             }
         }
         let parts = (*conn).into_parts();
@@ -93,6 +102,16 @@ struct Done {
     ended: Notify,
     /// The client asked to close (`Connection: close`, or HTTP/1.0 without keep-alive).
     close: AtomicBool,
+    /// Requests handed to the service, and answers ended (or dropped).
+    started: AtomicU64,
+    finished: AtomicU64,
+}
+
+impl Done {
+    /// Has every request hyper read been answered?
+    fn idle(&self) -> bool {
+        self.started.load(Relaxed) == self.finished.load(Relaxed)
+    }
 }
 
 /// `svc`, with each response's end signalled to the loop. Its futures are boxed, which
@@ -110,6 +129,7 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Response<EndBody>, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.1.started.fetch_add(1, Relaxed);
         if wants_close(&req) {
             self.1.close.store(true, Relaxed);
         }
@@ -162,6 +182,7 @@ pub struct EndBody {
 impl EndBody {
     fn end(&mut self) {
         if let Some(d) = self.done.take() {
+            d.finished.fetch_add(1, Relaxed);
             d.ended.notify_one();
         }
     }
@@ -269,6 +290,10 @@ mod tests {
 
     async fn path_echo(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         use http_body_util::BodyExt;
+        if req.uri().path().starts_with("/slow") {
+            // An answer that takes a while, as a proxied one does.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let body = http_body_util::Full::new(Bytes::from(req.uri().path().to_string()));
         Ok(Response::new(body.map_err(|e| match e {}).boxed()))
     }
@@ -310,6 +335,12 @@ mod tests {
         // Three requests in one write: the ones hyper read ahead are served next, in order.
         s.write_all(format!("{}{}{}", get("/1", ""), get("/2", ""), get("/3", "")).as_bytes()).unwrap();
         for path in ["/1", "/2", "/3"] {
+            assert_eq!(read_response(&mut s), path);
+        }
+        // A request read while the one before it ends, answered later: its answer must not
+        // say `Connection: close` (read_response checks) and the connection goes on.
+        s.write_all(format!("{}{}", get("/4", ""), get("/slow5", "")).as_bytes()).unwrap();
+        for path in ["/4", "/slow5"] {
             assert_eq!(read_response(&mut s), path);
         }
         // A request split across writes, with a pause inside its headers.
