@@ -63,10 +63,13 @@ enum Cmd {
         /// Interleaved turns per path at each fixed rate.
         #[arg(long, default_value_t = 3)]
         reps: usize,
-        /// Only the fixed-rate runs of these paths (direct, local, remote, haproxy, relay),
-        /// to profile one; prints the agents' pids.
+        /// Only these paths (direct, local, remote, logged, traced1, traced100, haproxy);
+        /// prints the agents' pids, to attach a profiler.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// The phases to run: rates, unthrottled, idle (held connections' RSS), bulk.
+        #[arg(long, value_delimiter = ',', default_value = "rates,unthrottled,idle,bulk")]
+        phases: Vec<trellis_chaos::mesh_bench::Phase>,
     },
     /// The DNS interface against dnsmasq (dnsperf, one core each), and how fast a dead
     /// instance leaves the answers.
@@ -137,7 +140,7 @@ fn main() -> anyhow::Result<()> {
             bench(nodes, profile, steady_secs, loss_secs, netns)
         }
         Cmd::BenchPolicy { nodes, profile, writes, catch_up } => bench_policy(nodes, profile, writes, catch_up),
-        Cmd::BenchMesh { secs, rates, bulk_mib, open_conns, reps, only } => {
+        Cmd::BenchMesh { secs, rates, bulk_mib, open_conns, reps, only, phases } => {
             let reps = reps.max(1);
             trellis_chaos::mesh_bench::run(trellis_chaos::mesh_bench::Options {
                 secs,
@@ -146,6 +149,7 @@ fn main() -> anyhow::Result<()> {
                 open_conns,
                 reps,
                 only,
+                phases,
             })
         }
         Cmd::BenchDns { secs, rate, reps } => {
