@@ -50,38 +50,12 @@ where
     }
     let (mut tcp, mut ahead) = (tcp, Bytes::new());
     loop {
-        let done = Arc::new(Done::default());
-        let io = TokioIo::new(Rewind { io: tcp, ahead });
-        // On the heap, so that a parked connection's task does not keep room for it.
-        let mut conn = Box::new(builder.h1.serve_connection(io, Ended(svc.clone(), done.clone())));
-        loop {
-            tokio::select! {
-                // An ended answer is seen before hyper reads on, so it stops while idle.
-                biased;
-                _ = done.ended.notified() => {
-                    // Stopping a busy connection (a request hyper read ahead, still being
-                    // answered) would send that answer with `Connection: close` and the
-                    // client would reconnect: wait for its end instead.
-                    if done.idle() {
-                        Pin::new(&mut *conn).graceful_shutdown();
-                    }
-                }
-                r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => { r?; break }
-            }
-        }
-        let parts = (*conn).into_parts();
-        let Rewind { io, ahead: unread } = parts.io.into_inner();
-        tcp = io;
-        // An empty `Bytes` may still hold hyper's whole read buffer: keep only real bytes.
-        ahead = match (unread.is_empty(), parts.read_buf.is_empty()) {
-            (true, true) => Bytes::new(),
-            (true, false) => Bytes::copy_from_slice(&parts.read_buf),
-            _ => [unread, parts.read_buf].concat().into(),
-        };
-        if done.close.load(Relaxed) {
-            let _ = tcp.shutdown().await;
+        // Everything hyper held is dropped inside `until_idle`: only the socket and the
+        // bytes it read ahead stay while parked.
+        let Some(idle) = until_idle(tcp, ahead, builder, &svc).await? else {
             return Ok(());
-        }
+        };
+        (tcp, ahead) = idle;
         if ahead.is_empty() {
             // As hyper would, an idle keep-alive connection gets the header read deadline.
             let Ok(ready) = tokio::time::timeout(builder.idle, tcp.readable()).await else {
@@ -93,6 +67,53 @@ where
             }
         }
     }
+}
+
+/// Serves HTTP/1 requests on `tcp` until an answer has ended and no request is waiting
+/// for one; returns the socket and whatever hyper had read past that, or `None` once a
+/// client that asked to close has been closed.
+async fn until_idle<S, F>(
+    tcp: TcpStream,
+    ahead: Bytes,
+    builder: &crate::listen::HttpBuilder,
+    svc: &S,
+) -> Result<Option<(TcpStream, Bytes)>, BoxError>
+where
+    S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + Unpin + 'static,
+    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let done = Arc::new(Done::default());
+    let io = TokioIo::new(Rewind { io: tcp, ahead });
+    // On the heap, so that a parked connection's task does not keep room for it.
+    let mut conn = Box::new(builder.h1.serve_connection(io, Ended(svc.clone(), done.clone())));
+    loop {
+        tokio::select! {
+            // An ended answer is seen before hyper reads on, so it stops while idle.
+            biased;
+            _ = done.ended.notified() => {
+                // Stopping a busy connection (a request hyper read ahead, still being
+                // answered) would send that answer with `Connection: close` and the
+                // client would reconnect: wait for its end instead.
+                if done.idle() {
+                    Pin::new(&mut *conn).graceful_shutdown();
+                }
+            }
+            r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => { r?; break }
+        }
+    }
+    let parts = conn.into_parts();
+    let Rewind { io: mut tcp, ahead: unread } = parts.io.into_inner();
+    // An empty `Bytes` may still hold hyper's whole read buffer: keep only real bytes.
+    let ahead = match (unread.is_empty(), parts.read_buf.is_empty()) {
+        (true, true) => Bytes::new(),
+        (true, false) => Bytes::copy_from_slice(&parts.read_buf),
+        _ => [unread, parts.read_buf].concat().into(),
+    };
+    if done.close.load(Relaxed) {
+        let _ = tcp.shutdown().await;
+        return Ok(None);
+    }
+    Ok(Some((tcp, ahead)))
 }
 
 /// What one hyper connection's requests tell the loop.
