@@ -28,8 +28,6 @@ const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 /// The largest UDP payload path MTU discovery tries (a 9000-byte jumbo frame less IPv6 and UDP
 /// headers); larger gains little once a GSO batch already fills a syscall.
 const MTU_UPPER_BOUND: u16 = 8952;
-/// Ack-eliciting packets the peer may receive before it must acknowledge (see `ack_frequency`).
-const ACK_ELICITING_THRESHOLD: u32 = 9;
 /// Why we close a connection, as QUIC application error codes.
 pub const CLOSE_MALFORMED: u32 = 1;
 pub const CLOSE_SHUTDOWN: u32 = 2;
@@ -679,19 +677,7 @@ fn transport_config(limits: &Limits) -> quinn::TransportConfig {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MTU_UPPER_BOUND);
     t.mtu_discovery_config(Some(mtu));
-    t.ack_frequency_config(Some(ack_frequency()));
     t
-}
-
-/// Asks the peer to acknowledge every tenth ack-eliciting packet (or after its ack delay)
-/// rather than every second: under request traffic the ACKs then ride on packets that go
-/// anyway. Measured at 3000 req/s two-hop: 5.35 datagrams per request down to 4.4 (4 carry
-/// the request and its answer), 10% less CPU per request (BENCHMARKS.md, issue 17). Peers
-/// without the extension ignore it.
-fn ack_frequency() -> quinn::AckFrequencyConfig {
-    let mut ack = quinn::AckFrequencyConfig::default();
-    ack.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
-    ack
 }
 
 fn udp_socket(bind: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
