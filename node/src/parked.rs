@@ -2,10 +2,12 @@
 //! buffer, an 8 KiB write buffer and the slot of the service's future for a connection's
 //! whole life: with many idle keep-alive clients that was most of the agent's memory
 //! (36 KiB per connection against HAProxy's 0.5, which returns buffers to a pool when a
-//! connection goes idle). Here hyper serves until a response has gone out; then its state
-//! is dropped and the bare socket parked until the client sends again, when a new one
-//! starts with whatever bytes hyper had read ahead. HTTP/2 (told by its preface) keeps one
-//! hyper connection: its streams share it.
+//! connection goes idle). Here hyper serves until a response has gone out, every request
+//! it read has been answered and no new one came within `LINGER`; then its state is
+//! dropped and the bare socket parked until the client sends again, when a new one starts
+//! with whatever bytes hyper had read ahead. Stopping hyper while it is answering would
+//! make it send `Connection: close`, which clients obey. HTTP/2 (told by its preface)
+//! keeps one hyper connection: its streams share it.
 
 use std::convert::Infallible;
 use std::future::Future;
