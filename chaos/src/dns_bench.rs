@@ -74,21 +74,20 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         }
     }
     println!("{:<32} {:>10} {:>12} {:>12} {:>6}", "server", "qps", "p50 µs", "p99 µs", "lost");
-    let med = |t: &[Turn], f: fn(&Turn) -> f64| median(t, f);
     for ((name, _), t) in servers.iter().zip(&turns) {
         let lost: u64 = t.iter().map(|x| x.lost).sum();
         println!(
             "{name:<32} {:>10.0} {:>12.1} {:>12.1} {lost:>6}",
-            med(t, |x| x.qps),
-            med(t, |x| x.p50),
-            med(t, |x| x.p99)
+            median(t, |x| x.qps),
+            median(t, |x| x.p50),
+            median(t, |x| x.p99)
         );
     }
     println!(
         "trellis / dnsmasq: rate {:.2}x (target: at least 1.00), p99 {:.2}x; trellis p99 {:.1} µs at {} q/s (target: at most 50)",
-        med(&turns[0], |x| x.qps) / med(&turns[1], |x| x.qps),
-        med(&turns[0], |x| x.p99) / med(&turns[1], |x| x.p99),
-        med(&turns[0], |x| x.p99),
+        median(&turns[0], |x| x.qps) / median(&turns[1], |x| x.qps),
+        median(&turns[0], |x| x.p99) / median(&turns[1], |x| x.p99),
+        median(&turns[0], |x| x.p99),
         o.rate
     );
     probe_table(&o, &servers, &turns)?;

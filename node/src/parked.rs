@@ -29,7 +29,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The proxy's response body.
 pub type Body = BoxBody<Bytes, BoxError>;
 
-/// How long a connection keeps hyper's state after an answer before it is parked: a
+/// How long at least a connection keeps hyper's state after an answer before it is parked: a
 /// client sending again within it (any busy keep-alive client) is served without a new
 /// connection state, two buffers and a wake-up per request; one that pauses longer
 /// costs only its socket. Short, so that many clients making one request each (the
@@ -97,22 +97,29 @@ where
     let mut conn = Box::new(builder.h1.serve_connection(io, Ended(svc.clone(), done.clone())));
     let linger = tokio::time::sleep(LINGER);
     tokio::pin!(linger);
-    let mut lingering = false;
+    // Requests started when the linger was armed, while it runs. Armed at most once per
+    // LINGER, not reset by every answer: a busy connection costs no timer work per request,
+    // and an idle one is parked between one and two LINGERs after its last answer.
+    let mut armed: Option<u64> = None;
     loop {
         tokio::select! {
             // An ended answer is seen before hyper reads on, so it can stop while idle.
             biased;
             _ = done.ended.notified() => {
-                linger.as_mut().reset(tokio::time::Instant::now() + LINGER);
-                lingering = true;
+                if armed.is_none() {
+                    linger.as_mut().reset(tokio::time::Instant::now() + LINGER);
+                    armed = Some(done.started.load(Relaxed));
+                }
             }
-            _ = &mut linger, if lingering => {
-                lingering = false;
-                // Stopping a busy connection (a request hyper read, still being answered)
-                // would send that answer with `Connection: close` and the client would
-                // reconnect: its end arms the linger again instead.
-                if done.idle() {
-                    Pin::new(&mut *conn).graceful_shutdown();
+            _ = &mut linger, if armed.is_some() => {
+                let (at, started) = (armed.take().unwrap_or_default(), done.started.load(Relaxed));
+                match at_linger(at, started, done.finished.load(Relaxed)) {
+                    AtLinger::Stop => Pin::new(&mut *conn).graceful_shutdown(),
+                    AtLinger::Wait => {}
+                    AtLinger::Again => {
+                        linger.as_mut().reset(tokio::time::Instant::now() + LINGER);
+                        armed = Some(started);
+                    }
                 }
             }
             r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => { r?; break }
@@ -133,6 +140,30 @@ where
     Ok(Some((tcp, ahead)))
 }
 
+/// What a connection does when its linger runs out.
+#[derive(Debug, PartialEq, Eq)]
+enum AtLinger {
+    /// Nothing came since the linger was armed: park it.
+    Stop,
+    /// A request is being answered: stopping now would make hyper send `Connection:
+    /// close`, which the client obeys; that answer's end arms the linger again.
+    Wait,
+    /// Requests came and were answered meanwhile: linger on from now.
+    Again,
+}
+
+/// The linger was armed when `armed_at` requests had started; `started` have now, of
+/// which `finished` are answered.
+fn at_linger(armed_at: u64, started: u64, finished: u64) -> AtLinger {
+    if started != finished {
+        AtLinger::Wait
+    } else if started == armed_at {
+        AtLinger::Stop
+    } else {
+        AtLinger::Again
+    }
+}
+
 /// What one hyper connection's requests tell the loop.
 #[derive(Default)]
 struct Done {
@@ -143,13 +174,6 @@ struct Done {
     /// Requests handed to the service, and answers ended (or dropped).
     started: AtomicU64,
     finished: AtomicU64,
-}
-
-impl Done {
-    /// Has every request hyper read been answered?
-    fn idle(&self) -> bool {
-        self.started.load(Relaxed) == self.finished.load(Relaxed)
-    }
 }
 
 /// `svc`, with each response's end signalled to the loop. Its futures are boxed, which
@@ -357,6 +381,13 @@ mod tests {
         s.read_exact(&mut body).unwrap();
         assert!(!head.to_ascii_lowercase().contains("connection: close"), "{head}");
         String::from_utf8(body).unwrap()
+    }
+
+    #[test]
+    fn a_linger_parks_only_a_connection_nothing_came_to() {
+        assert_eq!(at_linger(3, 3, 3), AtLinger::Stop);
+        assert_eq!(at_linger(3, 4, 3), AtLinger::Wait, "a request under way");
+        assert_eq!(at_linger(3, 5, 5), AtLinger::Again, "requests came and went");
     }
 
     #[test]
