@@ -45,6 +45,7 @@ pub mod parked;
 pub mod pki;
 pub mod policy;
 pub mod policy_writer;
+pub mod quic_socket;
 pub mod ratelimit;
 pub mod reload;
 pub mod rollouts;

@@ -239,10 +239,10 @@ impl Transport {
         client.transport_config(transport_cfg);
 
         let socket = udp_socket(bind)?;
-        let endpoint = quinn::Endpoint::new(
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
             quinn::EndpointConfig::default(),
             Some(server),
-            socket,
+            crate::quic_socket::QuicSocket::new(socket)?,
             Arc::new(quinn::TokioRuntime),
         )?;
         let (tx, rx) = mpsc::channel(4096);

@@ -130,21 +130,25 @@ impl Forwarder {
     ) -> Result<(Pick, InFlight), OpenError> {
         let alive = self.alive.borrow().clone();
         let instances: Vec<&catalog::InstanceView> = snap.instances_of(service, &alive, labels).collect();
-        let od = snap.services.get(service).map(|s| s.outlier_detection.clone()).unwrap_or_default();
+        let settings = snap.settings(service);
+        let (od, lb) = (&settings.outlier_detection, &settings.lb);
         let now = Instant::now();
-        let names: Vec<String> = instances.iter().map(|i| i.name.clone()).collect();
+        let names: Vec<&str> = instances.iter().map(|i| i.name.as_str()).collect();
         let mut admitted = self.outliers.lock().expect("outlier lock").admit(now, &names, od.max_ejected_percent);
         // A retry goes to an instance not tried yet for this request, while there is one.
         if admitted.iter().any(|&i| !tried.contains(&instances[i].name)) {
             admitted.retain(|&i| !tried.contains(&instances[i].name));
         }
-        let place = |labels: &'_ BTreeMap<String, String>, node: &str| -> (Option<String>, Option<String>) {
-            let of_node = alive.get(node).map(|(_, l)| l);
-            let get = |k: &str| labels.get(k).or_else(|| of_node.and_then(|l| l.get(k))).cloned();
+        // Zones and regions are looked up only when the balancer will weigh them.
+        let place = |i: &catalog::InstanceView| -> (Option<String>, Option<String>) {
+            if !lb.locality {
+                return (None, None);
+            }
+            let of_node = alive.get(&i.instance.node).map(|(_, l)| l);
+            let get = |k: &str| i.instance.labels.get(k).or_else(|| of_node.and_then(|l| l.get(k))).cloned();
             (get("zone"), get("region"))
         };
-        let places: Vec<(Option<String>, Option<String>)> =
-            admitted.iter().map(|&i| place(&instances[i].instance.labels, &instances[i].instance.node)).collect();
+        let places: Vec<(Option<String>, Option<String>)> = admitted.iter().map(|&i| place(instances[i])).collect();
         let cands: Vec<Candidate<'_>> = admitted
             .iter()
             .zip(&places)
@@ -156,10 +160,11 @@ impl Forwarder {
             .collect();
         let mine = &self.view.node.members.identity.meta.labels;
         let me = Place { zone: mine.get("zone").map(String::as_str), region: mine.get("region").map(String::as_str) };
-        let lb = snap.services.get(service).map(|s| s.lb.clone()).unwrap_or_default();
-        let key = format!("{service}{labels:?}");
+        // The balancer's state is kept per service and subset.
+        let key: std::borrow::Cow<'_, str> =
+            if labels.is_empty() { service.into() } else { format!("{service}{labels:?}").into() };
         let mut balancer = self.balancer.lock().expect("balancer lock");
-        let Some(at) = balancer.pick(&key, &lb, me, &cands, hash) else {
+        let Some(at) = balancer.pick(&key, lb, me, &cands, hash) else {
             self.stats.no_instance.fetch_add(1, Relaxed);
             return Err(OpenError::NoInstance(service.into()));
         };
@@ -175,9 +180,9 @@ impl Forwarder {
             addr: SocketAddr::new(inst.instance.address, inst.instance.port),
             peer: if local { None } else { Some(alive[&inst.instance.node].0) },
             caller: None,
-            connect_timeout: snap.services.get(service).map_or(super::io::CONNECT_TIMEOUT, |s| s.connect_timeout),
-            outlier_detection: od,
-            circuit_breaker: snap.services.get(service).map(|s| s.circuit_breaker.clone()).unwrap_or_default(),
+            connect_timeout: settings.connect_timeout,
+            outlier_detection: od.clone(),
+            circuit_breaker: settings.circuit_breaker.clone(),
         };
         Ok((pick, InFlight::new(inst.name.clone(), self.balancer.clone())))
     }

@@ -267,8 +267,7 @@ impl<'a> Target<'a> {
 
     /// The service's settings (the defaults when policy names none).
     fn service(&self) -> &'a Service {
-        static DEFAULT: std::sync::OnceLock<Service> = std::sync::OnceLock::new();
-        self.snap.services.get(&self.resolved.service).unwrap_or_else(|| DEFAULT.get_or_init(Service::default))
+        self.snap.settings(&self.resolved.service)
     }
 
     fn route(&self) -> Option<&'a Route> {
@@ -427,7 +426,7 @@ async fn attempts_counted(fwd: &Forwarder, t: &Target<'_>, req: Request<InBody>,
         }
         let body = body.take().unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed());
         // The head is copied only while another attempt may need it.
-        let head = if attempt + 1 < tries { parts.clone() } else { parts.take() };
+        let head = if attempt + 1 < tries { parts.as_ref().map(head_copy) } else { parts.take() };
         let Some(mut head) = head else { break };
         *made += 1;
         let span = trace.as_ref().map(|p| super::ids::attempt_span(p, attempt, &mut head.headers));
@@ -455,6 +454,15 @@ async fn attempts_counted(fwd: &Forwarder, t: &Target<'_>, req: Request<InBody>,
         }
     }
     last.unwrap_or_else(|| error(StatusCode::BAD_GATEWAY, "retry_budget", "retry budget spent".into()))
+}
+
+/// A request head for one more attempt: method, URI, version and headers. The extensions
+/// (hyper's upgrade handle) stay with the original, which the last attempt takes.
+fn head_copy(p: &hyper::http::request::Parts) -> hyper::http::request::Parts {
+    let mut r = Request::new(());
+    (*r.method_mut(), *r.uri_mut(), *r.version_mut()) = (p.method.clone(), p.uri.clone(), p.version);
+    *r.headers_mut() = p.headers.clone();
+    r.into_parts().0
 }
 
 /// Runs `f` on the service's retry budget (made on first use).

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt};
-use hyper::header::HeaderValue;
+use hyper::header::{HeaderName, HeaderValue};
 use hyper::{HeaderMap, Request, Response};
 use opentelemetry::KeyValue;
 use trellis_core::mesh::access_log::Side;
@@ -15,18 +15,22 @@ use trellis_core::mesh::trace::{self, Hop, REQUEST_ID, TRACEPARENT};
 
 use crate::spans::{OpenSpan, Parent, Spans, Traced};
 
+/// The headers as names made once: inserting by `&str` copies a custom name on every call.
+static REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(REQUEST_ID);
+static TRACEPARENT_HEADER: HeaderName = HeaderName::from_static(TRACEPARENT);
+
 /// Stamps `headers` with this hop's ids; returns the hop (its trace, span and parent).
 /// New traces are sampled at `ratio` (0 when this agent exports no spans, and says so
 /// downstream).
 pub(crate) fn stamp(headers: &mut HeaderMap, ratio: f64) -> Hop {
     let incoming = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok());
     if let Some(id) = trace::request_id(incoming, rand::random()) {
-        headers.insert(REQUEST_ID, HeaderValue::from_str(&id).expect("a UUID is a header value"));
+        headers.insert(&REQUEST_ID_HEADER, HeaderValue::from_bytes(&id).expect("a UUID is a header value"));
     }
     let parent = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok());
     let hop = Hop::next(parent, non_zero(rand::random()), non_zero(rand::random()), ratio);
-    let value = HeaderValue::from_str(&hop.outgoing().header()).expect("hex is a header value");
-    headers.insert(TRACEPARENT, value);
+    let value = HeaderValue::from_bytes(&hop.outgoing().header()).expect("hex is a header value");
+    headers.insert(&TRACEPARENT_HEADER, value);
     hop
 }
 
@@ -38,8 +42,10 @@ pub(crate) fn hop_span<B>(
     req: &Request<B>,
     service: &str,
 ) -> Option<OpenSpan> {
+    // Nothing is formatted for a hop no span is made of (the usual case).
+    let spans = spans.filter(|_| hop.sampled)?;
     let name = format!("{} {service}", req.method());
-    let mut span = OpenSpan::begin(spans, hop, side, Cow::Owned(name), hop.parent.is_some())?;
+    let mut span = OpenSpan::begin(Some(spans), hop, side, Cow::Owned(name), hop.parent.is_some())?;
     let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
     span.attributes.extend([
         KeyValue::new("http.request.method", req.method().to_string()),
@@ -57,8 +63,8 @@ pub(crate) fn hop_span<B>(
 /// `traceparent` as the parent of the next agent's hop.
 pub(crate) fn attempt_span(parent: &Parent, n: u32, headers: &mut HeaderMap) -> OpenSpan {
     let hop = parent.hop().child(non_zero(rand::random()));
-    let value = HeaderValue::from_str(&hop.outgoing().header()).expect("hex is a header value");
-    headers.insert(TRACEPARENT, value);
+    let value = HeaderValue::from_bytes(&hop.outgoing().header()).expect("hex is a header value");
+    headers.insert(&TRACEPARENT_HEADER, value);
     let mut span = parent.child(hop, Cow::Borrowed(if n == 0 { "attempt" } else { "retry" }));
     if n > 0 {
         span.attributes.push(KeyValue::new("http.request.resend_count", i64::from(n)));
@@ -119,7 +125,7 @@ mod tests {
         assert_eq!(request_id(&h), id);
         assert_eq!((second.trace_id, second.parent), (first.trace_id, Some(first.span_id)));
         assert_ne!(second.span_id, first.span_id);
-        assert_eq!(h.get(TRACEPARENT).unwrap().to_str().unwrap(), second.outgoing().header());
+        assert_eq!(h.get(TRACEPARENT).unwrap().as_bytes(), second.outgoing().header());
         assert_eq!(non_zero([0u8; 8]), [0, 0, 0, 0, 0, 0, 0, 1]);
     }
 }

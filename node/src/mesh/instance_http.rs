@@ -117,12 +117,15 @@ pub fn for_h2(req: &mut Request<Body>, authority: &str) {
 /// connection to the instance, nor an instance's close the client's. `TE: trailers` is
 /// end to end in gRPC and stays.
 pub fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
+    // `keep-alive` and `close` are the usual values: options, not header names, so nothing
+    // is collected (nor allocated) for them.
     let named: Vec<String> = h
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|n| n.trim().to_ascii_lowercase()))
-        .filter(|n| !n.is_empty())
+        .flat_map(|v| v.split(',').map(str::trim))
+        .filter(|n| !n.is_empty() && !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+        .map(str::to_ascii_lowercase)
         .collect();
     for n in named {
         h.remove(n.as_str());

@@ -62,33 +62,34 @@ impl Balancer {
         cands: &[Candidate<'_>],
         hash: Option<u64>,
     ) -> Option<usize> {
-        let near: Vec<usize> = if lb.locality {
+        // Locality narrows the candidates to the nearest; without it they are all in play
+        // and no index list is made (this runs on every request).
+        let near = lb.locality.then(|| {
             let places: Vec<Place<'_>> = cands.iter().map(|c| c.place).collect();
             locality::nearest(me, &places)
-        } else {
-            (0..cands.len()).collect()
-        };
-        let sub: Vec<&Candidate<'_>> = near.iter().map(|&i| &cands[i]).collect();
-        let names: Vec<&str> = sub.iter().map(|c| c.name).collect();
-        let weighted = |equal: bool| -> Vec<(String, u32)> {
-            sub.iter().map(|c| (c.name.to_string(), if equal { 1 } else { c.weight })).collect()
+        });
+        let at = |i: usize| near.as_ref().map_or(i, |n| n[i]);
+        let sub = (0..near.as_ref().map_or(cands.len(), Vec::len)).map(|i| &cands[at(i)]);
+        let names = || sub.clone().map(|c| c.name).collect::<Vec<&str>>();
+        let weighted = |equal: bool| -> Vec<(&str, u32)> {
+            sub.clone().map(|c| (c.name, if equal { 1 } else { c.weight })).collect()
         };
         let i = match (lb.policy, hash) {
             (LbPolicy::RoundRobin, _) => self.rr.pick(key, &weighted(true)),
             (LbPolicy::Weighted, _) => self.rr.pick(key, &weighted(false)),
-            (LbPolicy::Random, _) => p2c::random(&mut self.rng, &sub.iter().map(|c| c.weight).collect::<Vec<_>>()),
-            (LbPolicy::LeastRequest, _) => p2c::least_request(&mut self.rng, &self.load, &names),
-            (LbPolicy::PeakEwma, _) => p2c::peak_ewma(&mut self.rng, &self.load, &names),
+            (LbPolicy::Random, _) => p2c::random(&mut self.rng, &sub.clone().map(|c| c.weight).collect::<Vec<_>>()),
+            (LbPolicy::LeastRequest, _) => p2c::least_request(&mut self.rng, &self.load, &names()),
+            (LbPolicy::PeakEwma, _) => p2c::peak_ewma(&mut self.rng, &self.load, &names()),
             (LbPolicy::RingHash | LbPolicy::Maglev, Some(h)) => self.table(key, lb.policy, weighted(false)).pick(h),
             (LbPolicy::RingHash | LbPolicy::Maglev, None) => self.rr.pick(key, &weighted(false)),
         }?;
-        Some(near[i])
+        Some(at(i))
     }
 
-    fn table(&mut self, key: &str, policy: LbPolicy, endpoints: Vec<(String, u32)>) -> &Table {
+    fn table(&mut self, key: &str, policy: LbPolicy, endpoints: Vec<(&str, u32)>) -> &Table {
         let fresh = match self.tables.get(key) {
             Some((eps, t)) => {
-                *eps == endpoints
+                eps.iter().map(|(n, w)| (n.as_str(), *w)).eq(endpoints.iter().copied())
                     && matches!(
                         (t, policy),
                         (Table::Ring(_), LbPolicy::RingHash) | (Table::Maglev(_), LbPolicy::Maglev)
@@ -97,6 +98,7 @@ impl Balancer {
             None => false,
         };
         if !fresh {
+            let endpoints: Vec<(String, u32)> = endpoints.into_iter().map(|(n, w)| (n.to_string(), w)).collect();
             let t = if policy == LbPolicy::Maglev {
                 Table::Maglev(Maglev::new(&endpoints))
             } else {

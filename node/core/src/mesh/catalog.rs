@@ -134,6 +134,12 @@ impl Snapshot {
         self.protocols.get(service).copied().unwrap_or_default()
     }
 
+    /// `service`'s settings: its policy's, else the defaults.
+    pub fn settings(&self, service: &str) -> &model::Service {
+        static DEFAULT: std::sync::OnceLock<model::Service> = std::sync::OnceLock::new();
+        self.services.get(service).unwrap_or_else(|| DEFAULT.get_or_init(model::Service::default))
+    }
+
     /// Instances of `service` on live nodes, not failing their health check, carrying all
     /// `labels`.
     pub fn instances_of<'a>(

@@ -149,7 +149,7 @@ impl Breakers {
     /// Takes a slot for `service`, or None when `max` are in flight (the circuit is open).
     pub fn acquire(this: &Arc<Mutex<Breakers>>, service: &str, max: u32) -> Option<Permit> {
         let mut b = this.lock().expect("breakers lock");
-        let n = b.inflight.entry(service.to_string()).or_default();
+        let n = super::keyed::at(&mut b.inflight, service, Default::default);
         if *n >= max {
             return None;
         }
@@ -166,7 +166,7 @@ impl Breakers {
         freed: Arc<dyn Fn() + Send + Sync>,
     ) -> Option<Slot> {
         let mut b = this.lock().expect("breakers lock");
-        let n = b.counts(kind).entry(service.to_string()).or_default();
+        let n = super::keyed::at(b.counts(kind), service, Default::default);
         if *n >= max {
             return None;
         }
@@ -187,12 +187,12 @@ impl Breakers {
         if cfg.failure_rate_percent <= 0.0 {
             return Admit::Yes;
         }
-        self.rates.entry(service.to_string()).or_insert_with(|| RateBreaker::new(now)).admit(now, cfg)
+        super::keyed::at(&mut self.rates, service, || RateBreaker::new(now)).admit(now, cfg)
     }
 
     pub fn record(&mut self, now: Instant, service: &str, failed: bool, probe: bool, cfg: &CircuitBreaker) {
         if cfg.failure_rate_percent > 0.0 {
-            let b = self.rates.entry(service.to_string()).or_insert_with(|| RateBreaker::new(now));
+            let b = super::keyed::at(&mut self.rates, service, || RateBreaker::new(now));
             b.record(now, failed, probe, cfg);
         }
     }

@@ -11,6 +11,7 @@ pub mod circuit;
 pub mod dns;
 pub mod hashing;
 pub mod headers;
+pub mod keyed;
 pub mod locality;
 pub mod outlier;
 pub mod p2c;

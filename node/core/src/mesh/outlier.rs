@@ -48,7 +48,7 @@ pub struct OutlierDetector {
 impl OutlierDetector {
     /// Records the outcome of one attempt on `instance`; returns true if it got ejected.
     pub fn record(&mut self, now: Instant, instance: &str, outcome: Outcome, cfg: &OutlierDetection) -> bool {
-        let e = self.endpoints.entry(instance.to_string()).or_default();
+        let e = super::keyed::at(&mut self.endpoints, instance, Default::default);
         match outcome {
             Outcome::Answered => {
                 e.consecutive_failures = 0;
@@ -85,10 +85,11 @@ impl OutlierDetector {
 
     /// Indices of the candidates to balance over: the ejected ones are left out, but at most
     /// `max_ejected_percent` of them (the longest-ejected stay out first).
-    pub fn admit(&self, now: Instant, candidates: &[String], max_ejected_percent: u32) -> Vec<usize> {
+    pub fn admit(&self, now: Instant, candidates: &[impl AsRef<str>], max_ejected_percent: u32) -> Vec<usize> {
         let max_out = candidates.len() * max_ejected_percent.min(100) as usize / 100;
-        let mut out: Vec<usize> = (0..candidates.len()).filter(|&i| self.ejected(now, &candidates[i])).collect();
-        out.sort_by_key(|&i| std::cmp::Reverse(self.endpoints[&candidates[i]].ejected_until));
+        let name = |i: usize| candidates[i].as_ref();
+        let mut out: Vec<usize> = (0..candidates.len()).filter(|&i| self.ejected(now, name(i))).collect();
+        out.sort_by_key(|&i| std::cmp::Reverse(self.endpoints[name(i)].ejected_until));
         out.truncate(max_out);
         (0..candidates.len()).filter(|i| !out.contains(i)).collect()
     }

@@ -29,7 +29,7 @@ pub struct Load {
 
 impl Load {
     pub fn start(&mut self, name: &str) {
-        *self.inflight.entry(name.to_string()).or_default() += 1;
+        *super::keyed::at(&mut self.inflight, name, Default::default) += 1;
     }
 
     pub fn end(&mut self, name: &str) {
@@ -40,7 +40,7 @@ impl Load {
 
     pub fn observe(&mut self, now: Instant, name: &str, rtt: Duration) {
         let sample = rtt.as_secs_f64();
-        let e = self.latency.entry(name.to_string()).or_insert(PeakEwma { value: sample, at: now });
+        let e = super::keyed::at(&mut self.latency, name, || PeakEwma { value: sample, at: now });
         if sample > e.value {
             e.value = sample;
         } else {

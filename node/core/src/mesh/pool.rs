@@ -45,7 +45,7 @@ impl<C> IdlePool<C> {
             list.retain(|(_, since)| now.saturating_duration_since(*since) <= max_idle);
             !list.is_empty()
         });
-        let list = self.idle.entry(key.to_string()).or_default();
+        let list = super::keyed::at(&mut self.idle, key, Default::default);
         if list.len() >= self.max_per_key {
             return false;
         }

@@ -11,24 +11,24 @@ pub struct RoundRobin {
 
 impl RoundRobin {
     /// Picks among `(instance name, weight)`; None when there are no candidates.
-    pub fn pick(&mut self, service: &str, candidates: &[(String, u32)]) -> Option<usize> {
+    pub fn pick(&mut self, service: &str, candidates: &[(&str, u32)]) -> Option<usize> {
         if candidates.is_empty() {
             return None;
         }
-        let cur = self.current.entry(service.to_string()).or_default();
+        let cur = super::keyed::at(&mut self.current, service, Default::default);
         cur.retain(|name, _| candidates.iter().any(|(n, _)| n == name));
         let total: i64 = candidates.iter().map(|(_, w)| i64::from(*w)).sum();
         let mut best = 0;
         let mut best_val = i64::MIN;
         for (i, (name, w)) in candidates.iter().enumerate() {
-            let v = cur.entry(name.clone()).or_insert(0);
+            let v = super::keyed::at(cur, name, || 0);
             *v += i64::from(*w);
             if *v > best_val {
                 best_val = *v;
                 best = i;
             }
         }
-        *cur.get_mut(&candidates[best].0).expect("just inserted") -= total;
+        *cur.get_mut(candidates[best].0).expect("just inserted") -= total;
         Some(best)
     }
 }
@@ -37,8 +37,8 @@ impl RoundRobin {
 mod tests {
     use super::*;
 
-    fn c(list: &[(&str, u32)]) -> Vec<(String, u32)> {
-        list.iter().map(|(n, w)| (n.to_string(), *w)).collect()
+    fn c<'a>(list: &[(&'a str, u32)]) -> Vec<(&'a str, u32)> {
+        list.to_vec()
     }
 
     #[test]

@@ -42,16 +42,14 @@ impl TraceParent {
         self.flags & 1 == 1
     }
 
-    /// The header value: `00-<trace id>-<span id>-<flags>`.
-    pub fn header(&self) -> String {
-        let mut s = String::with_capacity(55);
-        s.push_str("00-");
-        s.push_str(&hex(&self.trace_id));
-        s.push('-');
-        s.push_str(&hex(&self.span_id));
-        s.push('-');
-        s.push_str(&hex(&[self.flags]));
-        s
+    /// The header value, `00-<trace id>-<span id>-<flags>`, in place: every request sends
+    /// one, so it is made without allocating.
+    pub fn header(&self) -> [u8; 55] {
+        let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        hex_into(&self.trace_id, &mut out[3..35]);
+        hex_into(&self.span_id, &mut out[36..52]);
+        hex_into(&[self.flags], &mut out[53..55]);
+        out
     }
 }
 
@@ -127,30 +125,40 @@ pub fn span_error(side: Side, status: u16, reason: Option<&str>) -> Option<Strin
 
 /// The request id to carry: the client's when it is printable ASCII within
 /// [`MAX_REQUEST_ID`], else a new one made from `fresh` (formatted as a UUID).
-pub fn request_id(incoming: Option<&str>, fresh: [u8; 16]) -> Option<String> {
+pub fn request_id(incoming: Option<&str>, fresh: [u8; 16]) -> Option<[u8; 36]> {
     match incoming {
         Some(id) if !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.bytes().all(|b| b.is_ascii_graphic()) => None,
         _ => Some(uuid(fresh)),
     }
 }
 
-/// A version 4 UUID from 16 random bytes.
-pub fn uuid(mut b: [u8; 16]) -> String {
+/// A version 4 UUID from 16 random bytes, as ASCII.
+pub fn uuid(mut b: [u8; 16]) -> [u8; 36] {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex(&b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    let mut out = [b'-'; 36];
+    for (at, range) in [(0, 0..4), (9, 4..6), (14, 6..8), (19, 8..10), (24, 10..16)] {
+        let n = 2 * range.len();
+        hex_into(&b[range], &mut out[at..at + n]);
+    }
+    out
 }
 
-/// Lowercase hex, by table: it runs on every request's ids.
+/// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
+    let mut out = vec![0; bytes.len() * 2];
+    hex_into(bytes, &mut out);
+    String::from_utf8(out).expect("hex digits are ASCII")
+}
+
+/// Lowercase hex into `out` (twice as long as `bytes`), by table: it runs on every
+/// request's ids.
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 0xf)] as char);
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
     }
-    s
 }
 
 fn lower_hex(s: &str) -> bool {
@@ -172,6 +180,10 @@ fn hex_array<const N: usize>(s: &str) -> Option<[u8; N]> {
 mod tests {
     use super::*;
 
+    fn text<const N: usize>(b: [u8; N]) -> String {
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
     const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
     #[test]
@@ -180,7 +192,7 @@ mod tests {
         assert_eq!(hex(&p.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(hex(&p.span_id), "00f067aa0ba902b7");
         assert!(p.sampled());
-        assert_eq!(p.header(), VALID);
+        assert_eq!(text(p.header()), VALID);
     }
 
     #[test]
@@ -210,10 +222,10 @@ mod tests {
         assert_eq!(hop.trace_hex(), "4bf92f3577b34da6a3ce929d0e0e4736", "same trace");
         assert_eq!(hop.parent_hex().as_deref(), Some("00f067aa0ba902b7"), "the caller's span is the parent");
         assert!(hop.sampled, "the parent's sampling decision wins over ours");
-        assert_eq!(hop.outgoing().header(), "00-4bf92f3577b34da6a3ce929d0e0e4736-0909090909090909-01");
+        assert_eq!(text(hop.outgoing().header()), "00-4bf92f3577b34da6a3ce929d0e0e4736-0909090909090909-01");
         let root = Hop::next(Some("garbage"), [7; 16], [9; 8], 0.0);
         assert_eq!((root.trace_id, root.parent, root.sampled), ([7; 16], None, false));
-        assert_eq!(root.outgoing().header(), format!("00-{}-{}-00", "07".repeat(16), "09".repeat(8)));
+        assert_eq!(text(root.outgoing().header()), format!("00-{}-{}-00", "07".repeat(16), "09".repeat(8)));
         let attempt = hop.child([5; 8]);
         assert_eq!((attempt.trace_id, attempt.parent, attempt.sampled), (hop.trace_id, Some(hop.span_id), true));
     }
@@ -253,7 +265,8 @@ mod tests {
     fn request_ids_are_kept_when_sane_and_made_otherwise() {
         assert_eq!(request_id(Some("abc-123"), [0; 16]), None);
         let made = request_id(None, [0xff; 16]).unwrap();
-        assert_eq!(made, "ffffffff-ffff-4fff-bfff-ffffffffffff");
+        assert_eq!(text(made), "ffffffff-ffff-4fff-bfff-ffffffffffff");
+        assert_eq!(text(uuid(*b"0123456789abcdef")), "30313233-3435-4637-b839-616263646566");
         assert!(request_id(Some("has space"), [1; 16]).is_some());
         assert!(request_id(Some(&"x".repeat(MAX_REQUEST_ID + 1)), [1; 16]).is_some());
         assert!(request_id(Some(""), [1; 16]).is_some());

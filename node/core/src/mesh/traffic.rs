@@ -53,7 +53,7 @@ pub struct Traffic {
 impl Traffic {
     /// One answer; `reason` is set when the proxy answered itself.
     pub fn record(&mut self, service: &str, status: u16, reason: Option<&'static str>, took: Duration) {
-        let t = self.by_service.entry(service.to_string()).or_default();
+        let t = super::keyed::at_sorted(&mut self.by_service, service, Default::default);
         t.classes[usize::from(status / 100).min(5)] += 1;
         if let Some(r) = reason {
             *t.reasons.entry((status, r)).or_default() += 1;

@@ -7,6 +7,7 @@
 //! histograms merge by addition, so the answer does not depend on the order anything
 //! arrives in.
 
+use crate::mesh::keyed::at_sorted;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
@@ -124,11 +125,12 @@ impl Recorder {
             }
             _ => (service, route, dest),
         };
-        let by_dest = slot(slot(&mut self.current, service), route);
+        let by_service = at_sorted(&mut self.current, service, Default::default);
+        let by_dest = at_sorted(by_service, route, Default::default);
         if !by_dest.contains_key(dest) {
             self.rows += 1;
         }
-        slot(by_dest, dest)
+        at_sorted(by_dest, dest, Default::default)
     }
 
     /// Closes the interval that started at `start_ms` and lasted `len_ms`.
@@ -152,14 +154,6 @@ impl Recorder {
         }
         StatsDigest { start_ms, len_ms, rows }
     }
-}
-
-/// The entry for `key`, made on first use: a lookup by `&str` allocates only when it is new.
-fn slot<'a, V: Default>(map: &'a mut BTreeMap<String, V>, key: &str) -> &'a mut V {
-    if !map.contains_key(key) {
-        map.insert(key.to_string(), V::default());
-    }
-    map.get_mut(key).expect("inserted above")
 }
 
 /// The start of the interval of `len_ms` that ended last at `now_ms`: intervals are aligned

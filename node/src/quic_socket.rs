@@ -1,0 +1,137 @@
+//! The peer UDP socket as quinn drives it. Quinn's own tokio socket reads until the kernel
+//! says `EAGAIN`, so every wake of the endpoint ends with an empty `recvmmsg`: about one
+//! system call per request on a lightly loaded link. This one treats a short batch as the
+//! end, as tokio's TCP stream does with a short read: the kernel returned fewer datagrams
+//! than asked only because its queue was empty, and a datagram arriving after that raises
+//! a new edge-triggered readiness event, which clearing the old one does not drop (tokio
+//! compares the event's tick).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
+use quinn::{AsyncUdpSocket, UdpPoller};
+use tokio::io::Interest;
+
+#[derive(Debug)]
+pub struct QuicSocket {
+    io: tokio::net::UdpSocket,
+    state: UdpSocketState,
+}
+
+impl QuicSocket {
+    /// Wraps a bound socket (made non-blocking here); needs a tokio runtime.
+    pub fn new(socket: std::net::UdpSocket) -> io::Result<Arc<QuicSocket>> {
+        socket.set_nonblocking(true)?;
+        let state = UdpSocketState::new((&socket).into())?;
+        Ok(Arc::new(QuicSocket { io: tokio::net::UdpSocket::from_std(socket)?, state }))
+    }
+}
+
+/// Waits for room in the socket's send buffer after a send would have blocked.
+#[derive(Debug)]
+struct Writable(Arc<QuicSocket>);
+
+impl UdpPoller for Writable {
+    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        self.0.io.poll_send_ready(cx)
+    }
+}
+
+impl AsyncUdpSocket for QuicSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        Box::pin(Writable(self))
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        self.io.try_io(Interest::WRITABLE, || self.state.send((&self.io).into(), transmit))
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [io::IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        // What one `recvmmsg` asks for (quinn-udp reads at most BATCH_SIZE at a time).
+        let asked = bufs.len().min(meta.len()).min(quinn::udp::BATCH_SIZE);
+        loop {
+            ready!(self.io.poll_recv_ready(cx))?;
+            // `try_io` clears readiness when its closure says "would block": on a short
+            // batch the datagrams are kept aside and the closure says so.
+            let mut got = None;
+            let res = self.io.try_io(Interest::READABLE, || {
+                let n = self.state.recv((&self.io).into(), bufs, meta)?;
+                got = Some(n);
+                if n < asked {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            match (got, res) {
+                (Some(n), _) => return Poll::Ready(Ok(n)),
+                (None, Err(e)) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
+                _ => {}
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.io.local_addr()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.state.may_fragment()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.state.gro_segments()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads until `want` datagrams came (counting each coalesced one), failing if a wake-up is lost for a second.
+    async fn read_all(sock: &QuicSocket, want: usize) -> usize {
+        // Room for datagrams the kernel coalesces (GRO), as quinn gives.
+        let mut storage = vec![vec![0u8; 64 * 1024]; quinn::udp::BATCH_SIZE];
+        let mut meta = vec![RecvMeta::default(); quinn::udp::BATCH_SIZE];
+        let mut got = 0;
+        while got < want {
+            let mut bufs: Vec<io::IoSliceMut<'_>> = storage.iter_mut().map(|b| io::IoSliceMut::new(b)).collect();
+            let read = std::future::poll_fn(|cx| sock.poll_recv(cx, &mut bufs, &mut meta));
+            let n = tokio::time::timeout(std::time::Duration::from_secs(1), read).await.expect("woken").unwrap();
+            got += meta[..n].iter().map(|m| m.len.div_ceil(m.stride.max(1))).sum::<usize>();
+        }
+        got
+    }
+
+    #[test]
+    fn datagrams_after_a_short_batch_still_wake_the_reader() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let sock = QuicSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+            let to = sock.local_addr().unwrap();
+            let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            // Bursts shorter and longer than one batch, each read while the next is sent.
+            for (round, burst) in [1, 3, 1, 40, 2, 33, 1, 5].into_iter().cycle().take(64).enumerate() {
+                let sender = tx.try_clone().unwrap();
+                let send = std::thread::spawn(move || {
+                    for i in 0..burst {
+                        sender.send_to(&[round as u8, i as u8], to).unwrap();
+                    }
+                });
+                assert_eq!(read_all(&sock, burst).await, burst, "round {round}");
+                send.join().unwrap();
+            }
+        });
+    }
+}
