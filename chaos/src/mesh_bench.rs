@@ -82,8 +82,9 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let bulk_listen = crate::procs::free("127.0.0.1")?;
     // Both agents log the `logged` service's requests (a JSON line per request to a file), and
     // nothing else: the `logged` path costs what access logging costs.
-    let logs = std::env::temp_dir().join(format!("trellis-bench-logs-{}", std::process::id()));
-    std::fs::create_dir_all(&logs)?;
+    let logs = Scratch(std::env::temp_dir().join(format!("trellis-bench-logs-{}", std::process::id())));
+    std::fs::create_dir_all(&logs.0)?;
+    let logs = &logs.0;
     let config = |n: usize| -> anyhow::Result<String> {
         let path = logs.join(format!("node{n}.toml"));
         let log = logs.join(format!("access-{n}.log"));
@@ -206,6 +207,15 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     println!("\nRSS MiB after the run: trellis {}; haproxy {}", rss_of(&agents), rss_of(&hap.pids()));
     println!("spans received by the OTLP receiver: {}", otlp.count());
     Ok(())
+}
+
+/// The bench's config and access-log files, removed however the run ends.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Each path's processes' CPU while nothing is sent: gossip, health checks, timers.

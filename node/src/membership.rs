@@ -171,7 +171,8 @@ impl Shell {
             self.publish_alive(changed);
             // The fsync must not hold the runtime thread the data plane runs on.
             if self.policy.store.lock().expect("policy lock").is_dirty() {
-                tokio::task::block_in_place(|| self.policy.persist());
+                let policy = self.policy.clone();
+                let _ = tokio::task::spawn_blocking(move || policy.persist()).await;
             }
         }
     }

@@ -274,13 +274,12 @@ impl Forwarder {
             let reused = idle.is_some();
             let mut sender = match idle {
                 Some(s) => s,
-                None => {
-                    let Some(slot) = self.connection_slot(service, pick, &mut waiting).await? else { continue };
-                    let io = self.connect(service, pick).await.map_err(SendError::Open)?;
-                    instance_http::handshake(self.metered(io, None, Some(slot)), h2)
-                        .await
-                        .map_err(SendError::Handshake)?
-                }
+                // The cold path is boxed: its state would otherwise be part of every
+                // request's future, and be moved with it.
+                None => match Box::pin(self.new_connection(service, pick, h2, &mut waiting)).await? {
+                    Some(s) => s,
+                    None => continue,
+                },
             };
             // A connection handed back as its last body ended may not have seen that end
             // yet: it is ready at once, or closed.
@@ -307,6 +306,21 @@ impl Forwarder {
                 },
             }
         }
+    }
+
+    /// A new HTTP connection to `pick`, within the service's connection limits; None when
+    /// the wait for a slot ended without one (the pool may hold a connection again).
+    async fn new_connection(
+        &self,
+        service: &str,
+        pick: &Pick,
+        h2: bool,
+        waiting: &mut Option<Slot>,
+    ) -> Result<Option<instance_http::Sender>, SendError> {
+        let Some(slot) = self.connection_slot(service, pick, waiting).await? else { return Ok(None) };
+        let io = self.connect(service, pick).await.map_err(SendError::Open)?;
+        let sender = instance_http::handshake(self.metered(io, None, Some(slot)), h2).await;
+        sender.map(Some).map_err(SendError::Handshake)
     }
 
     /// Feeds the outlier detector with what one attempt on `pick` came to.

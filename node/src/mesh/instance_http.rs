@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2, TrySendError};
-use hyper::header::{HeaderValue, CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use hyper::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use hyper::{Request, Response, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
@@ -117,6 +117,14 @@ pub fn for_h2(req: &mut Request<Body>, authority: &str) {
 /// connection to the instance, nor an instance's close the client's. `TE: trailers` is
 /// end to end in gRPC and stays.
 pub fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
+    static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    // Runs on every request and answer: one pass over the names, and most have none.
+    let hop =
+        |n: &HeaderName| [&CONNECTION, &TRANSFER_ENCODING, &UPGRADE, &TE, &KEEP_ALIVE, &PROXY_CONNECTION].contains(&n);
+    if !h.keys().any(hop) {
+        return;
+    }
     // `keep-alive` and `close` are the usual values: options, not header names, so nothing
     // is collected (nor allocated) for them.
     let named: Vec<String> = h
@@ -133,7 +141,7 @@ pub fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
     for n in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
         h.remove(n);
     }
-    for n in ["keep-alive", "proxy-connection"] {
+    for n in [&KEEP_ALIVE, &PROXY_CONNECTION] {
         h.remove(n);
     }
     if h.get(TE).is_some_and(|v| v != "trailers") {
