@@ -70,10 +70,10 @@ impl AsyncUdpSocket for QuicSocket {
                 }
                 Ok(())
             });
-            match (got, res) {
-                (Some(n), _) => return Poll::Ready(Ok(n)),
-                (None, Err(e)) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
-                _ => {}
+            // Other errors are passed over, as quinn's own socket does: the endpoint would
+            // stop on one.
+            if let (Some(n), _) = (got, res) {
+                return Poll::Ready(Ok(n));
             }
         }
     }

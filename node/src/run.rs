@@ -43,8 +43,8 @@ pub fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 /// with the apps it serves; on 2 cores one thread cost 17% less CPU per request and carried
 /// 27% more requests than two (BENCHMARKS.md, data plane), and one thread runs on tokio's
 /// current-thread scheduler, which cost a further 15-20% less per request than the
-/// multi-thread one with a single worker. Blocking work (fsync, key generation) leaves the
-/// thread through `spawn_blocking`; `block_in_place` would panic on this scheduler.
+/// multi-thread one with a single worker. Blocking work (policy fsyncs, span export flushes)
+/// leaves the thread through `spawn_blocking`; `block_in_place` would panic on this scheduler.
 fn worker_threads() -> usize {
     std::env::var("TRELLIS_WORKER_THREADS")
         .ok()

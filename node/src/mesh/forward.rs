@@ -139,23 +139,12 @@ impl Forwarder {
         if admitted.iter().any(|&i| !tried.contains(&instances[i].name)) {
             admitted.retain(|&i| !tried.contains(&instances[i].name));
         }
-        // Zones and regions are looked up only when the balancer will weigh them.
-        let place = |i: &catalog::InstanceView| -> (Option<String>, Option<String>) {
-            if !lb.locality {
-                return (None, None);
-            }
-            let of_node = alive.get(&i.instance.node).map(|(_, l)| l);
-            let get = |k: &str| i.instance.labels.get(k).or_else(|| of_node.and_then(|l| l.get(k))).cloned();
-            (get("zone"), get("region"))
-        };
-        let places: Vec<(Option<String>, Option<String>)> = admitted.iter().map(|&i| place(instances[i])).collect();
         let cands: Vec<Candidate<'_>> = admitted
             .iter()
-            .zip(&places)
-            .map(|(&i, (zone, region))| Candidate {
+            .map(|&i| Candidate {
                 name: &instances[i].name,
                 weight: instances[i].instance.weight,
-                place: Place { zone: zone.as_deref(), region: region.as_deref() },
+                place: place_of(instances[i], &alive, lb.locality),
             })
             .collect();
         let mine = &self.view.node.members.identity.meta.labels;
@@ -421,6 +410,17 @@ impl Forwarder {
             }
         }
     }
+}
+
+/// Where `i` runs, from its labels, else its node's; looked up only when the balancer
+/// weighs locality.
+fn place_of<'a>(i: &'a catalog::InstanceView, alive: &'a AliveMembers, locality: bool) -> Place<'a> {
+    if !locality {
+        return Place::default();
+    }
+    let of_node = alive.get(&i.instance.node).map(|(_, l)| l);
+    let get = |k: &str| i.instance.labels.get(k).or_else(|| of_node.and_then(|l| l.get(k))).map(String::as_str);
+    Place { zone: get("zone"), region: get("region") }
 }
 
 /// An instance chosen for one request or connection.
