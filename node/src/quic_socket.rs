@@ -62,7 +62,7 @@ impl AsyncUdpSocket for QuicSocket {
             // `try_io` clears readiness when its closure says "would block": on a short
             // batch the datagrams are kept aside and the closure says so.
             let mut got = None;
-            let res = self.io.try_io(Interest::READABLE, || {
+            let _ = self.io.try_io(Interest::READABLE, || {
                 let n = self.state.recv((&self.io).into(), bufs, meta)?;
                 got = Some(n);
                 if n < asked {
@@ -72,7 +72,7 @@ impl AsyncUdpSocket for QuicSocket {
             });
             // Other errors are passed over, as quinn's own socket does: the endpoint would
             // stop on one.
-            if let (Some(n), _) = (got, res) {
+            if let Some(n) = got {
                 return Poll::Ready(Ok(n));
             }
         }

@@ -148,7 +148,7 @@ impl Forwarder {
             })
             .collect();
         let mine = &self.view.node.members.identity.meta.labels;
-        let me = Place { zone: mine.get("zone").map(String::as_str), region: mine.get("region").map(String::as_str) };
+        let me = Place::of_labels(mine, None);
         // The balancer's state is kept per service and subset.
         let key: std::borrow::Cow<'_, str> =
             if labels.is_empty() { service.into() } else { format!("{service}{labels:?}").into() };
@@ -418,9 +418,7 @@ fn place_of<'a>(i: &'a catalog::InstanceView, alive: &'a AliveMembers, locality:
     if !locality {
         return Place::default();
     }
-    let of_node = alive.get(&i.instance.node).map(|(_, l)| l);
-    let get = |k: &str| i.instance.labels.get(k).or_else(|| of_node.and_then(|l| l.get(k))).map(String::as_str);
-    Place { zone: get("zone"), region: get("region") }
+    Place::of_labels(&i.instance.labels, alive.get(&i.instance.node).map(|(_, l)| l))
 }
 
 /// An instance chosen for one request or connection.

@@ -258,9 +258,10 @@ impl<'a> Target<'a> {
         let authority = if host.is_empty() { service } else { host }.to_string();
         let h2 = instance_http::is_h2(snap.protocol_of(&resolved.service));
         let hash = snap
-            .services
-            .get(&resolved.service)
-            .and_then(|s| s.lb.hash_header.as_deref())
+            .settings(&resolved.service)
+            .lb
+            .hash_header
+            .as_deref()
             .and_then(|name| Some(trellis_core::mesh::hashing::key_hash(req.headers().get(name)?.as_bytes())));
         Some(Target { snap, resolved, authority, h2, hash, caller })
     }

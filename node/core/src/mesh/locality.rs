@@ -9,6 +9,18 @@ pub struct Place<'a> {
     pub region: Option<&'a str>,
 }
 
+impl<'a> Place<'a> {
+    /// The place `labels` name, each label falling back to `fallback`'s (an instance's own
+    /// labels, then its node's).
+    pub fn of_labels(
+        labels: &'a std::collections::BTreeMap<String, String>,
+        fallback: Option<&'a std::collections::BTreeMap<String, String>>,
+    ) -> Place<'a> {
+        let get = |k: &str| labels.get(k).or_else(|| fallback.and_then(|l| l.get(k))).map(String::as_str);
+        Place { zone: get("zone"), region: get("region") }
+    }
+}
+
 /// The indexes of `endpoints` to choose from: the closest non-empty tier.
 pub fn nearest(me: Place<'_>, endpoints: &[Place<'_>]) -> Vec<usize> {
     let tier = |same: &dyn Fn(&Place<'_>) -> bool| -> Vec<usize> {
@@ -32,6 +44,14 @@ pub fn nearest(me: Place<'_>, endpoints: &[Place<'_>]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instance_takes_its_own_labels_then_its_nodes() {
+        let labels = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let (own, node) = (labels(&[("zone", "a")]), labels(&[("zone", "b"), ("region", "eu")]));
+        assert_eq!(Place::of_labels(&own, Some(&node)), Place { zone: Some("a"), region: Some("eu") });
+        assert_eq!(Place::of_labels(&own, None), Place { zone: Some("a"), region: None });
+    }
 
     fn p<'a>(zone: &'a str, region: &'a str) -> Place<'a> {
         Place { zone: Some(zone), region: Some(region) }
