@@ -2176,9 +2176,15 @@ fn dns_answers_healthy_instances_subsets_and_nodes_and_truncates_over_udp() {
         v.sort();
         (m.metadata.response_code, v)
     };
-    // web-3 is critical once its check has failed: answers hold web-1 and web-2 only.
-    c.wait_until(Duration::from_secs(15), "web's healthy instances in DNS", || {
-        (addrs("web.service.trellis", RecordType::A, false).1 == ["127.0.10.1", "127.0.10.2"]).then_some(())
+    // web-3 is critical once its check has failed: node 0 knows it (its own name answers
+    // NOERROR) but serves it not (no records), and web's answers hold web-1 and web-2 only.
+    // Without the first half, an answer taken before web-3's registration reached node 0
+    // looks the same, and web-3 (unknown until its first probe, and served) turns up next.
+    c.wait_until(Duration::from_secs(15), "web-3 known but critical, web's healthy instances in DNS", || {
+        let (code, web3) = addrs("web-3.web.service.trellis", RecordType::A, false);
+        let known_not_served = code == ResponseCode::NoError && web3.is_empty();
+        (known_not_served && addrs("web.service.trellis", RecordType::A, false).1 == ["127.0.10.1", "127.0.10.2"])
+            .then_some(())
     })
     .unwrap();
     assert_eq!(
@@ -2249,6 +2255,21 @@ fn dns_answers_healthy_instances_subsets_and_nodes_and_truncates_over_udp() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("after a truncated UDP answer") && text.matches("127.0.20.").count() == 120, "{text}");
+
+    // web-3 registered again as it was (an orchestrator re-asserting it): the store says
+    // unknown again, so its checker, critical all along, writes its verdict back. Asked of
+    // node 2, whose own write comes first, so the answer can only go from served to not.
+    let body = json!({"service": "web", "address": "127.0.10.3", "port": closed, "labels": {"version": "v1"},
+        "check": {"http": "/healthz", "interval": "200ms", "timeout": "150ms", "rise": 1, "fall": 1}});
+    let (s, v) = c.node(2).api().put_json("/v1/agent/services/web-3", &body).unwrap();
+    assert_eq!(s, 200, "{v}");
+    let dns2: SocketAddr =
+        c.node(2).api().get_json("/v1/agent/self").unwrap()["dns_addr"].as_str().unwrap().parse().unwrap();
+    c.wait_until(Duration::from_secs(10), "web-3 critical again after its re-registration", || {
+        let m = query(dns2, "web.service.trellis", RecordType::A, false).ok()?;
+        (!m.answers.iter().any(|r| r.data.to_string() == "127.0.10.3")).then_some(())
+    })
+    .unwrap();
 
     // web-2's node crashes: once it is down, its instance leaves the answers.
     c.kill(2);

@@ -40,6 +40,15 @@ impl Checker {
             next
         })
     }
+
+    /// One probe result against the health the store holds: the verdict to write when it
+    /// differs. Unlike [`Checker::record`] this also answers when the store lost a verdict
+    /// that did not change here (a re-registration wrote the default `unknown`, a write
+    /// failed), which would otherwise keep a dead instance served until its next flip.
+    pub fn observe(&mut self, ok: bool, stored: Health) -> Option<Health> {
+        self.record(ok);
+        (self.state != Health::Unknown && self.state != stored).then_some(self.state)
+    }
 }
 
 #[cfg(test)]
@@ -65,5 +74,18 @@ mod tests {
         let mut c = Checker::new(1, 2, Health::Unknown);
         assert_eq!(c.record(false), None);
         assert_eq!(c.record(false), Some(Health::Critical));
+    }
+
+    #[test]
+    fn a_verdict_the_store_lost_is_written_again() {
+        let mut c = Checker::new(1, 1, Health::Unknown);
+        assert_eq!(c.observe(false, Health::Unknown), Some(Health::Critical));
+        assert_eq!(c.observe(false, Health::Critical), None, "stored: nothing more to write");
+        // Registered again with the same check: the store says unknown again.
+        assert_eq!(c.observe(false, Health::Unknown), Some(Health::Critical));
+        assert_eq!(c.observe(true, Health::Critical), Some(Health::Passing));
+        let mut c = Checker::new(2, 2, Health::Unknown);
+        assert_eq!(c.observe(false, Health::Unknown), None, "no verdict yet: nothing to write");
+        assert_eq!(c.observe(false, Health::Unknown), Some(Health::Critical));
     }
 }

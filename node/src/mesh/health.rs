@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::policy::WriteError;
 use crate::policy_writer::PolicyWriter;
 use trellis_core::health::Checker;
 use trellis_core::policy::model::{self, Check, CheckTiming, Health, HealthCheckDefaults, Instance, Kind, Object};
-use trellis_core::policy::Key;
+use trellis_core::policy::{Key, StoreError, Version};
 
 /// One probe: an HTTP/1.1 GET (status as expected, any 2xx by default) or a TCP connect,
 /// within `timeout`.
@@ -53,10 +54,10 @@ pub async fn run(writer: PolicyWriter) {
         tick.tick().await;
         let now = Instant::now();
         let local = local_checked(&writer);
-        tracked.retain(|name, _| local.iter().any(|(n, _, _)| n == name));
+        tracked.retain(|name, _| local.iter().any(|(n, ..)| n == name));
         // Due probes run together, so a slow one does not hold up the others.
         let mut probes = tokio::task::JoinSet::new();
-        for (name, inst, timing) in local {
+        for (name, inst, version, timing) in local {
             let check = inst.check.clone().expect("filtered");
             let t = tracked.entry(name.clone()).or_insert_with(|| Tracked {
                 checker: Checker::new(timing.rise, timing.fall, inst.health),
@@ -76,14 +77,14 @@ pub async fn run(writer: PolicyWriter) {
             t.next = now + timing.interval;
             probes.spawn(async move {
                 let ok = probe(&inst, &check, timing.timeout).await;
-                (name, inst, ok)
+                (name, inst, version, ok)
             });
         }
-        while let Some(Ok((name, inst, ok))) = probes.join_next().await {
+        while let Some(Ok((name, inst, version, ok))) = probes.join_next().await {
             let Some(t) = tracked.get_mut(&name) else { continue };
-            if let Some(verdict) = t.checker.record(ok) {
+            if let Some(verdict) = t.checker.observe(ok, inst.health) {
                 tracing::info!(instance = %name, health = ?verdict, "health changed");
-                publish(&writer, &name, inst, verdict).await;
+                publish(&writer, &name, inst, version, verdict).await;
             }
         }
     }
@@ -92,8 +93,9 @@ pub async fn run(writer: PolicyWriter) {
 /// This node's instances that carry a check, by object name, with the check's timings
 /// (the service's `health_check` fills what the check leaves unset). Runs every tick on
 /// the data plane's thread, so only this node's entries (`<id>@<node>`) are parsed, not
-/// the whole cluster's catalog.
-fn local_checked(writer: &PolicyWriter) -> Vec<(String, Instance, CheckTiming)> {
+/// the whole cluster's catalog. The version read goes with each, so a verdict never
+/// overwrites a registration made while its probe ran.
+fn local_checked(writer: &PolicyWriter) -> Vec<(String, Instance, Version, CheckTiming)> {
     let me = writer.members.identity.name.as_str();
     let store = writer.policy.store.lock().expect("policy lock");
     let defaults = |service: &str| {
@@ -112,7 +114,7 @@ fn local_checked(writer: &PolicyWriter) -> Vec<(String, Instance, CheckTiming)> 
                 return None;
             };
             let timing = effective(i.check.as_ref()?.timing(&defaults(&i.service)));
-            (i.node == me).then(|| (k.name.clone(), i, timing))
+            (i.node == me).then(|| (k.name.clone(), i, r.marker, timing))
         })
         .collect()
 }
@@ -124,11 +126,17 @@ fn effective(mut t: CheckTiming) -> CheckTiming {
     t
 }
 
-async fn publish(writer: &PolicyWriter, name: &str, mut inst: Instance, health: Health) {
+/// Writes a verdict over the body it was probed for; if the instance changed meanwhile the
+/// write is refused and the next tick probes what is there now.
+async fn publish(writer: &PolicyWriter, name: &str, mut inst: Instance, version: Version, health: Health) {
     inst.health = health;
     let bytes = serde_json::to_vec(&inst).expect("json");
     let key = Key { kind: Kind::Instances, name: name.to_string() };
-    if let Err(e) = writer.write(key, Some(bytes), None).await {
-        tracing::warn!(instance = %name, error = %e, "could not record health");
+    match writer.write(key, Some(bytes), Some(version)).await {
+        Err(WriteError::Store(StoreError::CasMismatch { .. })) => {
+            tracing::debug!(instance = %name, "instance changed while probed; its health is decided again")
+        }
+        Err(e) => tracing::warn!(instance = %name, error = %e, "could not record health"),
+        Ok(_) => {}
     }
 }

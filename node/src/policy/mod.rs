@@ -75,7 +75,14 @@ impl Policy {
         let mut wal = self.wal.lock().expect("wal lock");
         wal.append(&[(key.clone(), reg.clone())], true)?;
         store.commit(key.clone(), reg.clone());
-        store.take_dirty();
+        // Entries merged from peers since the last persist are dirty too: log them now, or
+        // they would reach disk only at the next compaction.
+        let merged: Vec<_> = store.take_dirty().into_iter().filter(|(k, _)| *k != key).collect();
+        if !merged.is_empty() {
+            if let Err(e) = wal.append(&merged, true) {
+                tracing::error!(error = %e, "could not persist replicated policy; it stays in memory and will be re-synced");
+            }
+        }
         let _ = wal.maybe_compact(store.iter());
         self.index.send_replace(store.index());
         Ok(store::to_wire(&key, &reg))
@@ -143,5 +150,32 @@ impl Policy {
                 Err(e.to_string())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_core::policy::Kind;
+
+    #[test]
+    fn entries_merged_from_a_peer_are_logged_by_the_next_local_write() {
+        let root = std::env::temp_dir().join(format!("trellis-policy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let key = |n: &str| Key { kind: Kind::Instances, name: n.into() };
+        let body = br#"{"service": "web", "address": "127.0.0.1", "port": 8080}"#;
+        let peer = Policy::open(&root.join("b"), "b", 60_000, None).unwrap();
+        let entry = peer.write(key("web-1@b"), Some(body), None).unwrap();
+        let a = Policy::open(&root.join("a"), "a", 60_000, None).unwrap();
+        assert_eq!(a.merge_entries(vec![entry]), (1, 0));
+        // No persist before the local write: the agent loop may not have reached it yet.
+        a.write(key("web-2@a"), Some(body), None).unwrap();
+        drop(a);
+        let reopened = Policy::open(&root.join("a"), "a", 60_000, None).unwrap();
+        let store = reopened.store.lock().unwrap();
+        let held = (store.get(&key("web-1@b")).is_some(), store.get(&key("web-2@a")).is_some());
+        drop(store);
+        let _ = std::fs::remove_dir_all(&root);
+        assert_eq!(held, (true, true), "the peer's entry and the local one both survive a restart");
     }
 }

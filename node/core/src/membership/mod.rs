@@ -169,6 +169,8 @@ struct SeedRetry {
     next_at: Option<Instant>,
 }
 
+/// Down members announced to at most, per probe period, when one comes back.
+const HEAL_ANNOUNCES: usize = 8;
 const SEED_RETRY_MIN: Duration = Duration::from_millis(500);
 const SEED_RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -187,6 +189,9 @@ pub struct Membership {
     /// The suspicions this node runs itself, by (member, incarnation).
     suspicions: HashMap<(NodeIdentity, u16), Suspicion>,
     suspect_to_down_after: Duration,
+    /// Paces [`Membership::announce_to_down`]: at most once per probe period.
+    probe_period: Duration,
+    heal_announced_at: Option<Instant>,
 }
 
 /// A suspicion this node heard of and times itself. A member is declared down here once
@@ -248,6 +253,8 @@ impl Membership {
             address_conflicts,
             suspicions: HashMap::new(),
             suspect_to_down_after: timing.suspect_to_down_after,
+            probe_period: timing.probe_period,
+            heal_announced_at: None,
         }
     }
 
@@ -325,12 +332,18 @@ impl Membership {
             }
         }
         let backlog = self.swim.custom_broadcast_backlog();
+        let events = self.io.events.len();
         let mut fx = Effects { now, io: &mut self.io };
         let res = self.swim.handle_data(body, &mut fx);
         self.take_heard(now);
         if let Err(e) = res {
             self.io.stats.malformed_in += 1;
             return Err(PacketError::Refused(e.to_string()));
+        }
+        let back =
+            |e: &MemberEvent| matches!(e, MemberEvent::Up(_) | MemberEvent::Renamed { .. } | MemberEvent::Rejoined(_));
+        if self.io.events.iter().skip(events).any(back) {
+            self.announce_to_down(now);
         }
         // A broadcast item we had not seen (a policy change) is passed on at once: the
         // change then spreads at network speed, log3(N) hops, not a gossip tick per hop.
@@ -506,6 +519,44 @@ impl Membership {
         let jitter = self.rng.random_range(0.8..1.2);
         self.seeds.attempt += 1;
         self.seeds.next_at = Some(now + base.mul_f64(jitter));
+    }
+
+    /// A member came back, or we did: a partition may have healed, so the members still down
+    /// here may be reachable again. foca looks for them only by its periodic announce to two
+    /// down members (every 10 s in the fast profile, 60 s on a LAN), which can leave two
+    /// nodes holding each other down that long while a third sees both. Announcing to the
+    /// down members now (at most once per probe period) links such a pair within a round
+    /// trip: one that holds us down answers, and the rejoin under a new generation follows.
+    fn announce_to_down(&mut self, now: Instant) {
+        if self.heal_announced_at.is_some_and(|t| now < t + self.probe_period) {
+            return;
+        }
+        let mut down: Vec<NodeIdentity> = {
+            let left = self.left.lock().expect("left set poisoned");
+            self.swim
+                .iter_membership_state()
+                .filter(|m| m.state() == State::Down && !left.contains(&(m.id().addr, m.id().generation)))
+                .map(|m| m.id().clone())
+                .collect()
+        };
+        if down.is_empty() {
+            return;
+        }
+        // A random few when many are down (a large split healing): every Up here triggers
+        // another round, so the rest are reached within a few probe periods.
+        let k = down.len().min(HEAL_ANNOUNCES);
+        for i in 0..k {
+            let j = self.rng.random_range(i..down.len());
+            down.swap(i, j);
+        }
+        down.truncate(k);
+        self.heal_announced_at = Some(now);
+        for id in down {
+            let mut fx = Effects { now, io: &mut self.io };
+            if let Err(e) = self.swim.announce(id, &mut fx) {
+                tracing::debug!(error = %e, "announce to a down member");
+            }
+        }
     }
 
     /// A suspicion timer whose member has since refuted (new incarnation or alive) or gone

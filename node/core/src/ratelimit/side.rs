@@ -26,6 +26,11 @@ pub struct SideView {
     down_since: BTreeMap<String, Instant>,
     /// When each member last came into view (joined, or back after a partition).
     appeared: BTreeMap<String, Instant>,
+    /// Since when this side has seen a strict majority of `stable` (`None`: a minority now).
+    /// A down member's grace counts from the later of its going down and this, so time spent
+    /// as a minority never counts: a minority that meets one member of the majority after a
+    /// heal would otherwise drop the rest at once, while they still hold their own view.
+    majority_since: Option<Instant>,
 }
 
 impl SideView {
@@ -37,6 +42,7 @@ impl SideView {
             alive: vec![me.to_string()],
             down_since: BTreeMap::new(),
             appeared: BTreeMap::new(),
+            majority_since: None,
         }
     }
 
@@ -81,12 +87,14 @@ impl SideView {
     fn promote(&mut self, now: Instant) {
         let seen = self.seen();
         if 2 * seen <= self.stable.len() {
+            self.majority_since = None;
             return;
         }
+        let majority = *self.majority_since.get_or_insert(now);
         let expired: Vec<String> = self
             .down_since
             .iter()
-            .filter(|(_, since)| now.saturating_duration_since(**since) >= self.grace)
+            .filter(|(_, down)| now.saturating_duration_since((**down).max(majority)) >= self.grace)
             .map(|(n, _)| n.clone())
             .collect();
         for n in expired {
@@ -168,6 +176,21 @@ mod tests {
         assert!((majority.fraction() - 0.6).abs() < 1e-9);
         majority.update(later, [("b", Down), ("c", Alive), ("d", Alive), ("e", Down)]);
         assert_eq!(majority.fraction(), 1.0);
+    }
+
+    #[test]
+    fn a_minority_that_meets_one_member_of_the_majority_waits_a_fresh_grace() {
+        let t0 = Instant::now();
+        let mut v = view(&[("b", Alive), ("c", Alive), ("d", Alive), ("e", Alive)], t0);
+        v.update(t0, [("b", Alive), ("c", Down), ("d", Down), ("e", Down)]);
+        // Down far longer than the grace, but as a minority: the heal brings c back first.
+        let heal = t0 + GRACE * 3;
+        v.update(heal, [("b", Alive), ("c", Alive), ("d", Down), ("e", Down)]);
+        assert!((v.fraction() - 0.6).abs() < 1e-9, "promoted at once: {}", v.fraction());
+        v.update(heal + GRACE / 2, [("b", Alive), ("c", Alive), ("d", Down), ("e", Down)]);
+        assert!((v.fraction() - 0.6).abs() < 1e-9);
+        v.update(heal + GRACE, [("b", Alive), ("c", Alive), ("d", Down), ("e", Down)]);
+        assert_eq!(v.fraction(), 1.0, "a majority for a whole grace takes the rest");
     }
 
     #[test]
