@@ -351,7 +351,7 @@ impl Forwarder {
         let transport = self.view.node.transport.clone();
         let stream = async move {
             let (send, recv) = transport.open_bi(peer).await?;
-            anyhow::Ok(tokio::io::join(recv, send))
+            anyhow::Ok(super::io::QuicIo { recv, send })
         };
         self.handshake(service, pick, stream).await
     }

@@ -16,10 +16,11 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_proto::forward::{ForwardOpen, ForwardStatus, MAX_FORWARD_HEADER};
 
 use super::instance_http;
+use super::io::{QuicIo, Stream};
 use super::view::MeshView;
 use crate::access_log::{Counted, Pending, TcpLine};
 use crate::transport::BiStream;
@@ -44,10 +45,6 @@ pub enum Ended {
     HeaderTimeout,
 }
 
-/// A stream in both directions.
-pub trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
-
 impl MeshView {
     /// Does the access log take this service's requests here?
     /// Does this agent look at each request of `service` (its access log, or spans)?
@@ -58,7 +55,7 @@ impl MeshView {
     /// Serves one stream to a local instance for the node `from` (its name and SPIFFE id:
     /// a peer's, or this node's own). The calling service the header names counts only
     /// when that node hosts an instance of it (`callers::may_claim`).
-    pub async fn inbound<S: Duplex>(self: &Arc<Self>, from: (&str, &str), io: &mut S) -> anyhow::Result<Ended> {
+    pub async fn inbound<S: Stream>(self: &Arc<Self>, from: (&str, &str), io: &mut S) -> anyhow::Result<Ended> {
         let within = self.node.transport.limits.stream_read_timeout;
         let Ok(header) = tokio::time::timeout(within, read_header(io)).await else {
             return Ok(Ended::HeaderTimeout);
@@ -104,7 +101,7 @@ impl MeshView {
 
     /// Copies bytes both ways until either side closes, or policy no longer lets the
     /// stream stand as it is.
-    async fn copy_while_allowed<S: Duplex>(
+    async fn copy_while_allowed<S: Stream>(
         self: &Arc<Self>,
         caller: &Caller,
         service: &str,
@@ -119,12 +116,12 @@ impl MeshView {
         if let Some(l) = &mut line {
             l.instance(&target.name, (target.instance.address, target.instance.port).into());
         }
-        let copy = super::io::relay(io, &mut up);
+        let copy = super::io::relay(&mut up, io);
         tokio::pin!(copy);
         loop {
             tokio::select! {
                 r = &mut copy => {
-                    let (received, sent) = r.inspect_err(|_| line.iter_mut().for_each(|l| l.failed("upstream")))?;
+                    let (sent, received) = r.inspect_err(|_| line.iter_mut().for_each(|l| l.failed("upstream")))?;
                     line.iter_mut().for_each(|l| l.bytes(received, sent));
                     return Ok(Ended::Done);
                 }
@@ -145,7 +142,7 @@ impl MeshView {
     }
 
     /// Serves the stream as HTTP in the instance's protocol, deciding each request.
-    async fn serve_requests<S: Duplex>(
+    async fn serve_requests<S: Stream>(
         self: &Arc<Self>,
         caller: &Caller,
         service: &str,
@@ -299,7 +296,7 @@ async fn decide_and_send(
 }
 
 /// Reads the forward header: Ok(Err(why)) when it arrived but is not one.
-async fn read_header<S: Duplex>(io: &mut S) -> anyhow::Result<Result<ForwardOpen, String>> {
+async fn read_header<S: Stream>(io: &mut S) -> anyhow::Result<Result<ForwardOpen, String>> {
     let len = io.read_u16().await? as usize;
     if len > MAX_FORWARD_HEADER {
         return Ok(Err(format!("forward header of {len} bytes")));
@@ -374,7 +371,7 @@ impl MeshView {
     async fn server(self: &Arc<Self>, s: BiStream) -> anyhow::Result<()> {
         let BiStream { peer_name, send, recv, .. } = s;
         let spiffe = self.node.members.spiffe_of(&peer_name);
-        let mut quic = tokio::io::join(recv, send);
+        let mut quic = QuicIo { recv, send };
         let code = match self.inbound((&peer_name, &spiffe), &mut quic).await? {
             Ended::Done => return Ok(()),
             Ended::Denied => DENIED_CODE,
@@ -384,7 +381,7 @@ impl MeshView {
                 TIMEOUT_CODE
             }
         };
-        let (mut recv, mut send) = quic.into_inner();
+        let QuicIo { mut recv, mut send } = quic;
         let _ = send.reset(code);
         let _ = recv.stop(code);
         if code == TIMEOUT_CODE {
