@@ -53,4 +53,6 @@ pub mod run;
 pub mod socket_owner;
 pub mod spans;
 pub mod stats;
+#[cfg(test)]
+mod test_dir;
 pub mod transport;

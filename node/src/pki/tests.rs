@@ -1,18 +1,11 @@
 //! Real rustls handshakes in memory: no sockets, exact outcomes.
 
 use super::*;
+use crate::test_dir::TestDir;
 use std::sync::Mutex;
 
-fn tmp(tag: &str) -> PathBuf {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "trellis-pki-{}-{}-{tag}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = fs::remove_dir_all(&d);
-    d
+fn tmp(tag: &str) -> TestDir {
+    TestDir::new(&format!("pki-{tag}"))
 }
 
 /// A CA and one node cert in a fresh dir; returns (ca_dir, tls_dir).
@@ -22,10 +15,24 @@ fn node(ca: &Path, name: &str) -> PathBuf {
     out
 }
 
-fn ca(tag: &str, cluster: &str) -> PathBuf {
-    let dir = tmp(tag).join("ca");
-    init_ca(&dir, Some(cluster)).unwrap();
-    dir
+/// A CA's directory, inside a test dir that goes with it.
+struct CaDir {
+    path: PathBuf,
+    _root: TestDir,
+}
+
+impl std::ops::Deref for CaDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn ca(tag: &str, cluster: &str) -> CaDir {
+    let root = tmp(tag);
+    let path = root.join("ca");
+    init_ca(&path, Some(cluster)).unwrap();
+    CaDir { path, _root: root }
 }
 
 type Seen = Arc<Mutex<Vec<RefusalReason>>>;

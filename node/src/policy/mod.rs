@@ -160,8 +160,7 @@ mod tests {
 
     #[test]
     fn entries_merged_from_a_peer_are_logged_by_the_next_local_write() {
-        let root = std::env::temp_dir().join(format!("trellis-policy-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let root = crate::test_dir::TestDir::new("policy");
         let key = |n: &str| Key { kind: Kind::Instances, name: n.into() };
         let body = br#"{"service": "web", "address": "127.0.0.1", "port": 8080}"#;
         let peer = Policy::open(&root.join("b"), "b", 60_000, None).unwrap();
@@ -174,8 +173,6 @@ mod tests {
         let reopened = Policy::open(&root.join("a"), "a", 60_000, None).unwrap();
         let store = reopened.store.lock().unwrap();
         let held = (store.get(&key("web-1@b")).is_some(), store.get(&key("web-2@a")).is_some());
-        drop(store);
-        let _ = std::fs::remove_dir_all(&root);
         assert_eq!(held, (true, true), "the peer's entry and the local one both survive a restart");
     }
 }

@@ -151,10 +151,8 @@ mod tests {
         )
     }
 
-    fn dir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("trellis-wal-{}-{tag}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        d
+    fn dir(tag: &str) -> crate::test_dir::TestDir {
+        crate::test_dir::TestDir::new(&format!("wal-{tag}"))
     }
 
     #[test]
