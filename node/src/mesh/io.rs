@@ -191,7 +191,11 @@ async fn relay_chunks(tcp: &mut TcpStream, q: QuicParts<'_>) -> std::io::Result<
         let mut buf = bytes::BytesMut::new();
         let mut total = 0u64;
         loop {
-            buf.reserve(COPY_BUFFER);
+            // Small reads share one block until it runs low: each chunk pins its block until
+            // QUIC has it acknowledged, and a fresh 32 KiB per 100-byte message would pile up.
+            if buf.capacity() < COPY_BUFFER / 4 {
+                buf.reserve(COPY_BUFFER);
+            }
             let n = rd.read_buf(&mut buf).await?;
             if n == 0 {
                 let _ = send.finish();
