@@ -2152,6 +2152,7 @@ fn dns_answers_healthy_instances_subsets_and_nodes_and_truncates_over_udp() {
     assert_eq!(dns.port(), 8600, "Consul's port, on the agent's loopback address");
     // Three instances of web (addresses only answered, never dialled), one failing its check.
     let closed = free_port();
+    let mut web3 = json!(null);
     for (node, id, ip, port, version, check) in [
         (1, "web-1", "127.0.10.1", 8080, "v1", false),
         (2, "web-2", "127.0.10.2", 8081, "v2", false),
@@ -2163,6 +2164,9 @@ fn dns_answers_healthy_instances_subsets_and_nodes_and_truncates_over_udp() {
         }
         let (s, v) = c.node(node).api().put_json(&format!("/v1/agent/services/{id}"), &body).unwrap();
         assert_eq!(s, 200, "{v}");
+        if id == "web-3" {
+            web3 = body;
+        }
     }
     let (s, v) = c
         .node(0)
@@ -2259,9 +2263,7 @@ fn dns_answers_healthy_instances_subsets_and_nodes_and_truncates_over_udp() {
     // web-3 registered again as it was (an orchestrator re-asserting it): the store says
     // unknown again, so its checker, critical all along, writes its verdict back. Asked of
     // node 2, whose own write comes first, so the answer can only go from served to not.
-    let body = json!({"service": "web", "address": "127.0.10.3", "port": closed, "labels": {"version": "v1"},
-        "check": {"http": "/healthz", "interval": "200ms", "timeout": "150ms", "rise": 1, "fall": 1}});
-    let (s, v) = c.node(2).api().put_json("/v1/agent/services/web-3", &body).unwrap();
+    let (s, v) = c.node(2).api().put_json("/v1/agent/services/web-3", &web3).unwrap();
     assert_eq!(s, 200, "{v}");
     let dns2: SocketAddr =
         c.node(2).api().get_json("/v1/agent/self").unwrap()["dns_addr"].as_str().unwrap().parse().unwrap();

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use foca::{Codec, Foca, Member, Notification, OwnedNotification, Runtime, State, Timer};
 use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 use trellis_proto::{envelope, gossip, limits, GossipCodec, LeaveNotice, MessageKind, NodeIdentity};
@@ -544,14 +545,10 @@ impl Membership {
         }
         // A random few when many are down (a large split healing): every Up here triggers
         // another round, so the rest are reached within a few probe periods.
-        let k = down.len().min(HEAL_ANNOUNCES);
-        for i in 0..k {
-            let j = self.rng.random_range(i..down.len());
-            down.swap(i, j);
-        }
-        down.truncate(k);
+        let (few, _) = down.partial_shuffle(&mut self.rng, HEAL_ANNOUNCES);
+        let few = few.to_vec();
         self.heal_announced_at = Some(now);
-        for id in down {
+        for id in few {
             let mut fx = Effects { now, io: &mut self.io };
             if let Err(e) = self.swim.announce(id, &mut fx) {
                 tracing::debug!(error = %e, "announce to a down member");
