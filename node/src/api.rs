@@ -203,6 +203,15 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         tasks as f64,
     );
     quic_metrics(&mut e, &a.transport.quic_totals());
+    let mtus: Vec<(String, u64)> = a.transport.path_mtus().into_iter().map(|(p, m)| (p, u64::from(m))).collect();
+    let mtus: Vec<(&str, u64)> = mtus.iter().map(|(p, m)| (p.as_str(), *m)).collect();
+    e.labelled(
+        "gauge",
+        "trellis_quic_path_mtu_bytes",
+        "Path MTU QUIC found to each connected peer (UDP payload).",
+        "peer",
+        &mtus,
+    );
     e.counter("trellis_quic_dials_total", "Outgoing peer connection attempts.", t.dials.load(Relaxed));
     e.counter(
         "trellis_quic_dial_failures_total",

@@ -15,18 +15,28 @@ use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::io::Interest;
 
+/// The most one GSO send may carry: an IPv4 datagram's 65,535 bytes less the IP and UDP
+/// headers. The kernel refuses a larger batch outright.
+const MAX_GSO_BYTES: usize = 65_507;
+
 #[derive(Debug)]
 pub struct QuicSocket {
     io: tokio::net::UdpSocket,
     state: UdpSocketState,
+    /// Datagrams per send: quinn batches up to ten of the path's MTU without regard to
+    /// the 64 KiB limit, so past 6,550 bytes a full batch would fail, be taken for loss,
+    /// and black-hole detection would drop the path to the minimum MTU.
+    segments: usize,
 }
 
 impl QuicSocket {
-    /// Wraps a bound socket (made non-blocking here); needs a tokio runtime.
-    pub fn new(socket: std::net::UdpSocket) -> io::Result<Arc<QuicSocket>> {
+    /// Wraps a bound socket (made non-blocking here) that sends datagrams of at most
+    /// `max_payload` bytes; needs a tokio runtime.
+    pub fn new(socket: std::net::UdpSocket, max_payload: u16) -> io::Result<Arc<QuicSocket>> {
         socket.set_nonblocking(true)?;
         let state = UdpSocketState::new((&socket).into())?;
-        Ok(Arc::new(QuicSocket { io: tokio::net::UdpSocket::from_std(socket)?, state }))
+        let segments = state.max_gso_segments().min(MAX_GSO_BYTES / usize::from(max_payload)).max(1);
+        Ok(Arc::new(QuicSocket { io: tokio::net::UdpSocket::from_std(socket)?, state, segments }))
     }
 }
 
@@ -87,7 +97,7 @@ impl AsyncUdpSocket for QuicSocket {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.state.max_gso_segments()
+        self.segments
     }
 
     fn max_receive_segments(&self) -> usize {
@@ -115,10 +125,39 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_of_full_datagrams_fits_one_send() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _in_rt = rt.enter();
+        for mtu in [1200, 1472, 8952, 65_000] {
+            let sock = QuicSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), mtu).unwrap();
+            let n = sock.max_transmit_segments();
+            assert!(n >= 1 && n * usize::from(mtu) <= MAX_GSO_BYTES, "{n} x {mtu}");
+        }
+        // A full batch of the largest datagram is what the kernel accepts in one call.
+        let sock = QuicSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), 8952).unwrap();
+        let to = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let n = sock.max_transmit_segments();
+        let contents = vec![7u8; n * 8952];
+        let segment_size = (n > 1).then_some(8952);
+        let t = Transmit {
+            destination: to.local_addr().unwrap(),
+            ecn: None,
+            contents: &contents,
+            segment_size,
+            src_ip: None,
+        };
+        rt.block_on(sock.io.writable()).unwrap();
+        sock.try_send(&t).expect("a full batch is sent");
+        let mut buf = vec![0u8; 65_536];
+        to.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        assert_eq!(to.recv(&mut buf).unwrap(), 8952);
+    }
+
+    #[test]
     fn datagrams_after_a_short_batch_still_wake_the_reader() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let sock = QuicSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+            let sock = QuicSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), 1472).unwrap();
             let to = sock.local_addr().unwrap();
             let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             // Bursts shorter and longer than one batch, each read while the next is sent.

@@ -6,7 +6,7 @@
 //! and is attached to everything it sends; nothing a peer writes in a message can change it.
 
 use crate::faults::Faults;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -240,9 +240,9 @@ impl Transport {
 
         let socket = udp_socket(bind)?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            quinn::EndpointConfig::default(),
+            endpoint_config(),
             Some(server),
-            crate::quic_socket::QuicSocket::new(socket)?,
+            crate::quic_socket::QuicSocket::new(socket, MTU_UPPER_BOUND)?,
             Arc::new(quinn::TokioRuntime),
         )?;
         let (tx, rx) = mpsc::channel(4096);
@@ -287,6 +287,18 @@ impl Transport {
             t.add(&conn.stats());
         }
         t
+    }
+
+    /// The path MTU QUIC found to each peer, the smallest over that peer's connections: a
+    /// path held at QUIC's 1200-byte minimum points at a black hole or a small tunnel MTU.
+    pub fn path_mtus(&self) -> BTreeMap<String, u16> {
+        let pool = self.pool.lock().expect("pool lock");
+        let mut mtus = BTreeMap::new();
+        for (conn, name) in pool.live.values() {
+            let mtu = conn.stats().path.current_mtu;
+            mtus.entry(name.clone()).and_modify(|m: &mut u16| *m = (*m).min(mtu)).or_insert(mtu);
+        }
+        mtus
     }
 
     /// Sends one message to a peer; never blocks. Dials the peer first if needed, queueing
@@ -678,6 +690,15 @@ fn transport_config(limits: &Limits) -> quinn::TransportConfig {
     mtu.upper_bound(MTU_UPPER_BOUND);
     t.mtu_discovery_config(Some(mtu));
     t
+}
+
+/// quinn's endpoint advertises a 1472-byte `max_udp_payload_size` by default, which caps
+/// the peer's path MTU discovery there whatever its own bound: raised to that bound. On
+/// loopback this moves bulk streams in 8.9 KB packets instead of 1.5 KB ones.
+fn endpoint_config() -> quinn::EndpointConfig {
+    let mut e = quinn::EndpointConfig::default();
+    e.max_udp_payload_size(MTU_UPPER_BOUND).expect("within QUIC's bounds");
+    e
 }
 
 fn udp_socket(bind: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {

@@ -87,6 +87,12 @@ fn a_tcp_echo_on_another_node_carries_100_mib_intact() {
     echo_100_mib(s);
     let m = c.node(2).api().get_text("/metrics").unwrap();
     assert!(metric(&m, "trellis_forward_inbound_total").unwrap() >= 1.0);
+    // Loopback carries jumbo datagrams: path MTU discovery climbs past Ethernet's 1472
+    // bytes (quinn's endpoint default used to cap it there), and stays there: a GSO batch
+    // over 64 KiB would fail, count as loss, and black-hole detection would fall to 1200.
+    let m = c.node(0).api().get_text("/metrics").unwrap();
+    let mtu = metric(&m, &format!("trellis_quic_path_mtu_bytes{{peer=\"{}\"}}", c.node(2).name));
+    assert!(mtu.is_some_and(|m| m > 1472.0), "path MTU to node 2: {mtu:?}\n{m}");
 }
 
 /// Sends 100 MiB of pseudo-random bytes through `s` (an echo behind the mesh) and checks
