@@ -93,6 +93,8 @@ fn proof_fixture() -> &'static (std::sync::Arc<crate::pki::LiveIdentity>, trelli
         crate::pki::issue_cert(&dir.join("ca"), "n1", &tls, std::time::Duration::from_secs(3600)).expect("fuzz cert");
         let id = crate::pki::LiveIdentity::new(&crate::pki::load_tls_dir(&tls).expect("fuzz tls")).expect("identity");
         let proof = id.sign(PROOF_MESSAGE).expect("sign");
+        // The identity is held in memory from here on.
+        let _ = std::fs::remove_dir_all(&dir);
         (id, proof)
     })
 }

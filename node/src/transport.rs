@@ -242,7 +242,7 @@ impl Transport {
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config(),
             Some(server),
-            crate::quic_socket::QuicSocket::new(socket, MTU_UPPER_BOUND)?,
+            crate::quic_socket::QuicSocket::new(socket)?,
             Arc::new(quinn::TokioRuntime),
         )?;
         let (tx, rx) = mpsc::channel(4096);

@@ -30,6 +30,8 @@ fn honest_pair_with(limits: &str, node0_args: Vec<String>) -> Cluster {
         spec.node_args[0].extend(["--config".into(), file.display().to_string()]);
     }
     let c = Cluster::start(spec).unwrap();
+    // The agents read their config at start; only a SIGHUP would read it again.
+    let _ = std::fs::remove_dir_all(&dir);
     wait_pair_alive(&c);
     let (s, b) = c.node(0).api().put_json("/v1/policy/services/web", &json!({"timeout": "2s"})).unwrap();
     assert_eq!(s, 200, "{b}");

@@ -2142,6 +2142,7 @@ fn spans_of_every_hop_reach_an_otlp_receiver_and_a_hung_collector_costs_requests
     let quiet = receiver.spans().into_iter().filter(|s| s.trace_hex() == "1af7651916cd43dd8448eb211c80319c").count();
     assert_eq!(quiet, 0, "an unsampled trace exports nothing");
     drop(hung);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
