@@ -203,14 +203,14 @@ async fn metrics(State(a): State<AgentHandle>) -> Response {
         tasks as f64,
     );
     quic_metrics(&mut e, &a.transport.quic_totals());
-    let mtus: Vec<(String, u64)> = a.transport.path_mtus().into_iter().map(|(p, m)| (p, u64::from(m))).collect();
-    let mtus: Vec<(&str, u64)> = mtus.iter().map(|(p, m)| (p.as_str(), *m)).collect();
+    let mtus = a.transport.path_mtus();
+    let rows: Vec<(&str, u64)> = mtus.iter().map(|(peer, mtu)| (peer.as_str(), u64::from(*mtu))).collect();
     e.labelled(
         "gauge",
         "trellis_quic_path_mtu_bytes",
         "Path MTU QUIC found to each connected peer (UDP payload).",
         "peer",
-        &mtus,
+        &rows,
     );
     e.counter("trellis_quic_dials_total", "Outgoing peer connection attempts.", t.dials.load(Relaxed));
     e.counter(
