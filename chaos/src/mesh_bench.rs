@@ -54,6 +54,8 @@ pub struct Options {
     /// `haproxy`), e.g. to attach a profiler to one. Empty runs every path.
     pub only: Vec<String>,
     pub phases: Vec<Phase>,
+    /// The round trip of the wan phase.
+    pub rtt_ms: u64,
 }
 
 /// A part of the benchmark, selectable so a profile or an A/B run takes only what it needs.
@@ -67,6 +69,9 @@ pub enum Phase {
     Idle,
     /// One-way bulk TCP.
     Bulk,
+    /// One-way bulk TCP through the mesh over a WAN's round trip (`rtt_ms`), delayed under
+    /// QUIC by the agents' fault injection: needs a build with that feature.
+    Wan,
 }
 
 /// One turn of one path: what oha saw, and the proxies' CPU per request.
@@ -105,7 +110,9 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let node3 = vec!["--proxy".into(), traced_proxy.to_string(), "--config".into(), traces.display().to_string()];
     let node4 = vec!["--config".to_string(), traces.display().to_string()];
     let node_args = vec![node0, vec![], node2, node3, node4];
-    let spec = ClusterSpec { nodes: 5, node_args, profile: "lan".into(), ..Default::default() };
+    // The wan phase delays datagrams through the agents' fault control.
+    let extra_args = if o.phases.contains(&Phase::Wan) { vec!["--fault-injection".into()] } else { vec![] };
+    let spec = ClusterSpec { nodes: 5, node_args, profile: "lan".into(), extra_args, ..Default::default() };
     let c = Cluster::start(spec)?;
     let all = [0, 1, 2, 3, 4];
     let alive: Vec<(String, &str)> = all.iter().map(|&i| (c.node(i).name.clone(), "alive")).collect();
@@ -203,6 +210,9 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     }
     if o.phases.contains(&Phase::Bulk) {
         bulk(&o, sink, bulk_listen, hap.tcp)?;
+    }
+    if o.phases.contains(&Phase::Wan) {
+        wan(&o, &c, bulk_listen)?;
     }
     println!("\nRSS MiB after the run: trellis {}; haproxy {}", rss_of(&agents), rss_of(&hap.pids()));
     println!("spans received by the OTLP receiver: {}", otlp.count());
@@ -392,6 +402,39 @@ fn bulk(o: &Options, sink: SocketAddr, trellis: SocketAddr, haproxy: SocketAddr)
         println!("{name:<32} {r:>8.0} MiB/s  {:.2}x direct", r / m[0]);
     }
     println!("trellis / haproxy bulk: {:.2}x (target: at least 1.00)", m[1] / m[2]);
+    Ok(())
+}
+
+/// Bulk TCP through the mesh with each agent holding its datagrams for half of `rtt_ms`.
+/// HAProxy's TCP cannot be delayed on this kernel (no netem), so the figure stands beside
+/// the bound one QUIC stream's receive window sets: window / RTT.
+fn wan(o: &Options, c: &Cluster, trellis: SocketAddr) -> anyhow::Result<()> {
+    let set = |ms: u64| -> anyhow::Result<()> {
+        for i in [0, 2] {
+            let (s, v) = c.node(i).api().post_json("/v1/fault", &json!({ "packet_delay_ms": ms }))?;
+            anyhow::ensure!(
+                s == 200,
+                "packet delay on node {i} (is the agent built with --features fault-injection?): {v}"
+            );
+        }
+        Ok(())
+    };
+    let window = trellis_node::limits::Limits::default().stream_receive_window as f64 / (1024.0 * 1024.0);
+    let bound = window / (o.rtt_ms.max(1) as f64 / 1000.0);
+    println!(
+        "\nbulk TCP over a {} ms round trip (delayed under QUIC by both agents): {} MiB one way, median of {} turns",
+        o.rtt_ms, o.bulk_mib, o.reps
+    );
+    set(o.rtt_ms / 2)?;
+    let mut rates = Vec::new();
+    for _ in 0..o.reps {
+        rates.push(crate::loadgen::bulk(trellis, o.bulk_mib * 1024 * 1024)?);
+    }
+    set(0)?;
+    println!(
+        "trellis two-hop QUIC mTLS        {:>8.0} MiB/s  (one stream's {window:.2} MiB window allows {bound:.0} MiB/s)",
+        median(rates)
+    );
     Ok(())
 }
 

@@ -529,6 +529,9 @@ struct FaultRequest {
     /// Added to every outgoing peer message.
     #[serde(default)]
     delay_ms: u64,
+    /// Added to every datagram sent, under QUIC: a WAN path's one-way delay.
+    #[serde(default)]
+    packet_delay_ms: u64,
     /// Acknowledge policy writes without storing them (to show the history checker fails).
     #[serde(default)]
     drop_writes: bool,
@@ -553,6 +556,7 @@ async fn set_faults(State(a): State<AgentHandle>, body: Bytes) -> Result<Json<se
     f.blocked = req.block.into_iter().collect();
     f.blocked_out = req.block_out.into_iter().collect();
     f.delay = std::time::Duration::from_millis(req.delay_ms.min(60_000));
+    a.transport.set_packet_delay(std::time::Duration::from_millis(req.packet_delay_ms.min(10_000)));
     f.drop_writes = req.drop_writes;
     Ok(Json(
         serde_json::json!({"drop_rate": f.drop_rate, "blocked": f.blocked.len(), "blocked_out": f.blocked_out.len()}),

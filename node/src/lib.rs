@@ -26,6 +26,7 @@ pub mod client_services;
 pub mod client_stat;
 pub mod config;
 pub mod dashboard;
+pub mod delay_line;
 pub mod dev;
 pub mod dev_demo;
 pub mod dns;

@@ -19,6 +19,13 @@ pub struct Limits {
     /// Streams a peer may have open at once on one connection, per direction type.
     pub max_concurrent_bidi_streams: u32,
     pub max_concurrent_uni_streams: u32,
+    /// What one service stream from a peer may have in flight unread, bytes: a stream moves
+    /// at most this per round trip (quinn's 1.25 MB default held a stream to 25 MB/s at a
+    /// 50 ms RTT), and buffers at most this when its far end stops reading.
+    pub stream_receive_window: u64,
+    /// The same for all streams of one peer connection together, and what this agent keeps
+    /// unacknowledged towards one peer: the memory a stalled peer can hold here.
+    pub connection_receive_window: u64,
     /// A peer's unidirectional stream must be complete within this time, or it is reset
     /// (a peer trickling bytes would otherwise hold a stream slot for ever).
     #[serde(with = "humantime_serde")]
@@ -50,6 +57,8 @@ impl Default for Limits {
             max_datagram: wire::MAX_DATAGRAM,
             max_concurrent_bidi_streams: 256,
             max_concurrent_uni_streams: 64,
+            stream_receive_window: 16 << 20,
+            connection_receive_window: 24 << 20,
             stream_read_timeout: Duration::from_secs(10),
             max_pending_per_peer: 64,
             idle_timeout: Duration::from_secs(30),
@@ -92,6 +101,9 @@ impl Limits {
         );
         range("max_concurrent_bidi_streams", self.max_concurrent_bidi_streams.into(), 1, 65_536, "streams");
         range("max_concurrent_uni_streams", self.max_concurrent_uni_streams.into(), 1, 65_536, "streams");
+        let window = "bytes, 64 KiB..1 GiB; a stream moves at most its window per round trip";
+        range("stream_receive_window", self.stream_receive_window, 64 << 10, 1 << 30, window);
+        range("connection_receive_window", self.connection_receive_window, 64 << 10, 1 << 30, window);
         range("max_pending_per_peer", self.max_pending_per_peer as u64, 1, 65_536, "messages");
         range("max_peer_connections", self.max_peer_connections as u64, 1, 1_000_000, "connections");
         range("max_peer_connections_per_ip", self.max_peer_connections_per_ip as u64, 1, 1_000_000, "connections");
@@ -102,6 +114,12 @@ impl Limits {
         range("stream_read_timeout", ms(self.stream_read_timeout), 100, 600_000, "milliseconds, 100ms..10min");
         range("idle_timeout", ms(self.idle_timeout), 2 * ms(KEEP_ALIVE), 3_600_000, "milliseconds, 10s..1h");
         range("header_read_timeout", ms(self.header_read_timeout), 100, 600_000, "milliseconds, 100ms..10min");
+        if self.connection_receive_window < self.stream_receive_window {
+            problems.push(format!(
+                "limits.connection_receive_window: {} is below stream_receive_window {} (one stream could never fill its window; raise it)",
+                self.connection_receive_window, self.stream_receive_window
+            ));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -132,6 +150,14 @@ mod tests {
         };
         let errs = l.validate().unwrap_err();
         assert_eq!(errs.len(), 3, "{errs:?}");
+        let windows =
+            Limits { stream_receive_window: 1 << 20, connection_receive_window: 1 << 10, ..Limits::default() };
+        let werrs = windows.validate().unwrap_err();
+        assert!(
+            werrs[0].starts_with("limits.connection_receive_window: 1024 is outside 65536..=1073741824"),
+            "{werrs:?}"
+        );
+        assert!(werrs[1].contains("is below stream_receive_window 1048576"), "{werrs:?}");
         assert!(errs[0].starts_with("limits.max_stream_message: 10 is outside 262144..=4194304"), "{errs:?}");
         assert!(errs[1].starts_with("limits.max_concurrent_uni_streams: 0 is outside 1..=65536"), "{errs:?}");
         assert!(errs[2].starts_with("limits.idle_timeout: 1000 is outside 10000..=3600000"), "{errs:?}");

@@ -3,7 +3,7 @@
 //! whole life: with many idle keep-alive clients that was most of the agent's memory
 //! (36 KiB per connection against HAProxy's 0.5, which returns buffers to a pool when a
 //! connection goes idle). Here hyper serves until a response has gone out, every request
-//! it read has been answered and no new one came within `LINGER`; then its state is
+//! it read has been answered and no new one came within a linger; then its state is
 //! dropped and the bare socket parked until the client sends again, when a new one starts
 //! with whatever bytes hyper had read ahead. Stopping hyper while it is answering would
 //! make it send `Connection: close`, which clients obey. HTTP/2 (told by its preface)
@@ -29,12 +29,18 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The proxy's response body.
 pub type Body = BoxBody<Bytes, BoxError>;
 
-/// How long at least a connection keeps hyper's state after an answer before it is parked: a
-/// client sending again within it (any busy keep-alive client) is served without a new
-/// connection state, two buffers and a wake-up per request; one that pauses longer
-/// costs only its socket. Short, so that many clients making one request each (the
-/// idle-connection benchmark) hold few buffers at any moment.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+/// How long a connection keeps hyper's state after an answer before it is parked, at first:
+/// short, so that many clients making one request each (the idle-connection benchmark) hold
+/// few buffers at any moment. A client sending again within the linger is served without a
+/// new connection state, two buffers and a wake-up per request; one that pauses longer costs
+/// only its socket.
+const MIN_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+/// The longest linger. A connection that comes back within it of being parked was parked too
+/// early (a keep-alive client sending every few milliseconds was parked and rebuilt on half
+/// its requests at 10 ms), so its linger doubles up to this; one that stays parked longer
+/// starts again from `MIN_LINGER`. Clients sending at least a few requests per second keep
+/// their state; slower ones are parked between requests.
+const MAX_LINGER: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The HTTP/2 connection preface's first bytes; no HTTP/1 method starts like it.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
@@ -57,15 +63,16 @@ where
         // Boxed, like the HTTP/1 state below: a future holds room for its largest state.
         return Box::pin(builder.auto.serve_connection(TokioIo::new(tcp), svc)).await;
     }
-    let (mut tcp, mut ahead) = (tcp, Bytes::new());
+    let (mut tcp, mut ahead, mut linger) = (tcp, Bytes::new(), Linger::default());
     loop {
         // Everything hyper held is dropped inside `until_idle`: only the socket and the
         // bytes it read ahead stay while parked.
-        let Some(idle) = until_idle(tcp, ahead, builder, &svc).await? else {
+        let Some(idle) = until_idle(tcp, ahead, builder, &svc, linger.0).await? else {
             return Ok(());
         };
         (tcp, ahead) = idle;
         if ahead.is_empty() {
+            let parked = tokio::time::Instant::now();
             // As hyper would, an idle keep-alive connection gets the header read deadline.
             let Ok(ready) = tokio::time::timeout(builder.idle, tcp.readable()).await else {
                 return Ok(());
@@ -74,6 +81,7 @@ where
             if tcp.peek(&mut [0u8; 1]).await? == 0 {
                 return Ok(());
             }
+            linger = linger.woke_after(parked.elapsed());
         }
     }
 }
@@ -86,6 +94,7 @@ async fn until_idle<S, F>(
     ahead: Bytes,
     builder: &crate::listen::HttpBuilder,
     svc: &S,
+    linger_for: std::time::Duration,
 ) -> Result<Option<(TcpStream, Bytes)>, BoxError>
 where
     S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + Unpin + 'static,
@@ -95,11 +104,11 @@ where
     let io = TokioIo::new(Rewind { io: tcp, ahead });
     // On the heap, so that a parked connection's task does not keep room for it.
     let mut conn = Box::new(builder.h1.serve_connection(io, Ended(svc.clone(), done.clone())));
-    let linger = tokio::time::sleep(LINGER);
+    let linger = tokio::time::sleep(linger_for);
     tokio::pin!(linger);
     // Requests started when the linger was armed, while it runs. Armed at most once per
-    // LINGER, not reset by every answer: a busy connection costs no timer work per request,
-    // and an idle one is parked between one and two LINGERs after its last answer.
+    // linger, not reset by every answer: a busy connection costs no timer work per request,
+    // and an idle one is parked between one and two lingers after its last answer.
     let mut armed: Option<u64> = None;
     loop {
         tokio::select! {
@@ -107,7 +116,7 @@ where
             biased;
             _ = done.ended.notified() => {
                 if armed.is_none() {
-                    linger.as_mut().reset(tokio::time::Instant::now() + LINGER);
+                    linger.as_mut().reset(tokio::time::Instant::now() + linger_for);
                     armed = Some(done.started.load(Relaxed));
                 }
             }
@@ -117,7 +126,7 @@ where
                     AtLinger::Stop => Pin::new(&mut *conn).graceful_shutdown(),
                     AtLinger::Wait => {}
                     AtLinger::Again => {
-                        linger.as_mut().reset(tokio::time::Instant::now() + LINGER);
+                        linger.as_mut().reset(tokio::time::Instant::now() + linger_for);
                         armed = Some(started);
                     }
                 }
@@ -138,6 +147,28 @@ where
         return Ok(None);
     }
     Ok(Some((tcp, ahead)))
+}
+
+/// One connection's linger, which grows while the client keeps coming back soon after being
+/// parked (see `MAX_LINGER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Linger(std::time::Duration);
+
+impl Default for Linger {
+    fn default() -> Self {
+        Linger(MIN_LINGER)
+    }
+}
+
+impl Linger {
+    /// The linger after the client sent again, `parked` after its connection was parked.
+    fn woke_after(self, parked: std::time::Duration) -> Linger {
+        if parked < MAX_LINGER {
+            Linger((self.0 * 2).min(MAX_LINGER))
+        } else {
+            Linger::default()
+        }
+    }
 }
 
 /// What a connection does when its linger runs out.
@@ -388,6 +419,24 @@ mod tests {
         assert_eq!(at_linger(3, 3, 3), AtLinger::Stop);
         assert_eq!(at_linger(3, 4, 3), AtLinger::Wait, "a request under way");
         assert_eq!(at_linger(3, 5, 5), AtLinger::Again, "requests came and went");
+    }
+
+    #[test]
+    fn a_client_that_comes_back_soon_lingers_longer_and_one_that_pauses_starts_over() {
+        let ms = Duration::from_millis;
+        let mut l = Linger::default();
+        assert_eq!(l.0, MIN_LINGER);
+        // A keep-alive client sending every few milliseconds: parked, back at once, each time.
+        let mut steps = vec![l.0];
+        while l.0 < MAX_LINGER {
+            l = l.woke_after(ms(5));
+            steps.push(l.0);
+        }
+        assert_eq!(steps, [10, 20, 40, 80, 160, 250].map(ms), "doubles up to the cap");
+        assert_eq!(l.woke_after(ms(5)).0, MAX_LINGER, "stays at the cap");
+        // A pause as long as the longest linger: the client is slow, park it early again.
+        assert_eq!(l.woke_after(MAX_LINGER), Linger::default());
+        assert_eq!(Linger::default().woke_after(Duration::from_secs(30)), Linger::default());
     }
 
     #[test]

@@ -8,12 +8,15 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Weak};
 use std::task::{ready, Context, Poll};
 
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::io::Interest;
+
+use crate::delay_line::DelayLine;
 
 /// The most one GSO send may carry: an IPv4 datagram's 65,535 bytes less the IP and UDP
 /// headers. The kernel refuses a larger batch outright.
@@ -23,6 +26,8 @@ const MAX_GSO_BYTES: usize = 65_507;
 pub struct QuicSocket {
     io: tokio::net::UdpSocket,
     state: UdpSocketState,
+    /// Fault injection only: a delay on every datagram sent (zero, and untouched, otherwise).
+    line: Arc<DelayLine>,
 }
 
 impl QuicSocket {
@@ -30,11 +35,66 @@ impl QuicSocket {
     pub fn new(socket: std::net::UdpSocket) -> io::Result<Arc<QuicSocket>> {
         socket.set_nonblocking(true)?;
         let state = UdpSocketState::new((&socket).into())?;
-        Ok(Arc::new(QuicSocket { io: tokio::net::UdpSocket::from_std(socket)?, state }))
+        let io = tokio::net::UdpSocket::from_std(socket)?;
+        Ok(Arc::new(QuicSocket { io, state, line: Arc::default() }))
     }
 
     fn send(&self, transmit: &Transmit) -> io::Result<()> {
         self.io.try_io(Interest::WRITABLE, || self.state.send((&self.io).into(), transmit))
+    }
+
+    /// quinn batches up to ten datagrams of the path's MTU without regard to the 64 KiB a
+    /// GSO send may carry: past 6,550-byte datagrams a full batch would fail, read as loss,
+    /// and black-hole detection would drop the path to QUIC's minimum MTU. Such a batch goes
+    /// out in pieces that fit; should a later piece find the buffer full, its datagrams are
+    /// left to QUIC's loss recovery rather than the whole batch sent again.
+    fn send_batch(&self, transmit: &Transmit) -> io::Result<()> {
+        let Some(segment) = transmit.segment_size.filter(|_| transmit.contents.len() > MAX_GSO_BYTES) else {
+            return self.send(transmit);
+        };
+        let piece = (MAX_GSO_BYTES / segment).max(1) * segment;
+        for (i, contents) in transmit.contents.chunks(piece).enumerate() {
+            let part = Transmit { contents, segment_size: (contents.len() > segment).then_some(segment), ..*transmit };
+            match self.send(&part) {
+                Err(e) if i > 0 && e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                sent => sent?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Fault injection: holds every datagram sent from now on for `delay` (zero: none), so
+    /// QUIC sees a WAN path's round trip. Needs the runtime, as `new` does.
+    pub fn set_delay(self: &Arc<Self>, delay: std::time::Duration) {
+        self.line.set(delay);
+        if !delay.is_zero() && !self.line.started.swap(true, Relaxed) {
+            tokio::spawn(drain(self.line.clone(), Arc::downgrade(self)));
+        }
+    }
+}
+
+/// Sends held datagrams as they fall due, until the socket is gone.
+async fn drain(line: Arc<DelayLine>, socket: Weak<QuicSocket>) {
+    loop {
+        match line.next(tokio::time::Instant::now()) {
+            Ok(held) => {
+                let Some(socket) = socket.upgrade() else { return };
+                // A full send buffer is waited out, as a link's queue would be.
+                while let Err(e) = socket.send_batch(&held.transmit()) {
+                    if e.kind() != io::ErrorKind::WouldBlock || socket.io.writable().await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Err(Some(due)) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    _ = line.woken.notified() => {}
+                }
+            }
+            Err(None) if socket.strong_count() == 0 => return,
+            Err(None) => line.woken.notified().await,
+        }
     }
 }
 
@@ -53,24 +113,13 @@ impl AsyncUdpSocket for QuicSocket {
         Box::pin(Writable(self))
     }
 
-    /// quinn batches up to ten datagrams of the path's MTU without regard to the 64 KiB a
-    /// GSO send may carry: past 6,550-byte datagrams a full batch would fail, read as loss,
-    /// and black-hole detection would drop the path to QUIC's minimum MTU. Such a batch goes
-    /// out in pieces that fit; should a later piece find the buffer full, its datagrams are
-    /// left to QUIC's loss recovery rather than the whole batch sent again.
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let Some(segment) = transmit.segment_size.filter(|_| transmit.contents.len() > MAX_GSO_BYTES) else {
-            return self.send(transmit);
-        };
-        let piece = (MAX_GSO_BYTES / segment).max(1) * segment;
-        for (i, contents) in transmit.contents.chunks(piece).enumerate() {
-            let part = Transmit { contents, segment_size: (contents.len() > segment).then_some(segment), ..*transmit };
-            match self.send(&part) {
-                Err(e) if i > 0 && e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                sent => sent?,
-            }
+        if self.line.started.load(Relaxed) && !self.line.delay().is_zero() {
+            // Held, or dropped as a full link drops: either way gone from quinn's hands.
+            self.line.hold(transmit, tokio::time::Instant::now());
+            return Ok(());
         }
-        Ok(())
+        self.send_batch(transmit)
     }
 
     fn poll_recv(
@@ -169,6 +218,33 @@ mod tests {
             })
             .collect();
         assert_eq!(got, (0..10).collect::<Vec<u8>>(), "in order");
+    }
+
+    #[test]
+    fn a_set_delay_holds_every_datagram_and_keeps_their_order() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        let destination = rx.local_addr().unwrap();
+        let delay = std::time::Duration::from_millis(40);
+        rt.block_on(async {
+            let sock = QuicSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+            sock.set_delay(delay);
+            for i in 0..5u8 {
+                let t = Transmit { destination, ecn: None, contents: &[i; 100], segment_size: None, src_ip: None };
+                sock.try_send(&t).unwrap();
+            }
+            // Held, not sent: nothing is there before the delay.
+            rx.set_nonblocking(true).unwrap();
+            assert!(rx.recv(&mut [0u8; 200]).is_err(), "a datagram went out before its delay");
+            rx.set_nonblocking(false).unwrap();
+            tokio::time::sleep(delay * 2).await;
+        });
+        let mut buf = [0u8; 200];
+        for i in 0..5u8 {
+            let n = rx.recv(&mut buf).expect("held datagrams go out");
+            assert_eq!(&buf[..n], &[i; 100], "whole and in order");
+        }
     }
 
     #[test]

@@ -202,6 +202,8 @@ pub struct Transport {
     /// Injected faults, only when the agent was started for the chaos harness: a normal
     /// agent's message path never takes this lock.
     pub faults: Option<Mutex<Faults>>,
+    /// The peer socket, for the fault injector's packet delay.
+    socket: Arc<crate::quic_socket::QuicSocket>,
     pub limits: Limits,
     /// Caps on inbound connections, in all and per source address.
     inbound_gate: Arc<ConnGate>,
@@ -238,11 +240,11 @@ impl Transport {
         let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
         client.transport_config(transport_cfg);
 
-        let socket = udp_socket(bind)?;
+        let socket = crate::quic_socket::QuicSocket::new(udp_socket(bind)?)?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config(),
             Some(server),
-            crate::quic_socket::QuicSocket::new(socket)?,
+            socket.clone(),
             Arc::new(quinn::TokioRuntime),
         )?;
         let (tx, rx) = mpsc::channel(4096);
@@ -260,6 +262,7 @@ impl Transport {
             stats,
             log,
             faults,
+            socket,
             limits,
             inbound_gate,
             identity,
@@ -299,6 +302,12 @@ impl Transport {
             mtus.entry(name.clone()).and_modify(|m: &mut u16| *m = (*m).min(mtu)).or_insert(mtu);
         }
         mtus
+    }
+
+    /// Fault injection: delays every datagram this agent sends by `delay`, under QUIC, so
+    /// its RTT estimate, congestion and flow-control windows meet a WAN's round trip.
+    pub fn set_packet_delay(&self, delay: Duration) {
+        self.socket.set_delay(delay);
     }
 
     /// Sends one message to a peer; never blocks. Dials the peer first if needed, queueing
@@ -683,6 +692,11 @@ fn transport_config(limits: &Limits) -> quinn::TransportConfig {
     t.max_concurrent_uni_streams(limits.max_concurrent_uni_streams.into());
     t.max_concurrent_bidi_streams(limits.max_concurrent_bidi_streams.into());
     t.datagram_receive_buffer_size(Some(1 << 20));
+    // Validated to 64 KiB..1 GiB, within a QUIC varint.
+    let window = |w: u64| quinn::VarInt::from_u64(w).unwrap_or(quinn::VarInt::MAX);
+    t.stream_receive_window(window(limits.stream_receive_window));
+    t.receive_window(window(limits.connection_receive_window));
+    t.send_window(limits.connection_receive_window);
     // Path MTU discovery may climb past Ethernet's 1500 (jumbo frames in a cloud VPC, 64 KiB on
     // loopback): fewer, larger packets cost fewer syscalls, ACKs and header protections per byte.
     // Quinn probes upward and backs off on black holes, so a high bound is safe on any path.

@@ -67,9 +67,13 @@ enum Cmd {
         /// prints the agents' pids, to attach a profiler.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
-        /// The phases to run: rates, unthrottled, idle (held connections' RSS), bulk.
+        /// The phases to run: rates, unthrottled, idle (held connections' RSS), bulk, wan
+        /// (bulk over --rtt-ms; needs an agent built with the fault-injection feature).
         #[arg(long, value_delimiter = ',', default_value = "rates,unthrottled,idle,bulk")]
         phases: Vec<trellis_chaos::mesh_bench::Phase>,
+        /// The round trip the wan phase puts between the two agents, in milliseconds.
+        #[arg(long, default_value_t = 50)]
+        rtt_ms: u64,
     },
     /// The DNS interface against dnsmasq (dnsperf, one core each), and how fast a dead
     /// instance leaves the answers.
@@ -140,7 +144,7 @@ fn main() -> anyhow::Result<()> {
             bench(nodes, profile, steady_secs, loss_secs, netns)
         }
         Cmd::BenchPolicy { nodes, profile, writes, catch_up } => bench_policy(nodes, profile, writes, catch_up),
-        Cmd::BenchMesh { secs, rates, bulk_mib, open_conns, reps, only, phases } => {
+        Cmd::BenchMesh { secs, rates, bulk_mib, open_conns, reps, only, phases, rtt_ms } => {
             let reps = reps.max(1);
             trellis_chaos::mesh_bench::run(trellis_chaos::mesh_bench::Options {
                 secs,
@@ -150,6 +154,7 @@ fn main() -> anyhow::Result<()> {
                 reps,
                 only,
                 phases,
+                rtt_ms,
             })
         }
         Cmd::BenchDns { secs, rate, reps } => {
