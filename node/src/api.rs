@@ -548,6 +548,14 @@ pub fn fault_table() -> Routes<AgentHandle> {
 
 async fn set_faults(State(a): State<AgentHandle>, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
     let req: FaultRequest = parse_body(&body)?;
+    if req.packet_delay_ms > 10_000 {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            error: format!("packet_delay_ms: {} is over 10000", req.packet_delay_ms),
+            field: Some("packet_delay_ms".into()),
+            hint: "a one-way delay of 0..=10000 milliseconds".into(),
+        });
+    }
     let Some(faults) = &a.transport.faults else {
         return Err(ApiError::not_found("fault injection is off".into(), "start the agent with --fault-injection"));
     };
@@ -556,7 +564,7 @@ async fn set_faults(State(a): State<AgentHandle>, body: Bytes) -> Result<Json<se
     f.blocked = req.block.into_iter().collect();
     f.blocked_out = req.block_out.into_iter().collect();
     f.delay = std::time::Duration::from_millis(req.delay_ms.min(60_000));
-    a.transport.set_packet_delay(std::time::Duration::from_millis(req.packet_delay_ms.min(10_000)));
+    a.transport.set_packet_delay(std::time::Duration::from_millis(req.packet_delay_ms));
     f.drop_writes = req.drop_writes;
     Ok(Json(
         serde_json::json!({"drop_rate": f.drop_rate, "blocked": f.blocked.len(), "blocked_out": f.blocked_out.len()}),

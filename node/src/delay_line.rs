@@ -39,14 +39,25 @@ impl Held {
     }
 }
 
-/// The held sends, oldest first; they all wait the same time, so that is also due order.
+/// The held sends, oldest first. Each waits the delay in force when it was held, and none
+/// leaves before one held earlier, so a changed delay never reorders the link.
 #[derive(Debug, Default)]
 pub struct DelayLine {
     nanos: AtomicU64,
-    held: Mutex<(VecDeque<Held>, usize)>,
+    queue: Mutex<Queue>,
+    /// Woken when the queue stops being empty, or the socket is gone.
     pub woken: tokio::sync::Notify,
     /// Whether the task that sends held datagrams runs (started on the first delay set).
     pub started: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    held: VecDeque<Held>,
+    bytes: usize,
+    /// One was taken to be sent and is not out yet (its socket's buffer may be full): later
+    /// sends must still queue behind it.
+    sending: bool,
 }
 
 impl DelayLine {
@@ -59,38 +70,58 @@ impl DelayLine {
         self.nanos.store(delay.as_nanos().min(u64::MAX.into()) as u64, Relaxed);
     }
 
+    /// Whether sends are held: a delay is set, or datagrams held under an earlier one are
+    /// still queued (a send overtaking them would reorder the link).
+    pub fn holding(&self) -> bool {
+        let q = self.queue.lock().expect("delay line lock");
+        !self.delay().is_zero() || !q.held.is_empty() || q.sending
+    }
+
     /// Holds a copy of `t` until `now + delay`; false when the line is full and it was dropped.
     pub fn hold(&self, t: &Transmit, now: Instant) -> bool {
-        let mut held = self.held.lock().expect("delay line lock");
-        if held.1 + t.contents.len() > MAX_HELD {
+        let mut q = self.queue.lock().expect("delay line lock");
+        if q.bytes + t.contents.len() > MAX_HELD {
             return false;
         }
-        held.1 += t.contents.len();
-        held.0.push_back(Held {
-            due: now + self.delay(),
+        q.bytes += t.contents.len();
+        let was_empty = q.held.is_empty();
+        // Never due before the one ahead of it, should the delay have shrunk meanwhile.
+        let due = q.held.back().map_or(now + self.delay(), |last| last.due.max(now + self.delay()));
+        q.held.push_back(Held {
+            due,
             destination: t.destination,
             ecn: t.ecn,
             contents: t.contents.to_vec(),
             segment_size: t.segment_size,
             src_ip: t.src_ip,
         });
-        drop(held);
-        self.woken.notify_one();
+        drop(q);
+        // The sender sleeps until the front's due time, which a later send cannot move.
+        if was_empty {
+            self.woken.notify_one();
+        }
         true
     }
 
     /// The oldest held send if it is due at `now`, else when the next one is (None: empty).
+    /// A send taken counts as held until [`DelayLine::sent`].
     pub fn next(&self, now: Instant) -> Result<Held, Option<Instant>> {
-        let mut held = self.held.lock().expect("delay line lock");
-        match held.0.front() {
+        let mut q = self.queue.lock().expect("delay line lock");
+        match q.held.front() {
             Some(h) if h.due <= now => {
-                let h = held.0.pop_front().expect("front exists");
-                held.1 -= h.contents.len();
+                let h = q.held.pop_front().expect("front exists");
+                q.bytes -= h.contents.len();
+                q.sending = true;
                 Ok(h)
             }
             Some(h) => Err(Some(h.due)),
             None => Err(None),
         }
+    }
+
+    /// The send last taken by [`DelayLine::next`] is out (or dropped).
+    pub fn sent(&self) {
+        self.queue.lock().expect("delay line lock").sending = false;
     }
 }
 
@@ -112,13 +143,36 @@ mod tests {
         assert_eq!(line.next(t0).unwrap_err(), Some(t0 + Duration::from_millis(25)), "nothing due yet");
         let later = t0 + Duration::from_millis(30);
         assert_eq!(line.next(later).unwrap().contents, b"one");
+        assert!(line.holding(), "one taken but not out yet: later sends queue behind it");
+        line.sent();
         assert_eq!(line.next(later).unwrap().contents, b"two");
+        line.sent();
         assert_eq!(line.next(later).unwrap_err(), None, "empty");
+        // A shorter delay set meanwhile does not let a later send overtake an earlier one.
+        line.set(Duration::from_millis(100));
+        assert!(line.hold(&transmit(b"slow"), t0));
+        line.set(Duration::from_millis(1));
+        assert!(line.hold(&transmit(b"fast"), t0));
+        assert_eq!(line.next(t0 + Duration::from_millis(50)).unwrap_err(), Some(t0 + Duration::from_millis(100)));
+        let late = t0 + Duration::from_millis(100);
+        assert_eq!(line.next(late).unwrap().contents, b"slow");
+        line.sent();
+        assert_eq!(line.next(late).unwrap().contents, b"fast");
+        line.sent();
+        line.set(Duration::from_millis(25));
         // Past MAX_HELD bytes held, a send is dropped, as a full router queue drops.
         let big = vec![0u8; MAX_HELD / 2];
         assert!(line.hold(&transmit(&big), t0) && line.hold(&transmit(&big), t0));
         assert!(!line.hold(&transmit(b"x"), t0), "over the bound");
         assert!(line.next(later).is_ok(), "draining makes room");
+        line.sent();
         assert!(line.hold(&transmit(b"x"), t0));
+        // Delay off while datagrams are still held: sends keep holding, in order, until drained.
+        line.set(Duration::ZERO);
+        assert!(line.holding(), "held datagrams remain");
+        while line.next(later).is_ok() {
+            line.sent();
+        }
+        assert!(!line.holding(), "drained and off");
     }
 }

@@ -153,6 +153,11 @@ mod tests {
         let windows =
             Limits { stream_receive_window: 1 << 20, connection_receive_window: 1 << 10, ..Limits::default() };
         let werrs = windows.validate().unwrap_err();
+        assert_eq!(werrs.len(), 2, "{werrs:?}");
+        let huge = Limits { stream_receive_window: 2 << 30, connection_receive_window: 2 << 30, ..Limits::default() };
+        let herrs = huge.validate().unwrap_err();
+        assert_eq!(herrs.len(), 2, "{herrs:?}");
+        assert!(herrs[0].starts_with("limits.stream_receive_window: 2147483648 is outside"), "{herrs:?}");
         assert!(
             werrs[0].starts_with("limits.connection_receive_window: 1024 is outside 65536..=1073741824"),
             "{werrs:?}"

@@ -35,11 +35,11 @@ pub type Body = BoxBody<Bytes, BoxError>;
 /// new connection state, two buffers and a wake-up per request; one that pauses longer costs
 /// only its socket.
 const MIN_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
-/// The longest linger. A connection that comes back within it of being parked was parked too
-/// early (a keep-alive client sending every few milliseconds was parked and rebuilt on half
-/// its requests at 10 ms), so its linger doubles up to this; one that stays parked longer
-/// starts again from `MIN_LINGER`. Clients sending at least a few requests per second keep
-/// their state; slower ones are parked between requests.
+/// The longest linger. A client whose pause (linger and time parked) stayed under it was
+/// parked too early (a keep-alive client sending every few milliseconds was parked and rebuilt
+/// on half its requests at 10 ms), so its linger doubles up to this; one that paused longer
+/// starts again from `MIN_LINGER`. Clients sending at least every 250 ms keep their state
+/// (about 36 KiB) between requests; slower ones are parked between requests.
 const MAX_LINGER: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The HTTP/2 connection preface's first bytes; no HTTP/1 method starts like it.
@@ -161,9 +161,11 @@ impl Default for Linger {
 }
 
 impl Linger {
-    /// The linger after the client sent again, `parked` after its connection was parked.
+    /// The linger after the client sent again, `parked` after its connection was parked:
+    /// longer if its whole pause (linger and parked time) was under `MAX_LINGER`, else back
+    /// to the shortest, so a client pausing longer than that is parked at once again.
     fn woke_after(self, parked: std::time::Duration) -> Linger {
-        if parked < MAX_LINGER {
+        if self.0 + parked < MAX_LINGER {
             Linger((self.0 * 2).min(MAX_LINGER))
         } else {
             Linger::default()
@@ -429,13 +431,21 @@ mod tests {
         // A keep-alive client sending every few milliseconds: parked, back at once, each time.
         let mut steps = vec![l.0];
         while l.0 < MAX_LINGER {
-            l = l.woke_after(ms(5));
+            l = l.woke_after(ms(1));
             steps.push(l.0);
         }
         assert_eq!(steps, [10, 20, 40, 80, 160, 250].map(ms), "doubles up to the cap");
-        assert_eq!(l.woke_after(ms(5)).0, MAX_LINGER, "stays at the cap");
+        assert_eq!(Linger(ms(160)).woke_after(ms(5)).0, MAX_LINGER, "capped");
         // A pause as long as the longest linger: the client is slow, park it early again.
         assert_eq!(l.woke_after(MAX_LINGER), Linger::default());
+        // A client polling every 300 ms after a burst grew its linger: its pause (the linger
+        // and the time parked) is over the cap, so it starts over and stays short.
+        let after_burst = Linger(MAX_LINGER);
+        let polled = after_burst.woke_after(ms(300) - MAX_LINGER + ms(1));
+        assert_eq!(polled, Linger::default());
+        assert_eq!(polled.woke_after(ms(290)), Linger::default(), "300 ms polls keep the shortest linger");
+        // One polling every 100 ms grows, but only while its pauses stay under the cap.
+        assert_eq!(Linger(ms(40)).woke_after(ms(60)).0, ms(80));
         assert_eq!(Linger::default().woke_after(Duration::from_secs(30)), Linger::default());
     }
 

@@ -85,6 +85,7 @@ async fn drain(line: Arc<DelayLine>, socket: Weak<QuicSocket>) {
                         break;
                     }
                 }
+                line.sent();
             }
             Err(Some(due)) => {
                 tokio::select! {
@@ -95,6 +96,13 @@ async fn drain(line: Arc<DelayLine>, socket: Weak<QuicSocket>) {
             Err(None) if socket.strong_count() == 0 => return,
             Err(None) => line.woken.notified().await,
         }
+    }
+}
+
+/// Lets a delay line's sender, waiting for datagrams, see the socket is gone and stop.
+impl Drop for QuicSocket {
+    fn drop(&mut self) {
+        self.line.woken.notify_one();
     }
 }
 
@@ -114,7 +122,7 @@ impl AsyncUdpSocket for QuicSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        if self.line.started.load(Relaxed) && !self.line.delay().is_zero() {
+        if self.line.started.load(Relaxed) && self.line.holding() {
             // Held, or dropped as a full link drops: either way gone from quinn's hands.
             self.line.hold(transmit, tokio::time::Instant::now());
             return Ok(());
@@ -224,23 +232,30 @@ mod tests {
     fn a_set_delay_holds_every_datagram_and_keeps_their_order() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        rx.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
         let destination = rx.local_addr().unwrap();
-        let delay = std::time::Duration::from_millis(40);
+        let delay = std::time::Duration::from_millis(60);
+        let send = |sock: &QuicSocket, i: u8| {
+            let t = Transmit { destination, ecn: None, contents: &[i; 100], segment_size: None, src_ip: None };
+            sock.try_send(&t).unwrap();
+        };
+        let mut buf = [0u8; 200];
         rt.block_on(async {
             let sock = QuicSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
             sock.set_delay(delay);
-            for i in 0..5u8 {
-                let t = Transmit { destination, ecn: None, contents: &[i; 100], segment_size: None, src_ip: None };
-                sock.try_send(&t).unwrap();
+            for i in 0..4u8 {
+                send(&sock, i);
             }
-            // Held, not sent: nothing is there before the delay.
+            // The sender runs meanwhile; nothing may leave before the delay is up.
+            tokio::time::sleep(delay / 2).await;
             rx.set_nonblocking(true).unwrap();
-            assert!(rx.recv(&mut [0u8; 200]).is_err(), "a datagram went out before its delay");
-            rx.set_nonblocking(false).unwrap();
-            tokio::time::sleep(delay * 2).await;
+            assert!(rx.recv(&mut buf).is_err(), "a datagram went out before its delay");
+            // Delay off while those are held: a new send must not overtake them.
+            sock.set_delay(std::time::Duration::ZERO);
+            send(&sock, 4);
+            tokio::time::sleep(delay).await;
         });
-        let mut buf = [0u8; 200];
+        rx.set_nonblocking(false).unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
         for i in 0..5u8 {
             let n = rx.recv(&mut buf).expect("held datagrams go out");
             assert_eq!(&buf[..n], &[i; 100], "whole and in order");

@@ -138,6 +138,24 @@ fn a_write_acknowledged_just_before_kill_9_survives_and_spreads_after_restart() 
 }
 
 #[test]
+fn a_write_spreads_over_a_link_delayed_under_quic_and_an_out_of_range_delay_is_refused() {
+    let c = cluster(2);
+    let (s, v) = c.node(0).api().post_json("/v1/fault", &json!({ "packet_delay_ms": 20_000 })).unwrap();
+    assert_eq!((s, v["field"].as_str()), (400, Some("packet_delay_ms")), "{v}");
+    for i in 0..2 {
+        let (s, v) = c.node(i).api().post_json("/v1/fault", &json!({ "packet_delay_ms": 150 })).unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    // Every datagram either node sends waits 150 ms: the write cannot arrive sooner, and
+    // QUIC (RTT estimate, loss timers) carries it over the 300 ms round trip.
+    let written = std::time::Instant::now();
+    put(&c, 0, "/v1/policy/services/far", json!({"timeout": "1s"}));
+    let state = wait_identical(&c, &[0, 1], Duration::from_secs(15));
+    assert!(written.elapsed() >= Duration::from_millis(150), "arrived in {:?}", written.elapsed());
+    assert_eq!(state["objects"].as_array().unwrap().len(), 1);
+}
+
+#[test]
 fn a_node_that_joins_late_receives_the_full_state() {
     let mut c = cluster(2);
     for k in 0..300 {

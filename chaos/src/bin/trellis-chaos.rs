@@ -68,7 +68,8 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// The phases to run: rates, unthrottled, idle (held connections' RSS), bulk, wan
-        /// (bulk over --rtt-ms; needs an agent built with the fault-injection feature).
+        /// (bulk over --rtt-ms; needs an agent built with the fault-injection feature, and
+        /// starts every agent with --fault-injection, so run it on its own).
         #[arg(long, value_delimiter = ',', default_value = "rates,unthrottled,idle,bulk")]
         phases: Vec<trellis_chaos::mesh_bench::Phase>,
         /// The round trip the wan phase puts between the two agents, in milliseconds.
