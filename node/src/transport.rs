@@ -831,16 +831,16 @@ pub fn dial_failure_cause(err: &str) -> (&'static str, &'static str) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn the_limits_windows_reach_quinn() {
         let limits = Limits { stream_receive_window: 3 << 20, connection_receive_window: 5 << 20, ..Limits::default() };
-        let cfg = format!("{:?}", super::transport_config(&limits));
+        let cfg = format!("{:?}", transport_config(&limits));
         assert!(cfg.contains("stream_receive_window: 3145728"), "{cfg}");
         assert!(cfg.contains("receive_window: 5242880"), "{cfg}");
         assert!(cfg.contains("send_window: 5242880"), "{cfg}");
     }
-    use super::*;
 
     #[test]
     fn dial_failures_name_their_cause() {
